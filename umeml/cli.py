@@ -1,0 +1,124 @@
+"""The ``umeml`` command: synth (synthetic cohort) and check (validate a cohort)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from umeml import __version__
+from umeml.config import DataConfig, load_config
+from umeml.errors import ConfigError, DataValidationError
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, help="data directory as `umeml synth` writes it (table.csv, signatures.csv, bags/)")
+    p.add_argument("--table", type=Path, help="cohort table CSV (PORPOISE style), instead of --data")
+    p.add_argument("--signatures", type=Path, help="gene-group signatures CSV (with --table)")
+    p.add_argument("--bags", type=Path, help="feature bag directory (with --table); omit for genomics only")
+    p.add_argument("--config", type=Path, help="experiment YAML whose data section applies (label maps, NaN policy)")
+
+
+def load_cohort_from_args(args: argparse.Namespace, data_cfg: DataConfig | None = None):
+    """Load the cohort named by --data or --table/--signatures/--bags."""
+    from umeml.data.cohort import load_cohort, load_data_dir
+
+    if args.data is not None and args.table is not None:
+        raise SystemExit("error: give either --data or --table, not both")
+    if args.data is not None:
+        if not args.data.is_dir():
+            raise SystemExit(f"error: --data {args.data}: not a directory")
+        return load_data_dir(args.data, data_cfg)
+    if args.table is None:
+        raise SystemExit("error: give --data DIR or --table CSV")
+    return load_cohort(args.table, args.signatures, args.bags, data_cfg)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from umeml.data.synth import SynthSpec, generate
+
+    spec = SynthSpec(
+        sites=args.sites, patients=args.patients, seed=args.seed, feature_dim=args.feature_dim,
+        median_patches=args.median_patches, min_patches=args.min_patches, max_patches=args.max_patches,
+        missing_fraction=args.missing_fraction,
+    )
+    t0 = time.perf_counter()
+    try:
+        summary = generate(spec, args.out, overwrite=args.overwrite)
+    except (ValueError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {summary['patients']} patients, {summary['slides']} slides, {summary['sites']} sites "
+          f"to {summary['out']} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    try:
+        data_cfg = load_config(args.config).data if args.config else None
+        cohort = load_cohort_from_args(args, data_cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except DataValidationError as err:
+        print(f"check FAILED: {err}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as err:
+        print(f"check FAILED: {err}", file=sys.stderr)
+        return 1
+    summary = cohort.summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"check OK: {summary['patients']} patients, {summary['slides']} slides, {summary['sites']} sites")
+    print("patients per site: " + ", ".join(f"{k}={v}" for k, v in summary["patients_per_site"].items()))
+    print("subtypes: " + ", ".join(f"{k}={v}" for k, v in summary["subtype_counts"].items()))
+    print("grades: " + ", ".join(f"{k}={v}" for k, v in summary["grade_counts"].items()))
+    print(f"censored: {summary['censored_fraction']:.0%}")
+    print(f"modalities: pathology {summary['with_pathology']}/{summary['patients']}, "
+          f"genomics {summary['with_genomics']}/{summary['patients']}")
+    print(f"feature dim: {summary['feature_dim'] or '-'} (encoder {summary['encoder'] or '-'}); "
+          f"genomic features: {summary['table_genomic_columns']} in the table, "
+          f"{summary['genomic_features']} used in {len(summary['gene_groups'])} group(s)")
+    if summary["imputed_genomic_values"]:
+        print(f"imputed genomic values (median): {summary['imputed_genomic_values']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``umeml``."""
+    parser = argparse.ArgumentParser(prog="umeml", description="umeml: multimodal glioma models, data tools and reports")
+    parser.add_argument("--version", action="version", version=f"umeml {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic TCGA-like cohort (table, signatures, feature bags, oracle)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--sites", type=int, default=4, help="number of sites (default 4)")
+    p.add_argument("--patients", type=int, default=60, help="patients per site (default 60)")
+    p.add_argument("--seed", type=int, default=0, help="seed; the cohort is a pure function of it")
+    p.add_argument("--feature-dim", type=int, default=64, help="patch feature dimension (default 64)")
+    p.add_argument("--median-patches", type=int, default=300, help="median bag size (default 300)")
+    p.add_argument("--min-patches", type=int, default=16, help="smallest bag (default 16)")
+    p.add_argument("--max-patches", type=int, default=2000, help="largest bag (default 2000)")
+    p.add_argument("--missing-fraction", type=float, default=0.03,
+                   help="fraction of patients without slides, and again without genomics (default 0.03)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("check", help="validate a cohort and print a summary; exit 1 listing every problem")
+    _add_data_args(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``umeml`` console script."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

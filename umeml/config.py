@@ -1,0 +1,277 @@
+"""Experiment configuration: YAML parsed once into typed, frozen dataclasses.
+
+Every section is a frozen dataclass. Unknown keys, wrong types and out-of-range values raise
+:class:`umeml.errors.ConfigError` naming the file and the dotted key path (``model.hidden_dim``).
+The configuration never names code to import: models and strategies are chosen by registry name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from umeml.errors import ConfigError
+
+DEFAULT_GRADE_MAP: dict[str, str] = {
+    "ASTR": "II",
+    "OAST": "II",
+    "ODG": "II",
+    "AASTR": "III",
+    "AOAST": "III",
+    "GBM": "IV",
+}
+
+TASKS = ("grade", "subtype", "survival")
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
+    return {"range": (lo, hi, lo_open)}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How a cohort is read: label maps, gene grouping, missing-value policy, bag sampling."""
+
+    grade_map: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_GRADE_MAP))
+    grades: tuple[str, ...] = ("II", "III", "IV")
+    genomics_mode: Literal["signatures", "flat"] = "signatures"
+    genomic_nan_policy: Literal["error", "impute_median"] = "error"
+    max_patches: int | None = field(default=4096, metadata=_range(1))
+    site_map: str | None = None
+    min_patients_per_site: int = field(default=1, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Patient-level splits: which sites are held out for testing and the validation fraction."""
+
+    test_sites: tuple[str, ...] = ()
+    n_test_sites: int = field(default=1, metadata=_range(0))
+    val_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9))
+    n_folds: int = field(default=5, metadata=_range(2))
+
+
+@dataclass(frozen=True)
+class SurvivalConfig:
+    """Discrete-time survival: number of bins and the uncensored weight of the NLL loss."""
+
+    n_bins: int = field(default=4, metadata=_range(2, 64))
+    alpha: float = field(default=0.15, metadata=_range(0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Model choice (registry name) and its hyper-parameters; see design section 5."""
+
+    name: str = "umeml"
+    hidden_dim: int = field(default=256, metadata=_range(1))
+    n_prototypes: int = field(default=5, metadata=_range(1))
+    n_registers: int = field(default=3, metadata=_range(0))
+    n_heads: int = field(default=1, metadata=_range(1))
+    dropout: float = field(default=0.25, metadata=_range(0.0, 0.95))
+    drop_path: float = field(default=0.1, metadata=_range(0.0, 0.95))
+    fusion: Literal["concat", "bilinear"] = "concat"
+    modalities: tuple[Literal["pathology", "genomics"], ...] = ("pathology", "genomics")
+    use_cross_attention: bool = True
+    use_modularity: bool = True
+    use_registers: bool = True
+    gamma: float = field(default=0.1, metadata=_range(0.0))
+    modularity_alpha: float = field(default=1.0, metadata=_range(0.0))
+    modularity_beta: float = field(default=1.0, metadata=_range(0.0))
+    tau: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    modularity_block: int = field(default=1024, metadata=_range(1))
+    modularity_max_patches: int | None = field(default=None, metadata=_range(2))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local/centralized optimisation settings."""
+
+    optimizer: Literal["adam", "adamw"] = "adamw"
+    lr: float = field(default=2e-4, metadata=_range(0.0, lo_open=True))
+    weight_decay: float = field(default=1e-4, metadata=_range(0.0))
+    epochs: int = field(default=10, metadata=_range(1))
+    warmup_epochs: int = field(default=1, metadata=_range(0))
+    batch_size: int = field(default=1, metadata=_range(1))
+    grad_accum: int = field(default=1, metadata=_range(1))
+    early_stopping_patience: int | None = field(default=None, metadata=_range(1))
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    num_workers: int = field(default=0, metadata=_range(0))
+    bootstrap: int = field(default=1000, metadata=_range(0))
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment: what to learn, from which data, with which model and optimiser."""
+
+    name: str = "experiment"
+    seed: int = 0
+    tasks: tuple[Literal["grade", "subtype", "survival"], ...] = TASKS
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    survival: SurvivalConfig = field(default_factory=SurvivalConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it in its typed form."""
+
+    def fail(rule: str) -> ConfigError:
+        return ConfigError(f"{source}: {path}: {rule} (got {value!r})")
+
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path, source)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise fail("expected " + " or ".join(_type_name(a) for a in args))
+    if origin is Literal:
+        if value not in args:
+            raise fail("must be one of " + ", ".join(repr(a) for a in args))
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, source)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise fail("expected a list")
+        item_tp = args[0] if args else Any
+        return tuple(_convert(v, item_tp, f"{path}[{i}]", source) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail("expected a mapping")
+        kt, vt = args
+        return {
+            _convert(k, kt, f"{path}.{k}", source): _convert(v, vt, f"{path}.{k}", source)
+            for k, v in value.items()
+        }
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail("expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail("expected a string")
+        return value
+    raise fail(f"unsupported type {_type_name(tp)}")
+
+
+def _check_range(value: Any, spec: tuple, path: str, source: str) -> None:
+    if value is None:
+        return
+    lo, hi, lo_open = spec
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ConfigError(f"{source}: {path}: must be {'>' if lo_open else '>='} {lo} (got {value!r})")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{source}: {path}: must be <= {hi} (got {value!r})")
+
+
+def _build(cls: type, raw: Any, path: str, source: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {path or '<top level>'}: expected a mapping (got {raw!r})")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = ", ".join(f"{path}.{k}" if path else str(k) for k in unknown)
+        raise ConfigError(f"{source}: unknown key(s) {where}; allowed: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        key_path = f"{path}.{name}" if path else name
+        converted = _convert(value, hints[name], key_path, source)
+        if "range" in fields[name].metadata:
+            _check_range(converted, fields[name].metadata["range"], key_path, source)
+        kwargs[name] = converted
+    obj = cls(**kwargs)
+    _validate_semantics(obj, path, source)
+    return obj
+
+
+def _validate_semantics(obj: Any, path: str, source: str) -> None:
+    """Cross-field rules that a per-field type check cannot express."""
+    prefix = f"{path}." if path else ""
+    if isinstance(obj, ModelConfig):
+        if obj.hidden_dim % obj.n_heads:
+            raise ConfigError(
+                f"{source}: {prefix}hidden_dim: must be divisible by model.n_heads "
+                f"({obj.hidden_dim} % {obj.n_heads} != 0)"
+            )
+        if not obj.modalities:
+            raise ConfigError(f"{source}: {prefix}modalities: at least one modality is required")
+        if len(set(obj.modalities)) != len(obj.modalities):
+            raise ConfigError(f"{source}: {prefix}modalities: duplicate entries")
+    if isinstance(obj, ExperimentConfig):
+        if not obj.tasks or len(set(obj.tasks)) != len(obj.tasks):
+            raise ConfigError(f"{source}: tasks: give one or more distinct tasks")
+    if isinstance(obj, DataConfig):
+        bad = sorted({g for g in obj.grade_map.values() if g not in obj.grades})
+        if bad:
+            raise ConfigError(
+                f"{source}: {prefix}grade_map: grade(s) {bad} are not listed in {prefix}grades"
+            )
+
+
+def config_from_dict(raw: dict, source: str = "<dict>") -> ExperimentConfig:
+    """Build an :class:`ExperimentConfig` from a mapping, checking every key."""
+    return _build(ExperimentConfig, raw, "", source)
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and check a YAML experiment file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config file: {err.strerror}") from err
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    return config_from_dict(raw or {}, source=str(path))
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """Plain-Python form of a config (for the run directory's resolved config)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [config_to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: config_to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    """YAML text of a resolved config; loading it back gives an equal config."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

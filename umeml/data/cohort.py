@@ -1,0 +1,367 @@
+"""Cohort assembly and validation: table + signatures + feature bags -> one checked Cohort.
+
+Every problem is collected and raised together (:class:`~umeml.errors.DataValidationError`),
+each naming the file, the row or slide, and the rule; nothing is built from bad data.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from umeml.config import DataConfig
+from umeml.data.bags import BAG_SUFFIX, BagError, bag_path, inspect_bag
+from umeml.data.genomics import GeneGroups, build_gene_groups, genomic_columns, read_signatures
+from umeml.data.labels import grade_index, subtype_codes
+from umeml.data.sites import load_site_map, resolve_sites
+from umeml.errors import DataValidationError, Problem
+
+REQUIRED_COLUMNS = ("case_id", "slide_id", "survival_months", "censorship", "oncotree_code")
+TABLE_NAMES = ("table.csv", "table.csv.gz", "cohort.csv", "cohort.csv.gz")
+
+
+@dataclass(frozen=True)
+class Patient:
+    """One patient: identity, site, slides (possibly none) and labels."""
+
+    case_id: str
+    site: str
+    slide_ids: tuple[str, ...]
+    subtype: str
+    survival_months: float
+    censorship: int
+
+
+@dataclass
+class Cohort:
+    """A validated cohort. Patients are sorted by case_id; arrays are aligned with them.
+
+    Feature bags are referenced by path only and read lazily by the dataset.
+    """
+
+    patients: list[Patient]
+    genomics: np.ndarray  # (P, G) float32; rows of patients without genomics are zero
+    has_genomics: np.ndarray  # (P,) bool
+    gene_groups: GeneGroups
+    config: DataConfig
+    bag_dir: Path | None = None
+    feature_dim: int | None = None
+    encoder: str | None = None
+    bag_patches: dict[str, int] = field(default_factory=dict)  # slide_id -> n patches
+    imputed_values: int = 0
+    source: str = ""
+    table_genomic_columns: int = 0
+
+    def __len__(self) -> int:
+        return len(self.patients)
+
+    @property
+    def subtypes(self) -> tuple[str, ...]:
+        """Subtype codes in class-index order."""
+        return subtype_codes(self.config)
+
+    @property
+    def grades(self) -> tuple[str, ...]:
+        """WHO grades in class-index order."""
+        return self.config.grades
+
+    @property
+    def sites(self) -> list[str]:
+        """Distinct sites, sorted."""
+        return sorted({p.site for p in self.patients})
+
+    @property
+    def has_path(self) -> np.ndarray:
+        """(P,) bool: the patient has at least one slide with features."""
+        return np.array([bool(p.slide_ids) and self.bag_dir is not None for p in self.patients])
+
+    def site_indices(self, site: str) -> np.ndarray:
+        """Indices of the patients of ``site``."""
+        return np.array([i for i, p in enumerate(self.patients) if p.site == site], dtype=np.int64)
+
+    def subtype_index(self, i: int) -> int:
+        """Class index of patient ``i``'s subtype."""
+        return self.subtypes.index(self.patients[i].subtype)
+
+    def grade_index(self, i: int) -> int:
+        """Class index of patient ``i``'s WHO grade."""
+        return grade_index(self.patients[i].subtype, self.config)
+
+    def times_events(self, indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Survival times and event indicators (1 = death observed) of the given patients."""
+        idx = range(len(self)) if indices is None else indices
+        times = np.array([self.patients[i].survival_months for i in idx], dtype=float)
+        events = np.array([1 - self.patients[i].censorship for i in idx], dtype=int)
+        return times, events
+
+    def bag_files(self, i: int) -> list[Path]:
+        """Paths of patient ``i``'s feature bags (empty without pathology)."""
+        if self.bag_dir is None:
+            return []
+        return [bag_path(self.bag_dir, s) for s in self.patients[i].slide_ids]
+
+    def summary(self) -> dict:
+        """Counts a site can show without exposing any patient: per site, per label, per modality."""
+        subtypes = Counter(p.subtype for p in self.patients)
+        grades = Counter(self.config.grade_map[p.subtype] for p in self.patients)
+        return {
+            "patients": len(self),
+            "slides": sum(len(p.slide_ids) for p in self.patients),
+            "sites": len(self.sites),
+            "patients_per_site": dict(sorted(Counter(p.site for p in self.patients).items())),
+            "subtype_counts": {c: subtypes.get(c, 0) for c in self.subtypes},
+            "grade_counts": {g: grades.get(g, 0) for g in self.grades},
+            "censored_fraction": round(float(np.mean([p.censorship for p in self.patients])), 3)
+            if self.patients
+            else None,
+            "with_pathology": int(self.has_path.sum()),
+            "with_genomics": int(self.has_genomics.sum()),
+            "feature_dim": self.feature_dim,
+            "encoder": self.encoder,
+            "table_genomic_columns": self.table_genomic_columns,
+            "genomic_features": int(len(set(self.gene_groups.all_columns))),
+            "gene_groups": dict(zip(self.gene_groups.names, self.gene_groups.sizes)),
+            "imputed_genomic_values": self.imputed_values,
+        }
+
+
+def find_table(data_dir: Path) -> Path:
+    """The cohort table inside a data directory (``table.csv`` as ``umeml synth`` writes it)."""
+    for name in TABLE_NAMES:
+        if (data_dir / name).is_file():
+            return data_dir / name
+    raise FileNotFoundError(f"{data_dir}: no cohort table found (looked for {', '.join(TABLE_NAMES)})")
+
+
+def load_data_dir(data_dir: str | Path, cfg: DataConfig | None = None) -> Cohort:
+    """Load a data directory laid out as ``umeml synth`` writes it: table, signatures, bags/."""
+    data_dir = Path(data_dir)
+    table = find_table(data_dir)
+    sig = data_dir / "signatures.csv"
+    bags = data_dir / "bags"
+    return load_cohort(table, sig if sig.is_file() else None, bags if bags.is_dir() else None, cfg)
+
+
+def load_cohort(
+    table_path: str | Path,
+    signatures_path: str | Path | None = None,
+    bag_dir: str | Path | None = None,
+    cfg: DataConfig | None = None,
+) -> Cohort:
+    """Read and validate a cohort; raise DataValidationError listing every problem found."""
+    cfg = cfg or DataConfig()
+    builder = _CohortBuilder(Path(table_path), signatures_path, bag_dir, cfg)
+    cohort = builder.build()
+    if builder.problems:
+        raise DataValidationError(builder.problems)
+    assert cohort is not None  # internal invariant: no problems means a cohort was built
+    return cohort
+
+
+class _CohortBuilder:
+    """Runs every check, collecting problems instead of stopping at the first."""
+
+    def __init__(self, table_path: Path, signatures_path, bag_dir, cfg: DataConfig):
+        self.table_path = table_path
+        self.signatures_path = Path(signatures_path) if signatures_path else None
+        self.bag_dir = Path(bag_dir) if bag_dir else None
+        self.cfg = cfg
+        self.problems: list[Problem] = []
+        self.src = str(table_path)
+
+    def problem(self, location: str, rule: str, source: str | None = None) -> None:
+        self.problems.append(Problem(source or self.src, location, rule))
+
+    def build(self) -> Cohort | None:
+        table = self._read_table()
+        if table is None:
+            return None
+        site_map = None
+        if self.cfg.site_map:
+            try:
+                site_map = load_site_map(self.cfg.site_map)
+            except ValueError as err:
+                self.problem("", str(err), source=self.cfg.site_map)
+        sites, site_problems = resolve_sites(table, self.src, site_map)
+        self.problems.extend(site_problems)
+        table = table.assign(_site=sites)
+        self._check_rows(table)
+        groups = self._gene_groups(list(table.columns))
+        patients, first_rows = self._patients(table)
+        genomics, has_gen, imputed = self._genomics(table, first_rows, groups)
+        feature_dim, encoder, patches = self._check_bags(table)
+        if self.problems:
+            return None
+        return Cohort(
+            patients=patients,
+            genomics=genomics,
+            has_genomics=has_gen,
+            gene_groups=groups,
+            config=self.cfg,
+            bag_dir=self.bag_dir,
+            feature_dim=feature_dim,
+            encoder=encoder,
+            bag_patches=patches,
+            imputed_values=imputed,
+            source=self.src,
+            table_genomic_columns=len(genomic_columns(list(table.columns))),
+        )
+
+    def _read_table(self) -> pd.DataFrame | None:
+        try:
+            table = pd.read_csv(
+                self.table_path,
+                dtype={"case_id": str, "slide_id": str, "site": str, "oncotree_code": str},
+                keep_default_na=True,
+            )
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, EOFError) as err:
+            self.problem("", f"cannot read the table ({err})")
+            return None
+        missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+        if missing:
+            self.problem("", f"missing required column(s): {', '.join(missing)}")
+            return None
+        table["slide_id"] = table["slide_id"].fillna("").astype(str).str.strip()
+        table["case_id"] = table["case_id"].fillna("").astype(str).str.strip()
+        return table
+
+    def _check_rows(self, table: pd.DataFrame) -> None:
+        known = set(self.cfg.grade_map)
+        months = pd.to_numeric(table["survival_months"], errors="coerce")
+        cens = pd.to_numeric(table["censorship"], errors="coerce")
+        for i, row in enumerate(table.itertuples(index=False)):
+            loc = f"row {i + 2}, case {row.case_id or '?'}"
+            if not row.case_id:
+                self.problem(f"row {i + 2}", "case_id is empty")
+            t = months.iloc[i]
+            if pd.isna(t) or not np.isfinite(t):
+                self.problem(loc, "survival_months is missing or not a number")
+            elif t < 0:
+                self.problem(loc, f"survival_months must be >= 0 (got {t})")
+            c = cens.iloc[i]
+            if pd.isna(c) or c not in (0, 1):
+                self.problem(loc, f"censorship must be 0 or 1 (got {table['censorship'].iloc[i]!r})")
+            code = row.oncotree_code
+            if pd.isna(code) or code not in known:
+                self.problem(loc, f"oncotree_code {code!r} is not a known subtype ({', '.join(sorted(known))})")
+        slides = table.loc[table["slide_id"] != "", "slide_id"]
+        for slide in sorted(slides[slides.duplicated()].unique()):
+            self.problem(f"slide {slide}", "slide_id appears on more than one row")
+        for col in ("oncotree_code", "survival_months", "censorship", "_site"):
+            n_distinct = table.groupby("case_id")[col].nunique(dropna=False)
+            for case in n_distinct[n_distinct > 1].index:
+                values = sorted(map(str, table.loc[table["case_id"] == case, col].unique()))
+                name = "site" if col == "_site" else col
+                self.problem(f"case {case}", f"conflicting {name} values across its rows: {values}")
+
+    def _gene_groups(self, columns: list[str]) -> GeneGroups:
+        signatures = None
+        if self.cfg.genomics_mode == "signatures" and self.signatures_path is not None:
+            try:
+                signatures = read_signatures(self.signatures_path)
+            except ValueError as err:
+                self.problem("", str(err), source=str(self.signatures_path))
+                return GeneGroups((), ())
+        try:
+            return build_gene_groups(columns, self.cfg.genomics_mode, signatures, str(self.signatures_path))
+        except ValueError as err:
+            self.problem("", str(err), source=str(self.signatures_path))
+            return GeneGroups((), ())
+
+    def _patients(self, table: pd.DataFrame) -> tuple[list[Patient], dict[str, int]]:
+        patients, first_rows = [], {}
+        for case, rows in table.groupby("case_id", sort=True):
+            if not case:
+                continue
+            first = rows.iloc[0]
+            first_rows[case] = int(rows.index[0])
+            try:
+                months, cens = float(first["survival_months"]), int(float(first["censorship"]))
+            except (TypeError, ValueError):
+                continue  # already reported by _check_rows
+            slides = tuple(s for s in rows["slide_id"] if s)
+            patients.append(Patient(case, first["_site"], slides, str(first["oncotree_code"]), months, cens))
+        return patients, first_rows
+
+    def _genomics(
+        self, table: pd.DataFrame, first_rows: dict[str, int], groups: GeneGroups
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        cases = sorted(first_rows)
+        if groups.dim == 0:
+            return np.zeros((len(cases), 0), np.float32), np.zeros(len(cases), bool), 0
+        cols = genomic_columns(list(table.columns))
+        raw = table[cols].apply(pd.to_numeric, errors="coerce")
+        for case, rows in table.groupby("case_id"):
+            block = raw.loc[rows.index].to_numpy(dtype=float)
+            if len(block) > 1 and not np.allclose(block, block[0], equal_nan=True):
+                self.problem(f"case {case}", "conflicting genomic values across its rows")
+        values = raw.loc[[first_rows[c] for c in cases]].to_numpy(dtype=float)
+        all_missing = np.isnan(values).all(axis=1)
+        bad = ~np.isfinite(values) & ~all_missing[:, None]
+        imputed = 0
+        if bad.any():
+            if self.cfg.genomic_nan_policy == "error":
+                for r in np.where(bad.any(axis=1))[0]:
+                    names = [cols[j] for j in np.where(bad[r])[0]]
+                    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                    self.problem(
+                        f"row {first_rows[cases[r]] + 2}, case {cases[r]}",
+                        f"{len(names)} NaN/Inf genomic value(s) in {shown} "
+                        "(set data.genomic_nan_policy: impute_median to impute)",
+                    )
+            else:
+                clean = np.where(np.isfinite(values), values, np.nan)
+                medians = np.nanmedian(clean[~all_missing], axis=0)
+                medians = np.where(np.isnan(medians), 0.0, medians)
+                values = np.where(bad, medians[None, :], values)
+                imputed = int(bad.sum())
+        frame = pd.DataFrame(np.nan_to_num(values, nan=0.0), columns=cols)
+        return groups.gather(frame), ~all_missing, imputed
+
+    def _check_bags(self, table: pd.DataFrame) -> tuple[int | None, str | None, dict[str, int]]:
+        if self.bag_dir is None:
+            return None, None, {}
+        if not self.bag_dir.is_dir():
+            self.problem("", "feature bag directory does not exist", source=str(self.bag_dir))
+            return None, None, {}
+        slides = [s for s in table["slide_id"] if s]
+        infos, patches = {}, {}
+        for slide in slides:
+            path = bag_path(self.bag_dir, slide)
+            if not path.is_file():
+                self.problem(f"slide {slide}", "slide has no feature bag (expected this file)", str(path))
+                continue
+            try:
+                info = inspect_bag(path)
+            except BagError as err:
+                self.problem(f"slide {slide}", str(err).split(": ", 1)[-1], str(path))
+                continue
+            if info.n_patches == 0:
+                self.problem(f"slide {slide}", "empty bag: no patches", str(path))
+                continue
+            infos[slide] = info
+            patches[slide] = info.n_patches
+        known = set(slides)
+        for extra in sorted(self.bag_dir.glob(f"*{BAG_SUFFIX}")):
+            if extra.name[: -len(BAG_SUFFIX)] not in known:
+                self.problem(f"slide {extra.stem}", "feature bag has no row in the table", str(extra))
+        dims = Counter(i.feature_dim for i in infos.values())
+        encoders = Counter(i.encoder for i in infos.values())
+        feature_dim = dims.most_common(1)[0][0] if dims else None
+        encoder = encoders.most_common(1)[0][0] if encoders else None
+        for slide, info in infos.items():
+            if info.feature_dim != feature_dim:
+                self.problem(
+                    f"slide {slide}",
+                    f"feature dim {info.feature_dim} differs from the cohort's {feature_dim}",
+                    str(info.path),
+                )
+            elif info.encoder != encoder:
+                self.problem(
+                    f"slide {slide}", f"encoder {info.encoder!r} differs from the cohort's {encoder!r}", str(info.path)
+                )
+        return feature_dim, encoder, patches

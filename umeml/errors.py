@@ -1,0 +1,35 @@
+"""Named errors that carry every problem found, so a user fixes them all in one pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class UmemlError(Exception):
+    """Base class of the errors umeml raises on bad user input."""
+
+
+class ConfigError(UmemlError):
+    """A configuration file is malformed: the message names the file and the key path."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem with user data: where it is (file, row or slide) and which rule it breaks."""
+
+    source: str
+    location: str
+    rule: str
+
+    def __str__(self) -> str:
+        where = f"{self.source}" + (f" [{self.location}]" if self.location else "")
+        return f"{where}: {self.rule}"
+
+
+class DataValidationError(UmemlError):
+    """Raised with all problems found in a cohort at once (Opacus-validator style)."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} data problem(s) found:\n{lines}")
