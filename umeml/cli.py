@@ -1,4 +1,4 @@
-"""The ``umeml`` command: synth (synthetic cohort) and check (validate a cohort)."""
+"""The ``umeml`` command: synth (synthetic cohort), check (validate a cohort), train (centralized)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--table", type=Path, help="cohort table CSV (PORPOISE style), instead of --data")
     p.add_argument("--signatures", type=Path, help="gene-group signatures CSV (with --table)")
     p.add_argument("--bags", type=Path, help="feature bag directory (with --table); omit for genomics only")
-    p.add_argument("--config", type=Path, help="experiment YAML whose data section applies (label maps, NaN policy)")
+    p.add_argument("--config", type=Path, help="experiment YAML (its data section applies to check)")
 
 
 def load_cohort_from_args(args: argparse.Namespace, data_cfg: DataConfig | None = None):
@@ -87,6 +87,51 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from umeml.train.central import train_central
+
+    if args.config is None:
+        print("error: umeml train needs --config (e.g. configs/demo.yaml)", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config)
+        if args.seed is not None:
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, seed=args.seed)
+        cohort = load_cohort_from_args(args, cfg.data)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (DataValidationError, FileNotFoundError) as err:
+        print(f"data check FAILED: {err}", file=sys.stderr)
+        return 1
+    try:
+        final = train_central(cfg, cohort, args.out, progress=not args.quiet)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_final(final))
+    print(f"run directory: {args.out}")
+    return 0
+
+
+def format_final(final: dict) -> str:
+    """A short table of test metrics with 95% CIs."""
+    lines = [f"{final['mode']} {final['model']}: test sites {', '.join(final['test_sites'])} (n={final['n_test']})"]
+    for task, metrics in final["test"].items():
+        if "error" in metrics:
+            lines.append(f"  {task:9s} not computable: {metrics['error']}")
+            continue
+        parts = []
+        for name, m in metrics.items():
+            if isinstance(m, dict) and isinstance(m.get("value"), (int, float)):
+                ci = "" if m.get("ci_low") is None else f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+                parts.append(f"{name} {m['value']:.3f}{ci}")
+        lines.append(f"  {task:9s} " + "; ".join(parts))
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``umeml``."""
     parser = argparse.ArgumentParser(prog="umeml", description="umeml: multimodal glioma models, data tools and reports")
@@ -111,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("train", help="centralized training with a site-disjoint test split (the reference run)")
+    _add_data_args(p)
+    p.add_argument("--out", type=Path, required=True, help="run directory to write")
+    p.add_argument("--seed", type=int, help="override the config's seed")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
     return parser
 
 

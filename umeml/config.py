@@ -107,6 +107,28 @@ class TrainConfig:
     bootstrap: int = field(default=1000, metadata=_range(0))
 
 
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Federated rounds: strategy, which sites train, how often held-out sites evaluate."""
+
+    rounds: int = field(default=3, metadata=_range(1))
+    local_epochs: int = field(default=1, metadata=_range(1))
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum"] = "fedavg"
+    proximal_mu: float = field(default=0.01, metadata=_range(0.0))
+    server_lr: float = field(default=0.01, metadata=_range(0.0, lo_open=True))
+    trimmed_beta: float = field(default=0.2, metadata=_range(0.0, 0.49))
+    krum_byzantine: int = field(default=0, metadata=_range(0))
+    train_sites: tuple[str, ...] = ()
+    min_train_sites: int = field(default=1, metadata=_range(1))
+    evaluate_every: int = field(default=1, metadata=_range(1))
+    k_min_patients: int = field(default=10, metadata=_range(1))
+    round_timeout_s: float = field(default=3600.0, metadata=_range(1.0))
+    fp16_transfer: bool = False
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """A whole experiment: what to learn, from which data, with which model and optimiser."""
@@ -119,6 +141,7 @@ class ExperimentConfig:
     survival: SurvivalConfig = field(default_factory=SurvivalConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
 
 
 def _type_name(tp: Any) -> str:

@@ -1,0 +1,39 @@
+"""Turn an evaluation pass's predictions into metrics with confidence intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from umeml.metrics import classification_metrics, survival_metrics
+from umeml.train.loop import Predictions
+
+PRIMARY = {"grade": "auc_macro", "subtype": "auc_macro", "survival": "c_index"}
+
+
+def evaluate_predictions(preds: Predictions, tasks, n_boot: int, seed: int) -> dict:
+    """Metrics of every task: ``{task: {metric: {value, ci_low, ci_high, n}}}``.
+
+    A task whose metrics cannot be computed on these patients (one class only, no comparable
+    pair) reports ``{"error": reason, "n": n}`` instead of failing the whole evaluation.
+    """
+    out: dict = {}
+    for task in tasks:
+        try:
+            if task == "survival":
+                out[task] = survival_metrics(preds.times, preds.censorship, preds.risk, n_boot=n_boot, seed=seed)
+            else:
+                out[task] = classification_metrics(preds.targets[task], preds.probs[task], n_boot=n_boot, seed=seed)
+        except ValueError as err:
+            out[task] = {"error": str(err), "n": int(len(preds))}
+    return out
+
+
+def selection_score(metrics: dict, loss: float) -> float:
+    """Model-selection score: mean primary metric over tasks (minus loss when none is defined)."""
+    values = []
+    for task, m in metrics.items():
+        entry = m.get(PRIMARY.get(task, ""), {})
+        value = entry.get("value") if isinstance(entry, dict) else None
+        if value is not None and np.isfinite(value):
+            values.append(float(value))
+    return float(np.mean(values)) if values else -float(loss)
