@@ -127,6 +127,7 @@ class FederationConfig:
     k_min_patients: int = field(default=10, metadata=_range(1))
     round_timeout_s: float = field(default=3600.0, metadata=_range(1.0))
     fp16_transfer: bool = False
+    max_update_norm: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,25 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A hospital site's own settings (``site.yaml``): identity, data paths, local limits.
+
+    Relative paths are resolved against the folder of the site file. The coordinator cannot
+    raise the limits set here.
+    """
+
+    site_id: str = ""
+    data_dir: str | None = None
+    table: str | None = None
+    signatures: str | None = None
+    bags: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    k_min_patients: int = field(default=10, metadata=_range(1))
+    max_local_epochs: int = field(default=10, metadata=_range(1))
+    state_dir: str = "site-state"
 
 
 def _type_name(tp: Any) -> str:
@@ -254,6 +274,11 @@ def _validate_semantics(obj: Any, path: str, source: str) -> None:
             raise ConfigError(f"{source}: {prefix}modalities: at least one modality is required")
         if len(set(obj.modalities)) != len(obj.modalities):
             raise ConfigError(f"{source}: {prefix}modalities: duplicate entries")
+    if isinstance(obj, SiteConfig):
+        if not obj.site_id.strip():
+            raise ConfigError(f"{source}: site_id: a non-empty site id is required")
+        if (obj.data_dir is None) == (obj.table is None):
+            raise ConfigError(f"{source}: data_dir / table: give exactly one of them")
     if isinstance(obj, ExperimentConfig):
         if not obj.tasks or len(set(obj.tasks)) != len(obj.tasks):
             raise ConfigError(f"{source}: tasks: give one or more distinct tasks")
@@ -273,6 +298,10 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> ExperimentConfig:
 def load_config(path: str | Path) -> ExperimentConfig:
     """Read and check a YAML experiment file."""
     path = Path(path)
+    return config_from_dict(_read_yaml(path), source=str(path))
+
+
+def _read_yaml(path: Path) -> dict:
     try:
         text = path.read_text()
     except OSError as err:
@@ -281,7 +310,21 @@ def load_config(path: str | Path) -> ExperimentConfig:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    return config_from_dict(raw or {}, source=str(path))
+    return raw or {}
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read and check a site YAML file; relative data paths become relative to its folder."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    site = _build(SiteConfig, raw, "", str(path))
+    base = path.resolve().parent
+    fixed = {}
+    for name in ("data_dir", "table", "signatures", "bags", "state_dir"):
+        value = getattr(site, name)
+        if value is not None and not Path(value).is_absolute():
+            fixed[name] = str(base / value)
+    return dataclasses.replace(site, **fixed)
 
 
 def config_to_dict(cfg: Any) -> Any:

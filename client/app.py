@@ -1,0 +1,153 @@
+"""The Flower ClientApp of a hospital site: a thin adapter from messages to :class:`SiteRuntime`.
+
+Deployed, the SuperNode's ``--node-config "site-config='/path/site.yaml'"`` names the site file
+(module-level ``app``). In simulation, :class:`SimulatedSites` maps each virtual node's
+``partition-id`` to a site of one cohort (``build_client_app(SimulatedSites(...))``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from umeml.config import ExperimentConfig, SiteConfig, config_from_dict, load_site_config
+from umeml.data.cohort import Cohort, load_cohort, load_data_dir
+from umeml.federation.protocol import Preprocessing
+from umeml.federation.site import SiteRuntime
+
+@lru_cache(maxsize=4)
+def _cohort(data_dir: str | None, table: str | None, signatures: str | None, bags: str | None, data_yaml: str) -> Cohort:
+    """Load a cohort once per process (a site answers many messages from the same data)."""
+    import yaml
+
+    data_cfg = config_from_dict({"data": yaml.safe_load(data_yaml) or {}}, "coordinator config").data
+    if data_dir:
+        return load_data_dir(data_dir, data_cfg)
+    return load_cohort(table, signatures, bags, data_cfg)
+
+
+def experiment_from(msg: Message) -> ExperimentConfig:
+    """The coordinator's experiment config carried by a message (checked like a local file)."""
+    return config_from_dict(json.loads(str(msg.content["config"]["experiment"])), "coordinator config")
+
+
+def _data_yaml(cfg: ExperimentConfig) -> str:
+    import yaml
+
+    from umeml.config import config_to_dict
+
+    return yaml.safe_dump(config_to_dict(cfg.data), sort_keys=True)
+
+
+def deployed_site(context: Context, cfg: ExperimentConfig) -> SiteRuntime:
+    """This node's site, from the site file named by the SuperNode's ``site-config`` node config."""
+    node = context.node_config
+    if "site-config" not in node:
+        raise RuntimeError("this SuperNode has no 'site-config' in --node-config; start it with umeml-client start")
+    site: SiteConfig = load_site_config(str(node["site-config"]))
+    cohort = _cohort(site.data_dir, site.table, site.signatures, site.bags, _data_yaml(cfg))
+    return SiteRuntime(site.site_id, cohort, np.arange(len(cohort)),
+                       k_min=max(site.k_min_patients, cfg.federation.k_min_patients), device=site.device,
+                       max_local_epochs=site.max_local_epochs)
+
+
+@dataclass(frozen=True)
+class SimulatedSites:
+    """Simulation: virtual node ``partition-id`` plays ``sites[partition-id]`` of one cohort."""
+
+    sites: tuple[str, ...]
+    data_dir: str | None = None
+    table: str | None = None
+    signatures: str | None = None
+    bags: str | None = None
+    device: str = "cpu"
+
+    def __call__(self, context: Context, cfg: ExperimentConfig) -> SiteRuntime:
+        site_id = self.sites[int(context.node_config["partition-id"])]
+        cohort = _cohort(self.data_dir, self.table, self.signatures, self.bags, _data_yaml(cfg))
+        return SiteRuntime(site_id, cohort, cohort.site_indices(site_id), k_min=cfg.federation.k_min_patients,
+                           device=self.device)
+
+
+def _json_reply(msg: Message, payload: dict) -> Message:
+    return Message(RecordDict({"report": ConfigRecord({"json": json.dumps(payload)})}), reply_to=msg)
+
+
+def arrays_to_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    """Weights from an ArrayRecord as float32 tensors (fp16 transfers are widened back)."""
+    state = {}
+    for key, array in arrays.items():
+        value = array.numpy()
+        if value.dtype == np.float16:
+            value = value.astype(np.float32)
+        state[key] = torch.from_numpy(np.ascontiguousarray(value))
+    return state
+
+
+def state_to_arrays(state: dict[str, torch.Tensor], fp16: bool = False) -> ArrayRecord:
+    """An ArrayRecord of a state dict; floating tensors optionally sent as float16."""
+    out = {}
+    for key, tensor in state.items():
+        value = tensor.detach().cpu().numpy()
+        if fp16 and value.dtype == np.float32:
+            value = value.astype(np.float16)
+        out[key] = Array(np.ascontiguousarray(value))
+    return ArrayRecord(out)
+
+
+def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]) -> ClientApp:
+    """A ClientApp whose handlers find their site with ``resolve`` (deployed or simulated)."""
+    app = ClientApp()
+
+    @app.query("handshake")
+    def handshake(msg: Message, context: Context) -> Message:
+        """Site id, umeml version, data schema and aggregate counts."""
+        cfg = experiment_from(msg)
+        return _json_reply(msg, resolve(context, cfg).handshake())
+
+    @app.query("preprocess")
+    def preprocess(msg: Message, context: Context) -> Message:
+        """Aggregates for genomic standardisation, survival bins and class weights."""
+        cfg = experiment_from(msg)
+        return _json_reply(msg, resolve(context, cfg).preprocess(cfg))
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        """Local epochs from the global weights."""
+        cfg = experiment_from(msg)
+        conf = msg.content["config"]
+        prep = Preprocessing.from_json(str(conf["preprocessing"]))
+        site = resolve(context, cfg)
+        mu = float(conf.get("proximal-mu", 0.0))
+        state, metrics = site.train(cfg, prep, arrays_to_state(msg.content["arrays"]), int(conf["server-round"]), mu)
+        reply = RecordDict({
+            "arrays": state_to_arrays(state, fp16=cfg.federation.fp16_transfer),
+            "metrics": MetricRecord({"num-examples": metrics["num-examples"], "train_loss": float(metrics["train_loss"])}),
+            "report": ConfigRecord({"json": json.dumps({"site": site.site_id, **metrics})}),
+        })
+        return Message(reply, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        """Metrics of the global weights on the site's held-out patients or local validation split."""
+        cfg = experiment_from(msg)
+        conf = msg.content["config"]
+        prep = Preprocessing.from_json(str(conf["preprocessing"]))
+        site = resolve(context, cfg)
+        report = site.evaluate(cfg, prep, arrays_to_state(msg.content["arrays"]), str(conf["part"]), int(conf["n-boot"]))
+        return Message(RecordDict({
+            "metrics": MetricRecord({"num-examples": int(report["n"])}),
+            "report": ConfigRecord({"json": json.dumps(report)}),
+        }), reply_to=msg)
+
+    return app
+
+
+app = build_client_app(deployed_site)

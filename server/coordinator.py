@@ -1,0 +1,356 @@
+"""The coordinator's run: handshake, federated preprocessing, training rounds, held-out evaluation,
+checkpoints after every round and resume from the last completed one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from umeml import __version__
+from umeml.config import ExperimentConfig, config_to_dict, dump_config
+from umeml.federation.protocol import (
+    HandshakeMismatch,
+    Preprocessing,
+    check_handshakes,
+    combine_preprocessing,
+    combine_site_metrics,
+)
+from umeml.model import build_model, save_checkpoint
+from umeml.train.loop import task_heads
+from umeml.server.strategies import (
+    NodeSubsetGrid,
+    build_strategy,
+    restore_strategy_state,
+    screen_update,
+    strategy_state,
+)
+
+log = logging.getLogger("umeml.server")
+RESUME_FILE = "resume.pt"
+
+
+class FederationError(Exception):
+    """The federation cannot go on (no sites, refused handshakes, no training site left)."""
+
+
+def _query(grid, node_ids, kind: str, payload: dict, timeout: float) -> dict[int, dict]:
+    """Send a query to nodes and return their JSON reports by node id (errors are logged)."""
+    content = {"config": ConfigRecord({k: v for k, v in payload.items()})}
+    msgs = [Message(RecordDict(content), dst_node_id=n, message_type=f"{MessageType.QUERY}.{kind}") for n in node_ids]
+    out = {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("node %s answered %s with an error: %s", node, kind, reply.error.reason)
+            continue
+        out[node] = json.loads(str(reply.content["report"]["json"]))
+    return out
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def arrays_from_state(state: dict[str, torch.Tensor], fp16: bool = False) -> ArrayRecord:
+    """ArrayRecord of a state dict (float tensors optionally as float16 for transfer)."""
+    out = {}
+    for k, v in state.items():
+        a = v.detach().cpu().numpy()
+        if fp16 and a.dtype == np.float32:
+            a = a.astype(np.float16)
+        out[k] = Array(np.ascontiguousarray(a))
+    return ArrayRecord(out)
+
+
+def state_from_arrays(arrays: ArrayRecord, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """State dict from an ArrayRecord with the dtypes of ``like`` (fp16 transfers widened back)."""
+    return {k: torch.from_numpy(np.ascontiguousarray(arrays[k].numpy())).to(like[k].dtype) for k in like}
+
+
+@dataclass
+class RunState:
+    """What a checkpoint holds: enough to continue with nothing recomputed."""
+
+    round: int
+    weights: dict[str, torch.Tensor]
+    strategy: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    seed: int = 0
+
+
+class Coordinator:
+    """Runs one federated experiment against a Flower Grid and writes its run directory."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: str | Path, expected_sites: int | None = None,
+                 held_out: tuple[str, ...] = (), resume: bool = False,
+                 pooled_eval: Callable[[dict, Preprocessing], dict] | None = None,
+                 wait_timeout: float = 300.0, printer: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.expected_sites = expected_sites
+        self.held_out = tuple(held_out or cfg.split.test_sites)
+        self.resume = resume
+        self.pooled_eval = pooled_eval
+        self.wait_timeout = wait_timeout
+        self.print = printer
+        self.nodes: dict[int, dict] = {}  # node id -> handshake
+        self.train_sites: list[str] = []
+        self.timeout = cfg.federation.round_timeout_s
+        self.experiment_json = json.dumps(config_to_dict(cfg))
+
+    # ----------------------------------------------------------------- setup
+    def _wait_for_nodes(self, grid) -> list[int]:
+        want = self.expected_sites or 1
+        deadline = time.monotonic() + self.wait_timeout
+        while True:
+            ids = list(grid.get_node_ids())
+            if len(ids) >= want:
+                return ids
+            if time.monotonic() > deadline:
+                raise FederationError(f"only {len(ids)} of {want} sites connected within {self.wait_timeout:.0f} s")
+            time.sleep(0.5)
+
+    def _handshake(self, grid, node_ids) -> dict:
+        replies = _query(grid, node_ids, "handshake", {"experiment": self.experiment_json}, self.timeout)
+        missing = sorted(set(node_ids) - set(replies))
+        if missing:
+            log.warning("%d node(s) did not answer the handshake: %s", len(missing), missing)
+        self.nodes.update(replies)
+        by_site = {}
+        for node, reply in replies.items():
+            if reply["site"] in by_site:
+                raise FederationError(f"two nodes claim site {reply['site']!r}; site ids must be unique")
+            by_site[reply["site"]] = reply
+        if not by_site:
+            raise FederationError("no site answered the handshake")
+        return check_handshakes(by_site, __version__)
+
+    def _roles(self) -> tuple[list[int], list[int]]:
+        sites = {r["site"]: n for n, r in self.nodes.items()}
+        unknown = sorted(set(self.held_out) - set(sites))
+        if unknown:
+            raise FederationError(f"held-out site(s) {unknown} did not join (joined: {sorted(sites)})")
+        wanted = set(self.cfg.federation.train_sites) or (set(sites) - set(self.held_out))
+        overlap = wanted & set(self.held_out)
+        if overlap:
+            raise FederationError(f"site(s) {sorted(overlap)} are both held out and training")
+        missing = sorted(wanted - set(sites))
+        if missing:
+            raise FederationError(f"training site(s) {missing} did not join")
+        self.train_sites = sorted(wanted)
+        train = [sites[s] for s in sorted(wanted)]
+        held = [sites[s] for s in sorted(self.held_out)]
+        if not train:
+            raise FederationError("no training site: every joined site is held out")
+        return train, held
+
+    def _site(self, node: int) -> str:
+        return self.nodes[node]["site"]
+
+    # ------------------------------------------------------------- checkpoint
+    def _save(self, state: RunState, prep: Preprocessing) -> None:
+        ck = self.run_dir / "checkpoints"
+        ck.mkdir(parents=True, exist_ok=True)
+        payload = {"round": state.round, "weights": state.weights, "seed": state.seed, "history": state.history,
+                   "strategy": {a: {k: torch.from_numpy(np.asarray(v)) for k, v in d.items()} for a, d in state.strategy.items()}}
+        _atomic_write(self.run_dir / RESUME_FILE, lambda p: torch.save(payload, p))
+        model = build_model(self.cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads)
+        model.load_state_dict(state.weights)
+        meta = {"experiment": self.cfg.name, "mode": "federated", "round": state.round, "umeml_version": __version__,
+                "survival_edges": prep.survival_edges, "subtypes": prep.subtypes, "grades": prep.grades,
+                "held_out_sites": list(self.held_out)}
+        _atomic_write(ck / "global.pt", lambda p: save_checkpoint(p, model, meta))
+
+    def _load(self) -> RunState:
+        raw = torch.load(self.run_dir / RESUME_FILE, weights_only=True)
+        strategy = {a: {k: v.numpy() for k, v in d.items()} for a, d in raw["strategy"].items()}
+        return RunState(int(raw["round"]), raw["weights"], strategy, list(raw["history"]), int(raw["seed"]))
+
+    # ------------------------------------------------------------------- run
+    def run(self, grid) -> dict:
+        """Run (or resume) the experiment; returns final.json's content."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        node_ids = self._wait_for_nodes(grid)
+        schema = self._handshake(grid, node_ids)
+        train_nodes, held_nodes = self._roles()
+        self.print(f"sites: training {', '.join(self._site(n) for n in train_nodes)}; "
+                   f"held out {', '.join(self._site(n) for n in held_nodes) or '-'}")
+        prep_path = self.run_dir / "preprocessing.json"
+        if self.resume and prep_path.is_file():
+            prep = Preprocessing.from_json(prep_path.read_text())
+            state = self._load()
+        else:
+            heads = task_heads(cfg, len(schema["subtypes"]))
+            replies = _query(grid, train_nodes, "preprocess", {"experiment": self.experiment_json}, self.timeout)
+            prep = combine_preprocessing({self._site(n): r for n, r in replies.items()}, schema, heads, cfg.survival.n_bins)
+            _atomic_write(prep_path, lambda p: p.write_text(prep.to_json()))
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            torch.manual_seed(cfg.seed)
+            model = build_model(cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads)
+            state = RunState(0, {k: v.detach().clone() for k, v in model.state_dict().items()}, seed=cfg.seed)
+        strategy = build_strategy(cfg.federation)
+        restore_strategy_state(strategy, state.strategy)
+        fp16 = cfg.federation.fp16_transfer
+        base_config = {"experiment": self.experiment_json, "preprocessing": prep.to_json()}
+        for rnd in range(state.round + 1, cfg.federation.rounds + 1):
+            t0 = time.perf_counter()
+            self._adopt_new_nodes(grid)
+            train_nodes, held_nodes = self._roles_alive(grid, train_nodes, held_nodes)
+            arrays = arrays_from_state(state.weights, fp16)
+            msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(base_config)), NodeSubsetGrid(grid, train_nodes)))
+            replies = list(grid.send_and_receive(msgs, timeout=self.timeout))
+            accepted, train_reports = [], []
+            for reply in replies:
+                reason = screen_update(reply, arrays, cfg.federation.max_update_norm)
+                site = self.nodes.get(reply.metadata.src_node_id, {}).get("site", str(reply.metadata.src_node_id))
+                if reason:
+                    log.warning("round %d: update from site %s rejected: %s", rnd, site, reason)
+                    train_reports.append({"site": site, "rejected": reason})
+                    continue
+                accepted.append(reply)
+                train_reports.append(json.loads(str(reply.content["report"]["json"])))
+            if len(accepted) >= cfg.federation.min_train_sites:
+                new_arrays, _ = strategy.aggregate_train(rnd, accepted)
+                if new_arrays is not None:
+                    state.weights = state_from_arrays(new_arrays, state.weights)
+            else:
+                log.warning("round %d: %d accepted update(s) < federation.min_train_sites=%d; global weights kept",
+                            rnd, len(accepted), cfg.federation.min_train_sites)
+            entry = {"round": rnd, "train": train_reports, "accepted": len(accepted), "evaluation": {}}
+            last = rnd == cfg.federation.rounds
+            if rnd % cfg.federation.evaluate_every == 0 or last:
+                entry["evaluation"] = self._evaluate(grid, state.weights, base_config, train_nodes, held_nodes, rnd, last)
+                if last and self.pooled_eval is not None:
+                    entry["evaluation"]["pooled"] = self.pooled_eval(state.weights, prep)
+            entry["seconds"] = round(time.perf_counter() - t0, 2)
+            state.history.append(entry)
+            state.round = rnd
+            state.strategy = strategy_state(strategy)
+            self._save(state, prep)
+            self._write_metrics(state.history)
+            self.print(self._progress_line(entry))
+        final = self._final(state)
+        _atomic_write(self.run_dir / "final.json", lambda p: p.write_text(json.dumps(final, indent=2)))
+        return final
+
+    def _adopt_new_nodes(self, grid) -> None:
+        """Handshake nodes that joined (or rejoined after a restart) since the last round."""
+        new = [n for n in grid.get_node_ids() if n not in self.nodes]
+        if new:
+            replies = _query(grid, new, "handshake", {"experiment": self.experiment_json}, self.timeout)
+            for node, reply in replies.items():
+                stale = [n for n, r in self.nodes.items() if r["site"] == reply["site"]]
+                for n in stale:
+                    del self.nodes[n]
+                self.nodes[node] = reply
+                log.info("site %s (re)joined as node %s", reply["site"], node)
+
+    def _roles_alive(self, grid, train_nodes, held_nodes):
+        try:
+            return self._roles()
+        except FederationError as err:
+            log.warning("%s; continuing with the sites still connected", err)
+            return train_nodes, held_nodes
+
+    def _evaluate(self, grid, weights, base_config, train_nodes, held_nodes, rnd: int, last: bool) -> dict:
+        arrays = arrays_from_state(weights, self.cfg.federation.fp16_transfer)
+        n_boot = self.cfg.train.bootstrap if last else 0
+        msgs = []
+        for node, part in [(n, "all") for n in held_nodes] + [(n, "val") for n in train_nodes]:
+            conf = ConfigRecord({**base_config, "part": part, "n-boot": n_boot, "server-round": rnd})
+            msgs.append(Message(RecordDict({"arrays": arrays, "config": conf}), dst_node_id=node,
+                                message_type=MessageType.EVALUATE))
+        held, val = {}, {}
+        for reply in grid.send_and_receive(msgs, timeout=self.timeout):
+            if reply.has_error():
+                log.warning("evaluation error from node %s: %s", reply.metadata.src_node_id, reply.error.reason)
+                continue
+            report = json.loads(str(reply.content["report"]["json"]))
+            (held if report["part"] == "all" else val)[report["site"]] = report
+        return {"held_out": held, "held_out_combined": combine_site_metrics(held) if held else {},
+                "validation": val, "validation_combined": combine_site_metrics(val) if val else {}}
+
+    # ---------------------------------------------------------------- output
+    def _write_metrics(self, history: list[dict]) -> None:
+        rows = []
+        for entry in history:
+            for rep in entry["train"]:
+                rows.append({"round": entry["round"], "site": rep["site"], "kind": "train",
+                             "n": rep.get("num-examples"), "metric": "train_loss", "value": rep.get("train_loss"),
+                             "note": rep.get("rejected", "")})
+            ev = entry["evaluation"]
+            for kind, sites in (("held_out", ev.get("held_out", {})), ("validation", ev.get("validation", {}))):
+                for site, rep in sites.items():
+                    if rep.get("suppressed"):
+                        rows.append({"round": entry["round"], "site": site, "kind": kind, "n": rep["n"],
+                                     "metric": "", "value": None, "note": "suppressed (< k patients)"})
+                        continue
+                    for task, metrics in rep["tasks"].items():
+                        for name, m in metrics.items():
+                            if isinstance(m, dict) and isinstance(m.get("value"), (int, float)):
+                                rows.append({"round": entry["round"], "site": site, "kind": kind, "n": m.get("n"),
+                                             "metric": f"{task}_{name}", "value": m["value"], "note": ""})
+            for kind in ("held_out_combined", "pooled"):
+                for task, metrics in ev.get(kind, {}).items():
+                    if not isinstance(metrics, dict):
+                        continue
+                    for name, m in metrics.items():
+                        if isinstance(m, dict) and isinstance(m.get("value"), (int, float)):
+                            rows.append({"round": entry["round"], "site": kind, "kind": kind, "n": m.get("n"),
+                                         "metric": f"{task}_{name}", "value": m["value"], "note": ""})
+        fields = ["round", "site", "kind", "n", "metric", "value", "note"]
+
+        def write(p: Path) -> None:
+            with p.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(rows)
+
+        _atomic_write(self.run_dir / "metrics.csv", write)
+
+    def _progress_line(self, entry: dict) -> str:
+        losses = [r["train_loss"] for r in entry["train"] if "train_loss" in r]
+        parts = [f"round {entry['round']}/{self.cfg.federation.rounds}",
+                 f"train loss {np.mean(losses):.3f} ({len(losses)} site(s))" if losses else "no accepted update"]
+        comb = entry["evaluation"].get("held_out_combined", {})
+        shown = []
+        for task, key in (("grade", "auc_macro"), ("subtype", "auc_macro"), ("survival", "c_index")):
+            m = comb.get(task, {}).get(key)
+            if m:
+                shown.append(f"{task} {key} {m['value']:.3f}")
+        if shown:
+            parts.append("held-out " + ", ".join(shown))
+        parts.append(f"{entry['seconds']:.1f} s")
+        return " | ".join(parts)
+
+    def _final(self, state: RunState) -> dict:
+        last_eval = next((e["evaluation"] for e in reversed(state.history) if e["evaluation"]), {})
+        return {
+            "experiment": self.cfg.name,
+            "mode": "federated",
+            "strategy": self.cfg.federation.strategy,
+            "model": self.cfg.model.name,
+            "umeml_version": __version__,
+            "seed": self.cfg.seed,
+            "rounds": state.round,
+            "held_out_sites": list(self.held_out),
+            "training_sites": list(self.train_sites),
+            "held_out": last_eval.get("held_out", {}),
+            "held_out_combined": last_eval.get("held_out_combined", {}),
+            "pooled": last_eval.get("pooled"),
+            "seconds_per_round": [e["seconds"] for e in state.history],
+        }

@@ -1,0 +1,108 @@
+"""Flower's strategies chosen by name from config, plus what umeml adds around them.
+
+umeml only chooses which nodes train (training sites, never held-out ones), screens updates
+before they reach the aggregate, and saves/restores strategy state for resume.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
+
+from umeml.config import FederationConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_strategy(fed: FederationConfig) -> FedAvg:
+    """Flower's implementation of ``fed.strategy``, configured to train every selected site."""
+    common = {
+        "fraction_train": 1.0,
+        "fraction_evaluate": 0.0,  # umeml sends its own evaluation messages (held-out vs validation)
+        "min_train_nodes": fed.min_train_sites,
+        "min_available_nodes": fed.min_train_sites,
+        "min_evaluate_nodes": 0,
+    }
+    name = fed.strategy
+    if name == "fedavg":
+        return FedAvg(**common)
+    if name == "fedprox":
+        return FedProx(proximal_mu=fed.proximal_mu, **common)
+    if name == "fedadam":
+        return FedAdam(eta=fed.server_lr, **common)
+    if name == "fedyogi":
+        return FedYogi(eta=fed.server_lr, **common)
+    if name == "fedmedian":
+        return FedMedian(**common)
+    if name == "fedtrimmedavg":
+        return FedTrimmedAvg(beta=fed.trimmed_beta, **common)
+    if name == "krum":
+        return Krum(num_malicious_nodes=fed.krum_byzantine, **common)
+    raise ValueError(f"unknown strategy {name!r}")  # config validation makes this unreachable
+
+
+STATE_ATTRS = ("m_t", "v_t")  # FedAdam/FedYogi server-optimizer moments
+
+
+def strategy_state(strategy: FedAvg) -> dict[str, dict[str, np.ndarray]]:
+    """The strategy's mutable state that a resumed run needs (server-optimizer moments)."""
+    return {a: dict(getattr(strategy, a)) for a in STATE_ATTRS if getattr(strategy, a, None)}
+
+
+def restore_strategy_state(strategy: FedAvg, state: dict[str, dict[str, np.ndarray]]) -> None:
+    """Put saved moments back so the server optimizer continues where it stopped."""
+    for attr, value in state.items():
+        setattr(strategy, attr, {k: np.asarray(v) for k, v in value.items()})
+
+
+class NodeSubsetGrid:
+    """A view of a Grid whose node list is restricted to the training sites' nodes.
+
+    Flower's strategies sample from ``grid.get_node_ids()``; handing them this view makes them
+    sample training sites only, so held-out sites never train.
+    """
+
+    def __init__(self, grid, node_ids):
+        self._grid = grid
+        self._node_ids = list(node_ids)
+
+    def get_node_ids(self):
+        """The training nodes that are still connected."""
+        alive = set(self._grid.get_node_ids())
+        return [n for n in self._node_ids if n in alive]
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+
+def screen_update(reply: Message, reference: ArrayRecord, max_norm: float | None) -> str | None:
+    """Why a training reply must not enter the aggregate, or None when it is acceptable.
+
+    Rejects error replies, missing or extra keys, wrong shapes, NaN/Inf values and, when
+    ``max_norm`` is set, an update whose L2 distance from the global weights exceeds it.
+    """
+    if reply.has_error():
+        return f"error reply ({reply.error.code}: {reply.error.reason})"
+    if "arrays" not in reply.content.array_records:
+        return "reply carries no weights"
+    arrays = reply.content.array_records["arrays"]
+    if set(arrays.keys()) != set(reference.keys()):
+        missing = sorted(set(reference.keys()) - set(arrays.keys()))
+        extra = sorted(set(arrays.keys()) - set(reference.keys()))
+        return f"weight keys differ (missing {missing[:3]}, unexpected {extra[:3]})"
+    sq = 0.0
+    for key, ref in reference.items():
+        got = arrays[key].numpy()
+        want = ref.numpy()
+        if got.shape != want.shape:
+            return f"weight {key!r} has shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+        if got.dtype.kind == "f" and not np.isfinite(got).all():
+            return f"weight {key!r} contains NaN or Inf"
+        if got.dtype.kind == "f":
+            sq += float(((got.astype(np.float64) - want.astype(np.float64)) ** 2).sum())
+    if max_norm is not None and np.sqrt(sq) > max_norm:
+        return f"update norm {np.sqrt(sq):.3g} exceeds federation.max_update_norm {max_norm:.3g}"
+    return None

@@ -1,0 +1,157 @@
+"""The federation protocol's payloads, free of Flower: what sites answer and how the server combines it.
+
+Only aggregates cross the wire: counts, sums, histograms and metrics, each suppressed when a
+site has fewer than k patients. No case id, slide id, path or per-patient value ever appears.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from umeml.data.labels import edges_from_histogram
+from umeml.train.losses import class_weights_from_counts
+
+SURVIVAL_GRID_STEP = 1.0  # months; the finest resolution of survival times that leaves a site
+SURVIVAL_GRID_MAX = 600.0  # months; longer follow-up is clipped into the last cell
+
+
+def survival_grid() -> np.ndarray:
+    """Edges of the fixed histogram grid on which sites count uncensored survival times."""
+    return np.arange(0.0, SURVIVAL_GRID_MAX + SURVIVAL_GRID_STEP, SURVIVAL_GRID_STEP)
+
+
+class HandshakeMismatch(Exception):
+    """A site's handshake disagrees with the federation; the message names the site and field."""
+
+
+def check_handshakes(replies: dict[str, dict], expected_version: str) -> dict:
+    """Check every site's version and data schema; return the federation's common schema.
+
+    Raises :class:`HandshakeMismatch` listing every mismatch (site, field, its value, expected).
+    """
+    problems = []
+    dims = {s: r["feature_dim"] for s, r in replies.items() if r.get("with_pathology", 0) > 0}
+    groups = {s: tuple(r["group_sizes"]) for s, r in replies.items() if r.get("with_genomics", 0) > 0}
+    encoders = {s: r.get("encoder") for s, r in replies.items() if r.get("with_pathology", 0) > 0}
+    common_dim = _majority(dims)
+    common_groups = _majority(groups)
+    common_encoder = _majority(encoders)
+    for site, reply in sorted(replies.items()):
+        if reply["umeml_version"] != expected_version:
+            problems.append(f"site {site}: umeml_version {reply['umeml_version']} != coordinator's {expected_version}")
+        if site in dims and dims[site] != common_dim:
+            problems.append(f"site {site}: feature_dim {dims[site]} != federation's {common_dim}")
+        if site in encoders and encoders[site] != common_encoder:
+            problems.append(f"site {site}: encoder {encoders[site]!r} != federation's {common_encoder!r}")
+        if site in groups and groups[site] != common_groups:
+            problems.append(f"site {site}: genomic group sizes {list(groups[site])} != federation's {list(common_groups)}")
+        if tuple(reply["subtypes"]) != tuple(next(iter(replies.values()))["subtypes"]):
+            problems.append(f"site {site}: subtype codes {reply['subtypes']} differ from other sites'")
+    if problems:
+        raise HandshakeMismatch("sites refused:\n  - " + "\n  - ".join(problems))
+    any_reply = next(iter(replies.values()))
+    return {
+        "feature_dim": int(common_dim or 1),
+        "encoder": common_encoder,
+        "group_sizes": list(common_groups or ()),
+        "subtypes": list(any_reply["subtypes"]),
+        "grades": list(any_reply["grades"]),
+    }
+
+
+def _majority(values: dict):
+    if not values:
+        return None
+    items = list(values.values())
+    return max(set(items), key=items.count)
+
+
+@dataclass
+class Preprocessing:
+    """What the server derives from the sites' aggregates and sends back with every round."""
+
+    survival_edges: list[float]
+    genomic_mean: list[float] | None
+    genomic_std: list[float] | None
+    class_weights: dict[str, list[float]]
+    heads: dict[str, int]
+    feature_dim: int
+    group_sizes: list[int]
+    subtypes: list[str]
+    grades: list[str]
+
+    def to_json(self) -> str:
+        """Serialise for a ConfigRecord."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Preprocessing":
+        """Parse what :meth:`to_json` wrote."""
+        return cls(**json.loads(text))
+
+
+def combine_preprocessing(replies: dict[str, dict], schema: dict, heads: dict[str, int], n_bins: int) -> Preprocessing:
+    """Genomic standardisation, survival bin edges and class weights from the sites' aggregates."""
+    usable = {s: r for s, r in replies.items() if not r.get("suppressed")}
+    if not usable:
+        raise ValueError("no training site reported aggregates (all below the k-patient threshold)")
+    hist = np.sum([np.asarray(r["survival_hist"], float) for r in usable.values()], axis=0)
+    edges = edges_from_histogram(survival_grid(), hist, n_bins).tolist()
+    mean = std = None
+    gen = [r for r in usable.values() if r.get("genomic_count")]
+    if gen and schema["group_sizes"]:
+        count = np.sum([np.asarray(r["genomic_count"], float) for r in gen], axis=0)
+        total = np.sum([np.asarray(r["genomic_sum"], float) for r in gen], axis=0)
+        total_sq = np.sum([np.asarray(r["genomic_sumsq"], float) for r in gen], axis=0)
+        from umeml.data.dataset import GenomicScaler
+
+        scaler = GenomicScaler.from_moments(count, total, total_sq)
+        mean, std = scaler.mean.tolist(), scaler.std.tolist()
+    weights = {}
+    for task in ("grade", "subtype"):
+        if task in heads:
+            counts = np.sum([np.asarray(r[f"{task}_counts"], float) for r in usable.values()], axis=0)
+            weights[task] = class_weights_from_counts(counts).tolist()
+    return Preprocessing(edges, mean, std, weights, dict(heads), schema["feature_dim"], schema["group_sizes"],
+                         schema["subtypes"], schema["grades"])
+
+
+def combine_site_metrics(site_metrics: dict[str, dict]) -> dict:
+    """Combine per-site metrics: mean weighted by n (c-index weighted by comparable pairs).
+
+    The combined CI is a normal approximation from the sites' CIs (each site's standard error
+    taken as its CI width / 3.92), since no per-patient value reaches the server.
+    Sites that reported only a count (below k patients) add to ``n_suppressed``.
+    """
+    combined: dict = {}
+    reported = {s: m for s, m in site_metrics.items() if not m.get("suppressed")}
+    n_suppressed = sum(int(m.get("n", 0)) for m in site_metrics.values() if m.get("suppressed"))
+    tasks = sorted({t for m in reported.values() for t in m.get("tasks", {})})
+    for task in tasks:
+        entries: dict[str, list] = {}
+        for m in reported.values():
+            for name, v in m["tasks"].get(task, {}).items():
+                if isinstance(v, dict) and isinstance(v.get("value"), (int, float)):
+                    weight = v.get("pairs") if name == "c_index" else v.get("n")
+                    entries.setdefault(name, []).append((float(v["value"]), float(weight or 0), v.get("ci_low"), v.get("ci_high"), int(v.get("n", 0))))
+        out = {}
+        for name, values in entries.items():
+            w = np.array([x[1] for x in values])
+            if w.sum() <= 0:
+                continue
+            vals = np.array([x[0] for x in values])
+            value = float((w * vals).sum() / w.sum())
+            entry = {"value": value, "n": int(sum(x[4] for x in values)), "sites": len(values)}
+            if len(values) == 1 and values[0][2] is not None:
+                entry["ci_low"], entry["ci_high"] = values[0][2], values[0][3]
+            elif all(x[2] is not None and x[3] is not None for x in values):
+                se = np.array([(x[3] - x[2]) / 3.92 for x in values])
+                se_comb = float(np.sqrt(((w * se) ** 2).sum()) / w.sum())
+                entry["ci_low"], entry["ci_high"] = value - 1.96 * se_comb, value + 1.96 * se_comb
+            out[name] = entry
+        combined[task] = out
+    combined["n_suppressed"] = n_suppressed
+    return combined
