@@ -17,17 +17,15 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from umeml.config import ExperimentConfig, SiteConfig, config_from_dict, load_site_config
+from umeml.config import ExperimentConfig, SiteConfig, config_from_dict, config_to_dict, load_site_config
 from umeml.data.cohort import Cohort, load_cohort, load_data_dir
 from umeml.federation.protocol import Preprocessing
 from umeml.federation.site import SiteRuntime
 
 @lru_cache(maxsize=4)
-def _cohort(data_dir: str | None, table: str | None, signatures: str | None, bags: str | None, data_yaml: str) -> Cohort:
+def _cohort(data_dir: str | None, table: str | None, signatures: str | None, bags: str | None, data_json: str) -> Cohort:
     """Load a cohort once per process (a site answers many messages from the same data)."""
-    import yaml
-
-    data_cfg = config_from_dict({"data": yaml.safe_load(data_yaml) or {}}, "coordinator config").data
+    data_cfg = config_from_dict({"data": json.loads(data_json)}, "coordinator config").data
     if data_dir:
         return load_data_dir(data_dir, data_cfg)
     return load_cohort(table, signatures, bags, data_cfg)
@@ -38,12 +36,9 @@ def experiment_from(msg: Message) -> ExperimentConfig:
     return config_from_dict(json.loads(str(msg.content["config"]["experiment"])), "coordinator config")
 
 
-def _data_yaml(cfg: ExperimentConfig) -> str:
-    import yaml
-
-    from umeml.config import config_to_dict
-
-    return yaml.safe_dump(config_to_dict(cfg.data), sort_keys=True)
+def _data_json(cfg: ExperimentConfig) -> str:
+    # key order matters: the grade map's order defines the subtype class indices
+    return json.dumps(config_to_dict(cfg.data))
 
 
 def deployed_site(context: Context, cfg: ExperimentConfig) -> SiteRuntime:
@@ -52,7 +47,7 @@ def deployed_site(context: Context, cfg: ExperimentConfig) -> SiteRuntime:
     if "site-config" not in node:
         raise RuntimeError("this SuperNode has no 'site-config' in --node-config; start it with umeml-client start")
     site: SiteConfig = load_site_config(str(node["site-config"]))
-    cohort = _cohort(site.data_dir, site.table, site.signatures, site.bags, _data_yaml(cfg))
+    cohort = _cohort(site.data_dir, site.table, site.signatures, site.bags, _data_json(cfg))
     return SiteRuntime(site.site_id, cohort, np.arange(len(cohort)),
                        k_min=max(site.k_min_patients, cfg.federation.k_min_patients), device=site.device,
                        max_local_epochs=site.max_local_epochs)
@@ -71,7 +66,7 @@ class SimulatedSites:
 
     def __call__(self, context: Context, cfg: ExperimentConfig) -> SiteRuntime:
         site_id = self.sites[int(context.node_config["partition-id"])]
-        cohort = _cohort(self.data_dir, self.table, self.signatures, self.bags, _data_yaml(cfg))
+        cohort = _cohort(self.data_dir, self.table, self.signatures, self.bags, _data_json(cfg))
         return SiteRuntime(site_id, cohort, cohort.site_indices(site_id), k_min=cfg.federation.k_min_patients,
                            device=self.device)
 

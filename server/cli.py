@@ -1,25 +1,163 @@
-"""The ``umeml-server`` command (the federation coordinator)."""
+"""The ``umeml-server`` command: the federation coordinator."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+from pathlib import Path
 
 from umeml import __version__
+from umeml.config import load_config
+from umeml.errors import ConfigError, DataValidationError
+
+SIMULATION_FILE = "simulation.json"
+PRIMARY = (("grade", "auc_macro"), ("grade", "balanced_accuracy"), ("subtype", "auc_macro"),
+           ("subtype", "balanced_accuracy"), ("survival", "c_index"))
+
+
+def _fmt(m: dict | None) -> str:
+    if not m or not isinstance(m.get("value"), (int, float)):
+        return "-"
+    ci = f" [{m['ci_low']:.2f}, {m['ci_high']:.2f}]" if m.get("ci_low") is not None else ""
+    return f"{m['value']:.3f}{ci}"
+
+
+def format_table(final: dict) -> str:
+    """Held-out metrics per site, combined over sites and (simulation) pooled, with 95% CIs and n."""
+    rows = []
+    for site, rep in sorted(final.get("held_out", {}).items()):
+        if rep.get("suppressed"):
+            rows.append((site, str(rep["n"]), ["suppressed (< k patients)"] + [""] * (len(PRIMARY) - 1)))
+            continue
+        rows.append((site, str(rep["n"]), [_fmt(rep["tasks"].get(t, {}).get(k)) for t, k in PRIMARY]))
+    comb = final.get("held_out_combined") or {}
+    if comb:
+        n = max((m.get("n", 0) for t in comb.values() if isinstance(t, dict) for m in t.values() if isinstance(m, dict)), default=0)
+        rows.append(("combined", str(n), [_fmt(comb.get(t, {}).get(k)) for t, k in PRIMARY]))
+    pooled = final.get("pooled") or {}
+    if pooled:
+        n = max((m.get("n", 0) for t in pooled.values() if isinstance(t, dict) for m in t.values() if isinstance(m, dict)), default=0)
+        rows.append(("pooled", str(n), [_fmt(pooled.get(t, {}).get(k)) for t, k in PRIMARY]))
+    header = ("site", "n", [f"{t} {k}" for t, k in PRIMARY])
+    widths = [max(len(r[0]) for r in rows + [header]), max(len(r[1]) for r in rows + [header])]
+    cols = [max(len(r[2][i]) for r in rows + [header]) for i in range(len(PRIMARY))]
+    lines = []
+    for r in [header] + rows:
+        cells = [r[0].ljust(widths[0]), r[1].rjust(widths[1])] + [c.ljust(w) for c, w in zip(r[2], cols)]
+        lines.append("  ".join(cells).rstrip())
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _load_sim_cohort(args, cfg):
+    from umeml.cli import load_cohort_from_args
+    from umeml.data.synth import SynthSpec, generate
+    from umeml.server.simulate import CohortSource
+
+    if args.data is None and args.table is None:
+        data = Path(args.out) / "data"
+        if not (data / "table.csv").is_file():
+            print(f"no --data: generating the synthetic demo cohort ({args.sites} sites x {args.patients} patients) in {data}")
+            generate(SynthSpec(sites=args.sites, patients=args.patients, seed=cfg.seed), data, overwrite=True)
+        args.data = data
+    source = CohortSource(str(args.data.resolve()) if args.data else None,
+                          str(args.table.resolve()) if args.table else None,
+                          str(args.signatures.resolve()) if args.signatures else None,
+                          str(args.bags.resolve()) if args.bags else None)
+    return load_cohort_from_args(args, cfg.data), source
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from umeml.server.simulate import CohortSource, simulate
+
+    resume = args.resume is not None
+    try:
+        if resume:
+            args.out = args.resume
+            saved = json.loads((args.resume / SIMULATION_FILE).read_text())
+            cfg = load_config(args.resume / "config.yaml")
+            source = CohortSource(**saved["source"])
+            from umeml.data.cohort import load_cohort, load_data_dir
+
+            cohort = load_data_dir(source.data_dir, cfg.data) if source.data_dir else load_cohort(
+                source.table, source.signatures, source.bags, cfg.data)
+            held_sets = [tuple(saved["held_out"])]
+        else:
+            if args.config is None:
+                print("error: umeml-server simulate needs --config (or --resume RUN_DIR)", file=sys.stderr)
+                return 2
+            cfg = load_config(args.config)
+            if args.rounds is not None:
+                cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds))
+            if args.strategy is not None:
+                cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, strategy=args.strategy))
+            cohort, source = _load_sim_cohort(args, cfg)
+            if args.leave_one_site_out:
+                held_sets = [(s,) for s in (list(cfg.federation.train_sites) or cohort.sites)]
+            else:
+                held_sets = [None]
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except DataValidationError as err:
+        print(f"data check FAILED: {err}", file=sys.stderr)
+        return 1
+    results = {}
+    for held in held_sets:
+        run_dir = Path(args.out) if len(held_sets) == 1 else Path(args.out) / f"holdout-{held[0]}"
+        if not resume:
+            from umeml.server.simulate import plan_sites
+
+            try:
+                _, planned = plan_sites(cfg, cohort, held)
+            except ValueError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / SIMULATION_FILE).write_text(json.dumps(
+                {"source": dataclasses.asdict(source), "held_out": list(planned)}, indent=2))
+            held = planned
+        final = simulate(cfg, cohort, source, run_dir, held_out=held, resume=resume, device=args.device)
+        results[",".join(final["held_out_sites"])] = final
+        print(f"\nheld-out metrics after {final['rounds']} rounds ({final['strategy']}), run dir {run_dir}:")
+        print(format_table(final))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``umeml-server``."""
     parser = argparse.ArgumentParser(prog="umeml-server", description="umeml federation coordinator")
     parser.add_argument("--version", action="version", version=f"umeml {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="simulate a federation on this machine (Flower's simulation engine)")
+    p.add_argument("--config", type=Path, help="experiment YAML (e.g. configs/demo.yaml)")
+    p.add_argument("--data", type=Path, help="data directory; without it the synthetic demo cohort is generated")
+    p.add_argument("--table", type=Path, help="cohort table CSV instead of --data (genomics only without --bags)")
+    p.add_argument("--signatures", type=Path, help="gene-group signatures CSV (with --table)")
+    p.add_argument("--bags", type=Path, help="feature bag directory (with --table)")
+    p.add_argument("--out", type=Path, default=Path("runs/simulation"), help="run directory (default runs/simulation)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a simulation from its last completed round")
+    p.add_argument("--rounds", type=int, help="override federation.rounds")
+    p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum"],
+                   help="override federation.strategy")
+    p.add_argument("--leave-one-site-out", action="store_true", help="one simulation per site, each holding that site out")
+    p.add_argument("--sites", type=int, default=4, help="sites of the generated demo cohort (default 4)")
+    p.add_argument("--patients", type=int, default=60, help="patients per site of the generated demo cohort (default 60)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="device of the virtual sites")
+    p.set_defaults(func=_cmd_simulate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``umeml-server`` console script."""
-    build_parser().parse_args(argv)
-    print("umeml-server: no command given; see --help", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from umeml.federation.protocol import (
     combine_preprocessing,
     combine_site_metrics,
 )
+from umeml.data.labels import subtype_codes
 from umeml.model import build_model, save_checkpoint
 from umeml.train.loop import task_heads
 from umeml.server.strategies import (
@@ -136,7 +137,7 @@ class Coordinator:
             by_site[reply["site"]] = reply
         if not by_site:
             raise FederationError("no site answered the handshake")
-        return check_handshakes(by_site, __version__)
+        return check_handshakes(by_site, __version__, list(subtype_codes(self.cfg.data)))
 
     def _roles(self) -> tuple[list[int], list[int]]:
         sites = {r["site"]: n for n, r in self.nodes.items()}

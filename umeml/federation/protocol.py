@@ -27,7 +27,7 @@ class HandshakeMismatch(Exception):
     """A site's handshake disagrees with the federation; the message names the site and field."""
 
 
-def check_handshakes(replies: dict[str, dict], expected_version: str) -> dict:
+def check_handshakes(replies: dict[str, dict], expected_version: str, subtypes: list[str] | None = None) -> dict:
     """Check every site's version and data schema; return the federation's common schema.
 
     Raises :class:`HandshakeMismatch` listing every mismatch (site, field, its value, expected).
@@ -48,8 +48,9 @@ def check_handshakes(replies: dict[str, dict], expected_version: str) -> dict:
             problems.append(f"site {site}: encoder {encoders[site]!r} != federation's {common_encoder!r}")
         if site in groups and groups[site] != common_groups:
             problems.append(f"site {site}: genomic group sizes {list(groups[site])} != federation's {list(common_groups)}")
-        if tuple(reply["subtypes"]) != tuple(next(iter(replies.values()))["subtypes"]):
-            problems.append(f"site {site}: subtype codes {reply['subtypes']} differ from other sites'")
+        expected_subtypes = list(subtypes) if subtypes is not None else list(next(iter(replies.values()))["subtypes"])
+        if list(reply["subtypes"]) != expected_subtypes:
+            problems.append(f"site {site}: subtype codes {reply['subtypes']} != coordinator's {expected_subtypes}")
     if problems:
         raise HandshakeMismatch("sites refused:\n  - " + "\n  - ".join(problems))
     any_reply = next(iter(replies.values()))

@@ -93,6 +93,11 @@ class SiteRuntime:
 
     def build_model(self, cfg: ExperimentConfig, prep: Preprocessing):
         """The federation's architecture (identical at every site so weights average)."""
+        if list(self.cohort.subtypes) != list(prep.subtypes) or list(self.cohort.grades) != list(prep.grades):
+            raise ValueError(
+                f"site {self.site_id}: class order differs from the coordinator's "
+                f"(subtypes {list(self.cohort.subtypes)} vs {prep.subtypes}); labels would be misread"
+            )
         return build_model(cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads)
 
     def _loss(self, cfg: ExperimentConfig, prep: Preprocessing) -> LossSettings:
