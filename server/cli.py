@@ -129,6 +129,70 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_start(args: argparse.Namespace) -> int:
+    from umeml.server.deploy import RunFailed, SuperLink, TLSFiles, submit_and_wait, write_app_dir, write_run_config
+
+    run_dir = args.resume or args.out
+    try:
+        cfg = load_config(run_dir / "config.yaml" if args.resume else args.config)
+    except (ConfigError, TypeError) as err:
+        print(f"error: {err if isinstance(err, ConfigError) else 'umeml-server start needs --config or --resume'}",
+              file=sys.stderr)
+        return 2
+    if args.rounds is not None:
+        cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds))
+    held = tuple(s for s in (args.held_out or "").split(",") if s) or tuple(cfg.split.test_sites)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tls = None
+    if args.tls_dir is not None:
+        tls = TLSFiles(args.tls_dir / "ca.crt", args.tls_dir / "server.pem", args.tls_dir / "server.key")
+        missing = [str(p) for p in (tls.ca_cert, tls.server_cert, tls.server_key) if not p.is_file()]
+        if missing:
+            print(f"error: TLS files missing: {', '.join(missing)} (create them with `umeml-server certs`)", file=sys.stderr)
+            return 2
+    link = SuperLink(args.host, args.port, run_dir / "flower", run_dir / "superlink.log", tls=tls,
+                     node_auth=bool(args.site_keys))
+    progress = run_dir / "progress.log"
+    shown = progress.stat().st_size if progress.exists() else 0
+    try:
+        link.start()
+        print(f"SuperLink on {args.host}:{args.port} ({'TLS' if tls else 'insecure, loopback/testing only'}); "
+              f"waiting for {args.sites} site(s); log {link.log_path}")
+        for key in args.site_keys or []:
+            res = link.flwr("supernode", "register", str(key), link.connection)
+            if res.returncode != 0:
+                print(f"error: registering site key {key} failed: {res.stdout.strip()} {res.stderr.strip()}", file=sys.stderr)
+                return 2
+        app_dir = write_app_dir(run_dir / "app")
+        run_config = write_run_config(run_dir / "run-config.toml", cfg, run_dir, args.sites, held,
+                                      args.resume is not None, args.wait_timeout)
+
+        def show_progress() -> None:
+            nonlocal shown
+            if progress.exists() and progress.stat().st_size > shown:
+                with progress.open() as f:
+                    f.seek(shown)
+                    sys.stdout.write(f.read())
+                    shown = f.tell()
+                sys.stdout.flush()
+
+        run_id, status = submit_and_wait(link, app_dir, run_config, poll=0.5, on_poll=show_progress)
+        show_progress()
+    except (RunFailed, RuntimeError, TimeoutError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        link.stop()
+    final_path = run_dir / "final.json"
+    if status != "finished:completed" or not final_path.is_file():
+        print(f"error: run {run_id} ended as {status}; see {link.log_path}", file=sys.stderr)
+        return 1
+    final = json.loads(final_path.read_text())
+    print(f"\nheld-out metrics after {final['rounds']} rounds ({final['strategy']}), run dir {run_dir}:")
+    print(format_table(final))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``umeml-server``."""
     parser = argparse.ArgumentParser(prog="umeml-server", description="umeml federation coordinator")
@@ -151,6 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patients", type=int, default=60, help="patients per site of the generated demo cohort (default 60)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="device of the virtual sites")
     p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("start", help="coordinate real sites: start Flower's SuperLink and run the federation")
+    p.add_argument("--config", type=Path, help="experiment YAML")
+    p.add_argument("--sites", type=int, required=True, help="number of sites to wait for")
+    p.add_argument("--out", type=Path, default=Path("runs/federation"), help="run directory")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last completed round")
+    p.add_argument("--held-out", help="comma-separated held-out site ids (default: split.test_sites)")
+    p.add_argument("--rounds", type=int, help="override federation.rounds")
+    p.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=9092, help="SuperLink port (default 9092)")
+    p.add_argument("--tls-dir", type=Path, help="folder with ca.crt, server.pem, server.key (TLS on)")
+    p.add_argument("--site-keys", type=Path, nargs="*", help="sites' public keys (.pub) to register; needs --tls-dir")
+    p.add_argument("--wait-timeout", type=float, default=600.0, help="seconds to wait for the sites (default 600)")
+    p.set_defaults(func=_cmd_start)
     return parser
 
 

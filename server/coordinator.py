@@ -158,6 +158,12 @@ class Coordinator:
             raise FederationError("no training site: every joined site is held out")
         return train, held
 
+    def _report(self, line: str) -> None:
+        """Print a progress line and append it to progress.log (what `umeml-server start` shows)."""
+        self.print(line)
+        with (self.run_dir / "progress.log").open("a") as f:
+            f.write(line + "\n")
+
     def _site(self, node: int) -> str:
         return self.nodes[node]["site"]
 
@@ -182,14 +188,31 @@ class Coordinator:
 
     # ------------------------------------------------------------------- run
     def run(self, grid) -> dict:
-        """Run (or resume) the experiment; returns final.json's content."""
-        cfg = self.cfg
+        """Run (or resume) the experiment; returns final.json's content.
+
+        Warnings (rejected updates, silent sites, evaluation errors) also go to
+        ``coordinator.log`` in the run directory.
+        """
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.run_dir / "coordinator.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        try:
+            return self._run(grid)
+        except Exception:
+            log.exception("the run failed")
+            raise
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+
+    def _run(self, grid) -> dict:
+        cfg = self.cfg
         node_ids = self._wait_for_nodes(grid)
         schema = self._handshake(grid, node_ids)
         train_nodes, held_nodes = self._roles()
-        self.print(f"sites: training {', '.join(self._site(n) for n in train_nodes)}; "
-                   f"held out {', '.join(self._site(n) for n in held_nodes) or '-'}")
+        self._report(f"sites: training {', '.join(self._site(n) for n in train_nodes)}; "
+                     f"held out {', '.join(self._site(n) for n in held_nodes) or '-'}")
         prep_path = self.run_dir / "preprocessing.json"
         if self.resume and prep_path.is_file():
             prep = Preprocessing.from_json(prep_path.read_text())
@@ -243,7 +266,7 @@ class Coordinator:
             state.strategy = strategy_state(strategy)
             self._save(state, prep)
             self._write_metrics(state.history)
-            self.print(self._progress_line(entry))
+            self._report(self._progress_line(entry))
         final = self._final(state)
         _atomic_write(self.run_dir / "final.json", lambda p: p.write_text(json.dumps(final, indent=2)))
         return final

@@ -5,7 +5,8 @@ import pytest
 from umeml.config import ExperimentConfig, config_from_dict, dump_config, load_config
 from umeml.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml") if not p.name.startswith("site"))
+SITE_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("site*.yaml"))
 
 
 def test_configs_folder_is_not_empty():
@@ -69,3 +70,26 @@ def test_load_config_names_file_for_bad_yaml(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("path", SITE_CONFIGS, ids=lambda p: p.name)
+def test_site_configs_load(path):
+    from umeml.config import load_site_config
+
+    site = load_site_config(path)
+    assert site.site_id and Path(site.data_dir).is_absolute()
+
+
+def test_site_config_rules(tmp_path):
+    from umeml.config import load_site_config
+
+    f = tmp_path / "site.yaml"
+    f.write_text("site_id: X\n")
+    with pytest.raises(ConfigError, match="give exactly one of them"):
+        load_site_config(f)
+    f.write_text("data_dir: d\n")
+    with pytest.raises(ConfigError, match="site_id"):
+        load_site_config(f)
+    f.write_text("site_id: X\ndata_dir: d\nk_min_patients: 0\n")
+    with pytest.raises(ConfigError, match="k_min_patients: must be >= 1"):
+        load_site_config(f)

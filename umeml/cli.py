@@ -52,6 +52,11 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {summary['patients']} patients, {summary['slides']} slides, {summary['sites']} sites "
           f"to {summary['out']} in {time.perf_counter() - t0:.1f} s")
+    if args.split_sites is not None:
+        from umeml.data.synth import split_by_site
+
+        sites = split_by_site(args.out, args.split_sites)
+        print(f"one data directory per site under {args.split_sites}: {', '.join(sites)}")
     return 0
 
 
@@ -150,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--missing-fraction", type=float, default=0.03,
                    help="fraction of patients without slides, and again without genomics (default 0.03)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--split-sites", type=Path, metavar="DIR",
+                   help="also write one data directory per site under DIR (to stage a local deployment)")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("check", help="validate a cohort and print a summary; exit 1 listing every problem")

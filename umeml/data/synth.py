@@ -280,3 +280,23 @@ def oracle_metrics(latents: list[dict], seed: int) -> dict:
     risk = np.array([lat["log_hazard"] for lat in latents])
     result["survival"] = {"c_index": float(concordance_index(times, -risk, events))}
     return result
+
+
+def split_by_site(data_dir: str | Path, out: str | Path) -> list[str]:
+    """Copy a data directory into one data directory per site (``out/<site>/``), as hospitals hold it.
+
+    Used to stage a local deployment; returns the site ids.
+    """
+    data_dir, out = Path(data_dir), Path(out)
+    table = pd.read_csv(data_dir / "table.csv", dtype={"slide_id": str, "site": str})
+    sites = sorted(table["site"].unique())
+    for site in sites:
+        dest = out / site
+        (dest / "bags").mkdir(parents=True, exist_ok=True)
+        part = table[table["site"] == site]
+        part.to_csv(dest / "table.csv", index=False)
+        shutil.copy(data_dir / "signatures.csv", dest / "signatures.csv")
+        for slide in part["slide_id"].dropna():
+            if slide:
+                shutil.copy(bag_path(data_dir / "bags", slide), bag_path(dest / "bags", slide))
+    return sites

@@ -1,0 +1,249 @@
+"""``umeml-server start``: a real Flower deployment (SuperLink process + ``flwr run``) on this machine.
+
+The coordinator starts Flower's SuperLink, waits for the sites' SuperNodes, submits the umeml
+app with ``flwr run`` and polls its status with ``flwr ls`` (``flwr run --stream`` exits 0 even
+when a run failed). The app bundle carries configuration only: a ``pyproject.toml`` whose
+components point at the **installed** ``umeml.server.app:app`` / ``umeml.client.app:app``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from umeml import __version__
+from umeml.config import ExperimentConfig, config_to_dict
+
+APP_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "umeml-app"
+version = "{version}"
+description = "umeml federation (configuration only: sites run their installed umeml)"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "umeml"
+
+[tool.flwr.app.components]
+serverapp = "umeml.server.app:app"
+clientapp = "umeml.client.app:app"
+
+[tool.flwr.app.config]
+experiment = "{{}}"
+run-dir = ""
+resume = 0
+expected-sites = 1
+held-out = ""
+wait-timeout = 300
+"""
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower's processes: own home, no telemetry, no update check, no installs."""
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        # SuperExec polls for new tasks every second by default; messages wait less this way
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": env.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.05"),
+        "PYTHONUNBUFFERED": "1",
+    })
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Block until something listens on host:port; fail early if ``proc`` died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with code {proc.returncode} before listening on {host}:{port}")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM (Flower leaves gracefully), then SIGKILL the whole process group after ``grace``."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=5)
+
+
+@dataclass
+class TLSFiles:
+    """Paths of the CA certificate, the SuperLink's certificate and key (PEM)."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+@dataclass
+class SuperLink:
+    """A running SuperLink process with its connection registered for the ``flwr`` CLI."""
+
+    host: str
+    port: int
+    flwr_home: Path
+    log_path: Path
+    tls: TLSFiles | None = None
+    node_auth: bool = False
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def connection(self) -> str:
+        """Name of the CLI connection to this SuperLink in ``FLWR_HOME/config.toml``."""
+        return "umeml"
+
+    def start(self, timeout: float = 60.0) -> "SuperLink":
+        """Start ``flower-superlink`` and write the CLI connection file."""
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        cmd = ["flower-superlink", "--host", self.host, "--port", str(self.port),
+               "--disable-runtime-dependency-installation", "--database", str(self.flwr_home / "superlink.db")]
+        if self.tls is None:
+            cmd.append("--insecure")
+        else:
+            cmd += ["--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert),
+                    "--ssl-keyfile", str(self.tls.server_key)]
+            if self.node_auth:
+                cmd.append("--enable-supernode-auth")
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(cmd, env=flower_env(self.flwr_home), stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        wait_for_port(self.host, self.port, timeout, self.proc)
+        lines = ["[superlink]", f'default = "{self.connection}"', "", f"[superlink.{self.connection}]",
+                 f'address = "{self.host}:{self.port}"']
+        if self.tls is None:
+            lines.append("insecure = true")
+        else:
+            lines += ["insecure = false", f'root-certificates = "{self.tls.ca_cert.resolve()}"']
+        (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+        return self
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        """Run a ``flwr`` CLI command against this SuperLink."""
+        return subprocess.run(["flwr", *args], env=flower_env(self.flwr_home), capture_output=True, text=True,
+                              timeout=timeout)
+
+    def stop(self) -> None:
+        """Stop the SuperLink and its children."""
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+def write_app_dir(app_dir: Path) -> Path:
+    """The configuration-only app bundle directory (never the repository root, whose ``umeml/``
+    folder would shadow the installed package when Flower puts the app first on ``sys.path``)."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(APP_PYPROJECT.format(version=__version__))
+    return app_dir
+
+
+def _toml_string(value: str) -> str:
+    return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+
+
+def write_run_config(path: Path, cfg: ExperimentConfig, run_dir: Path, expected_sites: int,
+                     held_out: tuple[str, ...], resume: bool, wait_timeout: float) -> Path:
+    """The run-config overrides file that ``flwr run --run-config`` reads."""
+    values = {
+        "experiment": json.dumps(config_to_dict(cfg)),
+        "run-dir": str(run_dir.resolve()),
+        "held-out": ",".join(held_out),
+    }
+    lines = [f"{k} = {_toml_string(v)}" for k, v in values.items()]
+    lines += [f"resume = {int(resume)}", f"expected-sites = {expected_sites}", f"wait-timeout = {float(wait_timeout)}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class RunFailed(Exception):
+    """The Flower run ended in a state other than finished:completed."""
+
+
+def submit_and_wait(link: SuperLink, app_dir: Path, run_config: Path, poll: float = 1.0,
+                    timeout: float = 24 * 3600, on_poll=None) -> tuple[int, str]:
+    """``flwr run`` the app, then poll ``flwr ls`` until the run finishes; return (run id, status)."""
+    res = link.flwr("run", str(app_dir), link.connection, "--run-config", str(run_config), "--format", "json")
+    try:
+        info = json.loads(res.stdout[res.stdout.index("{"):])
+    except ValueError:
+        info = {}
+    if res.returncode != 0 or not info.get("success"):
+        raise RunFailed(f"flwr run failed (exit {res.returncode}): {res.stdout.strip()} {res.stderr.strip()}")
+    run_id = int(info["run-id"])
+    deadline = time.monotonic() + timeout
+    status = "unknown"
+    while time.monotonic() < deadline:
+        ls = link.flwr("ls", link.connection, "--run-id", str(run_id), "--format", "json")
+        try:
+            runs = json.loads(ls.stdout[ls.stdout.index("{"):]).get("runs", [])
+            status = str(runs[0]["status"]) if runs else status
+        except (ValueError, KeyError, IndexError):
+            pass
+        if on_poll is not None:
+            on_poll()
+        if status.startswith("finished"):
+            return run_id, status
+        time.sleep(poll)
+    raise RunFailed(f"run {run_id} still {status} after {timeout:.0f} s")
+
+
+def supernode_command(server: str, port: int, site_config: Path, root_cert: Path | None = None,
+                      auth_key: Path | None = None) -> list[str]:
+    """The ``flower-supernode`` command line for a site."""
+    cmd = ["flower-supernode", "--superlink", server, "--port", str(port),
+           "--node-config", f'site-config="{site_config.resolve()}"']
+    if root_cert is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(root_cert)]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
+    return cmd
+
+
+def which_or_fail(name: str) -> str:
+    """Absolute path of a Flower executable next to this Python, or a clear error."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} not found: is flwr installed in this environment?")
+    return found

@@ -1,0 +1,148 @@
+"""Coordinator + ClientApp handlers over an in-process grid: protocol, faults, validation, resume."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+
+from umeml.client.app import SimulatedSites, build_client_app
+from umeml.config import config_from_dict
+from umeml.data.synth import SynthSpec, generate
+from umeml.federation.protocol import HandshakeMismatch
+from umeml.server.coordinator import Coordinator, FederationError
+
+from fed_helpers import LocalGrid
+
+SITES = ("A0", "A1", "A2")
+
+
+def experiment(**fed):
+    return config_from_dict({
+        "seed": 0, "tasks": ["grade", "subtype", "survival"],
+        "data": {"max_patches": 32},
+        "model": {"hidden_dim": 16, "n_prototypes": 3, "n_registers": 2, "dropout": 0.0, "drop_path": 0.0},
+        "train": {"epochs": 1, "batch_size": 8, "lr": 0.003, "bootstrap": 20},
+        "federation": {"rounds": 2, "local_epochs": 1, "min_train_sites": 1, "k_min_patients": 5, **fed},
+    })
+
+
+@pytest.fixture(scope="module")
+def app(tiny_cohort_dir):
+    return build_client_app(SimulatedSites(SITES, data_dir=str(tiny_cohort_dir)))
+
+
+def run(app, tmp_path, cfg=None, grid=None, resume=False, out="run"):
+    cfg = cfg or experiment()
+    grid = grid or LocalGrid(app, len(SITES))
+    coord = Coordinator(cfg, tmp_path / out, expected_sites=len(SITES), held_out=("A2",), resume=resume,
+                        wait_timeout=5, printer=lambda s: None)
+    return coord.run(grid), grid
+
+
+def test_rounds_write_run_dir(app, tmp_path):
+    final, grid = run(app, tmp_path)
+    assert final["rounds"] == 2 and final["held_out_sites"] == ["A2"]
+    assert final["training_sites"] == ["A0", "A1"]
+    held = final["held_out"]["A2"]
+    assert held["n"] == 20 and set(held["tasks"]) == {"grade", "subtype", "survival"}
+    assert final["held_out_combined"]["grade"]["auc_macro"]["n"] == 20
+    d = tmp_path / "run"
+    for name in ("config.yaml", "metrics.csv", "final.json", "preprocessing.json", "resume.pt", "checkpoints/global.pt"):
+        assert (d / name).is_file(), name
+    rows = (d / "metrics.csv").read_text().splitlines()
+    assert any(r.startswith("1,A2,held_out,20,grade_auc_macro") for r in rows)
+    assert any(r.startswith("2,A0,train,") for r in rows)
+    # held-out sites never train
+    trained = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"}
+    assert trained == {101, 102}
+
+
+def test_resume_continues_with_nothing_lost(app, tmp_path):
+    full, _ = run(app, tmp_path, experiment(rounds=3, strategy="fedadam"), out="full")
+    run(app, tmp_path, experiment(rounds=1, strategy="fedadam"), out="part")
+    resumed, grid = run(app, tmp_path, experiment(rounds=3, strategy="fedadam"), resume=True, out="part")
+    assert resumed["rounds"] == 3
+    # no preprocessing query and no round-1 training on resume
+    kinds = [m.metadata.message_type for m in grid.sent]
+    assert "query.preprocess" not in kinds
+    rounds_trained = {m.content["config"]["server-round"] for m in grid.sent if m.metadata.message_type == "train"}
+    assert rounds_trained == {2, 3}
+    a = torch.load(tmp_path / "full" / "resume.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "resume.pt", weights_only=True)
+    for k in a["weights"]:
+        assert torch.allclose(a["weights"][k], b["weights"][k], atol=1e-6), k
+    assert set(a["strategy"]) == {"m_t", "v_t"}
+    assert [e["round"] for e in b["history"]] == [1, 2, 3]
+
+
+def test_site_dying_mid_round_does_not_stop_the_run(app, tmp_path):
+    grid = LocalGrid(app, len(SITES), drop={102: lambda kind, rnd: rnd == 2})
+    final, _ = run(app, tmp_path, grid=grid)
+    assert final["rounds"] == 2
+    hist = torch.load(tmp_path / "run" / "resume.pt", weights_only=True)["history"]
+    assert [e["accepted"] for e in hist] == [2, 1]
+
+
+def test_bad_updates_are_rejected(app, tmp_path):
+    grid = LocalGrid(app, len(SITES), tamper={101: lambda r: _replace_content(r, "nan")})
+    final, _ = run(app, tmp_path, grid=grid)
+    hist = torch.load(tmp_path / "run" / "resume.pt", weights_only=True)["history"]
+    rejected = [t for e in hist for t in e["train"] if "rejected" in t]
+    assert len(rejected) == 2 and "NaN" in rejected[0]["rejected"]
+    weights = torch.load(tmp_path / "run" / "resume.pt", weights_only=True)["weights"]
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_update_norm_bound(app, tmp_path):
+    grid = LocalGrid(app, len(SITES), tamper={101: lambda r: _replace_content(r, "huge")})
+    run(app, tmp_path, experiment(max_update_norm=50.0), grid=grid)
+    hist = torch.load(tmp_path / "run" / "resume.pt", weights_only=True)["history"]
+    reasons = [t["rejected"] for e in hist for t in e["train"] if "rejected" in t]
+    assert reasons and all("exceeds federation.max_update_norm" in r for r in reasons)
+
+
+def _replace_content(reply: Message, how: str) -> Message:
+    if reply.metadata.message_type != "train":
+        return reply
+    arrays = reply.content["arrays"]
+    if how == "nan":
+        new = {k: Array(np.full_like(v.numpy(), np.nan) if v.numpy().dtype.kind == "f" else v.numpy()) for k, v in arrays.items()}
+    else:
+        new = {k: Array(v.numpy() * 1000 if v.numpy().dtype.kind == "f" else v.numpy()) for k, v in arrays.items()}
+    reply.content["arrays"] = ArrayRecord(new)
+    return reply
+
+
+def test_handshake_mismatch_names_site_and_field(tmp_path, tiny_cohort_dir):
+    other = tmp_path / "other"
+    generate(SynthSpec(sites=3, patients=20, seed=7, feature_dim=8, median_patches=40, min_patches=4, max_patches=200), other)
+
+    class Mixed:
+        def __init__(self):
+            self.a = SimulatedSites(SITES, data_dir=str(tiny_cohort_dir))
+            self.b = SimulatedSites(SITES, data_dir=str(other))
+
+        def __call__(self, context, cfg):
+            return (self.b if context.node_config["partition-id"] == 1 else self.a)(context, cfg)
+
+    with pytest.raises(HandshakeMismatch, match=r"site A1: feature_dim 8 != federation's 16"):
+        run(build_client_app(Mixed()), tmp_path)
+
+
+def test_unknown_held_out_site(app, tmp_path):
+    cfg = experiment()
+    coord = Coordinator(cfg, tmp_path / "r", expected_sites=3, held_out=("ZZ",), wait_timeout=5, printer=lambda s: None)
+    with pytest.raises(FederationError, match="held-out site"):
+        coord.run(LocalGrid(app, 3))
+
+
+def test_fedprox_sends_proximal_term(app, tmp_path):
+    _, grid = run(app, tmp_path, experiment(strategy="fedprox", proximal_mu=0.5, rounds=1))
+    mus = {m.content["config"]["proximal-mu"] for m in grid.sent if m.metadata.message_type == "train"}
+    assert mus == {0.5}
+
+
+@pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg", "krum", "fedyogi"])
+def test_every_strategy_runs(app, tmp_path, strategy):
+    final, _ = run(app, tmp_path, experiment(strategy=strategy, rounds=1))
+    assert final["strategy"] == strategy and final["rounds"] == 1
