@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -107,6 +108,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     except DataValidationError as err:
         print(f"data check FAILED: {err}", file=sys.stderr)
         return 1
+    if args.compare:
+        from umeml.server.compare import compare, format_comparison
+
+        summary = compare(cfg, cohort, source, args.out, device=args.device)
+        print(format_comparison(summary))
+        return 0
     results = {}
     for held in held_sets:
         run_dir = Path(args.out) if len(held_sets) == 1 else Path(args.out) / f"holdout-{held[0]}"
@@ -150,6 +157,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
         if missing:
             print(f"error: TLS files missing: {', '.join(missing)} (create them with `umeml-server certs`)", file=sys.stderr)
             return 2
+    # a SIGTERM (service manager, `timeout`) must still stop the SuperLink in the finally below
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     link = SuperLink(args.host, args.port, run_dir / "flower", run_dir / "superlink.log", tls=tls,
                      node_auth=bool(args.site_keys))
     progress = run_dir / "progress.log"
@@ -176,7 +185,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
                     shown = f.tell()
                 sys.stdout.flush()
 
-        run_id, status = submit_and_wait(link, app_dir, run_config, poll=0.5, on_poll=show_progress)
+        run_id, status = submit_and_wait(link, app_dir, run_config, on_poll=show_progress)
         show_progress()
     except (RunFailed, RuntimeError, TimeoutError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -211,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum"],
                    help="override federation.strategy")
     p.add_argument("--leave-one-site-out", action="store_true", help="one simulation per site, each holding that site out")
+    p.add_argument("--compare", action="store_true",
+                   help="run centralized, federated and local-only (each training site alone) on the same held-out sites")
     p.add_argument("--sites", type=int, default=4, help="sites of the generated demo cohort (default 4)")
     p.add_argument("--patients", type=int, default=60, help="patients per site of the generated demo cohort (default 60)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="device of the virtual sites")

@@ -199,9 +199,13 @@ class RunFailed(Exception):
     """The Flower run ended in a state other than finished:completed."""
 
 
-def submit_and_wait(link: SuperLink, app_dir: Path, run_config: Path, poll: float = 1.0,
-                    timeout: float = 24 * 3600, on_poll=None) -> tuple[int, str]:
-    """``flwr run`` the app, then poll ``flwr ls`` until the run finishes; return (run id, status)."""
+def submit_and_wait(link: SuperLink, app_dir: Path, run_config: Path, poll: float = 5.0,
+                    timeout: float = 24 * 3600, on_poll=None, tick: float = 0.5) -> tuple[int, str]:
+    """``flwr run`` the app, then poll ``flwr ls`` until the run finishes; return (run id, status).
+
+    ``flwr ls`` starts a Python process, so it runs every ``poll`` seconds; ``on_poll`` (progress
+    display) runs every ``tick`` seconds in between.
+    """
     res = link.flwr("run", str(app_dir), link.connection, "--run-config", str(run_config), "--format", "json")
     try:
         info = json.loads(res.stdout[res.stdout.index("{"):])
@@ -219,11 +223,13 @@ def submit_and_wait(link: SuperLink, app_dir: Path, run_config: Path, poll: floa
             status = str(runs[0]["status"]) if runs else status
         except (ValueError, KeyError, IndexError):
             pass
-        if on_poll is not None:
-            on_poll()
         if status.startswith("finished"):
             return run_id, status
-        time.sleep(poll)
+        next_poll = time.monotonic() + poll
+        while time.monotonic() < next_poll:
+            if on_poll is not None:
+                on_poll()
+            time.sleep(tick)
     raise RunFailed(f"run {run_id} still {status} after {timeout:.0f} s")
 
 

@@ -70,10 +70,22 @@ def stratified_train_val(
     return train, np.array(sorted(val), dtype=np.int64)
 
 
-def make_split(cohort: Cohort, test_sites: tuple[str, ...], n_test_sites: int, val_fraction: float, seed: int) -> Split:
-    """The default experiment split: held-out test sites, then a stratified validation split."""
+def make_split(cohort: Cohort, test_sites: tuple[str, ...], n_test_sites: int, val_fraction: float, seed: int,
+               train_sites: tuple[str, ...] = ()) -> Split:
+    """The default experiment split: held-out test sites, then a stratified validation split.
+
+    With ``train_sites`` only those sites' patients are trained on (the other sites are unused),
+    so a centralized run sees exactly the patients a federation with those sites sees.
+    """
     sites = tuple(test_sites) or choose_test_sites(cohort, n_test_sites, seed)
     pool, test = site_holdout(cohort, sites)
+    if train_sites:
+        unknown = sorted(set(train_sites) - set(cohort.sites))
+        if unknown:
+            raise ValueError(f"training site(s) {unknown} are not in the cohort")
+        if set(train_sites) & set(sites):
+            raise ValueError(f"site(s) {sorted(set(train_sites) & set(sites))} are both training and held out")
+        pool = np.array([i for i in pool if cohort.patients[i].site in set(train_sites)], dtype=np.int64)
     train, val = stratified_train_val(cohort, pool, val_fraction, seed)
     split = Split(train, val, test, tuple(sorted(sites)))
     split.check_disjoint()

@@ -107,7 +107,8 @@ def train_central(cfg: ExperimentConfig, cohort: Cohort, out_dir: str | Path, sp
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    split = split or make_split(cohort, cfg.split.test_sites, cfg.split.n_test_sites, cfg.split.val_fraction, cfg.seed)
+    split = split or make_split(cohort, cfg.split.test_sites, cfg.split.n_test_sites, cfg.split.val_fraction, cfg.seed,
+                                cfg.federation.train_sites)
     if "pathology" in cfg.model.modalities and cohort.bag_dir is None:
         log.warning("no feature bags: pathology is missing for every patient (the model uses its missing-modality token)")
     (out / "config.yaml").write_text(dump_config(cfg))
