@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from umeml import __version__
-from umeml.config import load_config
+from umeml.config import dump_config, load_config
 from umeml.errors import ConfigError, DataValidationError
 
 SIMULATION_FILE = "simulation.json"
@@ -85,6 +85,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             cohort = load_data_dir(source.data_dir, cfg.data) if source.data_dir else load_cohort(
                 source.table, source.signatures, source.bags, cfg.data)
             held_sets = [tuple(saved["held_out"])]
+            if args.rounds is not None:  # extend a finished run: --resume RUN_DIR --rounds N
+                cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds))
+                (args.resume / "config.yaml").write_text(dump_config(cfg))
         else:
             if args.config is None:
                 print("error: umeml-server simulate needs --config (or --resume RUN_DIR)", file=sys.stderr)
