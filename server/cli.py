@@ -190,6 +190,10 @@ def _cmd_start(args: argparse.Namespace) -> int:
 
         run_id, status = submit_and_wait(link, app_dir, run_config, on_poll=show_progress)
         show_progress()
+        ls = link.flwr("ls", link.connection, "--run-id", str(run_id), "--format", "json")
+        if ls.returncode == 0 and "{" in ls.stdout:
+            # Flower's own accounting of the run (status, network traffic, compute time)
+            (run_dir / "flower-run.json").write_text(ls.stdout[ls.stdout.index("{"):])
     except (RunFailed, RuntimeError, TimeoutError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

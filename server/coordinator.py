@@ -81,6 +81,15 @@ def state_from_arrays(arrays: ArrayRecord, like: dict[str, torch.Tensor]) -> dic
     return {k: torch.from_numpy(np.ascontiguousarray(arrays[k].numpy())).to(like[k].dtype) for k in like}
 
 
+def _slowest_compute(entry: dict) -> float:
+    """Seconds of the slowest site's local work in a round (training plus evaluation waves)."""
+    train = max([r.get("seconds", 0.0) for r in entry["train"]] + [0.0])
+    ev = entry["evaluation"]
+    reports = list(ev.get("held_out", {}).values()) + list(ev.get("validation", {}).values())
+    evaluate = max([r.get("seconds", 0.0) for r in reports] + [0.0])
+    return train + evaluate
+
+
 @dataclass
 class RunState:
     """What a checkpoint holds: enough to continue with nothing recomputed."""
@@ -261,6 +270,7 @@ class Coordinator:
                 if last and self.pooled_eval is not None:
                     entry["evaluation"]["pooled"] = self.pooled_eval(state.weights, prep)
             entry["seconds"] = round(time.perf_counter() - t0, 2)
+            entry["overhead_seconds"] = round(entry["seconds"] - _slowest_compute(entry), 2)
             state.history.append(entry)
             state.round = rnd
             state.strategy = strategy_state(strategy)
@@ -377,4 +387,5 @@ class Coordinator:
             "held_out_combined": last_eval.get("held_out_combined", {}),
             "pooled": last_eval.get("pooled"),
             "seconds_per_round": [e["seconds"] for e in state.history],
+            "overhead_seconds_per_round": [e.get("overhead_seconds") for e in state.history],
         }

@@ -5,6 +5,7 @@ The ClientApp is a thin adapter that turns Flower messages into calls of :class:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,6 +111,7 @@ class SiteRuntime:
 
         With ``proximal_mu`` > 0 the FedProx term mu/2 ||w - w_global||^2 is added to each step.
         """
+        t0 = time.perf_counter()
         device = resolve_device(self.device)
         model = self.build_model(cfg, prep)
         model.load_state_dict(state)
@@ -131,13 +133,15 @@ class SiteRuntime:
             ds.set_epoch(server_round * 1000 + epoch)
             stats = train_epoch(model, loader, optimizer, loss, device, None, cfg.train.grad_accum, cfg.train.amp, extra)
         new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        return new_state, {"train_loss": stats["loss"], "num-examples": int(len(train_idx)), "steps": stats["steps"]}
+        return new_state, {"train_loss": stats["loss"], "num-examples": int(len(train_idx)), "steps": stats["steps"],
+                           "seconds": round(time.perf_counter() - t0, 3)}
 
     def evaluate(self, cfg: ExperimentConfig, prep: Preprocessing, state: dict, part: str, n_boot: int) -> dict:
         """Metrics of the given weights on the site's ``part`` (all, or its local validation split)."""
         idx = self.indices if part == "all" else self._split(cfg)[1]
         if len(idx) < self.k_min:
             return {"site": self.site_id, "part": part, "n": int(len(idx)), "suppressed": True}
+        t0 = time.perf_counter()
         device = resolve_device(self.device)
         model = self.build_model(cfg, prep)
         model.load_state_dict(state)
@@ -145,4 +149,5 @@ class SiteRuntime:
         loader = make_loader(self._dataset(cfg, prep, idx, train=False), cfg.train.batch_size, False, 0)
         preds = predict(model, loader, self._loss(cfg, prep).to(device), device)
         metrics = evaluate_predictions(preds, cfg.tasks, n_boot=n_boot, seed=cfg.seed)
-        return {"site": self.site_id, "part": part, "n": int(len(idx)), "loss": preds.loss, "tasks": metrics}
+        return {"site": self.site_id, "part": part, "n": int(len(idx)), "loss": preds.loss, "tasks": metrics,
+                "seconds": round(time.perf_counter() - t0, 3)}
