@@ -53,3 +53,14 @@ def test_compare_mode(exp, tiny_cohort_dir, tmp_path, capsys):
         assert mode in text
     summary = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert summary["held_out_sites"] == ["A2"] and summary["training_sites"] == ["A0", "A1"]
+
+
+def test_shipped_app_bundle_matches_what_start_writes(tmp_path):
+    from pathlib import Path
+
+    from umeml.server.deploy import write_app_dir
+
+    shipped = Path(__file__).resolve().parents[1] / "deploy" / "flwr-app" / "pyproject.toml"
+    written = write_app_dir(tmp_path / "app") / "pyproject.toml"
+    assert shipped.read_text() == written.read_text()
+    assert 'serverapp = "umeml.server.app:app"' in shipped.read_text()
