@@ -13,14 +13,14 @@ from functools import lru_cache
 from typing import Callable
 
 import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from umeml.config import ExperimentConfig, SiteConfig, config_from_dict, config_to_dict, load_site_config
 from umeml.data.cohort import Cohort, load_cohort, load_data_dir
 from umeml.federation.protocol import Preprocessing
 from umeml.federation.site import SiteRuntime
+from umeml.server.records import arrays_from_state, state_from_arrays
 
 @lru_cache(maxsize=4)
 def _cohort(data_dir: str | None, table: str | None, signatures: str | None, bags: str | None, data_json: str) -> Cohort:
@@ -75,28 +75,6 @@ def _json_reply(msg: Message, payload: dict) -> Message:
     return Message(RecordDict({"report": ConfigRecord({"json": json.dumps(payload)})}), reply_to=msg)
 
 
-def arrays_to_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    """Weights from an ArrayRecord as float32 tensors (fp16 transfers are widened back)."""
-    state = {}
-    for key, array in arrays.items():
-        value = array.numpy()
-        if value.dtype == np.float16:
-            value = value.astype(np.float32)
-        state[key] = torch.from_numpy(np.ascontiguousarray(value))
-    return state
-
-
-def state_to_arrays(state: dict[str, torch.Tensor], fp16: bool = False) -> ArrayRecord:
-    """An ArrayRecord of a state dict; floating tensors optionally sent as float16."""
-    out = {}
-    for key, tensor in state.items():
-        value = tensor.detach().cpu().numpy()
-        if fp16 and value.dtype == np.float32:
-            value = value.astype(np.float16)
-        out[key] = Array(np.ascontiguousarray(value))
-    return ArrayRecord(out)
-
-
 def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]) -> ClientApp:
     """A ClientApp whose handlers find their site with ``resolve`` (deployed or simulated)."""
     app = ClientApp()
@@ -121,9 +99,9 @@ def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]
         prep = Preprocessing.from_json(str(conf["preprocessing"]))
         site = resolve(context, cfg)
         mu = float(conf.get("proximal-mu", 0.0))
-        state, metrics = site.train(cfg, prep, arrays_to_state(msg.content["arrays"]), int(conf["server-round"]), mu)
+        state, metrics = site.train(cfg, prep, state_from_arrays(msg.content["arrays"]), int(conf["server-round"]), mu)
         reply = RecordDict({
-            "arrays": state_to_arrays(state, fp16=cfg.federation.fp16_transfer),
+            "arrays": arrays_from_state(state, fp16=cfg.federation.fp16_transfer),
             "metrics": MetricRecord({"num-examples": metrics["num-examples"], "train_loss": float(metrics["train_loss"])}),
             "report": ConfigRecord({"json": json.dumps({"site": site.site_id, **metrics})}),
         })
@@ -136,7 +114,7 @@ def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]
         conf = msg.content["config"]
         prep = Preprocessing.from_json(str(conf["preprocessing"]))
         site = resolve(context, cfg)
-        report = site.evaluate(cfg, prep, arrays_to_state(msg.content["arrays"]), str(conf["part"]), int(conf["n-boot"]))
+        report = site.evaluate(cfg, prep, state_from_arrays(msg.content["arrays"]), str(conf["part"]), int(conf["n-boot"]))
         return Message(RecordDict({
             "metrics": MetricRecord({"num-examples": int(report["n"])}),
             "report": ConfigRecord({"json": json.dumps(report)}),

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from umeml import __version__
 from umeml.config import ExperimentConfig, config_to_dict, dump_config
@@ -29,6 +29,7 @@ from umeml.federation.protocol import (
 from umeml.data.labels import subtype_codes
 from umeml.model import build_model, save_checkpoint
 from umeml.train.loop import task_heads
+from umeml.server.records import arrays_from_state, state_from_arrays
 from umeml.server.strategies import (
     NodeSubsetGrid,
     build_strategy,
@@ -63,22 +64,6 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     os.replace(tmp, path)
-
-
-def arrays_from_state(state: dict[str, torch.Tensor], fp16: bool = False) -> ArrayRecord:
-    """ArrayRecord of a state dict (float tensors optionally as float16 for transfer)."""
-    out = {}
-    for k, v in state.items():
-        a = v.detach().cpu().numpy()
-        if fp16 and a.dtype == np.float32:
-            a = a.astype(np.float16)
-        out[k] = Array(np.ascontiguousarray(a))
-    return ArrayRecord(out)
-
-
-def state_from_arrays(arrays: ArrayRecord, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """State dict from an ArrayRecord with the dtypes of ``like`` (fp16 transfers widened back)."""
-    return {k: torch.from_numpy(np.ascontiguousarray(arrays[k].numpy())).to(like[k].dtype) for k in like}
 
 
 def _slowest_compute(entry: dict) -> float:
