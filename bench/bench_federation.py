@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -103,6 +102,33 @@ def deployment(work: Path, rounds: int, fp16: bool) -> dict:
     }
 
 
+def _tree_rss(root: int) -> int:
+    """Resident bytes of ``root`` and all its descendants, read from /proc (Linux)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        kids = [c for c, p in parents.items() if p == pid and c not in tree]
+        tree.update(kids)
+        frontier.extend(kids)
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for pid in tree:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 class PeakRSS:
     """Samples the resident memory of this process and all its children (Ray workers included)."""
 
@@ -111,15 +137,8 @@ class PeakRSS:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
-        me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
-            for p in [me] + me.children(recursive=True):
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+            self.peak = max(self.peak, _tree_rss(os.getpid()))
             time.sleep(self.interval)
 
     def __enter__(self):
