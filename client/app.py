@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from umeml.config import ExperimentConfig, SiteConfig, config_from_dict, config_to_dict, load_site_config
+from umeml.config import DPConfig, ExperimentConfig, SiteConfig, config_from_dict, config_to_dict, load_site_config
 from umeml.data.cohort import Cohort, load_cohort, load_data_dir
+from umeml.federation.privacy import KEY_CLIPPING_NORM, clip_update
 from umeml.federation.protocol import Preprocessing
 from umeml.federation.site import SiteRuntime
 from umeml.server.records import arrays_from_state, state_from_arrays
@@ -50,12 +52,17 @@ def deployed_site(context: Context, cfg: ExperimentConfig) -> SiteRuntime:
     cohort = _cohort(site.data_dir, site.table, site.signatures, site.bags, _data_json(cfg))
     return SiteRuntime(site.site_id, cohort, np.arange(len(cohort)),
                        k_min=max(site.k_min_patients, cfg.federation.k_min_patients), device=site.device,
-                       max_local_epochs=site.max_local_epochs)
+                       max_local_epochs=site.max_local_epochs, dp=site.dp, state_dir=site.state_dir)
 
 
 @dataclass(frozen=True)
 class SimulatedSites:
-    """Simulation: virtual node ``partition-id`` plays ``sites[partition-id]`` of one cohort."""
+    """Simulation: virtual node ``partition-id`` plays ``sites[partition-id]`` of one cohort.
+
+    Simulated sites take the experiment's ``federation.local_dp`` as their own DP terms (unless
+    ``dp`` overrides it) and keep their privacy ledgers in ``state_root/<site>`` (the run
+    dir's ``sites/`` folder in ``umeml-server simulate``).
+    """
 
     sites: tuple[str, ...]
     data_dir: str | None = None
@@ -63,12 +70,15 @@ class SimulatedSites:
     signatures: str | None = None
     bags: str | None = None
     device: str = "cpu"
+    state_root: str | None = None
+    dp: DPConfig | None = None
 
     def __call__(self, context: Context, cfg: ExperimentConfig) -> SiteRuntime:
         site_id = self.sites[int(context.node_config["partition-id"])]
         cohort = _cohort(self.data_dir, self.table, self.signatures, self.bags, _data_json(cfg))
         return SiteRuntime(site_id, cohort, cohort.site_indices(site_id), k_min=cfg.federation.k_min_patients,
-                           device=self.device)
+                           device=self.device, dp=self.dp if self.dp is not None else cfg.federation.local_dp,
+                           state_dir=str(Path(self.state_root) / site_id) if self.state_root else None)
 
 
 def _json_reply(msg: Message, payload: dict) -> Message:
@@ -99,7 +109,12 @@ def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]
         prep = Preprocessing.from_json(str(conf["preprocessing"]))
         site = resolve(context, cfg)
         mu = float(conf.get("proximal-mu", 0.0))
-        state, metrics = site.train(cfg, prep, state_from_arrays(msg.content["arrays"]), int(conf["server-round"]), mu)
+        received = state_from_arrays(msg.content["arrays"])
+        state, metrics = site.train(cfg, prep, received, int(conf["server-round"]), mu)
+        if state is None:  # the site did not train (privacy budget spent, DP required but not set up)
+            return _json_reply(msg, {"site": site.site_id, **metrics})
+        if KEY_CLIPPING_NORM in conf:  # central DP with client-side clipping (Flower's wrapper sent the norm)
+            state = clip_update(state, received, float(conf[KEY_CLIPPING_NORM]))
         reply = RecordDict({
             "arrays": arrays_from_state(state, fp16=cfg.federation.fp16_transfer),
             "metrics": MetricRecord({"num-examples": metrics["num-examples"], "train_loss": float(metrics["train_loss"])}),

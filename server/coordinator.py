@@ -27,15 +27,19 @@ from umeml.federation.protocol import (
     combine_site_metrics,
 )
 from umeml.data.labels import subtype_codes
+from umeml.federation.privacy import central_entry, run_ledger
 from umeml.model import build_model, save_checkpoint
 from umeml.train.loop import task_heads
 from umeml.server.records import arrays_from_state, state_from_arrays
 from umeml.server.strategies import (
     NodeSubsetGrid,
     build_strategy,
+    central_dp_wrapper,
+    prepare_aggregation,
     restore_strategy_state,
     screen_update,
     strategy_state,
+    with_central_dp,
 )
 
 log = logging.getLogger("umeml.server")
@@ -64,6 +68,16 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+def _train_report(reply: Message) -> dict | None:
+    """A training reply's JSON report (None for an error reply or one without a report)."""
+    if reply.has_error() or "report" not in reply.content.config_records:
+        return None
+    try:
+        return json.loads(str(reply.content["report"]["json"]))
+    except (KeyError, ValueError):
+        return None
 
 
 def _slowest_compute(entry: dict) -> float:
@@ -220,7 +234,7 @@ class Coordinator:
             torch.manual_seed(cfg.seed)
             model = build_model(cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads)
             state = RunState(0, {k: v.detach().clone() for k, v in model.state_dict().items()}, seed=cfg.seed)
-        strategy = build_strategy(cfg.federation)
+        strategy = with_central_dp(build_strategy(cfg.federation), cfg.federation, len(train_nodes))
         restore_strategy_state(strategy, state.strategy)
         fp16 = cfg.federation.fp16_transfer
         base_config = {"experiment": self.experiment_json, "preprocessing": prep.to_json()}
@@ -229,26 +243,41 @@ class Coordinator:
             self._adopt_new_nodes(grid)
             train_nodes, held_nodes = self._roles_alive(grid, train_nodes, held_nodes)
             arrays = arrays_from_state(state.weights, fp16)
-            msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(base_config)), NodeSubsetGrid(grid, train_nodes)))
+            selectable = NodeSubsetGrid(grid, train_nodes)
+            n_selectable = len(selectable.get_node_ids())
+            msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(base_config)), selectable))
             replies = list(grid.send_and_receive(msgs, timeout=self.timeout))
-            accepted, train_reports = [], []
+            accepted, train_reports, privacy = [], [], []
             for reply in replies:
-                reason = screen_update(reply, arrays, cfg.federation.max_update_norm)
                 site = self.nodes.get(reply.metadata.src_node_id, {}).get("site", str(reply.metadata.src_node_id))
+                report = _train_report(reply)
+                if report is not None and isinstance(report.get("privacy"), dict):
+                    privacy.append({**report["privacy"], "site": site})
+                if report is not None and "skipped" in report:  # e.g. the site's privacy budget is spent
+                    log.warning("round %d: site %s did not train: %s", rnd, site, report["skipped"])
+                    train_reports.append(report)
+                    continue
+                reason = screen_update(reply, arrays, cfg.federation.max_update_norm)
                 if reason:
                     log.warning("round %d: update from site %s rejected: %s", rnd, site, reason)
                     train_reports.append({"site": site, "rejected": reason})
                     continue
                 accepted.append(reply)
-                train_reports.append(json.loads(str(reply.content["report"]["json"])))
+                train_reports.append(report if report is not None else {"site": site})
             if len(accepted) >= cfg.federation.min_train_sites:
+                prepare_aggregation(strategy, accepted)
                 new_arrays, _ = strategy.aggregate_train(rnd, accepted)
                 if new_arrays is not None:
                     state.weights = state_from_arrays(new_arrays, state.weights)
+                    if central_dp_wrapper(strategy) is not None:
+                        privacy.append(self._central_release(rnd, state.history, len(accepted),
+                                                             len(msgs) / max(1, n_selectable)))
             else:
                 log.warning("round %d: %d accepted update(s) < federation.min_train_sites=%d; global weights kept",
                             rnd, len(accepted), cfg.federation.min_train_sites)
             entry = {"round": rnd, "train": train_reports, "accepted": len(accepted), "evaluation": {}}
+            if privacy:
+                entry["privacy"] = privacy
             last = rnd == cfg.federation.rounds
             if rnd % cfg.federation.evaluate_every == 0 or last:
                 entry["evaluation"] = self._evaluate(grid, state.weights, base_config, train_nodes, held_nodes, rnd, last)
@@ -261,6 +290,7 @@ class Coordinator:
             state.strategy = strategy_state(strategy)
             self._save(state, prep)
             self._write_metrics(state.history)
+            self._write_privacy(state.history)
             self._report(self._progress_line(entry))
         final = self._final(state)
         _atomic_write(self.run_dir / "final.json", lambda p: p.write_text(json.dumps(final, indent=2)))
@@ -303,14 +333,35 @@ class Coordinator:
         return {"held_out": held, "held_out_combined": combine_site_metrics(held) if held else {},
                 "validation": val, "validation_combined": combine_site_metrics(val) if val else {}}
 
+    def _central_release(self, rnd: int, history: list[dict], n_sites: int, sample_rate: float) -> dict:
+        """Ledger entry of this round's central-DP release (epsilon over all releases so far)."""
+        cdp = self.cfg.federation.central_dp
+        earlier = [p for e in history for p in e.get("privacy", []) if p.get("kind") == "central"]
+        return central_entry(rnd, earlier, cdp.noise_multiplier, cdp.clipping_norm, round(sample_rate, 6),
+                             n_sites, cdp.delta, cdp.clipping)
+
     # ---------------------------------------------------------------- output
+    def _privacy_ledger(self, history: list[dict]) -> dict | None:
+        fed = self.cfg.federation
+        if not (fed.local_dp.enabled or fed.central_dp.enabled or any(e.get("privacy") for e in history)):
+            return None
+        return run_ledger(self.cfg.name, config_to_dict(fed.local_dp),
+                          config_to_dict(fed.central_dp) if fed.central_dp.enabled else None, history)
+
+    def _write_privacy(self, history: list[dict]) -> None:
+        """The run's privacy ledger, privacy.json: every site's local-DP entries and the central
+        releases, per round (rebuilt from the history, so a resumed run keeps the earlier rounds)."""
+        ledger = self._privacy_ledger(history)
+        if ledger is not None:
+            _atomic_write(self.run_dir / "privacy.json", lambda p: p.write_text(json.dumps(ledger, indent=2)))
+
     def _write_metrics(self, history: list[dict]) -> None:
         rows = []
         for entry in history:
             for rep in entry["train"]:
                 rows.append({"round": entry["round"], "site": rep["site"], "kind": "train",
                              "n": rep.get("num-examples"), "metric": "train_loss", "value": rep.get("train_loss"),
-                             "note": rep.get("rejected", "")})
+                             "note": rep.get("rejected") or rep.get("skipped", "")})
             ev = entry["evaluation"]
             for kind, sites in (("held_out", ev.get("held_out", {})), ("validation", ev.get("validation", {}))):
                 for site, rep in sites.items():
@@ -353,6 +404,13 @@ class Coordinator:
                 shown.append(f"{task} {key} {m['value']:.3f}")
         if shown:
             parts.append("held-out " + ", ".join(shown))
+        eps = [(p.get("kind"), p.get("epsilon")) for p in entry.get("privacy", [])]
+        local = [e for k, e in eps if k == "local" and isinstance(e, (int, float))]
+        central = [e for k, e in eps if k == "central"]
+        if local:
+            parts.append(f"local epsilon <= {max(local):.2f}")
+        if central:
+            parts.append(f"central epsilon {central[-1]:.2f}")
         parts.append(f"{entry['seconds']:.1f} s")
         return " | ".join(parts)
 
@@ -373,4 +431,5 @@ class Coordinator:
             "pooled": last_eval.get("pooled"),
             "seconds_per_round": [e["seconds"] for e in state.history],
             "overhead_seconds_per_round": [e.get("overhead_seconds") for e in state.history],
+            "privacy": (self._privacy_ledger(state.history) or {}).get("final"),
         }

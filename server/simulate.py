@@ -67,7 +67,7 @@ def simulate(cfg: ExperimentConfig, cohort: Cohort, source: CohortSource, run_di
         **source.settings(),
     }
     client = build_client_app(SimulatedSites(tuple(sites), source.data_dir, source.table, source.signatures,
-                                             source.bags, device))
+                                             source.bags, device, state_root=str(run_dir.resolve() / "sites")))
     run_simulation(
         server_app=build_server_app(settings),
         client_app=client,

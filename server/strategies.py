@@ -11,6 +11,11 @@ import logging
 import numpy as np
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+)
+from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 
 from umeml.config import FederationConfig
 
@@ -42,6 +47,43 @@ def build_strategy(fed: FederationConfig) -> FedAvg:
     if name == "krum":
         return Krum(num_malicious_nodes=fed.krum_byzantine, **common)
     raise ValueError(f"unknown strategy {name!r}")  # config validation makes this unreachable
+
+
+UNIFORM_WEIGHT = "dp-uniform-weight"  # FedAvg weight key under central DP: every site counts once
+
+
+def with_central_dp(strategy: FedAvg, fed: FederationConfig, n_sites: int):
+    """``strategy`` inside Flower's fixed-clipping DP wrapper when ``fed.central_dp`` is enabled.
+
+    The wrapper's noise, ``noise_multiplier * clipping_norm / sites``, is calibrated to a plain
+    average of clipped updates, so the inner FedAvg/FedProx weights every site equally (the
+    coordinator sets the weight on each accepted reply, see :func:`prepare_aggregation`).
+    Flower's wrappers keep no accountant here; the coordinator records epsilon in the ledger.
+    """
+    cdp = fed.central_dp
+    if not cdp.enabled:
+        return strategy
+    strategy.weighted_by_key = UNIFORM_WEIGHT
+    wrapper = (DifferentialPrivacyServerSideFixedClipping if cdp.clipping == "server"
+               else DifferentialPrivacyClientSideFixedClipping)
+    return wrapper(strategy, cdp.noise_multiplier, cdp.clipping_norm, max(1, int(n_sites)))
+
+
+def central_dp_wrapper(strategy) -> DifferentialPrivacyFixedClippingBase | None:
+    """The central-DP wrapper, or None when the strategy has none."""
+    return strategy if isinstance(strategy, DifferentialPrivacyFixedClippingBase) else None
+
+
+def prepare_aggregation(strategy, replies: list[Message]) -> None:
+    """Before ``aggregate_train``: under central DP, calibrate the noise to the number of updates
+    actually averaged (sites can drop out, be rejected or have spent their local budget) and
+    give every update the same weight."""
+    if central_dp_wrapper(strategy) is None:
+        return
+    strategy.num_sampled_clients = max(1, len(replies))
+    for reply in replies:
+        for record in reply.content.metric_records.values():
+            record[UNIFORM_WEIGHT] = 1.0
 
 
 STATE_ATTRS = ("m_t", "v_t")  # FedAdam/FedYogi server-optimizer moments

@@ -107,6 +107,42 @@ class TrainConfig:
     bootstrap: int = field(default=1000, metadata=_range(0))
 
 
+@dataclass(frozen=True)
+class DPConfig:
+    """Local DP-SGD (Opacus) at a site; see design section 8 and ``umeml.train.dp``.
+
+    In a site's ``site.yaml`` (``dp:``) these are the site's own terms. In an experiment
+    (``federation.local_dp``) they are a request: ``enabled`` requires local DP from every
+    training site and ``target_epsilon`` / ``delta`` can only lower a site's budget; in
+    simulation the simulated sites adopt the request as their own settings.
+    """
+
+    enabled: bool = False
+    target_epsilon: float = field(default=8.0, metadata=_range(0.0, lo_open=True))
+    delta: float = field(default=1e-5, metadata=_range(0.0, 0.1, lo_open=True))
+    noise_multiplier: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
+    max_grad_norm: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    accountant: Literal["rdp", "prv"] = "rdp"
+    budget_scope: Literal["site", "experiment"] = "site"
+
+
+@dataclass(frozen=True)
+class CentralDPConfig:
+    """Central (site-level) DP through Flower's fixed-clipping strategy wrappers.
+
+    Each site's update (its weights minus the global weights) is clipped to ``clipping_norm``
+    (by the coordinator, or by the site with ``clipping: client``); Gaussian noise with
+    standard deviation ``noise_multiplier * clipping_norm / sites`` is added to the uniform
+    average. Flower's wrappers do not account; umeml records Opacus RDP epsilon per round.
+    """
+
+    enabled: bool = False
+    noise_multiplier: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    clipping_norm: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    clipping: Literal["server", "client"] = "server"
+    delta: float = field(default=1e-5, metadata=_range(0.0, 0.1, lo_open=True))
+
+
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 
 
@@ -128,6 +164,8 @@ class FederationConfig:
     round_timeout_s: float = field(default=3600.0, metadata=_range(1.0))
     fp16_transfer: bool = False
     max_update_norm: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
+    local_dp: DPConfig = field(default_factory=DPConfig)
+    central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
 
 
 @dataclass(frozen=True)
@@ -162,6 +200,7 @@ class SiteConfig:
     k_min_patients: int = field(default=10, metadata=_range(1))
     max_local_epochs: int = field(default=10, metadata=_range(1))
     state_dir: str = "site-state"
+    dp: DPConfig = field(default_factory=DPConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -279,6 +318,11 @@ def _validate_semantics(obj: Any, path: str, source: str) -> None:
             raise ConfigError(f"{source}: site_id: a non-empty site id is required")
         if (obj.data_dir is None) == (obj.table is None):
             raise ConfigError(f"{source}: data_dir / table: give exactly one of them")
+    if isinstance(obj, FederationConfig) and obj.central_dp.enabled and obj.strategy not in ("fedavg", "fedprox"):
+        raise ConfigError(
+            f"{source}: {prefix}central_dp: needs strategy fedavg or fedprox (its noise is calibrated "
+            f"to a plain average of clipped updates), not {obj.strategy!r}"
+        )
     if isinstance(obj, ExperimentConfig):
         if not obj.tasks or len(set(obj.tasks)) != len(obj.tasks):
             raise ConfigError(f"{source}: tasks: give one or more distinct tasks")

@@ -5,21 +5,27 @@ The ClientApp is a thin adapter that turns Flower messages into calls of :class:
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from umeml import __version__
-from umeml.config import ExperimentConfig
+from umeml.config import DPConfig, ExperimentConfig
 from umeml.data.cohort import Cohort
 from umeml.data.dataset import CohortDataset, GenomicScaler, genomic_moments, make_loader
 from umeml.data.splits import stratified_train_val
+from umeml.federation.privacy import SiteLedger, calibrate_noise, compute_epsilon, max_steps_within
 from umeml.federation.protocol import Preprocessing, survival_grid
 from umeml.model import build_model
 from umeml.train.evaluate import evaluate_predictions
+from umeml.train.dp import resolve_dp, train_dp_steps
 from umeml.train.loop import LossSettings, make_optimizer, predict, resolve_device, train_epoch
+
+log = logging.getLogger("umeml.site")
 
 
 @dataclass
@@ -32,6 +38,9 @@ class SiteRuntime:
     k_min: int = 10
     device: str = "auto"
     max_local_epochs: int = 1000
+    dp: DPConfig | None = None  # the site's own local-DP terms (None: no local DP)
+    state_dir: str | None = None  # where the site keeps its privacy ledger (the accountant's state)
+    dp_seed: int | None = None  # tests only: reproducible DP noise; None takes OS entropy
 
     @property
     def n(self) -> int:
@@ -56,7 +65,10 @@ class SiteRuntime:
             "with_pathology": int(c.has_path[idx].sum()) if self.n else 0,
             "with_genomics": int(c.has_genomics[idx].sum()) if self.n else 0,
         }
-        if self.n >= self.k_min:
+        if self.n < self.k_min:  # below k only the patient count: modality counts become presence flags
+            reply["with_pathology"] = min(reply["with_pathology"], 1)
+            reply["with_genomics"] = min(reply["with_genomics"], 1)
+        else:
             reply["subtype_counts"] = np.bincount([c.subtype_index(i) for i in idx], minlength=len(c.subtypes)).tolist()
             reply["grade_counts"] = np.bincount([c.grade_index(i) for i in idx], minlength=len(c.grades)).tolist()
         return reply
@@ -77,7 +89,8 @@ class SiteRuntime:
             "grade_counts": np.bincount([c.grade_index(i) for i in train], minlength=len(c.grades)).tolist(),
             "subtype_counts": np.bincount([c.subtype_index(i) for i in train], minlength=len(c.subtypes)).tolist(),
         }
-        if c.gene_groups.dim and c.has_genomics[train].any():
+        # moments over fewer than k patients would be their values (one patient: sum = his profile)
+        if c.gene_groups.dim and int(c.has_genomics[train].sum()) >= self.k_min:
             count, total, total_sq = genomic_moments(c, train)
             reply.update(genomic_count=count.tolist(), genomic_sum=total.tolist(), genomic_sumsq=total_sq.tolist())
         return reply
@@ -106,11 +119,20 @@ class SiteRuntime:
         return LossSettings(tuple(cfg.tasks), weights, cfg.survival.alpha)
 
     def train(self, cfg: ExperimentConfig, prep: Preprocessing, state: dict, server_round: int,
-              proximal_mu: float = 0.0) -> tuple[dict, dict]:
+              proximal_mu: float = 0.0) -> tuple[dict | None, dict]:
         """Local epochs from the global weights; returns new weights and aggregate metrics.
 
         With ``proximal_mu`` > 0 the FedProx term mu/2 ||w - w_global||^2 is added to each step.
+        Under local DP (see :meth:`_train_dp`) the weights are None when the site does not train
+        (budget spent, or DP required but not configured here); ``metrics["skipped"]`` says why.
         """
+        settings, refusal = resolve_dp(self.dp, cfg.federation.local_dp)
+        if refusal:
+            log.warning("site %s, round %d: %s", self.site_id, server_round, refusal)
+            return None, {"skipped": refusal}
+        if settings is not None:
+            with self.ledger().locked():
+                return self._train_dp(cfg, prep, state, server_round, proximal_mu, settings)
         t0 = time.perf_counter()
         device = resolve_device(self.device)
         model = self.build_model(cfg, prep)
@@ -135,6 +157,78 @@ class SiteRuntime:
         new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         return new_state, {"train_loss": stats["loss"], "num-examples": int(len(train_idx)), "steps": stats["steps"],
                            "seconds": round(time.perf_counter() - t0, 3)}
+
+    def ledger(self) -> SiteLedger:
+        """The site's privacy ledger in its state dir."""
+        if self.state_dir is None:
+            raise RuntimeError(f"site {self.site_id}: local DP needs a state dir for its privacy ledger "
+                               "(state_dir in the site file; SimulatedSites.state_root in simulation)")
+        return SiteLedger(Path(self.state_dir), self.site_id)
+
+    def _train_dp(self, cfg: ExperimentConfig, prep: Preprocessing, state: dict, server_round: int,
+                  proximal_mu: float, dp: DPConfig) -> tuple[dict | None, dict]:
+        """DP-SGD for as many steps as the site's remaining budget allows, then the ledger entry.
+
+        Sampling rate q = batch_size / training patients; one epoch is 1/q Poisson batches.
+        The accountant composes every earlier entry of the ledger in the budget scope (all
+        rounds, resumed runs, earlier experiments with scope ``site``). Without a configured
+        noise multiplier one is calibrated so that the experiment's planned rounds spend the
+        remaining budget, and then kept for the rest of the experiment.
+        """
+        t0 = time.perf_counter()
+        train_idx, _ = self._split(cfg)
+        n_train = int(len(train_idx))
+        if n_train == 0:
+            return None, {"skipped": "no training patients at this site"}
+        q = min(1.0, cfg.train.batch_size / n_train)
+        steps_per_epoch = max(1, int(1.0 / q))
+        planned = min(cfg.federation.local_epochs, self.max_local_epochs) * steps_per_epoch
+        if dp.delta >= 1.0 / n_train:
+            log.warning("site %s: dp.delta %g is not below 1/%d training patients; the guarantee is weak",
+                        self.site_id, dp.delta, n_train)
+        ledger = self.ledger()
+        past = ledger.in_scope(cfg.name, dp.budget_scope)
+        history = SiteLedger.history(past)
+        nm = dp.noise_multiplier
+        if nm is None:  # calibrated once per experiment, then kept
+            same = [e for e in past if e.get("experiment") == cfg.name and e.get("noise_multiplier")]
+            nm = same[-1]["noise_multiplier"] if same else calibrate_noise(
+                dp.target_epsilon, dp.delta, q, cfg.federation.rounds * planned, dp.accountant, history)
+        if nm is None:
+            allowed, eps = 0, compute_epsilon(history, dp.delta, dp.accountant)
+        else:
+            allowed, eps = max_steps_within(history, nm, q, planned, dp.target_epsilon, dp.delta, dp.accountant)
+        entry = {"experiment": cfg.name, "round": int(server_round), "site": self.site_id, "kind": "local",
+                 "status": "trained" if allowed == planned else ("partial" if allowed else "budget_spent"),
+                 "sample_rate": q, "noise_multiplier": nm, "steps": int(allowed), "max_grad_norm": dp.max_grad_norm,
+                 "epsilon": eps, "delta": dp.delta, "accountant": dp.accountant,
+                 "target_epsilon": dp.target_epsilon, "budget_scope": dp.budget_scope}
+        if allowed == 0:
+            ledger.append(entry)
+            reason = (f"privacy budget spent: epsilon {eps:.3g} of {dp.target_epsilon:g} (delta {dp.delta:g}); "
+                      "one more DP-SGD step would exceed it, so this site no longer trains (it still evaluates)")
+            log.warning("site %s, round %d: %s", self.site_id, server_round, reason)
+            return None, {"skipped": reason, "privacy": entry}
+        device = resolve_device(self.device)
+        model = self.build_model(cfg, prep)
+        model.load_state_dict(state)
+        model.to(device)
+        ds = self._dataset(cfg, prep, train_idx, train=True)
+        optimizer = make_optimizer(model, cfg.train)
+        stats = train_dp_steps(
+            model, ds, optimizer, self._loss(cfg, prep).to(device), device,
+            sample_rate=q, noise_multiplier=nm, max_grad_norm=dp.max_grad_norm, steps=allowed,
+            steps_per_epoch=steps_per_epoch, proximal_mu=proximal_mu,
+            seed=None if self.dp_seed is None else self.dp_seed + server_round,
+            num_workers=cfg.train.num_workers, on_epoch=lambda e: ds.set_epoch(server_round * 1000 + e))
+        ledger.append(entry)  # before the update leaves the site
+        new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        metrics = {"train_loss": stats["loss"], "num-examples": n_train, "steps": stats["steps"],
+                   "empty_batches": stats["empty_batches"], "seconds": round(time.perf_counter() - t0, 3),
+                   "privacy": entry}
+        if entry["status"] == "partial":
+            metrics["note"] = f"privacy budget reached: trained {allowed} of {planned} steps; no further rounds"
+        return new_state, metrics
 
     def evaluate(self, cfg: ExperimentConfig, prep: Preprocessing, state: dict, part: str, n_boot: int) -> dict:
         """Metrics of the given weights on the site's ``part`` (all, or its local validation split)."""

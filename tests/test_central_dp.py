@@ -1,0 +1,117 @@
+"""Central DP through Flower's fixed-clipping wrappers, driven by the coordinator's round loop,
+with an RDP epsilon per round in the run's privacy ledger."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, DifferentialPrivacyServerSideFixedClipping
+from opacus.accountants import RDPAccountant
+
+from umeml.client.app import SimulatedSites, build_client_app
+from umeml.config import config_from_dict
+from umeml.errors import ConfigError
+from umeml.server.coordinator import Coordinator
+from umeml.server.strategies import build_strategy, with_central_dp
+
+from fed_helpers import LocalGrid
+
+SITES = ("A0", "A1", "A2")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is faster and immune to a busy machine's oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def experiment(**fed):
+    return config_from_dict({
+        "seed": 0, "tasks": ["grade", "subtype", "survival"],
+        "data": {"max_patches": 32},
+        "model": {"hidden_dim": 16, "n_prototypes": 3, "n_registers": 2, "dropout": 0.0, "drop_path": 0.0},
+        "train": {"epochs": 1, "batch_size": 8, "lr": 0.003, "bootstrap": 0},
+        "federation": {"rounds": 2, "local_epochs": 1, "min_train_sites": 1, "k_min_patients": 5,
+                       "evaluate_every": 2, **fed},
+    })
+
+
+@pytest.fixture(scope="module")
+def app(tiny_cohort_dir):
+    return build_client_app(SimulatedSites(SITES, data_dir=str(tiny_cohort_dir)))
+
+
+def run(app, tmp_path, cfg, **grid_kw):
+    grid = LocalGrid(app, len(SITES), **grid_kw)
+    coord = Coordinator(cfg, tmp_path / "run", expected_sites=len(SITES), held_out=("A2",), wait_timeout=5,
+                        printer=lambda s: None)
+    return coord.run(grid), grid
+
+
+def rdp_epsilon(noise, sample_rate, rounds, delta):
+    acc = RDPAccountant()
+    acc.history = [(noise, sample_rate, rounds)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return acc.get_epsilon(delta)
+
+
+def test_wrapper_selected_by_config():
+    fed = experiment(central_dp={"enabled": True, "noise_multiplier": 0.8, "clipping_norm": 2.0}).federation
+    s = with_central_dp(build_strategy(fed), fed, 3)
+    assert isinstance(s, DifferentialPrivacyServerSideFixedClipping)
+    assert (s.noise_multiplier, s.clipping_norm, s.num_sampled_clients) == (0.8, 2.0, 3)
+    fed = experiment(strategy="fedprox", central_dp={"enabled": True, "clipping": "client"}).federation
+    assert isinstance(with_central_dp(build_strategy(fed), fed, 2), DifferentialPrivacyClientSideFixedClipping)
+    assert not hasattr(with_central_dp(build_strategy(experiment().federation), experiment().federation, 2),
+                       "noise_multiplier")
+    with pytest.raises(ConfigError, match="central_dp: needs strategy fedavg or fedprox"):
+        experiment(strategy="krum", central_dp={"enabled": True})
+
+
+def test_server_side_central_dp_records_epsilon(app, tmp_path):
+    cfg = experiment(rounds=3, central_dp={"enabled": True, "noise_multiplier": 1.0, "clipping_norm": 0.5})
+    # site A1 (node 102) misses round 3: the noise is calibrated to the one update averaged
+    final, _ = run(app, tmp_path, cfg, drop={102: lambda kind, rnd: kind == "train" and rnd == 3})
+    assert final["rounds"] == 3
+    ledger = json.loads((tmp_path / "run" / "privacy.json").read_text())
+    central = [e for e in ledger["entries"] if e["kind"] == "central"]
+    assert [e["round"] for e in central] == [1, 2, 3]
+    assert [e["sites_aggregated"] for e in central] == [2, 2, 1]
+    for i, e in enumerate(central):  # sample rate = all training sites each round, one release per round
+        assert e["sample_rate"] == 1.0 and e["steps"] == 1 and e["accountant"] == "rdp"
+        assert e["epsilon"] == pytest.approx(rdp_epsilon(1.0, 1.0, i + 1, 1e-5), rel=1e-9)
+    assert central[0]["epsilon"] < central[1]["epsilon"] < central[2]["epsilon"]
+    assert ledger["final"]["central"]["epsilon"] == central[-1]["epsilon"]
+    assert ledger["central_dp"]["clipping_norm"] == 0.5
+    weights = torch.load(tmp_path / "run" / "resume.pt", weights_only=True)["weights"]
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_client_side_clipping_bounds_every_update(app, tmp_path):
+    cfg = experiment(rounds=1, strategy="fedprox", proximal_mu=0.1,
+                     central_dp={"enabled": True, "clipping": "client", "noise_multiplier": 0.5, "clipping_norm": 0.05})
+    _, grid = run(app, tmp_path, cfg)
+    sent = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert all(m.content["config"]["clipping_norm"] == 0.05 for m in sent)
+    assert all(m.content["config"]["proximal-mu"] == 0.1 for m in sent)
+    for msg, reply in zip(sent, [m for m in grid.received if m.metadata.message_type == "train"]):
+        before, after = msg.content["arrays"], reply.content["arrays"]
+        norm = np.sqrt(sum(((after[k].numpy().astype(np.float64) - before[k].numpy()) ** 2).sum() for k in before.keys()))
+        assert 0 < norm <= 0.05 * (1 + 1e-4)
+    ledger = json.loads((tmp_path / "run" / "privacy.json").read_text())
+    assert ledger["final"]["central"]["epsilon"] == pytest.approx(rdp_epsilon(0.5, 1.0, 1, 1e-5))
+    # a resumed run composes its releases with the earlier ones
+    cfg2 = experiment(rounds=2, strategy="fedprox", proximal_mu=0.1,
+                      central_dp={"enabled": True, "clipping": "client", "noise_multiplier": 0.5, "clipping_norm": 0.05})
+    coord = Coordinator(cfg2, tmp_path / "run", expected_sites=len(SITES), held_out=("A2",), resume=True,
+                        wait_timeout=5, printer=lambda s: None)
+    final = coord.run(LocalGrid(app, len(SITES)))
+    central = [e for e in json.loads((tmp_path / "run" / "privacy.json").read_text())["entries"]]
+    assert [e["round"] for e in central] == [1, 2]
+    assert final["privacy"]["central"]["epsilon"] == pytest.approx(rdp_epsilon(0.5, 1.0, 2, 1e-5))

@@ -1,0 +1,261 @@
+"""Privacy accounting and the privacy ledger (``privacy.json``), at a site and in the run dir.
+
+The ledger *is* the accountant's state: every entry records the DP-SGD (or central DP) releases
+of one round as ``(noise_multiplier, sample_rate, steps)``. Epsilon is recomputed from all
+entries in scope with Opacus's accountants, so accounting spans every round of a run, resumed
+runs and (with ``budget_scope: site``) every experiment that trained on the site's data.
+Anyone can recompute an entry's epsilon from the recorded numbers.
+
+Only these scalars ever leave a site; no patient-level value is in a ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable
+
+LEDGER_FILE = "privacy.json"
+LEDGER_FORMAT = 1
+ACCOUNTANTS = ("rdp", "prv")
+
+
+def _accountant(name: str):
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    if name == "rdp":
+        return RDPAccountant()
+    if name == "prv":
+        return PRVAccountant()
+    raise ValueError(f"unknown accountant {name!r} (use one of {', '.join(ACCOUNTANTS)})")
+
+
+@lru_cache(maxsize=256)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
+    """RDP of one step of the sampled Gaussian mechanism at Opacus's default orders (cached:
+    RDP composes additively, so k steps cost k times this)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    return tuple(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                             orders=RDPAccountant.DEFAULT_ALPHAS).tolist())
+
+
+def compute_epsilon(history: Iterable[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
+    """Epsilon at ``delta`` of the composition of ``(noise_multiplier, sample_rate, steps)`` releases.
+
+    Entries with zero steps (a round without training) add nothing; no release gives 0.
+    ``rdp`` gives exactly what Opacus's ``RDPAccountant`` with this history reports (its
+    per-step RDP is cached); ``prv`` uses Opacus's ``PRVAccountant``.
+    """
+    hist = [(float(nm), min(float(q), 1.0), int(k)) for nm, q, k in history if int(k) > 0]
+    if not hist:
+        return 0.0
+    if accountant == "rdp":
+        import numpy as np
+        from opacus.accountants import RDPAccountant
+        from opacus.accountants.analysis.rdp import get_privacy_spent
+
+        rdp = sum(k * np.asarray(_rdp_per_step(nm, q)) for nm, q, k in hist)
+        eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+        return float(eps)
+    acc = _accountant(accountant)
+    acc.history = hist
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus warns when the optimal order is at the edge
+        return float(acc.get_epsilon(delta))
+
+
+def max_steps_within(history: list[tuple[float, float, int]], noise_multiplier: float, sample_rate: float,
+                     planned: int, target_epsilon: float, delta: float, accountant: str = "rdp") -> tuple[int, float]:
+    """Largest ``k <= planned`` with epsilon(history + k steps) <= target, and that epsilon.
+
+    Epsilon grows with the number of steps, so a bisection finds ``k``; when all planned steps
+    fit, one evaluation suffices.
+    """
+    def eps(k: int) -> float:
+        return compute_epsilon(list(history) + [(noise_multiplier, sample_rate, k)], delta, accountant)
+
+    if planned <= 0:
+        return 0, eps(0)
+    full = eps(planned)
+    if full <= target_epsilon:
+        return planned, full
+    lo, lo_eps, hi = 0, eps(0), planned  # invariant: eps(lo) <= target < eps(hi)
+    if lo_eps > target_epsilon:
+        return 0, lo_eps
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        e = eps(mid)
+        if e <= target_epsilon:
+            lo, lo_eps = mid, e
+        else:
+            hi = mid
+    return lo, lo_eps
+
+
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp",
+                    history: list[tuple[float, float, int]] = ()) -> float | None:
+    """Smallest noise multiplier (within 1 %) with which ``steps`` more steps at ``sample_rate``
+    keep the total epsilon, ``history`` included, at or below ``target_epsilon``.
+
+    None when ``history`` alone already reaches the target (nothing is left to spend).
+    """
+    history = list(history)
+    if compute_epsilon(history, delta, accountant) >= target_epsilon:
+        return None
+
+    def eps(sigma: float) -> float:
+        return compute_epsilon(history + [(sigma, sample_rate, max(int(steps), 1))], delta, accountant)
+
+    hi = 1.0
+    while eps(hi) > target_epsilon:
+        hi *= 2.0
+        if hi > 1e4:
+            return None
+    lo = hi / 2.0 if hi > 1.0 else 0.0
+    while hi - lo > 0.01 * hi:
+        mid = (lo + hi) / 2.0
+        if eps(mid) <= target_epsilon:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _atomic_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+class SiteLedger:
+    """A site's own ledger, ``<state dir>/privacy.json``: every round it trained under DP.
+
+    Entries are appended (never rewritten) after the round's training and before the update
+    is sent, so a resumed run, a retried round or a new process continues the accounting.
+    """
+
+    def __init__(self, state_dir: str | Path, site_id: str):
+        self.path = Path(state_dir) / LEDGER_FILE
+        self.site_id = site_id
+
+    def entries(self) -> list[dict]:
+        """All entries, oldest first ([] for a new site)."""
+        if not self.path.is_file():
+            return []
+        raw = json.loads(self.path.read_text())
+        return list(raw.get("entries", []))
+
+    def in_scope(self, experiment: str, scope: str) -> list[dict]:
+        """Entries that count toward the budget: all of them (scope ``site``) or one experiment's."""
+        return [e for e in self.entries() if scope == "site" or e.get("experiment") == experiment]
+
+    @staticmethod
+    def history(entries: Iterable[dict]) -> list[tuple[float, float, int]]:
+        """The accountant's composition history of ``entries``."""
+        return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries if e.get("steps", 0) > 0]
+
+    @contextmanager
+    def locked(self):
+        """Hold the ledger's lock: two runs training on this site's data at once would otherwise
+        both see the same remaining budget. (POSIX only; elsewhere a no-op.)"""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            yield
+            return
+        with open(self.path.with_name(".privacy.lock"), "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def append(self, entry: dict) -> None:
+        """Add one round's entry (written atomically)."""
+        entries = self.entries()
+        entries.append({**entry, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        _atomic_json(self.path, {
+            "format": LEDGER_FORMAT,
+            "site": self.site_id,
+            "about": "Local DP-SGD ledger: one entry per round this site was asked to train. epsilon is "
+                     "cumulative over the entries in the budget scope, at the entry's delta, from "
+                     "Opacus's accountant over (noise_multiplier, sample_rate, steps) of each entry.",
+            "entries": entries,
+        })
+
+
+# ---------------------------------------------------------------------- coordinator side
+def central_entry(rnd: int, history: list[dict], noise_multiplier: float, clipping_norm: float, sample_rate: float,
+                  n_sites: int, delta: float, clipping: str) -> dict:
+    """Ledger entry of one central-DP release; epsilon composes every earlier central release.
+
+    One round is one release of the Gaussian mechanism on the average of clipped site updates,
+    so ``steps`` is 1 and ``sample_rate`` the fraction of training sites sampled that round.
+    The unit of privacy is a whole site's contribution (site-level DP).
+    """
+    releases = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in history]
+    releases.append((noise_multiplier, sample_rate, 1))
+    return {
+        "round": rnd, "site": "(central)", "kind": "central", "status": "released",
+        "sample_rate": sample_rate, "noise_multiplier": noise_multiplier, "steps": 1,
+        "max_grad_norm": clipping_norm, "clipping": clipping, "sites_aggregated": n_sites,
+        "epsilon": compute_epsilon(releases, delta, "rdp"), "delta": delta, "accountant": "rdp",
+    }
+
+
+def run_ledger(experiment: str, local_request: dict, central: dict | None, rounds: list[dict]) -> dict:
+    """Content of the run dir's ``privacy.json`` from each round's privacy entries."""
+    entries = [e for r in rounds for e in r.get("privacy", [])]
+    final_local: dict[str, dict] = {}
+    final_central = None
+    for e in entries:
+        if e.get("kind") == "central":
+            final_central = {k: e[k] for k in ("round", "epsilon", "delta", "noise_multiplier", "max_grad_norm")}
+        else:
+            final_local[str(e.get("site"))] = {k: e.get(k) for k in ("round", "epsilon", "delta", "target_epsilon",
+                                                                  "status")}
+    worst = max((v["epsilon"] for v in final_local.values() if isinstance(v.get("epsilon"), (int, float))),
+                default=None)
+    return {
+        "format": LEDGER_FORMAT,
+        "experiment": experiment,
+        "local_dp_requested": local_request,
+        "central_dp": central,
+        "entries": entries,
+        "final": {"local": final_local, "local_max_epsilon": worst, "central": final_central},
+        "notes": [
+            "local: per-patient DP-SGD at each site; epsilon is cumulative over the site's budget scope "
+            "(all rounds, resumed runs and, with budget_scope 'site', earlier experiments on the same data)",
+            "central: site-level DP of the aggregate (Flower fixed-clipping wrapper); epsilon from Opacus's "
+            "RDP accountant with sample_rate = fraction of training sites per round and one step per round",
+            "training losses and evaluation metrics sent to the coordinator are not covered by either guarantee",
+        ],
+    }
+
+
+KEY_CLIPPING_NORM = "clipping_norm"  # the config key Flower's client-side clipping wrapper sends
+
+
+def clip_update(new: dict, old: dict, clipping_norm: float) -> dict:
+    """``old + clip(new - old)``: a site's update scaled to L2 norm <= ``clipping_norm`` (over all
+    floating tensors), as Flower's ``fixedclipping_mod`` does for central DP with client-side clipping."""
+    import torch
+    from flwr.supercore.differential_privacy import compute_clip_model_update
+
+    keys = [k for k, v in new.items() if torch.is_floating_point(v)]
+    after = [new[k].detach().cpu().double().numpy().copy() for k in keys]
+    before = [old[k].detach().cpu().double().numpy() for k in keys]
+    compute_clip_model_update(after, before, clipping_norm)
+    out = dict(new)
+    for k, a in zip(keys, after):
+        out[k] = torch.from_numpy(a).to(new[k].dtype)
+    return out

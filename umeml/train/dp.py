@@ -1,0 +1,165 @@
+"""Local DP-SGD with Opacus: Poisson-sampled bags, per-sample clipping, Gaussian noise.
+
+A site trains with :func:`train_dp_steps`; the accounting (how many steps the budget allows,
+epsilon after the round) lives in :mod:`umeml.federation.privacy`.
+
+- **Poisson sampling**: every training patient joins each batch independently with
+  probability ``sample_rate`` (Opacus's ``UniformWithReplacementSampler``), batches go through
+  the usual padding collate. A batch can be empty (the first one too): the step is still taken,
+  with noise only, because the accountant counts it and skipping it would leak that it was empty.
+- **Clipping and noise**: Opacus's ``GradSampleModule`` computes each patient's gradient (exact
+  for every registry model, see ``tests/test_opacus_grads.py``), ``DPOptimizer`` clips each to
+  ``max_grad_norm``, sums, adds ``N(0, (noise_multiplier * max_grad_norm)^2)`` and divides by the
+  expected batch size.
+- **FedProx**: Opacus only sees per-sample gradients, so a parameter-only loss term such as
+  mu/2 ||w - w_global||^2 would be silently dropped. Its gradient mu (w - w_global) is added to
+  the privatised gradient after clipping and noise, before the optimizer step. It depends on no
+  patient, so it costs no privacy.
+- **Randomness**: sampling and noise come from OS entropy (Opacus ``secure_mode``), so the
+  coordinator cannot reproduce the noise from the experiment's seed. Tests may pass a seed.
+- Gradient accumulation and AMP are not used under DP (one Poisson batch is one step).
+"""
+
+from __future__ import annotations
+
+import secrets
+import warnings
+from dataclasses import replace
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from umeml.config import DPConfig
+from umeml.data.batch import Batch
+from umeml.train.loop import LossSettings, batch_loss
+
+REFUSAL_NO_SITE_DP = (
+    "the experiment requires local DP (federation.local_dp.enabled) but this site has no enabled "
+    "'dp' section in its site file; the site does not train (the coordinator cannot set a site's "
+    "privacy terms). It still answers evaluation requests."
+)
+
+
+def resolve_dp(site: DPConfig | None, requested: DPConfig) -> tuple[DPConfig | None, str | None]:
+    """The DP settings a site trains with, or why it refuses to train.
+
+    The site's own ``dp`` section decides. An experiment that asks for local DP can only lower
+    the site's budget (``target_epsilon`` and ``delta`` become the smaller of the two); noise,
+    clipping norm and accountant stay the site's. A site without DP refuses an experiment that
+    requires it. Returns ``(settings, None)``, ``(None, None)`` (no DP) or ``(None, reason)``.
+    """
+    if site is None or not site.enabled:
+        return (None, REFUSAL_NO_SITE_DP) if requested.enabled else (None, None)
+    if requested.enabled:
+        site = replace(site, target_epsilon=min(site.target_epsilon, requested.target_epsilon),
+                       delta=min(site.delta, requested.delta))
+    return site, None
+
+
+def poisson_loader(dataset, sample_rate: float, steps: int, generator: torch.Generator, num_workers: int = 0) -> DataLoader:
+    """``steps`` Poisson-sampled batches of ``dataset`` (possibly empty) with its padding collate."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=sample_rate,
+                                            generator=generator, steps=steps)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate, num_workers=num_workers)
+
+
+class DPSGD:
+    """Opacus's per-sample clipping and noise around ``model`` and ``optimizer``.
+
+    ``step(batch)`` takes one DP-SGD step on one Poisson batch (an empty batch gives a
+    noise-only step). ``close()`` removes the hooks; the wrapped ``model`` keeps its weights.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, noise_multiplier: float,
+                 max_grad_norm: float, expected_batch_size: float, generator: torch.Generator | None = None,
+                 secure_mode: bool = True):
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus's notices about secure RNG and hooks
+            self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+            self.optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                                         expected_batch_size=expected_batch_size, loss_reduction="mean",
+                                         generator=generator, secure_mode=secure_mode)
+        self.params: list[nn.Parameter] = list(self.optimizer.params)
+
+    def step(self, batch: Batch, loss: LossSettings, device: torch.device,
+             after_noise: Callable[[list[nn.Parameter]], None] | None = None) -> tuple[float, int]:
+        """One step; returns the batch's summed loss and its size. ``after_noise`` edits the
+        privatised gradients (FedProx) before the optimizer applies them."""
+        self.optimizer.zero_grad(set_to_none=True)
+        n, total = len(batch), 0.0
+        if n:
+            batch = batch.to(device)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                per_sample = batch_loss(self.module, batch, loss)
+                per_sample.mean().backward()
+            total = float(per_sample.detach().sum())
+        for p in self.params:
+            # a parameter unused by this batch (or an empty batch) has zero per-sample gradients
+            if getattr(p, "grad_sample", None) is None:
+                p.grad_sample = torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device)
+        self.optimizer.pre_step()  # clip, sum, add noise, divide by the expected batch size
+        if after_noise is not None:
+            after_noise(self.params)
+        self.optimizer.original_optimizer.step()
+        return total, n
+
+    def close(self) -> None:
+        """Drop per-sample state and hooks."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.module.remove_hooks()
+        self.module.cleanup()
+
+
+def proximal_gradient(mu: float, anchor: list[torch.Tensor]) -> Callable[[list[nn.Parameter]], None]:
+    """Adds mu (w - w_global), the gradient of mu/2 ||w - w_global||^2, to each parameter's gradient."""
+
+    def apply(params: list[nn.Parameter]) -> None:
+        for p, a in zip(params, anchor):
+            p.grad.add_(p.detach() - a, alpha=mu)
+
+    return apply
+
+
+def train_dp_steps(model: nn.Module, dataset, optimizer: torch.optim.Optimizer, loss: LossSettings,
+                   device: torch.device, *, sample_rate: float, noise_multiplier: float, max_grad_norm: float,
+                   steps: int, steps_per_epoch: int, proximal_mu: float = 0.0, seed: int | None = None,
+                   num_workers: int = 0, on_epoch: Callable[[int], None] | None = None) -> dict:
+    """``steps`` DP-SGD steps over Poisson batches of ``dataset``, in epochs of ``steps_per_epoch``.
+
+    ``seed`` None takes sampling and noise from OS entropy with Opacus's secure noise (what a
+    site does); a seed makes the run reproducible (tests only: whoever knows the seed can
+    remove the noise). Returns the mean loss, samples and steps seen and the empty batches.
+    """
+    secure = seed is None
+    seed = secrets.randbits(62) if seed is None else int(seed)
+    sampling = torch.Generator().manual_seed(seed)
+    noise = torch.Generator(device=device).manual_seed(seed + 1)
+    model.train()
+    dp = DPSGD(model, optimizer, noise_multiplier, max_grad_norm,
+               expected_batch_size=max(sample_rate * len(dataset), 1e-12), generator=noise, secure_mode=secure)
+    after = None
+    if proximal_mu > 0:
+        after = proximal_gradient(proximal_mu, [p.detach().clone() for p in dp.params])
+    done, epoch, total, n, sizes = 0, 0, 0.0, 0, []
+    try:
+        while done < steps:
+            k = min(steps_per_epoch, steps - done)
+            if on_epoch is not None:
+                on_epoch(epoch)
+            for batch in poisson_loader(dataset, sample_rate, k, sampling, num_workers):
+                s, b = dp.step(batch, loss, device, after)
+                total, n = total + s, n + b
+                sizes.append(b)
+            done, epoch = done + k, epoch + 1
+    finally:
+        dp.close()
+    return {"loss": total / max(n, 1), "num_examples": n, "steps": done,
+            "empty_batches": sum(1 for b in sizes if b == 0), "batch_sizes": sizes}
