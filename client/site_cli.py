@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import collections
+import os
 import signal
+import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from umeml.config import SiteConfig, load_site_config
@@ -38,8 +42,36 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_auth_files(root_certificates: Path | None, auth_key: Path | None) -> str | None:
+    """Why the TLS / key files cannot work (None when they can), checked before Flower starts."""
+    if auth_key is not None and root_certificates is None:
+        return "--auth-key needs --root-certificates (Flower authenticates sites only over TLS)"
+    if root_certificates is not None:
+        if not root_certificates.is_file():
+            return f"--root-certificates {root_certificates} not found"
+        if b"BEGIN CERTIFICATE" not in root_certificates.read_bytes():
+            return f"--root-certificates {root_certificates} is not a PEM certificate (give the coordinator's ca.crt)"
+    if auth_key is not None:
+        if not auth_key.is_file():
+            return f"--auth-key {auth_key} not found"
+        from cryptography.exceptions import UnsupportedAlgorithm
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+        try:
+            key = load_ssh_private_key(auth_key.read_bytes(), None)
+        except (ValueError, TypeError) as err:
+            return (f"--auth-key {auth_key} is not an unencrypted OpenSSH private key ({err}); give the private key, "
+                    f"not the .pub")
+        except UnsupportedAlgorithm as err:
+            return f"--auth-key {auth_key}: {err}"
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            return f"--auth-key {auth_key} is not an EC key (Flower needs ECDSA on a NIST curve, e.g. P-384)"
+    return None
+
+
 def _cmd_start(args: argparse.Namespace) -> int:
-    from umeml.server.deploy import flower_env, supernode_command
+    from umeml.server.deploy import explain_supernode_failure, flower_env, probe_superlink, supernode_command
 
     try:
         site = load_site_config(args.site)
@@ -50,18 +82,53 @@ def _cmd_start(args: argparse.Namespace) -> int:
     except (DataValidationError, FileNotFoundError) as err:
         print(f"site data check FAILED, not joining: {err}", file=sys.stderr)
         return 1
+    problem = check_auth_files(args.root_certificates, args.auth_key)
+    if problem is None:
+        try:  # a TLS mismatch would leave Flower's SuperNode retrying forever: catch it up front
+            problem = probe_superlink(args.server, args.root_certificates)
+        except ValueError as err:
+            problem = f"--server: {err}"
+    if problem:
+        print(f"error: site {site.site_id}: {problem}", file=sys.stderr)
+        return 2
+    if args.auth_key is not None and os.stat(args.auth_key).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        print(f"warning: site {site.site_id}: private key {args.auth_key} is readable by other users "
+              f"(chmod 600 it)", file=sys.stderr)
     state = Path(site.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     cmd = supernode_command(args.server, args.port, args.site, args.root_certificates, args.auth_key)
-    print(f"site {site.site_id}: joining {args.server} ({'TLS' if args.root_certificates else 'insecure'})", flush=True)
-    proc = subprocess.Popen(cmd, env=flower_env(state / "flower"))
+    mode = "TLS" if args.root_certificates else "insecure"
+    if args.auth_key is not None:
+        mode += ", site key " + str(args.auth_key)
+    print(f"site {site.site_id}: joining {args.server} ({mode})", flush=True)
+    # the SuperNode's output is passed through and its tail kept, to explain a refusal in our words
+    proc = subprocess.Popen(cmd, env=flower_env(state / "flower"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def forward(signum, _frame):
         proc.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    return proc.wait()
+    tail: collections.deque[str] = collections.deque(maxlen=200)
+
+    def pump() -> None:
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace")
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            tail.append(line)
+
+    # The SuperNode's own SuperExec child inherits the pipe and only exits once it sees the
+    # SuperNode gone, which needs the SuperNode reaped: wait on the process, not on the pipe.
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    rc = proc.wait()
+    reader.join(timeout=15)
+    if rc != 0:
+        reason = explain_supernode_failure(site.site_id, args.server, "".join(tail), args.auth_key)
+        print(f"error: {reason}" if reason else f"error: site {site.site_id}: the SuperNode exited with code {rc}",
+              file=sys.stderr)
+    return rc
 
 
 def add_site_parsers(sub) -> None:

@@ -139,8 +139,28 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def exposure_warning(host: str, port: int, tls: bool, auth: bool) -> str | None:
+    """What to tell the operator about who can reach the SuperLink (None: loopback, TLS and auth).
+
+    Flower 1.42 serves the Fleet (sites), Control (``flwr run/stop/ls``, ``flwr supernode
+    register``) and Runtime APIs on one port; only the Fleet API checks who calls.
+    """
+    from umeml.server.certs import is_loopback
+
+    if not is_loopback(host):
+        return (f"WARNING: the SuperLink listens on {host}:{port}, beyond loopback. "
+                + ("Traffic is NOT encrypted (no --tls-dir) and " if not tls else "")
+                + "Flower's Control API on this port has no authentication in open source: anyone who reaches "
+                "it can submit or stop runs and register site keys. Keep it on an admin network, or keep "
+                "--host 127.0.0.1 and expose only /v1/fleet/ through a reverse proxy (see the deployment docs).")
+    if tls and not auth:
+        return "note: TLS on but SuperNode authentication off (no --site-keys): any node trusting ca.crt may join"
+    return None
+
+
 def _cmd_start(args: argparse.Namespace) -> int:
-    from umeml.server.deploy import RunFailed, SuperLink, TLSFiles, submit_and_wait, write_app_dir, write_run_config
+    from umeml.server.deploy import (RunFailed, SuperLink, TLSFiles, expand_site_keys, submit_and_wait, write_app_dir,
+                                     write_run_config)
 
     run_dir = args.resume or args.out
     try:
@@ -160,21 +180,44 @@ def _cmd_start(args: argparse.Namespace) -> int:
         if missing:
             print(f"error: TLS files missing: {', '.join(missing)} (create them with `umeml-server certs`)", file=sys.stderr)
             return 2
+        from umeml.server.certs import certificate_names, names_host
+
+        names = certificate_names(tls.server_cert)
+        if not names_host(names, args.host):  # Flower's own SuperExec dials --host with this certificate
+            print(f"error: {tls.server_cert} is not valid for --host {args.host} (it names {', '.join(names)}); "
+                  f"re-create it with `umeml-server certs --host {args.host}`", file=sys.stderr)
+            return 2
+    site_keys = []
+    if args.site_keys is not None:
+        if tls is None:
+            print("error: --site-keys needs --tls-dir (Flower authenticates sites only over TLS)", file=sys.stderr)
+            return 2
+        try:
+            site_keys = expand_site_keys(args.site_keys)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"error: --site-keys: {err}", file=sys.stderr)
+            return 2
+        if not site_keys:
+            print("error: --site-keys given without any key file", file=sys.stderr)
+            return 2
+    warning = exposure_warning(args.host, args.port, tls is not None, bool(site_keys))
+    if warning:
+        print(warning, file=sys.stderr)
     # a SIGTERM (service manager, `timeout`) must still stop the SuperLink in the finally below
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     link = SuperLink(args.host, args.port, run_dir / "flower", run_dir / "superlink.log", tls=tls,
-                     node_auth=bool(args.site_keys))
+                     node_auth=bool(site_keys))
     progress = run_dir / "progress.log"
     shown = progress.stat().st_size if progress.exists() else 0
     try:
-        link.start()
-        print(f"SuperLink on {args.host}:{args.port} ({'TLS' if tls else 'insecure, loopback/testing only'}); "
-              f"waiting for {args.sites} site(s); log {link.log_path}")
-        for key in args.site_keys or []:
-            res = link.flwr("supernode", "register", str(key), link.connection)
-            if res.returncode != 0:
-                print(f"error: registering site key {key} failed: {res.stdout.strip()} {res.stderr.strip()}", file=sys.stderr)
-                return 2
+        link.start(site_keys=site_keys)
+        if site_keys:
+            print(f"registered site keys: {', '.join(sorted(link.registered))} (only these may join)")
+        mode = "TLS" if tls else "insecure, loopback/testing only"
+        if site_keys:
+            mode += ", SuperNode authentication on"
+        print(f"SuperLink on {args.host}:{args.port} ({mode}); waiting for {args.sites} site(s); log {link.log_path}",
+              flush=True)
         app_dir = write_app_dir(run_dir / "app")
         run_config = write_run_config(run_dir / "run-config.toml", cfg, run_dir, args.sites, held,
                                       args.resume is not None, args.wait_timeout)
@@ -206,6 +249,35 @@ def _cmd_start(args: argparse.Namespace) -> int:
     final = json.loads(final_path.read_text())
     print(f"\nheld-out metrics after {final['rounds']} rounds ({final['strategy']}), run dir {run_dir}:")
     print(format_table(final))
+    return 0
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from umeml.server.certs import CertError, create_certs
+
+    sites = [s.strip() for s in (args.sites or "").split(",") if s.strip()]
+    if args.keys_only and not sites:
+        print("error: --keys-only needs --sites", file=sys.stderr)
+        return 2
+    try:
+        bundle = create_certs(args.out, sites, args.host or [], force=args.force, keys_only=args.keys_only,
+                              server_only=args.server_only, days=args.days)
+    except CertError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if bundle.ca_cert is not None:
+        print(f"CA certificate   {bundle.ca_cert}  (give to every site)")
+        print(f"CA key           {bundle.ca_key}  (keep secret, offline)")
+    if bundle.server_cert is not None:
+        print(f"SuperLink        {bundle.server_cert} + {bundle.server_key}  (names: {', '.join(bundle.san)})")
+    for site, (private, public) in bundle.site_keys.items():
+        print(f"site {site:<11} {private}  (private: to this site only)  {public}  (public: register it)")
+    if bundle.server_cert is not None:
+        print(f"coordinator: umeml-server start ... --tls-dir {args.out}"
+              + (f" --site-keys {Path(args.out) / 'sites'}" if sites else ""))
+    if sites:
+        print(f"each site:   umeml-client start ... --root-certificates {Path(args.out) / 'ca.crt'} "
+              f"--auth-key {Path(args.out) / 'sites' / '<site>'}")
     return 0
 
 
@@ -244,9 +316,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=9092, help="SuperLink port (default 9092)")
     p.add_argument("--tls-dir", type=Path, help="folder with ca.crt, server.pem, server.key (TLS on)")
-    p.add_argument("--site-keys", type=Path, nargs="*", help="sites' public keys (.pub) to register; needs --tls-dir")
+    p.add_argument("--site-keys", type=Path, nargs="*",
+                   help="sites' OpenSSH public keys (.pub files, or folders of them) to register: SuperNode "
+                        "authentication on, only these sites may join; needs --tls-dir")
     p.add_argument("--wait-timeout", type=float, default=600.0, help="seconds to wait for the sites (default 600)")
     p.set_defaults(func=_cmd_start)
+
+    p = sub.add_parser("certs", help="create the CA, the SuperLink certificate and the sites' keys (TLS + site auth)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder to write (ca.crt, ca.key, server.pem, server.key, sites/)")
+    p.add_argument("--sites", help="comma-separated site ids: one OpenSSH EC P-384 key pair each, sites/<id>{,.pub}")
+    p.add_argument("--host", action="append", metavar="NAME_OR_IP",
+                   help="a name or address the sites dial, added to the certificate (repeatable; "
+                        "127.0.0.1, ::1 and localhost are always in)")
+    p.add_argument("--keys-only", action="store_true",
+                   help="only the sites' key pairs (a new site, a key rotation); CA and certificate left alone")
+    p.add_argument("--server-only", action="store_true",
+                   help="only a new SuperLink certificate, issued by the existing CA (renewal, new --host names); "
+                        "the sites keep their ca.crt")
+    p.add_argument("--days", type=int, default=825, help="validity of the SuperLink certificate in days (default 825)")
+    p.add_argument("--force", action="store_true", help="overwrite existing keys and certificates")
+    p.set_defaults(func=_cmd_certs)
     return parser
 
 

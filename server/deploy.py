@@ -59,13 +59,43 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        # SuperExec polls for new tasks every second by default; messages wait less this way
-        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": env.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.05"),
+        # SuperExec polls for new tasks every second by default; 0.25 s waits less without
+        # burning a 2-core machine on idle polls (one SuperExec per node)
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": env.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25"),
         "PYTHONUNBUFFERED": "1",
     })
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     return env
+
+
+def dial_host(host: str) -> str:
+    """The address a local client dials for a SuperLink bound to ``host`` (bind-all -> loopback)."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host in ("::", "[::]"):
+        return "[::1]"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def expand_site_keys(paths: list[Path]) -> list[Path]:
+    """Public key files from ``--site-keys``: files as given, folders as their ``*.pub`` files."""
+    keys: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(path.glob("*.pub"))
+            if not found:
+                raise FileNotFoundError(f"no *.pub key in {path}")
+            keys += found
+        elif path.is_file():
+            keys.append(path)
+        else:
+            raise FileNotFoundError(f"site key {path} not found")
+    names = [k.name[:-4] if k.name.endswith(".pub") else k.name for k in keys]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"several key files for site(s) {dup}")
+    return keys
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -127,17 +157,43 @@ class SuperLink:
     tls: TLSFiles | None = None
     node_auth: bool = False
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    registered: dict[str, int] = field(default_factory=dict)  # site key name -> Flower node id
 
     @property
     def connection(self) -> str:
         """Name of the CLI connection to this SuperLink in ``FLWR_HOME/config.toml``."""
         return "umeml"
 
-    def start(self, timeout: float = 60.0) -> "SuperLink":
-        """Start ``flower-superlink`` and write the CLI connection file."""
+    def start(self, timeout: float = 60.0, site_keys: list[Path] | None = None) -> "SuperLink":
+        """Start ``flower-superlink`` and write the CLI connection file.
+
+        With ``node_auth`` the SuperLink's database, which holds the registered site keys, is
+        started afresh: exactly ``site_keys`` may join, and a key left out is revoked rather than
+        kept from an earlier start. The keys are registered on a loopback-only SuperLink over the
+        same database before this one opens its port, so no site can connect before its key is
+        known (Flower refuses such a site and its SuperNode exits). Fills ``self.registered``.
+        """
         self.flwr_home.mkdir(parents=True, exist_ok=True)
+        if self.node_auth:
+            if self.tls is None:
+                raise ValueError("SuperNode authentication needs TLS (Flower refuses node keys without it)")
+            database = self.flwr_home / "superlink.db"
+            for stale in (database, database.with_name(database.name + "-wal"),
+                          database.with_name(database.name + "-shm"), database.with_name(database.name + "-journal")):
+                stale.unlink(missing_ok=True)
+            if site_keys:
+                setup = SuperLink("127.0.0.1", free_port(), self.flwr_home, self.log_path, self.tls, node_auth=True)
+                try:
+                    setup._launch(timeout)
+                    self.registered = setup.register_site_keys(site_keys)
+                finally:
+                    setup.stop()
+        return self._launch(timeout)
+
+    def _launch(self, timeout: float) -> "SuperLink":
+        database = self.flwr_home / "superlink.db"
         cmd = ["flower-superlink", "--host", self.host, "--port", str(self.port),
-               "--disable-runtime-dependency-installation", "--database", str(self.flwr_home / "superlink.db")]
+               "--disable-runtime-dependency-installation", "--database", str(database)]
         if self.tls is None:
             cmd.append("--insecure")
         else:
@@ -148,9 +204,9 @@ class SuperLink:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(cmd, env=flower_env(self.flwr_home), stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        wait_for_port(self.host, self.port, timeout, self.proc)
+        wait_for_port(dial_host(self.host).strip("[]"), self.port, timeout, self.proc)
         lines = ["[superlink]", f'default = "{self.connection}"', "", f"[superlink.{self.connection}]",
-                 f'address = "{self.host}:{self.port}"']
+                 f'address = "{dial_host(self.host)}:{self.port}"']
         if self.tls is None:
             lines.append("insecure = true")
         else:
@@ -162,6 +218,25 @@ class SuperLink:
         """Run a ``flwr`` CLI command against this SuperLink."""
         return subprocess.run(["flwr", *args], env=flower_env(self.flwr_home), capture_output=True, text=True,
                               timeout=timeout)
+
+    def register_site_keys(self, keys: list[Path]) -> dict[str, int]:
+        """Register the sites' OpenSSH public keys (``flwr supernode register``), named after the
+        file (``sites/A0.pub`` -> ``A0``); returns {name: node id}. Raises RuntimeError naming
+        the key file and Flower's reason when one is refused (bad format, key already in use)."""
+        nodes = {}
+        for key in keys:
+            name = key.name[:-4] if key.name.endswith(".pub") else key.name
+            res = self.flwr("supernode", "register", str(key.resolve()), self.connection, "--name", name,
+                            "--format", "json")
+            try:
+                info = json.loads(res.stdout[res.stdout.index("{"):])
+            except ValueError:
+                info = {}
+            if res.returncode != 0 or not info.get("success"):
+                reason = info.get("error-message") or (res.stdout + " " + res.stderr).strip()
+                raise RuntimeError(f"registering site key {key} failed: {reason}")
+            nodes[name] = int(info["node-id"])
+        return nodes
 
     def stop(self) -> None:
         """Stop the SuperLink and its children."""
@@ -245,6 +320,86 @@ def supernode_command(server: str, port: int, site_config: Path, root_cert: Path
     if auth_key is not None:
         cmd += ["--auth-supernode-private-key", str(auth_key)]
     return cmd
+
+
+# What a SuperNode prints when the SuperLink refuses it, and what that means for a site. Flower
+# 1.42 exits (code 1, "Exit Code: 305") on these instead of retrying; its own words are terse.
+_REFUSALS = (
+    ("[code: 2004]", "the coordinator refused this site's key: it is not registered at the SuperLink "
+                     "(or another SuperNode with the same key is already connected). Send the site's public "
+                     "key ({key}.pub) to the coordinator, who registers it with `umeml-server start --site-keys`"),
+    ("[code: 2001]", "the coordinator requires SuperNode authentication: start with --auth-key "
+                     "<this site's private key> whose .pub the coordinator registered"),
+    ("Exit Code: 302", "the key given with --auth-key is not an OpenSSH EC private key "
+                       "(create one with `umeml-server certs --keys-only` or `ssh-keygen -t ecdsa -b 384 -N ''`)"),
+    ("Exit Code: 303", "--auth-key needs TLS: give --root-certificates"),
+    ("CERTIFICATE_VERIFY_FAILED", "TLS verification of the coordinator failed: --root-certificates must be the "
+                                  "coordinator's ca.crt and {server} must be in the SuperLink certificate's "
+                                  "names (`umeml-server certs --host`)"),
+    ("WRONG_VERSION_NUMBER", "TLS mismatch: the coordinator's SuperLink is not using TLS "
+                             "(or this site is missing --root-certificates)"),
+)
+
+
+def explain_supernode_failure(site_id: str, server: str, output: str, auth_key: Path | None = None) -> str | None:
+    """A one-line reason naming the site when a SuperNode's ``output`` shows a refusal, else None."""
+    for marker, reason in _REFUSALS:
+        if marker in output:
+            key = str(auth_key) if auth_key is not None else "<site key>"
+            if key.endswith(".pub"):
+                key = key[:-4]
+            host = server.rsplit(":", 1)[0]
+            return f"site {site_id}: not admitted by {server}: " + reason.format(key=key, server=host)
+    return None
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def probe_superlink(server: str, root_cert: Path | None, timeout: float = 5.0) -> str | None:
+    """Check the TLS setting against a reachable SuperLink before a SuperNode starts.
+
+    Flower's SuperNode retries forever when TLS is on at one end only, and reports a wrong CA
+    or a certificate without the dialed name only in its log. Returns why the site cannot
+    connect, or None (also when nothing listens yet: the SuperNode then waits and retries).
+    """
+    import ssl
+
+    host, port = split_address(server)
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError:
+        return None  # coordinator not up (yet)
+    with raw:
+        if root_cert is None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            try:
+                with ctx.wrap_socket(raw, server_hostname=host):
+                    return (f"the SuperLink at {server} uses TLS: give --root-certificates "
+                            "(the coordinator's ca.crt)")
+            except (ssl.SSLError, OSError):
+                return None  # plain HTTP, as this site expects
+        ctx = ssl.create_default_context(cafile=str(root_cert))
+        try:
+            with ctx.wrap_socket(raw, server_hostname=host):
+                return None
+        except ssl.SSLCertVerificationError as err:
+            if "mismatch" in str(err.verify_message):  # X509 hostname / IP address mismatch
+                return (f"the SuperLink's certificate does not name {host} ({err.verify_message}): the coordinator "
+                        f"re-creates it with `umeml-server certs --host {host}`")
+            return (f"the SuperLink's certificate is not trusted ({err.verify_message}): --root-certificates "
+                    f"{root_cert} must be the coordinator's ca.crt")
+        except ssl.SSLError as err:
+            return f"TLS with the SuperLink at {server} failed ({err.reason}): does the coordinator use --tls-dir?"
+        except OSError as err:
+            return f"TLS with the SuperLink at {server} failed: {err}"
 
 
 def which_or_fail(name: str) -> str:

@@ -123,9 +123,15 @@ class SiteRuntime:
         """Local epochs from the global weights; returns new weights and aggregate metrics.
 
         With ``proximal_mu`` > 0 the FedProx term mu/2 ||w - w_global||^2 is added to each step.
-        Under local DP (see :meth:`_train_dp`) the weights are None when the site does not train
-        (budget spent, or DP required but not configured here); ``metrics["skipped"]`` says why.
+        The weights are None when the site does not train (fewer than k training patients, local
+        DP budget spent, or DP required but not configured here); ``metrics["skipped"]`` says why.
         """
+        n_train = len(self._split(cfg)[0])
+        if n_train < self.k_min:
+            # weights and a mean loss over fewer than k patients would say too much about them
+            reason = f"fewer than k={self.k_min} training patients ({n_train}); not training"
+            log.warning("site %s, round %d: %s", self.site_id, server_round, reason)
+            return None, {"skipped": reason}
         settings, refusal = resolve_dp(self.dp, cfg.federation.local_dp)
         if refusal:
             log.warning("site %s, round %d: %s", self.site_id, server_round, refusal)
