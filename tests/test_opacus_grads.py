@@ -15,7 +15,7 @@ from opacus import GradSampleModule
 
 from umeml.config import ModelConfig
 from umeml.data.batch import Batch
-from umeml.model import available_models, build_model
+from umeml.model import available_models, build_model, register_dp_grad_samplers
 from umeml.train.losses import task_loss
 
 D = 10
@@ -81,6 +81,7 @@ def test_per_sample_gradients_match(name, extra):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about its secure-RNG default
+        register_dp_grad_samplers()
         gsm = GradSampleModule(model)
     loss = per_sample_loss(gsm, batch)
     assert loss.shape == (B,)

@@ -3,7 +3,7 @@
 Importing this package registers every model; build one with :func:`build_model`.
 """
 
-from umeml.model.blocks import ModelOutput
+from umeml.model.blocks import ModelOutput, register_dp_grad_samplers
 from umeml.model.registry import available_models, build_model, register_model
 from umeml.model.umeml_model import UMEML
 from umeml.model.baselines import ABMIL, SNN, LateFusion
@@ -21,6 +21,7 @@ __all__ = [
     "dense_modularity_loss",
     "load",
     "modularity_loss",
+    "register_dp_grad_samplers",
     "register_model",
     "save_checkpoint",
     "soft_assignments",

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
 __all__ = [
@@ -104,10 +103,22 @@ class LearnedTokens(nn.Module):
         return self.tokens.unsqueeze(0).expand(ref.shape[0], -1, -1)
 
 
-@register_grad_sampler(LearnedTokens)
 def _tokens_grad_sample(layer: LearnedTokens, activations, backprops: torch.Tensor) -> dict:
     # output[i] = tokens for every bag i, so d loss_i / d tokens = backprops[i] exactly.
     return {layer.tokens: backprops}
+
+
+def register_dp_grad_samplers() -> None:
+    """Teach Opacus the exact per-sample gradient of :class:`LearnedTokens` (idempotent).
+
+    Called before a model is wrapped for DP. Opacus is imported here, not at module import,
+    because importing it costs about 2 s, and a site's ClientApp is a fresh process per message.
+    """
+    from opacus.grad_sample import register_grad_sampler
+    from opacus.grad_sample.grad_sample_module import GradSampleModule
+
+    if GradSampleModule.GRAD_SAMPLERS.get(LearnedTokens) is not _tokens_grad_sample:
+        register_grad_sampler(LearnedTokens)(_tokens_grad_sample)
 
 
 class DropPath(nn.Module):

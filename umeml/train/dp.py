@@ -80,6 +80,9 @@ class DPSGD:
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
+        from umeml.model import register_dp_grad_samplers
+
+        register_dp_grad_samplers()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus's notices about secure RNG and hooks
             self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
