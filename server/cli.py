@@ -231,7 +231,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
                     shown = f.tell()
                 sys.stdout.flush()
 
-        run_id, status = submit_and_wait(link, app_dir, run_config, on_poll=show_progress)
+        run_id, status = submit_and_wait(link, app_dir, run_config, on_poll=show_progress, done_marker=None if (run_dir / "final.json").exists() else run_dir / "final.json")
         show_progress()
         ls = link.flwr("ls", link.connection, "--run-id", str(run_id), "--format", "json")
         if ls.returncode == 0 and "{" in ls.stdout:

@@ -246,7 +246,9 @@ class Coordinator:
             selectable = NodeSubsetGrid(grid, train_nodes)
             n_selectable = len(selectable.get_node_ids())
             msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(base_config)), selectable))
+            t_wave = time.perf_counter()
             replies = list(grid.send_and_receive(msgs, timeout=self.timeout))
+            train_wave = time.perf_counter() - t_wave
             accepted, train_reports, privacy = [], [], []
             for reply in replies:
                 site = self.nodes.get(reply.metadata.src_node_id, {}).get("site", str(reply.metadata.src_node_id))
@@ -283,6 +285,7 @@ class Coordinator:
                 entry["evaluation"] = self._evaluate(grid, state.weights, base_config, train_nodes, held_nodes, rnd, last)
                 if last and self.pooled_eval is not None:
                     entry["evaluation"]["pooled"] = self.pooled_eval(state.weights, prep)
+            entry["train_wave_seconds"] = round(train_wave, 2)
             entry["seconds"] = round(time.perf_counter() - t0, 2)
             entry["overhead_seconds"] = round(entry["seconds"] - _slowest_compute(entry), 2)
             state.history.append(entry)

@@ -274,12 +274,14 @@ class RunFailed(Exception):
     """The Flower run ended in a state other than finished:completed."""
 
 
-def submit_and_wait(link: SuperLink, app_dir: Path, run_config: Path, poll: float = 5.0,
-                    timeout: float = 24 * 3600, on_poll=None, tick: float = 0.5) -> tuple[int, str]:
+def submit_and_wait(link: SuperLink, app_dir: Path, run_config: Path, poll: float = 30.0,
+                    timeout: float = 24 * 3600, on_poll=None, tick: float = 0.5,
+                    done_marker: Path | None = None) -> tuple[int, str]:
     """``flwr run`` the app, then poll ``flwr ls`` until the run finishes; return (run id, status).
 
-    ``flwr ls`` starts a Python process, so it runs every ``poll`` seconds; ``on_poll`` (progress
-    display) runs every ``tick`` seconds in between.
+    ``flwr ls`` starts a Python process (2 s of CPU), so it runs only every ``poll`` seconds, or
+    at once when ``done_marker`` (the run's final.json) appears; ``on_poll`` (progress display)
+    runs every ``tick`` seconds in between.
     """
     res = link.flwr("run", str(app_dir), link.connection, "--run-config", str(run_config), "--format", "json")
     try:
@@ -304,6 +306,8 @@ def submit_and_wait(link: SuperLink, app_dir: Path, run_config: Path, poll: floa
         while time.monotonic() < next_poll:
             if on_poll is not None:
                 on_poll()
+            if done_marker is not None and done_marker.exists():
+                next_poll = min(next_poll, time.monotonic() + 1.0)
             time.sleep(tick)
     raise RunFailed(f"run {run_id} still {status} after {timeout:.0f} s")
 
