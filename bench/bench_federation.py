@@ -15,7 +15,6 @@ import datetime
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,22 +38,11 @@ federation: {{rounds: {rounds}, local_epochs: 1, min_train_sites: 1, k_min_patie
 """
 
 
-def _kill(proc):
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
 
 def deployment(work: Path, rounds: int, fp16: bool) -> dict:
     """SuperLink + 3 SuperNodes on 127.0.0.1; returns per-round timings and traffic."""
     from umeml.data.synth import SynthSpec, generate, split_by_site
-    from umeml.server.deploy import free_port
+    from umeml.server.deploy import free_port, stop_process
 
     generate(SynthSpec(sites=3, patients=30, seed=0, feature_dim=64, median_patches=100), work / "all", overwrite=True)
     ids = split_by_site(work / "all", work / "sites")
@@ -78,7 +66,7 @@ def deployment(work: Path, rounds: int, fp16: bool) -> dict:
             raise RuntimeError((work / "server.log").read_text())
     finally:
         for p in procs:
-            _kill(p)
+            stop_process(p, grace=15)
     final = json.loads((work / "run" / "final.json").read_text())
     runs = json.loads((work / "run" / "flower-run.json").read_text())["runs"]
     import torch

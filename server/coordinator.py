@@ -20,7 +20,6 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from umeml import __version__
 from umeml.config import ExperimentConfig, config_to_dict, dump_config
 from umeml.federation.protocol import (
-    HandshakeMismatch,
     Preprocessing,
     check_handshakes,
     combine_preprocessing,

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from umeml.data.synth import SynthSpec, generate, split_by_site
-from umeml.server.deploy import free_port
+from umeml.server.deploy import free_port, stop_process
 
 BIN = Path(sys.executable).parent
 EXPERIMENT = """\
@@ -30,17 +28,6 @@ federation: {rounds: 2, local_epochs: 1, min_train_sites: 1, k_min_patients: 5}
 def _spawn(cmd, log: Path, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=cwd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
-
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.fixture
@@ -73,7 +60,7 @@ def test_superlink_and_three_supernodes_complete_two_rounds(sites):
         assert rc == 0, out + "\n" + (d / "run" / "superlink.log").read_text()[-3000:]
     finally:
         for p in procs:
-            _kill(p)
+            stop_process(p, grace=15)
     final = json.loads((d / "run" / "final.json").read_text())
     assert final["rounds"] == 2 and final["held_out_sites"] == ["A2"]
     assert final["held_out"]["A2"]["n"] == 14

@@ -7,7 +7,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from umeml.data.synth import SynthSpec, generate, split_by_site
 from umeml.server.certs import is_loopback
 from umeml.server.cli import main as server_main
 from umeml.server.deploy import (dial_host, expand_site_keys, explain_supernode_failure, free_port,
-                                 probe_superlink)
+                                 probe_superlink, stop_process)
 
 BIN = Path(sys.executable).parent
 
@@ -249,18 +248,6 @@ def _spawn(cmd, log: Path, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=cwd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=5)
-
 
 def _wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
@@ -330,7 +317,7 @@ def test_tls_auth_deployment_registered_sites_run_unregistered_refused(staged):
         assert rc == 0, out + "\n" + (d / "run" / "superlink.log").read_text()[-3000:]
     finally:
         for p in procs:
-            _kill(p)
+            stop_process(p, grace=15)
     assert "registered site keys: A0, A1 (only these may join)" in out
     assert "TLS, SuperNode authentication on" in out
     final = json.loads((d / "run" / "final.json").read_text())

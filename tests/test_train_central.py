@@ -7,7 +7,7 @@ import pytest
 
 from umeml.cli import main
 from umeml.config import config_from_dict
-from umeml.data.cohort import load_cohort, load_data_dir
+from umeml.data.cohort import load_data_dir
 from umeml.data.synth import SynthSpec, generate
 from umeml.model import load
 

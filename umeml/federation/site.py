@@ -28,6 +28,16 @@ from umeml.train.loop import LossSettings, make_optimizer, predict, resolve_devi
 log = logging.getLogger("umeml.site")
 
 
+def proximal_term(model, mu: float):
+    """FedProx's mu/2 ||w - w_global||^2 as a function of the model, anchored at its current weights."""
+    anchor = [p.detach().clone() for p in model.parameters()]
+
+    def term(m):
+        return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(m.parameters(), anchor))
+
+    return term
+
+
 @dataclass
 class SiteRuntime:
     """One site's data and the operations the coordinator may ask of it."""
@@ -149,12 +159,7 @@ class SiteRuntime:
         loader = make_loader(ds, cfg.train.batch_size, True, cfg.seed + server_round, cfg.train.num_workers)
         optimizer = make_optimizer(model, cfg.train)
         loss = self._loss(cfg, prep).to(device)
-        extra = None
-        if proximal_mu > 0:
-            anchor = [p.detach().clone() for p in model.parameters()]
-
-            def extra(m):
-                return 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(m.parameters(), anchor))
+        extra = proximal_term(model, proximal_mu) if proximal_mu > 0 else None
 
         stats = {"loss": 0.0, "num_examples": 0, "steps": 0}
         for epoch in range(min(cfg.federation.local_epochs, self.max_local_epochs)):
