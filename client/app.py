@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from umeml.config import DPConfig, ExperimentConfig, SiteConfig, config_from_dict, config_to_dict, load_site_config
 from umeml.data.cohort import Cohort, load_cohort, load_data_dir
-from umeml.federation.privacy import KEY_CLIPPING_NORM, clip_update
+from umeml.federation.privacy import KEY_CLIPPING_NORM
 from umeml.federation.protocol import Preprocessing
 from umeml.federation.site import SiteRuntime
 from umeml.server.records import arrays_from_state, state_from_arrays
@@ -83,6 +85,19 @@ class SimulatedSites:
 
 def _json_reply(msg: Message, payload: dict) -> Message:
     return Message(RecordDict({"report": ConfigRecord({"json": json.dumps(payload)})}), reply_to=msg)
+
+
+def clip_update(new: dict, old: dict, clipping_norm: float) -> dict:
+    """``old + clip(new - old)``: a site's update scaled to L2 norm <= ``clipping_norm`` (over all
+    floating tensors), as Flower's ``fixedclipping_mod`` does for central DP with client-side clipping."""
+    keys = [k for k, v in new.items() if torch.is_floating_point(v)]
+    after = [new[k].detach().cpu().double().numpy().copy() for k in keys]
+    before = [old[k].detach().cpu().double().numpy() for k in keys]
+    compute_clip_model_update(after, before, clipping_norm)
+    out = dict(new)
+    for k, a in zip(keys, after):
+        out[k] = torch.from_numpy(a).to(new[k].dtype)
+    return out
 
 
 def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]) -> ClientApp:

@@ -243,19 +243,3 @@ def run_ledger(experiment: str, local_request: dict, central: dict | None, round
 
 
 KEY_CLIPPING_NORM = "clipping_norm"  # the config key Flower's client-side clipping wrapper sends
-
-
-def clip_update(new: dict, old: dict, clipping_norm: float) -> dict:
-    """``old + clip(new - old)``: a site's update scaled to L2 norm <= ``clipping_norm`` (over all
-    floating tensors), as Flower's ``fixedclipping_mod`` does for central DP with client-side clipping."""
-    import torch
-    from flwr.supercore.differential_privacy import compute_clip_model_update
-
-    keys = [k for k, v in new.items() if torch.is_floating_point(v)]
-    after = [new[k].detach().cpu().double().numpy().copy() for k in keys]
-    before = [old[k].detach().cpu().double().numpy() for k in keys]
-    compute_clip_model_update(after, before, clipping_norm)
-    out = dict(new)
-    for k, a in zip(keys, after):
-        out[k] = torch.from_numpy(a).to(new[k].dtype)
-    return out
