@@ -104,6 +104,13 @@ def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]
     """A ClientApp whose handlers find their site with ``resolve`` (deployed or simulated)."""
     app = ClientApp()
 
+    def round_request(msg: Message, context: Context):
+        """What a train or evaluate message carries: experiment, its config record, the
+        federation's preprocessing, and this node's site."""
+        cfg = experiment_from(msg)
+        conf = msg.content["config"]
+        return cfg, conf, Preprocessing.from_json(str(conf["preprocessing"])), resolve(context, cfg)
+
     @app.query("handshake")
     def handshake(msg: Message, context: Context) -> Message:
         """Site id, umeml version, data schema and aggregate counts."""
@@ -119,10 +126,7 @@ def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         """Local epochs from the global weights."""
-        cfg = experiment_from(msg)
-        conf = msg.content["config"]
-        prep = Preprocessing.from_json(str(conf["preprocessing"]))
-        site = resolve(context, cfg)
+        cfg, conf, prep, site = round_request(msg, context)
         mu = float(conf.get("proximal-mu", 0.0))
         received = state_from_arrays(msg.content["arrays"])
         state, metrics = site.train(cfg, prep, received, int(conf["server-round"]), mu)
@@ -140,10 +144,7 @@ def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         """Metrics of the global weights on the site's held-out patients or local validation split."""
-        cfg = experiment_from(msg)
-        conf = msg.content["config"]
-        prep = Preprocessing.from_json(str(conf["preprocessing"]))
-        site = resolve(context, cfg)
+        cfg, conf, prep, site = round_request(msg, context)
         report = site.evaluate(cfg, prep, state_from_arrays(msg.content["arrays"]), str(conf["part"]), int(conf["n-boot"]))
         return Message(RecordDict({
             "metrics": MetricRecord({"num-examples": int(report["n"])}),
