@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from umeml.config import SiteConfig, load_site_config
-from umeml.errors import ConfigError, DataValidationError
+from umeml.errors import ConfigError, DataValidationError, report_input_error
 
 
 def load_site_cohort(site: SiteConfig):
@@ -26,15 +26,12 @@ def load_site_cohort(site: SiteConfig):
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    site = None
     try:
         site = load_site_config(args.site)
         cohort = load_site_cohort(site)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (DataValidationError, FileNotFoundError) as err:
-        print(f"check FAILED for site {getattr(locals().get('site'), 'site_id', '?')}: {err}", file=sys.stderr)
-        return 1
+    except (ConfigError, DataValidationError, FileNotFoundError) as err:
+        return report_input_error(err, f"check FAILED for site {site.site_id}" if site else "check FAILED")
     s = cohort.summary()
     print(f"site {site.site_id}: check OK: {s['patients']} patients, {s['slides']} slides; "
           f"pathology {s['with_pathology']}, genomics {s['with_genomics']}; feature dim {s['feature_dim'] or '-'}")
@@ -76,12 +73,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
     try:
         site = load_site_config(args.site)
         load_site_cohort(site)  # refuse to join with data that would fail mid-run
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (DataValidationError, FileNotFoundError) as err:
-        print(f"site data check FAILED, not joining: {err}", file=sys.stderr)
-        return 1
+    except (ConfigError, DataValidationError, FileNotFoundError) as err:
+        return report_input_error(err, "site data check FAILED, not joining")
     problem = check_auth_files(args.root_certificates, args.auth_key)
     if problem is None:
         try:  # a TLS mismatch would leave Flower's SuperNode retrying forever: catch it up front

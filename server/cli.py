@@ -11,7 +11,7 @@ from pathlib import Path
 
 from umeml import __version__
 from umeml.config import dump_config, load_config
-from umeml.errors import ConfigError, DataValidationError
+from umeml.errors import ConfigError, DataValidationError, report_input_error
 
 SIMULATION_FILE = "simulation.json"
 PRIMARY = (("grade", "auc_macro"), ("grade", "balanced_accuracy"), ("subtype", "auc_macro"),
@@ -105,12 +105,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except DataValidationError as err:
-        print(f"data check FAILED: {err}", file=sys.stderr)
-        return 1
+    except (ConfigError, DataValidationError) as err:
+        return report_input_error(err, "data check FAILED")
     if args.compare:
         from umeml.server.compare import compare, format_comparison
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from umeml import __version__
 from umeml.config import DataConfig, load_config
-from umeml.errors import ConfigError, DataValidationError
+from umeml.errors import ConfigError, DataValidationError, report_input_error
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -64,15 +64,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     try:
         data_cfg = load_config(args.config).data if args.config else None
         cohort = load_cohort_from_args(args, data_cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except DataValidationError as err:
-        print(f"check FAILED: {err}", file=sys.stderr)
-        return 1
-    except FileNotFoundError as err:
-        print(f"check FAILED: {err}", file=sys.stderr)
-        return 1
+    except (ConfigError, DataValidationError, FileNotFoundError) as err:
+        return report_input_error(err, "check FAILED")
     summary = cohort.summary()
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -105,12 +98,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
             cfg = dataclasses.replace(cfg, seed=args.seed)
         cohort = load_cohort_from_args(args, cfg.data)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (DataValidationError, FileNotFoundError) as err:
-        print(f"data check FAILED: {err}", file=sys.stderr)
-        return 1
+    except (ConfigError, DataValidationError, FileNotFoundError) as err:
+        return report_input_error(err, "data check FAILED")
     try:
         final = train_central(cfg, cohort, args.out, progress=not args.quiet)
     except ValueError as err:

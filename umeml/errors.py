@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 
@@ -33,3 +34,15 @@ class DataValidationError(UmemlError):
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{len(self.problems)} data problem(s) found:\n{lines}")
+
+
+def report_input_error(err: Exception, data_message: str) -> int:
+    """Print a user-input error for a command line and return its exit code.
+
+    A bad configuration exits 2 (``error: ...``); bad data exits 1 (``<data_message>: ...``).
+    """
+    if isinstance(err, ConfigError):
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{data_message}: {err}", file=sys.stderr)
+    return 1
