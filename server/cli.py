@@ -112,6 +112,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
         summary = compare(cfg, cohort, source, args.out, device=args.device)
         print(format_comparison(summary))
+        if not args.no_report:
+            _write_reports(sorted(p.parent for p in Path(args.out).glob("*/final.json")) + [Path(args.out)])
         return 0
     results = {}
     for held in held_sets:
@@ -132,7 +134,19 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         results[",".join(final["held_out_sites"])] = final
         print(f"\nheld-out metrics after {final['rounds']} rounds ({final['strategy']}), run dir {run_dir}:")
         print(format_table(final))
+        if not args.no_report:
+            _write_reports([run_dir])
+    if len(held_sets) > 1 and not args.no_report:
+        _write_reports([Path(args.out)])
     return 0
+
+
+def _write_reports(run_dirs: list[Path]) -> None:
+    """report.html for each run dir (a failure is printed; the runs' results stay on disk)."""
+    from umeml.report import report_after_run
+
+    for run_dir in run_dirs:
+        report_after_run(run_dir)
 
 
 def exposure_warning(host: str, port: int, tls: bool, auth: bool) -> str | None:
@@ -245,6 +259,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
     final = json.loads(final_path.read_text())
     print(f"\nheld-out metrics after {final['rounds']} rounds ({final['strategy']}), run dir {run_dir}:")
     print(format_table(final))
+    if not args.no_report:
+        _write_reports([run_dir])
     return 0
 
 
@@ -300,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, default=4, help="sites of the generated demo cohort (default 4)")
     p.add_argument("--patients", type=int, default=60, help="patients per site of the generated demo cohort (default 60)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="device of the virtual sites")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser("start", help="coordinate real sites: start Flower's SuperLink and run the federation")
@@ -316,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sites' OpenSSH public keys (.pub files, or folders of them) to register: SuperNode "
                         "authentication on, only these sites may join; needs --tls-dir")
     p.add_argument("--wait-timeout", type=float, default=600.0, help="seconds to wait for the sites (default 600)")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
     p.set_defaults(func=_cmd_start)
 
     p = sub.add_parser("certs", help="create the CA, the SuperLink certificate and the sites' keys (TLS + site auth)")

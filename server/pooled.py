@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -12,14 +13,20 @@ from umeml.data.cohort import load_cohort, load_data_dir
 from umeml.data.dataset import CohortDataset, GenomicScaler, make_loader
 from umeml.federation.protocol import Preprocessing
 from umeml.model import build_model
+from umeml.train.central import save_held_out
 from umeml.train.evaluate import evaluate_predictions
 from umeml.train.loop import LossSettings, predict
 
 
 def pooled_evaluator(run_config, cfg: ExperimentConfig, held_out: tuple[str, ...]) -> Callable | None:
-    """A function scoring the global weights on all held-out patients pooled, or None when deployed."""
+    """A function scoring the global weights on all held-out patients pooled, or None when deployed.
+
+    It also keeps the pooled predictions in the run dir (``predictions.npz``) for the report's
+    ROC and Kaplan-Meier plots: a simulation holds every site's data anyway.
+    """
     data_dir = str(run_config.get("sim-data-dir", ""))
     table = str(run_config.get("sim-table", ""))
+    run_dir = str(run_config.get("run-dir", ""))
     if not (data_dir or table) or not held_out:
         return None
 
@@ -40,6 +47,8 @@ def pooled_evaluator(run_config, cfg: ExperimentConfig, held_out: tuple[str, ...
         model.load_state_dict(weights)
         weights_t = {t: torch.tensor(w) for t, w in prep.class_weights.items()}
         preds = predict(model, make_loader(ds, cfg.train.batch_size, False, 0), LossSettings(tuple(cfg.tasks), weights_t, cfg.survival.alpha), torch.device("cpu"))
+        if run_dir:
+            save_held_out(Path(run_dir), preds, cohort, idx)
         return evaluate_predictions(preds, cfg.tasks, n_boot=cfg.train.bootstrap, seed=cfg.seed)
 
     return evaluate

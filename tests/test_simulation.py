@@ -42,6 +42,10 @@ def test_simulate_prints_held_out_table_and_resumes(exp, tiny_cohort_dir, tmp_pa
     assert "round 1/2" not in text and "round 2/2" in text
     final = json.loads((out / "final.json").read_text())
     assert final["rounds"] == 2 and len(final["seconds_per_round"]) == 2
+    # the report is written at the end, with the pooled held-out predictions a simulation keeps
+    plots = {p.name for p in (out / "plots").glob("*.png")}
+    assert {"curves.png", "roc_grade.png", "roc_subtype.png", "kaplan_meier.png", "forest_survival.png"} <= plots
+    assert "report: " in text and (out / "report.html").is_file()
 
 
 @pytest.mark.timeout(900)
@@ -53,6 +57,9 @@ def test_compare_mode(exp, tiny_cohort_dir, tmp_path, capsys):
         assert mode in text
     summary = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert summary["held_out_sites"] == ["A2"] and summary["training_sites"] == ["A0", "A1"]
+    page = (tmp_path / "cmp" / "report.html").read_text()
+    assert "Centralized vs federated vs local-only" in page and "href='federated/report.html'" in page
+    assert (tmp_path / "cmp" / "federated" / "report.html").is_file()
 
 
 def test_shipped_app_bundle_matches_what_start_writes(tmp_path):

@@ -107,6 +107,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 2
     print(format_final(final))
     print(f"run directory: {args.out}")
+    if not args.no_report:
+        from umeml.report import report_after_run
+
+        report_after_run(args.out)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from umeml.report import Options, ReportError, write_report
+
+    if (args.features is not None or args.checkpoint is not None) and args.slide is None:
+        print("error: --features and --checkpoint only make sense with --slide", file=sys.stderr)
+        return 2
+    try:
+        out = write_report(args.run_dir, Options(risk_groups=args.risk_groups, slide=args.slide,
+                                                 features=args.features, checkpoint=args.checkpoint))
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {out}")
     return 0
 
 
@@ -158,7 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="run directory to write")
     p.add_argument("--seed", type=int, help="override the config's seed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained) and RUN_DIR/plots/*.png")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                   help="a run dir of umeml train, umeml-server simulate/start, --compare or --leave-one-site-out")
+    p.add_argument("--risk-groups", choices=("median", "tertiles"), default="median",
+                   help="split held-out patients by predicted risk for the Kaplan-Meier plot (default median)")
+    p.add_argument("--slide", type=Path, help="a whole-slide image: adds a prototype-attention heatmap over its thumbnail")
+    p.add_argument("--features", type=Path, help="the slide's h5 feature bag (with coords), needed with --slide")
+    p.add_argument("--checkpoint", type=Path,
+                   help="model for the heatmap (default RUN_DIR/checkpoints/global.pt, else best.pt)")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "binary_auc",
     "classification_metrics",
     "confusion_matrix",
+    "roc_curve",
 ]
 
 
@@ -36,6 +37,25 @@ def binary_auc(positive: np.ndarray, score: np.ndarray) -> float:
         raise ValueError("AUC is undefined: the labels hold only one class")
     ranks = rankdata(score)  # average ranks: a tie counts 1/2
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc_curve(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every distinct score threshold, from (0, 0) to (1, 1).
+
+    Tied scores move both rates at once (a diagonal step), so the trapezoidal area under the
+    points equals :func:`binary_auc`. Needs at least one positive and one negative.
+    """
+    positive = np.asarray(positive, dtype=bool)
+    score = np.asarray(score, dtype=float)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"ROC needs positives and negatives (got {n_pos} and {n_neg})")
+    order = np.argsort(-score, kind="mergesort")
+    s, y = score[order], positive[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tp = np.cumsum(y)[last_of_tie]
+    fp = np.cumsum(~y)[last_of_tie]
+    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos]
 
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:

@@ -162,6 +162,7 @@ def train_central(cfg: ExperimentConfig, cohort: Cohort, out_dir: str | Path, sp
     best_model, _ = load(out / "checkpoints" / "best.pt", map_location=device)
     preds = predict(best_model, loaders["test"], loss, device)
     test_metrics = evaluate_predictions(preds, cfg.tasks, n_boot=cfg.train.bootstrap, seed=cfg.seed)
+    save_held_out(out, preds, cohort, split.test)
     final = {
         "experiment": cfg.name,
         "mode": "centralized",
@@ -177,3 +178,14 @@ def train_central(cfg: ExperimentConfig, cohort: Cohort, out_dir: str | Path, sp
     }
     (out / "final.json").write_text(json.dumps(final, indent=2))
     return final
+
+
+def save_held_out(run_dir: Path, preds, cohort: Cohort, indices: np.ndarray) -> None:
+    """Keep the test patients' predictions in the run dir for the report's ROC and KM plots."""
+    from umeml.report.predictions import PREDICTIONS_FILE, class_names, save_predictions
+
+    if len(preds) != len(indices):  # an evaluation that dropped patients cannot be aligned with sites
+        log.warning("not saving predictions: %d predictions for %d test patients", len(preds), len(indices))
+        return
+    save_predictions(Path(run_dir) / PREDICTIONS_FILE, preds, class_names(cohort),
+                     [cohort.patients[i].site for i in indices])

@@ -1,0 +1,212 @@
+"""`umeml report`: the page and plots of centralized, federated (deployment-like, with DP) and
+comparison runs, the figures' own numbers, the slide heatmap and the CLI's errors."""
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from umeml.cli import main as umeml_main
+from umeml.client.app import SimulatedSites, build_client_app
+from umeml.config import config_from_dict
+from umeml.data.cohort import load_data_dir
+from umeml.metrics.classification import binary_auc, roc_curve
+from umeml.report import Options, ReportError, load_predictions, write_report
+from umeml.report.figures import kaplan_meier, risk_groups
+from umeml.server.coordinator import Coordinator
+from umeml.train.central import train_central
+
+from fed_helpers import LocalGrid
+
+EXPERIMENT = {
+    "name": "report-test", "seed": 0, "tasks": ["grade", "subtype", "survival"],
+    "data": {"max_patches": 32},
+    "split": {"test_sites": ["A2"]},
+    "model": {"hidden_dim": 16, "n_prototypes": 3, "n_registers": 2, "dropout": 0.0, "drop_path": 0.0},
+    "train": {"epochs": 2, "batch_size": 8, "lr": 0.003, "bootstrap": 20},
+    "federation": {"rounds": 2, "local_epochs": 1, "min_train_sites": 1, "k_min_patients": 5},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def central_run(tiny_cohort_dir, tmp_path_factory):
+    cfg = config_from_dict(EXPERIMENT)
+    out = tmp_path_factory.mktemp("central") / "run"
+    train_central(cfg, load_data_dir(tiny_cohort_dir, cfg.data), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def federated_dp_run(tiny_cohort_dir, tmp_path_factory):
+    """A federation run as a deployment leaves it (no pooled predictions), sites under DP at epsilon 8."""
+    exp = dict(EXPERIMENT, federation=dict(EXPERIMENT["federation"], local_dp={
+        "enabled": True, "target_epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0}))
+    cfg = config_from_dict(exp)
+    out = tmp_path_factory.mktemp("fed") / "run"
+    app = build_client_app(SimulatedSites(("A0", "A1", "A2"), data_dir=str(tiny_cohort_dir),
+                                          state_root=str(out / "sites")))
+    Coordinator(cfg, out, expected_sites=3, held_out=("A2",), wait_timeout=5, printer=lambda s: None).run(LocalGrid(app, 3))
+    from umeml.config import dump_config
+
+    (out / "config.yaml").write_text(dump_config(cfg))
+    return out
+
+
+def _images(page: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r"src='data:image/png;base64,([^']+)'", page)]
+
+
+def _assert_self_contained(page: str) -> None:
+    # nothing is fetched: no external script, stylesheet or image; links only to anchors and sibling reports
+    assert not re.search(r"<script|<link|src=['\"](?!data:)", page)
+    for href in re.findall(r"href='([^']+)'", page):
+        assert href.startswith("#") or href.endswith("/report.html"), href
+    for png in _images(page):
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 2000
+
+
+def test_centralized_report_has_every_plot(central_run):
+    page_path = write_report(central_run)
+    page = page_path.read_text()
+    plots = {p.name for p in (central_run / "plots").glob("*.png")}
+    assert plots >= {"curves.png", "roc_grade.png", "roc_subtype.png", "confusion_grade.png", "confusion_subtype.png",
+                     "kaplan_meier.png", "forest_grade.png", "forest_subtype.png", "forest_survival.png"}
+    assert len(_images(page)) == len(plots)
+    _assert_self_contained(page)
+    final = json.loads((central_run / "final.json").read_text())
+    # the page states the run's own numbers and the log-rank test
+    assert f"{final['test']['grade']['auc_macro']['value']:.3f}" in page
+    assert "Log-rank test p =" in page and "torch" in page and "report-test" in page
+
+
+def test_saved_predictions_reproduce_the_test_metrics(central_run):
+    preds = load_predictions(central_run / "predictions.npz")
+    final = json.loads((central_run / "final.json").read_text())
+    assert len(preds) == final["n_test"] and set(preds.sites.tolist()) == {"A2"}
+    auc = np.mean([binary_auc(preds.labels["grade"] == k, preds.probs["grade"][:, k])
+                   for k in range(preds.probs["grade"].shape[1]) if 0 < (preds.labels["grade"] == k).sum() < len(preds)])
+    assert auc == pytest.approx(final["test"]["grade"]["auc_macro"]["value"], abs=1e-6)
+    assert preds.classes["grade"] == ["II", "III", "IV"]
+
+
+def test_federated_report_states_the_privacy_budget(federated_dp_run):
+    page = write_report(federated_dp_run).read_text()
+    ledger = json.loads((federated_dp_run / "privacy.json").read_text())
+    for site, entry in ledger["final"]["local"].items():
+        assert entry["epsilon"] <= 8.0
+        assert f"site {site}: final epsilon {entry['epsilon']:.3f} &lt;= its budget 8" in page
+    plots = {p.name for p in (federated_dp_run / "plots").glob("*.png")}
+    # deployment-like: no per-patient predictions, so no ROC / KM; confusion summed from the sites' counts
+    assert {"curves.png", "privacy_epsilon.png", "confusion_grade.png", "forest_grade.png"} <= plots
+    assert not any(p.startswith(("roc_", "kaplan")) for p in plots)
+    assert "never leave a site" in page
+    _assert_self_contained(page)
+
+
+def test_roc_curve_area_matches_auc_with_ties():
+    rng = np.random.default_rng(0)
+    y = rng.random(200) < 0.3
+    score = np.round(rng.random(200) + y * 0.4, 1)  # rounding makes many ties
+    fpr, tpr = roc_curve(y, score)
+    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(binary_auc(y, score), abs=1e-12)
+    with pytest.raises(ValueError, match="positives and negatives"):
+        roc_curve(np.ones(3, bool), np.arange(3.0))
+
+
+def test_risk_groups_and_log_rank():
+    from lifelines.statistics import logrank_test
+
+    rng = np.random.default_rng(1)
+    risk = rng.normal(size=120)
+    months = rng.exponential(40 * np.exp(-risk))  # higher risk, shorter survival
+    censored = (rng.random(120) < 0.3).astype(int)
+    groups, names = risk_groups(risk, "median")
+    assert len(names) == 2 and np.bincount(groups).tolist() == [60, 60]
+    assert risk[groups == 1].min() > risk[groups == 0].max()
+    groups3, _ = risk_groups(risk, "tertiles")
+    assert np.bincount(groups3).tolist() == [40, 40, 40]
+    _, summary = kaplan_meier(months, censored, risk, "median")
+    direct = logrank_test(months[groups == 0], months[groups == 1], 1 - censored[groups == 0], 1 - censored[groups == 1])
+    assert summary["p_value"] == pytest.approx(direct.p_value) and summary["p_value"] < 1e-3
+    with pytest.raises(ValueError, match="unknown scheme"):
+        risk_groups(risk, "quartiles")
+
+
+def test_comparison_and_collection_reports(central_run, tmp_path):
+    final = json.loads((central_run / "final.json").read_text())
+    cmp_dir = tmp_path / "cmp"
+    cmp_dir.mkdir()
+    results = {m: {"test": final["test"], "n": final["n_test"]} for m in ("centralized", "federated", "local-only A0")}
+    (cmp_dir / "comparison.json").write_text(json.dumps({"held_out_sites": ["A2"], "training_sites": ["A0", "A1"],
+                                                         "results": results}))
+    page = write_report(cmp_dir).read_text()
+    assert (cmp_dir / "plots" / "comparison.png").is_file() and "local-only A0" in page
+    # a folder of runs (leave-one-site-out) gets a summary with links to each run's report
+    loso = tmp_path / "loso"
+    (loso / "holdout-A2").mkdir(parents=True)
+    for name in ("final.json", "config.yaml", "metrics.csv"):
+        (loso / "holdout-A2" / name).write_bytes((central_run / name).read_bytes())
+    write_report(loso / "holdout-A2")
+    page = write_report(loso).read_text()
+    assert "href='holdout-A2/report.html'" in page and (loso / "plots" / "forest_grade.png").is_file()
+
+
+def test_errors_name_the_problem(tmp_path, capsys):
+    with pytest.raises(ReportError, match="no final.json"):
+        write_report(tmp_path)
+    (tmp_path / "final.json").write_text("{not json")
+    with pytest.raises(ReportError, match=r"final\.json: cannot read it as JSON"):
+        write_report(tmp_path)
+    assert umeml_main(["report", str(tmp_path / "absent")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    assert umeml_main(["report", str(tmp_path), "--features", "x.h5"]) == 2
+    assert "only make sense with --slide" in capsys.readouterr().err
+
+
+def test_prototype_heatmap_over_a_slide(central_run, tmp_path, capsys):
+    pytest.importorskip("openslide")
+    from slide_fixtures import make_slide_image, write_aperio_svs
+
+    from umeml.model import load
+
+    img = make_slide_image(2048, 1536, [(256, 256, 1024, 768), (1536, 512, 256, 512)], seed=3)
+    slide = write_aperio_svs(tmp_path / "case.svs", img)
+    model, _ = load(central_run / "checkpoints" / "best.pt")
+    dim = model.path.proj[0].in_features
+    coords = np.array([(x, y) for y in range(256, 1024, 128) for x in range(256, 1280, 128)], np.int64)
+    bag = tmp_path / "case.h5"
+    with h5py.File(bag, "w") as f:
+        f["features"] = np.random.default_rng(0).normal(size=(len(coords), dim)).astype(np.float16)
+        f["coords"] = coords
+        f.attrs["patch_size_level0"] = 128
+    assert umeml_main(["report", str(central_run), "--slide", str(slide), "--features", str(bag)]) == 0
+    assert (central_run / "plots" / "prototype_heatmap.png").is_file()
+    assert "Prototype attention on a slide" in (central_run / "report.html").read_text()
+    # a bag of the wrong feature dimension is refused with both numbers
+    with h5py.File(bag, "w") as f:
+        f["features"] = np.zeros((4, dim + 1), np.float32)
+        f["coords"] = coords[:4]
+    assert umeml_main(["report", str(central_run), "--slide", str(slide), "--features", str(bag)]) == 2
+    assert f"{dim + 1}-dim features, the checkpoint expects {dim}" in capsys.readouterr().err
+
+
+def test_heatmap_needs_its_inputs(central_run, tmp_path):
+    with pytest.raises(ReportError, match="--slide needs --features"):
+        write_report(central_run, Options(slide=tmp_path / "s.svs"))
+    with pytest.raises(ReportError, match="no such file"):
+        write_report(central_run, Options(slide=tmp_path / "s.svs", features=tmp_path / "f.h5"))

@@ -1,0 +1,535 @@
+"""``umeml report RUN_DIR``: one self-contained ``report.html`` plus ``plots/*.png`` per run.
+
+The run directory decides what the report holds (README, "Reports"):
+- a centralized run (``umeml train``) or a federated one (simulation or deployment), from
+  ``final.json``, ``metrics.csv``, ``config.yaml``, ``privacy.json`` and, where the writer held
+  the patients' data, ``predictions.npz`` (ROC and Kaplan-Meier need per-patient scores, which a
+  deployed coordinator never has: its report says so instead of drawing them);
+- a comparison (``--compare``: ``comparison.json``) or a folder of runs (``--leave-one-site-out``):
+  the modes or runs side by side, with links to each run's own report.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from umeml.report import figures
+from umeml.report.predictions import PREDICTIONS_FILE, HeldOutPredictions, load_predictions
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.html"
+PLOTS_DIR = "plots"
+PACKAGES = ("umeml", "torch", "numpy", "flwr", "opacus", "lifelines", "matplotlib", "h5py", "openslide-python")
+
+
+class ReportError(Exception):
+    """The run directory cannot be reported on (missing or unreadable files)."""
+
+
+@dataclass
+class Section:
+    """One part of the page: a heading, HTML text and figures (file name, caption)."""
+
+    title: str
+    body: str = ""
+    figures: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Options:
+    """What to draw beyond the run dir's own files."""
+
+    risk_groups: str = "median"
+    slide: Path | None = None
+    features: Path | None = None
+    checkpoint: Path | None = None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ReportError(f"{path}: cannot read it as JSON ({err})") from err
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}"}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _fmt(m: dict | None) -> str:
+    if not isinstance(m, dict) or not isinstance(m.get("value"), (int, float)):
+        return "-"
+    ci = f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m.get("ci_low") is not None else ""
+    return f"{m['value']:.3f}{ci}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+class ReportBuilder:
+    """Collects sections and figures for one run dir and writes the page."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.plots = run_dir / PLOTS_DIR
+        self.sections: list[Section] = []
+        self.notes: list[str] = []
+
+    def save(self, fig, name: str) -> str:
+        """Save ``fig`` as ``plots/<name>.png``; returns the file name."""
+        self.plots.mkdir(parents=True, exist_ok=True)
+        fig.savefig(self.plots / f"{name}.png")
+        return f"{name}.png"
+
+    def write(self, title: str, subtitle: str) -> Path:
+        """Write ``report.html`` with every image embedded as a data URI."""
+        parts = [f"<h1>{html.escape(title)}</h1><p class='sub'>{html.escape(subtitle)}</p>"]
+        toc = "".join(f"<li><a href='#s{i}'>{html.escape(s.title)}</a></li>" for i, s in enumerate(self.sections))
+        parts.append(f"<nav><ol>{toc}</ol></nav>")
+        for i, s in enumerate(self.sections):
+            parts.append(f"<section id='s{i}'><h2>{html.escape(s.title)}</h2>{s.body}<div class='figs'>")
+            for name, caption in s.figures:
+                data = base64.b64encode((self.plots / name).read_bytes()).decode("ascii")
+                parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+                             f"<figcaption>{html.escape(caption)} <code>{PLOTS_DIR}/{html.escape(name)}</code>"
+                             "</figcaption></figure>")
+            parts.append("</div></section>")
+        if self.notes:
+            parts.append("<section><h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in self.notes)
+                         + "</ul></section>")
+        page = PAGE.format(title=html.escape(title), body="\n".join(parts))
+        out = self.run_dir / REPORT_FILE
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(page, encoding="utf-8")
+        tmp.replace(out)
+        return out
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; line-height: 1.4; }}
+h1 {{ margin-bottom: 0.1em; }} .sub {{ color: #555; margin-top: 0; }}
+table {{ border-collapse: collapse; margin: 0.6em 0; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
+th {{ background: #f2f2f2; }}
+.figs {{ display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }}
+figure {{ margin: 0.5em 0; flex: 1 1 520px; max-width: 100%; }} img {{ max-width: 100%; border: 1px solid #eee; }}
+figcaption {{ color: #444; font-size: 0.9em; }}
+pre {{ background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }}
+.ok {{ color: #176b2c; font-weight: bold; }} .bad {{ color: #a11; font-weight: bold; }}
+</style></head>
+<body>
+{body}
+</body></html>
+"""
+
+
+# ------------------------------------------------------------------ pieces shared by run kinds
+def _config_section(run_dir: Path, final: dict) -> Section:
+    cfg = run_dir / "config.yaml"
+    text = cfg.read_text() if cfg.is_file() else "(config.yaml not found)"
+    versions = _versions()
+    if final.get("umeml_version"):
+        versions["umeml (at run time)"] = str(final["umeml_version"])
+    rows = [[k, v] for k, v in versions.items()]
+    return Section("Configuration and versions",
+                   _table(["package", "version"], rows) + f"<pre>{html.escape(text)}</pre>")
+
+
+def _metrics_table(named: dict[str, dict], n: dict[str, int]) -> str:
+    """Rows = names (sites, combined, pooled), columns = every task metric present."""
+    cols: list[tuple[str, str]] = []
+    for tasks in named.values():
+        for task, metrics in (tasks or {}).items():
+            for metric, m in (metrics or {}).items():
+                if isinstance(m, dict) and "value" in m and not isinstance(m["value"], list) and (task, metric) not in cols:
+                    cols.append((task, metric))
+    rows = []
+    for name, tasks in named.items():
+        rows.append([name, str(n.get(name, "-"))] + [_fmt(((tasks or {}).get(t) or {}).get(k)) for t, k in cols])
+    return _table(["", "n"] + [f"{t} {k}" for t, k in cols], rows)
+
+
+def _forest_section(builder: ReportBuilder, per_site: dict[str, tuple[dict, int]], summaries: dict[str, tuple[dict, int]],
+                    what: str) -> Section | None:
+    sec = Section("Per-site metrics (forest plot)",
+                  f"<p>{html.escape(what)} Each marker is a site's metric with its 95% bootstrap CI; diamonds "
+                  "are the summaries. Sites below the privacy threshold k report only their count and are absent.</p>")
+    for task, metric in figures.PRIMARY:
+        rows = []
+        for label, (tasks, n) in list(per_site.items()) + list(summaries.items()):
+            m = ((tasks or {}).get(task) or {}).get(metric)
+            if isinstance(m, dict) and isinstance(m.get("value"), (int, float)):
+                rows.append({"label": label, "value": m["value"], "low": m.get("ci_low"), "high": m.get("ci_high"),
+                             "n": m.get("n", n), "kind": "summary" if label in summaries else "site"})
+        if rows:
+            name = builder.save(figures.forest_plot(rows, figures.metric_label(task, metric)), f"forest_{task}")
+            sec.figures.append((name, f"{figures.metric_label(task, metric)} per site."))
+    return sec if sec.figures else None
+
+
+def _prediction_sections(builder: ReportBuilder, preds: HeldOutPredictions, opts: Options, who: str) -> list[Section]:
+    out = []
+    roc = Section("ROC curves", f"<p>One-vs-rest ROC per class on {html.escape(who)} (n={len(preds)}).</p>")
+    conf = Section("Confusion matrices", f"<p>Arg-max predictions on {html.escape(who)}.</p>")
+    from umeml.metrics.classification import confusion_matrix
+
+    for task, probs in preds.probs.items():
+        classes = preds.classes[task]
+        roc.figures.append((builder.save(figures.roc_curves(task, probs, preds.labels[task], classes), f"roc_{task}"),
+                            f"{figures.TASK_LABELS.get(task, task)}: ROC per class, AUC and positives in the legend."))
+        cm = confusion_matrix(preds.labels[task], probs.argmax(axis=1), len(classes))
+        conf.figures.append((builder.save(figures.confusion_matrix(task, cm, classes, who), f"confusion_{task}"),
+                             f"{figures.TASK_LABELS.get(task, task)}: confusion matrix."))
+    out += [s for s in (roc, conf) if s.figures]
+    if preds.risk is not None and len(preds) >= 2:
+        fig, test = figures.kaplan_meier(preds.months, preds.censored, preds.risk, opts.risk_groups)
+        p = "not computable" if test.get("p_value") is None else f"{test['p_value']:.3g}"
+        body = (f"<p>Held-out patients ({html.escape(who)}) split at the {html.escape(opts.risk_groups)} of their own "
+                f"predicted risk (risk = minus the sum of the predicted survival curve). Log-rank test p = {p}"
+                + (f" (chi-square {test['statistic']:.2f}, {test['df']} df)" if test.get("statistic") is not None else "")
+                + ". Shaded bands: 95% CIs of the Kaplan-Meier estimates; ticks: censored patients.</p>")
+        out.append(Section("Kaplan-Meier curves by predicted risk", body,
+                           [(builder.save(fig, "kaplan_meier"), "Survival of held-out patients by predicted risk group.")]))
+    return out
+
+
+def _privacy_section(builder: ReportBuilder, ledger: dict) -> Section:
+    entries = ledger.get("entries", [])
+    final = ledger.get("final", {})
+    rows, statements = [], []
+    for site, e in sorted((final.get("local") or {}).items()):
+        eps, target = e.get("epsilon"), e.get("target_epsilon")
+        ok = isinstance(eps, (int, float)) and isinstance(target, (int, float)) and eps <= target + 1e-9
+        rows.append([site, e.get("round"), f"{eps:.3f}" if isinstance(eps, (int, float)) else "-",
+                     target if target is not None else "-", e.get("delta"), e.get("status")])
+        if isinstance(eps, (int, float)) and isinstance(target, (int, float)):
+            statements.append(f"<li class='{'ok' if ok else 'bad'}'>site {html.escape(site)}: final epsilon "
+                              f"{eps:.3f} {html.escape('<=' if ok else '>')} its budget {target:g} (delta {e.get('delta')})</li>")
+    central = final.get("central")
+    if central:
+        rows.append(["(central)", central.get("round"), f"{central['epsilon']:.3f}", "-", central.get("delta"), "released"])
+    targets = {}
+    for site, e in (final.get("local") or {}).items():
+        if isinstance(e.get("target_epsilon"), (int, float)):
+            targets.setdefault(f"{e['target_epsilon']:g}", e["target_epsilon"])
+    releases = "".join(
+        f"<li>{html.escape(str(r.get('kind', 'release')))}: epsilon {r.get('epsilon')}, delta {r.get('delta')}"
+        + (f" ({html.escape(str(r['mechanism']))})" if r.get("mechanism") else "") + "</li>"
+        for r in ledger.get("releases", []))
+    stopped = ledger.get("stopped") or final.get("stopped")
+    body = ("<p>Cumulative epsilon per site from each site's own accountant (local DP-SGD, per patient) and, "
+            "for central DP, of the aggregate (per site). Values are read from <code>privacy.json</code>.</p>"
+            + (f"<ul>{''.join(statements)}</ul>" if statements else "")
+            + (_table(["site", "last round", "epsilon", "target epsilon", "delta", "status"], rows) if rows
+               else "<p>No DP-SGD training entries (neither local nor central DP was on).</p>")
+            + (f"<p>One-off releases:</p><ul>{releases}</ul>" if releases else "")
+            + (f"<p class='bad'>Training stopped: {html.escape(json.dumps(stopped))}</p>" if stopped else "")
+            + "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in ledger.get("notes", [])) + "</ul>")
+    sec = Section("Privacy ledger", body)
+    if entries:
+        sec.figures.append((builder.save(figures.privacy_epsilon(entries, {f"{v:g}": v for v in targets.values()}),
+                                         "privacy_epsilon"), "Cumulative epsilon by round."))
+    return sec
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _num(text) -> float | None:
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) else None
+
+
+# ------------------------------------------------------------------ run kinds
+def _federated_curves(rows: list[dict]) -> tuple[dict, dict]:
+    train: dict[str, list] = {}
+    by_round: dict[int, list[tuple[float, int]]] = {}
+    held: dict[str, dict[str, list]] = {}
+    for r in rows:
+        rnd, v = int(r["round"]), _num(r["value"])
+        if v is None:
+            continue
+        n = int(_num(r["n"]) or 0)
+        if r["kind"] == "train" and r["metric"] == "train_loss":
+            train.setdefault(r["site"], []).append((rnd, v, n))
+            by_round.setdefault(rnd, []).append((v, n))
+        elif r["kind"] in ("held_out", "held_out_combined") and any(r["metric"] == f"{t}_{m}" for t, m in figures.PRIMARY):
+            name = "combined" if r["kind"] == "held_out_combined" else f"{r['site']} (n={n})"
+            held.setdefault(r["metric"], {}).setdefault(name, []).append((rnd, v))
+    train["weighted mean"] = [(rnd, sum(v * n for v, n in vals) / max(1, sum(n for _, n in vals)), sum(n for _, n in vals))
+                              for rnd, vals in sorted(by_round.items())]
+    return train, held
+
+
+def _federated(builder: ReportBuilder, final: dict, opts: Options) -> None:
+    run_dir = builder.run_dir
+    held = final.get("held_out") or {}
+    per_site = {s: (r.get("tasks"), r.get("n")) for s, r in held.items() if not r.get("suppressed")}
+    suppressed = [s for s, r in held.items() if r.get("suppressed")]
+    named = {s: t for s, (t, _) in per_site.items()}
+    n = {s: c for s, (_, c) in per_site.items()}
+    summaries: dict[str, tuple[dict, int]] = {}
+    if final.get("held_out_combined"):
+        total = sum(c or 0 for c in n.values())
+        summaries["combined over sites"] = (final["held_out_combined"], total)
+    if final.get("pooled"):
+        summaries["pooled (simulation)"] = (final["pooled"], sum(c or 0 for c in n.values()))
+    named.update({k: v for k, (v, _) in summaries.items()})
+    n.update({k: c for k, (_, c) in summaries.items()})
+    body = (f"<p>{final.get('rounds')} rounds of {html.escape(str(final.get('strategy')))}, model "
+            f"{html.escape(str(final.get('model')))}; training sites {html.escape(', '.join(final.get('training_sites', [])))}; "
+            f"held-out sites {html.escape(', '.join(final.get('held_out_sites', [])))}. Metrics with 95% CIs (bootstrap per "
+            "site; normal approximation for the combination weighted by n, the c-index by comparable pairs).</p>"
+            + _metrics_table(named, n))
+    if suppressed:
+        body += f"<p>Suppressed (fewer than k patients, count only): {html.escape(', '.join(suppressed))}.</p>"
+    spr = final.get("seconds_per_round") or []
+    if spr:
+        body += f"<p>Seconds per round: mean {np.mean(spr):.1f} (min {min(spr):.1f}, max {max(spr):.1f}).</p>"
+    builder.sections.append(Section("Held-out metrics", body))
+    rows = _read_csv(run_dir / "metrics.csv")
+    if rows:
+        train, held_series = _federated_curves(rows)
+        fig = figures.round_curves(train, held_series, "round")
+        builder.sections.append(Section("Training curves", "<p>Training loss per site and round (mean over the "
+                                        "site's local steps) and held-out metrics per round.</p>",
+                                        [(builder.save(fig, "curves"), "Per-round training loss and held-out metrics.")]))
+    forest = _forest_section(builder, per_site, summaries, "Held-out sites of the federation.")
+    if forest:
+        builder.sections.append(forest)
+    preds_path = run_dir / PREDICTIONS_FILE
+    if preds_path.is_file():
+        builder.sections += _prediction_sections(builder, load_predictions(preds_path), opts,
+                                                 "all held-out patients pooled (simulation)")
+    else:
+        builder.notes.append("No ROC or Kaplan-Meier curves: they need per-patient predictions, which never leave a "
+                             "site in a deployment (only a simulation or centralized run keeps predictions.npz).")
+        conf = _summed_confusions(builder, held)
+        if conf:
+            builder.sections.append(conf)
+
+
+def _summed_confusions(builder: ReportBuilder, held: dict) -> Section | None:
+    """Confusion matrices summed over held-out sites: counts every site reports at >= k patients."""
+    cfg = _config_classes(builder.run_dir)
+    sec = Section("Confusion matrices", "<p>Summed over the held-out sites' reported matrices.</p>")
+    for task in ("grade", "subtype"):
+        mats = [np.asarray(r["tasks"][task]["confusion_matrix"]["value"]) for r in held.values()
+                if not r.get("suppressed") and "confusion_matrix" in (r.get("tasks", {}).get(task) or {})]
+        if mats and task in cfg:
+            fig = figures.confusion_matrix(task, np.sum(mats, axis=0), cfg[task], "held-out sites summed")
+            sec.figures.append((builder.save(fig, f"confusion_{task}"), f"{figures.TASK_LABELS[task]}: confusion matrix."))
+    return sec if sec.figures else None
+
+
+def _config_classes(run_dir: Path) -> dict[str, list[str]]:
+    from umeml.config import load_config
+    from umeml.data.labels import subtype_codes
+
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+    except Exception as err:  # noqa: BLE001 - a report without class names is still a report; say why
+        log.warning("%s: class names unavailable (%s)", run_dir / "config.yaml", err)
+        return {}
+    return {"grade": list(cfg.data.grades), "subtype": list(subtype_codes(cfg.data))}
+
+
+def _centralized(builder: ReportBuilder, final: dict, opts: Options) -> None:
+    run_dir = builder.run_dir
+    body = (f"<p>Model {html.escape(str(final.get('model')))} trained centrally on {final.get('n_train')} patients "
+            f"(validation {final.get('n_val')}), best epoch {final.get('best_epoch')} of {final.get('epochs_run')}; "
+            f"test sites {html.escape(', '.join(final.get('test_sites', [])))} (n={final.get('n_test')}).</p>"
+            + _metrics_table({"test": final.get("test")}, {"test": final.get("n_test")}))
+    builder.sections.append(Section("Test metrics", body))
+    rows = _read_csv(run_dir / "metrics.csv")
+    if rows:
+        train = {"train": [(int(r["epoch"]), _num(r["train_loss"]), final.get("n_train") or 0) for r in rows if _num(r.get("train_loss")) is not None],
+                 "validation": [(int(r["epoch"]), _num(r["val_loss"]), final.get("n_val") or 0) for r in rows if _num(r.get("val_loss")) is not None]}
+        held = {}
+        for task, metric in figures.PRIMARY:
+            pts = [(int(r["epoch"]), _num(r.get(f"val_{task}_{metric}"))) for r in rows]
+            pts = [(e, v) for e, v in pts if v is not None]
+            if pts:
+                held[f"{task}_{metric}"] = {f"validation (n={final.get('n_val')})": pts}
+        fig = figures.round_curves(train, held, "epoch")
+        builder.sections.append(Section("Training curves", "<p>Loss on the training and validation splits and "
+                                        "validation metrics per epoch.</p>",
+                                        [(builder.save(fig, "curves"), "Per-epoch loss and validation metrics.")]))
+    preds_path = run_dir / PREDICTIONS_FILE
+    if preds_path.is_file():
+        preds = load_predictions(preds_path)
+        forest = _forest_section(builder, _site_metrics(preds, final),
+                                 {"all test sites": (final.get("test"), final.get("n_test"))},
+                                 "Test sites of the centralized run.")
+        if forest:
+            builder.sections.append(forest)
+        builder.sections += _prediction_sections(builder, preds, opts, "the test sites")
+    else:
+        builder.notes.append(f"{PREDICTIONS_FILE} is absent: no ROC, confusion or Kaplan-Meier plots.")
+
+
+def _site_metrics(preds: HeldOutPredictions, final: dict) -> dict[str, tuple[dict, int]]:
+    """Per test site metrics with bootstrap CIs, from the saved predictions."""
+    from umeml.metrics.classification import classification_metrics
+    from umeml.metrics.survival import survival_metrics
+
+    out = {}
+    sites = sorted(set(preds.sites.tolist()))
+    if len(sites) < 2:
+        return out
+    for site in sites:
+        sel = preds.sites == site
+        tasks = {}
+        for task, probs in preds.probs.items():
+            try:
+                tasks[task] = classification_metrics(preds.labels[task][sel], probs[sel], n_boot=200, seed=0)
+            except ValueError as err:
+                log.info("site %s %s: %s", site, task, err)
+        if preds.risk is not None:
+            try:
+                tasks["survival"] = survival_metrics(preds.months[sel], preds.censored[sel], preds.risk[sel], n_boot=200, seed=0)
+            except ValueError as err:
+                log.info("site %s survival: %s", site, err)
+        out[site] = (tasks, int(sel.sum()))
+    return out
+
+
+def _comparison(builder: ReportBuilder, summary: dict) -> None:
+    results = {mode: r["test"] for mode, r in summary["results"].items()}
+    n = {mode: r.get("n") for mode, r in summary["results"].items()}
+    body = (f"<p>Held-out sites {html.escape(', '.join(summary.get('held_out_sites', [])))}; training sites "
+            f"{html.escape(', '.join(summary.get('training_sites', [])))}. Centralized pools the training sites' data "
+            "(the ceiling nobody may reach in practice), federated trains across them with umeml, local-only trains "
+            "on one site alone. All modes are tested on the same held-out patients.</p>"
+            + _metrics_table(results, n) + _links(builder.run_dir))
+    fig = figures.comparison(results, n)
+    builder.sections.append(Section("Centralized vs federated vs local-only", body,
+                                    [(builder.save(fig, "comparison"), "Primary metrics per mode with 95% CIs.")]))
+
+
+def _links(run_dir: Path) -> str:
+    subs = sorted(p.parent for p in run_dir.glob(f"*/{REPORT_FILE}"))
+    if not subs:
+        return ""
+    return "<p>Reports of the individual runs: " + ", ".join(
+        f"<a href='{html.escape(p.name)}/{REPORT_FILE}'>{html.escape(p.name)}</a>" for p in subs) + ".</p>"
+
+
+def _collection(builder: ReportBuilder, runs: dict[str, dict]) -> None:
+    per_run = {}
+    for name, final in runs.items():
+        tasks = final.get("pooled") or final.get("held_out_combined") or final.get("test") or {}
+        n = final.get("n_test") or sum((r.get("n") or 0) for r in (final.get("held_out") or {}).values())
+        per_run[f"{name} ({', '.join(final.get('held_out_sites') or final.get('test_sites') or [])})"] = (tasks, n)
+    body = ("<p>One run per held-out site (leave-one-site-out); each row is tested on the named site only.</p>"
+            + _metrics_table({k: t for k, (t, _) in per_run.items()}, {k: c for k, (_, c) in per_run.items()})
+            + _links(builder.run_dir))
+    builder.sections.append(Section("Runs", body))
+    forest = _forest_section(builder, per_run, {}, "Each run's held-out site.")
+    if forest:
+        builder.sections.append(forest)
+
+
+def _heatmap(builder: ReportBuilder, opts: Options) -> None:
+    from umeml.report.heatmap import prototype_heatmap
+
+    checkpoint = opts.checkpoint
+    if checkpoint is None:
+        for cand in ("checkpoints/global.pt", "checkpoints/best.pt"):
+            if (builder.run_dir / cand).is_file():
+                checkpoint = builder.run_dir / cand
+                break
+    if checkpoint is None:
+        raise ReportError(f"{builder.run_dir}: no checkpoints/global.pt or best.pt for the heatmap (give --checkpoint)")
+    if opts.features is None:
+        raise ReportError("--slide needs --features (the slide's h5 feature bag)")
+    for path, flag in ((opts.slide, "--slide"), (opts.features, "--features"), (checkpoint, "--checkpoint")):
+        if not Path(path).is_file():
+            raise ReportError(f"{flag} {path}: no such file")
+    try:
+        fig = prototype_heatmap(opts.slide, opts.features, checkpoint)
+    except ValueError as err:
+        raise ReportError(str(err)) from err
+    builder.sections.append(Section(
+        "Prototype attention on a slide",
+        f"<p>Soft assignment of each patch of <code>{html.escape(Path(opts.slide).name)}</code> to the model's "
+        "prototypes (softmax over prototypes of the cosine similarity, design section 5), painted at the patch's "
+        f"position on the slide thumbnail. Checkpoint <code>{html.escape(str(checkpoint))}</code>.</p>",
+        [(builder.save(fig, "prototype_heatmap"), "Prototype attention over the slide thumbnail.")]))
+
+
+def write_report(run_dir: str | Path, options: Options | None = None) -> Path:
+    """Write ``RUN_DIR/report.html`` and ``RUN_DIR/plots/*.png``; returns the page's path.
+
+    Raises :class:`ReportError` naming the file when the run dir holds nothing to report on.
+    """
+    run_dir = Path(run_dir)
+    opts = options or Options()
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir}: no such run directory")
+    builder = ReportBuilder(run_dir)
+    t0 = time.perf_counter()
+    created = time.strftime("%Y-%m-%d %H:%M %Z")
+    if (run_dir / "comparison.json").is_file():
+        summary = _read_json(run_dir / "comparison.json")
+        _comparison(builder, summary)
+        title, sub = f"umeml comparison: {run_dir.name}", f"centralized vs federated vs local-only; written {created}"
+        final = {}
+    elif (run_dir / "final.json").is_file():
+        final = _read_json(run_dir / "final.json")
+        mode = final.get("mode")
+        if mode == "federated":
+            _federated(builder, final, opts)
+        elif mode == "centralized":
+            _centralized(builder, final, opts)
+        else:
+            raise ReportError(f"{run_dir / 'final.json'}: mode {mode!r} is neither 'federated' nor 'centralized'")
+        title = f"umeml {mode} run: {final.get('experiment', run_dir.name)}"
+        sub = f"{run_dir} - written {created}"
+    else:
+        runs = {p.parent.name: _read_json(p) for p in sorted(run_dir.glob("*/final.json"))}
+        if not runs:
+            raise ReportError(f"{run_dir}: no final.json, comparison.json or runs with a final.json below it "
+                              "(is the run finished?)")
+        _collection(builder, runs)
+        title, sub, final = f"umeml runs in {run_dir.name}", f"{len(runs)} runs - written {created}", {}
+    if (run_dir / "privacy.json").is_file():
+        builder.sections.append(_privacy_section(builder, _read_json(run_dir / "privacy.json")))
+    if opts.slide is not None:
+        _heatmap(builder, opts)
+    builder.sections.append(_config_section(run_dir, final))
+    out = builder.write(title, sub)
+    log.info("report written in %.1f s: %s", time.perf_counter() - t0, out)
+    return out
