@@ -7,7 +7,9 @@ Deployed, the SuperNode's ``--node-config "site-config='/path/site.yaml'"`` name
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -23,16 +25,45 @@ from umeml.config import DPConfig, ExperimentConfig, SiteConfig, config_from_dic
 from umeml.data.cohort import Cohort, load_cohort, load_data_dir
 from umeml.federation.privacy import KEY_CLIPPING_NORM
 from umeml.federation.protocol import Preprocessing
+from umeml.federation.redact import redact
 from umeml.federation.site import SiteRuntime
 from umeml.server.records import arrays_from_state, state_from_arrays
+
+log = logging.getLogger("umeml.site")
+_KNOWN_IDS: set[str] = set()  # case and slide ids of every cohort this process loaded (to redact errors)
+
+
+class SiteError(Exception):
+    """A site's handler failed; the message is the redacted text that the coordinator receives."""
+
+
+def contained(handler):
+    """Wrap a ClientApp handler so that its failure leaves the site without paths or ids.
+
+    Flower sends an exception's text to the coordinator as the error reply's reason. The full
+    text and traceback go to the site's own log; what is raised on (and sent) is
+    ``SiteError("<type>: <redacted text>")``.
+    """
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as err:  # noqa: BLE001 - every failure must be redacted before it leaves
+            log.error("%s failed (the coordinator receives a redacted message): %s: %s",
+                      msg.metadata.message_type, type(err).__name__, err, exc_info=True)
+            raise SiteError(redact(f"{type(err).__name__}: {err}", _KNOWN_IDS)) from None
+
+    return run
+
 
 @lru_cache(maxsize=4)
 def _cohort(data_dir: str | None, table: str | None, signatures: str | None, bags: str | None, data_json: str) -> Cohort:
     """Load a cohort once per process (a site answers many messages from the same data)."""
     data_cfg = config_from_dict({"data": json.loads(data_json)}, "coordinator config").data
-    if data_dir:
-        return load_data_dir(data_dir, data_cfg)
-    return load_cohort(table, signatures, bags, data_cfg)
+    cohort = load_data_dir(data_dir, data_cfg) if data_dir else load_cohort(table, signatures, bags, data_cfg)
+    _KNOWN_IDS.update(p.case_id for p in cohort.patients)
+    _KNOWN_IDS.update(s for p in cohort.patients for s in p.slide_ids)
+    return cohort
 
 
 def experiment_from(msg: Message) -> ExperimentConfig:
@@ -112,18 +143,21 @@ def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]
         return cfg, conf, Preprocessing.from_json(str(conf["preprocessing"])), resolve(context, cfg)
 
     @app.query("handshake")
+    @contained
     def handshake(msg: Message, context: Context) -> Message:
         """Site id, umeml version, data schema and aggregate counts."""
         cfg = experiment_from(msg)
         return _json_reply(msg, resolve(context, cfg).handshake())
 
     @app.query("preprocess")
+    @contained
     def preprocess(msg: Message, context: Context) -> Message:
         """Aggregates for genomic standardisation, survival bins and class weights."""
         cfg = experiment_from(msg)
         return _json_reply(msg, resolve(context, cfg).preprocess(cfg))
 
     @app.train()
+    @contained
     def train(msg: Message, context: Context) -> Message:
         """Local epochs from the global weights."""
         cfg, conf, prep, site = round_request(msg, context)
@@ -142,6 +176,7 @@ def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]
         return Message(reply, reply_to=msg)
 
     @app.evaluate()
+    @contained
     def evaluate(msg: Message, context: Context) -> Message:
         """Metrics of the global weights on the site's held-out patients or local validation split."""
         cfg, conf, prep, site = round_request(msg, context)

@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from umeml import __version__
 from umeml.config import ExperimentConfig, config_to_dict, dump_config
 from umeml.federation.protocol import (
+    SURVIVAL_GRID_TEXT,
     Preprocessing,
     check_handshakes,
     combine_preprocessing,
@@ -63,6 +64,35 @@ def _query(grid, node_ids, kind: str, payload: dict, timeout: float) -> dict[int
     return out
 
 
+def _registered_names(grid) -> dict[int, str]:
+    """Node id -> the name its key was registered under, for nodes that have one.
+
+    With SuperNode authentication each node is created by ``flwr supernode register KEY
+    --name NAME`` (``umeml-server start --site-keys`` names it after the .pub file) and signs
+    every request with that key, so the SuperLink's node record, which the ServerApp reads with
+    ``grid.get_nodes()``, binds the node id to the name. Without authentication (and in
+    simulation) nodes have no name and this is empty.
+    """
+    get_nodes = getattr(grid, "get_nodes", None)
+    if get_nodes is None:
+        return {}
+    try:
+        infos = list(get_nodes())
+    except Exception as err:  # noqa: BLE001 - the binding is a check on top; a grid without records has none
+        log.warning("could not read the SuperLink's node records (%s); site ids are not checked against "
+                    "registered key names", err)
+        return {}
+    return {int(i.node_id): str(i.name) for i in infos if i.HasField("name") and i.name}
+
+
+def _name_mismatch(node: int, claimed: str, names: dict[int, str]) -> str | None:
+    if node in names and names[node] != claimed:
+        return (f"node {node} authenticated with the key registered as {names[node]!r} but its handshake claims "
+                f"site id {claimed!r}; a site's site_id must equal the name its key was registered under "
+                "(the .pub file name given to umeml-server start --site-keys)")
+    return None
+
+
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
@@ -97,6 +127,7 @@ class RunState:
     strategy: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     seed: int = 0
+    releases: list[dict] = field(default_factory=list)  # one-off releases (the survival histograms)
 
 
 class Coordinator:
@@ -115,6 +146,7 @@ class Coordinator:
         self.wait_timeout = wait_timeout
         self.print = printer
         self.nodes: dict[int, dict] = {}  # node id -> handshake
+        self.refused: dict[int, str] = {}  # node id -> why its handshake was refused for good
         self.train_sites: list[str] = []
         self.timeout = cfg.federation.round_timeout_s
         self.experiment_json = json.dumps(config_to_dict(cfg))
@@ -136,12 +168,16 @@ class Coordinator:
         missing = sorted(set(node_ids) - set(replies))
         if missing:
             log.warning("%d node(s) did not answer the handshake: %s", len(missing), missing)
-        self.nodes.update(replies)
+        names = _registered_names(grid)
+        impostors = [why for node, reply in sorted(replies.items()) if (why := _name_mismatch(node, reply["site"], names))]
+        if impostors:
+            raise FederationError("handshake refused:\n  - " + "\n  - ".join(impostors))
         by_site = {}
         for node, reply in replies.items():
             if reply["site"] in by_site:
                 raise FederationError(f"two nodes claim site {reply['site']!r}; site ids must be unique")
             by_site[reply["site"]] = reply
+        self.nodes.update(replies)
         if not by_site:
             raise FederationError("no site answered the handshake")
         return check_handshakes(by_site, __version__, list(subtype_codes(self.cfg.data)))
@@ -179,6 +215,7 @@ class Coordinator:
         ck = self.run_dir / "checkpoints"
         ck.mkdir(parents=True, exist_ok=True)
         payload = {"round": state.round, "weights": state.weights, "seed": state.seed, "history": state.history,
+                   "releases": state.releases,
                    "strategy": {a: {k: torch.from_numpy(np.asarray(v)) for k, v in d.items()} for a, d in state.strategy.items()}}
         _atomic_write(self.run_dir / RESUME_FILE, lambda p: torch.save(payload, p))
         model = build_model(self.cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads)
@@ -191,7 +228,8 @@ class Coordinator:
     def _load(self) -> RunState:
         raw = torch.load(self.run_dir / RESUME_FILE, weights_only=True)
         strategy = {a: {k: v.numpy() for k, v in d.items()} for a, d in raw["strategy"].items()}
-        return RunState(int(raw["round"]), raw["weights"], strategy, list(raw["history"]), int(raw["seed"]))
+        return RunState(int(raw["round"]), raw["weights"], strategy, list(raw["history"]), int(raw["seed"]),
+                        list(raw.get("releases", [])))
 
     # ------------------------------------------------------------------- run
     def run(self, grid) -> dict:
@@ -225,18 +263,18 @@ class Coordinator:
             prep = Preprocessing.from_json(prep_path.read_text())
             state = self._load()
         else:
-            heads = task_heads(cfg, len(schema["subtypes"]))
-            replies = _query(grid, train_nodes, "preprocess", {"experiment": self.experiment_json}, self.timeout)
-            prep = combine_preprocessing({self._site(n): r for n, r in replies.items()}, schema, heads, cfg.survival.n_bins)
+            prep, releases = self._preprocess(grid, train_nodes, schema)
             _atomic_write(prep_path, lambda p: p.write_text(prep.to_json()))
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             torch.manual_seed(cfg.seed)
             model = build_model(cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads)
-            state = RunState(0, {k: v.detach().clone() for k, v in model.state_dict().items()}, seed=cfg.seed)
+            state = RunState(0, {k: v.detach().clone() for k, v in model.state_dict().items()}, seed=cfg.seed,
+                             releases=releases)
         strategy = with_central_dp(build_strategy(cfg.federation), cfg.federation, len(train_nodes))
         restore_strategy_state(strategy, state.strategy)
         fp16 = cfg.federation.fp16_transfer
         base_config = {"experiment": self.experiment_json, "preprocessing": prep.to_json()}
+        stop = None
         for rnd in range(state.round + 1, cfg.federation.rounds + 1):
             t0 = time.perf_counter()
             self._adopt_new_nodes(grid)
@@ -245,6 +283,10 @@ class Coordinator:
             selectable = NodeSubsetGrid(grid, train_nodes)
             n_selectable = len(selectable.get_node_ids())
             msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(base_config)), selectable))
+            if central_dp_wrapper(strategy) is not None:
+                stop = self._central_budget_stop(rnd, state.history, len(msgs), len(msgs) / max(1, n_selectable))
+                if stop is not None:
+                    break
             t_wave = time.perf_counter()
             replies = list(grid.send_and_receive(msgs, timeout=self.timeout))
             train_wave = time.perf_counter() - t_wave
@@ -292,23 +334,44 @@ class Coordinator:
             state.strategy = strategy_state(strategy)
             self._save(state, prep)
             self._write_metrics(state.history)
-            self._write_privacy(state.history)
+            self._write_privacy(state.history, state.releases)
             self._report(self._progress_line(entry))
+        if stop is not None:
+            self._final_evaluation_after_stop(grid, state, prep, base_config, train_nodes, held_nodes, stop)
         final = self._final(state)
         _atomic_write(self.run_dir / "final.json", lambda p: p.write_text(json.dumps(final, indent=2)))
         return final
 
     def _adopt_new_nodes(self, grid) -> None:
-        """Handshake nodes that joined (or rejoined after a restart) since the last round."""
-        new = [n for n in grid.get_node_ids() if n not in self.nodes]
+        """Handshake nodes that joined (or rejoined after a restart) since the last round.
+
+        A node whose site id differs from its registered key name is refused for the rest of the
+        run; one claiming the site id of a node that is still connected is refused (and asked
+        again next round): it may take over the site id only once the other has gone.
+        """
+        alive = list(grid.get_node_ids())
+        new = [n for n in alive if n not in self.nodes and n not in self.refused]
         if new:
             replies = _query(grid, new, "handshake", {"experiment": self.experiment_json}, self.timeout)
+            names = _registered_names(grid) if replies else {}
             for node, reply in replies.items():
-                stale = [n for n, r in self.nodes.items() if r["site"] == reply["site"]]
-                for n in stale:
+                claimed = reply["site"]
+                why = _name_mismatch(node, claimed, names)
+                if why:
+                    self.refused[node] = why
+                    log.error("handshake refused: %s", why)
+                    continue
+                holders = [n for n, r in self.nodes.items() if r["site"] == claimed]
+                live = [n for n in holders if n in alive]
+                if live:
+                    log.error("handshake refused: node %s claims site id %r, which node %s (still connected) holds; "
+                              "site ids must be unique, a rejoining site takes over only after the old node is gone",
+                              node, claimed, live[0])
+                    continue
+                for n in holders:
                     del self.nodes[n]
                 self.nodes[node] = reply
-                log.info("site %s (re)joined as node %s", reply["site"], node)
+                log.info("site %s (re)joined as node %s", claimed, node)
 
     def _roles_alive(self, grid, train_nodes, held_nodes):
         try:
@@ -335,6 +398,68 @@ class Coordinator:
         return {"held_out": held, "held_out_combined": combine_site_metrics(held) if held else {},
                 "validation": val, "validation_combined": combine_site_metrics(val) if val else {}}
 
+    def _preprocess(self, grid, train_nodes, schema) -> tuple[Preprocessing, list[dict]]:
+        """Query the training sites' aggregates and combine them; returns the preprocessing and
+        the record of the survival histograms' release (for privacy.json)."""
+        cfg = self.cfg
+        eps = cfg.federation.survival_hist_epsilon
+        if eps is None:
+            msg = ("federation.survival_hist_epsilon is null: every training site sends its EXACT survival histogram, "
+                   f"which places each uncensored patient's survival time within one cell ({SURVIVAL_GRID_TEXT})")
+            log.warning(msg)
+            self._report("WARNING: " + msg)
+        heads = task_heads(cfg, len(schema["subtypes"]))
+        replies = _query(grid, train_nodes, "preprocess", {"experiment": self.experiment_json}, self.timeout)
+        by_site = {self._site(n): r for n, r in replies.items()}
+        notes: list[str] = []
+        prep = combine_preprocessing(by_site, schema, heads, cfg.survival.n_bins, notes)
+        for note in notes:
+            log.warning("preprocessing: %s", note)
+        release = {"kind": "survival_histogram", "epsilon": eps, "delta": 0.0 if eps is not None else None,
+                   "mechanism": "two-sided geometric noise per cell, L1 sensitivity 1" if eps is not None
+                   else "none (exact counts)", "grid": SURVIVAL_GRID_TEXT,
+                   "sites": sorted(s for s, r in by_site.items() if not r.get("suppressed")),
+                   "survival_edges": prep.survival_edges, "notes": notes}
+        return prep, [release]
+
+    def _central_budget_stop(self, rnd: int, history: list[dict], n_sites: int, sample_rate: float) -> dict | None:
+        """Why training must stop before round ``rnd`` (None: go on): the central release of this
+        round would take epsilon beyond ``federation.central_dp.target_epsilon``. Epsilon comes
+        from the same accountant as the ledger's entries."""
+        cdp = self.cfg.federation.central_dp
+        if cdp.target_epsilon is None:
+            return None
+        earlier = [p for e in history for p in e.get("privacy", []) if p.get("kind") == "central"]
+        after = self._central_release(rnd, history, max(1, n_sites), sample_rate)["epsilon"]
+        if after <= cdp.target_epsilon:
+            return None
+        spent = earlier[-1]["epsilon"] if earlier else 0.0
+        reason = (f"central DP budget: round {rnd} would take epsilon from {spent:.4g} to {after:.4g} > "
+                  f"federation.central_dp.target_epsilon {cdp.target_epsilon:g} (delta {cdp.delta:g}); "
+                  f"training stopped after round {rnd - 1}, final evaluation of the round-{rnd - 1} weights")
+        log.warning(reason)
+        self._report(reason)
+        return {"before_round": rnd, "reason": reason, "epsilon": spent, "epsilon_after_next_round": after,
+                "target_epsilon": cdp.target_epsilon, "delta": cdp.delta}
+
+    def _final_evaluation_after_stop(self, grid, state: RunState, prep: Preprocessing, base_config: dict,
+                                     train_nodes, held_nodes, stop: dict) -> None:
+        """Evaluate the last weights as a run's last round would (bootstrap CIs, pooled metrics)
+        and record the stop in the last round's entry (a round-0 entry when none trained)."""
+        if state.history:
+            entry = state.history[-1]
+        else:
+            entry = {"round": 0, "train": [], "accepted": 0, "evaluation": {}, "seconds": 0.0}
+            state.history.append(entry)
+        entry["evaluation"] = self._evaluate(grid, state.weights, base_config, train_nodes, held_nodes,
+                                             state.round, True)
+        if self.pooled_eval is not None:
+            entry["evaluation"]["pooled"] = self.pooled_eval(state.weights, prep)
+        entry["stopped"] = stop
+        self._save(state, prep)
+        self._write_metrics(state.history)
+        self._write_privacy(state.history, state.releases)
+
     def _central_release(self, rnd: int, history: list[dict], n_sites: int, sample_rate: float) -> dict:
         """Ledger entry of this round's central-DP release (epsilon over all releases so far)."""
         cdp = self.cfg.federation.central_dp
@@ -343,17 +468,20 @@ class Coordinator:
                              n_sites, cdp.delta, cdp.clipping)
 
     # ---------------------------------------------------------------- output
-    def _privacy_ledger(self, history: list[dict]) -> dict | None:
+    def _privacy_ledger(self, history: list[dict], releases: list[dict]) -> dict | None:
         fed = self.cfg.federation
-        if not (fed.local_dp.enabled or fed.central_dp.enabled or any(e.get("privacy") for e in history)):
+        if not (fed.local_dp.enabled or fed.central_dp.enabled or releases or any(e.get("privacy") for e in history)):
             return None
+        stopped = history[-1].get("stopped") if history else None
         return run_ledger(self.cfg.name, config_to_dict(fed.local_dp),
-                          config_to_dict(fed.central_dp) if fed.central_dp.enabled else None, history)
+                          config_to_dict(fed.central_dp) if fed.central_dp.enabled else None, history,
+                          releases, stopped)
 
-    def _write_privacy(self, history: list[dict]) -> None:
-        """The run's privacy ledger, privacy.json: every site's local-DP entries and the central
-        releases, per round (rebuilt from the history, so a resumed run keeps the earlier rounds)."""
-        ledger = self._privacy_ledger(history)
+    def _write_privacy(self, history: list[dict], releases: list[dict]) -> None:
+        """The run's privacy ledger, privacy.json: every site's local-DP entries, the central
+        releases per round and the one-off survival-histogram release (rebuilt from the history,
+        so a resumed run keeps the earlier rounds)."""
+        ledger = self._privacy_ledger(history, releases)
         if ledger is not None:
             _atomic_write(self.run_dir / "privacy.json", lambda p: p.write_text(json.dumps(ledger, indent=2)))
 
@@ -433,5 +561,6 @@ class Coordinator:
             "pooled": last_eval.get("pooled"),
             "seconds_per_round": [e["seconds"] for e in state.history],
             "overhead_seconds_per_round": [e.get("overhead_seconds") for e in state.history],
-            "privacy": (self._privacy_ledger(state.history) or {}).get("final"),
+            "privacy": (self._privacy_ledger(state.history, state.releases) or {}).get("final"),
+            "stopped": state.history[-1].get("stopped") if state.history else None,
         }

@@ -11,6 +11,7 @@ import uuid
 
 from flwr.app import Context, Message, RecordDict
 from flwr.common import Metadata
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.supercore.task_identity import TaskIdentity
 
 
@@ -19,10 +20,11 @@ class LocalGrid:
 
     ``drop`` maps a node id to a predicate ``(message_type, round) -> bool``: when it returns
     True the node does not answer (a site that died mid-round). ``tamper`` maps a node id to a
-    function applied to its reply (a misbehaving site).
+    function applied to its reply (a misbehaving site). ``names`` maps a node id to the name its
+    key was registered under, as the SuperLink's node records report it with site authentication.
     """
 
-    def __init__(self, client_app, n_nodes: int, drop=None, tamper=None):
+    def __init__(self, client_app, n_nodes: int, drop=None, tamper=None, names=None):
         TaskIdentity.run_id = 1
         TaskIdentity.node_id = 0
         TaskIdentity.task_id = 1
@@ -35,12 +37,26 @@ class LocalGrid:
         }
         self.drop = drop or {}
         self.tamper = tamper or {}
+        self.names = names or {}
         self.sent: list[Message] = []
         self.received: list[Message] = []
 
     def get_node_ids(self):
         """Connected node ids."""
         return list(self.node_ids)
+
+    def get_nodes(self):
+        """Node records as Flower's Grid reports them (with the registered name, where one is set)."""
+        return [NodeInfo(node_id=n, name=self.names[n]) if n in self.names else NodeInfo(node_id=n)
+                for n in self.node_ids]
+
+    def add_node(self, partition: int) -> int:
+        """A node that joins mid-run playing ``sites[partition]``; returns its id."""
+        node = max(self.node_ids) + 1
+        self.node_ids.append(node)
+        self.contexts[node] = Context(run_id=1, node_id=node, node_config={"partition-id": partition,
+                                      "num-partitions": len(self.node_ids)}, state=RecordDict(), run_config={})
+        return node
 
     def send_and_receive(self, messages, *, timeout=None):
         """Deliver each message to its node's handlers and collect the replies."""

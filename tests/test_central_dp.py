@@ -115,3 +115,41 @@ def test_client_side_clipping_bounds_every_update(app, tmp_path):
     central = [e for e in json.loads((tmp_path / "run" / "privacy.json").read_text())["entries"]]
     assert [e["round"] for e in central] == [1, 2]
     assert final["privacy"]["central"]["epsilon"] == pytest.approx(rdp_epsilon(0.5, 1.0, 2, 1e-5))
+
+
+def test_target_epsilon_stops_training_and_still_evaluates(app, tmp_path):
+    # room for exactly two releases: round 3 would exceed the target, round 1 and 2 fit
+    target = rdp_epsilon(1.0, 1.0, 2, 1e-5) * 1.001
+    cfg = experiment(rounds=4, evaluate_every=4,
+                     central_dp={"enabled": True, "noise_multiplier": 1.0, "clipping_norm": 0.5,
+                                 "target_epsilon": target})
+    final, grid = run(app, tmp_path, cfg)
+    assert final["rounds"] == 2
+    rounds_trained = {m.content["config"]["server-round"] for m in grid.sent if m.metadata.message_type == "train"}
+    assert rounds_trained == {1, 2}
+    stop = final["stopped"]
+    assert stop["before_round"] == 3 and stop["target_epsilon"] == target
+    assert stop["epsilon"] <= target < stop["epsilon_after_next_round"]
+    assert stop["epsilon_after_next_round"] == pytest.approx(rdp_epsilon(1.0, 1.0, 3, 1e-5), rel=1e-9)
+    assert "would take epsilon" in stop["reason"] and "target_epsilon" in stop["reason"]
+    # the final evaluation ran on the round-2 weights (evaluate_every 4 would otherwise skip it)
+    assert final["held_out"]["A2"]["n"] == 20 and "grade" in final["held_out"]["A2"]["tasks"]
+    assert {m.content["config"]["server-round"] for m in grid.sent if m.metadata.message_type == "evaluate"} == {2}
+    ledger = json.loads((tmp_path / "run" / "privacy.json").read_text())
+    assert [e["round"] for e in ledger["entries"] if e["kind"] == "central"] == [1, 2]
+    assert ledger["stopped"] == stop and ledger["final"]["stopped"] == stop["reason"]
+    assert final["privacy"]["central"]["epsilon"] <= target
+    assert "would take epsilon" in (tmp_path / "run" / "coordinator.log").read_text()
+
+
+def test_target_epsilon_below_one_release_trains_nothing(app, tmp_path):
+    cfg = experiment(rounds=2, central_dp={"enabled": True, "noise_multiplier": 1.0, "target_epsilon": 0.5})
+    final, grid = run(app, tmp_path, cfg)
+    assert final["rounds"] == 0 and final["stopped"]["before_round"] == 1
+    assert "train" not in {m.metadata.message_type for m in grid.sent}
+    assert final["held_out"]["A2"]["n"] == 20  # the initial weights are still evaluated
+
+
+def test_target_epsilon_needs_central_dp():
+    with pytest.raises(ConfigError, match=r"central_dp.target_epsilon: set, but federation.central_dp.enabled is false"):
+        experiment(central_dp={"target_epsilon": 3.0})

@@ -247,4 +247,6 @@ def test_site_without_dp_refuses_an_experiment_that_requires_it(tmp_path):
     assert hist[0]["accepted"] == 0
     assert all(r["skipped"] == REFUSAL_NO_SITE_DP for r in hist[0]["train"])
     assert set(hist[0]["evaluation"]["validation"]) == {"A0", "A1"}
-    assert not (tmp_path / "run" / "sites").exists()  # no ledger: nothing was released
+    for site in ("A0", "A1"):  # no DP-SGD entry: nothing was trained; only the preprocessing histogram's release
+        ledger = json.loads((tmp_path / "run" / "sites" / site / "privacy.json").read_text())
+        assert ledger["entries"] == [] and [r["kind"] for r in ledger["releases"]] == ["survival_histogram"]

@@ -134,6 +134,8 @@ class CentralDPConfig:
     (by the coordinator, or by the site with ``clipping: client``); Gaussian noise with
     standard deviation ``noise_multiplier * clipping_norm / sites`` is added to the uniform
     average. Flower's wrappers do not account; umeml records Opacus RDP epsilon per round.
+    With ``target_epsilon`` the coordinator stops training before a round whose release would
+    take epsilon beyond it (the final evaluation still runs).
     """
 
     enabled: bool = False
@@ -141,6 +143,7 @@ class CentralDPConfig:
     clipping_norm: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
     clipping: Literal["server", "client"] = "server"
     delta: float = field(default=1e-5, metadata=_range(0.0, 0.1, lo_open=True))
+    target_epsilon: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
 
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
@@ -166,6 +169,9 @@ class FederationConfig:
     max_update_norm: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
     local_dp: DPConfig = field(default_factory=DPConfig)
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
+    # epsilon of the two-sided geometric noise each site adds to its preprocessing survival
+    # histogram; None sends exact counts (a patient's survival time to within one grid cell)
+    survival_hist_epsilon: float | None = field(default=1.0, metadata=_range(0.0, lo_open=True))
 
 
 @dataclass(frozen=True)
@@ -322,6 +328,13 @@ def _validate_semantics(obj: Any, path: str, source: str) -> None:
         raise ConfigError(
             f"{source}: {prefix}central_dp: needs strategy fedavg or fedprox (its noise is calibrated "
             f"to a plain average of clipped updates), not {obj.strategy!r}"
+        )
+    if isinstance(obj, FederationConfig) and obj.survival_hist_epsilon == float("inf"):
+        raise ConfigError(f"{source}: {prefix}survival_hist_epsilon: must be finite (null sends exact counts)")
+    if isinstance(obj, CentralDPConfig) and obj.target_epsilon is not None and not obj.enabled:
+        raise ConfigError(
+            f"{source}: {prefix}target_epsilon: set, but {prefix}enabled is false (no central DP would be "
+            "applied and no budget enforced); enable central DP or remove the target"
         )
     if isinstance(obj, ExperimentConfig):
         if not obj.tasks or len(set(obj.tasks)) != len(obj.tasks):

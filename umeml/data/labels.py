@@ -38,16 +38,57 @@ def survival_bins(times: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.searchsorted(np.asarray(edges), np.asarray(times, dtype=float), side="right").astype(np.int64)
 
 
-def edges_from_histogram(grid: np.ndarray, counts: np.ndarray, n_bins: int) -> np.ndarray:
-    """Interior quantile edges from a histogram of uncensored times on a fine grid.
+def edges_from_histogram(grid: np.ndarray, counts: np.ndarray, n_bins: int,
+                         notes: list[str] | None = None) -> np.ndarray:
+    """Interior quantile edges (n_bins - 1 strictly increasing points of ``grid``) from a
+    histogram of uncensored times, exact or noisy.
 
-    Used by the federation, where only per-site histograms (never times) leave a site: the
-    summed histogram's cumulative distribution is inverted at the quantile levels.
+    Used by the federation, where only per-site histograms (never times) leave a site. With
+    differential privacy the counts carry two-sided noise and can be negative; they are not
+    clipped per cell (clipping adds mass to every empty cell, i.e. into the long tail, and
+    drags the edges there). Instead the cumulative sum is made monotone (running maximum,
+    clipped to [0, total]) and inverted at the quantile levels q * total.
+
+    When the total is below ``n_bins`` (a tiny or empty federation, or noise larger than the
+    signal) quantiles of the positive part of the histogram are used, and when that is empty
+    too, edges at evenly spaced cells of the grid. Quantiles falling into the same cell are moved
+    apart by whole cells, so the edges are always strictly increasing. Each fallback and
+    adjustment is described in ``notes`` (when given) for the caller to log.
     """
+    grid = np.asarray(grid, dtype=float)
     counts = np.asarray(counts, dtype=float)
-    if counts.sum() <= 0:
-        raise ValueError("empty survival histogram")
-    cdf = np.cumsum(counts) / counts.sum()
+    if counts.ndim != 1 or len(grid) != len(counts) + 1:
+        raise ValueError(f"histogram has {counts.size} cells but the grid has {len(grid)} edges "
+                         f"(expected {len(grid) - 1} cells)")
+    if not 2 <= n_bins <= len(grid) - 1:
+        raise ValueError(f"survival.n_bins {n_bins}: a histogram of {len(grid) - 1} cells gives 2 to "
+                         f"{len(grid) - 1} bins")
+    notes = notes if notes is not None else []
     qs = np.linspace(0, 1, n_bins + 1)[1:-1]
-    upper = np.asarray(grid)[1:]
-    return np.array([upper[min(np.searchsorted(cdf, q, side="left"), len(upper) - 1)] for q in qs])
+    total = float(counts.sum())
+    if total >= n_bins:
+        cdf = np.clip(np.maximum.accumulate(np.cumsum(counts)), 0.0, total)
+        # first cell whose cumulative count reaches q * total; its upper edge is the bin edge
+        cells = np.searchsorted(cdf, qs * total, side="left")
+    else:
+        positive = np.clip(counts, 0.0, None)
+        if positive.sum() > 0:
+            notes.append(f"survival histogram total {total:.1f} < n_bins {n_bins}: bin edges from the "
+                         f"quantiles of its positive cells ({positive.sum():.0f} counts), not the federation's times")
+            cells = np.searchsorted(np.cumsum(positive), qs * positive.sum(), side="left")
+        else:
+            notes.append(f"survival histogram has no positive cell (total {total:.1f}): bin edges at evenly "
+                         "spaced cells of the grid")
+            cells = np.round(qs * (len(grid) - 1)).astype(int) - 1
+    # interior edges are grid[1:-1] (index 0 = grid[1]); keep them distinct and inside
+    idx = np.clip(np.asarray(cells, dtype=int), 0, len(grid) - 3)
+    fixed = idx.copy()
+    for i in range(1, len(fixed)):
+        fixed[i] = max(fixed[i], fixed[i - 1] + 1)
+    fixed[-1] = min(fixed[-1], len(grid) - 3)
+    for i in range(len(fixed) - 2, -1, -1):
+        fixed[i] = min(fixed[i], fixed[i + 1] - 1)
+    if not np.array_equal(fixed, idx):
+        notes.append(f"survival bin edges {grid[idx + 1].tolist()} moved apart to {grid[fixed + 1].tolist()} "
+                     "(several quantiles fell into one grid cell)")
+    return grid[fixed + 1]

@@ -6,19 +6,28 @@ entries in scope with Opacus's accountants, so accounting spans every round of a
 runs and (with ``budget_scope: site``) every experiment that trained on the site's data.
 Anyone can recompute an entry's epsilon from the recorded numbers.
 
+One-off releases of aggregates (the survival histogram of federated preprocessing, made
+epsilon-DP with two-sided geometric noise by :func:`discrete_laplace`) are recorded apart from the
+per-round DP-SGD entries, under ``releases``.
+
 Only these scalars ever leave a site; no patient-level value is in a ledger.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import secrets
 import time
 import warnings
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
+
+import numpy as np
 
 LEDGER_FILE = "privacy.json"
 LEDGER_FORMAT = 1
@@ -128,6 +137,35 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     return hi
 
 
+def discrete_laplace(shape, epsilon: float, rng=None):
+    """Integer noise with P(k) proportional to exp(-epsilon |k|) (the two-sided geometric, or
+    discrete Laplace, mechanism of scale 1/epsilon): added to counts whose L1 sensitivity is 1,
+    it makes them epsilon-DP.
+
+    Drawn as the difference of two geometric variables with success probability
+    1 - exp(-epsilon). ``rng`` is for tests only: by default every call draws from a fresh
+    generator seeded with 128 bits from the OS (``secrets``), never from the experiment's seed,
+    which anyone reading the config could use to subtract the noise.
+    """
+    if not (isinstance(epsilon, (int, float)) and epsilon > 0 and math.isfinite(epsilon)):
+        raise ValueError(f"epsilon must be a finite number > 0 (got {epsilon!r})")
+    if rng is None:
+        rng = np.random.default_rng(secrets.randbits(128))
+    p = -math.expm1(-float(epsilon))  # 1 - exp(-epsilon), accurate for small epsilon
+    return (rng.geometric(p, size=shape) - rng.geometric(p, size=shape)).astype(np.int64)
+
+
+HISTOGRAM_RELEASE = "survival_histogram"
+
+
+def counts_fingerprint(counts, *context) -> str:
+    """SHA-256 of exact counts and their context (grid, epsilon): lets a site recognise a
+    repeated request for the same release. Kept in the site's own ledger, never sent."""
+    h = hashlib.sha256(np.asarray(counts, dtype=np.int64).tobytes())
+    h.update(json.dumps([str(c) for c in context]).encode())
+    return h.hexdigest()
+
+
 def _atomic_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -136,7 +174,8 @@ def _atomic_json(path: Path, payload: dict) -> None:
 
 
 class SiteLedger:
-    """A site's own ledger, ``<state dir>/privacy.json``: every round it trained under DP.
+    """A site's own ledger, ``<state dir>/privacy.json``: every round it trained under DP
+    (``entries``) and every survival histogram it released (``releases``).
 
     Entries are appended (never rewritten) after the round's training and before the update
     is sent, so a resumed run, a retried round or a new process continues the accounting.
@@ -146,12 +185,44 @@ class SiteLedger:
         self.path = Path(state_dir) / LEDGER_FILE
         self.site_id = site_id
 
-    def entries(self) -> list[dict]:
-        """All entries, oldest first ([] for a new site)."""
+    def _raw(self) -> dict:
         if not self.path.is_file():
-            return []
-        raw = json.loads(self.path.read_text())
-        return list(raw.get("entries", []))
+            return {}
+        return json.loads(self.path.read_text())
+
+    def entries(self) -> list[dict]:
+        """All DP-SGD entries, oldest first ([] for a new site)."""
+        return list(self._raw().get("entries", []))
+
+    def releases(self) -> list[dict]:
+        """All one-off releases (survival histograms), oldest first."""
+        return list(self._raw().get("releases", []))
+
+    def noisy_histogram(self, counts, epsilon: float, experiment: str, grid: str) -> tuple[list[int], bool]:
+        """The epsilon-DP version of the exact histogram ``counts`` and whether it is new.
+
+        A repeated request for the same counts at the same epsilon and grid (a restarted run, or
+        another experiment on the same training patients) gets the noisy histogram released
+        before: fresh noise each time would let the coordinator average it away, and re-sending
+        a released value costs no privacy. A new release is recorded under ``releases`` with its
+        epsilon and the site's total over all histogram releases (basic composition). Call it
+        while holding :meth:`locked`.
+        """
+        fingerprint = counts_fingerprint(counts, grid, float(epsilon))
+        earlier = self.releases()
+        for rel in earlier:
+            if rel.get("kind") == HISTOGRAM_RELEASE and rel.get("fingerprint") == fingerprint:
+                return list(rel["noisy_counts"]), False
+        noisy = (np.asarray(counts, dtype=np.int64) + discrete_laplace(len(counts), epsilon)).tolist()
+        total = sum(float(r["epsilon"]) for r in earlier if r.get("kind") == HISTOGRAM_RELEASE) + float(epsilon)
+        self._write(self.entries(), earlier + [{
+            "experiment": experiment, "kind": HISTOGRAM_RELEASE, "site": self.site_id,
+            "mechanism": "two-sided geometric (discrete Laplace), L1 sensitivity 1",
+            "epsilon": float(epsilon), "delta": 0.0, "cells": len(counts), "grid": grid,
+            "histogram_epsilon_total": total, "fingerprint": fingerprint, "noisy_counts": noisy,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }])
+        return noisy, True
 
     def in_scope(self, experiment: str, scope: str) -> list[dict]:
         """Entries that count toward the budget: all of them (scope ``site``) or one experiment's."""
@@ -183,14 +254,24 @@ class SiteLedger:
         """Add one round's entry (written atomically)."""
         entries = self.entries()
         entries.append({**entry, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        _atomic_json(self.path, {
+        self._write(entries, self.releases())
+
+    def _write(self, entries: list[dict], releases: list[dict]) -> None:
+        payload = {
             "format": LEDGER_FORMAT,
             "site": self.site_id,
             "about": "Local DP-SGD ledger: one entry per round this site was asked to train. epsilon is "
                      "cumulative over the entries in the budget scope, at the entry's delta, from "
                      "Opacus's accountant over (noise_multiplier, sample_rate, steps) of each entry.",
             "entries": entries,
-        })
+        }
+        if releases:
+            payload["releases"] = releases
+            payload["about_releases"] = (
+                "One-off releases: the survival histogram of federated preprocessing, epsilon-DP (delta 0) "
+                "with two-sided geometric noise. Its epsilon is not part of the DP-SGD epsilon above; "
+                "by basic composition a patient's total loss is at most the sum of the two.")
+        _atomic_json(self.path, payload)
 
 
 # ---------------------------------------------------------------------- coordinator side
@@ -212,8 +293,10 @@ def central_entry(rnd: int, history: list[dict], noise_multiplier: float, clippi
     }
 
 
-def run_ledger(experiment: str, local_request: dict, central: dict | None, rounds: list[dict]) -> dict:
-    """Content of the run dir's ``privacy.json`` from each round's privacy entries."""
+def run_ledger(experiment: str, local_request: dict, central: dict | None, rounds: list[dict],
+               releases: list[dict] = (), stopped: dict | None = None) -> dict:
+    """Content of the run dir's ``privacy.json`` from each round's privacy entries, the one-off
+    ``releases`` (the sites' survival histograms) and why training ``stopped`` early, if it did."""
     entries = [e for r in rounds for e in r.get("privacy", [])]
     final_local: dict[str, dict] = {}
     final_central = None
@@ -225,14 +308,22 @@ def run_ledger(experiment: str, local_request: dict, central: dict | None, round
                                                                   "status")}
     worst = max((v["epsilon"] for v in final_local.values() if isinstance(v.get("epsilon"), (int, float))),
                 default=None)
+    hist = next((r for r in releases if r.get("kind") == "survival_histogram"), None)
     return {
         "format": LEDGER_FORMAT,
         "experiment": experiment,
         "local_dp_requested": local_request,
         "central_dp": central,
         "entries": entries,
-        "final": {"local": final_local, "local_max_epsilon": worst, "central": final_central},
+        "releases": list(releases),
+        "stopped": stopped,
+        "final": {"local": final_local, "local_max_epsilon": worst, "central": final_central,
+                  "survival_histogram_epsilon": hist.get("epsilon") if hist else None,
+                  "stopped": stopped["reason"] if stopped else None},
         "notes": [
+            "survival_histogram: each training site's preprocessing histogram of uncensored survival times is "
+            "epsilon-DP (delta 0) per site, released once; epsilon null means exact counts were sent. It "
+            "composes with the local DP-SGD epsilon (at most the sum of the two)",
             "local: per-patient DP-SGD at each site; epsilon is cumulative over the site's budget scope "
             "(all rounds, resumed runs and, with budget_scope 'site', earlier experiments on the same data)",
             "central: site-level DP of the aggregate (Flower fixed-clipping wrapper); epsilon from Opacus's "

@@ -18,8 +18,14 @@ from umeml.config import DPConfig, ExperimentConfig
 from umeml.data.cohort import Cohort
 from umeml.data.dataset import CohortDataset, GenomicScaler, genomic_moments, make_loader
 from umeml.data.splits import stratified_train_val
-from umeml.federation.privacy import SiteLedger, calibrate_noise, compute_epsilon, max_steps_within
-from umeml.federation.protocol import Preprocessing, survival_grid
+from umeml.federation.privacy import (
+    SiteLedger,
+    calibrate_noise,
+    compute_epsilon,
+    discrete_laplace,
+    max_steps_within,
+)
+from umeml.federation.protocol import SURVIVAL_GRID_TEXT, Preprocessing, survival_grid
 from umeml.model import build_model
 from umeml.train.evaluate import evaluate_predictions
 from umeml.train.dp import resolve_dp, train_dp_steps
@@ -95,7 +101,7 @@ class SiteRuntime:
         reply = {
             "site": self.site_id,
             "n": int(len(train)),
-            "survival_hist": hist.astype(int).tolist(),
+            "survival_hist": self._released_histogram(cfg, hist.astype(np.int64)),
             "grade_counts": np.bincount([c.grade_index(i) for i in train], minlength=len(c.grades)).tolist(),
             "subtype_counts": np.bincount([c.subtype_index(i) for i in train], minlength=len(c.subtypes)).tolist(),
         }
@@ -104,6 +110,32 @@ class SiteRuntime:
             count, total, total_sq = genomic_moments(c, train)
             reply.update(genomic_count=count.tolist(), genomic_sum=total.tolist(), genomic_sumsq=total_sq.tolist())
         return reply
+
+    def _released_histogram(self, cfg: ExperimentConfig, exact: np.ndarray) -> list[int]:
+        """The survival histogram as it leaves the site: epsilon-DP unless the experiment asks for
+        exact counts (``federation.survival_hist_epsilon: null``, warned about loudly).
+
+        Each patient is counted in exactly one cell (L1 sensitivity 1), so two-sided geometric
+        noise of scale 1/epsilon on every cell gives epsilon-DP. Cells are not clipped at 0: the
+        coordinator's quantiles stay unbiased that way. The noise comes from OS entropy, never
+        from the experiment seed. With a state dir the release is recorded in the site's
+        privacy ledger, and a repeated request for the same counts gets the same noisy answer.
+        """
+        eps = cfg.federation.survival_hist_epsilon
+        if eps is None:
+            log.warning("site %s: sending an EXACT survival histogram (federation.survival_hist_epsilon is null): "
+                        "it places each uncensored training patient's survival time within one grid cell (%s)",
+                        self.site_id, SURVIVAL_GRID_TEXT)
+            return exact.tolist()
+        if self.state_dir is None:  # tests and ad-hoc simulations: noise, nowhere to record it
+            return (exact + discrete_laplace(exact.shape, eps)).tolist()
+        ledger = self.ledger()
+        with ledger.locked():
+            noisy, new = ledger.noisy_histogram(exact, eps, cfg.name, SURVIVAL_GRID_TEXT)
+        if new:
+            log.info("site %s: released the survival histogram with epsilon %g (recorded in %s)",
+                     self.site_id, eps, ledger.path)
+        return noisy
 
     def _dataset(self, cfg: ExperimentConfig, prep: Preprocessing, idx: np.ndarray, train: bool) -> CohortDataset:
         scaler = None
