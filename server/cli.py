@@ -97,6 +97,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                 cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds))
             if args.strategy is not None:
                 cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, strategy=args.strategy))
+            if args.dp_epsilon is not None:
+                cfg = with_local_dp(cfg, args.dp_epsilon)
             cohort, source = _load_sim_cohort(args, cfg)
             if args.leave_one_site_out:
                 held_sets = [(s,) for s in (list(cfg.federation.train_sites) or cohort.sites)]
@@ -139,6 +141,14 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if len(held_sets) > 1 and not args.no_report:
         _write_reports([Path(args.out)])
     return 0
+
+
+def with_local_dp(cfg, epsilon: float):
+    """``cfg`` with local DP-SGD required at every site at budget ``epsilon`` (other DP keys kept)."""
+    if not epsilon > 0:
+        raise ConfigError(f"--dp-epsilon: must be > 0 (got {epsilon})")
+    dp = dataclasses.replace(cfg.federation.local_dp, enabled=True, target_epsilon=float(epsilon))
+    return dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, local_dp=dp))
 
 
 def _write_reports(run_dirs: list[Path]) -> None:
@@ -310,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, help="override federation.rounds")
     p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum"],
                    help="override federation.strategy")
+    p.add_argument("--dp-epsilon", type=float, metavar="EPS",
+                   help="local DP-SGD at every virtual site with this total budget (sets federation.local_dp)")
     p.add_argument("--leave-one-site-out", action="store_true", help="one simulation per site, each holding that site out")
     p.add_argument("--compare", action="store_true",
                    help="run centralized, federated and local-only (each training site alone) on the same held-out sites")

@@ -69,3 +69,7 @@ def test_superlink_and_three_supernodes_complete_two_rounds(sites):
     for rnd in (1, 2):
         assert any(r.startswith(f"{rnd},A2,held_out,14,grade_auc_macro") for r in rows), rnd
     assert all(p.poll() is not None for p in procs)
+    # the coordinator's report: no per-patient predictions reach it, so no ROC / Kaplan-Meier
+    plots = {p.name for p in (d / "run" / "plots").glob("*.png")}
+    assert {"curves.png", "forest_grade.png", "confusion_grade.png"} <= plots
+    assert not any(p.startswith(("roc_", "kaplan")) for p in plots) and not (d / "run" / "predictions.npz").exists()
