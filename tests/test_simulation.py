@@ -71,3 +71,18 @@ def test_shipped_app_bundle_matches_what_start_writes(tmp_path):
     written = write_app_dir(tmp_path / "app") / "pyproject.toml"
     assert shipped.read_text() == written.read_text()
     assert 'serverapp = "umeml.server.app:app"' in shipped.read_text()
+
+
+def test_dp_epsilon_flag_requires_local_dp_at_that_budget(exp, tmp_path, capsys):
+    from umeml.config import load_config
+    from umeml.errors import ConfigError
+    from umeml.server.cli import with_local_dp
+
+    cfg = with_local_dp(load_config(exp), 8)
+    assert cfg.federation.local_dp.enabled and cfg.federation.local_dp.target_epsilon == 8.0
+    assert cfg.federation.local_dp.delta == load_config(exp).federation.local_dp.delta
+    with pytest.raises(ConfigError, match="--dp-epsilon: must be > 0"):
+        with_local_dp(load_config(exp), 0)
+    # refused before any data is generated or any work starts
+    assert main(["simulate", "--config", str(exp), "--dp-epsilon", "-1", "--out", str(tmp_path / "run")]) != 0
+    assert "--dp-epsilon" in capsys.readouterr().err and not (tmp_path / "run" / "data").exists()
