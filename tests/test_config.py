@@ -93,3 +93,17 @@ def test_site_config_rules(tmp_path):
     f.write_text("site_id: X\ndata_dir: d\nk_min_patients: 0\n")
     with pytest.raises(ConfigError, match="k_min_patients: must be >= 1"):
         load_site_config(f)
+
+
+def test_sgd_optimizer_for_dp_training():
+    import torch
+
+    from umeml.model import build_model
+    from umeml.train.loop import make_optimizer
+
+    cfg = config_from_dict({"train": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.5}})
+    model = build_model(config_from_dict({"model": {"name": "snn", "hidden_dim": 16}}).model, 0, (4, 3), {"grade": 3})
+    opt = make_optimizer(model, cfg.train)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.5 and opt.defaults["lr"] == 0.1
+    with pytest.raises(ConfigError, match="train.momentum"):
+        config_from_dict({"train": {"optimizer": "sgd", "momentum": 1.0}}, source="exp.yaml")

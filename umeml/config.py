@@ -93,8 +93,9 @@ class ModelConfig:
 class TrainConfig:
     """Local/centralized optimisation settings."""
 
-    optimizer: Literal["adam", "adamw"] = "adamw"
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     lr: float = field(default=2e-4, metadata=_range(0.0, lo_open=True))
+    momentum: float = field(default=0.9, metadata=_range(0.0, 0.999))  # sgd only
     weight_decay: float = field(default=1e-4, metadata=_range(0.0))
     epochs: int = field(default=10, metadata=_range(1))
     warmup_epochs: int = field(default=1, metadata=_range(0))

@@ -33,9 +33,16 @@ def task_heads(cfg: ExperimentConfig, n_subtypes: int) -> dict[str, int]:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam or AdamW as the config says."""
+    """Adam, AdamW or SGD with momentum as the config says.
+
+    SGD suits DP-SGD better than Adam: Adam rescales every coordinate to unit step size, so on
+    coordinates where the noise dominates it takes full-size random steps.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls((p for p in model.parameters() if p.requires_grad), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
