@@ -30,3 +30,14 @@ def tiny_cohort_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "tiny"
     generate(TINY_SPEC, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one intra-op thread is faster and immune to a busy machine's oversubscription."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,6 +14,8 @@ from flwr.common import Metadata
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.supercore.task_identity import TaskIdentity
 
+from umeml.config import ExperimentConfig, config_from_dict
+
 
 class LocalGrid:
     """Nodes 101, 102, ... each playing ``sites[i]`` through ``client_app``.
@@ -78,3 +80,18 @@ class LocalGrid:
             self.received.append(reply)
             replies.append(reply)
         return replies
+
+
+def tiny_experiment(*, name: str | None = None, rounds: int = 2, batch_size: int = 8, local_epochs: int = 1,
+                    bootstrap: int = 0, **fed) -> ExperimentConfig:
+    """The federation tests' experiment: a 16-dim UMEML, one local epoch, k = 5; ``fed`` adds or
+    overrides ``federation`` keys."""
+    return config_from_dict({
+        **({"name": name} if name else {}),
+        "seed": 0, "tasks": ["grade", "subtype", "survival"],
+        "data": {"max_patches": 32},
+        "model": {"hidden_dim": 16, "n_prototypes": 3, "n_registers": 2, "dropout": 0.0, "drop_path": 0.0},
+        "train": {"epochs": 1, "batch_size": batch_size, "lr": 0.003, "bootstrap": bootstrap},
+        "federation": {"rounds": rounds, "local_epochs": local_epochs, "min_train_sites": 1, "k_min_patients": 5,
+                       **fed},
+    })

@@ -11,34 +11,21 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, 
 from opacus.accountants import RDPAccountant
 
 from umeml.client.app import SimulatedSites, build_client_app
-from umeml.config import config_from_dict
 from umeml.errors import ConfigError
 from umeml.server.coordinator import Coordinator
 from umeml.server.strategies import build_strategy, with_central_dp
 
-from fed_helpers import LocalGrid
+from fed_helpers import LocalGrid, tiny_experiment
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SITES = ("A0", "A1", "A2")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to a busy machine's oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def experiment(**fed):
-    return config_from_dict({
-        "seed": 0, "tasks": ["grade", "subtype", "survival"],
-        "data": {"max_patches": 32},
-        "model": {"hidden_dim": 16, "n_prototypes": 3, "n_registers": 2, "dropout": 0.0, "drop_path": 0.0},
-        "train": {"epochs": 1, "batch_size": 8, "lr": 0.003, "bootstrap": 0},
-        "federation": {"rounds": 2, "local_epochs": 1, "min_train_sites": 1, "k_min_patients": 5,
-                       "evaluate_every": 2, **fed},
-    })
+    return tiny_experiment(**{"evaluate_every": 2, **fed})
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from umeml.client.app import SimulatedSites, build_client_app
-from umeml.config import DPConfig, ModelConfig, config_from_dict, load_site_config
+from umeml.config import DPConfig, ModelConfig, load_site_config
 from umeml.data.batch import PatientItem, collate
 from umeml.data.cohort import load_data_dir
 from umeml.data.labels import subtype_codes
@@ -23,7 +23,9 @@ from umeml.server.coordinator import Coordinator
 from umeml.train.dp import DPSGD, REFUSAL_NO_SITE_DP, resolve_dp
 from umeml.train.loop import LossSettings, task_heads
 
-from fed_helpers import LocalGrid
+from fed_helpers import LocalGrid, tiny_experiment
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SITES = ("A0", "A1", "A2")
 LEDGER_KEYS = {"round", "site", "sample_rate", "noise_multiplier", "steps", "max_grad_norm", "epsilon", "delta",
@@ -31,14 +33,7 @@ LEDGER_KEYS = {"round", "site", "sample_rate", "noise_multiplier", "steps", "max
 
 
 def experiment(batch_size=8, local_epochs=1, **fed):
-    return config_from_dict({
-        "name": "dp-test", "seed": 0, "tasks": ["grade", "subtype", "survival"],
-        "data": {"max_patches": 32},
-        "model": {"hidden_dim": 16, "n_prototypes": 3, "n_registers": 2, "dropout": 0.0, "drop_path": 0.0},
-        "train": {"epochs": 1, "batch_size": batch_size, "lr": 0.003, "bootstrap": 0},
-        "federation": {"rounds": 2, "local_epochs": local_epochs, "min_train_sites": 1, "k_min_patients": 5,
-                       "evaluate_every": 2, **fed},
-    })
+    return tiny_experiment(name="dp-test", batch_size=batch_size, local_epochs=local_epochs, **{"evaluate_every": 2, **fed})
 
 
 def local_dp(**kw):
@@ -56,13 +51,6 @@ def run(tmp_path, cfg, resume=False, out="run", dp=None, grid_kw=None):
 TINY = []
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to a busy machine's oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,24 +6,17 @@ import torch
 from flwr.app import Array, ArrayRecord, Message
 
 from umeml.client.app import SimulatedSites, build_client_app
-from umeml.config import config_from_dict
 from umeml.data.synth import SynthSpec, generate
 from umeml.federation.protocol import HandshakeMismatch
 from umeml.server.coordinator import Coordinator, FederationError
 
-from fed_helpers import LocalGrid
+from fed_helpers import LocalGrid, tiny_experiment
 
 SITES = ("A0", "A1", "A2")
 
 
 def experiment(**fed):
-    return config_from_dict({
-        "seed": 0, "tasks": ["grade", "subtype", "survival"],
-        "data": {"max_patches": 32},
-        "model": {"hidden_dim": 16, "n_prototypes": 3, "n_registers": 2, "dropout": 0.0, "drop_path": 0.0},
-        "train": {"epochs": 1, "batch_size": 8, "lr": 0.003, "bootstrap": 20},
-        "federation": {"rounds": 2, "local_epochs": 1, "min_train_sites": 1, "k_min_patients": 5, **fed},
-    })
+    return tiny_experiment(bootstrap=20, **fed)
 
 
 @pytest.fixture(scope="module")

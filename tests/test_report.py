@@ -4,12 +4,10 @@ comparison runs, the figures' own numbers, the slide heatmap and the CLI's error
 import base64
 import json
 import re
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-import torch
 
 from umeml.cli import main as umeml_main
 from umeml.client.app import SimulatedSites, build_client_app
@@ -23,6 +21,8 @@ from umeml.train.central import train_central
 
 from fed_helpers import LocalGrid
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 EXPERIMENT = {
     "name": "report-test", "seed": 0, "tasks": ["grade", "subtype", "survival"],
     "data": {"max_patches": 32},
@@ -33,12 +33,6 @@ EXPERIMENT = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
