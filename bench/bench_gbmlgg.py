@@ -1,0 +1,428 @@
+"""TCGA GBM-LGG (genomics only), site-disjoint 5-fold benchmark: classical peers, SNN, UMEML
+centralized, UMEML federated (FedAvg, FedProx) and UMEML local-only on the same folds.
+
+    python bench/bench_gbmlgg.py [--folds 0 1] [--out DIR] [--write docs/benchmarks.md]
+
+Folds come from ``umeml.data.splits.site_kfold`` over the TSS sites (seed of the config); the
+fold's sites are held out of everything that trains. Per fold:
+
+- classical: standardised genomic features -> PCA (fit on the training patients) -> standardised
+  components; multinomial L2 logistic regression (scikit-learn, balanced class weights) for grade
+  and subtype, Cox proportional hazards (lifelines, small L2 penalizer) for survival;
+- ``snn`` and ``umeml`` trained centrally (``train_central`` with an explicit Split: training
+  patients = the training folds, test = the held-out fold);
+- UMEML federated with FedAvg and FedProx (``simulate`` with the fold's sites held out; training
+  TSS sites with fewer than 2 * k_min_patients patients merged into pseudo-institutions
+  ``merged-1``, ``merged-2``, ... of >= that many patients, through a generated data.site_map);
+- local-only: UMEML trained centrally on the largest training site alone.
+
+Every method is scored on all held-out patients of the fold pooled (federated: the coordinator's
+pooled evaluation). Per-fold raw results go to ``OUT/results.json``; the printed table (mean and
+sd over folds) is what ``--write`` puts into the markdown file, replacing an earlier section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "tcga_gbmlgg"
+CONFIG = REPO / "configs" / "gbmlgg_folds.yaml"
+PRIMARY = (("grade", "auc_macro"), ("subtype", "auc_macro"), ("survival", "c_index"))
+EXTRA = (("grade", "balanced_accuracy"), ("subtype", "balanced_accuracy"))
+METRICS = PRIMARY + EXTRA
+METHODS = ("classical", "snn central", "umeml central", "umeml fedavg", "umeml fedprox", "umeml local-only")
+SECTION = "## TCGA GBM-LGG, site-disjoint 5-fold"
+
+
+def label(task: str, key: str) -> str:
+    return f"{task} {'bal_acc' if key == 'balanced_accuracy' else key}"
+
+
+def merge_small_sites(sizes: dict[str, int], train_sites: list[str], min_patients: int) -> dict[str, str]:
+    """``code -> merged-k`` for the training sites below ``min_patients``: sorted by code, filled
+    in order into groups of >= ``min_patients`` patients; a remainder joins the last group."""
+    small = sorted(s for s in train_sites if sizes[s] < min_patients)
+    groups: list[list[str]] = []
+    current, total = [], 0
+    for s in small:
+        current.append(s)
+        total += sizes[s]
+        if total >= min_patients:
+            groups.append(current)
+            current, total = [], 0
+    if current:
+        if groups:
+            groups[-1].extend(current)
+        else:
+            groups.append(current)
+    return {s: f"merged-{k + 1}" for k, group in enumerate(groups) for s in group}
+
+
+def _entry(test: dict, task: str, key: str) -> dict | None:
+    m = test.get(task, {}).get(key) if isinstance(test.get(task), dict) else None
+    if isinstance(m, dict) and isinstance(m.get("value"), (int, float)):
+        return {k: m.get(k) for k in ("value", "ci_low", "ci_high", "n")}
+    return None
+
+
+def metrics_of(test: dict) -> dict:
+    """{"grade auc_macro": {"value", "ci_low", "ci_high", "n"}, ...} from a metrics dict."""
+    return {label(t, k): _entry(test, t, k) for t, k in METRICS}
+
+
+def classical(cohort, pool: np.ndarray, test: np.ndarray, n_pcs: int, c_reg: float, penalizer: float,
+              n_boot: int, seed: int) -> dict:
+    """Logistic regression (grade, subtype) and Cox PH (survival) on standardised PCs."""
+    import pandas as pd
+    from lifelines import CoxPHFitter
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from umeml.metrics import classification_metrics, survival_metrics
+
+    x = cohort.genomics.astype(np.float64)
+    scale = StandardScaler().fit(x[pool])
+    pca = PCA(n_components=min(n_pcs, len(pool) - 1), random_state=seed).fit(scale.transform(x[pool]))
+    z_pool, z_test = (pca.transform(scale.transform(x[i])) for i in (pool, test))
+    zs = StandardScaler().fit(z_pool)
+    z_pool, z_test = zs.transform(z_pool), zs.transform(z_test)
+    out = {}
+    for task, classes, index in (("grade", cohort.grades, cohort.grade_index),
+                                 ("subtype", cohort.subtypes, cohort.subtype_index)):
+        y_pool = np.array([index(i) for i in pool])
+        y_test = np.array([index(i) for i in test])
+        clf = LogisticRegression(C=c_reg, class_weight="balanced", max_iter=5000).fit(z_pool, y_pool)
+        probs = np.zeros((len(test), len(classes)))
+        probs[:, clf.classes_] = clf.predict_proba(z_test)
+        out[task] = classification_metrics(y_test, probs, n_boot=n_boot, seed=seed)
+    cols = [f"pc{j}" for j in range(z_pool.shape[1])]
+    t_pool, e_pool = cohort.times_events(pool)
+    frame = pd.DataFrame(z_pool, columns=cols).assign(T=np.maximum(t_pool, 1e-3), E=e_pool)
+    cph = CoxPHFitter(penalizer=penalizer).fit(frame, duration_col="T", event_col="E")
+    risk = np.asarray(cph.predict_log_partial_hazard(pd.DataFrame(z_test, columns=cols))).reshape(-1)
+    t_test, e_test = cohort.times_events(test)
+    out["survival"] = survival_metrics(t_test, 1 - e_test, risk, n_boot=n_boot, seed=seed)
+    return out
+
+
+def run_fold(k: int, fold_sites: list[str], base_cfg, base_cohort, args, out: Path) -> dict:
+    """Every method on one fold; returns the fold's record (sites, sizes, metrics, times)."""
+    from umeml.data.cohort import load_cohort
+    from umeml.data.splits import Split, stratified_train_val
+    from umeml.server.simulate import CohortSource, simulate
+    from umeml.train.central import train_central
+
+    fold_dir = out / f"fold{k}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    sizes = {s: len(base_cohort.site_indices(s)) for s in base_cohort.sites}
+    train_codes = [s for s in base_cohort.sites if s not in fold_sites]
+    min_site = args.min_site_patients or 2 * base_cfg.federation.k_min_patients
+    merged = merge_small_sites(sizes, train_codes, min_site)
+    site_map = fold_dir / "site_map.csv"
+    site_map.write_text("code,institution\n" + "".join(f"{c},{i}\n" for c, i in sorted(merged.items())))
+    cfg = dataclasses.replace(base_cfg, data=dataclasses.replace(base_cfg.data, site_map=str(site_map.resolve())))
+    cohort = load_cohort(args.table, args.signatures, None, cfg.data)
+    assert [p.case_id for p in cohort.patients] == [p.case_id for p in base_cohort.patients]
+    test = np.concatenate([cohort.site_indices(s) for s in fold_sites])
+    institutions = sorted({merged.get(s, s) for s in train_codes})
+    pool = np.concatenate([cohort.site_indices(s) for s in institutions])
+    train, val = stratified_train_val(cohort, pool, cfg.split.val_fraction, cfg.seed)
+    split = Split(train, val, np.sort(test), tuple(sorted(fold_sites)))
+    split.check_disjoint()
+    largest = max(institutions, key=lambda s: (len(cohort.site_indices(s)), s))
+    l_train, l_val = stratified_train_val(cohort, cohort.site_indices(largest), cfg.split.val_fraction, cfg.seed)
+    local_split = Split(l_train, l_val, np.sort(test), split.test_sites)
+    record = {
+        "fold": k, "test_sites": sorted(fold_sites), "n_test": int(len(test)), "n_train_pool": int(len(pool)),
+        "n_train": int(len(train)), "n_val": int(len(val)),
+        "test_events": int(cohort.times_events(test)[1].sum()),
+        "institutions": {s: int(len(cohort.site_indices(s))) for s in institutions},
+        "merged": {m: sorted(c for c, g in merged.items() if g == m) for m in sorted(set(merged.values()))},
+        "largest_site": largest, "n_largest": int(len(cohort.site_indices(largest))),
+        "results": {}, "seconds": {},
+    }
+    print(f"fold {k}: test sites {', '.join(sorted(fold_sites))} ({len(test)} patients); "
+          f"{len(institutions)} training institutions ({len(pool)} patients; merged {record['merged']})", flush=True)
+
+    def done(method: str, test_metrics: dict, t0: float) -> None:
+        record["results"][method] = metrics_of(test_metrics)
+        record["seconds"][method] = round(time.perf_counter() - t0, 1)
+        primary = {label(t, key) for t, key in PRIMARY}
+        vals = "  ".join(f"{name} {m['value']:.3f}" if m else f"{name} -"
+                         for name, m in record["results"][method].items() if name in primary)
+        print(f"  fold {k} {method:17s} {vals}  ({record['seconds'][method]:.0f} s)", flush=True)
+
+    methods = [m for m in METHODS if m not in args.skip]
+    if "classical" in methods:
+        t0 = time.perf_counter()
+        done("classical", classical(cohort, pool, split.test, args.pcs, args.logreg_c, args.cox_penalizer,
+                                    cfg.train.bootstrap, cfg.seed), t0)
+    for strategy in ("fedavg", "fedprox"):
+        if f"umeml {strategy}" in methods:
+            t0 = time.perf_counter()
+            c = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, strategy=strategy,
+                                                                        train_sites=tuple(institutions)))
+            final = simulate(c, cohort, CohortSource(table=str(args.table), signatures=str(args.signatures)),
+                             fold_dir / f"fed-{strategy}", held_out=split.test_sites)
+            done(f"umeml {strategy}", final["pooled"], t0)
+            record.setdefault("federated", {})[strategy] = {
+                "training_sites": final.get("training_sites"), "rounds": final.get("rounds"),
+                "accepted_per_round": [e.get("accepted") for e in _history(fold_dir / f"fed-{strategy}")]}
+    for name in ("snn", "umeml"):
+        if f"{name} central" in methods:
+            t0 = time.perf_counter()
+            c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=name))
+            final = train_central(c, cohort, fold_dir / f"central-{name}", split, progress=False)
+            done(f"{name} central", final["test"], t0)
+    if "umeml local-only" in methods:
+        t0 = time.perf_counter()
+        final = train_central(cfg, cohort, fold_dir / "local-only", local_split, progress=False)
+        done("umeml local-only", final["test"], t0)
+    (fold_dir / "fold.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _history(run_dir: Path) -> list[dict]:
+    """The coordinator's per-round history (accepted updates), if resume.pt is readable."""
+    try:
+        import torch
+
+        return list(torch.load(run_dir / "resume.pt", weights_only=False).get("history", []))
+    except Exception:  # noqa: BLE001 - bookkeeping only
+        return []
+
+
+def _values(folds: list[dict], method: str, name: str) -> np.ndarray:
+    return np.array([f["results"][method][name]["value"] for f in folds
+                     if method in f["results"] and f["results"][method].get(name)])
+
+
+def _ms(v: np.ndarray) -> str:
+    if not len(v):
+        return "-"
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+
+
+def tables(folds: list[dict]) -> str:
+    """Mean ± sd per method and metric, the per-fold table, and the goal checks."""
+    names = [label(t, k) for t, k in METRICS]
+    methods = [m for m in METHODS if any(m in f["results"] for f in folds)]
+    lines = ["| method | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(_ms(_values(folds, m, n)) for n in names) + " |")
+    lines += ["", "| fold | held-out TSS sites | n test (deaths) | training institutions (patients) | "
+              "local-only site (n) | " + " | ".join(f"{m}: grade / subtype / c-index" for m in
+                                                    ("umeml central", "umeml fedavg", "classical")) + " |",
+              "| --- | --- | --- | --- | --- |" + " --- |" * 3]
+    for f in folds:
+        merged = "; ".join(f"{g} = {'+'.join(c)}" for g, c in f["merged"].items())
+        cells = []
+        for m in ("umeml central", "umeml fedavg", "classical"):
+            r = f["results"].get(m)
+            cells.append(" / ".join(f"{r[label(t, k)]['value']:.2f}" if r and r.get(label(t, k)) else "-"
+                                    for t, k in PRIMARY))
+        lines.append(f"| {f['fold']} | {', '.join(f['test_sites'])} | {f['n_test']} ({f['test_events']}) | "
+                     f"{len(f['institutions'])} ({f['n_train_pool']}){'; ' + merged if merged else ''} | "
+                     f"{f['largest_site']} ({f['n_largest']}) | " + " | ".join(cells) + " |")
+    checks = []
+    for fed in ("umeml fedavg", "umeml fedprox"):
+        if fed in methods and "umeml central" in methods:
+            parts = []
+            for t, k in PRIMARY:
+                d = _values(folds, fed, label(t, k)) - _values(folds, "umeml central", label(t, k))
+                parts.append(f"{label(t, k)} {d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0:.3f} "
+                             f"({'met' if d.mean() >= -0.02 else 'not met'})")
+            checks.append(f"- {fed} minus umeml central (goal >= -0.02): " + "; ".join(parts))
+    if "classical" in methods:
+        for m in ("umeml central", "umeml fedavg", "umeml fedprox"):
+            if m in methods:
+                parts = []
+                for t, k in PRIMARY:
+                    d = _values(folds, m, label(t, k)) - _values(folds, "classical", label(t, k))
+                    parts.append(f"{label(t, k)} {d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0:.3f} "
+                                 f"({'met' if d.mean() >= 0.03 else 'not met'})")
+                checks.append(f"- {m} minus classical (goal >= +0.03): " + "; ".join(parts))
+    if checks:
+        lines += ["", "Goals (per-fold paired difference, mean ± sd over folds; a goal is met when the mean "
+                  "difference reaches it):"] + checks
+    return "\n".join(lines)
+
+
+def section_title(meta: dict) -> str:
+    """The section heading (a --rounds diagnostic gets its own section)."""
+    rounds = meta.get("rounds_override")
+    return f"{SECTION}, federated with {rounds} rounds (diagnostic)" if rounds else SECTION
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace the section with the same heading (up to the next '## ') or append it."""
+    doc = path.read_text() if path.exists() else ""
+    title = text.lstrip("\n").split(" (", 1)[0]
+    pattern = re.compile(rf"\n?{re.escape(title)} \(.*?(?=\n## |\Z)", re.S)
+    body = "\n" + text.strip("\n") + "\n"
+    doc = pattern.sub(lambda _: body, doc, count=1) if pattern.search(doc) else doc.rstrip("\n") + "\n" + body
+    path.write_text(doc)
+
+
+def _command_of(path: Path) -> str:
+    """The command recorded in an earlier results.json (its file name when none)."""
+    return json.loads(path.read_text()).get("meta", {}).get("command", path.name)
+
+
+def reuse(records: list[dict], path: Path) -> list[str]:
+    """Copy the methods a run skipped from an earlier run's results.json (same folds, same test
+    sites); returns the copied method names."""
+    earlier = {f["fold"]: f for f in json.loads(path.read_text())["folds"]}
+    copied: set[str] = set()
+    for f in records:
+        old = earlier.get(f["fold"])
+        if old is None or old["test_sites"] != f["test_sites"]:
+            raise ValueError(f"{path}: fold {f['fold']} is missing or has other test sites")
+        for method, res in old["results"].items():
+            if method not in f["results"]:
+                f["results"][method] = res
+                copied.add(method)
+    return [m for m in METHODS if m in copied]
+
+
+def _intro(meta: dict, wall: float, per_method: dict) -> str:
+    timing = ", ".join(f"{m} {sec / 60:.1f}" for m, sec in per_method.items() if sec)
+    return (
+        f"{section_title(meta)} ({meta['date']}, {meta['machine']}, {meta['cores']} cores, CPU)\n\n"
+        f"Command: `{meta['command']}` (config `{meta['config']}`). Wall time {wall / 60:.1f} min for the "
+        f"whole script (minutes per method, all folds: {timing}), torch threads {meta['threads']}"
+        + (f", 1-min load average {meta['load_average'][0]} to {meta['load_average'][1]} at fold boundaries"
+           if meta.get("load_average") else "") + ". Genomics only "
+        f"(the shared table has no slides): {meta['patients']} patients, {meta['sites']} TSS sites; folds from "
+        f"`site_kfold` (seed {meta['seed']}). Every method is tested on all patients of the held-out fold's sites "
+        "pooled, none of which it trained on; mean ± sd (ddof 1) over the folds.\n\n"
+        f"- classical: multinomial L2 logistic regression (C {meta['logreg_c']}, balanced class weights; grade, "
+        f"subtype) and Cox PH (lifelines, penalizer {meta['cox_penalizer']}; survival) on {meta['pcs']} "
+        "standardised principal components of the standardised genomic features, all fitted on the fold's "
+        "training patients (train + validation: nothing to select).\n"
+        f"- snn / umeml central: `train_central` on the training folds (hidden_dim {meta['hidden_dim']}, "
+        f"{meta['epochs']} epochs), checkpoint of the best validation epoch.\n"
+        f"- umeml fedavg / fedprox (mu {meta['mu']}): `simulate`, {meta['rounds']} rounds x "
+        f"{meta['local_epochs']} local epochs, final global model, scored by the coordinator's pooled evaluation. "
+        f"Training TSS sites with < {meta['min_site_patients']} patients (they would keep < k = {meta['k_min']} "
+        "training patients after the validation split and not train) are merged in code order into "
+        "pseudo-institutions merged-k of >= that many patients (a generated `data.site_map`).\n"
+        "- umeml local-only: umeml trained centrally on the fold's largest training site alone.\n"
+        "- bal_acc = balanced accuracy; n test (deaths) = held-out patients (observed deaths).\n"
+        + (f"- rows {', '.join(meta['reused'])} (and the goal checks against them) are copied from "
+           f"the run of `{meta['reused_from']}` on the same folds, not re-run.\n" if meta.get("reused") else "")
+        + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--table", type=Path, default=DATA / "tcga_gbmlgg_all_clean.csv.gz")
+    ap.add_argument("--signatures", type=Path, default=DATA / "signatures.csv")
+    ap.add_argument("--config", type=Path, default=CONFIG)
+    ap.add_argument("--folds", type=int, nargs="+", help="run only these folds (0-based), e.g. --folds 0")
+    ap.add_argument("--skip", nargs="+", default=[], choices=METHODS, metavar="METHOD",
+                    help=f"methods to skip, of: {', '.join(repr(m) for m in METHODS)}")
+    ap.add_argument("--min-site-patients", type=int,
+                    help="merge training sites below this size (default 2 * federation.k_min_patients)")
+    ap.add_argument("--pcs", type=int, default=32, help="principal components for the classical models")
+    ap.add_argument("--logreg-c", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
+    ap.add_argument("--cox-penalizer", type=float, default=0.01)
+    ap.add_argument("--out", type=Path, help="run directories and results.json (default: a new temp dir)")
+    ap.add_argument("--rounds", type=int,
+                    help="override federation.rounds (a diagnostic; the reference run keeps the config's 10)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of this process (Ray's site workers use one each)")
+    ap.add_argument("--render", type=Path, metavar="RESULTS_JSON",
+                    help="do not train: print (and --write) the tables of an earlier run's results.json")
+    ap.add_argument("--reuse", type=Path, metavar="RESULTS_JSON",
+                    help="fill the skipped methods' rows from an earlier run of the same folds")
+    ap.add_argument("--write", type=Path, help="put the tables as a section into this markdown file")
+    args = ap.parse_args(argv)
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        if args.reuse:
+            saved["meta"]["reused"] = reuse(saved["folds"], args.reuse)
+            saved["meta"]["reused_from"] = _command_of(args.reuse)
+        print(tables(saved["folds"]))
+        if args.write:
+            write_section(args.write, _intro(saved["meta"], saved["wall_seconds"], saved["seconds_per_method"])
+                          + tables(saved["folds"]) + "\n")
+        return 0
+    missing = [str(p) for p in (args.table, args.signatures) if not p.is_file()]
+    if missing:
+        print(f"error: TCGA GBM-LGG data not found: {', '.join(missing)}\n(the shared table is expected at "
+              f"{DATA}; pass --table and --signatures to point elsewhere)", file=sys.stderr)
+        return 2
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    from umeml.config import load_config
+    from umeml.data.cohort import load_cohort
+    from umeml.data.splits import site_kfold
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench_gbmlgg-"))
+    out.mkdir(parents=True, exist_ok=True)
+    args.table, args.signatures = args.table.resolve(), args.signatures.resolve()
+    cfg = load_config(args.config)
+    if args.rounds:
+        cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds,
+                                                                      evaluate_every=args.rounds))
+    cohort = load_cohort(args.table, args.signatures, None, cfg.data)
+    n_folds = cfg.split.n_folds
+    folds = site_kfold(cohort, n_folds, cfg.seed)
+    chosen = args.folds if args.folds is not None else list(range(n_folds))
+    records, loads = [], [os.getloadavg()[0]]
+    for k in chosen:
+        fold_sites = sorted({cohort.patients[i].site for i in folds[k][1]})
+        records.append(run_fold(k, fold_sites, cfg, cohort, args, out))
+        loads.append(os.getloadavg()[0])
+        (out / "results.json").write_text(json.dumps({"config": str(args.config), "folds": records}, indent=2))
+    wall = time.perf_counter() - t_start
+    per_method = {m: sum(f["seconds"].get(m, 0.0) for f in records) for m in METHODS}
+    reused = reuse(records, args.reuse) if args.reuse else []
+    text = tables(records)
+    timing = ", ".join(f"{m} {s:.0f} s" for m, s in per_method.items() if s)
+    print("\n" + text)
+    print(f"\nwall time {wall:.0f} s ({wall / 60:.1f} min); per method over folds: {timing}")
+    print(f"per-fold raw results: {out / 'results.json'}")
+    meta = {
+        "date": datetime.date.today().isoformat(), "machine": platform.machine(), "cores": os.cpu_count(),
+        "command": "python bench/bench_gbmlgg.py" + (f" --folds {' '.join(map(str, chosen))}" if args.folds else "")
+        + (f" --rounds {args.rounds}" if args.rounds else "")
+        + (f" --skip {' '.join(repr(m) for m in args.skip)}" if args.skip else ""),
+        "config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config),
+        "patients": len(cohort), "sites": len(cohort.sites), "seed": cfg.seed, "pcs": args.pcs,
+        "logreg_c": args.logreg_c, "cox_penalizer": args.cox_penalizer, "threads": args.threads,
+        "min_site_patients": args.min_site_patients or 2 * cfg.federation.k_min_patients,
+        "k_min": cfg.federation.k_min_patients, "rounds": cfg.federation.rounds,
+        "local_epochs": cfg.federation.local_epochs, "epochs": cfg.train.epochs, "mu": cfg.federation.proximal_mu,
+        "hidden_dim": cfg.model.hidden_dim, "rounds_override": args.rounds,
+        "load_average": [round(min(loads), 1), round(max(loads), 1)],
+        "reused": reused, "reused_from": _command_of(args.reuse) if args.reuse else None,
+    }
+    (out / "results.json").write_text(json.dumps({"meta": meta, "folds": records, "wall_seconds": round(wall, 1),
+                                                  "seconds_per_method": per_method}, indent=2))
+    if args.write:
+        write_section(args.write, _intro(meta, wall, per_method) + text + "\n")
+        print(f"wrote the section into {args.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
