@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -94,7 +95,9 @@ class SimulatedSites:
 
     Simulated sites take the experiment's ``federation.local_dp`` as their own DP terms (unless
     ``dp`` overrides it) and keep their privacy ledgers in ``state_root/<site>`` (the run
-    dir's ``sites/`` folder in ``umeml-server simulate``).
+    dir's ``sites/`` folder in ``umeml-server simulate``). With ``seeded_noise`` (the default)
+    every noise draw (DP-SGD, the survival histogram) is seeded from the experiment seed and the
+    site, so a simulation is reproducible; real sites draw their noise from OS entropy.
     """
 
     sites: tuple[str, ...]
@@ -105,13 +108,21 @@ class SimulatedSites:
     device: str = "cpu"
     state_root: str | None = None
     dp: DPConfig | None = None
+    seeded_noise: bool = True
 
     def __call__(self, context: Context, cfg: ExperimentConfig) -> SiteRuntime:
         site_id = self.sites[int(context.node_config["partition-id"])]
         cohort = _cohort(self.data_dir, self.table, self.signatures, self.bags, _data_json(cfg))
         return SiteRuntime(site_id, cohort, cohort.site_indices(site_id), k_min=cfg.federation.k_min_patients,
                            device=self.device, dp=self.dp if self.dp is not None else cfg.federation.local_dp,
-                           state_dir=str(Path(self.state_root) / site_id) if self.state_root else None)
+                           state_dir=str(Path(self.state_root) / site_id) if self.state_root else None,
+                           dp_seed=simulation_noise_seed(cfg.seed, site_id) if self.seeded_noise else None)
+
+
+def simulation_noise_seed(seed: int, site_id: str) -> int:
+    """A simulated site's noise seed: distinct per site (independent noise at each site), fixed
+    by the experiment seed (reproducible runs)."""
+    return (int(seed) << 32) | zlib.crc32(site_id.encode())
 
 
 def _json_reply(msg: Message, payload: dict) -> Message:

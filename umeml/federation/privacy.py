@@ -198,7 +198,8 @@ class SiteLedger:
         """All one-off releases (survival histograms), oldest first."""
         return list(self._raw().get("releases", []))
 
-    def noisy_histogram(self, counts, epsilon: float, experiment: str, grid: str) -> tuple[list[int], bool]:
+    def noisy_histogram(self, counts, epsilon: float, experiment: str, grid: str,
+                        rng: np.random.Generator | None = None) -> tuple[list[int], bool]:
         """The epsilon-DP version of the exact histogram ``counts`` and whether it is new.
 
         A repeated request for the same counts at the same epsilon and grid (a restarted run, or
@@ -206,14 +207,14 @@ class SiteLedger:
         before: fresh noise each time would let the coordinator average it away, and re-sending
         a released value costs no privacy. A new release is recorded under ``releases`` with its
         epsilon and the site's total over all histogram releases (basic composition). Call it
-        while holding :meth:`locked`.
+        while holding :meth:`locked`. ``rng`` None draws the noise from OS entropy (a real site).
         """
         fingerprint = counts_fingerprint(counts, grid, float(epsilon))
         earlier = self.releases()
         for rel in earlier:
             if rel.get("kind") == HISTOGRAM_RELEASE and rel.get("fingerprint") == fingerprint:
                 return list(rel["noisy_counts"]), False
-        noisy = (np.asarray(counts, dtype=np.int64) + discrete_laplace(len(counts), epsilon)).tolist()
+        noisy = (np.asarray(counts, dtype=np.int64) + discrete_laplace(len(counts), epsilon, rng)).tolist()
         total = sum(float(r["epsilon"]) for r in earlier if r.get("kind") == HISTOGRAM_RELEASE) + float(epsilon)
         self._write(self.entries(), earlier + [{
             "experiment": experiment, "kind": HISTOGRAM_RELEASE, "site": self.site_id,

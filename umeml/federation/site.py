@@ -33,6 +33,8 @@ from umeml.train.loop import LossSettings, make_optimizer, predict, resolve_devi
 
 log = logging.getLogger("umeml.site")
 
+HISTOGRAM_NOISE_STREAM = 7919  # separates the histogram's seeded noise from DP-SGD's (dp_seed + round)
+
 
 def proximal_term(model, mu: float):
     """FedProx's mu/2 ||w - w_global||^2 as a function of the model, anchored at its current weights."""
@@ -56,7 +58,8 @@ class SiteRuntime:
     max_local_epochs: int = 1000
     dp: DPConfig | None = None  # the site's own local-DP terms (None: no local DP)
     state_dir: str | None = None  # where the site keeps its privacy ledger (the accountant's state)
-    dp_seed: int | None = None  # tests only: reproducible DP noise; None takes OS entropy
+    # simulations and tests: reproducible noise (DP-SGD, survival histogram); None (a real site) takes OS entropy
+    dp_seed: int | None = None
 
     @property
     def n(self) -> int:
@@ -117,9 +120,10 @@ class SiteRuntime:
 
         Each patient is counted in exactly one cell (L1 sensitivity 1), so two-sided geometric
         noise of scale 1/epsilon on every cell gives epsilon-DP. Cells are not clipped at 0: the
-        coordinator's quantiles stay unbiased that way. The noise comes from OS entropy, never
-        from the experiment seed. With a state dir the release is recorded in the site's
-        privacy ledger, and a repeated request for the same counts gets the same noisy answer.
+        coordinator's quantiles stay unbiased that way. At a real site the noise comes from OS
+        entropy, never from the experiment seed; simulations seed it (``dp_seed``) to be
+        reproducible. With a state dir the release is recorded in the site's privacy ledger, and
+        a repeated request for the same counts gets the same noisy answer.
         """
         eps = cfg.federation.survival_hist_epsilon
         if eps is None:
@@ -127,11 +131,12 @@ class SiteRuntime:
                         "it places each uncensored training patient's survival time within one grid cell (%s)",
                         self.site_id, SURVIVAL_GRID_TEXT)
             return exact.tolist()
+        rng = None if self.dp_seed is None else np.random.default_rng([self.dp_seed, HISTOGRAM_NOISE_STREAM])
         if self.state_dir is None:  # tests and ad-hoc simulations: noise, nowhere to record it
-            return (exact + discrete_laplace(exact.shape, eps)).tolist()
+            return (exact + discrete_laplace(exact.shape, eps, rng)).tolist()
         ledger = self.ledger()
         with ledger.locked():
-            noisy, new = ledger.noisy_histogram(exact, eps, cfg.name, SURVIVAL_GRID_TEXT)
+            noisy, new = ledger.noisy_histogram(exact, eps, cfg.name, SURVIVAL_GRID_TEXT, rng)
         if new:
             log.info("site %s: released the survival histogram with epsilon %g (recorded in %s)",
                      self.site_id, eps, ledger.path)
