@@ -1,0 +1,198 @@
+"""Privacy benchmarks: what local DP-SGD costs in time per bag and in held-out accuracy.
+
+    python bench/bench_privacy.py [--epsilons inf 8 4 1] [--skip-cost] [--skip-utility] [--write docs/benchmarks.md]
+
+1. Cost: seconds per bag of a UMEML training step with Opacus DP-SGD (per-sample gradients,
+   clipping, secure noise: what a site runs) against the same step without DP, on the same
+   batches of the synthetic demo cohort, in this process (goal: <= 2x).
+2. Privacy-utility: simulated federations (Flower's simulation engine) of configs/demo.yaml
+   (synthetic, 4 sites) and configs/gbmlgg_genomics.yaml (TCGA GBM-LGG genomics, 8 training
+   sites) with local DP at every site at epsilon in {inf, 8, 4, 1}: held-out metrics (pooled over
+   the held-out sites, 95% CI) and the largest epsilon any site spent; each DP budget once with
+   the config's own optimizer (AdamW) and once with SGD + momentum and a larger batch, which
+   suits DP-SGD better (--dp-sgd-lr, --dp-sgd-batch; --no-dp-sgd to skip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TCGA = REPO.parent / "shared" / "data" / "tcga_gbmlgg"
+METRICS = (("grade", "auc_macro"), ("subtype", "auc_macro"), ("survival", "c_index"))
+
+
+def step_cost(steps: int, batch_size: int, repeats: int) -> dict:
+    """Seconds per bag of a training step with and without DP-SGD on identical batches."""
+    from umeml.config import load_config
+    from umeml.data.cohort import load_data_dir
+    from umeml.data.synth import SynthSpec, generate
+    from umeml.model import build_model
+    from umeml.train.central import make_dataset, prepare
+    from umeml.train.dp import DPSGD
+    from umeml.train.loop import batch_loss
+
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(SynthSpec(sites=4, patients=60, seed=0), Path(tmp) / "data")
+        cohort = load_data_dir(Path(tmp) / "data", cfg.data)
+        idx = np.arange(len(cohort))
+        prep = prepare(cfg, cohort, idx)
+        ds = make_dataset(cfg, cohort, idx, prep, True)
+        gen = torch.Generator().manual_seed(0)
+        order = torch.randperm(len(ds), generator=gen).tolist()
+        batches = [ds.collate([ds[i] for i in order[s * batch_size:(s + 1) * batch_size]]) for s in range(steps)]
+    loss = prep.loss
+    device = torch.device("cpu")
+
+    def model():
+        torch.manual_seed(0)
+        m = build_model(cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads)
+        m.train()
+        return m, torch.optim.Adam(m.parameters(), lr=1e-3)
+
+    def plain() -> float:
+        m, opt = model()
+        t0 = time.perf_counter()
+        for b in batches:
+            opt.zero_grad(set_to_none=True)
+            batch_loss(m, b, loss).mean().backward()
+            opt.step()
+        return time.perf_counter() - t0
+
+    def dp() -> float:
+        m, opt = model()
+        sgd = DPSGD(m, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch_size, secure_mode=True)
+        try:
+            t0 = time.perf_counter()
+            for b in batches:
+                sgd.step(b, loss, device)
+            return time.perf_counter() - t0
+        finally:
+            sgd.close()
+
+    plain()  # warm-up: allocator, kernels
+    times = {"plain": [], "dp": []}
+    for _ in range(repeats):  # interleaved, so load on the machine hits both alike
+        times["plain"].append(plain())
+        times["dp"].append(dp())
+    bags = steps * batch_size
+    per_bag = {k: min(v) / bags for k, v in times.items()}
+    mean_patches = float(np.mean([int(b.patch_mask.sum()) / len(b) for b in batches]))
+    return {"per_bag_plain_ms": 1e3 * per_bag["plain"], "per_bag_dp_ms": 1e3 * per_bag["dp"],
+            "ratio": per_bag["dp"] / per_bag["plain"], "bags": bags, "batch_size": batch_size,
+            "mean_patches": mean_patches, "hidden_dim": cfg.model.hidden_dim}
+
+
+def utility(name: str, epsilons: list[float], work: Path, dp_sgd: tuple[float, int] | None) -> list[dict]:
+    """Held-out metrics of one config's simulated federation at each epsilon (inf = no DP)."""
+    from umeml.config import load_config
+    from umeml.data.cohort import load_cohort, load_data_dir
+    from umeml.data.synth import SynthSpec, generate
+    from umeml.server.cli import with_local_dp
+    from umeml.server.simulate import CohortSource, simulate
+
+    base = load_config(REPO / "configs" / f"{name}.yaml")
+    if name == "demo":
+        data = work / "demo-data"
+        generate(SynthSpec(sites=4, patients=60, seed=base.seed), data, overwrite=True)
+        cohort, source = load_data_dir(data, base.data), CohortSource(data_dir=str(data))
+    else:
+        table, sig = TCGA / "tcga_gbmlgg_all_clean.csv.gz", TCGA / "signatures.csv"
+        cohort = load_cohort(table, sig, None, base.data)
+        source = CohortSource(table=str(table), signatures=str(sig))
+    rows = []
+    runs = [(eps, "config", base if math.isinf(eps) else with_local_dp(base, eps)) for eps in epsilons]
+    if dp_sgd is not None:  # the same budgets with an optimizer tuned for DP-SGD
+        lr, batch = dp_sgd
+        tuned = dataclasses.replace(base, train=dataclasses.replace(base.train, optimizer="sgd", lr=lr, batch_size=batch))
+        runs += [(eps, f"sgd lr {lr:g}, batch {batch}", with_local_dp(tuned, eps)) for eps in epsilons if not math.isinf(eps)]
+    for eps, train_label, cfg in runs:
+        t0 = time.perf_counter()
+        final = simulate(cfg, cohort, source, work / f"{name}-eps{eps:g}-{len(rows)}")
+        res = final["pooled"] or final["held_out_combined"]
+        ledger = final.get("privacy") or {}
+        spent = ledger.get("local_max_epsilon")
+        row = {"config": name, "train": train_label, "epsilon": eps, "spent": spent, "wall_s": time.perf_counter() - t0,
+               "n": sum(r.get("n") or 0 for r in final["held_out"].values())}
+        for task, key in METRICS:
+            m = (res.get(task) or {}).get(key) or {}
+            row[f"{task}_{key}"] = (m.get("value"), m.get("ci_low"), m.get("ci_high"))
+        rows.append(row)
+        print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(row: dict) -> str:
+    """One markdown table row of the privacy-utility table."""
+    cells = []
+    for task, key in METRICS:
+        v, lo, hi = row[f"{task}_{key}"]
+        cells.append("-" if v is None else f"{v:.3f} [{lo:.2f}, {hi:.2f}]" if lo is not None else f"{v:.3f}")
+    eps = "inf (no DP)" if math.isinf(row["epsilon"]) else f"{row['epsilon']:g}"
+    spent = "-" if row["spent"] is None else f"{row['spent']:.2f}"
+    return (f"| {row['config']} | {row['train']} | {eps} | {spent} | {row['n']} | " + " | ".join(cells)
+            + f" | {row['wall_s']:.0f} s |")
+
+
+def main(argv=None) -> int:
+    """Run the benchmarks, print the tables, optionally append them to a markdown file."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epsilons", type=float, nargs="+", default=[math.inf, 8.0, 4.0, 1.0])
+    ap.add_argument("--configs", nargs="+", default=["demo", "gbmlgg_genomics"], choices=["demo", "gbmlgg_genomics"])
+    ap.add_argument("--steps", type=int, default=12, help="training steps per timing (cost)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dp-sgd-lr", type=float, default=0.1, help="lr of the extra DP rows with SGD + momentum")
+    ap.add_argument("--dp-sgd-batch", type=int, default=24, help="batch size of the extra DP rows with SGD")
+    ap.add_argument("--no-dp-sgd", action="store_true", help="only the configs' own optimizer under DP")
+    ap.add_argument("--skip-cost", action="store_true")
+    ap.add_argument("--skip-utility", action="store_true")
+    ap.add_argument("--write", type=Path, help="append the results as a section to this markdown file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    parts = []
+    if not args.skip_cost:
+        c = step_cost(args.steps, args.batch_size, args.repeats)
+        line = (f"| UMEML (demo config, hidden {c['hidden_dim']}), {c['bags']} bags in batches of {c['batch_size']}, "
+                f"{c['mean_patches']:.0f} patches per bag | {c['per_bag_plain_ms']:.1f} ms | {c['per_bag_dp_ms']:.1f} ms | "
+                f"{c['ratio']:.2f}x |")
+        print(line, flush=True)
+        parts.append("### DP-SGD cost per bag (same batches, best of "
+                     f"{args.repeats}; goal <= 2x)\n\n| setup | no DP | DP-SGD (Opacus, secure noise) | ratio |\n"
+                     "| --- | --- | --- | --- |\n" + line + "\n")
+    if not args.skip_utility:
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in args.configs:
+                if name == "gbmlgg_genomics" and not TCGA.is_dir():
+                    print(f"skipping gbmlgg_genomics: {TCGA} is absent", file=sys.stderr)
+                    continue
+                rows += utility(name, args.epsilons, Path(tmp), None if args.no_dp_sgd else (args.dp_sgd_lr, args.dp_sgd_batch))
+        header = ("| config | local training | target epsilon | spent (max over sites) | held-out n | grade auc_macro | "
+                  "subtype auc_macro | survival c_index | wall |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+        parts.append("### Privacy-utility (local DP-SGD at every site, delta 1e-5, clipping 1.0)\n\n"
+                     + header + "\n".join(format_row(r) for r in rows) + "\n")
+    if args.write and parts:
+        stamp = datetime.date.today().isoformat()
+        cmd = "python bench/bench_privacy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        with args.write.open("a") as f:
+            f.write(f"\n## Privacy ({stamp}, {platform.machine()}, {os.cpu_count()} cores, CPU)\n\n"
+                    f"Command: `{cmd.strip()}`\n\n" + "\n".join(parts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
