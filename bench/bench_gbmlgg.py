@@ -263,9 +263,12 @@ def tables(folds: list[dict]) -> str:
 
 
 def section_title(meta: dict) -> str:
-    """The section heading (a --rounds diagnostic gets its own section)."""
+    """The section heading (a --rounds diagnostic or another config gets its own section)."""
+    title = SECTION
+    if Path(meta.get("config", CONFIG.name)).name != CONFIG.name:
+        title += f", config {Path(meta['config']).name}"
     rounds = meta.get("rounds_override")
-    return f"{SECTION}, federated with {rounds} rounds (diagnostic)" if rounds else SECTION
+    return f"{title}, federated with {rounds} rounds (diagnostic)" if rounds else title
 
 
 def write_section(path: Path, text: str) -> None:
@@ -317,7 +320,8 @@ def _intro(meta: dict, wall: float, per_method: dict) -> str:
         f"- snn / umeml central: `train_central` on the training folds (hidden_dim {meta['hidden_dim']}, "
         f"{meta['epochs']} epochs), checkpoint of the best validation epoch.\n"
         f"- umeml fedavg / fedprox (mu {meta['mu']}): `simulate`, {meta['rounds']} rounds x "
-        f"{meta['local_epochs']} local epochs, final global model, scored by the coordinator's pooled evaluation. "
+        f"{meta['local_epochs']} local epochs ({meta.get('optimizer', 'adamw')}), final global model, scored by the "
+        "coordinator's pooled evaluation. "
         f"Training TSS sites with < {meta['min_site_patients']} patients (they would keep < k = {meta['k_min']} "
         "training patients after the validation split and not train) are merged in code order into "
         "pseudo-institutions merged-k of >= that many patients (a generated `data.site_map`).\n"
@@ -403,7 +407,10 @@ def main(argv=None) -> int:
     print(f"per-fold raw results: {out / 'results.json'}")
     meta = {
         "date": datetime.date.today().isoformat(), "machine": platform.machine(), "cores": os.cpu_count(),
-        "command": "python bench/bench_gbmlgg.py" + (f" --folds {' '.join(map(str, chosen))}" if args.folds else "")
+        "command": "python bench/bench_gbmlgg.py"
+        + (f" --config {args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config}"
+           if args.config.resolve() != CONFIG.resolve() else "")
+        + (f" --folds {' '.join(map(str, chosen))}" if args.folds else "")
         + (f" --rounds {args.rounds}" if args.rounds else "")
         + (f" --skip {' '.join(repr(m) for m in args.skip)}" if args.skip else ""),
         "config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config),
@@ -412,6 +419,7 @@ def main(argv=None) -> int:
         "min_site_patients": args.min_site_patients or 2 * cfg.federation.k_min_patients,
         "k_min": cfg.federation.k_min_patients, "rounds": cfg.federation.rounds,
         "local_epochs": cfg.federation.local_epochs, "epochs": cfg.train.epochs, "mu": cfg.federation.proximal_mu,
+        "optimizer": f"{cfg.train.optimizer}, lr {cfg.train.lr:g}",
         "hidden_dim": cfg.model.hidden_dim, "rounds_override": args.rounds,
         "load_average": [round(min(loads), 1), round(max(loads), 1)],
         "reused": reused, "reused_from": _command_of(args.reuse) if args.reuse else None,
