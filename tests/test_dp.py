@@ -238,3 +238,21 @@ def test_site_without_dp_refuses_an_experiment_that_requires_it(tmp_path):
     for site in ("A0", "A1"):  # no DP-SGD entry: nothing was trained; only the preprocessing histogram's release
         ledger = json.loads((tmp_path / "run" / "sites" / site / "privacy.json").read_text())
         assert ledger["entries"] == [] and [r["kind"] for r in ledger["releases"]] == ["survival_histogram"]
+
+
+def test_local_training_depends_on_seed_site_and_round_not_on_process_history(tmp_path):
+    """A simulation actor plays several sites in turn: the dropout masks of one site's round must
+    not depend on what the process ran before (it made simulated runs differ run to run)."""
+    import dataclasses
+
+    base = experiment()
+    cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, dropout=0.25))
+    sites, prep, weights = _site_setup(tmp_path, cfg, None)
+    torch.manual_seed(123)
+    first, _ = sites["A0"].train(cfg, prep, weights, server_round=1)
+    torch.manual_seed(456)
+    torch.rand(1000)  # another history
+    second, _ = sites["A0"].train(cfg, prep, weights, server_round=1)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    other_round, _ = sites["A0"].train(cfg, prep, weights, server_round=2)
+    assert any(not torch.equal(first[k], other_round[k]) for k in first)

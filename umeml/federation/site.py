@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,11 @@ from umeml.train.loop import LossSettings, make_optimizer, predict, resolve_devi
 log = logging.getLogger("umeml.site")
 
 HISTOGRAM_NOISE_STREAM = 7919  # separates the histogram's seeded noise from DP-SGD's (dp_seed + round)
+
+
+def local_training_seed(seed: int, site_id: str, server_round: int) -> int:
+    """Seed of a site's local training in one round (dropout), fixed by experiment, site and round."""
+    return (int(seed) << 32) ^ zlib.crc32(f"{site_id}:{server_round}".encode())
 
 
 def proximal_term(model, mu: float):
@@ -183,6 +189,9 @@ class SiteRuntime:
         if refusal:
             log.warning("site %s, round %d: %s", self.site_id, server_round, refusal)
             return None, {"skipped": refusal}
+        # dropout draws from torch's global generator, whose state would otherwise depend on what
+        # this process ran before (a simulation actor plays several sites in turn)
+        torch.manual_seed(local_training_seed(cfg.seed, self.site_id, server_round))
         if settings is not None:
             with self.ledger().locked():
                 return self._train_dp(cfg, prep, state, server_round, proximal_mu, settings)
