@@ -238,24 +238,19 @@ def tables(folds: list[dict]) -> str:
         lines.append(f"| {f['fold']} | {', '.join(f['test_sites'])} | {f['n_test']} ({f['test_events']}) | "
                      f"{len(f['institutions'])} ({f['n_train_pool']}){'; ' + merged if merged else ''} | "
                      f"{f['largest_site']} ({f['n_largest']}) | " + " | ".join(cells) + " |")
-    checks = []
-    for fed in ("umeml fedavg", "umeml fedprox"):
-        if fed in methods and "umeml central" in methods:
-            parts = []
-            for t, k in PRIMARY:
-                d = _values(folds, fed, label(t, k)) - _values(folds, "umeml central", label(t, k))
-                parts.append(f"{label(t, k)} {d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0:.3f} "
-                             f"({'met' if d.mean() >= -0.02 else 'not met'})")
-            checks.append(f"- {fed} minus umeml central (goal >= -0.02): " + "; ".join(parts))
+    def goal(method: str, reference: str, threshold: float) -> str:
+        """Per-fold paired difference method - reference on each primary metric, against the goal."""
+        parts = []
+        for t, k in PRIMARY:
+            d = _values(folds, method, label(t, k)) - _values(folds, reference, label(t, k))
+            parts.append(f"{label(t, k)} {d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0:.3f} "
+                         f"({'met' if d.mean() >= threshold else 'not met'})")
+        return f"- {method} minus {reference} (goal >= {threshold:+.2f}): " + "; ".join(parts)
+
+    checks = [goal(fed, "umeml central", -0.02) for fed in ("umeml fedavg", "umeml fedprox")
+              if fed in methods and "umeml central" in methods]
     if "classical" in methods:
-        for m in ("umeml central", "umeml fedavg", "umeml fedprox"):
-            if m in methods:
-                parts = []
-                for t, k in PRIMARY:
-                    d = _values(folds, m, label(t, k)) - _values(folds, "classical", label(t, k))
-                    parts.append(f"{label(t, k)} {d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0:.3f} "
-                                 f"({'met' if d.mean() >= 0.03 else 'not met'})")
-                checks.append(f"- {m} minus classical (goal >= +0.03): " + "; ".join(parts))
+        checks += [goal(m, "classical", 0.03) for m in ("umeml central", "umeml fedavg", "umeml fedprox") if m in methods]
     if checks:
         lines += ["", "Goals (per-fold paired difference, mean ± sd over folds; a goal is met when the mean "
                   "difference reaches it):"] + checks

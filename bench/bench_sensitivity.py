@@ -59,12 +59,22 @@ def _grid(ks, base_k: int, full: bool) -> list[tuple[int, str]]:
     return [(k, "signatures") for k in ks] + [(base_k, "flat")]
 
 
+def _train(base, seed: int, k: int, mode: str, cohort, out: Path, log, what: str) -> dict:
+    """Train one (K, grouping, seed) cell centrally; log and return its test metrics."""
+    from umeml.train.central import train_central
+
+    t0 = time.perf_counter()
+    metrics = _metrics(train_central(_cfg(base, seed, k, mode), cohort, out, progress=False)["test"])
+    log(what + " " + "  ".join(f"{t} {v:.3f}" for t, v in metrics.items() if v is not None)
+        + f"  ({time.perf_counter() - t0:.0f} s)")
+    return metrics
+
+
 def synthetic(ks, seeds, tmp: Path, log=print, base_k: int = 5, full: bool = False) -> dict:
     """{(k, mode): {seed: metrics}} on synthetic cohorts."""
     from umeml.config import load_config
     from umeml.data.cohort import load_data_dir
     from umeml.data.synth import SynthSpec, generate
-    from umeml.train.central import train_central
 
     base = load_config(REPO / "configs" / "demo.yaml")
     grid = _grid(ks, base_k, full)
@@ -75,12 +85,9 @@ def synthetic(ks, seeds, tmp: Path, log=print, base_k: int = 5, full: bool = Fal
         for mode in MODES:
             cohort = load_data_dir(data, dataclasses.replace(base.data, genomics_mode=mode))
             for k in [k for k, m in grid if m == mode]:
-                t0 = time.perf_counter()
-                final = train_central(_cfg(base, seed, k, mode), cohort, tmp / f"s{seed}-{mode}-{k}", progress=False)
-                out[(k, mode)][seed] = _metrics(final["test"])
-                log(f"synthetic seed {seed} K={k:<2d} {mode:10s} groups={len(cohort.gene_groups.sizes)} "
-                    + "  ".join(f"{t} {v:.3f}" for t, v in out[(k, mode)][seed].items() if v is not None)
-                    + f"  ({time.perf_counter() - t0:.0f} s)")
+                out[(k, mode)][seed] = _train(base, seed, k, mode, cohort, tmp / f"s{seed}-{mode}-{k}", log,
+                                              f"synthetic seed {seed} K={k:<2d} {mode:10s} "
+                                              f"groups={len(cohort.gene_groups.sizes)}")
     return out
 
 
@@ -104,7 +111,7 @@ def gbmlgg(ks, seeds, tmp: Path, log=print, base_k: int = 5, full: bool = False)
     """{(k, mode): {seed: metrics}} on GBM-LGG genomics, and facts about the K check."""
     from umeml.config import load_config
     from umeml.data.cohort import load_cohort
-    from umeml.train.central import prepare, train_central
+    from umeml.train.central import prepare
     from umeml.data.splits import make_split
 
     base = load_config(REPO / "configs" / "gbmlgg_genomics.yaml")
@@ -126,12 +133,8 @@ def gbmlgg(ks, seeds, tmp: Path, log=print, base_k: int = 5, full: bool = False)
         for k in run_ks:
             out[(k, mode)] = {}
             for seed in seeds:
-                t0 = time.perf_counter()
-                final = train_central(_cfg(base, seed, k, mode), cohort, tmp / f"g{seed}-{mode}-{k}", progress=False)
-                out[(k, mode)][seed] = _metrics(final["test"])
-                log(f"GBM-LGG seed {seed} K={k:<2d} {mode:10s} "
-                    + "  ".join(f"{t} {v:.3f}" for t, v in out[(k, mode)][seed].items() if v is not None)
-                    + f"  ({time.perf_counter() - t0:.0f} s)")
+                out[(k, mode)][seed] = _train(base, seed, k, mode, cohort, tmp / f"g{seed}-{mode}-{k}", log,
+                                              f"GBM-LGG seed {seed} K={k:<2d} {mode:10s}")
     return out, facts
 
 

@@ -6,8 +6,10 @@ handlers, without Ray or network processes, so protocol logic is tested in secon
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
+from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
 from flwr.common import Metadata
@@ -95,3 +97,8 @@ def tiny_experiment(*, name: str | None = None, rounds: int = 2, batch_size: int
         "federation": {"rounds": rounds, "local_epochs": local_epochs, "min_train_sites": 1, "k_min_patients": 5,
                        **fed},
     })
+
+
+def spawn_logged(cmd, log: Path, cwd: Path) -> subprocess.Popen:
+    """Start a deployment process (SuperLink, SuperNode, CLI) in its own session, output to ``log``."""
+    return subprocess.Popen(cmd, cwd=cwd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)

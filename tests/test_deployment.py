@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,6 +12,8 @@ import pytest
 
 from umeml.data.synth import SynthSpec, generate, split_by_site
 from umeml.server.deploy import free_port, stop_process
+
+from fed_helpers import spawn_logged
 
 BIN = Path(sys.executable).parent
 EXPERIMENT = """\
@@ -23,11 +24,6 @@ model: {hidden_dim: 16, n_prototypes: 3, n_registers: 2}
 train: {batch_size: 8, lr: 0.003, bootstrap: 20}
 federation: {rounds: 2, local_epochs: 1, min_train_sites: 1, k_min_patients: 5}
 """
-
-
-def _spawn(cmd, log: Path, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=cwd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-
 
 
 @pytest.fixture
@@ -48,12 +44,12 @@ def test_superlink_and_three_supernodes_complete_two_rounds(sites):
     port = free_port()
     procs = []
     try:
-        server = _spawn([str(BIN / "umeml-server"), "start", "--config", "exp.yaml", "--sites", "3", "--out", "run",
+        server = spawn_logged([str(BIN / "umeml-server"), "start", "--config", "exp.yaml", "--sites", "3", "--out", "run",
                          "--port", str(port), "--wait-timeout", "300"], d / "server.log", d)
         procs.append(server)
         time.sleep(2)
         for i, s in enumerate(ids):
-            procs.append(_spawn([str(BIN / "umeml-client"), "start", "--site", f"{s}.yaml", "--server",
+            procs.append(spawn_logged([str(BIN / "umeml-client"), "start", "--site", f"{s}.yaml", "--server",
                                  f"127.0.0.1:{port}", "--port", str(free_port())], d / f"{s}.log", d))
         rc = server.wait(timeout=840)
         out = (d / "server.log").read_text()

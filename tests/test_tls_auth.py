@@ -25,6 +25,8 @@ from umeml.server.cli import main as server_main
 from umeml.server.deploy import (dial_host, expand_site_keys, explain_supernode_failure, free_port,
                                  probe_superlink, stop_process)
 
+from fed_helpers import spawn_logged
+
 BIN = Path(sys.executable).parent
 
 
@@ -244,10 +246,6 @@ federation: {rounds: 1, local_epochs: 1, min_train_sites: 1, k_min_patients: 5}
 """
 
 
-def _spawn(cmd, log: Path, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=cwd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
 
 def _wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
@@ -284,13 +282,13 @@ def test_tls_auth_deployment_registered_sites_run_unregistered_refused(staged):
     procs: list[subprocess.Popen] = []
 
     def client(site: str, *extra: str, log: str | None = None) -> subprocess.Popen:
-        proc = _spawn([str(BIN / "umeml-client"), "start", "--site", f"{site}.yaml", "--server", server_addr,
+        proc = spawn_logged([str(BIN / "umeml-client"), "start", "--site", f"{site}.yaml", "--server", server_addr,
                        "--port", str(free_port()), *extra], d / f"{log or site}.log", d)
         procs.append(proc)
         return proc
 
     try:
-        server = _spawn([str(BIN / "umeml-server"), "start", "--config", "exp.yaml", "--sites", "2", "--out", "run",
+        server = spawn_logged([str(BIN / "umeml-server"), "start", "--config", "exp.yaml", "--sites", "2", "--out", "run",
                          "--port", str(port), "--wait-timeout", "300", "--tls-dir", "pki",
                          "--site-keys", "pki/sites/A0.pub", "pki/sites/A1.pub"], d / "server.log", d)
         procs.append(server)
