@@ -6,7 +6,6 @@ except under CI (CI set), where a missing browser is a failure, not a skip.
 """
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -68,7 +67,3 @@ def test_browser_helper_reports_broken_images_and_script_errors(chromium, tmp_pa
     result = render(bad, tmp_path / "profile", chromium)
     assert result.images and result.images[0]["width"] == 0
     assert any("undefinedFunction" in e for e in result.errors), result.errors
-
-
-def test_chromium_lookup_matches_path():
-    assert find_chromium() == (shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome"))
