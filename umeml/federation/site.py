@@ -17,7 +17,7 @@ import torch
 from umeml import __version__
 from umeml.config import DPConfig, ExperimentConfig
 from umeml.data.cohort import Cohort
-from umeml.data.dataset import CohortDataset, GenomicScaler, genomic_moments, make_loader
+from umeml.data.dataset import genomic_moments, make_loader
 from umeml.data.splits import stratified_train_val
 from umeml.federation.privacy import (
     SiteLedger,
@@ -26,11 +26,11 @@ from umeml.federation.privacy import (
     discrete_laplace,
     max_steps_within,
 )
-from umeml.federation.protocol import SURVIVAL_GRID_TEXT, Preprocessing, survival_grid
-from umeml.model import build_model
-from umeml.train.evaluate import evaluate_predictions
+from umeml.federation.protocol import SURVIVAL_GRID_TEXT, survival_grid
 from umeml.train.dp import resolve_dp, train_dp_steps
-from umeml.train.loop import LossSettings, make_optimizer, predict, resolve_device, train_epoch
+from umeml.train.evaluate import evaluate_predictions
+from umeml.train.experiment import Preprocessing, build_model, loss_settings, make_dataset
+from umeml.train.loop import make_optimizer, predict, resolve_device, train_epoch
 
 log = logging.getLogger("umeml.site")
 
@@ -148,16 +148,6 @@ class SiteRuntime:
                      self.site_id, eps, ledger.path)
         return noisy
 
-    def _dataset(self, cfg: ExperimentConfig, prep: Preprocessing, idx: np.ndarray, train: bool) -> CohortDataset:
-        scaler = None
-        if prep.genomic_mean is not None:
-            scaler = GenomicScaler(np.asarray(prep.genomic_mean, np.float32), np.asarray(prep.genomic_std, np.float32))
-        return CohortDataset(
-            self.cohort, idx, np.asarray(prep.survival_edges), scaler,
-            max_patches=cfg.data.max_patches, train=train, seed=cfg.seed,
-            use_pathology="pathology" in cfg.model.modalities, use_genomics="genomics" in cfg.model.modalities,
-        )
-
     def build_model(self, cfg: ExperimentConfig, prep: Preprocessing):
         """The federation's architecture (identical at every site so weights average)."""
         if list(self.cohort.subtypes) != list(prep.subtypes) or list(self.cohort.grades) != list(prep.grades):
@@ -165,11 +155,7 @@ class SiteRuntime:
                 f"site {self.site_id}: class order differs from the coordinator's "
                 f"(subtypes {list(self.cohort.subtypes)} vs {prep.subtypes}); labels would be misread"
             )
-        return build_model(cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads)
-
-    def _loss(self, cfg: ExperimentConfig, prep: Preprocessing) -> LossSettings:
-        weights = {t: torch.tensor(w, dtype=torch.float32) for t, w in prep.class_weights.items()}
-        return LossSettings(tuple(cfg.tasks), weights, cfg.survival.alpha)
+        return build_model(cfg, prep)
 
     def train(self, cfg: ExperimentConfig, prep: Preprocessing, state: dict, server_round: int,
               proximal_mu: float = 0.0) -> tuple[dict | None, dict]:
@@ -201,10 +187,10 @@ class SiteRuntime:
         model.load_state_dict(state)
         model.to(device)
         train_idx, _ = self._split(cfg)
-        ds = self._dataset(cfg, prep, train_idx, train=True)
+        ds = make_dataset(cfg, self.cohort, train_idx, prep, train=True)
         loader = make_loader(ds, cfg.train.batch_size, True, cfg.seed + server_round, cfg.train.num_workers)
         optimizer = make_optimizer(model, cfg.train)
-        loss = self._loss(cfg, prep).to(device)
+        loss = loss_settings(cfg, prep).to(device)
         extra = proximal_term(model, proximal_mu) if proximal_mu > 0 else None
 
         stats = {"loss": 0.0, "num_examples": 0, "steps": 0}
@@ -270,10 +256,10 @@ class SiteRuntime:
         model = self.build_model(cfg, prep)
         model.load_state_dict(state)
         model.to(device)
-        ds = self._dataset(cfg, prep, train_idx, train=True)
+        ds = make_dataset(cfg, self.cohort, train_idx, prep, train=True)
         optimizer = make_optimizer(model, cfg.train)
         stats = train_dp_steps(
-            model, ds, optimizer, self._loss(cfg, prep).to(device), device,
+            model, ds, optimizer, loss_settings(cfg, prep).to(device), device,
             sample_rate=q, noise_multiplier=nm, max_grad_norm=dp.max_grad_norm, steps=allowed,
             steps_per_epoch=steps_per_epoch, proximal_mu=proximal_mu,
             seed=None if self.dp_seed is None else self.dp_seed + server_round,
@@ -297,8 +283,8 @@ class SiteRuntime:
         model = self.build_model(cfg, prep)
         model.load_state_dict(state)
         model.to(device)
-        loader = make_loader(self._dataset(cfg, prep, idx, train=False), cfg.train.batch_size, False, 0)
-        preds = predict(model, loader, self._loss(cfg, prep).to(device), device)
+        loader = make_loader(make_dataset(cfg, self.cohort, idx, prep, train=False), cfg.train.batch_size, False, 0)
+        preds = predict(model, loader, loss_settings(cfg, prep).to(device), device)
         metrics = evaluate_predictions(preds, cfg.tasks, n_boot=n_boot, seed=cfg.seed)
         return {"site": self.site_id, "part": part, "n": int(len(idx)), "loss": preds.loss, "tasks": metrics,
                 "seconds": round(time.perf_counter() - t0, 3)}
