@@ -208,9 +208,10 @@ class SiteRuntime:
                                "(state_dir in the site file; SimulatedSites.state_root in simulation)")
         return SiteLedger(Path(self.state_dir), self.site_id)
 
-    def _train_dp(self, cfg: ExperimentConfig, prep: Preprocessing, state: dict, server_round: int,
-                  proximal_mu: float, dp: DPConfig) -> tuple[dict | None, dict]:
-        """DP-SGD for as many steps as the site's remaining budget allows, then the ledger entry.
+    def _dp_round_entry(self, cfg: ExperimentConfig, dp: DPConfig, ledger: SiteLedger, n_train: int,
+                        server_round: int) -> tuple[dict, int, int, int]:
+        """This round's ledger entry (sampling rate, noise multiplier, the steps the remaining
+        budget allows, epsilon after them), the allowed and planned steps and the steps per epoch.
 
         Sampling rate q = batch_size / training patients; one epoch is 1/q Poisson batches.
         The accountant composes every earlier entry of the ledger in the budget scope (all
@@ -218,18 +219,12 @@ class SiteRuntime:
         noise multiplier one is calibrated so that the experiment's planned rounds spend the
         remaining budget, and then kept for the rest of the experiment.
         """
-        t0 = time.perf_counter()
-        train_idx, _ = self._split(cfg)
-        n_train = int(len(train_idx))
-        if n_train == 0:
-            return None, {"skipped": "no training patients at this site"}
         q = min(1.0, cfg.train.batch_size / n_train)
         steps_per_epoch = max(1, int(1.0 / q))
         planned = min(cfg.federation.local_epochs, self.max_local_epochs) * steps_per_epoch
         if dp.delta >= 1.0 / n_train:
             log.warning("site %s: dp.delta %g is not below 1/%d training patients; the guarantee is weak",
                         self.site_id, dp.delta, n_train)
-        ledger = self.ledger()
         past = ledger.in_scope(cfg.name, dp.budget_scope)
         history = SiteLedger.history(past)
         nm = dp.noise_multiplier
@@ -246,10 +241,24 @@ class SiteRuntime:
                  "sample_rate": q, "noise_multiplier": nm, "steps": int(allowed), "max_grad_norm": dp.max_grad_norm,
                  "epsilon": eps, "delta": dp.delta, "accountant": dp.accountant,
                  "target_epsilon": dp.target_epsilon, "budget_scope": dp.budget_scope}
+        return entry, allowed, planned, steps_per_epoch
+
+    def _train_dp(self, cfg: ExperimentConfig, prep: Preprocessing, state: dict, server_round: int,
+                  proximal_mu: float, dp: DPConfig) -> tuple[dict | None, dict]:
+        """DP-SGD for as many steps as the site's remaining budget allows (see
+        :meth:`_dp_round_entry`), then the ledger entry, written before the update leaves."""
+        t0 = time.perf_counter()
+        train_idx, _ = self._split(cfg)
+        n_train = int(len(train_idx))
+        if n_train == 0:
+            return None, {"skipped": "no training patients at this site"}
+        ledger = self.ledger()
+        entry, allowed, planned, steps_per_epoch = self._dp_round_entry(cfg, dp, ledger, n_train, server_round)
         if allowed == 0:
             ledger.append(entry)
-            reason = (f"privacy budget spent: epsilon {eps:.3g} of {dp.target_epsilon:g} (delta {dp.delta:g}); "
-                      "one more DP-SGD step would exceed it, so this site no longer trains (it still evaluates)")
+            reason = (f"privacy budget spent: epsilon {entry['epsilon']:.3g} of {dp.target_epsilon:g} "
+                      f"(delta {dp.delta:g}); one more DP-SGD step would exceed it, so this site no longer trains "
+                      "(it still evaluates)")
             log.warning("site %s, round %d: %s", self.site_id, server_round, reason)
             return None, {"skipped": reason, "privacy": entry}
         device = resolve_device(self.device)
@@ -260,8 +269,8 @@ class SiteRuntime:
         optimizer = make_optimizer(model, cfg.train)
         stats = train_dp_steps(
             model, ds, optimizer, loss_settings(cfg, prep).to(device), device,
-            sample_rate=q, noise_multiplier=nm, max_grad_norm=dp.max_grad_norm, steps=allowed,
-            steps_per_epoch=steps_per_epoch, proximal_mu=proximal_mu,
+            sample_rate=entry["sample_rate"], noise_multiplier=entry["noise_multiplier"],
+            max_grad_norm=dp.max_grad_norm, steps=allowed, steps_per_epoch=steps_per_epoch, proximal_mu=proximal_mu,
             seed=None if self.dp_seed is None else self.dp_seed + server_round,
             num_workers=cfg.train.num_workers, on_epoch=lambda e: ds.set_epoch(server_round * 1000 + e))
         ledger.append(entry)  # before the update leaves the site
