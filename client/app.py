@@ -23,7 +23,8 @@ from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from umeml.config import DPConfig, ExperimentConfig, SiteConfig, config_from_dict, config_to_dict, load_site_config
-from umeml.data.cohort import Cohort, load_cohort, load_data_dir
+from umeml.data.cohort import Cohort
+from umeml.data.source import CohortSource
 from umeml.federation.privacy import KEY_CLIPPING_NORM
 from umeml.federation.protocol import Preprocessing
 from umeml.federation.redact import redact
@@ -58,10 +59,11 @@ def contained(handler):
 
 
 @lru_cache(maxsize=4)
-def _cohort(data_dir: str | None, table: str | None, signatures: str | None, bags: str | None, data_json: str) -> Cohort:
-    """Load a cohort once per process (a site answers many messages from the same data)."""
+def _cohort(source: CohortSource, data_json: str) -> Cohort:
+    """Load a cohort once per process (a site answers many messages from the same data), with the
+    experiment's data section (``umeml-client check --config`` reads it the same way)."""
     data_cfg = config_from_dict({"data": json.loads(data_json)}, "coordinator config").data
-    cohort = load_data_dir(data_dir, data_cfg) if data_dir else load_cohort(table, signatures, bags, data_cfg)
+    cohort = source.load(data_cfg)
     _KNOWN_IDS.update(p.case_id for p in cohort.patients)
     _KNOWN_IDS.update(s for p in cohort.patients for s in p.slide_ids)
     return cohort
@@ -83,7 +85,7 @@ def deployed_site(context: Context, cfg: ExperimentConfig) -> SiteRuntime:
     if "site-config" not in node:
         raise RuntimeError("this SuperNode has no 'site-config' in --node-config; start it with umeml-client start")
     site: SiteConfig = load_site_config(str(node["site-config"]))
-    cohort = _cohort(site.data_dir, site.table, site.signatures, site.bags, _data_json(cfg))
+    cohort = _cohort(site.cohort_source, _data_json(cfg))
     return SiteRuntime(site.site_id, cohort, np.arange(len(cohort)),
                        k_min=max(site.k_min_patients, cfg.federation.k_min_patients), device=site.device,
                        max_local_epochs=site.max_local_epochs, dp=site.dp, state_dir=site.state_dir)
@@ -91,7 +93,7 @@ def deployed_site(context: Context, cfg: ExperimentConfig) -> SiteRuntime:
 
 @dataclass(frozen=True)
 class SimulatedSites:
-    """Simulation: virtual node ``partition-id`` plays ``sites[partition-id]`` of one cohort.
+    """Simulation: virtual node ``partition-id`` plays ``sites[partition-id]`` of the cohort ``source``.
 
     Simulated sites take the experiment's ``federation.local_dp`` as their own DP terms (unless
     ``dp`` overrides it) and keep their privacy ledgers in ``state_root/<site>`` (the run
@@ -101,10 +103,7 @@ class SimulatedSites:
     """
 
     sites: tuple[str, ...]
-    data_dir: str | None = None
-    table: str | None = None
-    signatures: str | None = None
-    bags: str | None = None
+    source: CohortSource
     device: str = "cpu"
     state_root: str | None = None
     dp: DPConfig | None = None
@@ -112,7 +111,7 @@ class SimulatedSites:
 
     def __call__(self, context: Context, cfg: ExperimentConfig) -> SiteRuntime:
         site_id = self.sites[int(context.node_config["partition-id"])]
-        cohort = _cohort(self.data_dir, self.table, self.signatures, self.bags, _data_json(cfg))
+        cohort = _cohort(self.source, _data_json(cfg))
         return SiteRuntime(site_id, cohort, cohort.site_indices(site_id), k_min=cfg.federation.k_min_patients,
                            device=self.device, dp=self.dp if self.dp is not None else cfg.federation.local_dp,
                            state_dir=str(Path(self.state_root) / site_id) if self.state_root else None,

@@ -12,30 +12,32 @@ import sys
 import threading
 from pathlib import Path
 
-from umeml.config import SiteConfig, load_site_config
+from umeml.config import SiteConfig, load_config, load_site_config
 from umeml.errors import ConfigError, DataValidationError, report_input_error
 
 
-def load_site_cohort(site: SiteConfig):
-    """The site's cohort, validated (raises DataValidationError listing every problem)."""
-    from umeml.data.cohort import load_cohort, load_data_dir
-
-    if site.data_dir:
-        return load_data_dir(site.data_dir)
-    return load_cohort(site.table, site.signatures, site.bags)
+def load_site_cohort(site: SiteConfig, experiment: Path | None = None):
+    """The site's cohort as a run of ``experiment`` reads it: with that experiment's data section,
+    by the same :meth:`CohortSource.load` the ClientApp calls for every run (defaults without
+    ``experiment``). Raises DataValidationError listing every problem."""
+    data_cfg = load_config(experiment).data if experiment is not None else None
+    return site.cohort_source.load(data_cfg)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     site = None
     try:
         site = load_site_config(args.site)
-        cohort = load_site_cohort(site)
+        cohort = load_site_cohort(site, args.config)
     except (ConfigError, DataValidationError, FileNotFoundError) as err:
         return report_input_error(err, f"check FAILED for site {site.site_id}" if site else "check FAILED")
     s = cohort.summary()
     print(f"site {site.site_id}: check OK: {s['patients']} patients, {s['slides']} slides; "
           f"pathology {s['with_pathology']}, genomics {s['with_genomics']}; feature dim {s['feature_dim'] or '-'}")
     print("subtypes: " + ", ".join(f"{k}={v}" for k, v in s["subtype_counts"].items()))
+    if args.config is None:
+        print("note: checked with the default data settings; a run reads the data with its experiment's data "
+              "section (give --config EXPERIMENT.yaml to check with it)", file=sys.stderr)
     return 0
 
 
@@ -72,7 +74,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
 
     try:
         site = load_site_config(args.site)
-        load_site_cohort(site)  # refuse to join with data that would fail mid-run
+        load_site_cohort(site, args.config)  # refuse to join with data that would fail mid-run
     except (ConfigError, DataValidationError, FileNotFoundError) as err:
         return report_input_error(err, "site data check FAILED, not joining")
     problem = check_auth_files(args.root_certificates, args.auth_key)
@@ -124,14 +126,20 @@ def _cmd_start(args: argparse.Namespace) -> int:
     return rc
 
 
+EXPERIMENT_HELP = ("the coordinator's experiment YAML: the site's data is checked with its data section, "
+                   "as the run will read it (default data settings without it)")
+
+
 def add_site_parsers(sub) -> None:
     """Register ``start`` and ``check`` on the ``umeml-client`` subparsers."""
     p = sub.add_parser("check", help="validate this site's data (every problem at once)")
     p.add_argument("--site", type=Path, required=True, help="site YAML (see configs/site.example.yaml)")
+    p.add_argument("--config", type=Path, help=EXPERIMENT_HELP)
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("start", help="join a federation: run Flower's SuperNode for this site")
     p.add_argument("--site", type=Path, required=True, help="site YAML (see configs/site.example.yaml)")
+    p.add_argument("--config", type=Path, help=EXPERIMENT_HELP + "; used for the check before joining")
     p.add_argument("--server", required=True, help="the coordinator's SuperLink, HOST:PORT")
     p.add_argument("--port", type=int, default=9094, help="this SuperNode's local API port (default 9094; one per node)")
     p.add_argument("--root-certificates", type=Path, help="CA certificate of the coordinator (TLS on)")

@@ -53,9 +53,9 @@ def format_table(final: dict) -> str:
 
 
 def _load_sim_cohort(args, cfg):
-    from umeml.cli import load_cohort_from_args
+    """The simulation's cohort and its source (the synthetic demo cohort without --data/--table)."""
+    from umeml.data.source import CohortSource
     from umeml.data.synth import SynthSpec, generate
-    from umeml.server.simulate import CohortSource
 
     if args.data is None and args.table is None:
         data = Path(args.out) / "data"
@@ -63,15 +63,13 @@ def _load_sim_cohort(args, cfg):
             print(f"no --data: generating the synthetic demo cohort ({args.sites} sites x {args.patients} patients) in {data}")
             generate(SynthSpec(sites=args.sites, patients=args.patients, seed=cfg.seed), data, overwrite=True)
         args.data = data
-    source = CohortSource(str(args.data.resolve()) if args.data else None,
-                          str(args.table.resolve()) if args.table else None,
-                          str(args.signatures.resolve()) if args.signatures else None,
-                          str(args.bags.resolve()) if args.bags else None)
-    return load_cohort_from_args(args, cfg.data), source
+    source = CohortSource.from_args(args)
+    return source.load(cfg.data), source.resolved()
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from umeml.server.simulate import CohortSource, simulate
+    from umeml.data.source import CohortSource
+    from umeml.server.simulate import simulate
 
     resume = args.resume is not None
     try:
@@ -79,11 +77,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             args.out = args.resume
             saved = json.loads((args.resume / SIMULATION_FILE).read_text())
             cfg = load_config(args.resume / "config.yaml")
-            source = CohortSource(**saved["source"])
-            from umeml.data.cohort import load_cohort, load_data_dir
-
-            cohort = load_data_dir(source.data_dir, cfg.data) if source.data_dir else load_cohort(
-                source.table, source.signatures, source.bags, cfg.data)
+            source = CohortSource.from_dict(saved["source"], f"{args.resume / SIMULATION_FILE}: source")
+            cohort = source.load(cfg.data)
             held_sets = [tuple(saved["held_out"])]
             if args.rounds is not None:  # extend a finished run: --resume RUN_DIR --rounds N
                 cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds))
@@ -130,7 +125,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                 return 2
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / SIMULATION_FILE).write_text(json.dumps(
-                {"source": dataclasses.asdict(source), "held_out": list(planned)}, indent=2))
+                {"source": source.to_dict(), "held_out": list(planned)}, indent=2))
             held = planned
         final = simulate(cfg, cohort, source, run_dir, held_out=held, resume=resume, device=args.device)
         results[",".join(final["held_out_sites"])] = final

@@ -8,27 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from umeml.config import ExperimentConfig, config_to_dict
 from umeml.data.cohort import Cohort
+from umeml.data.source import CohortSource
 from umeml.data.splits import choose_test_sites
-
-
-@dataclass(frozen=True)
-class CohortSource:
-    """Where a simulation's cohort lives (a data dir, or a table with signatures and bags)."""
-
-    data_dir: str | None = None
-    table: str | None = None
-    signatures: str | None = None
-    bags: str | None = None
-
-    def settings(self) -> dict:
-        """The ``sim-*`` settings the ServerApp uses for pooled metrics."""
-        return {"sim-data-dir": self.data_dir or "", "sim-table": self.table or "",
-                "sim-signatures": self.signatures or "", "sim-bags": self.bags or ""}
 
 
 def plan_sites(cfg: ExperimentConfig, cohort: Cohort, held_out: tuple[str, ...] | None = None) -> tuple[list[str], tuple[str, ...]]:
@@ -46,7 +31,11 @@ def plan_sites(cfg: ExperimentConfig, cohort: Cohort, held_out: tuple[str, ...] 
 
 def simulate(cfg: ExperimentConfig, cohort: Cohort, source: CohortSource, run_dir: str | Path,
              held_out: tuple[str, ...] | None = None, resume: bool = False, device: str = "cpu") -> dict:
-    """Run the federation in Flower's simulation engine and return final.json's content."""
+    """Run the federation in Flower's simulation engine and return final.json's content.
+
+    ``source`` names ``cohort`` for the virtual sites and the pooled metrics (its paths are made
+    absolute, so they do not depend on the folder a worker runs in).
+    """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.simulation import run_simulation
@@ -55,6 +44,7 @@ def simulate(cfg: ExperimentConfig, cohort: Cohort, source: CohortSource, run_di
     from umeml.server.app import build_server_app
 
     sites, held = plan_sites(cfg, cohort, held_out)
+    source = source.resolved()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = {
@@ -66,8 +56,7 @@ def simulate(cfg: ExperimentConfig, cohort: Cohort, source: CohortSource, run_di
         "wait-timeout": 120,
         **source.settings(),
     }
-    client = build_client_app(SimulatedSites(tuple(sites), source.data_dir, source.table, source.signatures,
-                                             source.bags, device, state_root=str(run_dir.resolve() / "sites")))
+    client = build_client_app(SimulatedSites(tuple(sites), source, device, state_root=str(run_dir.resolve() / "sites")))
     run_simulation(
         server_app=build_server_app(settings),
         client_app=client,

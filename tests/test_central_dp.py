@@ -11,6 +11,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, 
 from opacus.accountants import RDPAccountant
 
 from umeml.client.app import SimulatedSites, build_client_app
+from umeml.data.source import CohortSource
 from umeml.errors import ConfigError
 from umeml.server.coordinator import Coordinator
 from umeml.server.strategies import build_strategy, with_central_dp
@@ -30,7 +31,7 @@ def experiment(**fed):
 
 @pytest.fixture(scope="module")
 def app(tiny_cohort_dir):
-    return build_client_app(SimulatedSites(SITES, data_dir=str(tiny_cohort_dir)))
+    return build_client_app(SimulatedSites(SITES, CohortSource(data_dir=str(tiny_cohort_dir))))
 
 
 def run(app, tmp_path, cfg, **grid_kw):

@@ -14,6 +14,7 @@ from umeml.config import DPConfig, ModelConfig, load_site_config
 from umeml.data.batch import PatientItem, collate
 from umeml.data.cohort import load_data_dir
 from umeml.data.labels import subtype_codes
+from umeml.data.source import CohortSource
 from umeml.errors import ConfigError
 from umeml.federation.privacy import calibrate_noise, compute_epsilon, max_steps_within
 from umeml.federation.protocol import check_handshakes, combine_preprocessing
@@ -41,7 +42,7 @@ def local_dp(**kw):
 
 
 def run(tmp_path, cfg, resume=False, out="run", dp=None, grid_kw=None):
-    app = build_client_app(SimulatedSites(SITES, data_dir=str(TINY[0]), state_root=str(tmp_path / out / "sites"), dp=dp))
+    app = build_client_app(SimulatedSites(SITES, CohortSource(data_dir=str(TINY[0])), state_root=str(tmp_path / out / "sites"), dp=dp))
     grid = LocalGrid(app, len(SITES), **(grid_kw or {}))
     coord = Coordinator(cfg, tmp_path / out, expected_sites=len(SITES), held_out=("A2",), resume=resume,
                         wait_timeout=5, printer=lambda s: None)

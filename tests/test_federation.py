@@ -6,6 +6,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message
 
 from umeml.client.app import SimulatedSites, build_client_app
+from umeml.data.source import CohortSource
 from umeml.data.synth import SynthSpec, generate
 from umeml.federation.protocol import HandshakeMismatch
 from umeml.server.coordinator import Coordinator, FederationError
@@ -21,7 +22,7 @@ def experiment(**fed):
 
 @pytest.fixture(scope="module")
 def app(tiny_cohort_dir):
-    return build_client_app(SimulatedSites(SITES, data_dir=str(tiny_cohort_dir)))
+    return build_client_app(SimulatedSites(SITES, CohortSource(data_dir=str(tiny_cohort_dir))))
 
 
 def run(app, tmp_path, cfg=None, grid=None, resume=False, out="run"):
@@ -114,8 +115,8 @@ def test_handshake_mismatch_names_site_and_field(tmp_path, tiny_cohort_dir):
 
     class Mixed:
         def __init__(self):
-            self.a = SimulatedSites(SITES, data_dir=str(tiny_cohort_dir))
-            self.b = SimulatedSites(SITES, data_dir=str(other))
+            self.a = SimulatedSites(SITES, CohortSource(data_dir=str(tiny_cohort_dir)))
+            self.b = SimulatedSites(SITES, CohortSource(data_dir=str(other)))
 
         def __call__(self, context, cfg):
             return (self.b if context.node_config["partition-id"] == 1 else self.a)(context, cfg)

@@ -66,6 +66,7 @@ from umeml.client.app import SimulatedSites, build_client_app
 from umeml.config import config_from_dict
 from umeml.data.bags import bag_path
 from umeml.data.cohort import load_data_dir
+from umeml.data.source import CohortSource
 from umeml.federation.protocol import survival_grid
 from umeml.server.coordinator import Coordinator
 from umeml.train.losses import class_weights_from_counts
@@ -81,7 +82,7 @@ class AuditSites:
     """The five nodes of the module docstring; remembers each site's patients."""
 
     def __init__(self, data_dir: str):
-        self.base = SimulatedSites(("A0", "A1", "A2", "A1", "A2"), data_dir=data_dir)
+        self.base = SimulatedSites(("A0", "A1", "A2", "A1", "A2"), CohortSource(data_dir=data_dir))
         self.runtimes: dict[str, site_module.SiteRuntime] = {}
         self._sparse = None
 

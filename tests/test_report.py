@@ -13,6 +13,7 @@ from umeml.cli import main as umeml_main
 from umeml.client.app import SimulatedSites, build_client_app
 from umeml.config import config_from_dict
 from umeml.data.cohort import load_data_dir
+from umeml.data.source import CohortSource
 from umeml.metrics.classification import binary_auc, roc_curve
 from umeml.report import Options, ReportError, load_predictions, write_report
 from umeml.report.figures import kaplan_meier, risk_groups
@@ -50,7 +51,7 @@ def federated_dp_run(tiny_cohort_dir, tmp_path_factory):
         "enabled": True, "target_epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0}))
     cfg = config_from_dict(exp)
     out = tmp_path_factory.mktemp("fed") / "run"
-    app = build_client_app(SimulatedSites(("A0", "A1", "A2"), data_dir=str(tiny_cohort_dir),
+    app = build_client_app(SimulatedSites(("A0", "A1", "A2"), CohortSource(data_dir=str(tiny_cohort_dir)),
                                           state_root=str(out / "sites")))
     Coordinator(cfg, out, expected_sites=3, held_out=("A2",), wait_timeout=5, printer=lambda s: None).run(LocalGrid(app, 3))
     from umeml.config import dump_config

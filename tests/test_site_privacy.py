@@ -12,6 +12,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from umeml.client.app import SimulatedSites, SiteError, build_client_app
 from umeml.data.cohort import load_data_dir
 from umeml.data.labels import edges_from_histogram
+from umeml.data.source import CohortSource
 from umeml.federation.privacy import SiteLedger, discrete_laplace
 from umeml.federation.protocol import survival_grid
 from umeml.federation.redact import redact
@@ -33,7 +34,7 @@ def experiment(**fed):
 
 @pytest.fixture(scope="module")
 def app(tiny_cohort_dir):
-    return build_client_app(SimulatedSites(SITES, data_dir=str(tiny_cohort_dir)))
+    return build_client_app(SimulatedSites(SITES, CohortSource(data_dir=str(tiny_cohort_dir))))
 
 
 def coordinator(tmp_path, cfg=None, out="run"):
@@ -70,7 +71,7 @@ def test_simulated_sites_seed_their_noise_real_sites_do_not(tiny_cohort_dir):
     from types import SimpleNamespace
 
     cfg = experiment()
-    sites = SimulatedSites(SITES, data_dir=str(tiny_cohort_dir))
+    sites = SimulatedSites(SITES, CohortSource(data_dir=str(tiny_cohort_dir)))
 
     def runtime(partition, sim=sites, c=cfg):
         return sim(SimpleNamespace(node_config={"partition-id": partition}), c)

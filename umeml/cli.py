@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from umeml import __version__
-from umeml.config import DataConfig, load_config
+from umeml.config import load_config
+from umeml.data.source import CohortSource
 from umeml.errors import ConfigError, DataValidationError, report_input_error
 
 
@@ -19,21 +20,6 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--signatures", type=Path, help="gene-group signatures CSV (with --table)")
     p.add_argument("--bags", type=Path, help="feature bag directory (with --table); omit for genomics only")
     p.add_argument("--config", type=Path, help="experiment YAML (its data section applies to check)")
-
-
-def load_cohort_from_args(args: argparse.Namespace, data_cfg: DataConfig | None = None):
-    """Load the cohort named by --data or --table/--signatures/--bags."""
-    from umeml.data.cohort import load_cohort, load_data_dir
-
-    if args.data is not None and args.table is not None:
-        raise SystemExit("error: give either --data or --table, not both")
-    if args.data is not None:
-        if not args.data.is_dir():
-            raise SystemExit(f"error: --data {args.data}: not a directory")
-        return load_data_dir(args.data, data_cfg)
-    if args.table is None:
-        raise SystemExit("error: give --data DIR or --table CSV")
-    return load_cohort(args.table, args.signatures, args.bags, data_cfg)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -63,7 +49,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     try:
         data_cfg = load_config(args.config).data if args.config else None
-        cohort = load_cohort_from_args(args, data_cfg)
+        cohort = CohortSource.from_args(args).load(data_cfg)
     except (ConfigError, DataValidationError, FileNotFoundError) as err:
         return report_input_error(err, "check FAILED")
     summary = cohort.summary()
@@ -97,7 +83,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             import dataclasses
 
             cfg = dataclasses.replace(cfg, seed=args.seed)
-        cohort = load_cohort_from_args(args, cfg.data)
+        cohort = CohortSource.from_args(args).load(cfg.data)
     except (ConfigError, DataValidationError, FileNotFoundError) as err:
         return report_input_error(err, "data check FAILED")
     try:

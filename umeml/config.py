@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from umeml.data.source import CohortSource, source_problem
 from umeml.errors import ConfigError
 
 DEFAULT_GRADE_MAP: dict[str, str] = {
@@ -194,8 +195,9 @@ class ExperimentConfig:
 class SiteConfig:
     """A hospital site's own settings (``site.yaml``): identity, data paths, local limits.
 
-    Relative paths are resolved against the folder of the site file. The coordinator cannot
-    raise the limits set here.
+    The data paths are the file form of a :class:`~umeml.data.source.CohortSource`
+    (:attr:`cohort_source`). Relative paths are resolved against the folder of the site file.
+    The coordinator cannot raise the limits set here.
     """
 
     site_id: str = ""
@@ -208,6 +210,11 @@ class SiteConfig:
     max_local_epochs: int = field(default=10, metadata=_range(1))
     state_dir: str = "site-state"
     dp: DPConfig = field(default_factory=DPConfig)
+
+    @property
+    def cohort_source(self) -> CohortSource:
+        """Where this site's cohort lives."""
+        return CohortSource(self.data_dir, self.table, self.signatures, self.bags)
 
 
 def _type_name(tp: Any) -> str:
@@ -323,8 +330,9 @@ def _validate_semantics(obj: Any, path: str, source: str) -> None:
     if isinstance(obj, SiteConfig):
         if not obj.site_id.strip():
             raise ConfigError(f"{source}: site_id: a non-empty site id is required")
-        if (obj.data_dir is None) == (obj.table is None):
-            raise ConfigError(f"{source}: data_dir / table: give exactly one of them")
+        problem = source_problem(dataclasses.asdict(obj))
+        if problem:
+            raise ConfigError(f"{source}: {problem}")
     if isinstance(obj, FederationConfig) and obj.central_dp.enabled and obj.strategy not in ("fedavg", "fedprox"):
         raise ConfigError(
             f"{source}: {prefix}central_dp: needs strategy fedavg or fedprox (its noise is calibrated "

@@ -160,6 +160,54 @@ def _write_slide(path: Path, n: int, mix: np.ndarray, world: _World, site: int, 
     os.replace(tmp, path)
 
 
+def _patient(spec: SynthSpec, world: _World, s: int, code: str, j: int, gen_cols: list[str],
+             bag_dir: Path) -> tuple[list[dict], dict]:
+    """Patient ``j`` of site ``s``: its table rows (one per slide, or one without slides), with
+    its bags written to ``bag_dir``, and its latent variables. Drawn from its own generator
+    (seed, site, patient), so a patient does not depend on the others."""
+    prng = np.random.default_rng([spec.seed, s, j])
+    subtype = int(prng.choice(len(SUBTYPES), p=world.site_props[s]))
+    grade = DEFAULT_GRADE_MAP[SUBTYPES[subtype]]
+    mix = prng.dirichlet(world.subtype_mix[subtype] * 12 + 0.05)
+    z = float(prng.normal())
+    hazard = BASE_HAZARD[grade] * np.exp(0.6 * z)
+    t_event = prng.exponential(1.0 / hazard)
+    t_cens = prng.uniform(1.0, 100.0)
+    months = round(float(min(t_event, t_cens)), 2)
+    months = max(months, 0.01)
+    censored = int(t_event > t_cens)
+    miss = prng.random()
+    no_path = miss < spec.missing_fraction
+    no_gen = spec.missing_fraction <= miss < 2 * spec.missing_fraction
+    case_id = f"TCGA-{code}-{j:04d}"
+    base = {
+        "case_id": case_id,
+        "site": code,
+        "age": round(float(prng.uniform(20, 80)), 1),
+        "is_female": int(prng.random() < 0.45),
+        "survival_months": months,
+        "censorship": censored,
+        "oncotree_code": SUBTYPES[subtype],
+    }
+    genomic = {c: np.nan for c in gen_cols} if no_gen else _genomic_row(world, subtype, z, prng)
+    expression = np.array([genomic[f"{g}_rnaseq"] for g in world.genes])
+    n_patches = int(np.clip(np.exp(prng.normal(np.log(spec.median_patches), 0.9)),
+                            spec.min_patches, spec.max_patches))
+    n_slides = 0 if no_path else (2 if prng.random() < spec.two_slide_fraction and n_patches >= 2 * spec.min_patches else 1)
+    sizes = [n_patches] if n_slides == 1 else [n_patches // 2, n_patches - n_patches // 2][:n_slides]
+    rows = []
+    for k in range(n_slides):
+        slide_id = f"{case_id}-01Z-00-DX{k + 1}"
+        _write_slide(bag_path(bag_dir, slide_id), sizes[k], mix, world, s, spec, prng)
+        rows.append({**base, "slide_id": slide_id, **genomic})
+    if n_slides == 0:
+        rows.append({**base, "slide_id": "", **genomic})
+    latent = {"site": code, "subtype": subtype, "grade": grade, "mix": mix, "z": z,
+              "log_hazard": float(np.log(hazard)), "months": months, "censored": censored,
+              "expression": np.nan_to_num(expression)}
+    return rows, latent
+
+
 def generate(spec: SynthSpec, out: str | Path, overwrite: bool = False) -> dict:
     """Write a cohort to ``out`` (table.csv, signatures.csv, bags/, oracle.json, synth.json).
 
@@ -181,45 +229,9 @@ def generate(spec: SynthSpec, out: str | Path, overwrite: bool = False) -> dict:
     gen_cols = _genomic_columns(world)
     for s, code in enumerate(codes):
         for j in range(spec.patients):
-            prng = np.random.default_rng([spec.seed, s, j])
-            subtype = int(prng.choice(len(SUBTYPES), p=world.site_props[s]))
-            grade = DEFAULT_GRADE_MAP[SUBTYPES[subtype]]
-            mix = prng.dirichlet(world.subtype_mix[subtype] * 12 + 0.05)
-            z = float(prng.normal())
-            hazard = BASE_HAZARD[grade] * np.exp(0.6 * z)
-            t_event = prng.exponential(1.0 / hazard)
-            t_cens = prng.uniform(1.0, 100.0)
-            months = round(float(min(t_event, t_cens)), 2)
-            months = max(months, 0.01)
-            censored = int(t_event > t_cens)
-            miss = prng.random()
-            no_path = miss < spec.missing_fraction
-            no_gen = spec.missing_fraction <= miss < 2 * spec.missing_fraction
-            case_id = f"TCGA-{code}-{j:04d}"
-            base = {
-                "case_id": case_id,
-                "site": code,
-                "age": round(float(prng.uniform(20, 80)), 1),
-                "is_female": int(prng.random() < 0.45),
-                "survival_months": months,
-                "censorship": censored,
-                "oncotree_code": SUBTYPES[subtype],
-            }
-            genomic = {c: np.nan for c in gen_cols} if no_gen else _genomic_row(world, subtype, z, prng)
-            expression = np.array([genomic[f"{g}_rnaseq"] for g in world.genes])
-            n_patches = int(np.clip(np.exp(prng.normal(np.log(spec.median_patches), 0.9)),
-                                    spec.min_patches, spec.max_patches))
-            n_slides = 0 if no_path else (2 if prng.random() < spec.two_slide_fraction and n_patches >= 2 * spec.min_patches else 1)
-            sizes = [n_patches] if n_slides == 1 else [n_patches // 2, n_patches - n_patches // 2][:n_slides]
-            for k in range(n_slides):
-                slide_id = f"{case_id}-01Z-00-DX{k + 1}"
-                _write_slide(bag_path(tmp / "bags", slide_id), sizes[k], mix, world, s, spec, prng)
-                rows.append({**base, "slide_id": slide_id, **genomic})
-            if n_slides == 0:
-                rows.append({**base, "slide_id": "", **genomic})
-            latents.append({"site": code, "subtype": subtype, "grade": grade, "mix": mix, "z": z,
-                            "log_hazard": float(np.log(hazard)), "months": months, "censored": censored,
-                            "expression": np.nan_to_num(expression)})
+            patient_rows, latent = _patient(spec, world, s, code, j, gen_cols, tmp / "bags")
+            rows.extend(patient_rows)
+            latents.append(latent)
     columns = ["case_id", "slide_id", "site", "age", "is_female", "survival_months", "censorship", "oncotree_code"]
     pd.DataFrame(rows, columns=columns + gen_cols).to_csv(tmp / "table.csv", index=False)
     sig = pd.DataFrame({name: pd.Series(members) for name, members in zip(GROUP_NAMES, world.gene_groups)})

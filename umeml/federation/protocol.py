@@ -7,13 +7,14 @@ The survival histogram is additionally epsilon-DP (``federation.survival_hist_ep
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-
 import numpy as np
 
 from umeml.data.labels import edges_from_histogram
+from umeml.train.experiment import Preprocessing  # defined next to what is built from it; sent every round
 from umeml.train.losses import class_weights_from_counts
+
+__all__ = ["HandshakeMismatch", "Preprocessing", "SURVIVAL_GRID_CELLS", "SURVIVAL_GRID_MAX", "SURVIVAL_GRID_TEXT",
+           "check_handshakes", "combine_preprocessing", "combine_site_metrics", "survival_grid"]
 
 # The public grid on which sites count uncensored survival times: (up to this many months, cell
 # width). Coarse cells keep the DP noise small next to the counts (about 1.4 counts per cell and
@@ -80,30 +81,6 @@ def _majority(values: dict):
         return None
     items = list(values.values())
     return max(set(items), key=items.count)
-
-
-@dataclass
-class Preprocessing:
-    """What the server derives from the sites' aggregates and sends back with every round."""
-
-    survival_edges: list[float]
-    genomic_mean: list[float] | None
-    genomic_std: list[float] | None
-    class_weights: dict[str, list[float]]
-    heads: dict[str, int]
-    feature_dim: int
-    group_sizes: list[int]
-    subtypes: list[str]
-    grades: list[str]
-
-    def to_json(self) -> str:
-        """Serialise for a ConfigRecord."""
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "Preprocessing":
-        """Parse what :meth:`to_json` wrote."""
-        return cls(**json.loads(text))
 
 
 def combine_preprocessing(replies: dict[str, dict], schema: dict, heads: dict[str, int], n_bins: int,

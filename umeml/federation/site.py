@@ -17,7 +17,7 @@ import torch
 from umeml import __version__
 from umeml.config import DPConfig, ExperimentConfig
 from umeml.data.cohort import Cohort
-from umeml.data.dataset import CohortDataset, GenomicScaler, genomic_moments, make_loader
+from umeml.data.dataset import genomic_moments, make_loader
 from umeml.data.splits import stratified_train_val
 from umeml.federation.privacy import (
     SiteLedger,
@@ -26,11 +26,11 @@ from umeml.federation.privacy import (
     discrete_laplace,
     max_steps_within,
 )
-from umeml.federation.protocol import SURVIVAL_GRID_TEXT, Preprocessing, survival_grid
-from umeml.model import build_model
-from umeml.train.evaluate import evaluate_predictions
+from umeml.federation.protocol import SURVIVAL_GRID_TEXT, survival_grid
 from umeml.train.dp import resolve_dp, train_dp_steps
-from umeml.train.loop import LossSettings, make_optimizer, predict, resolve_device, train_epoch
+from umeml.train.evaluate import evaluate_predictions
+from umeml.train.experiment import Preprocessing, build_model, loss_settings, make_dataset
+from umeml.train.loop import make_optimizer, predict, resolve_device, train_epoch
 
 log = logging.getLogger("umeml.site")
 
@@ -148,16 +148,6 @@ class SiteRuntime:
                      self.site_id, eps, ledger.path)
         return noisy
 
-    def _dataset(self, cfg: ExperimentConfig, prep: Preprocessing, idx: np.ndarray, train: bool) -> CohortDataset:
-        scaler = None
-        if prep.genomic_mean is not None:
-            scaler = GenomicScaler(np.asarray(prep.genomic_mean, np.float32), np.asarray(prep.genomic_std, np.float32))
-        return CohortDataset(
-            self.cohort, idx, np.asarray(prep.survival_edges), scaler,
-            max_patches=cfg.data.max_patches, train=train, seed=cfg.seed,
-            use_pathology="pathology" in cfg.model.modalities, use_genomics="genomics" in cfg.model.modalities,
-        )
-
     def build_model(self, cfg: ExperimentConfig, prep: Preprocessing):
         """The federation's architecture (identical at every site so weights average)."""
         if list(self.cohort.subtypes) != list(prep.subtypes) or list(self.cohort.grades) != list(prep.grades):
@@ -165,11 +155,7 @@ class SiteRuntime:
                 f"site {self.site_id}: class order differs from the coordinator's "
                 f"(subtypes {list(self.cohort.subtypes)} vs {prep.subtypes}); labels would be misread"
             )
-        return build_model(cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads)
-
-    def _loss(self, cfg: ExperimentConfig, prep: Preprocessing) -> LossSettings:
-        weights = {t: torch.tensor(w, dtype=torch.float32) for t, w in prep.class_weights.items()}
-        return LossSettings(tuple(cfg.tasks), weights, cfg.survival.alpha)
+        return build_model(cfg, prep)
 
     def train(self, cfg: ExperimentConfig, prep: Preprocessing, state: dict, server_round: int,
               proximal_mu: float = 0.0) -> tuple[dict | None, dict]:
@@ -201,10 +187,10 @@ class SiteRuntime:
         model.load_state_dict(state)
         model.to(device)
         train_idx, _ = self._split(cfg)
-        ds = self._dataset(cfg, prep, train_idx, train=True)
+        ds = make_dataset(cfg, self.cohort, train_idx, prep, train=True)
         loader = make_loader(ds, cfg.train.batch_size, True, cfg.seed + server_round, cfg.train.num_workers)
         optimizer = make_optimizer(model, cfg.train)
-        loss = self._loss(cfg, prep).to(device)
+        loss = loss_settings(cfg, prep).to(device)
         extra = proximal_term(model, proximal_mu) if proximal_mu > 0 else None
 
         stats = {"loss": 0.0, "num_examples": 0, "steps": 0}
@@ -222,9 +208,10 @@ class SiteRuntime:
                                "(state_dir in the site file; SimulatedSites.state_root in simulation)")
         return SiteLedger(Path(self.state_dir), self.site_id)
 
-    def _train_dp(self, cfg: ExperimentConfig, prep: Preprocessing, state: dict, server_round: int,
-                  proximal_mu: float, dp: DPConfig) -> tuple[dict | None, dict]:
-        """DP-SGD for as many steps as the site's remaining budget allows, then the ledger entry.
+    def _dp_round_entry(self, cfg: ExperimentConfig, dp: DPConfig, ledger: SiteLedger, n_train: int,
+                        server_round: int) -> tuple[dict, int, int, int]:
+        """This round's ledger entry (sampling rate, noise multiplier, the steps the remaining
+        budget allows, epsilon after them), the allowed and planned steps and the steps per epoch.
 
         Sampling rate q = batch_size / training patients; one epoch is 1/q Poisson batches.
         The accountant composes every earlier entry of the ledger in the budget scope (all
@@ -232,18 +219,12 @@ class SiteRuntime:
         noise multiplier one is calibrated so that the experiment's planned rounds spend the
         remaining budget, and then kept for the rest of the experiment.
         """
-        t0 = time.perf_counter()
-        train_idx, _ = self._split(cfg)
-        n_train = int(len(train_idx))
-        if n_train == 0:
-            return None, {"skipped": "no training patients at this site"}
         q = min(1.0, cfg.train.batch_size / n_train)
         steps_per_epoch = max(1, int(1.0 / q))
         planned = min(cfg.federation.local_epochs, self.max_local_epochs) * steps_per_epoch
         if dp.delta >= 1.0 / n_train:
             log.warning("site %s: dp.delta %g is not below 1/%d training patients; the guarantee is weak",
                         self.site_id, dp.delta, n_train)
-        ledger = self.ledger()
         past = ledger.in_scope(cfg.name, dp.budget_scope)
         history = SiteLedger.history(past)
         nm = dp.noise_multiplier
@@ -260,22 +241,36 @@ class SiteRuntime:
                  "sample_rate": q, "noise_multiplier": nm, "steps": int(allowed), "max_grad_norm": dp.max_grad_norm,
                  "epsilon": eps, "delta": dp.delta, "accountant": dp.accountant,
                  "target_epsilon": dp.target_epsilon, "budget_scope": dp.budget_scope}
+        return entry, allowed, planned, steps_per_epoch
+
+    def _train_dp(self, cfg: ExperimentConfig, prep: Preprocessing, state: dict, server_round: int,
+                  proximal_mu: float, dp: DPConfig) -> tuple[dict | None, dict]:
+        """DP-SGD for as many steps as the site's remaining budget allows (see
+        :meth:`_dp_round_entry`), then the ledger entry, written before the update leaves."""
+        t0 = time.perf_counter()
+        train_idx, _ = self._split(cfg)
+        n_train = int(len(train_idx))
+        if n_train == 0:
+            return None, {"skipped": "no training patients at this site"}
+        ledger = self.ledger()
+        entry, allowed, planned, steps_per_epoch = self._dp_round_entry(cfg, dp, ledger, n_train, server_round)
         if allowed == 0:
             ledger.append(entry)
-            reason = (f"privacy budget spent: epsilon {eps:.3g} of {dp.target_epsilon:g} (delta {dp.delta:g}); "
-                      "one more DP-SGD step would exceed it, so this site no longer trains (it still evaluates)")
+            reason = (f"privacy budget spent: epsilon {entry['epsilon']:.3g} of {dp.target_epsilon:g} "
+                      f"(delta {dp.delta:g}); one more DP-SGD step would exceed it, so this site no longer trains "
+                      "(it still evaluates)")
             log.warning("site %s, round %d: %s", self.site_id, server_round, reason)
             return None, {"skipped": reason, "privacy": entry}
         device = resolve_device(self.device)
         model = self.build_model(cfg, prep)
         model.load_state_dict(state)
         model.to(device)
-        ds = self._dataset(cfg, prep, train_idx, train=True)
+        ds = make_dataset(cfg, self.cohort, train_idx, prep, train=True)
         optimizer = make_optimizer(model, cfg.train)
         stats = train_dp_steps(
-            model, ds, optimizer, self._loss(cfg, prep).to(device), device,
-            sample_rate=q, noise_multiplier=nm, max_grad_norm=dp.max_grad_norm, steps=allowed,
-            steps_per_epoch=steps_per_epoch, proximal_mu=proximal_mu,
+            model, ds, optimizer, loss_settings(cfg, prep).to(device), device,
+            sample_rate=entry["sample_rate"], noise_multiplier=entry["noise_multiplier"],
+            max_grad_norm=dp.max_grad_norm, steps=allowed, steps_per_epoch=steps_per_epoch, proximal_mu=proximal_mu,
             seed=None if self.dp_seed is None else self.dp_seed + server_round,
             num_workers=cfg.train.num_workers, on_epoch=lambda e: ds.set_epoch(server_round * 1000 + e))
         ledger.append(entry)  # before the update leaves the site
@@ -297,8 +292,8 @@ class SiteRuntime:
         model = self.build_model(cfg, prep)
         model.load_state_dict(state)
         model.to(device)
-        loader = make_loader(self._dataset(cfg, prep, idx, train=False), cfg.train.batch_size, False, 0)
-        preds = predict(model, loader, self._loss(cfg, prep).to(device), device)
+        loader = make_loader(make_dataset(cfg, self.cohort, idx, prep, train=False), cfg.train.batch_size, False, 0)
+        preds = predict(model, loader, loss_settings(cfg, prep).to(device), device)
         metrics = evaluate_predictions(preds, cfg.tasks, n_boot=n_boot, seed=cfg.seed)
         return {"site": self.site_id, "part": part, "n": int(len(idx)), "loss": preds.loss, "tasks": metrics,
                 "seconds": round(time.perf_counter() - t0, 3)}

@@ -6,7 +6,6 @@ import csv
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,65 +15,20 @@ from tqdm import tqdm
 from umeml import __version__
 from umeml.config import ExperimentConfig, dump_config
 from umeml.data.cohort import Cohort
-from umeml.data.dataset import CohortDataset, GenomicScaler, make_loader
-from umeml.data.labels import survival_bin_edges
+from umeml.data.dataset import make_loader
 from umeml.data.splits import Split, make_split
-from umeml.model import build_model, save_checkpoint
+from umeml.model import save_checkpoint
 from umeml.train.evaluate import evaluate_predictions, selection_score
-from umeml.train.losses import class_weights_from_counts
+from umeml.train.experiment import build_model, loss_settings, make_dataset, prepare
 from umeml.train.loop import (
-    LossSettings,
     cosine_with_warmup,
     make_optimizer,
     predict,
     resolve_device,
-    task_heads,
     train_epoch,
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Prepared:
-    """Everything derived from the training patients: bins, scaler, class weights, heads."""
-
-    edges: np.ndarray
-    scaler: GenomicScaler | None
-    loss: LossSettings
-    heads: dict[str, int]
-    feature_dim: int
-    group_sizes: tuple[int, ...]
-
-
-def prepare(cfg: ExperimentConfig, cohort: Cohort, train_idx: np.ndarray) -> Prepared:
-    """Fit survival bin edges, genomic scaler and class weights on the training patients only."""
-    times, events = cohort.times_events(train_idx)
-    edges = survival_bin_edges(times, events, cfg.survival.n_bins)
-    scaler = GenomicScaler.fit(cohort, train_idx) if cohort.gene_groups.dim and cohort.has_genomics[train_idx].any() else None
-    weights = {}
-    if "grade" in cfg.tasks:
-        weights["grade"] = class_weights_from_counts(np.bincount([cohort.grade_index(i) for i in train_idx], minlength=len(cohort.grades)))
-    if "subtype" in cfg.tasks:
-        weights["subtype"] = class_weights_from_counts(np.bincount([cohort.subtype_index(i) for i in train_idx], minlength=len(cohort.subtypes)))
-    return Prepared(
-        edges=edges,
-        scaler=scaler,
-        loss=LossSettings(tuple(cfg.tasks), weights, cfg.survival.alpha),
-        heads=task_heads(cfg, len(cohort.subtypes)),
-        feature_dim=int(cohort.feature_dim or 1),
-        group_sizes=cohort.gene_groups.sizes,
-    )
-
-
-def make_dataset(cfg: ExperimentConfig, cohort: Cohort, idx: np.ndarray, prep: Prepared, train: bool) -> CohortDataset:
-    """A dataset of ``idx`` with the experiment's modalities and subsampling."""
-    return CohortDataset(
-        cohort, idx, prep.edges, prep.scaler,
-        max_patches=cfg.data.max_patches, train=train, seed=cfg.seed,
-        use_pathology="pathology" in cfg.model.modalities,
-        use_genomics="genomics" in cfg.model.modalities,
-    )
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
@@ -114,7 +68,7 @@ def train_central(cfg: ExperimentConfig, cohort: Cohort, out_dir: str | Path, sp
     (out / "config.yaml").write_text(dump_config(cfg))
     device = resolve_device(cfg.train.device)
     prep = prepare(cfg, cohort, split.train)
-    model = build_model(cfg.model, prep.feature_dim, prep.group_sizes, prep.heads).to(device)
+    model = build_model(cfg, prep).to(device)
     train_ds = make_dataset(cfg, cohort, split.train, prep, train=True)
     loaders = {
         "train": make_loader(train_ds, cfg.train.batch_size, True, cfg.seed, cfg.train.num_workers),
@@ -124,7 +78,7 @@ def train_central(cfg: ExperimentConfig, cohort: Cohort, out_dir: str | Path, sp
     optimizer = make_optimizer(model, cfg.train)
     steps_per_epoch = max(1, -(-len(train_ds) // (cfg.train.batch_size * cfg.train.grad_accum)))
     scheduler = cosine_with_warmup(optimizer, cfg.train.warmup_epochs * steps_per_epoch, cfg.train.epochs * steps_per_epoch)
-    loss = prep.loss.to(device)
+    loss = loss_settings(cfg, prep).to(device)
     meta = {"experiment": cfg.name, "umeml_version": __version__, "survival_edges": prep.edges.tolist(),
             "subtypes": list(cohort.subtypes), "grades": list(cohort.grades), "test_sites": list(split.test_sites)}
     if prep.scaler is not None:
