@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from umeml.data.labels import edges_from_histogram
+from umeml.rundir import has_value
 from umeml.train.losses import class_weights_from_counts
 
 # The public grid on which sites count uncensored survival times: (up to this many months, cell
@@ -158,7 +159,7 @@ def combine_site_metrics(site_metrics: dict[str, dict]) -> dict:
         entries: dict[str, list] = {}
         for m in reported.values():
             for name, v in m["tasks"].get(task, {}).items():
-                if isinstance(v, dict) and isinstance(v.get("value"), (int, float)):
+                if has_value(v):
                     weight = v.get("pairs") if name == "c_index" else v.get("n")
                     entries.setdefault(name, []).append((float(v["value"]), float(weight or 0), v.get("ci_low"), v.get("ci_high"), int(v.get("n", 0))))
         out = {}
