@@ -14,6 +14,7 @@ from pathlib import Path
 from umeml.config import ExperimentConfig, config_to_dict
 from umeml.data.cohort import Cohort
 from umeml.data.splits import choose_test_sites
+from umeml.rundir import RunDir, read_final
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def simulate(cfg: ExperimentConfig, cohort: Cohort, source: CohortSource, run_di
         **source.settings(),
     }
     client = build_client_app(SimulatedSites(tuple(sites), source.data_dir, source.table, source.signatures,
-                                             source.bags, device, state_root=str(run_dir.resolve() / "sites")))
+                                             source.bags, device, state_root=str(RunDir(run_dir.resolve()).sites)))
     run_simulation(
         server_app=build_server_app(settings),
         client_app=client,
@@ -78,7 +79,7 @@ def simulate(cfg: ExperimentConfig, cohort: Cohort, source: CohortSource, run_di
                           "log_to_driver": True},
         },
     )
-    final_path = run_dir / "final.json"
+    final_path = RunDir(run_dir).final
     if not final_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {final_path}; see the log above")
-    return json.loads(final_path.read_text())
+    return read_final(final_path).to_json()
