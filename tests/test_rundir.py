@@ -152,6 +152,9 @@ def test_unknown_schema_version_fails_saying_which(tmp_path, capsys):
     metrics.write_text(",".join(METRICS_COLUMNS) + "\nround,one,train,A0,,,loss,1.0,,,\n")
     with pytest.raises(RunDirError, match=r"metrics\.csv:2: column step: 'one' is not a number"):
         read_metrics(metrics)
+    metrics.write_text(",".join(METRICS_COLUMNS) + "\nround,1,train,A0\n")
+    with pytest.raises(RunDirError, match=r"metrics\.csv:2: 4 cells, the header has 11 columns"):
+        read_metrics(metrics)
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):

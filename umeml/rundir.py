@@ -291,6 +291,9 @@ def read_metrics(path: str | Path) -> list[MetricRow]:
     if not table:
         return []
     header, body = tuple(table[0]), table[1:]
+    for i, r in enumerate(body, start=2):
+        if r and len(r) != len(header):
+            raise RunDirError(f"{path}:{i}: {len(r)} cells, the header has {len(header)} columns (a truncated row?)")
     cells = [(f"{path}:{i}", dict(zip(header, r))) for i, r in enumerate(body, start=2) if r]
     if header == METRICS_COLUMNS:
         return [MetricRow.from_csv(c, where) for where, c in cells]
