@@ -294,7 +294,7 @@ def read_metrics(path: str | Path) -> list[MetricRow]:
     for i, r in enumerate(body, start=2):
         if r and len(r) != len(header):
             raise RunDirError(f"{path}:{i}: {len(r)} cells, the header has {len(header)} columns (a truncated row?)")
-    cells = [(f"{path}:{i}", dict(zip(header, r))) for i, r in enumerate(body, start=2) if r]
+    cells = [(f"{path}:{i}", dict(zip(header, r, strict=True))) for i, r in enumerate(body, start=2) if r]
     if header == METRICS_COLUMNS:
         return [MetricRow.from_csv(c, where) for where, c in cells]
     if header == _V1_FEDERATED_COLUMNS:
