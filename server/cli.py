@@ -12,35 +12,46 @@ from pathlib import Path
 from umeml import __version__
 from umeml.config import dump_config, load_config
 from umeml.errors import ConfigError, DataValidationError, report_input_error
+from umeml.rundir import (
+    FINAL_FILE,
+    SUMMARY_METRICS,
+    FederatedFinal,
+    RunDir,
+    atomic_write_json,
+    atomic_write_text,
+    format_metric,
+    metric_entry,
+    read_final,
+)
 
-SIMULATION_FILE = "simulation.json"
-PRIMARY = (("grade", "auc_macro"), ("grade", "balanced_accuracy"), ("subtype", "auc_macro"),
-           ("subtype", "balanced_accuracy"), ("survival", "c_index"))
+PRIMARY = SUMMARY_METRICS  # the table's columns
 
 
 def _fmt(m: dict | None) -> str:
-    if not m or not isinstance(m.get("value"), (int, float)):
-        return "-"
-    ci = f" [{m['ci_low']:.2f}, {m['ci_high']:.2f}]" if m.get("ci_low") is not None else ""
-    return f"{m['value']:.3f}{ci}"
+    return format_metric(m, ci_digits=2)
 
 
-def format_table(final: dict) -> str:
-    """Held-out metrics per site, combined over sites and (simulation) pooled, with 95% CIs and n."""
+def _summary_row(name: str, tasks: dict) -> tuple[str, str, list[str]]:
+    """A combined or pooled row: n is the largest n among its metrics."""
+    n = max((m.get("n", 0) for t in tasks.values() if isinstance(t, dict) for m in t.values() if isinstance(m, dict)),
+            default=0)
+    return name, str(n), [_fmt(metric_entry(tasks, t, k)) for t, k in PRIMARY]
+
+
+def format_table(final: dict | FederatedFinal) -> str:
+    """Held-out metrics per site, combined over sites and (simulation) pooled, with 95% CIs and n
+    (``final``: a federated run's result, or its final.json dict)."""
+    rec = final if isinstance(final, FederatedFinal) else FederatedFinal.from_json(final)
     rows = []
-    for site, rep in sorted(final.get("held_out", {}).items()):
+    for site, rep in sorted(rec.held_out.items()):
         if rep.get("suppressed"):
             rows.append((site, str(rep["n"]), ["suppressed (< k patients)"] + [""] * (len(PRIMARY) - 1)))
             continue
-        rows.append((site, str(rep["n"]), [_fmt(rep["tasks"].get(t, {}).get(k)) for t, k in PRIMARY]))
-    comb = final.get("held_out_combined") or {}
-    if comb:
-        n = max((m.get("n", 0) for t in comb.values() if isinstance(t, dict) for m in t.values() if isinstance(m, dict)), default=0)
-        rows.append(("combined", str(n), [_fmt(comb.get(t, {}).get(k)) for t, k in PRIMARY]))
-    pooled = final.get("pooled") or {}
-    if pooled:
-        n = max((m.get("n", 0) for t in pooled.values() if isinstance(t, dict) for m in t.values() if isinstance(m, dict)), default=0)
-        rows.append(("pooled", str(n), [_fmt(pooled.get(t, {}).get(k)) for t, k in PRIMARY]))
+        rows.append((site, str(rep["n"]), [_fmt(metric_entry(rep["tasks"], t, k)) for t, k in PRIMARY]))
+    if rec.held_out_combined:
+        rows.append(_summary_row("combined", rec.held_out_combined))
+    if rec.pooled:
+        rows.append(_summary_row("pooled", rec.pooled))
     header = ("site", "n", [f"{t} {k}" for t, k in PRIMARY])
     widths = [max(len(r[0]) for r in rows + [header]), max(len(r[1]) for r in rows + [header])]
     cols = [max(len(r[2][i]) for r in rows + [header]) for i in range(len(PRIMARY))]
@@ -75,14 +86,14 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     try:
         if resume:
             args.out = args.resume
-            saved = json.loads((args.resume / SIMULATION_FILE).read_text())
-            cfg = load_config(args.resume / "config.yaml")
-            source = CohortSource.from_dict(saved["source"], f"{args.resume / SIMULATION_FILE}: source")
+            saved = json.loads(RunDir(args.resume).simulation.read_text())
+            cfg = load_config(RunDir(args.resume).config)
+            source = CohortSource.from_dict(saved["source"], f"{RunDir(args.resume).simulation}: source")
             cohort = source.load(cfg.data)
             held_sets = [tuple(saved["held_out"])]
             if args.rounds is not None:  # extend a finished run: --resume RUN_DIR --rounds N
                 cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds))
-                (args.resume / "config.yaml").write_text(dump_config(cfg))
+                atomic_write_text(RunDir(args.resume).config, dump_config(cfg))
         else:
             if args.config is None:
                 print("error: umeml-server simulate needs --config (or --resume RUN_DIR)", file=sys.stderr)
@@ -110,7 +121,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         summary = compare(cfg, cohort, source, args.out, device=args.device)
         print(format_comparison(summary))
         if not args.no_report:
-            _write_reports(sorted(p.parent for p in Path(args.out).glob("*/final.json")) + [Path(args.out)])
+            _write_reports(sorted(p.parent for p in Path(args.out).glob(f"*/{FINAL_FILE}")) + [Path(args.out)])
         return 0
     results = {}
     for held in held_sets:
@@ -124,8 +135,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                 print(f"error: {err}", file=sys.stderr)
                 return 2
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / SIMULATION_FILE).write_text(json.dumps(
-                {"source": source.to_dict(), "held_out": list(planned)}, indent=2))
+            atomic_write_json(RunDir(run_dir).simulation, {"source": source.to_dict(), "held_out": list(planned)})
             held = planned
         final = simulate(cfg, cohort, source, run_dir, held_out=held, resume=resume, device=args.device)
         results[",".join(final["held_out_sites"])] = final
@@ -257,11 +267,11 @@ def _cmd_start(args: argparse.Namespace) -> int:
         return 1
     finally:
         link.stop()
-    final_path = run_dir / "final.json"
+    final_path = RunDir(run_dir).final
     if status != "finished:completed" or not final_path.is_file():
         print(f"error: run {run_id} ended as {status}; see {link.log_path}", file=sys.stderr)
         return 1
-    final = json.loads(final_path.read_text())
+    final = read_final(final_path).to_json()
     print(f"\nheld-out metrics after {final['rounds']} rounds ({final['strategy']}), run dir {run_dir}:")
     print(format_table(final))
     if not args.no_report:

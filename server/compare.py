@@ -6,7 +6,6 @@ This is how a consortium judges what federation buys: the centralized model is t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +14,9 @@ from umeml.config import ExperimentConfig
 from umeml.data.cohort import Cohort
 from umeml.data.source import CohortSource
 from umeml.data.splits import Split, stratified_train_val
+from umeml.rundir import PRIMARY_METRICS, RunDir, atomic_write_json, format_metric, metric_entry
 from umeml.server.simulate import plan_sites, simulate
 from umeml.train.central import train_central
-
-COLUMNS = (("grade", "auc_macro"), ("subtype", "auc_macro"), ("survival", "c_index"))
 
 
 def _split_for(cohort: Cohort, train_sites: list[str], held: tuple[str, ...], cfg: ExperimentConfig) -> Split:
@@ -44,24 +42,17 @@ def compare(cfg: ExperimentConfig, cohort: Cohort, source: CohortSource, out: st
         local = train_central(cfg, cohort, out / f"local-{site}", _split_for(cohort, [site], held, cfg), progress=False)
         results[f"local-only {site}"] = {"test": local["test"], "n": local["n_test"]}
     summary = {"held_out_sites": list(held), "training_sites": train_sites, "results": results}
-    (out / "comparison.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(RunDir(out).comparison, summary)
     return summary
 
 
 def format_comparison(summary: dict) -> str:
     """Modes side by side: primary metric per task with its 95% CI."""
-    header = ["mode", "n"] + [f"{t} {k}" for t, k in COLUMNS]
+    header = ["mode", "n"] + [f"{t} {k}" for t, k in PRIMARY_METRICS]
     rows = []
     for mode, res in summary["results"].items():
-        cells = [mode, str(res["n"])]
-        for task, key in COLUMNS:
-            m = res["test"].get(task, {}).get(key) if isinstance(res["test"].get(task), dict) else None
-            if m and isinstance(m.get("value"), (int, float)):
-                ci = f" [{m['ci_low']:.2f}, {m['ci_high']:.2f}]" if m.get("ci_low") is not None else ""
-                cells.append(f"{m['value']:.3f}{ci}")
-            else:
-                cells.append("-")
-        rows.append(cells)
+        rows.append([mode, str(res["n"])] + [format_metric(metric_entry(res["test"], t, k), ci_digits=2)
+                                             for t, k in PRIMARY_METRICS])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
     lines.insert(1, "-" * len(lines[0]))

@@ -4,10 +4,8 @@ checkpoints after every round and resume from the last completed one.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,18 @@ from umeml.federation.protocol import (
 from umeml.data.labels import subtype_codes
 from umeml.federation.privacy import central_entry, run_ledger
 from umeml.model import build_model, save_checkpoint
+from umeml.rundir import (
+    PRIMARY_METRICS,
+    FederatedFinal,
+    RoundRecord,
+    RunDir,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    metric_entry,
+    write_final,
+    write_metrics,
+)
 from umeml.train.loop import task_heads
 from umeml.server.records import arrays_from_state, state_from_arrays
 from umeml.server.strategies import (
@@ -43,7 +53,6 @@ from umeml.server.strategies import (
 )
 
 log = logging.getLogger("umeml.server")
-RESUME_FILE = "resume.pt"
 
 
 class FederationError(Exception):
@@ -93,12 +102,6 @@ def _name_mismatch(node: int, claimed: str, names: dict[int, str]) -> str | None
     return None
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _train_report(reply: Message) -> dict | None:
     """A training reply's JSON report (None for an error reply or one without a report)."""
     if reply.has_error() or "report" not in reply.content.config_records:
@@ -139,6 +142,7 @@ class Coordinator:
                  wait_timeout: float = 300.0, printer: Callable[[str], None] = print):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.files = RunDir(self.run_dir)
         self.expected_sites = expected_sites
         self.held_out = tuple(held_out or cfg.split.test_sites)
         self.resume = resume
@@ -204,7 +208,7 @@ class Coordinator:
     def _report(self, line: str) -> None:
         """Print a progress line and append it to progress.log (what `umeml-server start` shows)."""
         self.print(line)
-        with (self.run_dir / "progress.log").open("a") as f:
+        with self.files.progress.open("a") as f:
             f.write(line + "\n")
 
     def _site(self, node: int) -> str:
@@ -212,21 +216,19 @@ class Coordinator:
 
     # ------------------------------------------------------------- checkpoint
     def _save(self, state: RunState, prep: Preprocessing) -> None:
-        ck = self.run_dir / "checkpoints"
-        ck.mkdir(parents=True, exist_ok=True)
         payload = {"round": state.round, "weights": state.weights, "seed": state.seed, "history": state.history,
                    "releases": state.releases,
                    "strategy": {a: {k: torch.from_numpy(np.asarray(v)) for k, v in d.items()} for a, d in state.strategy.items()}}
-        _atomic_write(self.run_dir / RESUME_FILE, lambda p: torch.save(payload, p))
+        atomic_write(self.files.resume, lambda p: torch.save(payload, p))
         model = build_model(self.cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads)
         model.load_state_dict(state.weights)
         meta = {"experiment": self.cfg.name, "mode": "federated", "round": state.round, "umeml_version": __version__,
                 "survival_edges": prep.survival_edges, "subtypes": prep.subtypes, "grades": prep.grades,
                 "held_out_sites": list(self.held_out)}
-        _atomic_write(ck / "global.pt", lambda p: save_checkpoint(p, model, meta))
+        save_checkpoint(self.files.global_checkpoint, model, meta)  # atomic itself
 
     def _load(self) -> RunState:
-        raw = torch.load(self.run_dir / RESUME_FILE, weights_only=True)
+        raw = torch.load(self.files.resume, weights_only=True)
         strategy = {a: {k: v.numpy() for k, v in d.items()} for a, d in raw["strategy"].items()}
         return RunState(int(raw["round"]), raw["weights"], strategy, list(raw["history"]), int(raw["seed"]),
                         list(raw.get("releases", [])))
@@ -239,7 +241,7 @@ class Coordinator:
         ``coordinator.log`` in the run directory.
         """
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(self.run_dir / "coordinator.log")
+        handler = logging.FileHandler(self.files.coordinator_log)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
         try:
@@ -258,14 +260,14 @@ class Coordinator:
         train_nodes, held_nodes = self._roles()
         self._report(f"sites: training {', '.join(self._site(n) for n in train_nodes)}; "
                      f"held out {', '.join(self._site(n) for n in held_nodes) or '-'}")
-        prep_path = self.run_dir / "preprocessing.json"
+        prep_path = self.files.preprocessing
         if self.resume and prep_path.is_file():
             prep = Preprocessing.from_json(prep_path.read_text())
             state = self._load()
         else:
             prep, releases = self._preprocess(grid, train_nodes, schema)
-            _atomic_write(prep_path, lambda p: p.write_text(prep.to_json()))
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            atomic_write_text(prep_path, prep.to_json())
+            atomic_write_text(self.files.config, dump_config(cfg))
             torch.manual_seed(cfg.seed)
             model = build_model(cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads)
             state = RunState(0, {k: v.detach().clone() for k, v in model.state_dict().items()}, seed=cfg.seed,
@@ -339,8 +341,8 @@ class Coordinator:
         if stop is not None:
             self._final_evaluation_after_stop(grid, state, prep, base_config, train_nodes, held_nodes, stop)
         final = self._final(state)
-        _atomic_write(self.run_dir / "final.json", lambda p: p.write_text(json.dumps(final, indent=2)))
-        return final
+        write_final(self.files, final)
+        return final.to_json()
 
     def _adopt_new_nodes(self, grid) -> None:
         """Handshake nodes that joined (or rejoined after a restart) since the last round.
@@ -483,44 +485,10 @@ class Coordinator:
         so a resumed run keeps the earlier rounds)."""
         ledger = self._privacy_ledger(history, releases)
         if ledger is not None:
-            _atomic_write(self.run_dir / "privacy.json", lambda p: p.write_text(json.dumps(ledger, indent=2)))
+            atomic_write_json(self.files.privacy, ledger)
 
     def _write_metrics(self, history: list[dict]) -> None:
-        rows = []
-        for entry in history:
-            for rep in entry["train"]:
-                rows.append({"round": entry["round"], "site": rep["site"], "kind": "train",
-                             "n": rep.get("num-examples"), "metric": "train_loss", "value": rep.get("train_loss"),
-                             "note": rep.get("rejected") or rep.get("skipped", "")})
-            ev = entry["evaluation"]
-            for kind, sites in (("held_out", ev.get("held_out", {})), ("validation", ev.get("validation", {}))):
-                for site, rep in sites.items():
-                    if rep.get("suppressed"):
-                        rows.append({"round": entry["round"], "site": site, "kind": kind, "n": rep["n"],
-                                     "metric": "", "value": None, "note": "suppressed (< k patients)"})
-                        continue
-                    for task, metrics in rep["tasks"].items():
-                        for name, m in metrics.items():
-                            if isinstance(m, dict) and isinstance(m.get("value"), (int, float)):
-                                rows.append({"round": entry["round"], "site": site, "kind": kind, "n": m.get("n"),
-                                             "metric": f"{task}_{name}", "value": m["value"], "note": ""})
-            for kind in ("held_out_combined", "pooled"):
-                for task, metrics in ev.get(kind, {}).items():
-                    if not isinstance(metrics, dict):
-                        continue
-                    for name, m in metrics.items():
-                        if isinstance(m, dict) and isinstance(m.get("value"), (int, float)):
-                            rows.append({"round": entry["round"], "site": kind, "kind": kind, "n": m.get("n"),
-                                         "metric": f"{task}_{name}", "value": m["value"], "note": ""})
-        fields = ["round", "site", "kind", "n", "metric", "value", "note"]
-
-        def write(p: Path) -> None:
-            with p.open("w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=fields)
-                w.writeheader()
-                w.writerows(rows)
-
-        _atomic_write(self.run_dir / "metrics.csv", write)
+        write_metrics(self.files.metrics, [row for e in history for row in RoundRecord.from_json(e).metric_rows()])
 
     def _progress_line(self, entry: dict) -> str:
         losses = [r["train_loss"] for r in entry["train"] if "train_loss" in r]
@@ -528,8 +496,8 @@ class Coordinator:
                  f"train loss {np.mean(losses):.3f} ({len(losses)} site(s))" if losses else "no accepted update"]
         comb = entry["evaluation"].get("held_out_combined", {})
         shown = []
-        for task, key in (("grade", "auc_macro"), ("subtype", "auc_macro"), ("survival", "c_index")):
-            m = comb.get(task, {}).get(key)
+        for task, key in PRIMARY_METRICS:
+            m = metric_entry(comb, task, key)
             if m:
                 shown.append(f"{task} {key} {m['value']:.3f}")
         if shown:
@@ -544,23 +512,23 @@ class Coordinator:
         parts.append(f"{entry['seconds']:.1f} s")
         return " | ".join(parts)
 
-    def _final(self, state: RunState) -> dict:
-        last_eval = next((e["evaluation"] for e in reversed(state.history) if e["evaluation"]), {})
-        return {
-            "experiment": self.cfg.name,
-            "mode": "federated",
-            "strategy": self.cfg.federation.strategy,
-            "model": self.cfg.model.name,
-            "umeml_version": __version__,
-            "seed": self.cfg.seed,
-            "rounds": state.round,
-            "held_out_sites": list(self.held_out),
-            "training_sites": list(self.train_sites),
-            "held_out": last_eval.get("held_out", {}),
-            "held_out_combined": last_eval.get("held_out_combined", {}),
-            "pooled": last_eval.get("pooled"),
-            "seconds_per_round": [e["seconds"] for e in state.history],
-            "overhead_seconds_per_round": [e.get("overhead_seconds") for e in state.history],
-            "privacy": (self._privacy_ledger(state.history, state.releases) or {}).get("final"),
-            "stopped": state.history[-1].get("stopped") if state.history else None,
-        }
+    def _final(self, state: RunState) -> FederatedFinal:
+        rounds = [RoundRecord.from_json(e) for e in state.history]
+        last_eval = next((r.evaluation for r in reversed(rounds) if r.evaluation), {})
+        return FederatedFinal(
+            experiment=self.cfg.name,
+            strategy=self.cfg.federation.strategy,
+            model=self.cfg.model.name,
+            umeml_version=__version__,
+            seed=self.cfg.seed,
+            rounds=state.round,
+            held_out_sites=list(self.held_out),
+            training_sites=list(self.train_sites),
+            held_out=last_eval.get("held_out", {}),
+            held_out_combined=last_eval.get("held_out_combined", {}),
+            pooled=last_eval.get("pooled"),
+            seconds_per_round=[r.seconds for r in rounds],
+            overhead_seconds_per_round=[r.overhead_seconds for r in rounds],
+            privacy=(self._privacy_ledger(state.history, state.releases) or {}).get("final"),
+            stopped=rounds[-1].stopped if rounds else None,
+        )

@@ -14,6 +14,7 @@ from umeml.config import ExperimentConfig, config_to_dict
 from umeml.data.cohort import Cohort
 from umeml.data.source import CohortSource
 from umeml.data.splits import choose_test_sites
+from umeml.rundir import RunDir, read_final
 
 
 def plan_sites(cfg: ExperimentConfig, cohort: Cohort, held_out: tuple[str, ...] | None = None) -> tuple[list[str], tuple[str, ...]]:
@@ -56,7 +57,7 @@ def simulate(cfg: ExperimentConfig, cohort: Cohort, source: CohortSource, run_di
         "wait-timeout": 120,
         **source.settings(),
     }
-    client = build_client_app(SimulatedSites(tuple(sites), source, device, state_root=str(run_dir.resolve() / "sites")))
+    client = build_client_app(SimulatedSites(tuple(sites), source, device, state_root=str(RunDir(run_dir.resolve()).sites)))
     run_simulation(
         server_app=build_server_app(settings),
         client_app=client,
@@ -67,7 +68,7 @@ def simulate(cfg: ExperimentConfig, cohort: Cohort, source: CohortSource, run_di
                           "log_to_driver": True},
         },
     )
-    final_path = run_dir / "final.json"
+    final_path = RunDir(run_dir).final
     if not final_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {final_path}; see the log above")
-    return json.loads(final_path.read_text())
+    return read_final(final_path).to_json()

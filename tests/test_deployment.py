@@ -63,7 +63,7 @@ def test_superlink_and_three_supernodes_complete_two_rounds(sites):
     assert "held-out metrics after 2 rounds" in out and "A2" in out
     rows = (d / "run" / "metrics.csv").read_text().splitlines()
     for rnd in (1, 2):
-        assert any(r.startswith(f"{rnd},A2,held_out,14,grade_auc_macro") for r in rows), rnd
+        assert any(r.startswith(f"round,{rnd},held_out,A2,14,grade,auc_macro,") for r in rows), rnd
     assert all(p.poll() is not None for p in procs)
     # the coordinator's report: no per-patient predictions reach it, so no ROC / Kaplan-Meier
     plots = {p.name for p in (d / "run" / "plots").glob("*.png")}

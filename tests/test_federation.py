@@ -44,8 +44,8 @@ def test_rounds_write_run_dir(app, tmp_path):
     for name in ("config.yaml", "metrics.csv", "final.json", "preprocessing.json", "resume.pt", "checkpoints/global.pt"):
         assert (d / name).is_file(), name
     rows = (d / "metrics.csv").read_text().splitlines()
-    assert any(r.startswith("1,A2,held_out,20,grade_auc_macro") for r in rows)
-    assert any(r.startswith("2,A0,train,") for r in rows)
+    assert any(r.startswith("round,1,held_out,A2,20,grade,auc_macro,") for r in rows)
+    assert any(r.startswith("round,2,train,A0,") for r in rows)
     # held-out sites never train
     trained = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"}
     assert trained == {101, 102}

@@ -44,8 +44,9 @@ def test_training_learns_and_writes_run_dir(learn_dir, tmp_path):
     run = tmp_path / "run"
     assert json.loads((run / "final.json").read_text())["test_sites"] == ["A2"]
     rows = pd.read_csv(run / "metrics.csv")
-    assert list(rows["epoch"]) == list(range(1, 11))
-    assert rows["train_loss"].iloc[-1] < rows["train_loss"].iloc[0]
+    loss = rows[(rows["unit"] == "epoch") & (rows["kind"] == "train") & (rows["metric"] == "loss")]
+    assert list(loss["step"]) == list(range(1, 11))
+    assert loss["value"].iloc[-1] < loss["value"].iloc[0]
     model, meta = load(run / "checkpoints" / "best.pt")
     assert meta["test_sites"] == ["A2"] and len(meta["survival_edges"]) == 3
     assert (run / "checkpoints" / "last.pt").is_file() and (run / "config.yaml").is_file()

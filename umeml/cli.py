@@ -12,6 +12,7 @@ from umeml import __version__
 from umeml.config import load_config
 from umeml.data.source import CohortSource
 from umeml.errors import ConfigError, DataValidationError, report_input_error
+from umeml.rundir import CentralizedFinal, format_metric, has_value
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -116,18 +117,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_final(final: dict) -> str:
-    """A short table of test metrics with 95% CIs."""
-    lines = [f"{final['mode']} {final['model']}: test sites {', '.join(final['test_sites'])} (n={final['n_test']})"]
-    for task, metrics in final["test"].items():
+def format_final(final: dict | CentralizedFinal) -> str:
+    """A short table of test metrics with 95% CIs (``final``: a centralized run's result, or its final.json dict)."""
+    rec = final if isinstance(final, CentralizedFinal) else CentralizedFinal.from_json(final)
+    lines = [f"{rec.MODE} {rec.model}: test sites {', '.join(rec.test_sites)} (n={rec.n_test})"]
+    for task, metrics in rec.test.items():
         if "error" in metrics:
             lines.append(f"  {task:9s} not computable: {metrics['error']}")
             continue
-        parts = []
-        for name, m in metrics.items():
-            if isinstance(m, dict) and isinstance(m.get("value"), (int, float)):
-                ci = "" if m.get("ci_low") is None else f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
-                parts.append(f"{name} {m['value']:.3f}{ci}")
+        parts = [f"{name} {format_metric(m)}" for name, m in metrics.items() if has_value(m)]
         lines.append(f"  {task:9s} " + "; ".join(parts))
     return "\n".join(lines)
 

@@ -10,13 +10,14 @@ Files written by CLAM/TRIDENT (``features`` + ``coords``, few or no attributes) 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+
+from umeml.rundir import atomic_write
 
 SCHEMA_VERSION = 1
 BAG_SUFFIX = ".h5"
@@ -131,12 +132,12 @@ def write_bag(
         raise ValueError(
             f"{path}: features must be N x D and coords N x 2; got {features.shape} and {coords.shape}"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with BagWriter(tmp, feature_dim=features.shape[1], attrs=attrs, dtype=dtype) as writer:
-        writer.append(features, coords)
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp: Path) -> None:
+        with BagWriter(tmp, feature_dim=features.shape[1], attrs=attrs, dtype=dtype) as writer:
+            writer.append(features, coords)
+
+    return atomic_write(path, write)
 
 
 class BagWriter:

@@ -27,6 +27,7 @@ import pandas as pd
 
 from umeml.config import DEFAULT_GRADE_MAP
 from umeml.data.bags import BagWriter, bag_path
+from umeml.rundir import atomic_write
 
 SUBTYPES = ("ASTR", "OAST", "ODG", "AASTR", "AOAST", "GBM")
 BASE_PROPORTIONS = np.array([0.10, 0.20, 0.18, 0.16, 0.15, 0.21])
@@ -146,18 +147,20 @@ def _genomic_row(world: _World, subtype: int, z: float, rng: np.random.Generator
 def _write_slide(path: Path, n: int, mix: np.ndarray, world: _World, site: int, spec: SynthSpec,
                  rng: np.random.Generator) -> None:
     attrs = {"encoder": "synthetic", "patch_size": 256, "mpp": 0.5, "magnification": 20.0, "level": 0}
-    tmp = path.with_name(f".{path.name}.tmp")
     side = int(np.ceil(np.sqrt(n)))
-    with BagWriter(tmp, spec.feature_dim, attrs=attrs, dtype=spec.dtype) as writer:
-        for start in range(0, n, WRITE_CHUNK):
-            m = min(WRITE_CHUNK, n - start)
-            kinds = rng.choice(len(mix), size=m, p=mix)
-            feats = world.centroids[kinds] + rng.normal(0, 0.35, (m, spec.feature_dim)) * np.sqrt(8.0 / spec.feature_dim)
-            feats = feats * world.site_scale[site] + world.site_offset[site]
-            pos = np.arange(start, start + m)
-            coords = np.stack([(pos % side) * 256, (pos // side) * 256], axis=1)
-            writer.append(feats.astype(spec.dtype), coords)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with BagWriter(tmp, spec.feature_dim, attrs=attrs, dtype=spec.dtype) as writer:
+            for start in range(0, n, WRITE_CHUNK):
+                m = min(WRITE_CHUNK, n - start)
+                kinds = rng.choice(len(mix), size=m, p=mix)
+                feats = world.centroids[kinds] + rng.normal(0, 0.35, (m, spec.feature_dim)) * np.sqrt(8.0 / spec.feature_dim)
+                feats = feats * world.site_scale[site] + world.site_offset[site]
+                pos = np.arange(start, start + m)
+                coords = np.stack([(pos % side) * 256, (pos // side) * 256], axis=1)
+                writer.append(feats.astype(spec.dtype), coords)
+
+    atomic_write(path, write)
 
 
 def _patient(spec: SynthSpec, world: _World, s: int, code: str, j: int, gen_cols: list[str],

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import secrets
 import time
 import warnings
@@ -29,7 +28,9 @@ from typing import Iterable
 
 import numpy as np
 
-LEDGER_FILE = "privacy.json"
+from umeml.rundir import PRIVACY_FILE, atomic_write_json
+
+LEDGER_FILE = PRIVACY_FILE
 LEDGER_FORMAT = 1
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -166,13 +167,6 @@ def counts_fingerprint(counts, *context) -> str:
     return h.hexdigest()
 
 
-def _atomic_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
 class SiteLedger:
     """A site's own ledger, ``<state dir>/privacy.json``: every round it trained under DP
     (``entries``) and every survival histogram it released (``releases``).
@@ -272,7 +266,7 @@ class SiteLedger:
                 "One-off releases: the survival histogram of federated preprocessing, epsilon-DP (delta 0) "
                 "with two-sided geometric noise. Its epsilon is not part of the DP-SGD epsilon above; "
                 "by basic composition a patient's total loss is at most the sum of the two.")
-        _atomic_json(self.path, payload)
+        atomic_write_json(self.path, payload)
 
 
 # ---------------------------------------------------------------------- coordinator side

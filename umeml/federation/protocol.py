@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from umeml.data.labels import edges_from_histogram
+from umeml.rundir import has_value
 from umeml.train.experiment import Preprocessing  # defined next to what is built from it; sent every round
 from umeml.train.losses import class_weights_from_counts
 
@@ -135,7 +136,7 @@ def combine_site_metrics(site_metrics: dict[str, dict]) -> dict:
         entries: dict[str, list] = {}
         for m in reported.values():
             for name, v in m["tasks"].get(task, {}).items():
-                if isinstance(v, dict) and isinstance(v.get("value"), (int, float)):
+                if has_value(v):
                     weight = v.get("pairs") if name == "c_index" else v.get("n")
                     entries.setdefault(name, []).append((float(v["value"]), float(weight or 0), v.get("ci_low"), v.get("ci_high"), int(v.get("n", 0))))
         out = {}

@@ -11,7 +11,6 @@ Layout of the saved dict::
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch import nn
 
 from umeml.config import config_from_dict
 from umeml.model.registry import build_model
+from umeml.rundir import atomic_write
 
 __all__ = ["load", "save_checkpoint", "unwrap_model"]
 
@@ -72,12 +72,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict | None = None
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": meta,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint behind
-    return path
+    # a crash mid-write never leaves a truncated checkpoint behind
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

@@ -12,7 +12,6 @@ The run directory decides what the report holds (README, "Reports"):
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
 import logging
@@ -25,12 +24,29 @@ from pathlib import Path
 import numpy as np
 
 from umeml.report import figures
-from umeml.report.predictions import PREDICTIONS_FILE, HeldOutPredictions, load_predictions
+from umeml.report.predictions import HeldOutPredictions, load_predictions
+from umeml.rundir import (
+    FINAL_FILE,
+    PLOTS_DIR,
+    PREDICTIONS_FILE,
+    PRIMARY_METRICS,
+    REPORT_FILE,
+    CentralizedFinal,
+    FederatedFinal,
+    FinalResult,
+    MetricRow,
+    RunDir,
+    RunDirError,
+    atomic_write_text,
+    format_metric,
+    has_value,
+    metric_entry,
+    read_final,
+    read_json,
+    read_metrics,
+)
 
 log = logging.getLogger(__name__)
-
-REPORT_FILE = "report.html"
-PLOTS_DIR = "plots"
 PACKAGES = ("umeml", "torch", "numpy", "flwr", "opacus", "lifelines", "matplotlib", "h5py", "openslide-python")
 
 
@@ -57,13 +73,6 @@ class Options:
     checkpoint: Path | None = None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ReportError(f"{path}: cannot read it as JSON ({err})") from err
-
-
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}"}
     for name in PACKAGES:
@@ -72,13 +81,6 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return out
-
-
-def _fmt(m: dict | None) -> str:
-    if not isinstance(m, dict) or not isinstance(m.get("value"), (int, float)):
-        return "-"
-    ci = f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m.get("ci_low") is not None else ""
-    return f"{m['value']:.3f}{ci}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -92,7 +94,8 @@ class ReportBuilder:
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
-        self.plots = run_dir / PLOTS_DIR
+        self.files = RunDir(run_dir)
+        self.plots = self.files.plots
         self.sections: list[Section] = []
         self.notes: list[str] = []
 
@@ -119,11 +122,7 @@ class ReportBuilder:
             parts.append("<section><h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in self.notes)
                          + "</ul></section>")
         page = PAGE.format(title=html.escape(title), body="\n".join(parts))
-        out = self.run_dir / REPORT_FILE
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(page, encoding="utf-8")
-        tmp.replace(out)
-        return out
+        return atomic_write_text(self.files.report, page)
 
 
 PAGE = """<!DOCTYPE html>
@@ -149,12 +148,12 @@ pre {{ background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em;
 
 
 # ------------------------------------------------------------------ pieces shared by run kinds
-def _config_section(run_dir: Path, final: dict) -> Section:
-    cfg = run_dir / "config.yaml"
+def _config_section(run_dir: Path, run_version: str | None) -> Section:
+    cfg = RunDir(run_dir).config
     text = cfg.read_text() if cfg.is_file() else "(config.yaml not found)"
     versions = _versions()
-    if final.get("umeml_version"):
-        versions["umeml (at run time)"] = str(final["umeml_version"])
+    if run_version:
+        versions["umeml (at run time)"] = str(run_version)
     rows = [[k, v] for k, v in versions.items()]
     return Section("Configuration and versions",
                    _table(["package", "version"], rows) + f"<pre>{html.escape(text)}</pre>")
@@ -170,7 +169,7 @@ def _metrics_table(named: dict[str, dict], n: dict[str, int]) -> str:
                     cols.append((task, metric))
     rows = []
     for name, tasks in named.items():
-        rows.append([name, str(n.get(name, "-"))] + [_fmt(((tasks or {}).get(t) or {}).get(k)) for t, k in cols])
+        rows.append([name, str(n.get(name, "-"))] + [format_metric(metric_entry(tasks, t, k)) for t, k in cols])
     return _table(["", "n"] + [f"{t} {k}" for t, k in cols], rows)
 
 
@@ -179,11 +178,11 @@ def _forest_section(builder: ReportBuilder, per_site: dict[str, tuple[dict, int]
     sec = Section("Per-site metrics (forest plot)",
                   f"<p>{html.escape(what)} Each marker is a site's metric with its 95% bootstrap CI; diamonds "
                   "are the summaries. Sites below the privacy threshold k report only their count and are absent.</p>")
-    for task, metric in figures.PRIMARY:
+    for task, metric in PRIMARY_METRICS:
         rows = []
         for label, (tasks, n) in list(per_site.items()) + list(summaries.items()):
-            m = ((tasks or {}).get(task) or {}).get(metric)
-            if isinstance(m, dict) and isinstance(m.get("value"), (int, float)):
+            m = metric_entry(tasks, task, metric)
+            if has_value(m):
                 rows.append({"label": label, "value": m["value"], "low": m.get("ci_low"), "high": m.get("ci_high"),
                              "n": m.get("n", n), "kind": "summary" if label in summaries else "site"})
         if rows:
@@ -257,69 +256,62 @@ def _privacy_section(builder: ReportBuilder, ledger: dict) -> Section:
     return sec
 
 
-def _read_csv(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+def _read_metrics(run_dir: Path) -> list[MetricRow]:
+    path = RunDir(run_dir).metrics
+    return read_metrics(path) if path.is_file() else []
 
 
-def _num(text) -> float | None:
-    try:
-        v = float(text)
-    except (TypeError, ValueError):
-        return None
-    return v if np.isfinite(v) else None
+def _num(value: float | None) -> float | None:
+    return value if value is not None and np.isfinite(value) else None
 
 
 # ------------------------------------------------------------------ run kinds
-def _federated_curves(rows: list[dict]) -> tuple[dict, dict]:
+def _federated_curves(rows: list[MetricRow]) -> tuple[dict, dict]:
     train: dict[str, list] = {}
     by_round: dict[int, list[tuple[float, int]]] = {}
     held: dict[str, dict[str, list]] = {}
     for r in rows:
-        rnd, v = int(r["round"]), _num(r["value"])
+        rnd, v = r.step, _num(r.value)
         if v is None:
             continue
-        n = int(_num(r["n"]) or 0)
-        if r["kind"] == "train" and r["metric"] == "train_loss":
-            train.setdefault(r["site"], []).append((rnd, v, n))
+        n = r.n or 0
+        if r.kind == "train" and r.name == "loss":
+            train.setdefault(r.site, []).append((rnd, v, n))
             by_round.setdefault(rnd, []).append((v, n))
-        elif r["kind"] in ("held_out", "held_out_combined") and any(r["metric"] == f"{t}_{m}" for t, m in figures.PRIMARY):
-            name = "combined" if r["kind"] == "held_out_combined" else f"{r['site']} (n={n})"
-            held.setdefault(r["metric"], {}).setdefault(name, []).append((rnd, v))
+        elif r.kind in ("held_out", "held_out_combined") and (r.task, r.metric) in PRIMARY_METRICS:
+            name = "combined" if r.kind == "held_out_combined" else f"{r.site} (n={n})"
+            held.setdefault(r.name, {}).setdefault(name, []).append((rnd, v))
     train["weighted mean"] = [(rnd, sum(v * n for v, n in vals) / max(1, sum(n for _, n in vals)), sum(n for _, n in vals))
                               for rnd, vals in sorted(by_round.items())]
     return train, held
 
 
-def _federated(builder: ReportBuilder, final: dict, opts: Options) -> None:
-    run_dir = builder.run_dir
-    held = final.get("held_out") or {}
+def _federated(builder: ReportBuilder, final: FederatedFinal, opts: Options) -> None:
+    held = final.held_out or {}
     per_site = {s: (r.get("tasks"), r.get("n")) for s, r in held.items() if not r.get("suppressed")}
     suppressed = [s for s, r in held.items() if r.get("suppressed")]
     named = {s: t for s, (t, _) in per_site.items()}
     n = {s: c for s, (_, c) in per_site.items()}
     summaries: dict[str, tuple[dict, int]] = {}
-    if final.get("held_out_combined"):
+    if final.held_out_combined:
         total = sum(c or 0 for c in n.values())
-        summaries["combined over sites"] = (final["held_out_combined"], total)
-    if final.get("pooled"):
-        summaries["pooled (simulation)"] = (final["pooled"], sum(c or 0 for c in n.values()))
+        summaries["combined over sites"] = (final.held_out_combined, total)
+    if final.pooled:
+        summaries["pooled (simulation)"] = (final.pooled, sum(c or 0 for c in n.values()))
     named.update({k: v for k, (v, _) in summaries.items()})
     n.update({k: c for k, (_, c) in summaries.items()})
-    body = (f"<p>{final.get('rounds')} rounds of {html.escape(str(final.get('strategy')))}, model "
-            f"{html.escape(str(final.get('model')))}; training sites {html.escape(', '.join(final.get('training_sites', [])))}; "
-            f"held-out sites {html.escape(', '.join(final.get('held_out_sites', [])))}. Metrics with 95% CIs (bootstrap per "
+    body = (f"<p>{final.rounds} rounds of {html.escape(str(final.strategy))}, model "
+            f"{html.escape(str(final.model))}; training sites {html.escape(', '.join(final.training_sites))}; "
+            f"held-out sites {html.escape(', '.join(final.held_out_sites))}. Metrics with 95% CIs (bootstrap per "
             "site; normal approximation for the combination weighted by n, the c-index by comparable pairs).</p>"
             + _metrics_table(named, n))
     if suppressed:
         body += f"<p>Suppressed (fewer than k patients, count only): {html.escape(', '.join(suppressed))}.</p>"
-    spr = final.get("seconds_per_round") or []
+    spr = final.seconds_per_round or []
     if spr:
         body += f"<p>Seconds per round: mean {np.mean(spr):.1f} (min {min(spr):.1f}, max {max(spr):.1f}).</p>"
     builder.sections.append(Section("Held-out metrics", body))
-    rows = _read_csv(run_dir / "metrics.csv")
+    rows = _read_metrics(builder.run_dir)
     if rows:
         train, held_series = _federated_curves(rows)
         fig = figures.round_curves(train, held_series, "round")
@@ -329,7 +321,7 @@ def _federated(builder: ReportBuilder, final: dict, opts: Options) -> None:
     forest = _forest_section(builder, per_site, summaries, "Held-out sites of the federation.")
     if forest:
         builder.sections.append(forest)
-    preds_path = run_dir / PREDICTIONS_FILE
+    preds_path = builder.files.predictions
     if preds_path.is_file():
         builder.sections += _prediction_sections(builder, load_predictions(preds_path), opts,
                                                  "all held-out patients pooled (simulation)")
@@ -359,39 +351,31 @@ def _config_classes(run_dir: Path) -> dict[str, list[str]]:
     from umeml.data.labels import subtype_codes
 
     try:
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_config(RunDir(run_dir).config)
     except Exception as err:  # noqa: BLE001 - a report without class names is still a report; say why
-        log.warning("%s: class names unavailable (%s)", run_dir / "config.yaml", err)
+        log.warning("%s: class names unavailable (%s)", RunDir(run_dir).config, err)
         return {}
     return {"grade": list(cfg.data.grades), "subtype": list(subtype_codes(cfg.data))}
 
 
-def _centralized(builder: ReportBuilder, final: dict, opts: Options) -> None:
-    run_dir = builder.run_dir
-    body = (f"<p>Model {html.escape(str(final.get('model')))} trained centrally on {final.get('n_train')} patients "
-            f"(validation {final.get('n_val')}), best epoch {final.get('best_epoch')} of {final.get('epochs_run')}; "
-            f"test sites {html.escape(', '.join(final.get('test_sites', [])))} (n={final.get('n_test')}).</p>"
-            + _metrics_table({"test": final.get("test")}, {"test": final.get("n_test")}))
+def _centralized(builder: ReportBuilder, final: CentralizedFinal, opts: Options) -> None:
+    body = (f"<p>Model {html.escape(str(final.model))} trained centrally on {final.n_train} patients "
+            f"(validation {final.n_val}), best epoch {final.best_epoch} of {final.epochs_run}; "
+            f"test sites {html.escape(', '.join(final.test_sites))} (n={final.n_test}).</p>"
+            + _metrics_table({"test": final.test}, {"test": final.n_test}))
     builder.sections.append(Section("Test metrics", body))
-    rows = _read_csv(run_dir / "metrics.csv")
+    rows = _read_metrics(builder.run_dir)
     if rows:
-        train = {"train": [(int(r["epoch"]), _num(r["train_loss"]), final.get("n_train") or 0) for r in rows if _num(r.get("train_loss")) is not None],
-                 "validation": [(int(r["epoch"]), _num(r["val_loss"]), final.get("n_val") or 0) for r in rows if _num(r.get("val_loss")) is not None]}
-        held = {}
-        for task, metric in figures.PRIMARY:
-            pts = [(int(r["epoch"]), _num(r.get(f"val_{task}_{metric}"))) for r in rows]
-            pts = [(e, v) for e, v in pts if v is not None]
-            if pts:
-                held[f"{task}_{metric}"] = {f"validation (n={final.get('n_val')})": pts}
+        train, held = _central_curves(rows, final)
         fig = figures.round_curves(train, held, "epoch")
         builder.sections.append(Section("Training curves", "<p>Loss on the training and validation splits and "
                                         "validation metrics per epoch.</p>",
                                         [(builder.save(fig, "curves"), "Per-epoch loss and validation metrics.")]))
-    preds_path = run_dir / PREDICTIONS_FILE
+    preds_path = builder.files.predictions
     if preds_path.is_file():
         preds = load_predictions(preds_path)
         forest = _forest_section(builder, _site_metrics(preds, final),
-                                 {"all test sites": (final.get("test"), final.get("n_test"))},
+                                 {"all test sites": (final.test, final.n_test)},
                                  "Test sites of the centralized run.")
         if forest:
             builder.sections.append(forest)
@@ -400,7 +384,23 @@ def _centralized(builder: ReportBuilder, final: dict, opts: Options) -> None:
         builder.notes.append(f"{PREDICTIONS_FILE} is absent: no ROC, confusion or Kaplan-Meier plots.")
 
 
-def _site_metrics(preds: HeldOutPredictions, final: dict) -> dict[str, tuple[dict, int]]:
+def _central_curves(rows: list[MetricRow], final: CentralizedFinal) -> tuple[dict, dict]:
+    """Per-epoch training and validation loss, and the validation primary metrics."""
+    def losses(kind: str, n: int) -> list:
+        return [(r.step, _num(r.value), n) for r in rows
+                if r.kind == kind and r.name == "loss" and _num(r.value) is not None]
+
+    train = {"train": losses("train", final.n_train or 0), "validation": losses("validation", final.n_val or 0)}
+    held = {}
+    for task, metric in PRIMARY_METRICS:
+        pts = [(r.step, _num(r.value)) for r in rows if r.kind == "validation" and (r.task, r.metric) == (task, metric)]
+        pts = [(e, v) for e, v in pts if v is not None]
+        if pts:
+            held[f"{task}_{metric}"] = {f"validation (n={final.n_val})": pts}
+    return train, held
+
+
+def _site_metrics(preds: HeldOutPredictions, final: CentralizedFinal) -> dict[str, tuple[dict, int]]:
     """Per test site metrics with bootstrap CIs, from the saved predictions."""
     from umeml.metrics.classification import classification_metrics
     from umeml.metrics.survival import survival_metrics
@@ -447,12 +447,16 @@ def _links(run_dir: Path) -> str:
         f"<a href='{html.escape(p.name)}/{REPORT_FILE}'>{html.escape(p.name)}</a>" for p in subs) + ".</p>"
 
 
-def _collection(builder: ReportBuilder, runs: dict[str, dict]) -> None:
+def _collection(builder: ReportBuilder, runs: dict[str, FinalResult]) -> None:
     per_run = {}
     for name, final in runs.items():
-        tasks = final.get("pooled") or final.get("held_out_combined") or final.get("test") or {}
-        n = final.get("n_test") or sum((r.get("n") or 0) for r in (final.get("held_out") or {}).values())
-        per_run[f"{name} ({', '.join(final.get('held_out_sites') or final.get('test_sites') or [])})"] = (tasks, n)
+        if isinstance(final, FederatedFinal):
+            tasks = final.pooled or final.held_out_combined or {}
+            n = sum((r.get("n") or 0) for r in (final.held_out or {}).values())
+            sites = final.held_out_sites
+        else:
+            tasks, n, sites = final.test or {}, final.n_test, final.test_sites
+        per_run[f"{name} ({', '.join(sites or [])})"] = (tasks, n)
     body = ("<p>One run per held-out site (leave-one-site-out); each row is tested on the named site only.</p>"
             + _metrics_table({k: t for k, (t, _) in per_run.items()}, {k: c for k, (_, c) in per_run.items()})
             + _links(builder.run_dir))
@@ -467,9 +471,9 @@ def _heatmap(builder: ReportBuilder, opts: Options) -> None:
 
     checkpoint = opts.checkpoint
     if checkpoint is None:
-        for cand in ("checkpoints/global.pt", "checkpoints/best.pt"):
-            if (builder.run_dir / cand).is_file():
-                checkpoint = builder.run_dir / cand
+        for cand in (builder.files.global_checkpoint, builder.files.best_checkpoint):
+            if cand.is_file():
+                checkpoint = cand
                 break
     if checkpoint is None:
         raise ReportError(f"{builder.run_dir}: no checkpoints/global.pt or best.pt for the heatmap (give --checkpoint)")
@@ -493,7 +497,8 @@ def _heatmap(builder: ReportBuilder, opts: Options) -> None:
 def write_report(run_dir: str | Path, options: Options | None = None) -> Path:
     """Write ``RUN_DIR/report.html`` and ``RUN_DIR/plots/*.png``; returns the page's path.
 
-    Raises :class:`ReportError` naming the file when the run dir holds nothing to report on.
+    Raises :class:`ReportError` naming the file when the run dir holds nothing to report on
+    or a file of it cannot be read (unreadable, of an unknown schema version).
     """
     run_dir = Path(run_dir)
     opts = options or Options()
@@ -501,35 +506,38 @@ def write_report(run_dir: str | Path, options: Options | None = None) -> Path:
         raise ReportError(f"{run_dir}: no such run directory")
     builder = ReportBuilder(run_dir)
     t0 = time.perf_counter()
-    created = time.strftime("%Y-%m-%d %H:%M %Z")
-    if (run_dir / "comparison.json").is_file():
-        summary = _read_json(run_dir / "comparison.json")
-        _comparison(builder, summary)
-        title, sub = f"umeml comparison: {run_dir.name}", f"centralized vs federated vs local-only; written {created}"
-        final = {}
-    elif (run_dir / "final.json").is_file():
-        final = _read_json(run_dir / "final.json")
-        mode = final.get("mode")
-        if mode == "federated":
-            _federated(builder, final, opts)
-        elif mode == "centralized":
-            _centralized(builder, final, opts)
-        else:
-            raise ReportError(f"{run_dir / 'final.json'}: mode {mode!r} is neither 'federated' nor 'centralized'")
-        title = f"umeml {mode} run: {final.get('experiment', run_dir.name)}"
-        sub = f"{run_dir} - written {created}"
-    else:
-        runs = {p.parent.name: _read_json(p) for p in sorted(run_dir.glob("*/final.json"))}
-        if not runs:
-            raise ReportError(f"{run_dir}: no final.json, comparison.json or runs with a final.json below it "
-                              "(is the run finished?)")
-        _collection(builder, runs)
-        title, sub, final = f"umeml runs in {run_dir.name}", f"{len(runs)} runs - written {created}", {}
-    if (run_dir / "privacy.json").is_file():
-        builder.sections.append(_privacy_section(builder, _read_json(run_dir / "privacy.json")))
+    try:
+        title, sub, run_version = _run_sections(builder, opts, time.strftime("%Y-%m-%d %H:%M %Z"))
+        if builder.files.privacy.is_file():
+            builder.sections.append(_privacy_section(builder, read_json(builder.files.privacy)))
+    except RunDirError as err:
+        raise ReportError(str(err)) from err
     if opts.slide is not None:
         _heatmap(builder, opts)
-    builder.sections.append(_config_section(run_dir, final))
+    builder.sections.append(_config_section(run_dir, run_version))
     out = builder.write(title, sub)
     log.info("report written in %.1f s: %s", time.perf_counter() - t0, out)
     return out
+
+
+def _run_sections(builder: ReportBuilder, opts: Options, created: str) -> tuple[str, str, str | None]:
+    """The sections of the run dir's kind (comparison, one run, a folder of runs); returns the
+    page's title and subtitle and the umeml version the run was written with (None for folders)."""
+    files = builder.files
+    name = files.root.name
+    if files.comparison.is_file():
+        _comparison(builder, read_json(files.comparison))
+        return f"umeml comparison: {name}", f"centralized vs federated vs local-only; written {created}", None
+    if files.final.is_file():
+        final = read_final(files)
+        if isinstance(final, FederatedFinal):
+            _federated(builder, final, opts)
+        else:
+            _centralized(builder, final, opts)
+        return f"umeml {final.MODE} run: {final.experiment or name}", f"{files.root} - written {created}", final.umeml_version
+    runs = {p.parent.name: read_final(p) for p in sorted(files.root.glob(f"*/{FINAL_FILE}"))}
+    if not runs:
+        raise ReportError(f"{files.root}: no final.json, comparison.json or runs with a final.json below it "
+                          "(is the run finished?)")
+    _collection(builder, runs)
+    return f"umeml runs in {name}", f"{len(runs)} runs - written {created}", None

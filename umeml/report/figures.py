@@ -10,7 +10,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-PRIMARY = (("grade", "auc_macro"), ("subtype", "auc_macro"), ("survival", "c_index"))
+from umeml.rundir import PRIMARY_METRICS, has_value, metric_entry
+
 METRIC_LABELS = {
     "auc_macro": "macro one-vs-rest AUC",
     "auc_micro": "micro AUC",
@@ -210,12 +211,12 @@ def privacy_epsilon(entries: list[dict], targets: dict[str, float]) -> Figure:
 def comparison(results: dict[str, dict], n: dict[str, int]) -> Figure:
     """Modes (centralized, federated, local-only ...) side by side per primary metric with CIs."""
     fig = _figure(12.0, 1.4 + 0.42 * max(len(results), 1))
-    axes = fig.subplots(1, len(PRIMARY), sharey=True)
+    axes = fig.subplots(1, len(PRIMARY_METRICS), sharey=True)
     modes = list(results)
-    for ax, (task, metric) in zip(axes, PRIMARY):
+    for ax, (task, metric) in zip(axes, PRIMARY_METRICS):
         for y, mode in enumerate(reversed(modes)):
-            m = (results[mode].get(task) or {}).get(metric) if isinstance(results[mode].get(task), dict) else None
-            if not m or not isinstance(m.get("value"), (int, float)):
+            m = metric_entry(results[mode], task, metric)
+            if not has_value(m):
                 continue
             if m.get("ci_low") is not None:
                 ax.hlines(y, m["ci_low"], m["ci_high"], color="black", lw=1.2)

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-PREDICTIONS_FILE = "predictions.npz"
+from umeml.rundir import PREDICTIONS_FILE, atomic_write
+
+__all__ = ["FORMAT", "PREDICTIONS_FILE", "HeldOutPredictions", "class_names", "load_predictions", "save_predictions"]
 FORMAT = 1
 
 
@@ -48,11 +50,12 @@ def save_predictions(path: str | Path, preds, classes: dict[str, list[str]], sit
         arrays[f"classes__{task}"] = np.asarray(classes[task])
     if preds.risk is not None:
         arrays["risk"] = np.asarray(preds.risk, np.float64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
-    return path
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:  # a file object: numpy would append .npz to a path without it
+            np.savez_compressed(f, **arrays)
+
+    return atomic_write(path, write)
 
 
 def load_predictions(path: str | Path) -> HeldOutPredictions:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from umeml.metrics import classification_metrics, survival_metrics
+from umeml.rundir import PRIMARY_METRICS
 from umeml.train.loop import Predictions
 
-PRIMARY = {"grade": "auc_macro", "subtype": "auc_macro", "survival": "c_index"}
+PRIMARY = dict(PRIMARY_METRICS)  # task -> the metric models are selected by
 
 
 def evaluate_predictions(preds: Predictions, tasks, n_boot: int, seed: int) -> dict:
