@@ -8,6 +8,7 @@ import pytest
 
 from umeml.cli import main as umeml_main
 from umeml.client.app import SimulatedSites, build_client_app
+from umeml.data.source import CohortSource
 from umeml.data.cohort import load_data_dir
 from umeml.report import ReportError, write_report
 from umeml.rundir import (
@@ -65,7 +66,7 @@ def _rows(path):
 def test_both_kinds_of_run_write_one_metrics_schema(tiny_cohort_dir, tmp_path):
     cfg = tiny_experiment(rounds=1, bootstrap=10, name="schema")
     train_central(cfg, load_data_dir(tiny_cohort_dir, cfg.data), tmp_path / "central", progress=False)
-    app = build_client_app(SimulatedSites(("A0", "A1", "A2"), data_dir=str(tiny_cohort_dir)))
+    app = build_client_app(SimulatedSites(("A0", "A1", "A2"), CohortSource(data_dir=str(tiny_cohort_dir))))
     Coordinator(cfg, tmp_path / "fed", expected_sites=3, held_out=("A2",), wait_timeout=5,
                 printer=lambda s: None).run(LocalGrid(app, 3))
     central, fed = RunDir(tmp_path / "central"), RunDir(tmp_path / "fed")
