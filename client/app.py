@@ -28,7 +28,7 @@ from umeml.federation.privacy import KEY_CLIPPING_NORM
 from umeml.federation.protocol import Preprocessing
 from umeml.federation.redact import redact
 from umeml.federation.site import SiteRuntime
-from umeml.server.records import arrays_from_state, state_from_arrays
+from umeml.flower.records import arrays_from_state, state_from_arrays
 
 log = logging.getLogger("umeml.site")
 _KNOWN_IDS: set[str] = set()  # case and slide ids of every cohort this process loaded (to redact errors)

@@ -71,7 +71,8 @@ def _load_sim_cohort(args, cfg):
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from umeml.server.simulate import CohortSource, simulate
+    from umeml.server.simulate import CohortSource
+    from umeml.simulation import simulate
 
     resume = args.resume is not None
     try:
@@ -110,7 +111,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     except (ConfigError, DataValidationError) as err:
         return report_input_error(err, "data check FAILED")
     if args.compare:
-        from umeml.server.compare import compare, format_comparison
+        from umeml.simulation.compare import compare, format_comparison
 
         summary = compare(cfg, cohort, source, args.out, device=args.device)
         print(format_comparison(summary))

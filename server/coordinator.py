@@ -30,7 +30,7 @@ from umeml.data.labels import subtype_codes
 from umeml.federation.privacy import central_entry, run_ledger
 from umeml.model import build_model, save_checkpoint
 from umeml.train.loop import task_heads
-from umeml.server.records import arrays_from_state, state_from_arrays
+from umeml.flower.records import arrays_from_state, state_from_arrays
 from umeml.server.strategies import (
     NodeSubsetGrid,
     build_strategy,

@@ -20,10 +20,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from umeml.client.site_cli import check_auth_files
 from umeml.data.synth import SynthSpec, generate, split_by_site
+from umeml.flower.network import dial_host, probe_superlink
+from umeml.flower.processes import free_port, stop_process
+from umeml.flower.supernode import explain_supernode_failure
 from umeml.server.certs import is_loopback
 from umeml.server.cli import main as server_main
-from umeml.server.deploy import (dial_host, expand_site_keys, explain_supernode_failure, free_port,
-                                 probe_superlink, stop_process)
+from umeml.server.deploy import expand_site_keys
 
 from fed_helpers import spawn_logged
 

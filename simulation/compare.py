@@ -14,7 +14,8 @@ import numpy as np
 from umeml.config import ExperimentConfig
 from umeml.data.cohort import Cohort
 from umeml.data.splits import Split, stratified_train_val
-from umeml.server.simulate import CohortSource, plan_sites, simulate
+from umeml.server.simulate import CohortSource, plan_sites
+from umeml.simulation import simulate
 from umeml.train.central import train_central
 
 COLUMNS = (("grade", "auc_macro"), ("subtype", "auc_macro"), ("survival", "c_index"))
