@@ -24,6 +24,7 @@ from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from umeml.config import DPConfig, ExperimentConfig, SiteConfig, config_from_dict, config_to_dict, load_site_config
 from umeml.data.cohort import Cohort, load_cohort, load_data_dir
+from umeml.errors import UmemlError
 from umeml.federation.privacy import KEY_CLIPPING_NORM
 from umeml.federation.protocol import Preprocessing
 from umeml.federation.redact import redact
@@ -34,7 +35,7 @@ log = logging.getLogger("umeml.site")
 _KNOWN_IDS: set[str] = set()  # case and slide ids of every cohort this process loaded (to redact errors)
 
 
-class SiteError(Exception):
+class SiteError(UmemlError):
     """A site's handler failed; the message is the redacted text that the coordinator receives."""
 
 

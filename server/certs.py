@@ -32,11 +32,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from umeml.errors import UmemlError
+
 LOOPBACK_NAMES = ("127.0.0.1", "::1", "localhost")
 SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-class CertError(Exception):
+class CertError(UmemlError):
     """The key material cannot be written as asked (existing files, bad names)."""
 
 

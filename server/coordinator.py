@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from umeml import __version__
 from umeml.config import ExperimentConfig, config_to_dict, dump_config
+from umeml.errors import FederationError
 from umeml.federation.protocol import (
     SURVIVAL_GRID_TEXT,
     Preprocessing,
@@ -44,10 +45,6 @@ from umeml.server.strategies import (
 
 log = logging.getLogger("umeml.server")
 RESUME_FILE = "resume.pt"
-
-
-class FederationError(Exception):
-    """The federation cannot go on (no sites, refused handshakes, no training site left)."""
 
 
 def _query(grid, node_ids, kind: str, payload: dict, timeout: float) -> dict[int, dict]:

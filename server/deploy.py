@@ -16,6 +16,7 @@ from pathlib import Path
 
 from umeml import __version__
 from umeml.config import ExperimentConfig, config_to_dict
+from umeml.errors import FederationError
 from umeml.flower.network import dial_host
 from umeml.flower.processes import flower_env, free_port, stop_process, wait_for_port
 
@@ -201,7 +202,7 @@ def write_run_config(path: Path, cfg: ExperimentConfig, run_dir: Path, expected_
     return path
 
 
-class RunFailed(Exception):
+class RunFailed(FederationError):
     """The Flower run ended in a state other than finished:completed."""
 
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from umeml.data.labels import edges_from_histogram
+from umeml.errors import FederationError
 from umeml.train.losses import class_weights_from_counts
 
 # The public grid on which sites count uncensored survival times: (up to this many months, cell
@@ -35,7 +36,7 @@ def survival_grid() -> np.ndarray:
     return np.asarray(edges)
 
 
-class HandshakeMismatch(Exception):
+class HandshakeMismatch(FederationError):
     """A site's handshake disagrees with the federation; the message names the site and field."""
 
 

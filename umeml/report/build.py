@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from umeml.errors import UmemlError
 from umeml.report import figures
 from umeml.report.predictions import PREDICTIONS_FILE, HeldOutPredictions, load_predictions
 
@@ -34,7 +35,7 @@ PLOTS_DIR = "plots"
 PACKAGES = ("umeml", "torch", "numpy", "flwr", "opacus", "lifelines", "matplotlib", "h5py", "openslide-python")
 
 
-class ReportError(Exception):
+class ReportError(UmemlError):
     """The run directory cannot be reported on (missing or unreadable files)."""
 
 
