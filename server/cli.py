@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from umeml import __version__
-from umeml.config import dump_config, load_config
+from umeml.config import STRATEGIES, dump_config, load_config
 from umeml.errors import ConfigError, DataValidationError, report_input_error
 
 SIMULATION_FILE = "simulation.json"
@@ -319,8 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/simulation"), help="run directory (default runs/simulation)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a simulation from its last completed round")
     p.add_argument("--rounds", type=int, help="override federation.rounds")
-    p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum"],
-                   help="override federation.strategy")
+    p.add_argument("--strategy", choices=STRATEGIES, help="override federation.strategy")
     p.add_argument("--dp-epsilon", type=float, metavar="EPS",
                    help="local DP-SGD at every virtual site with this total budget (sets federation.local_dp)")
     p.add_argument("--leave-one-site-out", action="store_true", help="one simulation per site, each holding that site out")
