@@ -237,6 +237,31 @@ def test_site_keys_need_tls(tmp_path, capsys):
     assert rc == 2 and "is not valid for --host hub.example.org" in err and "umeml-server certs --host" in err
 
 
+def test_start_preflight_reports_every_problem_at_once(tmp_path, capsys):
+    """`umeml-server start` checks everything before anything starts and names every problem."""
+    (tmp_path / "bad.yaml").write_text("federation: {rounds: 0}\n")
+    start = ["start", "--sites", "1", "--out", str(tmp_path / "run")]
+    rc = server_main([*start, "--config", str(tmp_path / "bad.yaml"), "--tls-dir", str(tmp_path / "no-pki"),
+                      "--site-keys", str(tmp_path / "no-keys")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "3 problems, nothing started" in err
+    assert "federation.rounds: must be >= 1" in err
+    assert "TLS files missing" in err and str(tmp_path / "no-pki" / "ca.crt") in err
+    assert f"--site-keys: site key {tmp_path / 'no-keys'} not found" in err
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written
+    # no config given, and a certificate that does not name --host: both reported
+    assert _certs("--out", str(tmp_path / "pki")) == 0
+    rc = server_main([*start, "--tls-dir", str(tmp_path / "pki"), "--host", "hub.example.org"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "2 problems" in err and "needs --config or --resume" in err
+    assert "is not valid for --host hub.example.org" in err
+    # a server.pem that is not a certificate is named, not a traceback
+    (tmp_path / "pki" / "server.pem").write_text("not a certificate\n")
+    rc = server_main([*start, "--tls-dir", str(tmp_path / "pki")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "server.pem is not a PEM certificate" in err and "Traceback" not in err
+
+
 # --------------------------------------------------------------------------- real deployment
 EXPERIMENT = """\
 tasks: [grade, subtype, survival]
