@@ -42,7 +42,7 @@ federation: {{rounds: {rounds}, local_epochs: 1, min_train_sites: 1, k_min_patie
 def deployment(work: Path, rounds: int, fp16: bool) -> dict:
     """SuperLink + 3 SuperNodes on 127.0.0.1; returns per-round timings and traffic."""
     from umeml.data.synth import SynthSpec, generate, split_by_site
-    from umeml.server.deploy import free_port, stop_process
+    from umeml.flower.processes import free_port, stop_process
 
     generate(SynthSpec(sites=3, patients=30, seed=0, feature_dim=64, median_patches=100), work / "all", overwrite=True)
     ids = split_by_site(work / "all", work / "sites")
@@ -144,7 +144,8 @@ def simulation_35_sites(work: Path, rounds: int) -> dict:
 
     from umeml.config import load_config
     from umeml.data.cohort import load_cohort
-    from umeml.server.simulate import CohortSource, simulate
+    from umeml.data.source import CohortSource
+    from umeml.simulation import simulate
 
     cfg = load_config(REPO / "configs" / "gbmlgg_genomics.yaml")
     cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=rounds, train_sites=(),

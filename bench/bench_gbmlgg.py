@@ -123,7 +123,8 @@ def run_fold(k: int, fold_sites: list[str], base_cfg, base_cohort, args, out: Pa
     """Every method on one fold; returns the fold's record (sites, sizes, metrics, times)."""
     from umeml.data.cohort import load_cohort
     from umeml.data.splits import Split, stratified_train_val
-    from umeml.server.simulate import CohortSource, simulate
+    from umeml.data.source import CohortSource
+    from umeml.simulation import simulate
     from umeml.train.central import train_central
 
     fold_dir = out / f"fold{k}"

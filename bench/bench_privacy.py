@@ -102,7 +102,8 @@ def utility(name: str, epsilons: list[float], work: Path, dp_sgd: tuple[float, i
     from umeml.data.cohort import load_cohort, load_data_dir
     from umeml.data.synth import SynthSpec, generate
     from umeml.server.cli import with_local_dp
-    from umeml.server.simulate import CohortSource, simulate
+    from umeml.data.source import CohortSource
+    from umeml.simulation import simulate
 
     base = load_config(REPO / "configs" / f"{name}.yaml")
     if name == "demo":

@@ -124,7 +124,8 @@ def sites_worker(sites: int, patients: int, rounds: int) -> dict:
     from umeml.config import load_config
     from umeml.data.cohort import load_data_dir
     from umeml.data.synth import SynthSpec, generate
-    from umeml.server.simulate import CohortSource, simulate
+    from umeml.data.source import CohortSource
+    from umeml.simulation import simulate
 
     base = load_config(REPO / "configs" / "demo.yaml")
     cfg = dataclasses.replace(

@@ -184,7 +184,8 @@ def run(seeds, models, epochs=None, ablations=False, federated=False, log=print,
                 seconds[FEDERATED].append(done[(seed, FEDERATED)]["seconds"])
                 log(f"seed {seed} {FEDERATED:24s} (cached)")
             elif federated:
-                from umeml.server.simulate import CohortSource, simulate
+                from umeml.data.source import CohortSource
+                from umeml.simulation import simulate
 
                 cfg = dataclasses.replace(base, seed=seed)
                 t0 = time.perf_counter()

@@ -25,17 +25,18 @@ from flwr.supercore.differential_privacy import compute_clip_model_update
 from umeml.config import DPConfig, ExperimentConfig, SiteConfig, config_from_dict, config_to_dict, load_site_config
 from umeml.data.cohort import Cohort
 from umeml.data.source import CohortSource
+from umeml.errors import UmemlError
 from umeml.federation.privacy import KEY_CLIPPING_NORM
 from umeml.federation.protocol import Preprocessing
 from umeml.federation.redact import redact
 from umeml.federation.site import SiteRuntime
-from umeml.server.records import arrays_from_state, state_from_arrays
+from umeml.flower.records import arrays_from_state, state_from_arrays
 
 log = logging.getLogger("umeml.site")
 _KNOWN_IDS: set[str] = set()  # case and slide ids of every cohort this process loaded (to redact errors)
 
 
-class SiteError(Exception):
+class SiteError(UmemlError):
     """A site's handler failed; the message is the redacted text that the coordinator receives."""
 
 

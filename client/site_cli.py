@@ -70,7 +70,9 @@ def check_auth_files(root_certificates: Path | None, auth_key: Path | None) -> s
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
-    from umeml.server.deploy import explain_supernode_failure, flower_env, probe_superlink, supernode_command
+    from umeml.flower.network import probe_superlink
+    from umeml.flower.processes import flower_env
+    from umeml.flower.supernode import explain_supernode_failure, supernode_command
 
     try:
         site = load_site_config(args.site)

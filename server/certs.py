@@ -32,11 +32,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from umeml.errors import UmemlError
+
 LOOPBACK_NAMES = ("127.0.0.1", "::1", "localhost")
 SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-class CertError(Exception):
+class CertError(UmemlError):
     """The key material cannot be written as asked (existing files, bad names)."""
 
 
@@ -132,19 +134,8 @@ def create_certs(out: str | Path, sites: list[str], hosts: list[str] | None = No
     if keys_only and server_only:
         raise CertError("--keys-only and --server-only exclude each other")
     sites = check_site_ids(sites)
-    hosts = list(hosts or [])
-    san_names, san_shown = _san_entries(hosts)
-    if keys_only:
-        targets = []
-    elif server_only:
-        missing = [str(p) for p in (out / "ca.crt", out / "ca.key") if not p.is_file()]
-        if missing:
-            raise CertError(f"--server-only needs the existing CA: {', '.join(missing)} not found")
-        targets = [out / "server.pem", out / "server.key"]
-    else:
-        targets = [out / "ca.crt", out / "ca.key", out / "server.pem", out / "server.key"]
-    for s in sites:
-        targets += [out / "sites" / s, out / "sites" / f"{s}.pub"]
+    san_names, san_shown = _san_entries(list(hosts or []))
+    targets = _targets(out, sites, keys_only, server_only)
     existing = [str(p) for p in targets if p.exists() or p.is_symlink()]
     if existing and not force:
         raise CertError("refusing to overwrite existing key material (pass --force to replace it): "
@@ -153,52 +144,8 @@ def create_certs(out: str | Path, sites: list[str], hosts: list[str] | None = No
     bundle = CertBundle(out, san=san_shown)
     if not keys_only:
         now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)  # tolerate small clock skew
-        if server_only:
-            ca_cert = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
-            ca_key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), None)
-            if ca_key.public_key().public_numbers() != ca_cert.public_key().public_numbers():
-                raise CertError(f"{out / 'ca.key'} does not belong to {out / 'ca.crt'}")
-            ca_name = ca_cert.subject
-        else:
-            ca_key = ec.generate_private_key(ec.SECP384R1())
-            ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "umeml federation"),
-                                 x509.NameAttribute(NameOID.COMMON_NAME, "umeml federation CA")])
-            ca_cert = (
-                x509.CertificateBuilder()
-                .subject_name(ca_name).issuer_name(ca_name)
-                .public_key(ca_key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now).not_valid_after(now + dt.timedelta(days=ca_days))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                             data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                             crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-                .sign(ca_key, hashes.SHA384())
-            )
-        try:  # the issuer's own key identifier, so that chain building finds it
-            ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        except x509.ExtensionNotFound:
-            ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-        server_key = ec.generate_private_key(ec.SECP384R1())
-        server_cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "umeml federation"),
-                                     x509.NameAttribute(NameOID.COMMON_NAME, "umeml SuperLink")]))
-            .issuer_name(ca_name)
-            .public_key(server_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName(san_names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=True, key_cert_sign=False,
-                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
-            .sign(ca_key, hashes.SHA384())
-        )
+        ca_cert, ca_key = _existing_ca(out) if server_only else _new_ca(now, ca_days)
+        server_key, server_cert = _server_certificate(ca_cert, ca_key, san_names, now, days)
         bundle.server_key, bundle.server_cert = out / "server.key", out / "server.pem"
         if not server_only:
             bundle.ca_key, bundle.ca_cert = out / "ca.key", out / "ca.crt"
@@ -215,6 +162,82 @@ def create_certs(out: str | Path, sites: list[str], hosts: list[str] | None = No
         _write(pair[1], public, False, force)
         bundle.site_keys[s] = pair
     return bundle
+
+
+def _targets(out: Path, sites: list[str], keys_only: bool, server_only: bool) -> list[Path]:
+    """The files :func:`create_certs` will write (``server_only`` needs the existing CA)."""
+    if keys_only:
+        targets = []
+    elif server_only:
+        missing = [str(p) for p in (out / "ca.crt", out / "ca.key") if not p.is_file()]
+        if missing:
+            raise CertError(f"--server-only needs the existing CA: {', '.join(missing)} not found")
+        targets = [out / "server.pem", out / "server.key"]
+    else:
+        targets = [out / "ca.crt", out / "ca.key", out / "server.pem", out / "server.key"]
+    for s in sites:
+        targets += [out / "sites" / s, out / "sites" / f"{s}.pub"]
+    return targets
+
+
+def _existing_ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The CA in ``out`` (``ca.crt`` and the ``ca.key`` that belongs to it)."""
+    ca_cert = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), None)
+    if ca_key.public_key().public_numbers() != ca_cert.public_key().public_numbers():
+        raise CertError(f"{out / 'ca.key'} does not belong to {out / 'ca.crt'}")
+    return ca_cert, ca_key
+
+
+def _new_ca(now: dt.datetime, ca_days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A new self-signed CA (EC P-384) that may sign end-entity certificates only."""
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "umeml federation"),
+                         x509.NameAttribute(NameOID.COMMON_NAME, "umeml federation CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=ca_days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    return ca_cert, ca_key
+
+
+def _server_certificate(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
+                        san_names: list[x509.GeneralName], now: dt.datetime,
+                        days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The SuperLink's key and its certificate for ``san_names``, issued by the CA."""
+    try:  # the issuer's own key identifier, so that chain building finds it
+        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "umeml federation"),
+                                 x509.NameAttribute(NameOID.COMMON_NAME, "umeml SuperLink")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(san_names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=True, key_cert_sign=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    return server_key, server_cert
 
 
 def certificate_names(cert_path: str | Path) -> list[str]:

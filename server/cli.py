@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from umeml import __version__
-from umeml.config import dump_config, load_config
+from umeml.config import STRATEGIES, ExperimentConfig, dump_config, load_config
 from umeml.errors import ConfigError, DataValidationError, report_input_error
 from umeml.rundir import (
     FINAL_FILE,
@@ -23,6 +23,8 @@ from umeml.rundir import (
     metric_entry,
     read_final,
 )
+from umeml.server.deploy import (RunFailed, SuperLink, TLSFiles, expand_site_keys, submit_and_wait, write_app_dir,
+                                 write_run_config)
 
 PRIMARY = SUMMARY_METRICS  # the table's columns
 
@@ -78,73 +80,95 @@ def _load_sim_cohort(args, cfg):
     return source.load(cfg.data), source.resolved()
 
 
-def _cmd_simulate(args: argparse.Namespace) -> int:
+def _resumed_simulation(args: argparse.Namespace) -> tuple:
+    """(config, cohort, source, held-out sets) of the run dir given with ``--resume``."""
     from umeml.data.source import CohortSource
-    from umeml.server.simulate import simulate
 
+    args.out = args.resume
+    files = RunDir(args.resume)
+    saved = json.loads(files.simulation.read_text())
+    cfg = load_config(files.config)
+    source = CohortSource.from_dict(saved["source"], f"{files.simulation}: source")
+    cohort = source.load(cfg.data)
+    held_sets = [tuple(saved["held_out"])]
+    if args.rounds is not None:  # extend a finished run: --resume RUN_DIR --rounds N
+        cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds))
+        atomic_write_text(files.config, dump_config(cfg))
+    return cfg, cohort, source, held_sets
+
+
+def _new_simulation(args: argparse.Namespace) -> tuple:
+    """(config with the command line's overrides, cohort, source, held-out sets) of a new simulation."""
+    cfg = load_config(args.config)
+    if args.rounds is not None:
+        cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds))
+    if args.strategy is not None:
+        cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, strategy=args.strategy))
+    if args.dp_epsilon is not None:
+        cfg = with_local_dp(cfg, args.dp_epsilon)
+    cohort, source = _load_sim_cohort(args, cfg)
+    if args.leave_one_site_out:
+        held_sets = [(s,) for s in (list(cfg.federation.train_sites) or cohort.sites)]
+    else:
+        held_sets = [None]
+    return cfg, cohort, source, held_sets
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
     resume = args.resume is not None
+    if not resume and args.config is None:
+        print("error: umeml-server simulate needs --config (or --resume RUN_DIR)", file=sys.stderr)
+        return 2
     try:
-        if resume:
-            args.out = args.resume
-            saved = json.loads(RunDir(args.resume).simulation.read_text())
-            cfg = load_config(RunDir(args.resume).config)
-            source = CohortSource.from_dict(saved["source"], f"{RunDir(args.resume).simulation}: source")
-            cohort = source.load(cfg.data)
-            held_sets = [tuple(saved["held_out"])]
-            if args.rounds is not None:  # extend a finished run: --resume RUN_DIR --rounds N
-                cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds))
-                atomic_write_text(RunDir(args.resume).config, dump_config(cfg))
-        else:
-            if args.config is None:
-                print("error: umeml-server simulate needs --config (or --resume RUN_DIR)", file=sys.stderr)
-                return 2
-            cfg = load_config(args.config)
-            if args.rounds is not None:
-                cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds))
-            if args.strategy is not None:
-                cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, strategy=args.strategy))
-            if args.dp_epsilon is not None:
-                cfg = with_local_dp(cfg, args.dp_epsilon)
-            cohort, source = _load_sim_cohort(args, cfg)
-            if args.leave_one_site_out:
-                held_sets = [(s,) for s in (list(cfg.federation.train_sites) or cohort.sites)]
-            else:
-                held_sets = [None]
+        cfg, cohort, source, held_sets = (_resumed_simulation if resume else _new_simulation)(args)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (ConfigError, DataValidationError) as err:
         return report_input_error(err, "data check FAILED")
     if args.compare:
-        from umeml.server.compare import compare, format_comparison
-
-        summary = compare(cfg, cohort, source, args.out, device=args.device)
-        print(format_comparison(summary))
-        if not args.no_report:
-            _write_reports(sorted(p.parent for p in Path(args.out).glob(f"*/{FINAL_FILE}")) + [Path(args.out)])
-        return 0
-    results = {}
+        return _simulate_comparison(args, cfg, cohort, source)
     for held in held_sets:
         run_dir = Path(args.out) if len(held_sets) == 1 else Path(args.out) / f"holdout-{held[0]}"
-        if not resume:
-            from umeml.server.simulate import plan_sites
-
-            try:
-                _, planned = plan_sites(cfg, cohort, held)
-            except ValueError as err:
-                print(f"error: {err}", file=sys.stderr)
-                return 2
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(RunDir(run_dir).simulation, {"source": source.to_dict(), "held_out": list(planned)})
-            held = planned
-        final = simulate(cfg, cohort, source, run_dir, held_out=held, resume=resume, device=args.device)
-        results[",".join(final["held_out_sites"])] = final
-        print(f"\nheld-out metrics after {final['rounds']} rounds ({final['strategy']}), run dir {run_dir}:")
-        print(format_table(final))
-        if not args.no_report:
-            _write_reports([run_dir])
+        rc = _simulate_run(args, cfg, cohort, source, run_dir, held, resume)
+        if rc:
+            return rc
     if len(held_sets) > 1 and not args.no_report:
         _write_reports([Path(args.out)])
+    return 0
+
+
+def _simulate_comparison(args: argparse.Namespace, cfg, cohort, source) -> int:
+    """``--compare``: centralized, federated and local-only on the same held-out sites."""
+    from umeml.simulation.compare import compare, format_comparison
+
+    summary = compare(cfg, cohort, source, args.out, device=args.device)
+    print(format_comparison(summary))
+    if not args.no_report:
+        _write_reports(sorted(p.parent for p in Path(args.out).glob(f"*/{FINAL_FILE}")) + [Path(args.out)])
+    return 0
+
+
+def _simulate_run(args: argparse.Namespace, cfg, cohort, source, run_dir: Path, held, resume: bool) -> int:
+    """One simulation holding out ``held`` (None: by config and seed); prints its held-out table."""
+    from umeml.simulation import simulate
+
+    if not resume:
+        from umeml.server.simulate import plan_sites
+
+        try:
+            _, planned = plan_sites(cfg, cohort, held)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(RunDir(run_dir).simulation, {"source": source.to_dict(), "held_out": list(planned)})
+        held = planned
+    final = simulate(cfg, cohort, source, run_dir, held_out=held, resume=resume, device=args.device)
+    print(f"\nheld-out metrics after {final['rounds']} rounds ({final['strategy']}), run dir {run_dir}:")
+    print(format_table(final))
+    if not args.no_report:
+        _write_reports([run_dir])
     return 0
 
 
@@ -183,91 +207,150 @@ def exposure_warning(host: str, port: int, tls: bool, auth: bool) -> str | None:
     return None
 
 
-def _cmd_start(args: argparse.Namespace) -> int:
-    from umeml.server.deploy import (RunFailed, SuperLink, TLSFiles, expand_site_keys, submit_and_wait, write_app_dir,
-                                     write_run_config)
+@dataclasses.dataclass(frozen=True)
+class StartPlan:
+    """What ``umeml-server start`` runs, once its preflight found no problem."""
 
-    run_dir = args.resume or args.out
+    run_dir: Path
+    cfg: ExperimentConfig
+    held_out: tuple[str, ...]
+    tls: TLSFiles | None
+    site_keys: list[Path]
+
+
+def preflight_start(args: argparse.Namespace) -> tuple[StartPlan | None, list[str]]:
+    """Check everything ``umeml-server start`` needs before anything starts.
+
+    Returns the plan (None when a problem was found) and every problem found, one line each,
+    so the operator fixes them all in one pass. Each is a usage error (a flag, or the config,
+    TLS or key file a flag names): the command exits 2 on any of them.
+    """
+    problems: list[str] = []
+    cfg = _start_config(args, problems)
+    tls = _start_tls(args, problems)
+    site_keys = _start_site_keys(args, problems)
+    if problems:
+        return None, problems
+    held = tuple(s for s in (args.held_out or "").split(",") if s) or tuple(cfg.split.test_sites)
+    return StartPlan(args.resume or args.out, cfg, held, tls, site_keys), []
+
+
+def _start_config(args: argparse.Namespace, problems: list[str]) -> ExperimentConfig | None:
+    if args.resume is None and args.config is None:
+        problems.append("umeml-server start needs --config or --resume")
+        return None
     try:
-        cfg = load_config(run_dir / "config.yaml" if args.resume else args.config)
-    except (ConfigError, TypeError) as err:
-        print(f"error: {err if isinstance(err, ConfigError) else 'umeml-server start needs --config or --resume'}",
-              file=sys.stderr)
-        return 2
+        cfg = load_config(args.resume / "config.yaml" if args.resume else args.config)
+    except ConfigError as err:
+        problems.append(str(err))
+        return None
     if args.rounds is not None:
         cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds))
-    held = tuple(s for s in (args.held_out or "").split(",") if s) or tuple(cfg.split.test_sites)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tls = None
-    if args.tls_dir is not None:
-        tls = TLSFiles(args.tls_dir / "ca.crt", args.tls_dir / "server.pem", args.tls_dir / "server.key")
-        missing = [str(p) for p in (tls.ca_cert, tls.server_cert, tls.server_key) if not p.is_file()]
-        if missing:
-            print(f"error: TLS files missing: {', '.join(missing)} (create them with `umeml-server certs`)", file=sys.stderr)
-            return 2
-        from umeml.server.certs import certificate_names, names_host
+    return cfg
 
+
+def _start_tls(args: argparse.Namespace, problems: list[str]) -> TLSFiles | None:
+    from umeml.server.certs import certificate_names, names_host
+
+    if args.tls_dir is None:
+        return None
+    tls = TLSFiles(args.tls_dir / "ca.crt", args.tls_dir / "server.pem", args.tls_dir / "server.key")
+    missing = [str(p) for p in (tls.ca_cert, tls.server_cert, tls.server_key) if not p.is_file()]
+    if missing:
+        problems.append(f"TLS files missing: {', '.join(missing)} (create them with `umeml-server certs`)")
+        return tls
+    try:
         names = certificate_names(tls.server_cert)
-        if not names_host(names, args.host):  # Flower's own SuperExec dials --host with this certificate
-            print(f"error: {tls.server_cert} is not valid for --host {args.host} (it names {', '.join(names)}); "
-                  f"re-create it with `umeml-server certs --host {args.host}`", file=sys.stderr)
-            return 2
-    site_keys = []
-    if args.site_keys is not None:
-        if tls is None:
-            print("error: --site-keys needs --tls-dir (Flower authenticates sites only over TLS)", file=sys.stderr)
-            return 2
-        try:
-            site_keys = expand_site_keys(args.site_keys)
-        except (FileNotFoundError, ValueError) as err:
-            print(f"error: --site-keys: {err}", file=sys.stderr)
-            return 2
-        if not site_keys:
-            print("error: --site-keys given without any key file", file=sys.stderr)
-            return 2
-    warning = exposure_warning(args.host, args.port, tls is not None, bool(site_keys))
+    except ValueError as err:
+        problems.append(f"{tls.server_cert} is not a PEM certificate ({err}); create it with `umeml-server certs`")
+        return tls
+    if not names_host(names, args.host):  # Flower's own SuperExec dials --host with this certificate
+        problems.append(f"{tls.server_cert} is not valid for --host {args.host} (it names {', '.join(names)}); "
+                        f"re-create it with `umeml-server certs --host {args.host}`")
+    return tls
+
+
+def _start_site_keys(args: argparse.Namespace, problems: list[str]) -> list[Path]:
+    if args.site_keys is None:
+        return []
+    if args.tls_dir is None:
+        problems.append("--site-keys needs --tls-dir (Flower authenticates sites only over TLS)")
+    try:
+        site_keys = expand_site_keys(args.site_keys)
+    except (FileNotFoundError, ValueError) as err:
+        problems.append(f"--site-keys: {err}")
+        return []
+    if not site_keys:
+        problems.append("--site-keys given without any key file")
+    return site_keys
+
+
+def _report_problems(problems: list[str]) -> int:
+    """Print every preflight problem (one as ``error: ...``, several as a list); exit code 2."""
+    if len(problems) == 1:
+        print(f"error: {problems[0]}", file=sys.stderr)
+    else:
+        print(f"error: {len(problems)} problems, nothing started:\n" + "\n".join(f"  - {p}" for p in problems),
+              file=sys.stderr)
+    return 2
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    plan, problems = preflight_start(args)
+    if plan is None:
+        return _report_problems(problems)
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    warning = exposure_warning(args.host, args.port, plan.tls is not None, bool(plan.site_keys))
     if warning:
         print(warning, file=sys.stderr)
-    # a SIGTERM (service manager, `timeout`) must still stop the SuperLink in the finally below
+    # a SIGTERM (service manager, `timeout`) must still stop the SuperLink in _run_deployment's finally
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    link = SuperLink(args.host, args.port, run_dir / "flower", run_dir / "superlink.log", tls=tls,
-                     node_auth=bool(site_keys))
-    progress = run_dir / "progress.log"
-    shown = progress.stat().st_size if progress.exists() else 0
+    return _run_deployment(args, plan)
+
+
+class _ProgressEcho:
+    """Copies what the coordinator appended to ``progress.log`` since the last call to stdout."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.shown = path.stat().st_size if path.exists() else 0
+
+    def __call__(self) -> None:
+        if self.path.exists() and self.path.stat().st_size > self.shown:
+            with self.path.open() as f:
+                f.seek(self.shown)
+                sys.stdout.write(f.read())
+                self.shown = f.tell()
+            sys.stdout.flush()
+
+
+def _run_deployment(args: argparse.Namespace, plan: StartPlan) -> int:
+    """Start the SuperLink, submit the app, wait for the run, print its held-out table."""
+    run_dir = plan.run_dir
+    files = RunDir(run_dir)
+    link = SuperLink(args.host, args.port, files.flower_state, files.superlink_log, tls=plan.tls,
+                     node_auth=bool(plan.site_keys))
+    show_progress = _ProgressEcho(files.progress)
     try:
-        link.start(site_keys=site_keys)
-        if site_keys:
-            print(f"registered site keys: {', '.join(sorted(link.registered))} (only these may join)")
-        mode = "TLS" if tls else "insecure, loopback/testing only"
-        if site_keys:
-            mode += ", SuperNode authentication on"
-        print(f"SuperLink on {args.host}:{args.port} ({mode}); waiting for {args.sites} site(s); log {link.log_path}",
-              flush=True)
-        app_dir = write_app_dir(run_dir / "app")
-        run_config = write_run_config(run_dir / "run-config.toml", cfg, run_dir, args.sites, held,
+        link.start(site_keys=plan.site_keys)
+        _announce_superlink(args, link, plan)
+        app_dir = write_app_dir(files.app)
+        run_config = write_run_config(files.run_config, plan.cfg, run_dir, args.sites, plan.held_out,
                                       args.resume is not None, args.wait_timeout)
-
-        def show_progress() -> None:
-            nonlocal shown
-            if progress.exists() and progress.stat().st_size > shown:
-                with progress.open() as f:
-                    f.seek(shown)
-                    sys.stdout.write(f.read())
-                    shown = f.tell()
-                sys.stdout.flush()
-
-        run_id, status = submit_and_wait(link, app_dir, run_config, on_poll=show_progress, done_marker=None if (run_dir / "final.json").exists() else run_dir / "final.json")
+        final_path = files.final
+        run_id, status = submit_and_wait(link, app_dir, run_config, on_poll=show_progress,
+                                         done_marker=None if final_path.exists() else final_path)
         show_progress()
         ls = link.flwr("ls", link.connection, "--run-id", str(run_id), "--format", "json")
         if ls.returncode == 0 and "{" in ls.stdout:
             # Flower's own accounting of the run (status, network traffic, compute time)
-            (run_dir / "flower-run.json").write_text(ls.stdout[ls.stdout.index("{"):])
+            atomic_write_text(files.flower_run, ls.stdout[ls.stdout.index("{"):])
     except (RunFailed, RuntimeError, TimeoutError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:
         link.stop()
-    final_path = RunDir(run_dir).final
+    final_path = files.final
     if status != "finished:completed" or not final_path.is_file():
         print(f"error: run {run_id} ended as {status}; see {link.log_path}", file=sys.stderr)
         return 1
@@ -277,6 +360,16 @@ def _cmd_start(args: argparse.Namespace) -> int:
     if not args.no_report:
         _write_reports([run_dir])
     return 0
+
+
+def _announce_superlink(args: argparse.Namespace, link, plan: StartPlan) -> None:
+    if plan.site_keys:
+        print(f"registered site keys: {', '.join(sorted(link.registered))} (only these may join)")
+    mode = "TLS" if plan.tls else "insecure, loopback/testing only"
+    if plan.site_keys:
+        mode += ", SuperNode authentication on"
+    print(f"SuperLink on {args.host}:{args.port} ({mode}); waiting for {args.sites} site(s); log {link.log_path}",
+          flush=True)
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
@@ -313,7 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="umeml-server", description="umeml federation coordinator")
     parser.add_argument("--version", action="version", version=f"umeml {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_simulate_parser(sub)
+    _add_start_parser(sub)
+    _add_certs_parser(sub)
+    return parser
 
+
+def _add_simulate_parser(sub) -> None:
     p = sub.add_parser("simulate", help="simulate a federation on this machine (Flower's simulation engine)")
     p.add_argument("--config", type=Path, help="experiment YAML (e.g. configs/demo.yaml)")
     p.add_argument("--data", type=Path, help="data directory; without it the synthetic demo cohort is generated")
@@ -323,8 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/simulation"), help="run directory (default runs/simulation)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a simulation from its last completed round")
     p.add_argument("--rounds", type=int, help="override federation.rounds")
-    p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum"],
-                   help="override federation.strategy")
+    p.add_argument("--strategy", choices=STRATEGIES, help="override federation.strategy")
     p.add_argument("--dp-epsilon", type=float, metavar="EPS",
                    help="local DP-SGD at every virtual site with this total budget (sets federation.local_dp)")
     p.add_argument("--leave-one-site-out", action="store_true", help="one simulation per site, each holding that site out")
@@ -336,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
     p.set_defaults(func=_cmd_simulate)
 
+
+def _add_start_parser(sub) -> None:
     p = sub.add_parser("start", help="coordinate real sites: start Flower's SuperLink and run the federation")
     p.add_argument("--config", type=Path, help="experiment YAML")
     p.add_argument("--sites", type=int, required=True, help="number of sites to wait for")
@@ -353,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
     p.set_defaults(func=_cmd_start)
 
+
+def _add_certs_parser(sub) -> None:
     p = sub.add_parser("certs", help="create the CA, the SuperLink certificate and the sites' keys (TLS + site auth)")
     p.add_argument("--out", type=Path, required=True,
                    help="folder to write (ca.crt, ca.key, server.pem, server.key, sites/)")
@@ -368,7 +470,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=825, help="validity of the SuperLink certificate in days (default 825)")
     p.add_argument("--force", action="store_true", help="overwrite existing keys and certificates")
     p.set_defaults(func=_cmd_certs)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

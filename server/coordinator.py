@@ -17,6 +17,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from umeml import __version__
 from umeml.config import ExperimentConfig, config_to_dict, dump_config
+from umeml.errors import FederationError
 from umeml.federation.protocol import (
     SURVIVAL_GRID_TEXT,
     Preprocessing,
@@ -40,7 +41,7 @@ from umeml.rundir import (
     write_metrics,
 )
 from umeml.train.loop import task_heads
-from umeml.server.records import arrays_from_state, state_from_arrays
+from umeml.flower.records import arrays_from_state, state_from_arrays
 from umeml.server.strategies import (
     NodeSubsetGrid,
     build_strategy,
@@ -53,10 +54,6 @@ from umeml.server.strategies import (
 )
 
 log = logging.getLogger("umeml.server")
-
-
-class FederationError(Exception):
-    """The federation cannot go on (no sites, refused handshakes, no training site left)."""
 
 
 def _query(grid, node_ids, kind: str, payload: dict, timeout: float) -> dict[int, dict]:
@@ -131,6 +128,18 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     seed: int = 0
     releases: list[dict] = field(default_factory=list)  # one-off releases (the survival histograms)
+
+
+@dataclass
+class _Run:
+    """A run in progress: what its rounds share (the node lists change as sites come and go)."""
+
+    state: RunState
+    prep: Preprocessing
+    strategy: object  # a Flower strategy, possibly inside the central-DP wrapper
+    base_config: dict
+    train_nodes: list[int]
+    held_nodes: list[int]
 
 
 class Coordinator:
@@ -254,6 +263,26 @@ class Coordinator:
             handler.close()
 
     def _run(self, grid) -> dict:
+        run = self._setup(grid)
+        stop = None
+        for rnd in range(run.state.round + 1, self.cfg.federation.rounds + 1):
+            t0 = time.perf_counter()
+            self._adopt_new_nodes(grid)
+            run.train_nodes, run.held_nodes = self._roles_alive(grid, run.train_nodes, run.held_nodes)
+            entry, stop = self._train_round(grid, rnd, run)
+            if stop is not None:
+                break
+            self._finish_round(grid, entry, run, t0)
+        state = run.state
+        if stop is not None:
+            self._final_evaluation_after_stop(grid, state, run.prep, run.base_config, run.train_nodes,
+                                              run.held_nodes, stop)
+        final = self._final(state)
+        write_final(self.files, final)
+        return final.to_json()
+
+    def _setup(self, grid) -> _Run:
+        """Sites, roles, preprocessing and the starting weights (fresh, or the last completed round)."""
         cfg = self.cfg
         node_ids = self._wait_for_nodes(grid)
         schema = self._handshake(grid, node_ids)
@@ -274,75 +303,82 @@ class Coordinator:
                              releases=releases)
         strategy = with_central_dp(build_strategy(cfg.federation), cfg.federation, len(train_nodes))
         restore_strategy_state(strategy, state.strategy)
-        fp16 = cfg.federation.fp16_transfer
         base_config = {"experiment": self.experiment_json, "preprocessing": prep.to_json()}
-        stop = None
-        for rnd in range(state.round + 1, cfg.federation.rounds + 1):
-            t0 = time.perf_counter()
-            self._adopt_new_nodes(grid)
-            train_nodes, held_nodes = self._roles_alive(grid, train_nodes, held_nodes)
-            arrays = arrays_from_state(state.weights, fp16)
-            selectable = NodeSubsetGrid(grid, train_nodes)
-            n_selectable = len(selectable.get_node_ids())
-            msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(base_config)), selectable))
-            if central_dp_wrapper(strategy) is not None:
-                stop = self._central_budget_stop(rnd, state.history, len(msgs), len(msgs) / max(1, n_selectable))
-                if stop is not None:
-                    break
-            t_wave = time.perf_counter()
-            replies = list(grid.send_and_receive(msgs, timeout=self.timeout))
-            train_wave = time.perf_counter() - t_wave
-            accepted, train_reports, privacy = [], [], []
-            for reply in replies:
-                site = self.nodes.get(reply.metadata.src_node_id, {}).get("site", str(reply.metadata.src_node_id))
-                report = _train_report(reply)
-                if report is not None and isinstance(report.get("privacy"), dict):
-                    privacy.append({**report["privacy"], "site": site})
-                if report is not None and "skipped" in report:  # e.g. the site's privacy budget is spent
-                    log.warning("round %d: site %s did not train: %s", rnd, site, report["skipped"])
-                    train_reports.append(report)
-                    continue
-                reason = screen_update(reply, arrays, cfg.federation.max_update_norm)
-                if reason:
-                    log.warning("round %d: update from site %s rejected: %s", rnd, site, reason)
-                    train_reports.append({"site": site, "rejected": reason})
-                    continue
-                accepted.append(reply)
-                train_reports.append(report if report is not None else {"site": site})
-            if len(accepted) >= cfg.federation.min_train_sites:
-                prepare_aggregation(strategy, accepted)
-                new_arrays, _ = strategy.aggregate_train(rnd, accepted)
-                if new_arrays is not None:
-                    state.weights = state_from_arrays(new_arrays, state.weights)
-                    if central_dp_wrapper(strategy) is not None:
-                        privacy.append(self._central_release(rnd, state.history, len(accepted),
-                                                             len(msgs) / max(1, n_selectable)))
-            else:
-                log.warning("round %d: %d accepted update(s) < federation.min_train_sites=%d; global weights kept",
-                            rnd, len(accepted), cfg.federation.min_train_sites)
-            entry = {"round": rnd, "train": train_reports, "accepted": len(accepted), "evaluation": {}}
-            if privacy:
-                entry["privacy"] = privacy
-            last = rnd == cfg.federation.rounds
-            if rnd % cfg.federation.evaluate_every == 0 or last:
-                entry["evaluation"] = self._evaluate(grid, state.weights, base_config, train_nodes, held_nodes, rnd, last)
-                if last and self.pooled_eval is not None:
-                    entry["evaluation"]["pooled"] = self.pooled_eval(state.weights, prep)
-            entry["train_wave_seconds"] = round(train_wave, 2)
-            entry["seconds"] = round(time.perf_counter() - t0, 2)
-            entry["overhead_seconds"] = round(entry["seconds"] - _slowest_compute(entry), 2)
-            state.history.append(entry)
-            state.round = rnd
-            state.strategy = strategy_state(strategy)
-            self._save(state, prep)
-            self._write_metrics(state.history)
-            self._write_privacy(state.history, state.releases)
-            self._report(self._progress_line(entry))
-        if stop is not None:
-            self._final_evaluation_after_stop(grid, state, prep, base_config, train_nodes, held_nodes, stop)
-        final = self._final(state)
-        write_final(self.files, final)
-        return final.to_json()
+        return _Run(state, prep, strategy, base_config, train_nodes, held_nodes)
+
+    def _train_round(self, grid, rnd: int, run: _Run) -> tuple[dict | None, dict | None]:
+        """Round ``rnd``'s training wave and aggregation: (the round's history entry, None), or
+        (None, why training stops) when the central DP budget does not allow this round."""
+        strategy, state = run.strategy, run.state
+        arrays = arrays_from_state(state.weights, self.cfg.federation.fp16_transfer)
+        selectable = NodeSubsetGrid(grid, run.train_nodes)
+        n_selectable = len(selectable.get_node_ids())
+        msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(run.base_config)), selectable))
+        sample_rate = len(msgs) / max(1, n_selectable)
+        if central_dp_wrapper(strategy) is not None:
+            stop = self._central_budget_stop(rnd, state.history, len(msgs), sample_rate)
+            if stop is not None:
+                return None, stop
+        t_wave = time.perf_counter()
+        replies = list(grid.send_and_receive(msgs, timeout=self.timeout))
+        train_wave = time.perf_counter() - t_wave
+        accepted, train_reports, privacy = self._screen_replies(rnd, replies, arrays)
+        if len(accepted) >= self.cfg.federation.min_train_sites:
+            prepare_aggregation(strategy, accepted)
+            new_arrays, _ = strategy.aggregate_train(rnd, accepted)
+            if new_arrays is not None:
+                state.weights = state_from_arrays(new_arrays, state.weights)
+                if central_dp_wrapper(strategy) is not None:
+                    privacy.append(self._central_release(rnd, state.history, len(accepted), sample_rate))
+        else:
+            log.warning("round %d: %d accepted update(s) < federation.min_train_sites=%d; global weights kept",
+                        rnd, len(accepted), self.cfg.federation.min_train_sites)
+        entry = {"round": rnd, "train": train_reports, "accepted": len(accepted), "evaluation": {}}
+        if privacy:
+            entry["privacy"] = privacy
+        entry["train_wave_seconds"] = round(train_wave, 2)
+        return entry, None
+
+    def _screen_replies(self, rnd: int, replies: list[Message], arrays) -> tuple[list[Message], list[dict], list[dict]]:
+        """The training replies that may enter the aggregate, every site's training report (why
+        it did not train, why its update was rejected) and the sites' local-DP ledger entries."""
+        accepted, train_reports, privacy = [], [], []
+        for reply in replies:
+            site = self.nodes.get(reply.metadata.src_node_id, {}).get("site", str(reply.metadata.src_node_id))
+            report = _train_report(reply)
+            if report is not None and isinstance(report.get("privacy"), dict):
+                privacy.append({**report["privacy"], "site": site})
+            if report is not None and "skipped" in report:  # e.g. the site's privacy budget is spent
+                log.warning("round %d: site %s did not train: %s", rnd, site, report["skipped"])
+                train_reports.append(report)
+                continue
+            reason = screen_update(reply, arrays, self.cfg.federation.max_update_norm)
+            if reason:
+                log.warning("round %d: update from site %s rejected: %s", rnd, site, reason)
+                train_reports.append({"site": site, "rejected": reason})
+                continue
+            accepted.append(reply)
+            train_reports.append(report if report is not None else {"site": site})
+        return accepted, train_reports, privacy
+
+    def _finish_round(self, grid, entry: dict, run: _Run, t0: float) -> None:
+        """Evaluate when due, then record the round: history, checkpoint, metrics, privacy, progress."""
+        rnd, state = entry["round"], run.state
+        last = rnd == self.cfg.federation.rounds
+        if rnd % self.cfg.federation.evaluate_every == 0 or last:
+            entry["evaluation"] = self._evaluate(grid, state.weights, run.base_config, run.train_nodes,
+                                                 run.held_nodes, rnd, last)
+            if last and self.pooled_eval is not None:
+                entry["evaluation"]["pooled"] = self.pooled_eval(state.weights, run.prep)
+        entry["seconds"] = round(time.perf_counter() - t0, 2)
+        entry["overhead_seconds"] = round(entry["seconds"] - _slowest_compute(entry), 2)
+        state.history.append(entry)
+        state.round = rnd
+        state.strategy = strategy_state(run.strategy)
+        self._save(state, run.prep)
+        self._write_metrics(state.history)
+        self._write_privacy(state.history, state.releases)
+        self._report(self._progress_line(entry))
 
     def _adopt_new_nodes(self, grid) -> None:
         """Handshake nodes that joined (or rejoined after a restart) since the last round.

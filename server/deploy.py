@@ -9,18 +9,16 @@ components point at the **installed** ``umeml.server.app:app`` / ``umeml.client.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from umeml import __version__
 from umeml.config import ExperimentConfig, config_to_dict
+from umeml.errors import FederationError
+from umeml.flower.network import dial_host
+from umeml.flower.processes import flower_env, free_port, stop_process, wait_for_port
 
 APP_PYPROJECT = """\
 [build-system]
@@ -51,33 +49,6 @@ wait-timeout = 300
 """
 
 
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower's processes: own home, no telemetry, no update check, no installs."""
-    env = dict(os.environ)
-    env.update({
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        # SuperExec polls for new tasks every second by default; 0.25 s waits less without
-        # burning a 2-core machine on idle polls (one SuperExec per node)
-        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": env.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25"),
-        "PYTHONUNBUFFERED": "1",
-    })
-    bindir = str(Path(sys.executable).parent)
-    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
-    return env
-
-
-def dial_host(host: str) -> str:
-    """The address a local client dials for a SuperLink bound to ``host`` (bind-all -> loopback)."""
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host in ("::", "[::]"):
-        return "[::1]"
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
 def expand_site_keys(paths: list[Path]) -> list[Path]:
     """Public key files from ``--site-keys``: files as given, folders as their ``*.pub`` files."""
     keys: list[Path] = []
@@ -96,45 +67,6 @@ def expand_site_keys(paths: list[Path]) -> list[Path]:
     if dup:
         raise ValueError(f"several key files for site(s) {dup}")
     return keys
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    """Block until something listens on host:port; fail early if ``proc`` died."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with code {proc.returncode} before listening on {host}:{port}")
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            if s.connect_ex((host, port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
-
-
-def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM (Flower leaves gracefully), then SIGKILL the whole process group after ``grace``."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=5)
 
 
 @dataclass
@@ -270,7 +202,7 @@ def write_run_config(path: Path, cfg: ExperimentConfig, run_dir: Path, expected_
     return path
 
 
-class RunFailed(Exception):
+class RunFailed(FederationError):
     """The Flower run ended in a state other than finished:completed."""
 
 
@@ -310,105 +242,3 @@ def submit_and_wait(link: SuperLink, app_dir: Path, run_config: Path, poll: floa
                 next_poll = min(next_poll, time.monotonic() + 1.0)
             time.sleep(tick)
     raise RunFailed(f"run {run_id} still {status} after {timeout:.0f} s")
-
-
-def supernode_command(server: str, port: int, site_config: Path, root_cert: Path | None = None,
-                      auth_key: Path | None = None) -> list[str]:
-    """The ``flower-supernode`` command line for a site."""
-    cmd = ["flower-supernode", "--superlink", server, "--port", str(port),
-           "--node-config", f'site-config="{site_config.resolve()}"']
-    if root_cert is None:
-        cmd.append("--insecure")
-    else:
-        cmd += ["--root-certificates", str(root_cert)]
-    if auth_key is not None:
-        cmd += ["--auth-supernode-private-key", str(auth_key)]
-    return cmd
-
-
-# What a SuperNode prints when the SuperLink refuses it, and what that means for a site. Flower
-# 1.42 exits (code 1, "Exit Code: 305") on these instead of retrying; its own words are terse.
-_REFUSALS = (
-    ("[code: 2004]", "the coordinator refused this site's key: it is not registered at the SuperLink "
-                     "(or another SuperNode with the same key is already connected). Send the site's public "
-                     "key ({key}.pub) to the coordinator, who registers it with `umeml-server start --site-keys`"),
-    ("[code: 2001]", "the coordinator requires SuperNode authentication: start with --auth-key "
-                     "<this site's private key> whose .pub the coordinator registered"),
-    ("Exit Code: 302", "the key given with --auth-key is not an OpenSSH EC private key "
-                       "(create one with `umeml-server certs --keys-only` or `ssh-keygen -t ecdsa -b 384 -N ''`)"),
-    ("Exit Code: 303", "--auth-key needs TLS: give --root-certificates"),
-    ("CERTIFICATE_VERIFY_FAILED", "TLS verification of the coordinator failed: --root-certificates must be the "
-                                  "coordinator's ca.crt and {server} must be in the SuperLink certificate's "
-                                  "names (`umeml-server certs --host`)"),
-    ("WRONG_VERSION_NUMBER", "TLS mismatch: the coordinator's SuperLink is not using TLS "
-                             "(or this site is missing --root-certificates)"),
-)
-
-
-def explain_supernode_failure(site_id: str, server: str, output: str, auth_key: Path | None = None) -> str | None:
-    """A one-line reason naming the site when a SuperNode's ``output`` shows a refusal, else None."""
-    for marker, reason in _REFUSALS:
-        if marker in output:
-            key = str(auth_key) if auth_key is not None else "<site key>"
-            if key.endswith(".pub"):
-                key = key[:-4]
-            host = server.rsplit(":", 1)[0]
-            return f"site {site_id}: not admitted by {server}: " + reason.format(key=key, server=host)
-    return None
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> (host, port)."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"{address!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
-
-
-def probe_superlink(server: str, root_cert: Path | None, timeout: float = 5.0) -> str | None:
-    """Check the TLS setting against a reachable SuperLink before a SuperNode starts.
-
-    Flower's SuperNode retries forever when TLS is on at one end only, and reports a wrong CA
-    or a certificate without the dialed name only in its log. Returns why the site cannot
-    connect, or None (also when nothing listens yet: the SuperNode then waits and retries).
-    """
-    import ssl
-
-    host, port = split_address(server)
-    try:
-        raw = socket.create_connection((host, port), timeout=timeout)
-    except OSError:
-        return None  # coordinator not up (yet)
-    with raw:
-        if root_cert is None:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-            try:
-                with ctx.wrap_socket(raw, server_hostname=host):
-                    return (f"the SuperLink at {server} uses TLS: give --root-certificates "
-                            "(the coordinator's ca.crt)")
-            except (ssl.SSLError, OSError):
-                return None  # plain HTTP, as this site expects
-        ctx = ssl.create_default_context(cafile=str(root_cert))
-        try:
-            with ctx.wrap_socket(raw, server_hostname=host):
-                return None
-        except ssl.SSLCertVerificationError as err:
-            if "mismatch" in str(err.verify_message):  # X509 hostname / IP address mismatch
-                return (f"the SuperLink's certificate does not name {host} ({err.verify_message}): the coordinator "
-                        f"re-creates it with `umeml-server certs --host {host}`")
-            return (f"the SuperLink's certificate is not trusted ({err.verify_message}): --root-certificates "
-                    f"{root_cert} must be the coordinator's ca.crt")
-        except ssl.SSLError as err:
-            return f"TLS with the SuperLink at {server} failed ({err.reason}): does the coordinator use --tls-dir?"
-        except OSError as err:
-            return f"TLS with the SuperLink at {server} failed: {err}"
-
-
-def which_or_fail(name: str) -> str:
-    """Absolute path of a Flower executable next to this Python, or a clear error."""
-    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
-    if not found:
-        raise FileNotFoundError(f"{name} not found: is flwr installed in this environment?")
-    return found

@@ -1,4 +1,4 @@
-"""Flower's strategies chosen by name from config, plus what umeml adds around them.
+"""Flower's strategies chosen by name from config (one registration each), plus what umeml adds.
 
 umeml only chooses which nodes train (training sites, never held-out ones), screens updates
 before they reach the aggregate, and saves/restores strategy state for resume.
@@ -7,6 +7,7 @@ before they reach the aggregate, and saves/restores strategy state for resume.
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
@@ -17,9 +18,68 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 
-from umeml.config import FederationConfig
+from umeml.config import STRATEGIES, FederationConfig
+from umeml.registry import Registry
 
 log = logging.getLogger(__name__)
+
+
+StrategyBuilder = Callable[[FederationConfig, dict], FedAvg]
+_STRATEGIES: Registry[StrategyBuilder] = Registry("strategy")
+
+
+def register_strategy(name: str) -> Callable[[StrategyBuilder], StrategyBuilder]:
+    """Decorator registering a builder ``(fed, common) -> strategy`` under ``name``.
+
+    ``common`` holds the keyword arguments every strategy takes (train every selected site,
+    no Flower-side evaluation). ``name`` must be in :data:`umeml.config.STRATEGIES`, the names
+    that config validation accepts (the core cannot import this flwr-based registry); a
+    duplicate name raises ``ValueError`` as well.
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy {name!r} is not in umeml.config.STRATEGIES: add it there so that "
+                         "configs (and umeml-server simulate --strategy) accept it")
+    return _STRATEGIES.register(name)
+
+
+def available_strategies() -> tuple[str, ...]:
+    """Names of the registered strategies, sorted."""
+    return _STRATEGIES.names()
+
+
+@register_strategy("fedavg")
+def _fedavg(fed: FederationConfig, common: dict) -> FedAvg:
+    return FedAvg(**common)
+
+
+@register_strategy("fedprox")
+def _fedprox(fed: FederationConfig, common: dict) -> FedAvg:
+    return FedProx(proximal_mu=fed.proximal_mu, **common)
+
+
+@register_strategy("fedadam")
+def _fedadam(fed: FederationConfig, common: dict) -> FedAvg:
+    return FedAdam(eta=fed.server_lr, **common)
+
+
+@register_strategy("fedyogi")
+def _fedyogi(fed: FederationConfig, common: dict) -> FedAvg:
+    return FedYogi(eta=fed.server_lr, **common)
+
+
+@register_strategy("fedmedian")
+def _fedmedian(fed: FederationConfig, common: dict) -> FedAvg:
+    return FedMedian(**common)
+
+
+@register_strategy("fedtrimmedavg")
+def _fedtrimmedavg(fed: FederationConfig, common: dict) -> FedAvg:
+    return FedTrimmedAvg(beta=fed.trimmed_beta, **common)
+
+
+@register_strategy("krum")
+def _krum(fed: FederationConfig, common: dict) -> FedAvg:
+    return Krum(num_malicious_nodes=fed.krum_byzantine, **common)
 
 
 def build_strategy(fed: FederationConfig) -> FedAvg:
@@ -31,22 +91,7 @@ def build_strategy(fed: FederationConfig) -> FedAvg:
         "min_available_nodes": fed.min_train_sites,
         "min_evaluate_nodes": 0,
     }
-    name = fed.strategy
-    if name == "fedavg":
-        return FedAvg(**common)
-    if name == "fedprox":
-        return FedProx(proximal_mu=fed.proximal_mu, **common)
-    if name == "fedadam":
-        return FedAdam(eta=fed.server_lr, **common)
-    if name == "fedyogi":
-        return FedYogi(eta=fed.server_lr, **common)
-    if name == "fedmedian":
-        return FedMedian(**common)
-    if name == "fedtrimmedavg":
-        return FedTrimmedAvg(beta=fed.trimmed_beta, **common)
-    if name == "krum":
-        return Krum(num_malicious_nodes=fed.krum_byzantine, **common)
-    raise ValueError(f"unknown strategy {name!r}")  # config validation makes this unreachable
+    return _STRATEGIES.get(fed.strategy, "federation.strategy")(fed, common)
 
 
 UNIFORM_WEIGHT = "dp-uniform-weight"  # FedAvg weight key under central DP: every site counts once

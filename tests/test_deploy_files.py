@@ -42,9 +42,9 @@ import yaml
 
 from umeml.client.cli import build_parser as client_parser
 from umeml.config import load_site_config
+from umeml.flower.processes import free_port, stop_process, wait_for_port
 from umeml.server.certs import certificate_names, create_certs, names_host
 from umeml.server.cli import build_parser as server_parser
-from umeml.server.deploy import free_port, stop_process, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -299,7 +299,8 @@ def test_dockerignore_keeps_the_sources_and_drops_local_state():
         return result
 
     needed = ["pyproject.toml", "README.md"] + [
-        p.relative_to(ROOT).as_posix() for d in ("umeml", "server", "client") for p in (ROOT / d).rglob("*.py")
+        p.relative_to(ROOT).as_posix() for d in ("umeml", "server", "client", "flower", "simulation")
+        for p in (ROOT / d).rglob("*.py")
         if "__pycache__" not in p.parts]
     assert "umeml/data/__init__.py" in needed
     kept_out = [p for p in needed if ignored(p)]
@@ -569,7 +570,9 @@ def test_proxy_refuses_an_upstream_not_signed_by_the_federation_ca(tmp_path, pki
 def test_a_real_supernode_joins_through_the_proxy_and_control_stays_closed(tmp_path, pki):
     """Flower's own SuperNode (TLS + site key) goes online through the proxy; the Control API,
     open to anyone on the SuperLink's port, answers 403 through it."""
-    from umeml.server.deploy import SuperLink, TLSFiles, flower_env, supernode_command
+    from umeml.flower.processes import flower_env
+    from umeml.flower.supernode import supernode_command
+    from umeml.server.deploy import SuperLink, TLSFiles
 
     nginx = nginx_binary()
     link = SuperLink("127.0.0.1", free_port(), tmp_path / "flower", tmp_path / "superlink.log",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from umeml.data.synth import SynthSpec, generate, split_by_site
-from umeml.server.deploy import free_port, stop_process
+from umeml.flower.processes import free_port, stop_process
 
 from fed_helpers import spawn_logged
 

@@ -20,10 +20,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from umeml.client.site_cli import check_auth_files
 from umeml.data.synth import SynthSpec, generate, split_by_site
+from umeml.flower.network import dial_host, probe_superlink
+from umeml.flower.processes import free_port, stop_process
+from umeml.flower.supernode import explain_supernode_failure
 from umeml.server.certs import is_loopback
 from umeml.server.cli import main as server_main
-from umeml.server.deploy import (dial_host, expand_site_keys, explain_supernode_failure, free_port,
-                                 probe_superlink, stop_process)
+from umeml.server.deploy import expand_site_keys
 
 from fed_helpers import spawn_logged
 
@@ -233,6 +235,31 @@ def test_site_keys_need_tls(tmp_path, capsys):
     rc = server_main([*start, "--tls-dir", str(tmp_path / "pki"), "--host", "hub.example.org"])
     err = capsys.readouterr().err
     assert rc == 2 and "is not valid for --host hub.example.org" in err and "umeml-server certs --host" in err
+
+
+def test_start_preflight_reports_every_problem_at_once(tmp_path, capsys):
+    """`umeml-server start` checks everything before anything starts and names every problem."""
+    (tmp_path / "bad.yaml").write_text("federation: {rounds: 0}\n")
+    start = ["start", "--sites", "1", "--out", str(tmp_path / "run")]
+    rc = server_main([*start, "--config", str(tmp_path / "bad.yaml"), "--tls-dir", str(tmp_path / "no-pki"),
+                      "--site-keys", str(tmp_path / "no-keys")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "3 problems, nothing started" in err
+    assert "federation.rounds: must be >= 1" in err
+    assert "TLS files missing" in err and str(tmp_path / "no-pki" / "ca.crt") in err
+    assert f"--site-keys: site key {tmp_path / 'no-keys'} not found" in err
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written
+    # no config given, and a certificate that does not name --host: both reported
+    assert _certs("--out", str(tmp_path / "pki")) == 0
+    rc = server_main([*start, "--tls-dir", str(tmp_path / "pki"), "--host", "hub.example.org"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "2 problems" in err and "needs --config or --resume" in err
+    assert "is not valid for --host hub.example.org" in err
+    # a server.pem that is not a certificate is named, not a traceback
+    (tmp_path / "pki" / "server.pem").write_text("not a certificate\n")
+    rc = server_main([*start, "--tls-dir", str(tmp_path / "pki")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "server.pem is not a PEM certificate" in err and "Traceback" not in err
 
 
 # --------------------------------------------------------------------------- real deployment

@@ -18,6 +18,7 @@ import yaml
 
 from umeml.data.source import CohortSource, source_problem
 from umeml.errors import ConfigError
+from umeml.federation.accountants import available_accountants
 
 DEFAULT_GRADE_MAP: dict[str, str] = {
     "ASTR": "II",
@@ -124,7 +125,7 @@ class DPConfig:
     delta: float = field(default=1e-5, metadata=_range(0.0, 0.1, lo_open=True))
     noise_multiplier: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
     max_grad_norm: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
-    accountant: Literal["rdp", "prv"] = "rdp"
+    accountant: str = "rdp"  # a name registered in umeml.federation.accountants
     budget_scope: Literal["site", "experiment"] = "site"
 
 
@@ -148,7 +149,12 @@ class CentralDPConfig:
     target_epsilon: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
 
 
+# The federation strategies a config may name. The core never imports flwr, so the builders are
+# registered in umeml.server.strategies, which refuses a name missing here; a test checks that
+# every name here has a builder there.
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+# Central DP's noise is calibrated to a plain average of clipped updates: these strategies average.
+CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")
 
 
 @dataclass(frozen=True)
@@ -157,7 +163,7 @@ class FederationConfig:
 
     rounds: int = field(default=3, metadata=_range(1))
     local_epochs: int = field(default=1, metadata=_range(1))
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum"] = "fedavg"
+    strategy: str = "fedavg"  # one of STRATEGIES
     proximal_mu: float = field(default=0.01, metadata=_range(0.0))
     server_lr: float = field(default=0.01, metadata=_range(0.0, lo_open=True))
     trimmed_beta: float = field(default=0.2, metadata=_range(0.0, 0.49))
@@ -314,6 +320,12 @@ def _build(cls: type, raw: Any, path: str, source: str) -> Any:
     return obj
 
 
+def _check_choice(value: str, names: tuple[str, ...], key: str, source: str) -> None:
+    """A name that must be registered: the same message as a ``Literal`` field's."""
+    if value not in names:
+        raise ConfigError(f"{source}: {key}: must be one of {', '.join(repr(n) for n in names)} (got {value!r})")
+
+
 def _validate_semantics(obj: Any, path: str, source: str) -> None:
     """Cross-field rules that a per-field type check cannot express."""
     prefix = f"{path}." if path else ""
@@ -333,10 +345,14 @@ def _validate_semantics(obj: Any, path: str, source: str) -> None:
         problem = source_problem(dataclasses.asdict(obj))
         if problem:
             raise ConfigError(f"{source}: {problem}")
-    if isinstance(obj, FederationConfig) and obj.central_dp.enabled and obj.strategy not in ("fedavg", "fedprox"):
+    if isinstance(obj, DPConfig):
+        _check_choice(obj.accountant, available_accountants(), f"{prefix}accountant", source)
+    if isinstance(obj, FederationConfig):
+        _check_choice(obj.strategy, STRATEGIES, f"{prefix}strategy", source)
+    if isinstance(obj, FederationConfig) and obj.central_dp.enabled and obj.strategy not in CENTRAL_DP_STRATEGIES:
         raise ConfigError(
-            f"{source}: {prefix}central_dp: needs strategy fedavg or fedprox (its noise is calibrated "
-            f"to a plain average of clipped updates), not {obj.strategy!r}"
+            f"{source}: {prefix}central_dp: needs strategy {' or '.join(CENTRAL_DP_STRATEGIES)} (its noise is "
+            f"calibrated to a plain average of clipped updates), not {obj.strategy!r}"
         )
     if isinstance(obj, FederationConfig) and obj.survival_hist_epsilon == float("inf"):
         raise ConfigError(f"{source}: {prefix}survival_hist_epsilon: must be finite (null sends exact counts)")

@@ -1,4 +1,23 @@
-"""Named errors that carry every problem found, so a user fixes them all in one pass."""
+"""Named errors that carry every problem found, so a user fixes them all in one pass.
+
+Every error umeml raises on purpose derives from :class:`UmemlError`::
+
+    UmemlError
+    +-- ConfigError                  a configuration file (or a flag overriding it) is malformed
+    +-- DataValidationError          every problem found in a cohort
+    +-- FederationError              the federation cannot go on (umeml.server.coordinator)
+    |   +-- HandshakeMismatch        sites disagree on schema or version (umeml.federation.protocol)
+    |   +-- RunFailed                a deployed Flower run did not complete (umeml.server.deploy)
+    +-- BagError                     a feature bag file is unreadable or malformed (umeml.data.bags)
+    +-- NoComparablePairsError       a c-index without comparable pairs (also a ValueError)
+    +-- ReportError                  a run dir holds nothing to report on (umeml.report.build)
+    +-- CertError                    key material cannot be written as asked (umeml.server.certs)
+    +-- SiteError                    a site's handler failed, redacted (umeml.client.app)
+    +-- SlideError, EncoderError     slide reading, encoders (umeml.client.extract)
+
+Each class lives next to the code that raises it; the categories shared by several packages
+(configuration, data, federation) live here.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +26,15 @@ from dataclasses import dataclass
 
 
 class UmemlError(Exception):
-    """Base class of the errors umeml raises on bad user input."""
+    """Base class of every error umeml raises on purpose (bad user input, a failed federation)."""
 
 
 class ConfigError(UmemlError):
     """A configuration file is malformed: the message names the file and the key path."""
+
+
+class FederationError(UmemlError):
+    """The federation cannot go on (no sites, refused handshakes, no training site left)."""
 
 
 @dataclass(frozen=True)

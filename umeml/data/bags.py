@@ -17,13 +17,14 @@ from typing import Any
 import h5py
 import numpy as np
 
+from umeml.errors import UmemlError
 from umeml.rundir import atomic_write
 
 SCHEMA_VERSION = 1
 BAG_SUFFIX = ".h5"
 
 
-class BagError(Exception):
+class BagError(UmemlError):
     """A feature bag file is unreadable or breaks the format; the message names the file."""
 
 

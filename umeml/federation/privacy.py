@@ -20,65 +20,30 @@ import json
 import math
 import secrets
 import time
-import warnings
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
+from umeml.federation.accountants import ACCOUNTANTS
 from umeml.rundir import PRIVACY_FILE, atomic_write_json
 
 LEDGER_FILE = PRIVACY_FILE
 LEDGER_FORMAT = 1
-ACCOUNTANTS = ("rdp", "prv")
-
-
-def _accountant(name: str):
-    from opacus.accountants import PRVAccountant, RDPAccountant
-
-    if name == "rdp":
-        return RDPAccountant()
-    if name == "prv":
-        return PRVAccountant()
-    raise ValueError(f"unknown accountant {name!r} (use one of {', '.join(ACCOUNTANTS)})")
-
-
-@lru_cache(maxsize=256)
-def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
-    """RDP of one step of the sampled Gaussian mechanism at Opacus's default orders (cached:
-    RDP composes additively, so k steps cost k times this)."""
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis.rdp import compute_rdp
-
-    return tuple(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-                             orders=RDPAccountant.DEFAULT_ALPHAS).tolist())
 
 
 def compute_epsilon(history: Iterable[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
     """Epsilon at ``delta`` of the composition of ``(noise_multiplier, sample_rate, steps)`` releases.
 
     Entries with zero steps (a round without training) add nothing; no release gives 0.
-    ``rdp`` gives exactly what Opacus's ``RDPAccountant`` with this history reports (its
-    per-step RDP is cached); ``prv`` uses Opacus's ``PRVAccountant``.
+    ``accountant`` is a name registered in :mod:`umeml.federation.accountants` (``rdp`` gives
+    exactly what Opacus's ``RDPAccountant`` reports, ``prv`` uses Opacus's ``PRVAccountant``).
     """
     hist = [(float(nm), min(float(q), 1.0), int(k)) for nm, q, k in history if int(k) > 0]
     if not hist:
         return 0.0
-    if accountant == "rdp":
-        import numpy as np
-        from opacus.accountants import RDPAccountant
-        from opacus.accountants.analysis.rdp import get_privacy_spent
-
-        rdp = sum(k * np.asarray(_rdp_per_step(nm, q)) for nm, q, k in hist)
-        eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
-        return float(eps)
-    acc = _accountant(accountant)
-    acc.history = hist
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Opacus warns when the optimal order is at the edge
-        return float(acc.get_epsilon(delta))
+    return ACCOUNTANTS.get(accountant, "accountant")(hist, delta)
 
 
 def max_steps_within(history: list[tuple[float, float, int]], noise_multiplier: float, sample_rate: float,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from umeml.data.labels import edges_from_histogram
+from umeml.errors import FederationError
 from umeml.rundir import has_value
 from umeml.train.experiment import Preprocessing  # defined next to what is built from it; sent every round
 from umeml.train.losses import class_weights_from_counts
@@ -37,7 +38,7 @@ def survival_grid() -> np.ndarray:
     return np.asarray(edges)
 
 
-class HandshakeMismatch(Exception):
+class HandshakeMismatch(FederationError):
     """A site's handshake disagrees with the federation; the message names the site and field."""
 
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 import numpy as np
 from lifelines.utils import concordance_index as _lifelines_cindex
 
+from umeml.errors import UmemlError
 from umeml.metrics.bootstrap import bootstrap_ci, resample_indices
 
 __all__ = ["NoComparablePairsError", "comparable_pairs", "concordance_index", "survival_metrics"]
 
 
-class NoComparablePairsError(ValueError):
+class NoComparablePairsError(UmemlError, ValueError):
     """The c-index is undefined: no pair of patients can be ordered (e.g. no observed death)."""
 
 

@@ -14,10 +14,11 @@ from torch import nn
 
 from umeml.config import ModelConfig, config_to_dict
 from umeml.errors import ConfigError
+from umeml.registry import Registry
 
 __all__ = ["available_models", "build_model", "register_model"]
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+_MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 
 def register_model(name: str) -> Callable:
@@ -26,21 +27,12 @@ def register_model(name: str) -> Callable:
     Raises ``ValueError`` if ``name`` is already taken (two models must never share a name:
     a checkpoint or config would silently pick one of them).
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"model name must be a non-empty string, got {name!r}")
-
-    def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} is already registered (by {_MODELS[name]!r})")
-        _MODELS[name] = builder
-        return builder
-
-    return decorator
+    return _MODELS.register(name)
 
 
 def available_models() -> tuple[str, ...]:
     """Names of the registered models, sorted."""
-    return tuple(sorted(_MODELS))
+    return _MODELS.names()
 
 
 def build_model(

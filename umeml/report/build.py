@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from umeml.errors import UmemlError
 from umeml.report import figures
 from umeml.report.predictions import HeldOutPredictions, load_predictions
 from umeml.rundir import (
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 PACKAGES = ("umeml", "torch", "numpy", "flwr", "opacus", "lifelines", "matplotlib", "h5py", "openslide-python")
 
 
-class ReportError(Exception):
+class ReportError(UmemlError):
     """The run directory cannot be reported on (missing or unreadable files)."""
 
 

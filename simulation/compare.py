@@ -15,7 +15,8 @@ from umeml.data.cohort import Cohort
 from umeml.data.source import CohortSource
 from umeml.data.splits import Split, stratified_train_val
 from umeml.rundir import PRIMARY_METRICS, RunDir, atomic_write_json, format_metric, metric_entry
-from umeml.server.simulate import plan_sites, simulate
+from umeml.server.simulate import plan_sites
+from umeml.simulation import simulate
 from umeml.train.central import train_central
 
 
