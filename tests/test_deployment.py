@@ -38,6 +38,7 @@ def sites(tmp_path):
     return tmp_path, ids
 
 
+@pytest.mark.slow  # SuperLink + three SuperNodes
 @pytest.mark.timeout(900)
 def test_superlink_and_three_supernodes_complete_two_rounds(sites):
     d, ids = sites
