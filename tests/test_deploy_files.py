@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import fnmatch
 import http.client
-import json
 import http.server
+import json
 import os
 import re
 import shlex

@@ -22,8 +22,7 @@ from umeml.client.site_cli import check_auth_files
 from umeml.data.synth import SynthSpec, generate, split_by_site
 from umeml.server.certs import is_loopback
 from umeml.server.cli import main as server_main
-from umeml.server.deploy import (dial_host, expand_site_keys, explain_supernode_failure, free_port,
-                                 probe_superlink, stop_process)
+from umeml.server.deploy import dial_host, expand_site_keys, explain_supernode_failure, free_port, probe_superlink, stop_process
 
 from fed_helpers import spawn_logged
 
