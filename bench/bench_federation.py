@@ -1,7 +1,7 @@
 """Federation benchmarks: deployment overhead per round on loopback, bytes per round per site,
 and a 35-site GBM-LGG simulation (wall time, peak memory).
 
-    python bench/bench_federation.py [--skip-deploy] [--skip-sim] [--rounds 3] [--write docs/benchmarks.md]
+    python -m bench.bench_federation [--skip-deploy] [--skip-sim] [--rounds 3] [--write docs/benchmarks.md]
 
 Overhead per round = round wall time minus the slowest site's local compute (training plus
 evaluation), measured inside the coordinator. Bytes come from the SuperLink's own accounting
@@ -11,22 +11,20 @@ evaluation), measured inside the coordinator. Bytes come from the SuperLink's ow
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from bench._harness import REPO, TCGA, TreeMemory, command, write_section
+
+MODULE = "bench.bench_federation"
+TITLE = "## Federation"
 BIN = Path(sys.executable).parent
-TCGA = REPO.parent / "shared" / "data" / "tcga_gbmlgg"
 
 EXPERIMENT = """\
 tasks: [grade, subtype, survival]
@@ -38,7 +36,6 @@ federation: {{rounds: {rounds}, local_epochs: 1, min_train_sites: 1, k_min_patie
 """
 
 
-
 def deployment(work: Path, rounds: int, fp16: bool) -> dict:
     """SuperLink + 3 SuperNodes on 127.0.0.1; returns per-round timings and traffic."""
     from umeml.data.synth import SynthSpec, generate, split_by_site
@@ -47,7 +44,8 @@ def deployment(work: Path, rounds: int, fp16: bool) -> dict:
     generate(SynthSpec(sites=3, patients=30, seed=0, feature_dim=64, median_patches=100), work / "all", overwrite=True)
     ids = split_by_site(work / "all", work / "sites")
     for s in ids:
-        (work / f"{s}.yaml").write_text(f"site_id: {s}\ndata_dir: sites/{s}\ndevice: cpu\nk_min_patients: 5\nstate_dir: state/{s}\n")
+        (work / f"{s}.yaml").write_text(
+            f"site_id: {s}\ndata_dir: sites/{s}\ndevice: cpu\nk_min_patients: 5\nstate_dir: state/{s}\n")
     (work / "exp.yaml").write_text(EXPERIMENT.format(rounds=rounds, fp16=str(fp16).lower()))
     port = free_port()
     procs = []
@@ -90,54 +88,6 @@ def deployment(work: Path, rounds: int, fp16: bool) -> dict:
     }
 
 
-def _tree_rss(root: int) -> int:
-    """Resident bytes of ``root`` and all its descendants, read from /proc (Linux)."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    tree, frontier = {root}, [root]
-    while frontier:
-        pid = frontier.pop()
-        kids = [c for c, p in parents.items() if p == pid and c not in tree]
-        tree.update(kids)
-        frontier.extend(kids)
-    page = os.sysconf("SC_PAGE_SIZE")
-    total = 0
-    for pid in tree:
-        try:
-            with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * page
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
-
-
-class PeakRSS:
-    """Samples the resident memory of this process and all its children (Ray workers included)."""
-
-    def __init__(self, interval: float = 0.5):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _tree_rss(os.getpid()))
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def simulation_35_sites(work: Path, rounds: int) -> dict:
     """All 35 TSS sites of GBM-LGG (genomics) as virtual sites, two held out, 10 rounds."""
     import dataclasses
@@ -153,33 +103,41 @@ def simulation_35_sites(work: Path, rounds: int) -> dict:
     table, sig = TCGA / "tcga_gbmlgg_all_clean.csv.gz", TCGA / "signatures.csv"
     cohort = load_cohort(table, sig, None, cfg.data)
     t0 = time.perf_counter()
-    with PeakRSS() as mem:
+    with TreeMemory() as mem:
         final = simulate(cfg, cohort, CohortSource(table=str(table), signatures=str(sig)), work / "sim35")
     return {"sites": len(cohort.sites), "rounds": final["rounds"], "wall_s": time.perf_counter() - t0,
-            "peak_rss_mb": mem.peak / 2**20, "seconds_per_round": final["seconds_per_round"]}
+            "peak_rss_mb": mem.peak_rss / 2**20, "seconds_per_round": final["seconds_per_round"]}
+
+
+def _deploy_rows(tmp: Path, rounds: int) -> list[str]:
+    """One table row per transfer precision (fp32, fp16) of a loopback deployment."""
+    lines = []
+    for fp16 in (False, True):
+        work = tmp / f"deploy-{int(fp16)}"
+        work.mkdir()
+        r = deployment(work, rounds, fp16)
+        lines.append(
+            f"| loopback, 3 sites, fp16_transfer={str(fp16).lower()} | rounds {r['rounds']} | "
+            f"round {np.mean(r['seconds_per_round']):.1f} s, overhead {np.mean(r['overhead_per_round']):.1f} s "
+            f"(per round: {', '.join(f'{x:.1f}' for x in r['overhead_per_round'])}) | "
+            f"model {r['model_bytes'] / 1e3:.0f} kB; down {r['down_ratio']:.2f}x, up {r['up_ratio']:.2f}x "
+            "model per site per round |")
+        print(lines[-1], flush=True)
+    return lines
 
 
 def main(argv=None) -> int:
-    """Run the selected benchmarks, print a table, optionally append it to docs/benchmarks.md."""
+    """Run the selected benchmarks, print a table, optionally write it as a section of docs/benchmarks.md."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-deploy", action="store_true")
     ap.add_argument("--skip-sim", action="store_true")
-    ap.add_argument("--write", type=Path, help="append the results as a section to this markdown file")
+    ap.add_argument("--write", type=Path, help=f"replace the section '{TITLE[3:]}' of this markdown file")
     args = ap.parse_args(argv)
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_deploy:
-            for fp16 in (False, True):
-                work = Path(tmp) / f"deploy-{int(fp16)}"
-                work.mkdir()
-                r = deployment(work, args.rounds, fp16)
-                lines.append(
-                    f"| loopback, 3 sites, fp16_transfer={str(fp16).lower()} | rounds {r['rounds']} | "
-                    f"round {np.mean(r['seconds_per_round']):.1f} s, overhead {np.mean(r['overhead_per_round']):.1f} s "
-                    f"(per round: {', '.join(f'{x:.1f}' for x in r['overhead_per_round'])}) | "
-                    f"model {r['model_bytes'] / 1e3:.0f} kB; down {r['down_ratio']:.2f}x, up {r['up_ratio']:.2f}x model per site per round |")
-                print(lines[-1], flush=True)
+            lines += _deploy_rows(Path(tmp), args.rounds)
         if not args.skip_sim and TCGA.is_dir():
             r = simulation_35_sites(Path(tmp), 10)
             lines.append(f"| simulation, {r['sites']} GBM-LGG TSS sites, genomics | rounds {r['rounds']} | "
@@ -187,12 +145,8 @@ def main(argv=None) -> int:
                          f"peak RSS {r['peak_rss_mb']:.0f} MB (process tree) |")
             print(lines[-1], flush=True)
     if args.write and lines:
-        stamp = datetime.date.today().isoformat()
-        text = (f"\n## Federation ({stamp}, {platform.machine()}, {os.cpu_count()} cores, CPU)\n\n"
-                f"Command: `python bench/bench_federation.py --rounds {args.rounds}`\n\n"
-                "| setup | rounds | time | size / memory |\n| --- | --- | --- | --- |\n" + "\n".join(lines) + "\n")
-        with args.write.open("a") as f:
-            f.write(text)
+        write_section(args.write, TITLE, f"Command: `{command(MODULE, argv)}`\n\n"
+                      "| setup | rounds | time | size / memory |\n| --- | --- | --- | --- |\n" + "\n".join(lines))
     return 0
 
 

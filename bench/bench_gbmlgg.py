@@ -1,7 +1,7 @@
 """TCGA GBM-LGG (genomics only), site-disjoint 5-fold benchmark: classical peers, SNN, UMEML
 centralized, UMEML federated (FedAvg, FedProx) and UMEML local-only on the same folds.
 
-    python bench/bench_gbmlgg.py [--folds 0 1] [--out DIR] [--write docs/benchmarks.md]
+    python -m bench.bench_gbmlgg [--folds 0 1] [--out DIR] [--write docs/benchmarks.md]
 
 Folds come from ``umeml.data.splits.site_kfold`` over the TSS sites (seed of the config); the
 fold's sites are held out of everything that trains. Per fold:
@@ -29,7 +29,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -37,10 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "tcga_gbmlgg"
+from bench._harness import PRIMARY, REPO, metric_entry, stamp, write_section
+from bench._harness import TCGA as DATA
+
 CONFIG = REPO / "configs" / "gbmlgg_folds.yaml"
-PRIMARY = (("grade", "auc_macro"), ("subtype", "auc_macro"), ("survival", "c_index"))
 EXTRA = (("grade", "balanced_accuracy"), ("subtype", "balanced_accuracy"))
 METRICS = PRIMARY + EXTRA
 METHODS = ("classical", "snn central", "umeml central", "umeml fedavg", "umeml fedprox", "umeml local-only")
@@ -48,6 +47,7 @@ SECTION = "## TCGA GBM-LGG, site-disjoint 5-fold"
 
 
 def label(task: str, key: str) -> str:
+    """The column name of one metric (``grade bal_acc`` for balanced accuracy)."""
     return f"{task} {'bal_acc' if key == 'balanced_accuracy' else key}"
 
 
@@ -71,16 +71,9 @@ def merge_small_sites(sizes: dict[str, int], train_sites: list[str], min_patient
     return {s: f"merged-{k + 1}" for k, group in enumerate(groups) for s in group}
 
 
-def _entry(test: dict, task: str, key: str) -> dict | None:
-    m = test.get(task, {}).get(key) if isinstance(test.get(task), dict) else None
-    if isinstance(m, dict) and isinstance(m.get("value"), (int, float)):
-        return {k: m.get(k) for k in ("value", "ci_low", "ci_high", "n")}
-    return None
-
-
 def metrics_of(test: dict) -> dict:
     """{"grade auc_macro": {"value", "ci_low", "ci_high", "n"}, ...} from a metrics dict."""
-    return {label(t, k): _entry(test, t, k) for t, k in METRICS}
+    return {label(t, k): metric_entry(test, t, k) for t, k in METRICS}
 
 
 def classical(cohort, pool: np.ndarray, test: np.ndarray, n_pcs: int, c_reg: float, penalizer: float,
@@ -119,13 +112,25 @@ def classical(cohort, pool: np.ndarray, test: np.ndarray, n_pcs: int, c_reg: flo
     return out
 
 
-def run_fold(k: int, fold_sites: list[str], base_cfg, base_cohort, args, out: Path) -> dict:
-    """Every method on one fold; returns the fold's record (sites, sizes, metrics, times)."""
+@dataclasses.dataclass
+class Fold:
+    """One fold, ready to train on: config with its site map, cohort, splits, and its record."""
+
+    k: int
+    dir: Path
+    cfg: object  # ExperimentConfig with this fold's data.site_map
+    cohort: object
+    pool: np.ndarray  # training patients (train + validation)
+    split: object  # Split: training folds / held-out fold
+    local_split: object  # Split: the largest training institution alone / held-out fold
+    institutions: list[str]
+    record: dict
+
+
+def prepare_fold(k: int, fold_sites: list[str], base_cfg, base_cohort, args, out: Path) -> Fold:
+    """Merge the small training sites (a generated site map), reload the cohort with it, split."""
     from umeml.data.cohort import load_cohort
     from umeml.data.splits import Split, stratified_train_val
-    from umeml.data.source import CohortSource
-    from umeml.simulation import simulate
-    from umeml.train.central import train_central
 
     fold_dir = out / f"fold{k}"
     fold_dir.mkdir(parents=True, exist_ok=True)
@@ -156,44 +161,66 @@ def run_fold(k: int, fold_sites: list[str], base_cfg, base_cohort, args, out: Pa
         "largest_site": largest, "n_largest": int(len(cohort.site_indices(largest))),
         "results": {}, "seconds": {},
     }
-    print(f"fold {k}: test sites {', '.join(sorted(fold_sites))} ({len(test)} patients); "
-          f"{len(institutions)} training institutions ({len(pool)} patients; merged {record['merged']})", flush=True)
+    return Fold(k, fold_dir, cfg, cohort, pool, split, local_split, institutions, record)
 
-    def done(method: str, test_metrics: dict, t0: float) -> None:
-        record["results"][method] = metrics_of(test_metrics)
-        record["seconds"][method] = round(time.perf_counter() - t0, 1)
-        primary = {label(t, key) for t, key in PRIMARY}
-        vals = "  ".join(f"{name} {m['value']:.3f}" if m else f"{name} -"
-                         for name, m in record["results"][method].items() if name in primary)
-        print(f"  fold {k} {method:17s} {vals}  ({record['seconds'][method]:.0f} s)", flush=True)
 
+def _done(fold: Fold, method: str, test_metrics: dict, t0: float) -> None:
+    """Record one method's held-out metrics and time; print its primary metrics."""
+    record = fold.record
+    record["results"][method] = metrics_of(test_metrics)
+    record["seconds"][method] = round(time.perf_counter() - t0, 1)
+    primary = {label(t, key) for t, key in PRIMARY}
+    vals = "  ".join(f"{name} {m['value']:.3f}" if m else f"{name} -"
+                     for name, m in record["results"][method].items() if name in primary)
+    print(f"  fold {fold.k} {method:17s} {vals}  ({record['seconds'][method]:.0f} s)", flush=True)
+
+
+def _federated(fold: Fold, strategy: str, args) -> None:
+    """UMEML by ``strategy`` in the simulation engine, the fold's sites held out."""
+    from umeml.data.source import CohortSource
+    from umeml.simulation import simulate
+
+    t0 = time.perf_counter()
+    cfg = fold.cfg
+    c = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, strategy=strategy,
+                                                                train_sites=tuple(fold.institutions)))
+    run_dir = fold.dir / f"fed-{strategy}"
+    final = simulate(c, fold.cohort, CohortSource(table=str(args.table), signatures=str(args.signatures)),
+                     run_dir, held_out=fold.split.test_sites)
+    _done(fold, f"umeml {strategy}", final["pooled"], t0)
+    fold.record.setdefault("federated", {})[strategy] = {
+        "training_sites": final.get("training_sites"), "rounds": final.get("rounds"),
+        "accepted_per_round": [e.get("accepted") for e in _history(run_dir)]}
+
+
+def run_fold(k: int, fold_sites: list[str], base_cfg, base_cohort, args, out: Path) -> dict:
+    """Every method on one fold; returns the fold's record (sites, sizes, metrics, times)."""
+    from umeml.train.central import train_central
+
+    fold = prepare_fold(k, fold_sites, base_cfg, base_cohort, args, out)
+    cfg, record = fold.cfg, fold.record
+    print(f"fold {k}: test sites {', '.join(sorted(fold_sites))} ({record['n_test']} patients); "
+          f"{len(fold.institutions)} training institutions ({len(fold.pool)} patients; merged {record['merged']})",
+          flush=True)
     methods = [m for m in METHODS if m not in args.skip]
     if "classical" in methods:
         t0 = time.perf_counter()
-        done("classical", classical(cohort, pool, split.test, args.pcs, args.logreg_c, args.cox_penalizer,
-                                    cfg.train.bootstrap, cfg.seed), t0)
+        _done(fold, "classical", classical(fold.cohort, fold.pool, fold.split.test, args.pcs, args.logreg_c,
+                                           args.cox_penalizer, cfg.train.bootstrap, cfg.seed), t0)
     for strategy in ("fedavg", "fedprox"):
         if f"umeml {strategy}" in methods:
-            t0 = time.perf_counter()
-            c = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, strategy=strategy,
-                                                                        train_sites=tuple(institutions)))
-            final = simulate(c, cohort, CohortSource(table=str(args.table), signatures=str(args.signatures)),
-                             fold_dir / f"fed-{strategy}", held_out=split.test_sites)
-            done(f"umeml {strategy}", final["pooled"], t0)
-            record.setdefault("federated", {})[strategy] = {
-                "training_sites": final.get("training_sites"), "rounds": final.get("rounds"),
-                "accepted_per_round": [e.get("accepted") for e in _history(fold_dir / f"fed-{strategy}")]}
+            _federated(fold, strategy, args)
     for name in ("snn", "umeml"):
         if f"{name} central" in methods:
             t0 = time.perf_counter()
             c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=name))
-            final = train_central(c, cohort, fold_dir / f"central-{name}", split, progress=False)
-            done(f"{name} central", final["test"], t0)
+            final = train_central(c, fold.cohort, fold.dir / f"central-{name}", fold.split, progress=False)
+            _done(fold, f"{name} central", final["test"], t0)
     if "umeml local-only" in methods:
         t0 = time.perf_counter()
-        final = train_central(cfg, cohort, fold_dir / "local-only", local_split, progress=False)
-        done("umeml local-only", final["test"], t0)
-    (fold_dir / "fold.json").write_text(json.dumps(record, indent=2))
+        final = train_central(cfg, fold.cohort, fold.dir / "local-only", fold.local_split, progress=False)
+        _done(fold, "umeml local-only", final["test"], t0)
+    (fold.dir / "fold.json").write_text(json.dumps(record, indent=2))
     return record
 
 
@@ -267,14 +294,10 @@ def section_title(meta: dict) -> str:
     return f"{title}, federated with {rounds} rounds (diagnostic)" if rounds else title
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace the section with the same heading (up to the next '## ') or append it."""
-    doc = path.read_text() if path.exists() else ""
-    title = text.lstrip("\n").split(" (", 1)[0]
-    pattern = re.compile(rf"\n?{re.escape(title)} \(.*?(?=\n## |\Z)", re.S)
-    body = "\n" + text.strip("\n") + "\n"
-    doc = pattern.sub(lambda _: body, doc, count=1) if pattern.search(doc) else doc.rstrip("\n") + "\n" + body
-    path.write_text(doc)
+def write_results(path: Path, meta: dict, wall: float, per_method: dict, folds: list[dict]) -> None:
+    """Put this run's section (heading dated as ``meta`` says) into the markdown file ``path``."""
+    write_section(path, section_title(meta), _intro(meta, wall, per_method) + tables(folds),
+                  when=stamp(meta["date"], meta["machine"], meta["cores"]))
 
 
 def _command_of(path: Path) -> str:
@@ -301,7 +324,6 @@ def reuse(records: list[dict], path: Path) -> list[str]:
 def _intro(meta: dict, wall: float, per_method: dict) -> str:
     timing = ", ".join(f"{m} {sec / 60:.1f}" for m, sec in per_method.items() if sec)
     return (
-        f"{section_title(meta)} ({meta['date']}, {meta['machine']}, {meta['cores']} cores, CPU)\n\n"
         f"Command: `{meta['command']}` (config `{meta['config']}`). Wall time {wall / 60:.1f} min for the "
         f"whole script (minutes per method, all folds: {timing}), torch threads {meta['threads']}"
         + (f", 1-min load average {meta['load_average'][0]} to {meta['load_average'][1]} at fold boundaries"
@@ -328,7 +350,7 @@ def _intro(meta: dict, wall: float, per_method: dict) -> str:
         + "\n")
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--table", type=Path, default=DATA / "tcga_gbmlgg_all_clean.csv.gz")
     ap.add_argument("--signatures", type=Path, default=DATA / "signatures.csv")
@@ -350,66 +372,36 @@ def main(argv=None) -> int:
                     help="do not train: print (and --write) the tables of an earlier run's results.json")
     ap.add_argument("--reuse", type=Path, metavar="RESULTS_JSON",
                     help="fill the skipped methods' rows from an earlier run of the same folds")
-    ap.add_argument("--write", type=Path, help="put the tables as a section into this markdown file")
-    args = ap.parse_args(argv)
-    if args.render:
-        saved = json.loads(args.render.read_text())
-        if args.reuse:
-            saved["meta"]["reused"] = reuse(saved["folds"], args.reuse)
-            saved["meta"]["reused_from"] = _command_of(args.reuse)
-        print(tables(saved["folds"]))
-        if args.write:
-            write_section(args.write, _intro(saved["meta"], saved["wall_seconds"], saved["seconds_per_method"])
-                          + tables(saved["folds"]) + "\n")
-        return 0
-    missing = [str(p) for p in (args.table, args.signatures) if not p.is_file()]
-    if missing:
-        print(f"error: TCGA GBM-LGG data not found: {', '.join(missing)}\n(the shared table is expected at "
-              f"{DATA}; pass --table and --signatures to point elsewhere)", file=sys.stderr)
-        return 2
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    from umeml.config import load_config
-    from umeml.data.cohort import load_cohort
-    from umeml.data.splits import site_kfold
+    ap.add_argument("--write", type=Path, help="replace this run's section of this markdown file")
+    return ap
 
-    import torch
 
-    torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
-    out = args.out or Path(tempfile.mkdtemp(prefix="bench_gbmlgg-"))
-    out.mkdir(parents=True, exist_ok=True)
-    args.table, args.signatures = args.table.resolve(), args.signatures.resolve()
-    cfg = load_config(args.config)
-    if args.rounds:
-        cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds,
-                                                                      evaluate_every=args.rounds))
-    cohort = load_cohort(args.table, args.signatures, None, cfg.data)
-    n_folds = cfg.split.n_folds
-    folds = site_kfold(cohort, n_folds, cfg.seed)
-    chosen = args.folds if args.folds is not None else list(range(n_folds))
-    records, loads = [], [os.getloadavg()[0]]
-    for k in chosen:
-        fold_sites = sorted({cohort.patients[i].site for i in folds[k][1]})
-        records.append(run_fold(k, fold_sites, cfg, cohort, args, out))
-        loads.append(os.getloadavg()[0])
-        (out / "results.json").write_text(json.dumps({"config": str(args.config), "folds": records}, indent=2))
-    wall = time.perf_counter() - t_start
-    per_method = {m: sum(f["seconds"].get(m, 0.0) for f in records) for m in METHODS}
-    reused = reuse(records, args.reuse) if args.reuse else []
-    text = tables(records)
-    timing = ", ".join(f"{m} {s:.0f} s" for m, s in per_method.items() if s)
-    print("\n" + text)
-    print(f"\nwall time {wall:.0f} s ({wall / 60:.1f} min); per method over folds: {timing}")
-    print(f"per-fold raw results: {out / 'results.json'}")
-    meta = {
+def render(args) -> int:
+    """Print (and --write) the tables of an earlier run's results.json without training."""
+    saved = json.loads(args.render.read_text())
+    if args.reuse:
+        saved["meta"]["reused"] = reuse(saved["folds"], args.reuse)
+        saved["meta"]["reused_from"] = _command_of(args.reuse)
+    print(tables(saved["folds"]))
+    if args.write:
+        write_results(args.write, saved["meta"], saved["wall_seconds"], saved["seconds_per_method"], saved["folds"])
+    return 0
+
+
+def _relative(path: Path) -> Path:
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
+
+
+def run_meta(args, cfg, cohort, chosen: list[int], loads: list[float], reused: list[str]) -> dict:
+    """What results.json and the section's intro say about this run."""
+    return {
         "date": datetime.date.today().isoformat(), "machine": platform.machine(), "cores": os.cpu_count(),
-        "command": "python bench/bench_gbmlgg.py"
-        + (f" --config {args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config}"
-           if args.config.resolve() != CONFIG.resolve() else "")
+        "command": "python -m bench.bench_gbmlgg"
+        + (f" --config {_relative(args.config)}" if args.config.resolve() != CONFIG.resolve() else "")
         + (f" --folds {' '.join(map(str, chosen))}" if args.folds else "")
         + (f" --rounds {args.rounds}" if args.rounds else "")
         + (f" --skip {' '.join(repr(m) for m in args.skip)}" if args.skip else ""),
-        "config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config),
+        "config": str(_relative(args.config)),
         "patients": len(cohort), "sites": len(cohort.sites), "seed": cfg.seed, "pcs": args.pcs,
         "logreg_c": args.logreg_c, "cox_penalizer": args.cox_penalizer, "threads": args.threads,
         "min_site_patients": args.min_site_patients or 2 * cfg.federation.k_min_patients,
@@ -420,10 +412,61 @@ def main(argv=None) -> int:
         "load_average": [round(min(loads), 1), round(max(loads), 1)],
         "reused": reused, "reused_from": _command_of(args.reuse) if args.reuse else None,
     }
+
+
+def _load(args):
+    """The config (with --rounds applied) and the whole cohort."""
+    from umeml.config import load_config
+    from umeml.data.cohort import load_cohort
+
+    cfg = load_config(args.config)
+    if args.rounds:
+        cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds,
+                                                                      evaluate_every=args.rounds))
+    return cfg, load_cohort(args.table, args.signatures, None, cfg.data)
+
+
+def main(argv=None) -> int:
+    """Run the chosen folds (or --render an earlier run), print the tables, optionally write them."""
+    args = _parser().parse_args(argv)
+    if args.render:
+        return render(args)
+    missing = [str(p) for p in (args.table, args.signatures) if not p.is_file()]
+    if missing:
+        print(f"error: TCGA GBM-LGG data not found: {', '.join(missing)}\n(the shared table is expected at "
+              f"{DATA}; pass --table and --signatures to point elsewhere)", file=sys.stderr)
+        return 2
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    import torch
+
+    from umeml.data.splits import site_kfold
+
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench_gbmlgg-"))
+    out.mkdir(parents=True, exist_ok=True)
+    args.table, args.signatures = args.table.resolve(), args.signatures.resolve()
+    cfg, cohort = _load(args)
+    folds = site_kfold(cohort, cfg.split.n_folds, cfg.seed)
+    chosen = args.folds if args.folds is not None else list(range(cfg.split.n_folds))
+    records, loads = [], [os.getloadavg()[0]]
+    for k in chosen:
+        fold_sites = sorted({cohort.patients[i].site for i in folds[k][1]})
+        records.append(run_fold(k, fold_sites, cfg, cohort, args, out))
+        loads.append(os.getloadavg()[0])
+        (out / "results.json").write_text(json.dumps({"config": str(args.config), "folds": records}, indent=2))
+    wall = time.perf_counter() - t_start
+    per_method = {m: sum(f["seconds"].get(m, 0.0) for f in records) for m in METHODS}
+    reused = reuse(records, args.reuse) if args.reuse else []
+    timing = ", ".join(f"{m} {s:.0f} s" for m, s in per_method.items() if s)
+    print("\n" + tables(records))
+    print(f"\nwall time {wall:.0f} s ({wall / 60:.1f} min); per method over folds: {timing}")
+    print(f"per-fold raw results: {out / 'results.json'}")
+    meta = run_meta(args, cfg, cohort, chosen, loads, reused)
     (out / "results.json").write_text(json.dumps({"meta": meta, "folds": records, "wall_seconds": round(wall, 1),
                                                   "seconds_per_method": per_method}, indent=2))
     if args.write:
-        write_section(args.write, _intro(meta, wall, per_method) + text + "\n")
+        write_results(args.write, meta, wall, per_method, records)
         print(f"wrote the section into {args.write}")
     return 0
 

@@ -15,34 +15,23 @@ to K = 5 prototypes and N = 6 gene tokens (cosine, softmax over tokens), the los
 in the model, patch embeddings are detached (gradients go to prototypes and gene tokens);
 ``--grad-h`` also back-propagates into the patch embeddings through the affinity matrix.
 
-Usage: python bench/bench_modularity.py [--sizes 4096 16384 65536] [--dense-max 16384]
+Usage: python -m bench.bench_modularity [--sizes 4096 16384 65536] [--dense-max 16384]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import re
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _status() -> dict[str, int]:
-    text = Path("/proc/self/status").read_text()
-    return {k: int(re.search(rf"{k}:\s+(\d+)", text).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
+from bench._harness import WORKER_FLAG, emit, peak_extra, run_worker
 
 
 def _setup(m: int, threads: int, grad_h: bool):
     """Inputs and a ``step(impl, block)`` closure doing soft assignments + loss + backward."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from umeml.model.modularity import dense_modularity_loss, modularity_loss, soft_assignments
 
     torch.set_num_threads(threads)
@@ -69,14 +58,9 @@ def _setup(m: int, threads: int, grad_h: bool):
 
 def memory_worker(impl: str, m: int, block: int, threads: int, grad_h: bool) -> dict:
     """Peak extra RSS of one cold call of ``impl`` at size ``m``."""
-    import gc
-
     step = _setup(m, threads, grad_h)
-    gc.collect()
-    before = _status()["VmRSS"]
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS counter
-    loss = step(impl, block)
-    return {"impl": impl, "m": m, "peak_mb": (_status()["VmHWM"] - before) / 2**20, "loss": loss}
+    peak, loss = peak_extra(lambda: step(impl, block))
+    return {"impl": impl, "m": m, "peak_mb": peak / 2**20, "loss": loss}
 
 
 def time_worker(m: int, block: int, threads: int, grad_h: bool, repeats: int, dense: bool) -> dict:
@@ -95,11 +79,9 @@ def time_worker(m: int, block: int, threads: int, grad_h: bool, repeats: int, de
 
 
 def _sub(args, *worker: str) -> dict:
-    cmd = [sys.executable, __file__, "--block", str(args.block), "--threads", str(args.threads),
-           "--repeats", str(args.repeats), "--dense-max", str(args.dense_max), "--worker", *worker]
-    cmd += ["--grad-h"] if args.grad_h else []
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    options = ["--block", str(args.block), "--threads", str(args.threads), "--repeats", str(args.repeats),
+               "--dense-max", str(args.dense_max)] + (["--grad-h"] if args.grad_h else [])
+    return run_worker(__spec__.name, *options, WORKER_FLAG, *worker)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--grad-h", action="store_true", help="also back-propagate into the patch embeddings")
-    p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    p.add_argument(WORKER_FLAG, nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         kind, *rest = args.worker
@@ -120,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             m = int(rest[0])
             res = time_worker(m, args.block, args.threads, args.grad_h, args.repeats, m <= args.dense_max)
-        print(json.dumps(res))
-        return 0
+        return emit(res)
 
     print(f"# modularity loss, d=256, K=5, N=6, block={args.block}, threads={args.threads}, "
           f"grad_h={args.grad_h}, repeats={args.repeats}, {platform.machine()}")

@@ -1,6 +1,6 @@
 """Privacy benchmarks: what local DP-SGD costs in time per bag and in held-out accuracy.
 
-    python bench/bench_privacy.py [--epsilons inf 8 4 1] [--skip-cost] [--skip-utility] [--write docs/benchmarks.md]
+    python -m bench.bench_privacy [--epsilons inf 8 4 1] [--skip-cost] [--skip-utility] [--write docs/benchmarks.md]
 
 1. Cost: seconds per bag of a UMEML training step with Opacus DP-SGD (per-sample gradients,
    clipping, secure noise: what a site runs) against the same step without DP, on the same
@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -29,9 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-TCGA = REPO.parent / "shared" / "data" / "tcga_gbmlgg"
-METRICS = (("grade", "auc_macro"), ("subtype", "auc_macro"), ("survival", "c_index"))
+from bench._harness import PRIMARY, REPO, TCGA, command, metric_entry, write_section
+
+MODULE = "bench.bench_privacy"
+TITLE = "## Privacy: DP-SGD cost and privacy-utility"
+METRICS = PRIMARY
 
 
 def step_cost(steps: int, batch_size: int, repeats: int) -> dict:
@@ -40,7 +40,7 @@ def step_cost(steps: int, batch_size: int, repeats: int) -> dict:
     from umeml.data.cohort import load_data_dir
     from umeml.data.synth import SynthSpec, generate
     from umeml.model import build_model
-    from umeml.train.central import make_dataset, prepare
+    from umeml.train.experiment import loss_settings, make_dataset, prepare
     from umeml.train.dp import DPSGD
     from umeml.train.loop import batch_loss
 
@@ -54,7 +54,7 @@ def step_cost(steps: int, batch_size: int, repeats: int) -> dict:
         gen = torch.Generator().manual_seed(0)
         order = torch.randperm(len(ds), generator=gen).tolist()
         batches = [ds.collate([ds[i] for i in order[s * batch_size:(s + 1) * batch_size]]) for s in range(steps)]
-    loss = prep.loss
+    loss = loss_settings(cfg, prep)
     device = torch.device("cpu")
 
     def model():
@@ -129,7 +129,7 @@ def utility(name: str, epsilons: list[float], work: Path, dp_sgd: tuple[float, i
         row = {"config": name, "train": train_label, "epsilon": eps, "spent": spent, "wall_s": time.perf_counter() - t0,
                "n": sum(r.get("n") or 0 for r in final["held_out"].values())}
         for task, key in METRICS:
-            m = (res.get(task) or {}).get(key) or {}
+            m = metric_entry(res, task, key) or {}
             row[f"{task}_{key}"] = (m.get("value"), m.get("ci_low"), m.get("ci_high"))
         rows.append(row)
         print(format_row(row), flush=True)
@@ -148,8 +148,7 @@ def format_row(row: dict) -> str:
             + f" | {row['wall_s']:.0f} s |")
 
 
-def main(argv=None) -> int:
-    """Run the benchmarks, print the tables, optionally append them to a markdown file."""
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epsilons", type=float, nargs="+", default=[math.inf, 8.0, 4.0, 1.0])
     ap.add_argument("--configs", nargs="+", default=["demo", "gbmlgg_genomics"], choices=["demo", "gbmlgg_genomics"])
@@ -161,37 +160,48 @@ def main(argv=None) -> int:
     ap.add_argument("--no-dp-sgd", action="store_true", help="only the configs' own optimizer under DP")
     ap.add_argument("--skip-cost", action="store_true")
     ap.add_argument("--skip-utility", action="store_true")
-    ap.add_argument("--write", type=Path, help="append the results as a section to this markdown file")
-    args = ap.parse_args(argv)
+    ap.add_argument("--write", type=Path, help=f"replace the section '{TITLE[3:]}' of this markdown file")
+    return ap
+
+
+def cost_part(args) -> str:
+    """The DP-SGD cost subsection (prints its row)."""
+    c = step_cost(args.steps, args.batch_size, args.repeats)
+    line = (f"| UMEML (demo config, hidden {c['hidden_dim']}), {c['bags']} bags in batches of {c['batch_size']}, "
+            f"{c['mean_patches']:.0f} patches per bag | {c['per_bag_plain_ms']:.1f} ms | {c['per_bag_dp_ms']:.1f} ms | "
+            f"{c['ratio']:.2f}x |")
+    print(line, flush=True)
+    return ("### DP-SGD cost per bag (same batches, best of "
+            f"{args.repeats}; goal <= 2x)\n\n| setup | no DP | DP-SGD (Opacus, secure noise) | ratio |\n"
+            "| --- | --- | --- | --- |\n" + line + "\n")
+
+
+def utility_part(args) -> str:
+    """The privacy-utility subsection (prints its rows as they come)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.configs:
+            if name == "gbmlgg_genomics" and not TCGA.is_dir():
+                print(f"skipping gbmlgg_genomics: {TCGA} is absent", file=sys.stderr)
+                continue
+            rows += utility(name, args.epsilons, Path(tmp), None if args.no_dp_sgd else (args.dp_sgd_lr, args.dp_sgd_batch))
+    header = ("| config | local training | target epsilon | spent (max over sites) | held-out n | grade auc_macro | "
+              "subtype auc_macro | survival c_index | wall |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+    return ("### Privacy-utility (local DP-SGD at every site, delta 1e-5, clipping 1.0)\n\n"
+            + header + "\n".join(format_row(r) for r in rows) + "\n")
+
+
+def main(argv=None) -> int:
+    """Run the benchmarks, print the tables, optionally write them as a section of a markdown file."""
+    args = _parser().parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     parts = []
     if not args.skip_cost:
-        c = step_cost(args.steps, args.batch_size, args.repeats)
-        line = (f"| UMEML (demo config, hidden {c['hidden_dim']}), {c['bags']} bags in batches of {c['batch_size']}, "
-                f"{c['mean_patches']:.0f} patches per bag | {c['per_bag_plain_ms']:.1f} ms | {c['per_bag_dp_ms']:.1f} ms | "
-                f"{c['ratio']:.2f}x |")
-        print(line, flush=True)
-        parts.append("### DP-SGD cost per bag (same batches, best of "
-                     f"{args.repeats}; goal <= 2x)\n\n| setup | no DP | DP-SGD (Opacus, secure noise) | ratio |\n"
-                     "| --- | --- | --- | --- |\n" + line + "\n")
+        parts.append(cost_part(args))
     if not args.skip_utility:
-        rows = []
-        with tempfile.TemporaryDirectory() as tmp:
-            for name in args.configs:
-                if name == "gbmlgg_genomics" and not TCGA.is_dir():
-                    print(f"skipping gbmlgg_genomics: {TCGA} is absent", file=sys.stderr)
-                    continue
-                rows += utility(name, args.epsilons, Path(tmp), None if args.no_dp_sgd else (args.dp_sgd_lr, args.dp_sgd_batch))
-        header = ("| config | local training | target epsilon | spent (max over sites) | held-out n | grade auc_macro | "
-                  "subtype auc_macro | survival c_index | wall |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
-        parts.append("### Privacy-utility (local DP-SGD at every site, delta 1e-5, clipping 1.0)\n\n"
-                     + header + "\n".join(format_row(r) for r in rows) + "\n")
+        parts.append(utility_part(args))
     if args.write and parts:
-        stamp = datetime.date.today().isoformat()
-        cmd = "python bench/bench_privacy.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        with args.write.open("a") as f:
-            f.write(f"\n## Privacy ({stamp}, {platform.machine()}, {os.cpu_count()} cores, CPU)\n\n"
-                    f"Command: `{cmd.strip()}`\n\n" + "\n".join(parts))
+        write_section(args.write, TITLE, f"Command: `{command(MODULE, argv)}`\n\n" + "\n".join(parts))
     return 0
 
 

@@ -1,8 +1,8 @@
 """Scaling: federated round time and memory vs number of sites; time and memory per bag vs bag size.
 
-    python bench/bench_scaling.py [--sites 4 8 16 35] [--patients 12] [--rounds 3]
-                                  [--bag-sizes 1024 4096 16384 65536] [--feature-dim 1024]
-                                  [--skip-federation] [--skip-bags] [--write docs/benchmarks.md]
+    python -m bench.bench_scaling [--sites 4 8 16 35] [--patients 12] [--rounds 3]
+                                [--bag-sizes 1024 4096 16384 65536] [--feature-dim 1024]
+                                [--skip-federation] [--skip-bags] [--write docs/benchmarks.md]
 
 **Sites.** For every site count S a fresh subprocess generates a synthetic cohort of S sites x
 ``--patients`` patients (feature dim 64, median 300 patches per bag) and runs ``simulate()``
@@ -34,87 +34,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import io
-import json
-import os
-import platform
-import re
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+from bench._harness import REPO, WORKER_FLAG, TreeMemory, command, emit, numbers, peak_extra, run_worker, status, write_section
 
-
-# ---------------------------------------------------------------- memory helpers (Linux /proc)
-
-def _status(pid="self") -> dict[str, int]:
-    text = Path(f"/proc/{pid}/status").read_text()
-    return {k: int(re.search(rf"{k}:\s+(\d+)", text).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
-
-
-def _descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    tree, stack = {root}, [root]
-    while stack:
-        for c in children.get(stack.pop(), []):
-            if c not in tree:
-                tree.add(c)
-                stack.append(c)
-    return tree
-
-
-def _rss_pss(pid: int) -> tuple[int, int]:
-    try:
-        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-        rss = int(re.search(r"^Rss:\s+(\d+)", text, re.M).group(1)) * 1024
-        pss = int(re.search(r"^Pss:\s+(\d+)", text, re.M).group(1)) * 1024
-        return rss, pss
-    except (OSError, AttributeError):
-        return 0, 0
-
-
-class TreeMemory:
-    """Samples the summed RSS and PSS of this process and all its descendants."""
-
-    def __init__(self, interval: float = 0.5):
-        self.interval, self.peak_rss, self.peak_pss, self.peak_procs = interval, 0, 0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            pids = _descendants(os.getpid())
-            rss = pss = 0
-            for pid in pids:
-                r, p = _rss_pss(pid)
-                rss, pss = rss + r, pss + p
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
-            self.peak_procs = max(self.peak_procs, len(pids))
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+MODULE = "bench.bench_scaling"
+TITLE = "## Scaling: sites and bag size"
 
 
 # ---------------------------------------------------------------- federated rounds vs sites
@@ -138,17 +68,15 @@ def sites_worker(sites: int, patients: int, rounds: int) -> dict:
         generate(SynthSpec(sites=sites, patients=patients, seed=0), data)
         gen_s = time.perf_counter() - t0
         cohort = load_data_dir(data, cfg.data)
-        before = _status()["VmRSS"]
+        before = status()["VmRSS"]
         t0 = time.perf_counter()
         with TreeMemory() as mem, contextlib.redirect_stdout(io.StringIO()):
             final = simulate(cfg, cohort, CohortSource(data_dir=str(data)), Path(tmp) / "run")
         wall = time.perf_counter() - t0
-    per_round = final["seconds_per_round"]
-    overhead = [x for x in final.get("overhead_seconds_per_round") or [] if isinstance(x, (int, float))]
     return {
         "sites": sites, "patients": len(cohort.patients), "train_sites": len(final["training_sites"]),
         "rounds": final["rounds"], "generate_s": gen_s, "wall_s": wall,
-        "round_s": per_round, "overhead_s": overhead,
+        "round_s": final["seconds_per_round"], "overhead_s": numbers(final.get("overhead_seconds_per_round")),
         "rss_before_mb": before / 2**20,
         "tree_peak_rss_mb": mem.peak_rss / 2**20, "tree_peak_pss_mb": mem.peak_pss / 2**20,
         "tree_peak_procs": mem.peak_procs,
@@ -161,12 +89,9 @@ def sites_worker(sites: int, patients: int, rounds: int) -> dict:
 
 def bag_worker(mode: str, m: int, feature_dim: int, repeats: int, threads: int) -> dict:
     """Peak extra memory of one cold call and best/median time of ``repeats`` calls."""
-    import gc
-
     import torch
 
-    from bench_train_step import GROUP_SIZES, HEADS, make_batch, step_fn
-
+    from bench.bench_train_step import GROUP_SIZES, HEADS, make_batch, step_fn
     from umeml.config import ModelConfig
     from umeml.model import build_model
 
@@ -184,13 +109,12 @@ def bag_worker(mode: str, m: int, feature_dim: int, repeats: int, threads: int) 
                 out = model(*batch.model_inputs())
             return float(out.aux_loss.sum())
 
-    gc.collect()
-    before = _status()["VmRSS"]
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS counter
-    t0 = time.perf_counter()
-    call()
-    cold = time.perf_counter() - t0
-    peak = _status()["VmHWM"] - before
+    def cold_call() -> float:
+        t0 = time.perf_counter()
+        call()
+        return time.perf_counter() - t0
+
+    peak, cold = peak_extra(cold_call)
     times, cpu = [], []
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -204,14 +128,47 @@ def bag_worker(mode: str, m: int, feature_dim: int, repeats: int, threads: int) 
 
 
 def _sub(*worker: str, timeout: float = 1200) -> dict:
-    cmd = [sys.executable, __file__, "--worker", *worker]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker(MODULE, WORKER_FLAG, *worker, timeout=timeout)
 
 
-def main(argv: list[str] | None = None) -> int:
+def sites_section(args) -> str:
+    """Round time and memory per site count, one fresh process each; prints rows as they come."""
+    lines = ["| sites (training + held out) | patients | round 1 s | later rounds s (mean) | wall s (Ray start included) "
+             "| peak RSS, process tree MB | peak PSS, process tree MB | processes | largest process MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    print(lines[0] + "\n" + lines[1], flush=True)
+    for s in args.sites:
+        r = _sub("sites", str(s), str(args.patients), str(args.rounds))
+        later = r["round_s"][1:] or r["round_s"]
+        lines.append(f"| {r['train_sites']} + {r['sites'] - r['train_sites']} | {r['patients']} | "
+                     f"{r['round_s'][0]:.1f} | {statistics.mean(later):.1f} | {r['wall_s']:.0f} | "
+                     f"{r['tree_peak_rss_mb']:,.0f} | {r['tree_peak_pss_mb']:,.0f} | {r['tree_peak_procs']} | "
+                     f"{max(r['self_maxrss_mb'], r['children_maxrss_mb']):,.0f} |")
+        print(lines[-1], flush=True)
+    return (f"Federated rounds vs sites (synthetic, {args.patients} patients per site, feature dim 64, "
+            f"{args.rounds} rounds, 1 local epoch, FedAvg, simulation):\n\n" + "\n".join(lines))
+
+
+def bags_section(args) -> str:
+    """Train-step and evaluation time and memory per bag size, one fresh process each."""
+    lines = ["| M patches | bag MB (M x D fp32) | train step wall s (best / median) | train step CPU s (best) "
+             "| train step peak extra MB | eval forward wall s (best / median) | eval forward CPU s (best) "
+             "| eval forward peak extra MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    print("\n" + lines[0] + "\n" + lines[1], flush=True)
+    for m in args.bag_sizes:
+        reps = args.repeats if m < 65536 else max(1, args.repeats - 1)
+        tr = _sub("bag", "train", str(m), str(args.feature_dim), str(reps), str(args.threads))
+        ev = _sub("bag", "eval", str(m), str(args.feature_dim), str(args.repeats), str(args.threads))
+        lines.append(f"| {m:,} | {tr['input_mb']:.0f} | {tr['best_s']:.3f} / {tr['median_s']:.3f} | "
+                     f"{tr['cpu_best_s']:.3f} | {tr['peak_extra_mb']:,.0f} | {ev['best_s']:.3f} / {ev['median_s']:.3f} | "
+                     f"{ev['cpu_best_s']:.3f} | {ev['peak_extra_mb']:,.0f} |")
+        print(lines[-1], flush=True)
+    return (f"Time and memory per bag (paper-size UMEML, {tr['params'] / 1e6:.2f} M parameters, "
+            f"D = {args.feature_dim}, batch of one bag, {args.threads} torch threads):\n\n" + "\n".join(lines))
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sites", type=int, nargs="+", default=[4, 8, 16, 35])
     p.add_argument("--patients", type=int, default=12, help="patients per site")
@@ -222,61 +179,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-federation", action="store_true")
     p.add_argument("--skip-bags", action="store_true")
-    p.add_argument("--write", type=Path)
-    p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    p.add_argument("--write", type=Path, help=f"replace the section '{TITLE[3:]}' of this markdown file")
+    p.add_argument(WORKER_FLAG, nargs="+", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected parts, print their tables, optionally write them as a section."""
+    args = _parser().parse_args(argv)
     if args.worker:
         kind, *rest = args.worker
         if kind == "sites":
-            res = sites_worker(int(rest[0]), int(rest[1]), int(rest[2]))
-        else:
-            res = bag_worker(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4]))
-        print(json.dumps(res))
-        return 0
-
+            return emit(sites_worker(int(rest[0]), int(rest[1]), int(rest[2])))
+        return emit(bag_worker(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4])))
     t_all = time.perf_counter()
     sections = []
     if not args.skip_federation:
-        lines = ["| sites (training + held out) | patients | round 1 s | later rounds s (mean) | wall s (Ray start included) "
-                 "| peak RSS, process tree MB | peak PSS, process tree MB | processes | largest process MB |",
-                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        print(lines[0] + "\n" + lines[1], flush=True)
-        for s in args.sites:
-            r = _sub("sites", str(s), str(args.patients), str(args.rounds))
-            later = r["round_s"][1:] or r["round_s"]
-            lines.append(f"| {r['train_sites']} + {r['sites'] - r['train_sites']} | {r['patients']} | "
-                         f"{r['round_s'][0]:.1f} | {statistics.mean(later):.1f} | {r['wall_s']:.0f} | "
-                         f"{r['tree_peak_rss_mb']:,.0f} | {r['tree_peak_pss_mb']:,.0f} | {r['tree_peak_procs']} | "
-                         f"{max(r['self_maxrss_mb'], r['children_maxrss_mb']):,.0f} |")
-            print(lines[-1], flush=True)
-        sections.append(f"Federated rounds vs sites (synthetic, {args.patients} patients per site, feature dim 64, "
-                        f"{args.rounds} rounds, 1 local epoch, FedAvg, simulation):\n\n" + "\n".join(lines))
+        sections.append(sites_section(args))
     if not args.skip_bags:
-        lines = ["| M patches | bag MB (M x D fp32) | train step wall s (best / median) | train step CPU s (best) "
-                 "| train step peak extra MB | eval forward wall s (best / median) | eval forward CPU s (best) "
-                 "| eval forward peak extra MB |",
-                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        print("\n" + lines[0] + "\n" + lines[1], flush=True)
-        for m in args.bag_sizes:
-            reps = args.repeats if m < 65536 else max(1, args.repeats - 1)
-            tr = _sub("bag", "train", str(m), str(args.feature_dim), str(reps), str(args.threads))
-            ev = _sub("bag", "eval", str(m), str(args.feature_dim), str(args.repeats), str(args.threads))
-            lines.append(f"| {m:,} | {tr['input_mb']:.0f} | {tr['best_s']:.3f} / {tr['median_s']:.3f} | "
-                         f"{tr['cpu_best_s']:.3f} | {tr['peak_extra_mb']:,.0f} | {ev['best_s']:.3f} / {ev['median_s']:.3f} | "
-                         f"{ev['cpu_best_s']:.3f} | {ev['peak_extra_mb']:,.0f} |")
-            print(lines[-1], flush=True)
-        sections.append(f"Time and memory per bag (paper-size UMEML, {tr['params'] / 1e6:.2f} M parameters, "
-                        f"D = {args.feature_dim}, batch of one bag, {args.threads} torch threads):\n\n" + "\n".join(lines))
+        sections.append(bags_section(args))
     total = (time.perf_counter() - t_all) / 60
     print(f"\ntotal {total:.1f} min")
     if args.write and sections:
-        stamp = datetime.date.today().isoformat()
-        cmd = "python bench/bench_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        with args.write.open("a") as f:
-            f.write(f"\n## Scaling: sites and bag size ({stamp}, {platform.machine()}, {os.cpu_count()} cores, CPU)\n\n"
-                    f"Command: `{cmd.strip()}` ({total:.0f} min).\n\n" + "\n\n".join(sections) + "\n")
+        write_section(args.write, TITLE, f"Command: `{command(MODULE, argv)}` ({total:.0f} min).\n\n"
+                      + "\n\n".join(sections))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

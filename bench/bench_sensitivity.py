@@ -1,6 +1,6 @@
 """Sensitivity of UMEML to the number of prototypes K and to the gene grouping (paper's open question 2).
 
-    python bench/bench_sensitivity.py [--k 2 5 10 20] [--seeds 0 1] [--gbm-seeds 0 1]
+    python -m bench.bench_sensitivity [--k 2 5 10 20] [--seeds 0 1] [--gbm-seeds 0 1]
                                       [--full-grid] [--skip-synth] [--skip-gbmlgg] [--write docs/benchmarks.md]
 
 One factor at a time (default): ``model.n_prototypes`` in ``--k`` with the 6 signature gene groups,
@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import logging
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,19 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-TCGA = REPO.parent / "shared" / "data" / "tcga_gbmlgg"
-METRICS = (("grade", "auc_macro"), ("subtype", "auc_macro"), ("survival", "c_index"))
+from bench._harness import PRIMARY, REPO, TCGA, command, pick, write_section
+
+MODULE = "bench.bench_sensitivity"
+TITLE = "## Sensitivity: prototypes K and gene grouping"
+METRICS = PRIMARY
 MODES = ("signatures", "flat")
-
-
-def _metrics(test: dict) -> dict:
-    out = {}
-    for t, k in METRICS:
-        m = test.get(t, {}).get(k) if isinstance(test.get(t), dict) else None
-        out[t] = m["value"] if isinstance(m, dict) and isinstance(m.get("value"), (int, float)) else None
-    return out
 
 
 def _cfg(base, seed: int, k: int, mode: str):
@@ -64,7 +54,7 @@ def _train(base, seed: int, k: int, mode: str, cohort, out: Path, log, what: str
     from umeml.train.central import train_central
 
     t0 = time.perf_counter()
-    metrics = _metrics(train_central(_cfg(base, seed, k, mode), cohort, out, progress=False)["test"])
+    metrics = pick(train_central(_cfg(base, seed, k, mode), cohort, out, progress=False)["test"], METRICS)
     log(what + " " + "  ".join(f"{t} {v:.3f}" for t, v in metrics.items() if v is not None)
         + f"  ({time.perf_counter() - t0:.0f} s)")
     return metrics
@@ -111,8 +101,8 @@ def gbmlgg(ks, seeds, tmp: Path, log=print, base_k: int = 5, full: bool = False)
     """{(k, mode): {seed: metrics}} on GBM-LGG genomics, and facts about the K check."""
     from umeml.config import load_config
     from umeml.data.cohort import load_cohort
-    from umeml.train.central import prepare
     from umeml.data.splits import make_split
+    from umeml.train.central import prepare
 
     base = load_config(REPO / "configs" / "gbmlgg_genomics.yaml")
     table, sig = TCGA / "tcga_gbmlgg_all_clean.csv.gz", TCGA / "signatures.csv"
@@ -153,7 +143,28 @@ def table(results: dict, k_label=None) -> str:
     return "\n".join(lines)
 
 
+def gbmlgg_section(args, tmp: Path, log) -> str:
+    """The GBM-LGG genomics-only part: its intro (with the K check's outcome) and table."""
+    t1 = time.perf_counter()
+    res, facts = gbmlgg(args.k, args.gbm_seeds, tmp, log, args.base_k, args.full_grid)
+    unused = all(f["k_unused"] for f in facts.values())
+    ks = "/".join(map(str, args.k))
+    note = "; ".join(f"{m}: {f['groups']} group(s), {f['features']} features, {f['params']:,} parameters"
+                     for m, f in facts.items())
+    n_test = next(iter(facts.values()))["n_test"]
+    return (
+        f"TCGA GBM-LGG, genomics only (configs/gbmlgg_genomics.yaml, {n_test} held-out patients, "
+        f"training seeds {' '.join(map(str, args.gbm_seeds))}, mean (sd); "
+        f"{(time.perf_counter() - t1) / 60:.1f} min). {note}. "
+        + (f"The genomics-only model is identical for K = {ks} (same parameters and values): "
+           "the prototypes live in the pathology branch, so K is not a hyper-parameter here and "
+           "only K = " + str(args.base_k) + " was trained." if unused else
+           "K changes the genomics-only model, so every K was trained.") + "\n\n"
+        + table(res, (lambda k: f"any ({ks})") if unused else None))
+
+
 def main(argv=None) -> int:
+    """Run the synthetic and GBM-LGG grids, print the tables, optionally write them as a section."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, nargs="+", default=[2, 5, 10, 20])
     ap.add_argument("--base-k", type=int, default=5, help="K of the gene-grouping comparison")
@@ -162,7 +173,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gbm-seeds", type=int, nargs="+", default=[0, 1], help="GBM-LGG training seeds")
     ap.add_argument("--skip-synth", action="store_true")
     ap.add_argument("--skip-gbmlgg", action="store_true")
-    ap.add_argument("--write", type=Path)
+    ap.add_argument("--write", type=Path, help=f"replace the section '{TITLE[3:]}' of this markdown file")
     args = ap.parse_args(argv)
     logging.getLogger("umeml").setLevel(logging.ERROR)
     say = lambda s: print(s, flush=True)  # noqa: E731
@@ -176,34 +187,15 @@ def main(argv=None) -> int:
                             f"per seed, mean (sd) over seeds; {(time.perf_counter() - t1) / 60:.1f} min):\n\n"
                             + table(res))
         if not args.skip_gbmlgg and TCGA.is_dir():
-            t1 = time.perf_counter()
-            res, facts = gbmlgg(args.k, args.gbm_seeds, Path(tmp), say, args.base_k, args.full_grid)
-            unused = all(f["k_unused"] for f in facts.values())
-            ks = "/".join(map(str, args.k))
-            note = "; ".join(f"{m}: {f['groups']} group(s), {f['features']} features, {f['params']:,} parameters"
-                             for m, f in facts.items())
-            n_test = next(iter(facts.values()))["n_test"]
-            sections.append(
-                f"TCGA GBM-LGG, genomics only (configs/gbmlgg_genomics.yaml, {n_test} held-out patients, "
-                f"training seeds {' '.join(map(str, args.gbm_seeds))}, mean (sd); "
-                f"{(time.perf_counter() - t1) / 60:.1f} min). {note}. "
-                + (f"The genomics-only model is identical for K = {ks} (same parameters and values): "
-                   "the prototypes live in the pathology branch, so K is not a hyper-parameter here and "
-                   "only K = " + str(args.base_k) + " was trained." if unused else
-                   "K changes the genomics-only model, so every K was trained.") + "\n\n"
-                + table(res, (lambda k: f"any ({ks})") if unused else None))
+            sections.append(gbmlgg_section(args, Path(tmp), say))
     text = "\n\n".join(sections)
     print("\n" + text)
     print(f"\ntotal {(time.perf_counter() - t0) / 60:.1f} min")
     if args.write:
-        stamp = datetime.date.today().isoformat()
-        cmd = "python bench/bench_sensitivity.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        with args.write.open("a") as f:
-            f.write(f"\n## Sensitivity: prototypes K and gene grouping ({stamp}, {platform.machine()}, "
-                    f"{os.cpu_count()} cores, CPU)\n\nCommand: `{cmd.strip()}` "
-                    f"({(time.perf_counter() - t0) / 60:.0f} min). Centralized UMEML; "
-                    "signatures = 6 gene groups (one SNN token each), flat = one group of all genomic columns.\n\n"
-                    + text + "\n")
+        write_section(args.write, TITLE, f"Command: `{command(MODULE, argv)}` "
+                      f"({(time.perf_counter() - t0) / 60:.0f} min). Centralized UMEML; "
+                      "signatures = 6 gene groups (one SNN token each), flat = one group of all genomic columns.\n\n"
+                      + text)
     return 0
 
 

@@ -1,6 +1,6 @@
 """UMEML vs the baselines on the synthetic cohort, centralized, over several seeds, next to the oracle.
 
-    python bench/bench_synthetic.py [--seeds 0 1 2] [--models umeml abmil snn late_fusion]
+    python -m bench.bench_synthetic [--seeds 0 1 2] [--models umeml abmil snn late_fusion]
                                     [--ablations] [--federated] [--epochs N] [--cache runs.jsonl]
                                     [--write docs/benchmarks.md]
 
@@ -25,11 +25,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import io
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,9 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-METRICS = (("grade", "auc_macro"), ("subtype", "auc_macro"), ("survival", "c_index"))
+from bench._harness import PRIMARY, REPO, pick, write_section
+
+TITLE = "## UMEML, ablations and baselines on the synthetic cohort, next to the oracle"
+METRICS = PRIMARY
 GOAL = 0.95  # UMEML's target share of the oracle's metric
 
 # name -> (registry model, ModelConfig overrides)
@@ -52,14 +50,6 @@ ABLATIONS = {
 }
 FEDERATED = "umeml federated (FedAvg)"
 SITE_ORACLE = "oracle, held-out site"
-
-
-def _metrics(test: dict) -> dict:
-    out = {}
-    for t, k in METRICS:
-        m = (test.get(t) or {}).get(k) if isinstance(test.get(t), dict) else None
-        out[t] = m["value"] if isinstance(m, dict) and isinstance(m.get("value"), (int, float)) else None
-    return out
 
 
 def site_oracle(latents: list[dict], held: tuple[str, ...], seed: int) -> dict:
@@ -121,6 +111,99 @@ def _load_cache(path: Path | None, epochs) -> dict:
     return done
 
 
+@dataclasses.dataclass
+class _Runs:
+    """What the runs of one benchmark share: results so far, the cache, the current seed's cohort."""
+
+    base: object  # ExperimentConfig of configs/demo.yaml (epochs overridden)
+    out: dict  # variant -> seed -> metrics
+    seconds: dict  # variant -> wall seconds per run
+    done: dict  # cached runs: (seed, variant) -> record
+    cache: Path | None
+    epochs: int | None
+    log: object
+    tmp: Path
+    cohort: object = None
+    held: tuple = ()
+
+
+def _record(cache: Path | None, epochs, seed: int, name: str, metrics: dict, secs: float) -> None:
+    """Append one finished run to the JSON-lines cache."""
+    if cache is not None:
+        with cache.open("a") as f:
+            f.write(json.dumps({"seed": seed, "variant": name, "epochs": epochs, "metrics": metrics,
+                                "seconds": secs}) + "\n")
+
+
+def _show(metrics: dict) -> str:
+    return "  ".join(f"{t} {v:.3f}" if v is not None else f"{t} -" for t, v in metrics.items())
+
+
+def _central(ctx: _Runs, seed: int, name: str, model: str, overrides: dict) -> None:
+    """One centralized run of a variant on this seed's cohort (or its cached result)."""
+    from umeml.train.central import train_central
+
+    out, seconds, held = ctx.out, ctx.seconds, ctx.held
+    if (seed, name) in ctx.done:
+        out[name][seed] = ctx.done[(seed, name)]["metrics"]
+        seconds[name].append(ctx.done[(seed, name)]["seconds"])
+        ctx.log(f"seed {seed} {name:24s} (cached)")
+        return
+    base = ctx.base
+    cfg = dataclasses.replace(base, seed=seed, model=dataclasses.replace(base.model, name=model, **overrides))
+    t0 = time.perf_counter()
+    final = train_central(cfg, ctx.cohort, ctx.tmp / f"run-{seed}-{len(seconds[name])}-{model}", progress=False)
+    seconds[name].append(time.perf_counter() - t0)
+    out[name][seed] = pick(final["test"], METRICS)
+    _record(ctx.cache, ctx.epochs, seed, name, out[name][seed], seconds[name][-1])
+    ctx.log(f"seed {seed} held-out {','.join(held)} {name:24s} {_show(out[name][seed])}  ({seconds[name][-1]:.0f} s)")
+
+
+def _federated(ctx: _Runs, seed: int, data: Path) -> None:
+    """UMEML by FedAvg in the simulation engine on this seed's cohort (or its cached result)."""
+    from umeml.data.source import CohortSource
+    from umeml.simulation import simulate
+
+    out, seconds = ctx.out, ctx.seconds
+    if (seed, FEDERATED) in ctx.done:
+        out[FEDERATED][seed] = ctx.done[(seed, FEDERATED)]["metrics"]
+        seconds[FEDERATED].append(ctx.done[(seed, FEDERATED)]["seconds"])
+        ctx.log(f"seed {seed} {FEDERATED:24s} (cached)")
+        return
+    cfg = dataclasses.replace(ctx.base, seed=seed)
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        final = simulate(cfg, ctx.cohort, CohortSource(data_dir=str(data)), ctx.tmp / f"fed-{seed}",
+                         held_out=ctx.held)
+    seconds[FEDERATED].append(time.perf_counter() - t0)
+    out[FEDERATED][seed] = pick(final.get("pooled") or final["held_out_combined"], METRICS)
+    _record(ctx.cache, ctx.epochs, seed, FEDERATED, out[FEDERATED][seed], seconds[FEDERATED][-1])
+    ctx.log(f"seed {seed} held-out {','.join(final['held_out_sites'])} {FEDERATED:24s} "
+               f"{_show(out[FEDERATED][seed])}  ({seconds[FEDERATED][-1]:.0f} s, {final['rounds']} rounds)")
+
+
+def _one_seed(ctx: _Runs, seed: int, variants: dict, federated: bool) -> None:
+    """Generate this seed's cohort, score both oracles, then run every variant on it."""
+    from umeml.data.cohort import load_data_dir
+    from umeml.data.splits import choose_test_sites
+    from umeml.data.synth import SynthSpec
+
+    out, base = ctx.out, ctx.base
+    data = ctx.tmp / f"seed{seed}"
+    latents = _generate(SynthSpec(sites=4, patients=60, seed=seed), data)
+    oracle = json.loads((data / "oracle.json").read_text())
+    out["oracle"][seed] = {t: oracle[t].get("auc_macro", oracle[t].get("c_index")) for t, _ in METRICS}
+    ctx.cohort = load_data_dir(data, base.data)
+    ctx.held = held = choose_test_sites(ctx.cohort, base.split.n_test_sites, seed)
+    out[SITE_ORACLE][seed] = site_oracle(latents, held, seed)
+    ctx.log(f"seed {seed} held-out {','.join(held)} {'oracle.json / site oracle':24s} "
+               + "  ".join(f"{t} {out['oracle'][seed][t]:.3f} / {out[SITE_ORACLE][seed][t]:.3f}" for t, _ in METRICS))
+    for name, (model, overrides) in variants.items():
+        _central(ctx, seed, name, model, overrides)
+    if federated:
+        _federated(ctx, seed, data)
+
+
 def run(seeds, models, epochs=None, ablations=False, federated=False, log=print, cache: Path | None = None) -> dict:
     """Test metrics per model and seed, and the oracle's, as nested dicts (plus ``_seconds``).
 
@@ -128,10 +211,6 @@ def run(seeds, models, epochs=None, ablations=False, federated=False, log=print,
     (same seed, variant and ``epochs``) are not repeated, so an interrupted benchmark resumes.
     """
     from umeml.config import load_config
-    from umeml.data.cohort import load_data_dir
-    from umeml.data.splits import choose_test_sites
-    from umeml.data.synth import SynthSpec
-    from umeml.train.central import train_central
 
     base = load_config(REPO / "configs" / "demo.yaml")
     if epochs:
@@ -145,59 +224,10 @@ def run(seeds, models, epochs=None, ablations=False, federated=False, log=print,
     out["oracle"] = {}
     out[SITE_ORACLE] = {}
     seconds: dict = {m: [] for m in out if not m.startswith("oracle")}
-    done = _load_cache(cache, epochs)
-
-    def record(seed, name, metrics, secs):
-        if cache is not None:
-            with cache.open("a") as f:
-                f.write(json.dumps({"seed": seed, "variant": name, "epochs": epochs, "metrics": metrics,
-                                    "seconds": secs}) + "\n")
     with tempfile.TemporaryDirectory() as tmp:
+        ctx = _Runs(base, out, seconds, _load_cache(cache, epochs), cache, epochs, log, Path(tmp))
         for seed in seeds:
-            data = Path(tmp) / f"seed{seed}"
-            latents = _generate(SynthSpec(sites=4, patients=60, seed=seed), data)
-            oracle = json.loads((data / "oracle.json").read_text())
-            out["oracle"][seed] = {t: oracle[t].get("auc_macro", oracle[t].get("c_index")) for t, _ in METRICS}
-            cohort = load_data_dir(data, base.data)
-            held = choose_test_sites(cohort, base.split.n_test_sites, seed)
-            out[SITE_ORACLE][seed] = site_oracle(latents, held, seed)
-            log(f"seed {seed} held-out {','.join(held)} {'oracle.json / site oracle':24s} "
-                + "  ".join(f"{t} {out['oracle'][seed][t]:.3f} / {out[SITE_ORACLE][seed][t]:.3f}" for t, _ in METRICS))
-            for name, (model, overrides) in variants.items():
-                if (seed, name) in done:
-                    out[name][seed] = done[(seed, name)]["metrics"]
-                    seconds[name].append(done[(seed, name)]["seconds"])
-                    log(f"seed {seed} {name:24s} (cached)")
-                    continue
-                cfg = dataclasses.replace(base, seed=seed,
-                                          model=dataclasses.replace(base.model, name=model, **overrides))
-                t0 = time.perf_counter()
-                final = train_central(cfg, cohort, Path(tmp) / f"run-{seed}-{len(seconds[name])}-{model}", progress=False)
-                seconds[name].append(time.perf_counter() - t0)
-                out[name][seed] = _metrics(final["test"])
-                record(seed, name, out[name][seed], seconds[name][-1])
-                log(f"seed {seed} held-out {','.join(held)} {name:24s} "
-                    + "  ".join(f"{t} {v:.3f}" if v is not None else f"{t} -" for t, v in out[name][seed].items())
-                    + f"  ({seconds[name][-1]:.0f} s)")
-            if federated and (seed, FEDERATED) in done:
-                out[FEDERATED][seed] = done[(seed, FEDERATED)]["metrics"]
-                seconds[FEDERATED].append(done[(seed, FEDERATED)]["seconds"])
-                log(f"seed {seed} {FEDERATED:24s} (cached)")
-            elif federated:
-                from umeml.data.source import CohortSource
-                from umeml.simulation import simulate
-
-                cfg = dataclasses.replace(base, seed=seed)
-                t0 = time.perf_counter()
-                with contextlib.redirect_stdout(io.StringIO()):
-                    final = simulate(cfg, cohort, CohortSource(data_dir=str(data)), Path(tmp) / f"fed-{seed}",
-                                     held_out=held)
-                seconds[FEDERATED].append(time.perf_counter() - t0)
-                out[FEDERATED][seed] = _metrics(final.get("pooled") or final["held_out_combined"])
-                record(seed, FEDERATED, out[FEDERATED][seed], seconds[FEDERATED][-1])
-                log(f"seed {seed} held-out {','.join(final['held_out_sites'])} {FEDERATED:24s} "
-                    + "  ".join(f"{t} {v:.3f}" if v is not None else f"{t} -" for t, v in out[FEDERATED][seed].items())
-                    + f"  ({seconds[FEDERATED][-1]:.0f} s, {final['rounds']} rounds)")
+            _one_seed(ctx, seed, variants, federated)
     out["_seconds"] = seconds
     return out
 
@@ -247,7 +277,7 @@ def table(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    """Run, print the table, optionally append it to a markdown file."""
+    """Run, print the table, optionally write it as a section of a markdown file."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--models", nargs="+", default=["umeml", "abmil", "snn", "late_fusion"])
@@ -255,7 +285,7 @@ def main(argv=None) -> int:
     ap.add_argument("--federated", action="store_true", help="add UMEML trained by FedAvg (simulation)")
     ap.add_argument("--epochs", type=int, help="override train.epochs of configs/demo.yaml")
     ap.add_argument("--cache", type=Path, help="JSON-lines file of finished runs: resume an interrupted benchmark")
-    ap.add_argument("--write", type=Path)
+    ap.add_argument("--write", type=Path, help=f"replace the section '{TITLE[3:]}' of this markdown file")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     results = run(args.seeds, args.models, args.epochs, args.ablations, args.federated,
@@ -266,17 +296,14 @@ def main(argv=None) -> int:
     print(text)
     print(f"\nmean wall time per run: {times}; total {wall / 60:.1f} min")
     if args.write:
-        stamp = datetime.date.today().isoformat()
-        cmd = "python bench/bench_synthetic.py --seeds " + " ".join(map(str, args.seeds))
+        cmd = "python -m bench.bench_synthetic --seeds " + " ".join(map(str, args.seeds))
         if args.models != ap.get_default("models"):
             cmd += " --models " + " ".join(args.models)
         cmd += " --ablations" * args.ablations + " --federated" * args.federated
         cmd += f" --epochs {args.epochs}" if args.epochs else ""
-        with args.write.open("a") as f:
-            f.write(f"\n## UMEML vs baselines on the synthetic cohort ({stamp}, {platform.machine()}, "
-                    f"{os.cpu_count()} cores, CPU)\n\nCommand: `{cmd}` ({wall / 60:.0f} min); centralized unless "
-                    "marked federated, configs/demo.yaml, held-out site test set (60 patients per seed); mean (sd) "
-                    "over seeds; `/ oracle` = mean metric / mean oracle metric.\n\n" + text + "\n")
+        write_section(args.write, TITLE, f"Command: `{cmd}` ({wall / 60:.0f} min); centralized unless "
+                      "marked federated, configs/demo.yaml, held-out site test set (60 patients per seed); mean (sd) "
+                      "over seeds; `/ oracle` = mean metric / mean oracle metric.\n\n" + text)
     return 0
 
 

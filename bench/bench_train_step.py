@@ -9,7 +9,7 @@ attention module replaced by ``nn.MultiheadAttention`` (default ``need_weights=T
 MIL code calls it) and the modularity loss replaced by the dense M x M formula. Both variants run
 in this process, alternately, and the ratio of their best-of-N step times is printed.
 
-Usage: python bench/bench_train_step.py [--patches 4096] [--steps 8] [--threads 2]
+Usage: python -m bench.bench_train_step [--patches 4096] [--steps 8] [--threads 2]
 """
 
 from __future__ import annotations
@@ -17,20 +17,16 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from umeml.config import ModelConfig  # noqa: E402
-from umeml.data.batch import Batch  # noqa: E402
-from umeml.model import build_model, dense_modularity_loss  # noqa: E402
-from umeml.model.blocks import Attention  # noqa: E402
-from umeml.train.losses import task_loss  # noqa: E402
+from umeml.config import ModelConfig
+from umeml.data.batch import Batch
+from umeml.model import build_model, dense_modularity_loss
+from umeml.model.blocks import Attention
+from umeml.train.losses import task_loss
 
 GROUP_SIZES = (82, 328, 513, 452, 1536, 452)  # MCAT signatures (genes per group)
 HEADS = {"grade": 3, "subtype": 6, "survival": 4}
@@ -64,6 +60,7 @@ def mha_dense_variant(model: nn.Module, cfg: ModelConfig) -> nn.Module:
 
 
 def make_batch(m: int, d: int) -> Batch:
+    """One bag of ``m`` random patches of ``d`` features, with genomics and every label (seeded)."""
     g = torch.Generator().manual_seed(0)
     return Batch(
         features=torch.randn(1, m, d, generator=g),
@@ -80,6 +77,7 @@ def make_batch(m: int, d: int) -> Batch:
 
 
 def step_fn(model: nn.Module, batch: Batch):
+    """A closure doing one AdamW training step of ``model`` on ``batch``; returns the loss."""
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4)
     model.train()
 
@@ -109,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     reference = mha_dense_variant(model, cfg)
     batch = make_batch(args.patches, args.feature_dim)
     n_params = sum(p.numel() for p in model.parameters())
-    steps = {"umeml (SDPA + blockwise loss)": step_fn(model, batch), "nn.MultiheadAttention + dense loss": step_fn(reference, batch)}
+    steps = {"umeml (SDPA + blockwise loss)": step_fn(model, batch),
+             "nn.MultiheadAttention + dense loss": step_fn(reference, batch)}
     times: dict[str, list[float]] = {k: [] for k in steps}
-    for name, step in steps.items():  # warm-up
+    for step in steps.values():  # warm-up
         step()
     for _ in range(args.steps):  # alternate so that machine load hits both alike
         for name, step in steps.items():

@@ -85,15 +85,21 @@ class LocalGrid:
 
 
 def tiny_experiment(*, name: str | None = None, rounds: int = 2, batch_size: int = 8, local_epochs: int = 1,
-                    bootstrap: int = 0, **fed) -> ExperimentConfig:
-    """The federation tests' experiment: a 16-dim UMEML, one local epoch, k = 5; ``fed`` adds or
-    overrides ``federation`` keys."""
+                    bootstrap: int = 0, epochs: int = 1, split: dict | None = None, data: dict | None = None,
+                    model: dict | None = None, train: dict | None = None, **fed) -> ExperimentConfig:
+    """The tests' tiny experiment: a 16-dim UMEML, one local epoch, k = 5.
+
+    ``split``, ``data``, ``model`` and ``train`` add or override keys of those sections; ``fed``
+    adds or overrides ``federation`` keys.
+    """
     return config_from_dict({
         **({"name": name} if name else {}),
         "seed": 0, "tasks": ["grade", "subtype", "survival"],
-        "data": {"max_patches": 32},
-        "model": {"hidden_dim": 16, "n_prototypes": 3, "n_registers": 2, "dropout": 0.0, "drop_path": 0.0},
-        "train": {"epochs": 1, "batch_size": batch_size, "lr": 0.003, "bootstrap": bootstrap},
+        **({"split": split} if split else {}),
+        "data": {"max_patches": 32, **(data or {})},
+        "model": {"hidden_dim": 16, "n_prototypes": 3, "n_registers": 2, "dropout": 0.0, "drop_path": 0.0,
+                  **(model or {})},
+        "train": {"epochs": epochs, "batch_size": batch_size, "lr": 0.003, "bootstrap": bootstrap, **(train or {})},
         "federation": {"rounds": rounds, "local_epochs": local_epochs, "min_train_sites": 1, "k_min_patients": 5,
                        **fed},
     })

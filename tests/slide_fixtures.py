@@ -152,7 +152,8 @@ def write_aperio_svs(
         )
         thumb_ds = max(1, max(h, w) // 256)
         thumb = _downsampled(image, thumb_ds)
-        tw.write(thumb, photometric="rgb", description=f"Aperio Image Library v12.0.15 \n{w}x{h} -> {thumb.shape[1]}x{thumb.shape[0]}", metadata=None)
+        tw.write(thumb, photometric="rgb", metadata=None,
+                 description=f"Aperio Image Library v12.0.15 \n{w}x{h} -> {thumb.shape[1]}x{thumb.shape[0]}")
         for ds in downsamples[1:]:
             level = _downsampled(image, ds)
             tw.write(

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import fnmatch
 import http.client
-import json
 import http.server
+import json
 import os
 import re
 import shlex
@@ -566,6 +566,7 @@ def test_proxy_refuses_an_upstream_not_signed_by_the_federation_ca(tmp_path, pki
         assert status == 502 and upstream.seen == []
 
 
+@pytest.mark.slow  # a real SuperLink and SuperNode behind nginx
 @pytest.mark.timeout(180)
 def test_a_real_supernode_joins_through_the_proxy_and_control_stays_closed(tmp_path, pki):
     """Flower's own SuperNode (TLS + site key) goes online through the proxy; the Control API,

@@ -38,6 +38,7 @@ def sites(tmp_path):
     return tmp_path, ids
 
 
+@pytest.mark.slow  # SuperLink + three SuperNodes
 @pytest.mark.timeout(900)
 def test_superlink_and_three_supernodes_complete_two_rounds(sites):
     d, ids = sites
@@ -48,7 +49,7 @@ def test_superlink_and_three_supernodes_complete_two_rounds(sites):
                          "--port", str(port), "--wait-timeout", "300"], d / "server.log", d)
         procs.append(server)
         time.sleep(2)
-        for i, s in enumerate(ids):
+        for s in ids:
             procs.append(spawn_logged([str(BIN / "umeml-client"), "start", "--site", f"{s}.yaml", "--server",
                                  f"127.0.0.1:{port}", "--port", str(free_port())], d / f"{s}.log", d))
         rc = server.wait(timeout=840)

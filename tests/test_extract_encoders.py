@@ -11,8 +11,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 pytest.importorskip("torchvision")
 
-from slide_fixtures import disable_network  # noqa: E402
-
 from umeml.client.extract.encoders import (  # noqa: E402
     RANDOM_INIT,
     EncoderError,
@@ -24,6 +22,8 @@ from umeml.client.extract.encoders import (  # noqa: E402
     register_encoder,
     sha256_file,
 )
+
+from slide_fixtures import disable_network  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

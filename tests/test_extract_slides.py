@@ -8,17 +8,17 @@ import pytest
 pytest.importorskip("openslide")
 pytest.importorskip("tifffile")
 
-from slide_fixtures import make_slide_image, write_aperio_svs, write_pyramidal_tiff  # noqa: E402
-
 from umeml.client.extract.grid import plan_read  # noqa: E402
 from umeml.client.extract.slides import (  # noqa: E402
+    Slide,
     SlideError,
     SlideResolution,
-    Slide,
     discover_slides,
     open_slide,
     resolve_target,
 )
+
+from slide_fixtures import make_slide_image, write_aperio_svs, write_pyramidal_tiff  # noqa: E402
 
 
 @pytest.fixture(scope="module")

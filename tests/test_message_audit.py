@@ -63,7 +63,6 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 import umeml.federation.site as site_module
 from umeml.client.app import SimulatedSites, build_client_app
-from umeml.config import config_from_dict
 from umeml.data.bags import bag_path
 from umeml.data.cohort import load_data_dir
 from umeml.data.source import CohortSource
@@ -71,7 +70,7 @@ from umeml.federation.protocol import survival_grid
 from umeml.server.coordinator import Coordinator
 from umeml.train.losses import class_weights_from_counts
 
-from fed_helpers import LocalGrid
+from fed_helpers import LocalGrid, tiny_experiment
 
 K = 3
 HELD_OUT = ("A2", "S2")
@@ -111,13 +110,7 @@ class AuditSites:
 
 
 def _experiment():
-    return config_from_dict({
-        "seed": 0, "tasks": ["grade", "subtype", "survival"],
-        "data": {"max_patches": 32},
-        "model": {"hidden_dim": 16, "n_prototypes": 3, "n_registers": 2, "dropout": 0.0, "drop_path": 0.0},
-        "train": {"epochs": 1, "batch_size": 8, "lr": 0.003, "bootstrap": 20},
-        "federation": {"rounds": 2, "local_epochs": 1, "min_train_sites": 1, "k_min_patients": K},
-    })
+    return tiny_experiment(bootstrap=20, k_min_patients=K)
 
 
 @dataclasses.dataclass

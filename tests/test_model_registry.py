@@ -11,8 +11,8 @@ from umeml.config import ModelConfig
 from umeml.data.batch import PatientItem, collate
 from umeml.errors import ConfigError
 from umeml.model import (
-    ModelOutput,
     UMEML,
+    ModelOutput,
     available_models,
     build_model,
     load,
@@ -38,7 +38,8 @@ IDS = [name + "".join(f"-{k}={v}" for k, v in extra.items()) for name, extra in 
 
 
 def make_cfg(name: str, **extra) -> ModelConfig:
-    base = dict(name=name, hidden_dim=16, n_heads=2, n_prototypes=3, n_registers=2, dropout=0.0, drop_path=0.0, gamma=1.0, tau=0.5)
+    base = dict(name=name, hidden_dim=16, n_heads=2, n_prototypes=3, n_registers=2, dropout=0.0, drop_path=0.0,
+                gamma=1.0, tau=0.5)
     base.update(extra)
     return ModelConfig(**base)
 

@@ -98,4 +98,5 @@ def test_per_sample_gradients_match(name, extra):
         per_sample_loss(model, select(batch, i)).sum().backward()
         for pname, p in model.named_parameters():
             expected = p.grad if p.grad is not None else torch.zeros_like(p)
-            torch.testing.assert_close(grad_samples[pname][i], expected, atol=1e-10, rtol=1e-8, msg=lambda m: f"{pname}[{i}]: {m}")
+            torch.testing.assert_close(grad_samples[pname][i], expected, atol=1e-10, rtol=1e-8,
+                                       msg=lambda m, pname=pname, i=i: f"{pname}[{i}]: {m}")

@@ -11,7 +11,6 @@ import pytest
 
 from umeml.cli import main as umeml_main
 from umeml.client.app import SimulatedSites, build_client_app
-from umeml.config import config_from_dict
 from umeml.data.cohort import load_data_dir
 from umeml.data.source import CohortSource
 from umeml.metrics.classification import binary_auc, roc_curve
@@ -20,25 +19,16 @@ from umeml.report.figures import kaplan_meier, risk_groups
 from umeml.server.coordinator import Coordinator
 from umeml.train.central import train_central
 
-from fed_helpers import LocalGrid
+from fed_helpers import LocalGrid, tiny_experiment
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-EXPERIMENT = {
-    "name": "report-test", "seed": 0, "tasks": ["grade", "subtype", "survival"],
-    "data": {"max_patches": 32},
-    "split": {"test_sites": ["A2"]},
-    "model": {"hidden_dim": 16, "n_prototypes": 3, "n_registers": 2, "dropout": 0.0, "drop_path": 0.0},
-    "train": {"epochs": 2, "batch_size": 8, "lr": 0.003, "bootstrap": 20},
-    "federation": {"rounds": 2, "local_epochs": 1, "min_train_sites": 1, "k_min_patients": 5},
-}
-
-
+EXPERIMENT = {"name": "report-test", "epochs": 2, "bootstrap": 20, "split": {"test_sites": ["A2"]}}  # tiny_experiment
 
 
 @pytest.fixture(scope="module")
 def central_run(tiny_cohort_dir, tmp_path_factory):
-    cfg = config_from_dict(EXPERIMENT)
+    cfg = tiny_experiment(**EXPERIMENT)
     out = tmp_path_factory.mktemp("central") / "run"
     train_central(cfg, load_data_dir(tiny_cohort_dir, cfg.data), out, progress=False)
     return out
@@ -47,9 +37,8 @@ def central_run(tiny_cohort_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def federated_dp_run(tiny_cohort_dir, tmp_path_factory):
     """A federation run as a deployment leaves it (no pooled predictions), sites under DP at epsilon 8."""
-    exp = dict(EXPERIMENT, federation=dict(EXPERIMENT["federation"], local_dp={
-        "enabled": True, "target_epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0}))
-    cfg = config_from_dict(exp)
+    cfg = tiny_experiment(**EXPERIMENT, local_dp={"enabled": True, "target_epsilon": 8.0, "delta": 1e-5,
+                                                  "max_grad_norm": 1.0})
     out = tmp_path_factory.mktemp("fed") / "run"
     app = build_client_app(SimulatedSites(("A0", "A1", "A2"), CohortSource(data_dir=str(tiny_cohort_dir)),
                                           state_root=str(out / "sites")))
@@ -175,9 +164,9 @@ def test_errors_name_the_problem(tmp_path, capsys):
 
 def test_prototype_heatmap_over_a_slide(central_run, tmp_path, capsys):
     pytest.importorskip("openslide")
-    from slide_fixtures import make_slide_image, write_aperio_svs
-
     from umeml.model import load
+
+    from slide_fixtures import make_slide_image, write_aperio_svs
 
     img = make_slide_image(2048, 1536, [(256, 256, 1024, 768), (1536, 512, 256, 512)], seed=3)
     slide = write_aperio_svs(tmp_path / "case.svs", img)

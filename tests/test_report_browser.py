@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from umeml.config import config_from_dict
 from umeml.data.cohort import load_data_dir
 from umeml.report import write_report
 from umeml.train.central import train_central
 
 from browser import find_chromium, render
+from fed_helpers import tiny_experiment
 
 SCREENSHOT_DIR_ENV = "UMEML_SCREENSHOT_DIR"  # where to keep screenshots (for the closing note), if set
 
@@ -31,15 +31,13 @@ def chromium():
     return path
 
 
+@pytest.mark.slow  # Chromium
 @pytest.mark.timeout(300)
 def test_report_renders_in_headless_chromium(chromium, tiny_cohort_dir, tmp_path):
     torch.set_num_threads(1)
-    cfg = config_from_dict({
-        "name": "browser-test", "seed": 0, "tasks": ["grade", "subtype", "survival"], "data": {"max_patches": 32},
-        "split": {"test_sites": ["A2"]},
-        "model": {"hidden_dim": 16, "n_prototypes": 3, "n_registers": 2, "dropout": 0.0},
-        "train": {"epochs": 1, "batch_size": 8, "bootstrap": 20},
-    })
+    # drop_path, lr and the federation section at their defaults, as this test has always trained
+    cfg = tiny_experiment(name="browser-test", bootstrap=20, split={"test_sites": ["A2"]}, model={"drop_path": 0.1},
+                          train={"lr": 2e-4}, rounds=3, k_min_patients=10)
     run = tmp_path / "run"
     train_central(cfg, load_data_dir(tiny_cohort_dir, cfg.data), run, progress=False)
     page = write_report(run)
@@ -59,6 +57,7 @@ def test_report_renders_in_headless_chromium(chromium, tiny_cohort_dir, tmp_path
     assert result.screenshot.startswith(b"\x89PNG")
 
 
+@pytest.mark.slow  # Chromium
 def test_browser_helper_reports_broken_images_and_script_errors(chromium, tmp_path):
     """The check can fail: a page with a broken image and a throwing script is caught."""
     bad = tmp_path / "bad.html"

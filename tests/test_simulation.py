@@ -4,17 +4,13 @@ import json
 
 import pytest
 
+from umeml.config import dump_config
 from umeml.server.cli import main
 
-EXPERIMENT = """\
-seed: 0
-tasks: [grade, subtype, survival]
-data: {max_patches: 32}
-split: {test_sites: [A2]}
-model: {hidden_dim: 16, n_prototypes: 3, n_registers: 2, dropout: 0.0}
-train: {batch_size: 8, lr: 0.003, bootstrap: 20, epochs: 2}
-federation: {rounds: 2, local_epochs: 1, min_train_sites: 1, k_min_patients: 5}
-"""
+from fed_helpers import tiny_experiment
+
+# drop_path at its default (0.1), as this experiment file has always had it
+EXPERIMENT = dump_config(tiny_experiment(epochs=2, bootstrap=20, split={"test_sites": ["A2"]}, model={"drop_path": 0.1}))
 
 
 @pytest.fixture
@@ -24,6 +20,7 @@ def exp(tmp_path):
     return path
 
 
+@pytest.mark.slow  # Ray (run_simulation)
 @pytest.mark.timeout(600)
 def test_simulate_prints_held_out_table_and_resumes(exp, tiny_cohort_dir, tmp_path, capsys):
     out = tmp_path / "run"
@@ -48,6 +45,7 @@ def test_simulate_prints_held_out_table_and_resumes(exp, tiny_cohort_dir, tmp_pa
     assert "report: " in text and (out / "report.html").is_file()
 
 
+@pytest.mark.slow  # Ray (run_simulation) for the federated arm
 @pytest.mark.timeout(900)
 def test_compare_mode(exp, tiny_cohort_dir, tmp_path, capsys):
     assert main(["simulate", "--config", str(exp), "--data", str(tiny_cohort_dir), "--out", str(tmp_path / "cmp"),

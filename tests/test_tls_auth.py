@@ -300,6 +300,7 @@ def staged(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow  # SuperLink + SuperNodes with TLS and site keys
 @pytest.mark.timeout(480)  # ~130 s on an idle 2-core box
 def test_tls_auth_deployment_registered_sites_run_unregistered_refused(staged):
     d = staged
