@@ -40,8 +40,8 @@ def step_cost(steps: int, batch_size: int, repeats: int) -> dict:
     from umeml.data.cohort import load_data_dir
     from umeml.data.synth import SynthSpec, generate
     from umeml.model import build_model
-    from umeml.train.experiment import loss_settings, make_dataset, prepare
     from umeml.train.dp import DPSGD
+    from umeml.train.experiment import loss_settings, make_dataset, prepare
     from umeml.train.loop import batch_loss
 
     cfg = load_config(REPO / "configs" / "demo.yaml")
@@ -100,9 +100,9 @@ def utility(name: str, epsilons: list[float], work: Path, dp_sgd: tuple[float, i
     """Held-out metrics of one config's simulated federation at each epsilon (inf = no DP)."""
     from umeml.config import load_config
     from umeml.data.cohort import load_cohort, load_data_dir
+    from umeml.data.source import CohortSource
     from umeml.data.synth import SynthSpec, generate
     from umeml.server.cli import with_local_dp
-    from umeml.data.source import CohortSource
     from umeml.simulation import simulate
 
     base = load_config(REPO / "configs" / f"{name}.yaml")

@@ -53,8 +53,8 @@ def sites_worker(sites: int, patients: int, rounds: int) -> dict:
     """One simulated federation with ``sites`` sites (run in a fresh process)."""
     from umeml.config import load_config
     from umeml.data.cohort import load_data_dir
-    from umeml.data.synth import SynthSpec, generate
     from umeml.data.source import CohortSource
+    from umeml.data.synth import SynthSpec, generate
     from umeml.simulation import simulate
 
     base = load_config(REPO / "configs" / "demo.yaml")

@@ -23,8 +23,7 @@ from umeml.rundir import (
     metric_entry,
     read_final,
 )
-from umeml.server.deploy import (RunFailed, SuperLink, TLSFiles, expand_site_keys, submit_and_wait, write_app_dir,
-                                 write_run_config)
+from umeml.server.deploy import RunFailed, SuperLink, TLSFiles, expand_site_keys, submit_and_wait, write_app_dir, write_run_config
 
 PRIMARY = SUMMARY_METRICS  # the table's columns
 

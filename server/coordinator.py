@@ -17,7 +17,9 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from umeml import __version__
 from umeml.config import ExperimentConfig, config_to_dict, dump_config
+from umeml.data.labels import subtype_codes
 from umeml.errors import FederationError
+from umeml.federation.privacy import central_entry, run_ledger
 from umeml.federation.protocol import (
     SURVIVAL_GRID_TEXT,
     Preprocessing,
@@ -25,8 +27,7 @@ from umeml.federation.protocol import (
     combine_preprocessing,
     combine_site_metrics,
 )
-from umeml.data.labels import subtype_codes
-from umeml.federation.privacy import central_entry, run_ledger
+from umeml.flower.records import arrays_from_state, state_from_arrays
 from umeml.model import build_model, save_checkpoint
 from umeml.rundir import (
     PRIMARY_METRICS,
@@ -40,8 +41,6 @@ from umeml.rundir import (
     write_final,
     write_metrics,
 )
-from umeml.train.loop import task_heads
-from umeml.flower.records import arrays_from_state, state_from_arrays
 from umeml.server.strategies import (
     NodeSubsetGrid,
     build_strategy,
@@ -52,6 +51,7 @@ from umeml.server.strategies import (
     strategy_state,
     with_central_dp,
 )
+from umeml.train.loop import task_heads
 
 log = logging.getLogger("umeml.server")
 
@@ -186,7 +186,7 @@ class Coordinator:
         if impostors:
             raise FederationError("handshake refused:\n  - " + "\n  - ".join(impostors))
         by_site = {}
-        for node, reply in replies.items():
+        for reply in replies.values():
             if reply["site"] in by_site:
                 raise FederationError(f"two nodes claim site {reply['site']!r}; site ids must be unique")
             by_site[reply["site"]] = reply

@@ -42,7 +42,8 @@ def local_dp(**kw):
 
 
 def run(tmp_path, cfg, resume=False, out="run", dp=None, grid_kw=None):
-    app = build_client_app(SimulatedSites(SITES, CohortSource(data_dir=str(TINY[0])), state_root=str(tmp_path / out / "sites"), dp=dp))
+    app = build_client_app(SimulatedSites(SITES, CohortSource(data_dir=str(TINY[0])),
+                                          state_root=str(tmp_path / out / "sites"), dp=dp))
     grid = LocalGrid(app, len(SITES), **(grid_kw or {}))
     coord = Coordinator(cfg, tmp_path / out, expected_sites=len(SITES), held_out=("A2",), resume=resume,
                         wait_timeout=5, printer=lambda s: None)

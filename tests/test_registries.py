@@ -16,8 +16,7 @@ from umeml.errors import ConfigError, UmemlError
 from umeml.federation.accountants import available_accountants, register_accountant
 from umeml.federation.privacy import compute_epsilon
 from umeml.registry import Registry
-from umeml.server.strategies import (available_strategies, build_strategy, central_dp_wrapper, register_strategy,
-                                     with_central_dp)
+from umeml.server.strategies import available_strategies, build_strategy, central_dp_wrapper, register_strategy, with_central_dp
 
 ROOT = Path(__file__).resolve().parents[1]
 

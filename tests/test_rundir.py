@@ -8,8 +8,8 @@ import pytest
 
 from umeml.cli import main as umeml_main
 from umeml.client.app import SimulatedSites, build_client_app
-from umeml.data.source import CohortSource
 from umeml.data.cohort import load_data_dir
+from umeml.data.source import CohortSource
 from umeml.report import ReportError, write_report
 from umeml.rundir import (
     METRICS_COLUMNS,

@@ -252,8 +252,9 @@ def oracle_metrics(latents: list[dict], seed: int) -> dict:
     """Metrics of a simple model that sees the generator's latent variables.
 
     Subtype and grade: multinomial logistic regression on (the patient's true morphotype
-    mixture, its generated expression values; zeros when genomics are missing), predictions pooled over leave-one-site-out folds (so every patient is scored by a
-    model that never saw its site). Survival: Harrell's c-index of the true log-hazard.
+    mixture, its generated expression values; zeros when genomics are missing), predictions
+    pooled over leave-one-site-out folds (so every patient is scored by a model that never saw
+    its site). Survival: Harrell's c-index of the true log-hazard.
     Models are judged against these numbers as an upper reference.
     """
     from lifelines.utils import concordance_index

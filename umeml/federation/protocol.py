@@ -139,7 +139,8 @@ def combine_site_metrics(site_metrics: dict[str, dict]) -> dict:
             for name, v in m["tasks"].get(task, {}).items():
                 if has_value(v):
                     weight = v.get("pairs") if name == "c_index" else v.get("n")
-                    entries.setdefault(name, []).append((float(v["value"]), float(weight or 0), v.get("ci_low"), v.get("ci_high"), int(v.get("n", 0))))
+                    entries.setdefault(name, []).append(
+                        (float(v["value"]), float(weight or 0), v.get("ci_low"), v.get("ci_high"), int(v.get("n", 0))))
         out = {}
         for name, values in entries.items():
             w = np.array([x[1] for x in values])

@@ -3,12 +3,12 @@
 Importing this package registers every model; build one with :func:`build_model`.
 """
 
-from umeml.model.blocks import ModelOutput, register_dp_grad_samplers
-from umeml.model.registry import available_models, build_model, register_model
-from umeml.model.umeml_model import UMEML
 from umeml.model.baselines import ABMIL, SNN, LateFusion
+from umeml.model.blocks import ModelOutput, register_dp_grad_samplers
 from umeml.model.io import load, save_checkpoint, unwrap_model
 from umeml.model.modularity import dense_modularity_loss, modularity_loss, soft_assignments
+from umeml.model.registry import available_models, build_model, register_model
+from umeml.model.umeml_model import UMEML
 
 __all__ = [
     "ABMIL",

@@ -234,7 +234,7 @@ def _privacy_section(builder: ReportBuilder, ledger: dict) -> Section:
     if central:
         rows.append(["(central)", central.get("round"), f"{central['epsilon']:.3f}", "-", central.get("delta"), "released"])
     targets = {}
-    for site, e in (final.get("local") or {}).items():
+    for e in (final.get("local") or {}).values():
         if isinstance(e.get("target_epsilon"), (int, float)):
             targets.setdefault(f"{e['target_epsilon']:g}", e["target_epsilon"])
     releases = "".join(

@@ -79,8 +79,9 @@ def train_central(cfg: ExperimentConfig, cohort: Cohort, out_dir: str | Path, sp
     train_ds = make_dataset(cfg, cohort, split.train, prep, train=True)
     loaders = {
         "train": make_loader(train_ds, cfg.train.batch_size, True, cfg.seed, cfg.train.num_workers),
-        "val": make_loader(make_dataset(cfg, cohort, split.val, prep, False), cfg.train.batch_size, False, 0, cfg.train.num_workers),
-        "test": make_loader(make_dataset(cfg, cohort, split.test, prep, False), cfg.train.batch_size, False, 0, cfg.train.num_workers),
+        **{part: make_loader(make_dataset(cfg, cohort, idx, prep, False), cfg.train.batch_size, False, 0,
+                             cfg.train.num_workers)
+           for part, idx in (("val", split.val), ("test", split.test))},
     }
     fit = _Fit(cfg, out, model, train_ds, loaders, loss_settings(cfg, prep).to(device), device, split,
                _checkpoint_meta(cfg, cohort, prep, split))
