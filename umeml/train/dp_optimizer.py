@@ -34,7 +34,11 @@ from __future__ import annotations
 
 import torch
 from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+from opacus.optimizers.optimizer import (
+    _check_processed_flag,
+    _generate_noise,
+    _mark_as_processed,
+)
 from torch import nn
 
 __all__ = ["FusedDPOptimizer"]
