@@ -196,3 +196,32 @@ def test_train_dp_steps_fused_equals_stock_without_noise(tiny_cohort_dir):
     assert any(not torch.equal(weights[True][k], model.state_dict()[k]) for k in weights[True])
     for k in weights[True]:
         torch.testing.assert_close(weights[True][k], weights[False][k], atol=1e-5, rtol=1e-4)
+
+
+class _MixedDtypes(torch.nn.Module):
+    """Two linear maps, one in float64: no single flat buffer holds both."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(3, 2)
+        self.b = torch.nn.Linear(3, 2).double()
+
+    def forward(self, x):
+        return self.a(x) + self.b(x.double()).float()
+
+
+def test_mixed_dtypes_fall_back_to_opacus_per_tensor_code():
+    torch.manual_seed(0)
+    model, x = _MixedDtypes(), torch.randn(5, 3)
+    grads = {}
+    for cls in (FusedDPOptimizer, DPOptimizer):
+        gsm = GradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="mean")
+        opt = cls(torch.optim.SGD(gsm.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=0.5,
+                  expected_batch_size=5.0)
+        gsm(x).pow(2).sum(1).mean().backward()
+        opt.step()
+        grads[cls] = [p.grad.clone() for p in opt.params]
+        gsm._close()
+    for a, b in zip(grads[FusedDPOptimizer], grads[DPOptimizer]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b)
