@@ -91,7 +91,10 @@ class DPSGD:
         cls = FusedDPOptimizer if fused else DPOptimizer
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus's notices about secure RNG and hooks
-            self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+            # "sum": the per-sample gradients of the summed loss are each patient's own gradient
+            # as they come; "mean" would have Opacus multiply every layer's backprops by the batch
+            # size (one more pass per layer). The optimizer still divides by the expected batch size.
+            self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
             self.optimizer = cls(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                  expected_batch_size=expected_batch_size, loss_reduction="mean",
                                  generator=generator, secure_mode=secure_mode)
@@ -108,7 +111,7 @@ class DPSGD:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 per_sample = batch_loss(self.module, batch, loss)
-                per_sample.mean().backward()
+                per_sample.sum().backward()
             total = float(per_sample.detach().sum())
         for p in self.params:
             # a parameter unused by this batch (or an empty batch) has zero per-sample gradients
