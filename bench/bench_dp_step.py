@@ -47,7 +47,8 @@ def demo_batches(batch_sizes: list[int], steps: int):
         ds = CohortDataset(cohort, idx, edges, GenomicScaler.fit(cohort, idx), max_patches=cfg.data.max_patches,
                            train=True, seed=cfg.seed)
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
-        batches = {b: [ds.collate([ds[i] for i in order[s * b:(s + 1) * b]]) for s in range(steps)]
+        # cycle through the shuffled patients: batch x steps may exceed the cohort
+        batches = {b: [ds.collate([ds[order[j % len(ds)]] for j in range(s * b, (s + 1) * b)]) for s in range(steps)]
                    for b in batch_sizes}
     return cfg, cohort, batches
 
