@@ -47,6 +47,7 @@ def test_configs_are_frozen():
         ({"model": {"fusion": "sum"}}, "model.fusion: must be one of"),
         ({"model": {"use_registers": "yes"}}, "model.use_registers: expected true or false"),
         ({"model": {"hidden_dim": 30, "n_heads": 4}}, "must be divisible"),
+        ({"model": {"name": "nope"}}, "model.name: unknown model 'nope'; available: abmil, late_fusion, linear"),
         ({"tasks": ["grade", "grade"]}, "tasks"),
         ({"tasks": ["staging"]}, "tasks[0]: must be one of"),
         ({"train": {"epochs": 2.5}}, "train.epochs: expected an integer"),

@@ -24,8 +24,8 @@ D = 12
 GROUPS = (3, 4, 2)
 HEADS = {"grade": 3, "subtype": 6, "survival": 4}
 
-# UMEML ablations worth covering in the same loop as the registered models.
-VARIANTS = [(name, {}) for name in ("umeml", "abmil", "snn", "late_fusion")] + [
+# Every registered model, plus the ablations worth covering in the same loop.
+VARIANTS = [(name, {}) for name in available_models()] + [
     ("umeml", {"use_cross_attention": False}),
     ("umeml", {"use_modularity": False}),
     ("umeml", {"use_registers": False}),
@@ -33,6 +33,8 @@ VARIANTS = [(name, {}) for name in ("umeml", "abmil", "snn", "late_fusion")] + [
     ("umeml", {"modalities": ("pathology",)}),
     ("umeml", {"modalities": ("genomics",)}),
     ("late_fusion", {"fusion": "bilinear"}),
+    ("linear", {"modalities": ("pathology",)}),
+    ("linear", {"modalities": ("genomics",)}),
 ]
 IDS = [name + "".join(f"-{k}={v}" for k, v in extra.items()) for name, extra in VARIANTS]
 
@@ -73,7 +75,7 @@ def cat_logits(out: ModelOutput) -> torch.Tensor:
 
 
 def test_registry_names_and_duplicate_error():
-    assert {"umeml", "abmil", "snn", "late_fusion"} <= set(available_models())
+    assert {"umeml", "abmil", "snn", "late_fusion", "linear"} <= set(available_models())
     with pytest.raises(ValueError, match="already registered"):
         register_model("umeml")(UMEML)
     with pytest.raises(ConfigError, match="unknown model"):
@@ -144,7 +146,7 @@ def test_missing_modality_uses_token(name, extra):
         batch.genomics[1] = -50.0  # patient 1 has no genomics
         torch.testing.assert_close(cat_logits(run(model, batch)), ref)
     # the missing-modality token drives the prediction: changing it changes the output
-    uses_path = name in ("umeml", "abmil", "late_fusion") and extra.get("modalities") != ("genomics",)
+    uses_path = name in ("umeml", "abmil", "late_fusion", "linear") and extra.get("modalities") != ("genomics",)
     token_names = [n for n, _ in model.named_parameters() if "missing" in n]
     assert token_names
     with torch.no_grad():

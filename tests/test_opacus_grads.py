@@ -29,6 +29,7 @@ VARIANTS = [(name, {}) for name in available_models()] + [
     ("umeml", {"modalities": ("pathology",)}),
     ("umeml", {"modalities": ("genomics",)}),
     ("late_fusion", {"fusion": "bilinear"}),
+    ("linear", {"modalities": ("genomics",)}),
 ]
 IDS = [name + "".join(f"-{k}={v}" for k, v in extra.items()) for name, extra in VARIANTS]
 

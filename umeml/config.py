@@ -330,6 +330,14 @@ def _validate_semantics(obj: Any, path: str, source: str) -> None:
     """Cross-field rules that a per-field type check cannot express."""
     prefix = f"{path}." if path else ""
     if isinstance(obj, ModelConfig):
+        # imported here, not at the top: the registry imports this module; importing the package
+        # registers every model
+        from umeml.model import available_models
+
+        if obj.name not in available_models():
+            raise ConfigError(
+                f"{source}: {prefix}name: unknown model {obj.name!r}; available: {', '.join(available_models())}"
+            )
         if obj.hidden_dim % obj.n_heads:
             raise ConfigError(
                 f"{source}: {prefix}hidden_dim: must be divisible by model.n_heads "

@@ -1,4 +1,4 @@
-"""Baselines in the same harness as UMEML: ABMIL, SNN and their late fusion.
+"""Baselines in the same harness as UMEML: ABMIL, SNN, their late fusion, and a linear model.
 
 Each takes the same inputs as UMEML and returns a :class:`ModelOutput` with ``aux_loss`` zeros.
 A patient lacking the modality a branch reads gets that branch's learned missing-modality token
@@ -20,12 +20,13 @@ from umeml.model.blocks import (
     SNNBlock,
     TaskHeads,
     dropout,
+    masked_mean,
     safe_key_mask,
 )
 from umeml.model.registry import register_model
 from umeml.model.umeml_model import ensure_patch_axis, split_groups
 
-__all__ = ["ABMIL", "LateFusion", "SNN", "ABMILBranch", "SNNBranch"]
+__all__ = ["ABMIL", "LateFusion", "LinearBaseline", "SNN", "ABMILBranch", "SNNBranch"]
 
 
 class ABMILBranch(nn.Module):
@@ -134,3 +135,54 @@ class LateFusion(nn.Module):
             aux_loss=_zeros(has_path, zp.dtype),
             attention={"patch": weights.detach()},
         )
+
+
+@register_model("linear")
+class LinearBaseline(nn.Module):
+    """Linear heads on [masked mean of the patch features; genomic vector] (the classical baseline).
+
+    The pathology part is the mean of the patient's real patch features (the extractor's features,
+    as they are); the genomic part is the genomic vector as the dataset gives it (standardised
+    with the training statistics). A patient without pathology (``has_path`` False or no real
+    patch), or without genomics, gets that part's learned missing token (input-sized, initialised
+    near zero) instead: near zero imputation at the start, and the heads learn the offset a missing
+    modality deserves, which is what a missing-indicator column would learn. Tokens rather than
+    indicator columns keep one missing-modality mechanism for every registered model.
+
+    ``model.modalities`` chooses the parts; every other model hyper-parameter (``hidden_dim``,
+    ``dropout``, ...) is ignored. Parameters live only in ``nn.Linear`` (one per task) and
+    :class:`LearnedTokens`, so Opacus's per-sample gradients are exact; with few parameters it is
+    the model for DP-SGD at small sites.
+    """
+
+    def __init__(self, cfg: ModelConfig, feature_dim: int, group_sizes: tuple[int, ...], heads: dict[str, int]):
+        super().__init__()
+        self.use_path = "pathology" in cfg.modalities
+        self.use_gen = "genomics" in cfg.modalities
+        width = 0
+        if self.use_path:
+            if feature_dim < 1:
+                raise ValueError("linear with pathology needs feature_dim >= 1")
+            self.missing_path = LearnedTokens(1, feature_dim)
+            width += feature_dim
+        if self.use_gen:
+            if not group_sizes:
+                raise ValueError("linear with genomics needs at least one gene group")
+            self.group_sizes = tuple(group_sizes)
+            self.missing_gen = LearnedTokens(1, sum(group_sizes))
+            width += sum(group_sizes)
+        self.heads = TaskHeads(width, heads)
+
+    def forward(self, features, patch_mask, genomics, has_path, has_genomics) -> ModelOutput:
+        """See :class:`umeml.model.UMEML`."""
+        parts = []
+        if self.use_path:
+            features, patch_mask = ensure_patch_axis(features, patch_mask)
+            valid = patch_mask.bool() & has_path.bool()[:, None]
+            z = masked_mean(features, valid)
+            parts.append(torch.where(valid.any(dim=1)[:, None], z, self.missing_path(has_path)[:, 0]))
+        if self.use_gen:
+            split_groups(genomics, self.group_sizes)  # shape check only
+            parts.append(torch.where(has_genomics.bool()[:, None], genomics, self.missing_gen(has_genomics)[:, 0]))
+        z = torch.cat(parts, dim=1)
+        return ModelOutput(logits=self.heads(z), aux_loss=_zeros(has_path, z.dtype))

@@ -8,9 +8,11 @@ epsilon after the round) lives in :mod:`umeml.federation.privacy`.
   the usual padding collate. A batch can be empty (the first one too): the step is still taken,
   with noise only, because the accountant counts it and skipping it would leak that it was empty.
 - **Clipping and noise**: Opacus's ``GradSampleModule`` computes each patient's gradient (exact
-  for every registry model, see ``tests/test_opacus_grads.py``), ``DPOptimizer`` clips each to
+  for every registry model, see ``tests/test_opacus_grads.py``), the DP optimizer clips each to
   ``max_grad_norm``, sums, adds ``N(0, (noise_multiplier * max_grad_norm)^2)`` and divides by the
-  expected batch size.
+  expected batch size. By default that optimizer is
+  :class:`~umeml.train.dp_optimizer.FusedDPOptimizer` (the same arithmetic and noise on one flat
+  buffer instead of per tensor); ``fused=False`` uses Opacus's stock ``DPOptimizer``.
 - **FedProx**: Opacus only sees per-sample gradients, so a parameter-only loss term such as
   mu/2 ||w - w_global||^2 would be silently dropped. Its gradient mu (w - w_global) is added to
   the privatised gradient after clipping and noise, before the optimizer step. It depends on no
@@ -72,23 +74,30 @@ class DPSGD:
 
     ``step(batch)`` takes one DP-SGD step on one Poisson batch (an empty batch gives a
     noise-only step). ``close()`` removes the hooks; the wrapped ``model`` keeps its weights.
+    ``fused`` picks :class:`~umeml.train.dp_optimizer.FusedDPOptimizer` (default) or Opacus's
+    stock ``DPOptimizer`` (same result, slower; kept for comparison).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, noise_multiplier: float,
                  max_grad_norm: float, expected_batch_size: float, generator: torch.Generator | None = None,
-                 secure_mode: bool = True):
+                 secure_mode: bool = True, fused: bool = True):
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
         from umeml.model import register_dp_grad_samplers
+        from umeml.train.dp_optimizer import FusedDPOptimizer
 
         register_dp_grad_samplers()
+        cls = FusedDPOptimizer if fused else DPOptimizer
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus's notices about secure RNG and hooks
-            self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-            self.optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                                         expected_batch_size=expected_batch_size, loss_reduction="mean",
-                                         generator=generator, secure_mode=secure_mode)
+            # "sum": the per-sample gradients of the summed loss are each patient's own gradient
+            # as they come; "mean" would have Opacus multiply every layer's backprops by the batch
+            # size (one more pass per layer). The optimizer still divides by the expected batch size.
+            self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+            self.optimizer = cls(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                                 expected_batch_size=expected_batch_size, loss_reduction="mean",
+                                 generator=generator, secure_mode=secure_mode)
         self.params: list[nn.Parameter] = list(self.optimizer.params)
 
     def step(self, batch: Batch, loss: LossSettings, device: torch.device,
@@ -102,7 +111,7 @@ class DPSGD:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 per_sample = batch_loss(self.module, batch, loss)
-                per_sample.mean().backward()
+                per_sample.sum().backward()
             total = float(per_sample.detach().sum())
         for p in self.params:
             # a parameter unused by this batch (or an empty batch) has zero per-sample gradients
@@ -134,12 +143,14 @@ def proximal_gradient(mu: float, anchor: list[torch.Tensor]) -> Callable[[list[n
 def train_dp_steps(model: nn.Module, dataset, optimizer: torch.optim.Optimizer, loss: LossSettings,
                    device: torch.device, *, sample_rate: float, noise_multiplier: float, max_grad_norm: float,
                    steps: int, steps_per_epoch: int, proximal_mu: float = 0.0, seed: int | None = None,
-                   num_workers: int = 0, on_epoch: Callable[[int], None] | None = None) -> dict:
+                   num_workers: int = 0, on_epoch: Callable[[int], None] | None = None,
+                   fused: bool = True) -> dict:
     """``steps`` DP-SGD steps over Poisson batches of ``dataset``, in epochs of ``steps_per_epoch``.
 
     ``seed`` None takes sampling and noise from OS entropy with Opacus's secure noise (what a
     site does); a seed makes the run reproducible (tests only: whoever knows the seed can
-    remove the noise). Returns the mean loss, samples and steps seen and the empty batches.
+    remove the noise). ``fused`` False uses Opacus's stock optimizer (see :class:`DPSGD`).
+    Returns the mean loss, samples and steps seen and the empty batches.
     """
     secure = seed is None
     seed = secrets.randbits(62) if seed is None else int(seed)
@@ -147,7 +158,8 @@ def train_dp_steps(model: nn.Module, dataset, optimizer: torch.optim.Optimizer, 
     noise = torch.Generator(device=device).manual_seed(seed + 1)
     model.train()
     dp = DPSGD(model, optimizer, noise_multiplier, max_grad_norm,
-               expected_batch_size=max(sample_rate * len(dataset), 1e-12), generator=noise, secure_mode=secure)
+               expected_batch_size=max(sample_rate * len(dataset), 1e-12), generator=noise, secure_mode=secure,
+               fused=fused)
     after = None
     if proximal_mu > 0:
         after = proximal_gradient(proximal_mu, [p.detach().clone() for p in dp.params])
