@@ -220,10 +220,12 @@ def write_jpeg_pyramid(
     tile: int = 256,
     quality: int = 90,
     missing: Sequence[int] = (),
+    aperio: bool = True,
 ) -> Path:
     """An Aperio SVS whose JPEG tiles are encoded here: ``photometric`` ``rgb`` or ``ycbcr``,
     levels at ``downsamples``, the quantisation/Huffman tables in JPEGTables when ``tables``
-    (else in each tile), level-0 tiles numbered in ``missing`` stored empty (0 bytes)."""
+    (else in each tile), level-0 tiles numbered in ``missing`` stored empty (0 bytes).
+    ``aperio=False``: a generic tiled TIFF instead (pixel size in the resolution tags, no thumbnail)."""
     path = Path(path)
     h, w = image.shape[:2]
     desc = (f"Aperio Image Library v12.0.15 \n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) JPEG/RGB Q={quality}"
@@ -239,13 +241,19 @@ def write_jpeg_pyramid(
                 if any(t not in (None, jpegtables) for t, _ in split):
                     raise ValueError("tiles of one level must share their tables")
                 data = [d for _, d in split]
+            if aperio:
+                page = {"description": desc if i == 0 else f"Aperio Image Library v12.0.15 \n{w}x{h} -> "
+                                                              f"{level.shape[1]}x{level.shape[0]}"}
+            else:
+                px_per_cm = 1e4 / (mpp * ds)
+                page = {"resolution": (px_per_cm, px_per_cm), "resolutionunit": "CENTIMETER",
+                        "subfiletype": 0 if i == 0 else 1}
             tw.write(
                 iter(data), shape=level.shape, dtype=np.uint8, tile=(tile, tile), compression="jpeg",
                 photometric="rgb", compressionargs={"outcolorspace": "RGB" if photometric == "rgb" else "YCBCR"},
-                subsampling=(1, 1) if photometric == "rgb" else (2, 2), jpegtables=jpegtables, metadata=None,
-                description=desc if i == 0 else f"Aperio Image Library v12.0.15 \n{w}x{h} -> {level.shape[1]}x{level.shape[0]}",
+                subsampling=(1, 1) if photometric == "rgb" else (2, 2), jpegtables=jpegtables, metadata=None, **page,
             )
-            if i == 0:  # Aperio's second page: a stripped thumbnail (not a pyramid level)
+            if i == 0 and aperio:  # Aperio's second page: a stripped thumbnail (not a pyramid level)
                 thumb = _downsampled(image, max(1, max(h, w) // 256))
                 tw.write(thumb, photometric="rgb", description="Aperio Image Library v12.0.15 \nthumbnail", metadata=None)
     return path

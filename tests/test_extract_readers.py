@@ -18,18 +18,17 @@ pytest.importorskip("openslide")
 pytest.importorskip("tifffile")
 pytest.importorskip("torchvision")
 
-from PIL import Image  # noqa: E402
-from slide_fixtures import (  # noqa: E402
+from PIL import Image
+from slide_fixtures import (
     corrupt_tile,
     make_slide_image,
     split_jpeg_tables,
     write_jpeg_pyramid,
     write_pyramidal_tiff,
 )
-
-from umeml.client.extract.devicedecode import DeviceTileDecoder, psnr  # noqa: E402
-from umeml.client.extract.grid import plan_read  # noqa: E402
-from umeml.client.extract.rawtiles import (  # noqa: E402
+from umeml.client.extract.devicedecode import DeviceTileDecoder, psnr
+from umeml.client.extract.grid import plan_read
+from umeml.client.extract.rawtiles import (
     RawTileReader,
     decode_scale,
     decode_tile,
@@ -37,8 +36,8 @@ from umeml.client.extract.rawtiles import (  # noqa: E402
     probe_raw_level,
     splice_jpeg,
 )
-from umeml.client.extract.readers import OpenSlideReader, choose_reader  # noqa: E402
-from umeml.client.extract.slides import SlideError, open_slide, resolve_target  # noqa: E402
+from umeml.client.extract.readers import OpenSlideReader, choose_reader
+from umeml.client.extract.slides import SlideError, open_slide, resolve_target
 
 # 40x (0.25 um/px), levels 1, 4, 16 (as Aperio writes them); not a multiple of the tile size, so
 # the right and bottom tiles of every level are edge tiles (padded with black in the file)
@@ -58,6 +57,8 @@ def pyramids(tmp_path_factory):
             name = f"{photometric}_{'tables' if tables else 'full'}"
             out[name] = write_jpeg_pyramid(d / f"{name}.svs", img, photometric=photometric, tables=tables,
                                            downsamples=DOWNSAMPLES)
+    out["generic"] = write_jpeg_pyramid(d / "generic.tif", img, photometric="ycbcr", downsamples=DOWNSAMPLES,
+                                        aperio=False)
     # a zero-length level-0 tile (an Aperio encoder bug seen in the wild): x 768..1023, y 0..255
     out["missing"] = write_jpeg_pyramid(d / "missing.svs", img, photometric="ycbcr", downsamples=DOWNSAMPLES, missing=(3,))
     out["zlib"] = write_pyramidal_tiff(d / "zlib.tif", img, mpp=0.25, downsamples=(1, 4))
@@ -93,15 +94,20 @@ LEVEL_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", ["rgb_tables", "ycbcr_tables", "rgb_full", "ycbcr_full"])
-@pytest.mark.parametrize("case", list(LEVEL_CASES), ids=lambda c: f"mpp{c[0]}-out{c[1]}")
+# every level choice in both photometric cases (tables in JPEGTables); tables in every tile and a
+# generic (non-Aperio) TIFF for two of them
+MATCH_CASES = [(name, case) for name in ("rgb_tables", "ycbcr_tables") for case in LEVEL_CASES] + [
+    (name, case) for name in ("rgb_full", "ycbcr_full", "generic") for case in ((0.5, 256), (1.0, 256))]
+
+
+@pytest.mark.parametrize(("name", "case"), MATCH_CASES, ids=[f"{n}-mpp{c[0]}-out{c[1]}" for n, c in MATCH_CASES])
 def test_raw_reader_matches_openslide(pyramids, name, case):
     mpp, out = case
     patch_size = 256 if out == 224 else out
     plan, raw, osr = _readers(pyramids[name], mpp, out_size=out, patch_size=patch_size)
     assert isinstance(raw, RawTileReader), "a JPEG-tiled SVS is read raw under --reader auto"
     assert (plan.level, plan.read_size, raw.scale) == LEVEL_CASES[case]
-    assert raw.raw.photometric == name.split("_")[0]
+    assert raw.raw.photometric == ("ycbcr" if name == "generic" else name.split("_")[0])
     coords = _grid(plan)
     want = [osr.read_patch(int(x), int(y)) for x, y in coords]
     got = [raw.read_patch(int(x), int(y)) for x, y in coords]
@@ -238,7 +244,7 @@ def test_corrupt_tile_raises_slide_error(tmp_path):
 
 
 def test_device_check_refuses_a_decoder_that_gets_colours_wrong(pyramids, monkeypatch):
-    plan, raw, _ = _readers(pyramids["rgb_tables"], 0.5)
+    _plan, raw, _ = _readers(pyramids["rgb_tables"], 0.5)
     good = DeviceTileDecoder("cpu")
     assert good.check(raw) is None
     bad = DeviceTileDecoder("cpu")

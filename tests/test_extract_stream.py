@@ -13,7 +13,7 @@ pytest.importorskip("openslide")
 pytest.importorskip("timm")
 pytest.importorskip("h5py")
 
-from slide_fixtures import (  # noqa: E402
+from slide_fixtures import (
     corrupt_tile,
     disable_network,
     make_slide_image,
@@ -21,12 +21,12 @@ from slide_fixtures import (  # noqa: E402
     write_jpeg_pyramid,
     write_pyramidal_tiff,
 )
+from umeml.client.cli import main
+from umeml.client.extract import pipeline
+from umeml.client.extract.encoders import load_encoder
+from umeml.client.extract.pipeline import ExtractOptions, extract_slides
 
-from umeml.client.cli import main  # noqa: E402
-from umeml.client.extract import pipeline  # noqa: E402
-from umeml.client.extract.encoders import load_encoder  # noqa: E402
-from umeml.client.extract.pipeline import ExtractOptions, extract_slides  # noqa: E402
-from umeml.data.bags import inspect_bag, read_coords, read_features  # noqa: E402
+from umeml.data.bags import inspect_bag, read_coords, read_features
 
 RECTS = [(256, 256, 768, 512)]  # 20x slides, 256 px patches: 6 tissue patches each
 N = tissue_patch_count(RECTS, 256)
@@ -90,7 +90,8 @@ def test_reader_raw_fails_a_slide_it_cannot_read(slides, tmp_path):
                      "--encoder", "vit_tiny", "--random-init", "--input-size", "32", "--batch-size", "4",
                      "--workers", "0", "--no-progress", "-q"])
     assert code == 1
-    (row,) = csv.DictReader(open(out / "failures.csv"))
+    with open(out / "failures.csv") as f:
+        (row,) = csv.DictReader(f)
     assert row["slide_id"] == "zlib" and row["stage"] == "reader"
     assert "zlib.tif: the raw-tile reader cannot read this slide" in row["reason"] and "--reader auto" in row["reason"]
     assert inspect_bag(out / "s0.h5").attrs["reader"] == "raw"

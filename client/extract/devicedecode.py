@@ -154,5 +154,7 @@ class DeviceTileDecoder:
                     break
         except (RuntimeError, ValueError, OSError, SlideError) as err:  # then: decode in the reader processes
             reason = f"{self.name} cannot decode the tiles ({type(err).__name__}: {err})"
+        finally:
+            reader.close()  # the reader processes open their own file; none stays open here
         self._checked[key] = reason
         return reason
