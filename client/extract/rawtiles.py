@@ -120,12 +120,18 @@ def _frame(stream: bytes) -> tuple[int, int, int, int, int]:
     raise ValueError("no SOF marker in the JPEG stream")
 
 
-def decode_tile(stream: bytes, width: int, height: int, photometric: str, scale: int = 1) -> np.ndarray:
+def decode_tile_image(stream: bytes, width: int, height: int, photometric: str, scale: int = 1) -> Image.Image:
     """Decode a complete JPEG stream of a ``width`` x ``height`` tile at 1/``scale`` (libjpeg's
-    scaled DCT) into an H x W x 3 uint8 array; the colour space is the TIFF photometric's."""
+    scaled DCT) into an RGB image; the colour space is the TIFF photometric's, whatever the
+    stream's markers say (as openslide does)."""
     size = (-(-width // scale), -(-height // scale))
     jpegmode = "RGB" if photometric == "rgb" else "YCbCr"
-    return np.asarray(Image.frombytes("RGB", size, stream, "jpeg", "RGB", jpegmode, scale, 0))
+    return Image.frombytes("RGB", size, stream, "jpeg", "RGB", jpegmode, scale, 0)
+
+
+def decode_tile(stream: bytes, width: int, height: int, photometric: str, scale: int = 1) -> np.ndarray:
+    """:func:`decode_tile_image` as an H x W x 3 uint8 array."""
+    return np.asarray(decode_tile_image(stream, width, height, photometric, scale))
 
 
 @dataclass(frozen=True)
@@ -350,7 +356,7 @@ class RawTileReader:
         self.scale = decode_scale(self.read_size, self.out_size, raw.tile_width, raw.tile_height)
         self._fd: int | None = None
         self._pid: int | None = None
-        self._cache: OrderedDict[tuple[int, int, int], np.ndarray | None] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int, int], Image.Image | None] = OrderedDict()
 
     @property
     def decoder(self) -> str:
@@ -378,7 +384,7 @@ class RawTileReader:
         except ValueError as err:
             raise SlideError(f"{self.raw.path}: cannot decode JPEG tile {col},{row} of level {self.raw.level} ({err})") from err
 
-    def _tile(self, col: int, row: int, scale: int) -> np.ndarray | None:
+    def _tile(self, col: int, row: int, scale: int) -> Image.Image | None:
         key = (col, row, scale)
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -387,7 +393,7 @@ class RawTileReader:
         tile = None
         if stream is not None:
             try:
-                tile = decode_tile(stream, self.raw.tile_width, self.raw.tile_height, self.raw.photometric, scale)
+                tile = decode_tile_image(stream, self.raw.tile_width, self.raw.tile_height, self.raw.photometric, scale)
             except (OSError, ValueError) as err:
                 raise SlideError(f"{self.raw.path}: cannot decode JPEG tile {col},{row} of level {self.raw.level} ({err})") from err
         self._cache[key] = tile
@@ -410,38 +416,41 @@ class RawTileReader:
         rows = range(max(0, ly // r.tile_height), min(r.tiles_down, -(-(ly + size) // r.tile_height)))
         return cols, rows
 
-    def read_region(self, lx: int, ly: int, size: int | None = None, scale: int | None = None) -> np.ndarray:
+    def region_image(self, lx: int, ly: int, size: int | None = None, scale: int | None = None) -> Image.Image:
         """The ``size`` (default read_size) square at level pixel (lx, ly), decoded at 1/``scale``
-        (default the reader's, less when the corner is not a multiple of it): side / k squared x 3."""
+        (default the reader's, less when the corner is not a multiple of it), side / k pixels a side.
+        Tiles are pasted as Pillow images (C copies, clipped to the square); what lies outside the
+        level image or on a missing tile is the background."""
         r, k = self.raw, self.scale if scale is None else scale
         size = self.read_size if size is None else size
         while k > 1 and (lx % k or ly % k or size % k):
             k //= 2
-        out = np.empty((size // k, size // k, 3), np.uint8)
-        out[:] = self.background
+        out = Image.new("RGB", (size // k, size // k), self.background)
         tw, th = r.tile_width // k, r.tile_height // k
-        x_end, y_end = -(-min(lx + size, r.width) // k), -(-min(ly + size, r.height) // k)
+        x_end, y_end = -(-min(lx + size, r.width) // k), -(-min(ly + size, r.height) // k)  # image edge
         cols, rows = self._tiles_covering(lx, ly, size)
         for row in rows:
             for col in cols:
                 tile = self._tile(col, row, k)
                 if tile is None:
                     continue
-                x0, y0 = max(col * tw, lx // k), max(row * th, ly // k)  # scaled level pixels
-                x1, y1 = min((col + 1) * tw, x_end), min((row + 1) * th, y_end)
-                if x1 > x0 and y1 > y0:
-                    out[y0 - ly // k : y1 - ly // k, x0 - lx // k : x1 - lx // k] = (
-                        tile[y0 - row * th : y1 - row * th, x0 - col * tw : x1 - col * tw])
+                if (col + 1) * tw > x_end or (row + 1) * th > y_end:  # an edge tile: drop its padding
+                    tile = tile.crop((0, 0, min(tw, x_end - col * tw), min(th, y_end - row * th)))
+                out.paste(tile, (col * tw - lx // k, row * th - ly // k))
         return out
+
+    def read_region(self, lx: int, ly: int, size: int | None = None, scale: int | None = None) -> np.ndarray:
+        """:meth:`region_image` as an array."""
+        return np.asarray(self.region_image(lx, ly, size, scale))
 
     def read_patch(self, x: int, y: int) -> np.ndarray:
         """The patch at level-0 (x, y) as an out_size x out_size x 3 uint8 array."""
         lx, ly, rx, ry = self.level_position(x, y)
         if rx or ry:  # between level pixels: one more pixel, full scale, interpolated as openslide does
-            region = shift_bilinear(self.read_region(lx, ly, self.read_size + 1, scale=1), rx, ry)
+            region = Image.fromarray(shift_bilinear(self.read_region(lx, ly, self.read_size + 1, scale=1), rx, ry))
         else:
-            region = self.read_region(lx, ly)
-        return np.asarray(resize_patch(Image.fromarray(region), self.out_size))
+            region = self.region_image(lx, ly)
+        return np.asarray(resize_patch(region, self.out_size))
 
     def tile_chunk(self, coords: np.ndarray) -> TileChunk:
         """The compressed tiles of the patches at level-0 ``coords`` (n x 2), for the device."""
