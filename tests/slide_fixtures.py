@@ -4,7 +4,11 @@ The slides are written with tifffile, so the tests need no downloaded data:
 - :func:`write_pyramidal_tiff`: a generic tiled, pyramidal TIFF (deflate tiles), with the pixel
   size in the TIFF resolution tags (openslide reports it as ``openslide.mpp-x``), or without it;
 - :func:`write_aperio_svs`: an Aperio-style SVS (JPEG tiles, an Aperio ``ImageDescription`` with
-  ``AppMag`` and ``MPP``, a thumbnail page and reduced levels), which openslide opens as ``aperio``.
+  ``AppMag`` and ``MPP``, a thumbnail page and reduced levels), which openslide opens as ``aperio``;
+- :func:`write_jpeg_pyramid`: the same with tiles encoded here, as scanners write them: in either
+  photometric case (RGB-coded tiles with an Adobe marker, or YCbCr 4:2:0), with the tables in the
+  page's JPEGTables (abbreviated tiles) or in every tile, edge tiles, missing (empty) tiles;
+- :func:`write_large_svs`: a large Aperio-style SVS from a pool of tiles, for the benchmark.
 
 Tissue is drawn as textured, saturated rectangles on a near-white background, so the expected
 patch count of a grid is known exactly when the rectangles are aligned to the patch grid.
@@ -168,6 +172,94 @@ def write_aperio_svs(
     return path
 
 
+def _encode_tile(arr: np.ndarray, photometric: str, quality: int) -> bytes:
+    """One tile as a complete JPEG: ``rgb`` = RGB-coded (Adobe APP14, transform 0, no chroma
+    subsampling), ``ycbcr`` = the usual JFIF YCbCr 4:2:0."""
+    buf = io.BytesIO()
+    if photometric == "rgb":
+        Image.fromarray(arr).save(buf, format="JPEG", quality=quality, subsampling=0, keep_rgb=True)
+    else:
+        Image.fromarray(arr).save(buf, format="JPEG", quality=quality, subsampling=2)
+    return buf.getvalue()
+
+
+def split_jpeg_tables(jpeg: bytes) -> tuple[bytes, bytes]:
+    """(tables, abbreviated tile): the DQT/DHT segments as a tables-only stream, and the JPEG without them."""
+    pos, tables, rest = 2, [], []
+    while True:
+        marker = jpeg[pos + 1]
+        if marker == 0xDA:  # SOS: the scan runs to the end
+            rest.append(jpeg[pos:])
+            break
+        end = pos + 2 + int.from_bytes(jpeg[pos + 2 : pos + 4], "big")
+        (tables if marker in (0xDB, 0xC4) else rest).append(jpeg[pos:end])
+        pos = end
+    return b"\xff\xd8" + b"".join(tables) + b"\xff\xd9", b"\xff\xd8" + b"".join(rest)
+
+
+def _level_tiles(level: np.ndarray, tile: int, photometric: str, quality: int, missing: Sequence[int]) -> list[bytes]:
+    """A level's tiles row by row; edge tiles are padded with black (readers must clip them)."""
+    h, w = level.shape[:2]
+    out = []
+    for ty in range(0, h, tile):
+        for tx in range(0, w, tile):
+            block = np.zeros((tile, tile, 3), np.uint8)
+            part = level[ty : ty + tile, tx : tx + tile]
+            block[: part.shape[0], : part.shape[1]] = part
+            out.append(b"" if len(out) in missing else _encode_tile(block, photometric, quality))
+    return out
+
+
+def write_jpeg_pyramid(
+    path: str | Path,
+    image: np.ndarray,
+    photometric: str = "rgb",
+    downsamples: Sequence[int] = (1, 2, 4),
+    tables: bool = True,
+    mpp: float = 0.25,
+    app_mag: float = 40,
+    tile: int = 256,
+    quality: int = 90,
+    missing: Sequence[int] = (),
+    aperio: bool = True,
+) -> Path:
+    """An Aperio SVS whose JPEG tiles are encoded here: ``photometric`` ``rgb`` or ``ycbcr``,
+    levels at ``downsamples``, the quantisation/Huffman tables in JPEGTables when ``tables``
+    (else in each tile), level-0 tiles numbered in ``missing`` stored empty (0 bytes).
+    ``aperio=False``: a generic tiled TIFF instead (pixel size in the resolution tags, no thumbnail)."""
+    path = Path(path)
+    h, w = image.shape[:2]
+    desc = (f"Aperio Image Library v12.0.15 \n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) JPEG/RGB Q={quality}"
+            f"|AppMag = {app_mag:g}|MPP = {mpp:g}")
+    with _jpeg_encoder(), tifffile.TiffWriter(path) as tw:
+        for i, ds in enumerate(downsamples):
+            level = _downsampled(image, ds)
+            data = _level_tiles(level, tile, photometric, quality, missing if ds == 1 else ())
+            jpegtables = None
+            if tables:
+                split = [split_jpeg_tables(t) if t else (None, b"") for t in data]
+                jpegtables = next(t for t, _ in split if t)
+                if any(t not in (None, jpegtables) for t, _ in split):
+                    raise ValueError("tiles of one level must share their tables")
+                data = [d for _, d in split]
+            if aperio:
+                page = {"description": desc if i == 0 else f"Aperio Image Library v12.0.15 \n{w}x{h} -> "
+                                                              f"{level.shape[1]}x{level.shape[0]}"}
+            else:
+                px_per_cm = 1e4 / (mpp * ds)
+                page = {"resolution": (px_per_cm, px_per_cm), "resolutionunit": "CENTIMETER",
+                        "subfiletype": 0 if i == 0 else 1}
+            tw.write(
+                iter(data), shape=level.shape, dtype=np.uint8, tile=(tile, tile), compression="jpeg",
+                photometric="rgb", compressionargs={"outcolorspace": "RGB" if photometric == "rgb" else "YCBCR"},
+                subsampling=(1, 1) if photometric == "rgb" else (2, 2), jpegtables=jpegtables, metadata=None, **page,
+            )
+            if i == 0 and aperio:  # Aperio's second page: a stripped thumbnail (not a pyramid level)
+                thumb = _downsampled(image, max(1, max(h, w) // 256))
+                tw.write(thumb, photometric="rgb", description="Aperio Image Library v12.0.15 \nthumbnail", metadata=None)
+    return path
+
+
 def corrupt_tile(path: str | Path, x: int, y: int, page: int = 0) -> None:
     """Overwrite the tile holding pixel (x, y) of TIFF page ``page`` (0 = level 0) with garbage."""
     path = Path(path)
@@ -223,12 +315,16 @@ def write_large_svs(
     pool: int = 16,
     quality: int = 90,
     seed: int = 0,
+    photometric: str = "ycbcr",
+    tables: bool = False,
 ) -> Path:
     """A large Aperio-style SVS made fast from a pool of pre-encoded JPEG tiles.
 
     Tissue covers everything but a ``margin`` of glass on each side (``width``, ``height`` and
     ``margin`` multiples of ``tile``), like a 40x TCGA scan with levels 1, 4 and 16 by default.
-    Level-0 tiles are copied from the pool, so writing a gigapixel slide takes seconds.
+    Level-0 tiles are copied from the pool, so writing a gigapixel slide takes seconds. Tiles are
+    coded as ``photometric`` says (see :func:`write_jpeg_pyramid`), with their tables in the
+    page's JPEGTables when ``tables``.
     """
     path = Path(path)
     if width % tile or height % tile or margin % tile:
@@ -237,7 +333,8 @@ def write_large_svs(
     glass_tile = make_slide_image(tile, tile, [], seed=seed)
 
     def encode(arr: np.ndarray) -> bytes:
-        return _pil_jpeg_encode(arr, level=quality, subsampling=(2, 2))
+        data = _encode_tile(arr, photometric, quality)
+        return split_jpeg_tables(data)[1] if tables else data
 
     tissue_bytes = [encode(t) for t in tissue_tiles]
     glass_bytes = encode(glass_tile)
@@ -262,7 +359,10 @@ def write_large_svs(
         f"Aperio Image Library v12.0.15 \n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q={quality}"
         f"|AppMag = {app_mag:g}|MPP = {mpp:g}"
     )
-    common = {"dtype": np.uint8, "tile": (tile, tile), "compression": "jpeg", "photometric": "rgb", "metadata": None}
+    common = {"dtype": np.uint8, "tile": (tile, tile), "compression": "jpeg", "photometric": "rgb", "metadata": None,
+              "compressionargs": {"outcolorspace": "RGB" if photometric == "rgb" else "YCBCR"},
+              "subsampling": (1, 1) if photometric == "rgb" else (2, 2),
+              "jpegtables": split_jpeg_tables(_encode_tile(glass_tile, photometric, quality))[0] if tables else None}
     with _jpeg_encoder(), tifffile.TiffWriter(path, bigtiff=True) as tw:
         tw.write(level_tiles(1), shape=(height, width, 3), description=desc, **common)
         tw.write(glass_tile[:64, :64], photometric="rgb", description="Aperio thumbnail", metadata=None)

@@ -2,8 +2,11 @@
 
 ``umeml-client extract`` is the command line (:mod:`umeml.client.extract.cli`); the pieces are
 :mod:`.slides` (openslide, resolution), :mod:`.tissue` (segmentation), :mod:`.grid` (patch grid
-and pyramid level), :mod:`.encoders` (registry, offline weights), :mod:`.pipeline` (parallel
-reading + batched inference, resume, failures) and :mod:`.qc` (QC images).
+and pyramid level), :mod:`.readers` (which reader reads a slide's patches: :mod:`.rawtiles`, the
+raw-tile reader for JPEG-tiled SVS/TIFF levels, or openslide), :mod:`.devicedecode` (raw tiles
+decoded on the GPU), :mod:`.encoders` (registry, offline weights), :mod:`.stream` (slides
+streamed through the encoder, several at once when small), :mod:`.pipeline` (the run: resume,
+failures) and :mod:`.qc` (QC images).
 
 The names below are imported on first use, so importing this package (e.g. for the CLI's
 ``--help``) does not import torch or openslide.

@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported when the command runs (torch, openslide)
+    from .pipeline import ExtractOptions
 
 __all__ = ["add_extract_arguments", "add_extract_parser", "run_extract"]
 
@@ -91,18 +95,29 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     tis.add_argument("--max-hole-area", type=float, default=4.0, metavar="PATCHES",
                      help="fill holes in tissue smaller than this many patch areas (default 4)")
 
+    _add_throughput_arguments(p)
+    return p
+
+
+def _add_throughput_arguments(p: argparse.ArgumentParser) -> None:
     run = p.add_argument_group("throughput")
     run.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="patches per batch (default 64)")
     run.add_argument("--workers", type=int, metavar="N",
                      help="patch-reading processes (default: cores - 1, at most 16; 0 reads in the main process)")
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    run.add_argument("--reader", choices=["auto", "raw", "openslide"], default="auto",
+                     help="patch reader: auto (default) reads JPEG-tiled SVS/TIFF levels from their compressed tiles "
+                          "and everything else through openslide; raw insists on the raw-tile reader (a slide it "
+                          "cannot read fails, saying why); openslide always uses openslide")
+    run.add_argument("--decode", choices=["auto", "workers", "device"], default="auto",
+                     help="where the raw reader's JPEG tiles are decoded: auto (on the GPU when extracting on CUDA, "
+                          "else in the reader processes), workers, or device (the extraction device, also a CPU)")
     run.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                      help="inference precision (auto: bf16/fp16 autocast on CUDA, fp32 on CPU)")
     run.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                      help="stored feature type (default float16)")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     run.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
-    return p
 
 
 def add_extract_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -131,53 +146,64 @@ def _error(message: str) -> int:
     return 2
 
 
-def run_extract(args: argparse.Namespace) -> int:
-    """Run an extraction from parsed arguments: 0 when every slide is done or skipped, 1 when any
-    slide failed, 2 for a usage or setup problem (nothing extracted)."""
-    try:
-        from umeml.errors import UmemlError
+def _list_encoders() -> int:
+    from .encoders import get_encoder_spec, list_encoders
 
-        from .encoders import get_encoder_spec, list_encoders, load_encoder
-        from .pipeline import ExtractOptions, extract_slides
-        from .slides import discover_slides
-        from .tissue import TissueParams
-    except ImportError as err:
-        return _error(f"{err}; extraction needs the [extract] extra: pip install 'umeml[extract]'")
+    for name in list_encoders():
+        spec = get_encoder_spec(name)
+        size = spec.input_size or "patch"
+        print(f"{name:16s} dim={spec.feature_dim:<5d} input={size!s:<6s} {spec.description}")
+    return 0
 
-    if args.list_encoders:
-        for name in list_encoders():
-            spec = get_encoder_spec(name)
-            size = spec.input_size or "patch"
-            print(f"{name:16s} dim={spec.feature_dim:<5d} input={size!s:<6s} {spec.description}")
-        return 0
+
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the command line (beyond what argparse checks), or None."""
     missing = [flag for flag, value in (("--slides", args.slides), ("--out", args.out), ("--encoder", args.encoder))
                if not value]
     if missing:
-        return _error(f"the following arguments are required: {', '.join(missing)}")
+        return f"the following arguments are required: {', '.join(missing)}"
     if args.weights is None and not args.random_init:
-        return _error("give --weights FILE (a local file; nothing is downloaded), or --random-init for tests")
+        return "give --weights FILE (a local file; nothing is downloaded), or --random-init for tests"
     if args.weights is not None and args.random_init:
-        return _error("--weights and --random-init exclude each other")
-    _setup_logging(args.quiet)
+        return "--weights and --random-init exclude each other"
+    return None
+
+
+def _options(args: argparse.Namespace) -> ExtractOptions:
+    from .pipeline import ExtractOptions
+    from .tissue import TissueParams
+
+    return ExtractOptions(
+        mpp=args.mpp if args.mpp is not None or args.magnification is not None else 0.5,
+        magnification=args.magnification,
+        patch_size=args.patch_size,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=args.device,
+        precision=args.precision,
+        dtype=args.dtype,
+        assume_mpp=args.assume_mpp,
+        min_tissue_fraction=args.min_tissue_fraction,
+        tissue=TissueParams(min_saturation=args.min_saturation, min_area=args.min_tissue_area,
+                            max_hole_area=args.max_hole_area),
+        overwrite=args.overwrite,
+        qc=args.qc,
+        progress=args.progress,
+        reader=args.reader,
+        decode=args.decode,
+    )
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from umeml.errors import UmemlError
+
+    from .encoders import load_encoder
+    from .pipeline import extract_slides
+    from .slides import discover_slides
+
     log = logging.getLogger("umeml.client.extract")
     try:
-        options = ExtractOptions(
-            mpp=args.mpp if args.mpp is not None or args.magnification is not None else 0.5,
-            magnification=args.magnification,
-            patch_size=args.patch_size,
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-            device=args.device,
-            precision=args.precision,
-            dtype=args.dtype,
-            assume_mpp=args.assume_mpp,
-            min_tissue_fraction=args.min_tissue_fraction,
-            tissue=TissueParams(min_saturation=args.min_saturation, min_area=args.min_tissue_area,
-                                max_hole_area=args.max_hole_area),
-            overwrite=args.overwrite,
-            qc=args.qc,
-            progress=args.progress,
-        )
+        options = _options(args)
         slides = discover_slides(args.slides, recursive=args.recursive)
         if not slides:
             return _error(f"no slide files found in {' '.join(args.slides)}")
@@ -194,6 +220,22 @@ def run_extract(args: argparse.Namespace) -> int:
         msg += f"; see {summary.failures_path}"
     print(msg, file=sys.stderr)
     return 1 if summary.failed else 0
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    """Run an extraction from parsed arguments: 0 when every slide is done or skipped, 1 when any
+    slide failed, 2 for a usage or setup problem (nothing extracted)."""
+    try:  # the heavy modules: torch, openslide, tifffile
+        from . import encoders, pipeline, slides, tissue  # noqa: F401
+    except ImportError as err:
+        return _error(f"{err}; extraction needs the [extract] extra: pip install 'umeml[extract]'")
+    if args.list_encoders:
+        return _list_encoders()
+    problem = _usage_problem(args)
+    if problem:
+        return _error(problem)
+    _setup_logging(args.quiet)
+    return _extract(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,11 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from .slides import Slide, TargetResolution
 from .tissue import TissueMask
 
-__all__ = ["ReadPlan", "plan_read", "tissue_grid"]
+__all__ = ["ReadPlan", "plan_read", "resize_patch", "tissue_grid"]
 
 
 @dataclass(frozen=True)
@@ -98,3 +99,14 @@ def tissue_grid(
     keep = inside >= min_tissue_fraction * area
     gy, gx = np.nonzero(keep)
     return np.stack([xs[gx], ys[gy]], axis=1).astype(np.int64) if gy.size else np.zeros((0, 2), np.int64)
+
+
+def resize_patch(img: Image.Image, out: int) -> Image.Image:
+    """``img`` resized to ``out`` x ``out``: a box filter for an exact integer factor, else
+    antialiased bilinear (both readers and the device decoder resize this way)."""
+    size = img.size[0]
+    if size == out:
+        return img
+    if size % out == 0:
+        return img.reduce(size // out)  # exact integer factor: box filter, fast
+    return img.resize((out, out), Image.Resampling.BILINEAR, reducing_gap=2.0)

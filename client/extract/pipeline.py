@@ -1,11 +1,14 @@
 """Slides -> feature bags: tissue grid, parallel patch reading overlapped with batched inference.
 
 For each slide: open it, resolve the target resolution, segment tissue on a thumbnail, lay the
-patch grid, write a QC PNG, then stream features into ``<out>/<slide_id>.h5``. Patches are read
-by DataLoader worker processes (each with its own openslide handle), a whole batch per work item
-so the main process only moves finished uint8 batches to the device (pinned memory and
-non-blocking copies on CUDA) while the workers read the next ones. Normalisation runs on the
-device; inference under AMP on CUDA.
+patch grid, pick the patch reader (:mod:`.readers`: the raw-tile reader for JPEG-tiled TIFF/SVS
+levels, openslide otherwise), then stream features into ``<out>/<slide_id>.h5`` while a QC PNG
+is drawn. Patches are read by DataLoader worker processes, a whole chunk per work item, so the
+main process only moves finished uint8 chunks to the device (pinned memory and non-blocking
+copies on CUDA) while the workers read the next ones; on CUDA the raw reader's workers send the
+compressed tiles and the device decodes them (:mod:`.devicedecode`). Slides with fewer patches
+than the pipeline needs are read together with the next ones (:mod:`.stream`). Normalisation
+runs on the device; inference under AMP on CUDA.
 
 Robust and resumable: a bag is written to a temporary file and renamed when complete, so a
 finished bag is never half written; finished slides are skipped on the next run (after checking
@@ -21,26 +24,36 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from umeml.data.bags import BagError, BagWriter, bag_path, inspect_bag
+from umeml.data.bags import BagError, bag_path, inspect_bag
 
+from .devicedecode import DeviceTileDecoder
 from .encoders import Encoder, NormalizedEncoder
 from .grid import ReadPlan, plan_read, tissue_grid
 from .qc import write_qc_png
-from .slides import SlideError, open_slide, resolve_target, slide_id_of
-from .tissue import TissueParams, read_thumbnail, segment_tissue
+from .rawtiles import RawTileReader
+from .readers import READERS, PatchChunks, ReaderChoice, choose_reader
+from .slides import (
+    Slide,
+    SlideError,
+    SlideResolution,
+    TargetResolution,
+    open_slide,
+    resolve_target,
+    slide_id_of,
+)
+from .stream import SlideFailure, SlideJob, group_target, run_group, stage
+from .tissue import TissueMask, TissueParams, read_thumbnail, segment_tissue
 
 __all__ = [
+    "DECODE_MODES",
     "FAILURES_FILE",
     "ExtractOptions",
     "ExtractSummary",
@@ -59,6 +72,7 @@ QC_DIR = "qc"
 THUMB_MAX_SIDE = 2048
 THUMB_MIN_PATCH_PX = 8  # a patch spans at least this many thumbnail pixels
 THUMB_HARD_MAX_SIDE = 8192
+DECODE_MODES = ("auto", "workers", "device")
 
 
 def default_workers() -> int:
@@ -89,6 +103,8 @@ class ExtractOptions:
     qc: bool = True
     progress: bool = True
     prefetch_factor: int = 4
+    reader: str = "auto"  # auto | raw | openslide (see readers.choose_reader)
+    decode: str = "auto"  # raw JPEG tiles decoded: auto (device on CUDA, else workers) | workers | device
 
     def __post_init__(self) -> None:
         if (self.mpp is None) == (self.magnification is None):
@@ -107,6 +123,10 @@ class ExtractOptions:
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision}")
         if self.dtype not in {"float16", "float32"}:
             raise ValueError(f"dtype must be float16 or float32, got {self.dtype}")
+        if self.reader not in READERS:
+            raise ValueError(f"reader must be one of {', '.join(READERS)}, got {self.reader}")
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {self.decode}")
 
 
 @dataclass
@@ -148,68 +168,6 @@ class ExtractSummary:
     @property
     def n_patches(self) -> int:
         return sum(r.n_patches for r in self.results if r.status == "done")
-
-
-# -- reading patches in workers -----------------------------------------------------------------
-class PatchChunks(Dataset):
-    """Item ``i`` = the ``i``-th chunk of ``chunk_size`` patches as a uint8 tensor (n x S x S x 3), and ``i``.
-
-    Chunks are smaller than inference batches, so every reader process has work even on a
-    slide of a few batches, and the main process assembles batches from them. Each process
-    opens its own openslide handle on first use (handles are never shared across processes),
-    reads every patch at the planned level and resizes it to ``out_size``.
-    """
-
-    def __init__(self, path: str | Path, coords: np.ndarray, plan: ReadPlan, out_size: int, chunk_size: int,
-                 assume_mpp: float | None = None):
-        self.path = Path(path)
-        self.coords = np.asarray(coords, np.int64)
-        self.plan = plan
-        self.out_size = int(out_size)
-        self.chunk_size = int(chunk_size)
-        self.assume_mpp = assume_mpp
-        self._slide = None
-        self._pid: int | None = None
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.coords) / self.chunk_size)
-
-    def _handle(self):  # noqa: ANN202 - a Slide
-        if self._slide is None or self._pid != os.getpid():
-            self._slide = open_slide(self.path, assume_mpp=self.assume_mpp)
-            self._pid = os.getpid()
-        return self._slide
-
-    def read_patch(self, x: int, y: int) -> np.ndarray:
-        """One patch as an out_size x out_size x 3 uint8 array."""
-        slide = self._handle()
-        size, out = self.plan.read_size, self.out_size
-        img = slide.read_image((x, y), self.plan.level, (size, size))
-        if size != out:
-            if size % out == 0:
-                img = img.reduce(size // out)  # exact integer factor: box filter, fast
-            else:
-                img = img.resize((out, out), Image.Resampling.BILINEAR, reducing_gap=2.0)
-        return np.asarray(img)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        chunk = self.coords[index * self.chunk_size : (index + 1) * self.chunk_size]
-        out = np.empty((len(chunk), self.out_size, self.out_size, 3), np.uint8)
-        for k, (x, y) in enumerate(chunk):
-            out[k] = self.read_patch(int(x), int(y))
-        return torch.from_numpy(out), index
-
-    def close(self) -> None:
-        if self._slide is not None:
-            self._slide.close()
-            self._slide = None
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_slide"], state["_pid"] = None, None  # never ship an open handle to a worker
-        return state
 
 
 # -- device and precision -----------------------------------------------------------------------
@@ -326,7 +284,7 @@ def _remove_stale_temps(out_dir: Path, slide_id: str) -> None:
             pass
 
 
-def _thumbnail_downsample(slide, patch_size_level0: int) -> float:  # noqa: ANN001 - a Slide
+def _thumbnail_downsample(slide: Slide, patch_size_level0: int) -> float:
     """Thumbnail downsample: about THUMB_MAX_SIDE pixels a side, a patch at least
     THUMB_MIN_PATCH_PX thumbnail pixels wide, and read from the coarsest pyramid level that allows
     (reading a big level 0 for a thumbnail of a small slide costs more than segmenting it)."""
@@ -339,84 +297,65 @@ def _thumbnail_downsample(slide, patch_size_level0: int) -> float:  # noqa: ANN0
     return max(ds, longest / THUMB_HARD_MAX_SIDE, 1.0)
 
 
-# -- one slide ----------------------------------------------------------------------------------
-class _SlideFailure(Exception):
-    def __init__(self, stage: str, reason: str):
-        super().__init__(reason)
-        self.stage, self.reason = stage, reason
 
 
-def _iter_chunks(dataset: PatchChunks, workers: int, pin: bool, prefetch: int) -> Iterator[tuple[torch.Tensor, int]]:
-    """An iterator over the chunks in order; with ``workers`` > 0 the reader processes are
-    started (forked) before this returns."""
-    if workers == 0:
-        def read_here() -> Iterator[tuple[torch.Tensor, int]]:
-            try:
-                for i in range(len(dataset)):
-                    yield dataset[i]
-            finally:
-                dataset.close()
-
-        return read_here()
-    loader = DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
-        prefetch_factor=prefetch, persistent_workers=False,
-    )
-    return iter(loader)
-
-
-def _extract_one(
-    path: Path, out_dir: Path, runner: _Runner, options: ExtractOptions, expected: dict[str, object], progress: bool
-) -> SlideResult:
-    sid = slide_id_of(path)
-    t0 = time.perf_counter()
-    bag = bag_path(out_dir, sid)
-    if bag.exists() and not options.overwrite:
-        try:
-            mismatch = _check_existing(bag, expected)
-        except BagError as err:
-            log.warning("%s: existing bag is unreadable (%s); extracting again", sid, err)
-        else:
-            if mismatch:
-                raise _SlideFailure("resume", mismatch + "; use --overwrite or another --out")
-            return SlideResult(sid, path, "skipped", n_patches=inspect_bag(bag).n_patches, bag=bag)
-    _remove_stale_temps(out_dir, sid)
-    encoder = runner.encoder
-    stage = "open"
+# -- one slide: from its file to a job ------------------------------------------------------------
+def _resume(path: Path, bag: Path, options: ExtractOptions, expected: dict[str, object]) -> SlideResult | None:
+    """The ``skipped`` result when the slide's bag is complete and made with these settings."""
+    if not bag.exists() or options.overwrite:
+        return None
     try:
-        with open_slide(path, assume_mpp=options.assume_mpp) as slide:
-            stage = "resolution"
-            target = resolve_target(slide.resolution, path, mpp=options.mpp, magnification=options.magnification)
-            plan = plan_read(slide, target, options.patch_size)
-            if plan.downsample < 0.95:
-                log.warning("%s: target resolution is finer than the scan (downsample %.3f); patches are upsampled",
-                            sid, plan.downsample)
-            stage = "tissue"
+        mismatch = _check_existing(bag, expected)
+    except BagError as err:
+        log.warning("%s: existing bag is unreadable (%s); extracting again", slide_id_of(path), err)
+        return None
+    if mismatch:
+        raise SlideFailure("resume", mismatch + "; use --overwrite or another --out")
+    return SlideResult(slide_id_of(path), path, "skipped", n_patches=inspect_bag(bag).n_patches, bag=bag)
+
+
+@dataclass(frozen=True)
+class _Survey:
+    """What a slide's metadata and thumbnail say: resolution, read plan, tissue, patch grid, reader."""
+
+    resolution: SlideResolution
+    dims: tuple[int, int]
+    target: TargetResolution
+    plan: ReadPlan
+    tissue: TissueMask
+    coords: np.ndarray
+    choice: ReaderChoice | None  # None when the slide has no tissue patches
+
+
+def _plan(slide: Slide, options: ExtractOptions) -> tuple[TargetResolution, ReadPlan]:
+    target = resolve_target(slide.resolution, slide.path, mpp=options.mpp, magnification=options.magnification)
+    plan = plan_read(slide, target, options.patch_size)
+    if plan.downsample < 0.95:
+        log.warning("%s: target resolution is finer than the scan (downsample %.3f); patches are upsampled",
+                    slide.slide_id, plan.downsample)
+    return target, plan
+
+
+def _survey(path: Path, options: ExtractOptions, out_size: int) -> _Survey:
+    with stage("open"):
+        slide = open_slide(path, assume_mpp=options.assume_mpp)
+    with slide:
+        with stage("resolution"):
+            target, plan = _plan(slide, options)
+        with stage("tissue"):
             thumb, scale = read_thumbnail(slide, _thumbnail_downsample(slide, plan.patch_size_level0))
             tissue = segment_tissue(thumb, scale, plan.patch_size_level0, options.tissue)
             coords = tissue_grid(tissue, slide.dimensions, plan.patch_size_level0, options.min_tissue_fraction)
-            resolution = slide.resolution
-            dims = slide.dimensions
-        qc_args = (out_dir / QC_DIR / f"{sid}.png", tissue, coords, plan.patch_size_level0)
-        qc_title = f"{sid}: {len(coords)} patches"
-        if len(coords) == 0:
-            if options.qc:
-                stage = "qc"
-                write_qc_png(*qc_args, title=qc_title)
-            raise _SlideFailure(
-                "tissue",
-                f"no tissue patches found (saturation threshold {tissue.threshold}, tissue share of thumbnail "
-                f"{tissue.tissue_fraction:.3f}); check the QC image or lower --min-tissue-fraction/--min-saturation",
-            )
-    except _SlideFailure:
-        raise
-    except SlideError as err:
-        raise _SlideFailure(stage, str(err)) from err
-    except Exception as err:  # noqa: BLE001 - any failure of one slide is recorded, the batch goes on
-        raise _SlideFailure(stage, f"{type(err).__name__}: {err}") from err
+        choice = None
+        if len(coords):
+            with stage("reader"):
+                choice = choose_reader(slide, plan, out_size, options.reader, assume_mpp=options.assume_mpp)
+        return _Survey(slide.resolution, slide.dimensions, target, plan, tissue, coords, choice)
 
-    out_size = encoder.input_size or options.patch_size
-    attrs = {
+
+def _bag_attrs(path: Path, encoder: Encoder, options: ExtractOptions, survey: _Survey, out_size: int) -> dict[str, object]:
+    plan, target, resolution = survey.plan, survey.target, survey.resolution
+    return {
         "encoder": encoder.name,
         "weights_sha256": encoder.weights_sha256,
         "patch_size": options.patch_size,
@@ -433,75 +372,143 @@ def _extract_one(
         "mpp_source": resolution.mpp_source,
         "encoder_input_size": out_size,
         "slide": path.name,
-        "slide_width": dims[0],
-        "slide_height": dims[1],
+        "slide_width": survey.dims[0],
+        "slide_height": survey.dims[1],
         "coords_level": 0,
-        "tissue_threshold": tissue.threshold,
+        "tissue_threshold": survey.tissue.threshold,
     }
-    chunk_size = chunk_size_for(options.batch_size)
-    dataset = PatchChunks(path, coords, plan, out_size, chunk_size, assume_mpp=options.assume_mpp)
-    workers = default_workers() if options.num_workers is None else options.num_workers
-    workers = min(workers, len(dataset))
-    tmp = bag.with_name(f".{bag.name}.tmp-{os.getpid()}")
-    stage = "features"
-    qc_future: Future | None = None
-    bar = tqdm(total=len(coords), desc=sid[:40], unit="patch", position=1, leave=False, disable=not progress)
-    try:
-        with BagWriter(tmp, feature_dim=encoder.feature_dim, attrs=attrs, dtype=options.dtype) as writer:
-            pending: list[torch.Tensor] = []
-            done = 0  # rows written so far; chunks arrive in order
 
-            def flush() -> None:
-                nonlocal done
-                batch = pending[0] if len(pending) == 1 else torch.cat(pending)
-                pending.clear()
-                feats = runner(batch).astype(options.dtype, copy=False)
-                if not np.isfinite(feats).all():
-                    raise _SlideFailure(
-                        "features",
-                        f"non-finite features for patches {done}..{done + len(feats) - 1} "
-                        "(try --precision fp32 or --dtype float32)",
-                    )
-                writer.append(feats, coords[done : done + len(feats)])
-                done += len(feats)
-                bar.update(len(feats))
 
-            n_pending = 0
-            chunks = _iter_chunks(dataset, workers, runner.pin, options.prefetch_factor)  # readers start now
-            if options.qc:  # drawn while the readers and the encoder work; the thread starts after the fork
-                qc_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="umeml-qc")
-                qc_future = qc_pool.submit(write_qc_png, *qc_args, title=qc_title)
-                qc_pool.shutdown(wait=False)  # the thread ends when the picture is written
-            for chunk, index in chunks:
-                if index * chunk_size != done + n_pending:
-                    raise RuntimeError(f"patch chunks out of order (chunk {index})")
-                pending.append(runner.to_device(chunk))
-                n_pending += len(chunk)
-                if n_pending >= options.batch_size:
-                    flush()
-                    n_pending = 0
-            if pending:
-                flush()
-            if done != len(coords):
-                raise RuntimeError(f"wrote {done} of {len(coords)} patches")
-        stage = "write"
-        os.replace(tmp, bag)
-    except _SlideFailure:
-        tmp.unlink(missing_ok=True)
-        raise
-    except Exception as err:  # noqa: BLE001
-        tmp.unlink(missing_ok=True)
-        reason = str(err).strip().splitlines()
-        raise _SlideFailure(stage, f"{type(err).__name__}: {reason[-1] if reason else ''}") from err
-    finally:
-        bar.close()
-        if qc_future is not None:
-            try:
-                qc_future.result()
-            except Exception as err:  # noqa: BLE001 - the bag is fine; the picture is an aid
-                log.warning("%s: could not write the QC image (%s)", sid, err)
-    seconds = time.perf_counter() - t0
-    return SlideResult(sid, path, "done", n_patches=len(coords), seconds=seconds, bag=bag)
+def _no_tissue(survey: _Survey, qc: tuple, options: ExtractOptions) -> SlideFailure:
+    if options.qc:
+        with stage("qc"):
+            write_qc_png(*qc[:4], title=qc[4])
+    tissue = survey.tissue
+    return SlideFailure(
+        "tissue",
+        f"no tissue patches found (saturation threshold {tissue.threshold}, tissue share of thumbnail "
+        f"{tissue.tissue_fraction:.3f}); check the QC image or lower --min-tissue-fraction/--min-saturation",
+    )
+
+
+class _Run:
+    """One extraction run: the encoder on its device, the slides waiting in a group, the results."""
+
+    def __init__(self, out_dir: Path, encoder: Encoder, options: ExtractOptions, n_slides: int):
+        self.out_dir, self.encoder, self.options = out_dir, encoder, options
+        self.runner = _Runner(encoder, options)
+        self.decoder = DeviceTileDecoder(self.runner.device)
+        self.expected = _expected_attrs(encoder, options)
+        self.workers = default_workers() if options.num_workers is None else options.num_workers
+        self.chunk_size = chunk_size_for(options.batch_size)
+        self.target = group_target(options.batch_size, self.workers, self.chunk_size, options.prefetch_factor)
+        self.failures_path = out_dir / FAILURES_FILE
+        self.results: dict[int, SlideResult] = {}
+        self.failures: list[SlideResult] = []
+        self.group: list[tuple[int, SlideJob, float]] = []
+        self.bar = tqdm(total=n_slides, desc="slides", unit="slide", position=0, disable=not options.progress)
+
+    def _decode_on_device(self, job_id: str, choice: ReaderChoice) -> tuple[bool, dict[str, str]]:
+        """Whether the device decodes this slide's tiles, and the attributes saying so."""
+        reader, mode = choice.reader, self.options.decode
+        if not isinstance(reader, RawTileReader) or mode == "workers":
+            return False, {}
+        if mode == "auto" and self.runner.device.type != "cuda":
+            return False, {}
+        reason = self.decoder.check(reader)
+        if reason:
+            log.warning("%s: %s; its tiles are decoded in the reader processes", job_id, reason)
+            return False, {"reader_decode_fallback": reason}
+        return True, {"reader_decode": self.decoder.name}
+
+    def _job(self, path: Path) -> SlideJob | SlideResult:
+        """The slide's job, or its ``skipped`` result; raises :class:`SlideFailure`."""
+        sid, bag = slide_id_of(path), bag_path(self.out_dir, slide_id_of(path))
+        skipped = _resume(path, bag, self.options, self.expected)
+        if skipped is not None:
+            return skipped
+        _remove_stale_temps(self.out_dir, sid)
+        out_size = self.encoder.input_size or self.options.patch_size
+        survey = _survey(path, self.options, out_size)
+        plan = survey.plan
+        qc = (self.out_dir / QC_DIR / f"{sid}.png", survey.tissue, survey.coords, plan.patch_size_level0,
+              f"{sid}: {len(survey.coords)} patches")
+        if survey.choice is None:
+            raise _no_tissue(survey, qc, self.options)
+        if survey.choice.reason:
+            log.info("%s: read through openslide (%s)", sid, survey.choice.reason)
+        on_device, decode_attrs = self._decode_on_device(sid, survey.choice)
+        attrs = {**_bag_attrs(path, self.encoder, self.options, survey, out_size), **survey.choice.provenance,
+                 **decode_attrs}
+        chunks = PatchChunks(path, survey.coords, plan, out_size, self.chunk_size, assume_mpp=self.options.assume_mpp,
+                             reader=survey.choice.reader)
+        return SlideJob(sid, path, bag, chunks, attrs, on_device=on_device, qc=qc if self.options.qc else None)
+
+    def _record(self, index: int, result: SlideResult) -> None:
+        self.results[index] = result
+        if result.status == "failed":
+            self.failures.append(result)
+            _write_failures(self.failures_path, self.failures)
+            log.error("%s: failed at %s: %s", result.slide_id, result.stage, result.reason)
+        elif result.status == "done":
+            log.info("%s: %d patches in %.1f s (%.1f patches/s)", result.slide_id, result.n_patches, result.seconds,
+                     result.n_patches / max(result.seconds, 1e-9))
+        else:
+            log.info("%s: already extracted, skipped", result.slide_id)
+        self.bar.update(1)
+        self.bar.set_postfix(done=sum(r.status == "done" for r in self.results.values()), failed=len(self.failures))
+
+    def add(self, index: int, path: Path) -> None:
+        """Prepare slide ``index``; its patches are read once its group is full (or the run ends)."""
+        t0 = time.perf_counter()
+        try:
+            job = self._job(path)
+        except SlideFailure as err:
+            job = SlideResult(slide_id_of(path), path, "failed", seconds=time.perf_counter() - t0, stage=err.stage,
+                              reason=err.reason)
+        if isinstance(job, SlideResult):
+            self._record(index, job)
+            return
+        self.group.append((index, job, t0))
+        if sum(len(j.coords) for _, j, _ in self.group) >= self.target:
+            self.flush()
+
+    def flush(self) -> None:
+        """Read, encode and write the waiting group of slides."""
+        group, self.group = self.group, []
+        if not group:
+            return
+        o = self.options
+        outcomes = run_group([j for _, j, _ in group], self.runner, self.decoder, o.batch_size, o.dtype, self.workers,
+                             o.prefetch_factor, o.progress)
+        for (index, job, t0), failure in zip(group, outcomes):
+            seconds = time.perf_counter() - t0
+            if failure is None:
+                result = SlideResult(job.slide_id, job.path, "done", n_patches=len(job.coords), seconds=seconds,
+                                     bag=job.bag)
+            else:
+                result = SlideResult(job.slide_id, job.path, "failed", seconds=seconds, stage=failure.stage,
+                                     reason=failure.reason)
+            self._record(index, result)
+
+    def summary(self) -> ExtractSummary:
+        """The results in the slides' order; failures.csv written, or removed after a clean run."""
+        if self.failures:
+            _write_failures(self.failures_path, self.failures)
+        else:
+            self.failures_path.unlink(missing_ok=True)
+        results = [self.results[i] for i in sorted(self.results)]
+        return ExtractSummary(results=results, failures_path=self.failures_path if self.failures else None)
+
+
+def _check_unique_ids(paths: Sequence[Path]) -> None:
+    by_id: dict[str, list[Path]] = {}
+    for p in paths:
+        by_id.setdefault(slide_id_of(p), []).append(p)
+    dups = {k: v for k, v in by_id.items() if len(v) > 1}
+    if dups:
+        lines = "\n".join(f"  - {k}: {', '.join(map(str, v))}" for k, v in sorted(dups.items()))
+        raise SlideError(f"slide ids must be unique (a bag is named after its slide id); duplicates:\n{lines}")
 
 
 def extract_slides(
@@ -515,45 +522,13 @@ def extract_slides(
     options = options or ExtractOptions()
     out_dir = Path(out_dir)
     paths = [Path(p) for p in slides]
-    by_id: dict[str, list[Path]] = {}
-    for p in paths:
-        by_id.setdefault(slide_id_of(p), []).append(p)
-    dups = {k: v for k, v in by_id.items() if len(v) > 1}
-    if dups:
-        lines = "\n".join(f"  - {k}: {', '.join(map(str, v))}" for k, v in sorted(dups.items()))
-        raise SlideError(f"slide ids must be unique (a bag is named after its slide id); duplicates:\n{lines}")
+    _check_unique_ids(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runner = _Runner(encoder, options)
-    expected = _expected_attrs(encoder, options)
-    failures_path = out_dir / FAILURES_FILE
-    results: list[SlideResult] = []
-    failures: list[SlideResult] = []
-    overall = tqdm(total=len(paths), desc="slides", unit="slide", position=0, disable=not options.progress)
+    run = _Run(out_dir, encoder, options, len(paths))
     try:
-        for path in paths:
-            sid = slide_id_of(path)
-            t0 = time.perf_counter()
-            try:
-                result = _extract_one(path, out_dir, runner, options, expected, options.progress)
-            except _SlideFailure as err:
-                result = SlideResult(sid, path, "failed", seconds=time.perf_counter() - t0, stage=err.stage,
-                                     reason=err.reason)
-                failures.append(result)
-                _write_failures(failures_path, failures)
-                log.error("%s: failed at %s: %s", sid, err.stage, err.reason)
-            else:
-                if result.status == "done":
-                    log.info("%s: %d patches in %.1f s (%.1f patches/s)", sid, result.n_patches, result.seconds,
-                             result.n_patches / max(result.seconds, 1e-9))
-                else:
-                    log.info("%s: already extracted, skipped", sid)
-            results.append(result)
-            overall.update(1)
-            overall.set_postfix(done=sum(r.status == "done" for r in results), failed=len(failures))
+        for index, path in enumerate(paths):
+            run.add(index, path)
+        run.flush()
     finally:
-        overall.close()
-    if failures:
-        _write_failures(failures_path, failures)
-    else:
-        failures_path.unlink(missing_ok=True)
-    return ExtractSummary(results=results, failures_path=failures_path if failures else None)
+        run.bar.close()
+    return run.summary()
