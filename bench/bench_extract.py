@@ -48,8 +48,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the synthetic slide writer
 
-from slide_fixtures import write_large_svs
 from torch.utils.data import DataLoader
+
 from umeml.client.extract.encoders import Encoder, NormalizedEncoder, get_encoder_spec
 from umeml.client.extract.grid import plan_read
 from umeml.client.extract.pipeline import (
@@ -62,6 +62,8 @@ from umeml.client.extract.pipeline import (
 )
 from umeml.client.extract.readers import OpenSlideReader, choose_reader
 from umeml.client.extract.slides import open_slide, resolve_target
+
+from slide_fixtures import write_large_svs
 
 TILE = 256
 MARGIN = 512

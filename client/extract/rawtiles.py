@@ -195,7 +195,8 @@ def _check_first_tile(raw: RawLevel) -> str | None:
         stream = splice_jpeg(raw.header, data)
         marker, precision, height, width, components = _frame(stream)
         if marker not in _SOF_OK or precision != 8 or components != 3:
-            return f"level {raw.level} holds JPEG of a kind the raw reader does not decode (SOF {marker:#x}, {precision}-bit, {components} components)"
+            return (f"level {raw.level} holds JPEG of a kind the raw reader does not decode "
+                    f"(SOF {marker:#x}, {precision}-bit, {components} components)")
         if (width, height) != (raw.tile_width, raw.tile_height):
             return f"level {raw.level} tiles are {width}x{height} JPEGs in {raw.tile_width}x{raw.tile_height} TIFF tiles"
         decode_tile(stream, raw.tile_width, raw.tile_height, raw.photometric)
@@ -395,7 +396,8 @@ class RawTileReader:
             try:
                 tile = decode_tile_image(stream, self.raw.tile_width, self.raw.tile_height, self.raw.photometric, scale)
             except (OSError, ValueError) as err:
-                raise SlideError(f"{self.raw.path}: cannot decode JPEG tile {col},{row} of level {self.raw.level} ({err})") from err
+                raise SlideError(f"{self.raw.path}: cannot decode JPEG tile {col},{row} of level {self.raw.level} "
+                                 f"({err})") from err
         self._cache[key] = tile
         if len(self._cache) > _CACHE_TILES:
             self._cache.popitem(last=False)

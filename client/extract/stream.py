@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from umeml.data.bags import BagWriter
+from umeml.errors import UmemlError
 
 from .devicedecode import DeviceTileDecoder
 from .qc import write_qc_png
@@ -40,7 +41,7 @@ __all__ = ["Chunk", "ChunkStream", "SlideFailure", "SlideJob", "failure_reason",
 log = logging.getLogger("umeml.client.extract")
 
 
-class SlideFailure(Exception):
+class SlideFailure(UmemlError):
     """One slide failed at ``stage`` (open, resolution, tissue, reader, qc, resume, features, write)."""
 
     def __init__(self, stage: str, reason: str):
