@@ -22,9 +22,9 @@ with the same encoder (random init: speed does not depend on the weights), batch
 and precision. Prints markdown tables; ``--json`` also writes the numbers. Self-contained (no
 shared bench harness).
 
-    python bench/bench_extract.py --readers-only --threads 1
-    python bench/bench_extract.py --threads 2          # CPU: vit_tiny and resnet50_trunc
-    python bench/bench_extract.py --patches 4096 --batch-size 256   # on a GPU box
+    python -m bench.bench_extract --readers-only --threads 1
+    python -m bench.bench_extract --threads 2          # CPU: vit_tiny and resnet50_trunc
+    python -m bench.bench_extract --patches 4096 --batch-size 256   # on a GPU box
 """
 
 from __future__ import annotations
@@ -44,12 +44,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the synthetic slide writer
-
 from torch.utils.data import DataLoader
 
+from bench._slides import write_large_svs
 from umeml.client.extract.encoders import Encoder, NormalizedEncoder, get_encoder_spec
 from umeml.client.extract.grid import plan_read
 from umeml.client.extract.pipeline import (
@@ -62,8 +59,6 @@ from umeml.client.extract.pipeline import (
 )
 from umeml.client.extract.readers import OpenSlideReader, choose_reader
 from umeml.client.extract.slides import open_slide, resolve_target
-
-from slide_fixtures import write_large_svs
 
 TILE = 256
 MARGIN = 512
@@ -176,7 +171,8 @@ def print_readers(results: list[dict]) -> None:
     for res in results:
         o, r = res["readers"]["openslide"], res["readers"]["raw"]
         tiles = "YCbCr 4:2:0" if res["photometric"] == "ycbcr" else "RGB 4:4:4 (Adobe)"
-        print(f"| {tiles} | Q{res['quality']} | {res['out_size']} | {res['patches']} | {o['best_ms']:.2f} / {o['median_ms']:.2f} | "
+        print(f"| {tiles} | Q{res['quality']} | {res['out_size']} | {res['patches']} | "
+              f"{o['best_ms']:.2f} / {o['median_ms']:.2f} | "
               f"{r['best_ms']:.2f} / {r['median_ms']:.2f} | {res['decoder']} | {res['ratio_best']:.2f}x / "
               f"{res['ratio_median']:.2f}x | {res['load_start']:.1f} -> {res['load_end']:.1f} |")
     worst = min(res["ratio_median"] for res in results)

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 pytest.importorskip("torchvision")
 
+from bench._slides import disable_network  # noqa: E402
 from umeml.client.extract.encoders import (  # noqa: E402
     RANDOM_INIT,
     EncoderError,
@@ -22,8 +23,6 @@ from umeml.client.extract.encoders import (  # noqa: E402
     register_encoder,
     sha256_file,
 )
-
-from slide_fixtures import disable_network  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

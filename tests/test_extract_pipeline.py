@@ -17,14 +17,7 @@ pytest.importorskip("openslide")
 pytest.importorskip("timm")
 h5py = pytest.importorskip("h5py")
 
-from umeml.client.cli import main  # noqa: E402
-from umeml.client.extract.encoders import load_encoder  # noqa: E402
-from umeml.client.extract.grid import plan_read  # noqa: E402
-from umeml.client.extract.pipeline import ExtractOptions, PatchChunks, extract_slides  # noqa: E402
-from umeml.client.extract.slides import open_slide, resolve_target  # noqa: E402
-from umeml.data.bags import inspect_bag, read_coords, read_features  # noqa: E402
-
-from slide_fixtures import (  # noqa: E402
+from bench._slides import (  # noqa: E402
     corrupt_tile,
     disable_network,
     make_slide_image,
@@ -32,6 +25,12 @@ from slide_fixtures import (  # noqa: E402
     write_aperio_svs,
     write_pyramidal_tiff,
 )
+from umeml.client.cli import main  # noqa: E402
+from umeml.client.extract.encoders import load_encoder  # noqa: E402
+from umeml.client.extract.grid import plan_read  # noqa: E402
+from umeml.client.extract.pipeline import ExtractOptions, PatchChunks, extract_slides  # noqa: E402
+from umeml.client.extract.slides import open_slide, resolve_target  # noqa: E402
+from umeml.data.bags import inspect_bag, read_coords, read_features  # noqa: E402
 
 # a.svs: Aperio, 20x, 0.5 um/px, levels 1 and 4; 256 px patches at 0.5 um = 256 level-0 px
 RECTS_A = [(256, 256, 768, 512), (1280, 768, 512, 512)]

@@ -20,6 +20,13 @@ pytest.importorskip("torchvision")
 
 from PIL import Image
 
+from bench._slides import (
+    corrupt_tile,
+    make_slide_image,
+    split_jpeg_tables,
+    write_jpeg_pyramid,
+    write_pyramidal_tiff,
+)
 from umeml.client.extract.devicedecode import DeviceTileDecoder, psnr
 from umeml.client.extract.grid import plan_read
 from umeml.client.extract.rawtiles import (
@@ -32,14 +39,6 @@ from umeml.client.extract.rawtiles import (
 )
 from umeml.client.extract.readers import OpenSlideReader, choose_reader
 from umeml.client.extract.slides import SlideError, open_slide, resolve_target
-
-from slide_fixtures import (
-    corrupt_tile,
-    make_slide_image,
-    split_jpeg_tables,
-    write_jpeg_pyramid,
-    write_pyramidal_tiff,
-)
 
 # 40x (0.25 um/px), levels 1, 4, 16 (as Aperio writes them); not a multiple of the tile size, so
 # the right and bottom tiles of every level are edge tiles (padded with black in the file)

@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("openslide")
 pytest.importorskip("tifffile")
 
+from bench._slides import make_slide_image, write_aperio_svs, write_pyramidal_tiff  # noqa: E402
 from umeml.client.extract.grid import plan_read  # noqa: E402
 from umeml.client.extract.slides import (  # noqa: E402
     Slide,
@@ -17,8 +18,6 @@ from umeml.client.extract.slides import (  # noqa: E402
     open_slide,
     resolve_target,
 )
-
-from slide_fixtures import make_slide_image, write_aperio_svs, write_pyramidal_tiff  # noqa: E402
 
 
 @pytest.fixture(scope="module")

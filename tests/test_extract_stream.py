@@ -13,13 +13,7 @@ pytest.importorskip("openslide")
 pytest.importorskip("timm")
 pytest.importorskip("h5py")
 
-from umeml.client.cli import main
-from umeml.client.extract import pipeline
-from umeml.client.extract.encoders import load_encoder
-from umeml.client.extract.pipeline import ExtractOptions, extract_slides
-from umeml.data.bags import inspect_bag, read_coords, read_features
-
-from slide_fixtures import (
+from bench._slides import (
     corrupt_tile,
     disable_network,
     make_slide_image,
@@ -27,6 +21,11 @@ from slide_fixtures import (
     write_jpeg_pyramid,
     write_pyramidal_tiff,
 )
+from umeml.client.cli import main
+from umeml.client.extract import pipeline
+from umeml.client.extract.encoders import load_encoder
+from umeml.client.extract.pipeline import ExtractOptions, extract_slides
+from umeml.data.bags import inspect_bag, read_coords, read_features
 
 RECTS = [(256, 256, 768, 512)]  # 20x slides, 256 px patches: 6 tissue patches each
 N = tissue_patch_count(RECTS, 256)

@@ -7,10 +7,9 @@ import pytest
 
 pytest.importorskip("scipy")
 
+from bench._slides import BACKGROUND, make_slide_image, tissue_patch_count  # noqa: E402
 from umeml.client.extract.grid import tissue_grid  # noqa: E402
 from umeml.client.extract.tissue import TissueParams, otsu_threshold, saturation, segment_tissue  # noqa: E402
-
-from slide_fixtures import BACKGROUND, make_slide_image, tissue_patch_count  # noqa: E402
 
 
 def test_otsu_splits_two_modes():

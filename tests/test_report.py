@@ -164,9 +164,8 @@ def test_errors_name_the_problem(tmp_path, capsys):
 
 def test_prototype_heatmap_over_a_slide(central_run, tmp_path, capsys):
     pytest.importorskip("openslide")
+    from bench._slides import make_slide_image, write_aperio_svs
     from umeml.model import load
-
-    from slide_fixtures import make_slide_image, write_aperio_svs
 
     img = make_slide_image(2048, 1536, [(256, 256, 1024, 768), (1536, 512, 256, 512)], seed=3)
     slide = write_aperio_svs(tmp_path / "case.svs", img)
