@@ -253,3 +253,11 @@ def test_device_check_refuses_a_decoder_that_gets_colours_wrong(pyramids, monkey
     monkeypatch.setattr(bad, "_decode_streams", lambda streams: [t.flip(0) for t in real(streams)])  # BGR
     reason = bad.check(raw)
     assert reason and "unlike libjpeg" in reason and "rgb" in reason
+
+
+def test_without_tifffile_the_raw_reader_steps_aside(pyramids, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tifffile", None)  # import tifffile now raises ImportError
+    reason = probe_raw_level(pyramids["rgb_tables"], "aperio", ((2600, 2000),), 0)
+    assert isinstance(reason, str) and "tifffile is not installed" in reason

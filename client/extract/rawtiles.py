@@ -263,8 +263,10 @@ def probe_raw_level(path: str | Path, vendor: str, level_dimensions: tuple[tuple
     path = Path(path)
     if path.suffix.lower() not in RAW_SUFFIXES or vendor not in RAW_VENDORS:
         return f"openslide vendor '{vendor}' ({path.suffix or 'no suffix'}) is read through openslide"
-    import tifffile
-
+    try:
+        import tifffile
+    except ImportError as err:
+        return f"tifffile is not installed ({err}); pip install 'umeml[extract]'"
     try:
         with tifffile.TiffFile(path) as tf:
             pages = _level_pages(tf, level_dimensions, level)
