@@ -31,26 +31,25 @@ VARIANTS = ("non-DP", "Opacus DPOptimizer", "fused")
 
 
 def demo_batches(batch_sizes: list[int], steps: int):
-    """The demo config, its synthetic cohort's training dataset and ``steps`` batches per size."""
+    """The demo config, its synthetic cohort's preprocessing (fitted on every patient) and
+    ``steps`` training batches per size."""
     from umeml.config import load_config
     from umeml.data.cohort import load_data_dir
-    from umeml.data.dataset import CohortDataset, GenomicScaler
-    from umeml.data.labels import survival_bin_edges
     from umeml.data.synth import SynthSpec, generate
+    from umeml.train.experiment import make_dataset, prepare
 
     cfg = load_config(REPO / "configs" / "demo.yaml")
     with tempfile.TemporaryDirectory() as tmp:
         generate(SynthSpec(sites=4, patients=60, seed=cfg.seed), Path(tmp) / "data")
         cohort = load_data_dir(Path(tmp) / "data", cfg.data)
         idx = np.arange(len(cohort))
-        edges = survival_bin_edges(*cohort.times_events(idx), cfg.survival.n_bins)
-        ds = CohortDataset(cohort, idx, edges, GenomicScaler.fit(cohort, idx), max_patches=cfg.data.max_patches,
-                           train=True, seed=cfg.seed)
+        prep = prepare(cfg, cohort, idx)
+        ds = make_dataset(cfg, cohort, idx, prep, train=True)
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
         # cycle through the shuffled patients: batch x steps may exceed the cohort
         batches = {b: [ds.collate([ds[order[j % len(ds)]] for j in range(s * b, (s + 1) * b)]) for s in range(steps)]
                    for b in batch_sizes}
-    return cfg, cohort, batches
+    return cfg, prep, batches
 
 
 def runner(variant: str, model: torch.nn.Module, batches, loss, batch_size: int):
@@ -120,7 +119,7 @@ def report(title: str, times: dict[str, list[float]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Time the three variants for every model and batch size; print markdown tables."""
     from umeml.model import build_model
-    from umeml.train.loop import LossSettings, task_heads
+    from umeml.train.loop import LossSettings
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 24])
@@ -131,15 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"load before: {uptime()}")
-    cfg, cohort, batches = demo_batches(args.batch_sizes, args.steps)
+    cfg, prep, batches = demo_batches(args.batch_sizes, args.steps)
     loss = LossSettings(tuple(cfg.tasks), {}, cfg.survival.alpha)
-    heads = task_heads(cfg, len(cohort.subtypes))
     print(f"# DP-SGD step cost, demo cohort, torch threads={args.threads}, {args.steps} batches per pass, "
           f"{args.repeats} repeats, noise 1.0, clip 1.0, secure noise, SGD")
     for name in args.models:
         mcfg = cfg.model if name == cfg.model.name else type(cfg.model)(name=name)
         torch.manual_seed(0)
-        model = build_model(mcfg, int(cohort.feature_dim), tuple(cohort.gene_groups.sizes), heads)
+        model = build_model(mcfg, prep.feature_dim, tuple(prep.group_sizes), prep.heads)
         n_params, n_tensors = sum(q.numel() for q in model.parameters()), len(list(model.parameters()))
         for b in args.batch_sizes:
             patches = np.mean([float(x.patch_mask.sum()) / len(x) for x in batches[b]])

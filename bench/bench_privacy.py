@@ -35,64 +35,20 @@ METRICS = PRIMARY
 
 
 def step_cost(steps: int, batch_size: int, repeats: int) -> dict:
-    """Seconds per bag of a training step with and without DP-SGD on identical batches."""
-    from umeml.config import load_config
-    from umeml.data.cohort import load_data_dir
-    from umeml.data.synth import SynthSpec, generate
+    """Seconds per bag of a training step without and with DP-SGD (the default, fused optimizer)
+    on identical batches: :mod:`bench.bench_dp_step`'s batches and interleaved timing."""
+    from bench.bench_dp_step import demo_batches, measure
     from umeml.model import build_model
-    from umeml.train.dp import DPSGD
-    from umeml.train.experiment import loss_settings, make_dataset, prepare
-    from umeml.train.loop import batch_loss
+    from umeml.train.experiment import loss_settings
 
-    cfg = load_config(REPO / "configs" / "demo.yaml")
-    with tempfile.TemporaryDirectory() as tmp:
-        generate(SynthSpec(sites=4, patients=60, seed=0), Path(tmp) / "data")
-        cohort = load_data_dir(Path(tmp) / "data", cfg.data)
-        idx = np.arange(len(cohort))
-        prep = prepare(cfg, cohort, idx)
-        ds = make_dataset(cfg, cohort, idx, prep, True)
-        gen = torch.Generator().manual_seed(0)
-        order = torch.randperm(len(ds), generator=gen).tolist()
-        batches = [ds.collate([ds[i] for i in order[s * batch_size:(s + 1) * batch_size]]) for s in range(steps)]
-    loss = loss_settings(cfg, prep)
-    device = torch.device("cpu")
-
-    def model():
-        torch.manual_seed(0)
-        m = build_model(cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads)
-        m.train()
-        return m, torch.optim.Adam(m.parameters(), lr=1e-3)
-
-    def plain() -> float:
-        m, opt = model()
-        t0 = time.perf_counter()
-        for b in batches:
-            opt.zero_grad(set_to_none=True)
-            batch_loss(m, b, loss).mean().backward()
-            opt.step()
-        return time.perf_counter() - t0
-
-    def dp() -> float:
-        m, opt = model()
-        sgd = DPSGD(m, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch_size, secure_mode=True)
-        try:
-            t0 = time.perf_counter()
-            for b in batches:
-                sgd.step(b, loss, device)
-            return time.perf_counter() - t0
-        finally:
-            sgd.close()
-
-    plain()  # warm-up: allocator, kernels
-    times = {"plain": [], "dp": []}
-    for _ in range(repeats):  # interleaved, so load on the machine hits both alike
-        times["plain"].append(plain())
-        times["dp"].append(dp())
-    bags = steps * batch_size
-    per_bag = {k: min(v) / bags for k, v in times.items()}
-    mean_patches = float(np.mean([int(b.patch_mask.sum()) / len(b) for b in batches]))
+    cfg, prep, batches = demo_batches([batch_size], steps)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads)
+    times = measure(model, batches[batch_size], loss_settings(cfg, prep), batch_size, repeats)
+    per_bag = {"plain": min(times["non-DP"]), "dp": min(times["fused"])}
+    mean_patches = float(np.mean([int(b.patch_mask.sum()) / len(b) for b in batches[batch_size]]))
     return {"per_bag_plain_ms": 1e3 * per_bag["plain"], "per_bag_dp_ms": 1e3 * per_bag["dp"],
-            "ratio": per_bag["dp"] / per_bag["plain"], "bags": bags, "batch_size": batch_size,
+            "ratio": per_bag["dp"] / per_bag["plain"], "bags": steps * batch_size, "batch_size": batch_size,
             "mean_patches": mean_patches, "hidden_dim": cfg.model.hidden_dim}
 
 
@@ -172,7 +128,7 @@ def cost_part(args) -> str:
             f"{c['ratio']:.2f}x |")
     print(line, flush=True)
     return ("### DP-SGD cost per bag (same batches, best of "
-            f"{args.repeats}; goal <= 2x)\n\n| setup | no DP | DP-SGD (Opacus, secure noise) | ratio |\n"
+            f"{args.repeats}; goal <= 2x)\n\n| setup | no DP | DP-SGD (fused optimizer, secure noise) | ratio |\n"
             "| --- | --- | --- | --- |\n" + line + "\n")
 
 
