@@ -16,6 +16,7 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -24,7 +25,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 
-from umeml.config import STRATEGIES, FederationConfig
+from umeml.config import DEFAULT_SERVER_LR, STRATEGIES, FederationConfig
 from umeml.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,16 @@ def _fedavg(fed: FederationConfig, common: dict) -> FedAvg:
     return FedAvg(**common)
 
 
+def server_lr(fed: FederationConfig) -> float:
+    """``federation.server_lr``, or the strategy's default when the config leaves it unset."""
+    return fed.server_lr if fed.server_lr is not None else DEFAULT_SERVER_LR.get(fed.strategy, 1.0)
+
+
+@register_strategy("fedavgm")
+def _fedavgm(fed: FederationConfig, common: dict) -> FedAvg:
+    return FedAvgM(server_learning_rate=server_lr(fed), server_momentum=fed.server_momentum, **common)
+
+
 @register_strategy("fedprox")
 def _fedprox(fed: FederationConfig, common: dict) -> FedAvg:
     return FedProx(proximal_mu=fed.proximal_mu, **common)
@@ -65,12 +76,12 @@ def _fedprox(fed: FederationConfig, common: dict) -> FedAvg:
 
 @register_strategy("fedadam")
 def _fedadam(fed: FederationConfig, common: dict) -> FedAvg:
-    return FedAdam(eta=fed.server_lr, **common)
+    return FedAdam(eta=server_lr(fed), **common)
 
 
 @register_strategy("fedyogi")
 def _fedyogi(fed: FederationConfig, common: dict) -> FedAvg:
-    return FedYogi(eta=fed.server_lr, **common)
+    return FedYogi(eta=server_lr(fed), **common)
 
 
 @register_strategy("fedmedian")
@@ -137,18 +148,28 @@ def prepare_aggregation(strategy, replies: list[Message]) -> None:
             record[UNIFORM_WEIGHT] = 1.0
 
 
-STATE_ATTRS = ("m_t", "v_t")  # FedAdam/FedYogi server-optimizer moments
+STATE_ATTRS = ("m_t", "v_t")  # FedAdam/FedYogi server-optimizer moments (dicts by array key)
+MOMENTUM_ATTR = "momentum_vector"  # FedAvgM's server momentum (a list of arrays, in key order)
 
 
 def strategy_state(strategy: FedAvg) -> dict[str, dict[str, np.ndarray]]:
     """The strategy's mutable state that a resumed run needs (server-optimizer moments)."""
-    return {a: dict(getattr(strategy, a)) for a in STATE_ATTRS if getattr(strategy, a, None)}
+    inner = getattr(strategy, "strategy", strategy)  # inside a central-DP wrapper
+    state = {a: dict(getattr(inner, a)) for a in STATE_ATTRS if getattr(inner, a, None)}
+    momentum = getattr(inner, MOMENTUM_ATTR, None)
+    if momentum is not None:
+        state[MOMENTUM_ATTR] = {str(i): np.asarray(v) for i, v in enumerate(momentum)}
+    return state
 
 
 def restore_strategy_state(strategy: FedAvg, state: dict[str, dict[str, np.ndarray]]) -> None:
     """Put saved moments back so the server optimizer continues where it stopped."""
+    inner = getattr(strategy, "strategy", strategy)
     for attr, value in state.items():
-        setattr(strategy, attr, {k: np.asarray(v) for k, v in value.items()})
+        if attr == MOMENTUM_ATTR:
+            setattr(inner, attr, [np.asarray(value[str(i)]) for i in range(len(value))])
+        else:
+            setattr(inner, attr, {k: np.asarray(v) for k, v in value.items()})
 
 
 class NodeSubsetGrid:

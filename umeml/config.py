@@ -152,9 +152,13 @@ class CentralDPConfig:
 # The federation strategies a config may name. The core never imports flwr, so the builders are
 # registered in umeml.server.strategies, which refuses a name missing here; a test checks that
 # every name here has a builder there.
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
-# Central DP's noise is calibrated to a plain average of clipped updates: these strategies average.
-CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+# Central DP's noise is calibrated to a plain average of clipped updates: these strategies average
+# (FedAvgM's server momentum only post-processes the noised average, which costs no privacy).
+CENTRAL_DP_STRATEGIES = ("fedavg", "fedavgm", "fedprox")
+# The server learning rate when federation.server_lr is not set: FedAdam/FedYogi's eta, and
+# FedAvgM's plain step (1.0 applies the momentum-smoothed average update in full).
+DEFAULT_SERVER_LR = {"fedadam": 0.01, "fedyogi": 0.01, "fedavgm": 1.0}
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,11 @@ class FederationConfig:
     local_epochs: int = field(default=1, metadata=_range(1))
     strategy: str = "fedavg"  # one of STRATEGIES
     proximal_mu: float = field(default=0.01, metadata=_range(0.0))
-    server_lr: float = field(default=0.01, metadata=_range(0.0, lo_open=True))
+    # None: the strategy's own default (DEFAULT_SERVER_LR); used by fedadam, fedyogi and fedavgm
+    server_lr: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
+    # FedAvgM's server momentum (Hsu et al. 2019): the global step is a momentum-smoothed average
+    # update, so site noise (label skew, DP noise) averages over rounds
+    server_momentum: float = field(default=0.9, metadata=_range(0.0, 0.99))
     trimmed_beta: float = field(default=0.2, metadata=_range(0.0, 0.49))
     krum_byzantine: int = field(default=0, metadata=_range(0))
     train_sites: tuple[str, ...] = ()
