@@ -12,7 +12,7 @@ from pathlib import Path
 from umeml import __version__
 from umeml.config import STRATEGIES, ExperimentConfig, dump_config, load_config
 from umeml.errors import ConfigError, DataValidationError, UsageError, report_input_error
-from umeml.exitcodes import check_out_dir, check_run_dir, replace_run_dir, run_main
+from umeml.exitcodes import check_out_dir, check_run_dir, replace_run_dir, require_path, run_main
 from umeml.rundir import (
     FINAL_FILE,
     SUMMARY_METRICS,
@@ -120,6 +120,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         print("error: umeml-server simulate needs --config (or --resume RUN_DIR)", file=sys.stderr)
         return 2
     try:
+        if resume:
+            require_path(args.resume, "--resume", "folder")
         earlier = [] if resume else check_run_dir(args.out, args.overwrite, resume_hint=True)
         cfg, cohort, source, held_sets = (_resumed_simulation if resume else _new_simulation)(args)
     except FileNotFoundError as err:

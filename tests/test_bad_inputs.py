@@ -21,6 +21,7 @@ import io
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,9 +276,10 @@ DATA_CASES = [
       e.data(rewrite_bag(np.zeros((0, 8), np.float32), np.zeros((0, 2), np.int64)))], 1, "TCGA-A0-0000",
       "empty bag"),
     C("check-int-features", "integer features", lambda e: ["umeml", "check", "--data",
-      e.data(rewrite_bag(np.zeros((5, 8), np.int32), np.zeros((5, 2), np.int64)))], 1, "float16/float32"),
+      e.data(rewrite_bag(np.zeros((5, 8), np.int32), np.zeros((5, 2), np.int64)))], 1, "TCGA-A0-0000",
+      "'features' must be float16/float32, is int32"),
     C("check-mixed-dims", "one bag of another feature dim", lambda e: ["umeml", "check", "--data",
-      e.data(rewrite_bag(np.zeros((5, 4), np.float32), np.zeros((5, 2), np.int64)))], 1,
+      e.data(rewrite_bag(np.zeros((5, 4), np.float32), np.zeros((5, 2), np.int64)))], 1, "TCGA-A0-0000",
       "feature dim 4 differs from the cohort's 8"),
     C("check-missing-bag", "a slide without its bag", lambda e: ["umeml", "check", "--data",
       e.data(lambda d: first_bag(d).unlink())], 1, "TCGA-A0-0000", "has no feature bag"),
@@ -299,19 +301,20 @@ DATA_CASES = [
     C("check-config-missing", "--config naming no file", lambda e: ["umeml", "check", "--data", e.data(),
       "--config", e.p("none.yaml")], 2, "none.yaml", "cannot read config file"),
     C("check-site-map-missing", "data.site_map naming no file", lambda e: ["umeml", "check", "--data", e.data(),
-      "--config", e.config(data={"site_map": e.p("map.csv")})], 1, "map.csv", "cannot read site map"),
+      "--config", e.config(data={"site_map": e.p("map.csv")})], 2, "data.site_map", "site map not found",
+      once=("map.csv",)),
 ]
 
 RUN_CASES = [
     C("synth-out-file", "umeml synth --out an existing file", lambda e: ["umeml", "synth", "--out", e.file("f")],
       2, "--out", "is a file"),
     C("synth-out-not-empty", "umeml synth into a non-empty folder", lambda e: ["umeml", "synth", "--out",
-      e.run_dir()], 2, "not empty", "--overwrite"),
+      e.run_dir()], 2, "run", "not empty", "--overwrite"),
     C("synth-zero-sites", "umeml synth --sites 0", lambda e: ["umeml", "synth", "--out", e.p("s"), "--sites", "0"],
       2, "--sites must be >= 1"),
     C("synth-bad-int", "umeml synth --patients many", lambda e: ["umeml", "synth", "--out", e.p("s"),
       "--patients", "many"], 2, "--patients", "invalid int value"),
-    C("synth-unknown-option", "umeml synth --site 3 (typo)", lambda e: ["umeml", "synth", "--out", e.p("s"),
+    C("synth-unknown-option", "umeml synth --colour 3 (no such option)", lambda e: ["umeml", "synth", "--out", e.p("s"),
       "--colour", "3"], 2, "unrecognized arguments: --colour"),
     C("train-out-run-dir", "umeml train --out a finished run dir", lambda e: ["umeml", "train", "--config",
       e.config(), "--data", e.data(), "--out", e.run_dir()], 2, "run", "holds a finished run", "--overwrite"),
@@ -321,7 +324,7 @@ RUN_CASES = [
     C("train-out-file", "umeml train --out an existing file", lambda e: ["umeml", "train", "--config", e.config(),
       "--data", e.data(), "--out", e.file("f")], 2, "--out", "is a file"),
     C("train-no-config", "umeml train without --config", lambda e: ["umeml", "train", "--data", e.data(), "--out",
-      e.p("r")], 2, "needs --config"),
+      e.p("r")], 2, "umeml train needs --config"),
     C("train-nan-features", "umeml train on a NaN bag", lambda e: ["umeml", "train", "--config", e.config(),
       "--data", e.data(bag_value(np.nan)), "--out", e.p("r")], 1, "TCGA-A0-0000", "NaN/Inf"),
     C("train-empty-config", "umeml train --config of 0 bytes", lambda e: ["umeml", "train", "--config",
@@ -348,7 +351,7 @@ RUN_CASES = [
       "--config", e.config(survival={"n_bins": 50}), "--data", e.data(), "--out", e.p("r")], 2, "exp.yaml",
       "survival.n_bins", "<= 46"),
     C("simulate-no-config", "simulate without --config", lambda e: ["umeml-server", "simulate", "--out", e.p("r")],
-      2, "needs --config"),
+      2, "umeml-server simulate needs --config"),
     C("simulate-empty-config", "simulate --config of 0 bytes", lambda e: ["umeml-server", "simulate", "--config",
       e.config(""), "--data", e.data(), "--out", e.p("r")], 2, "the config file is empty"),
     C("simulate-header-only", "simulate on a header-only table", lambda e: ["umeml-server", "simulate", "--config",
@@ -360,7 +363,7 @@ RUN_CASES = [
     C("simulate-strategy", "simulate --strategy fedsgd", lambda e: ["umeml-server", "simulate", "--config",
       e.config(), "--strategy", "fedsgd", "--out", e.p("r")], 2, "--strategy", "invalid choice"),
     C("simulate-resume-missing", "simulate --resume a folder that is no run", lambda e: ["umeml-server",
-      "simulate", "--resume", e.p("gone")], 2, "gone"),
+      "simulate", "--resume", e.p("gone")], 2, "--resume", "gone", "not found"),
     C("start-out-run-dir", "start --out a finished run dir", lambda e: ["umeml-server", "start", "--config",
       e.config(), "--sites", "2", "--out", e.run_dir()], 2, "holds a finished run", "--overwrite"),
     C("start-out-file", "start --out an existing file", lambda e: ["umeml-server", "start", "--config", e.config(),
@@ -368,11 +371,11 @@ RUN_CASES = [
     C("start-n-bins-46", "start with survival.n_bins 50", lambda e: ["umeml-server", "start", "--config",
       e.config(survival={"n_bins": 50}), "--sites", "2", "--out", e.p("r")], 2, "survival.n_bins", "<= 46"),
     C("start-no-sites", "start without --sites", lambda e: ["umeml-server", "start", "--config", e.config()], 2,
-      "--sites"),
+      "the following arguments are required: --sites"),
     C("start-empty-config", "start --config of 0 bytes", lambda e: ["umeml-server", "start", "--config",
       e.config(""), "--sites", "2", "--out", e.p("r")], 2, "the config file is empty"),
     C("start-tls-missing", "start --tls-dir of an empty folder", lambda e: ["umeml-server", "start", "--config",
-      e.config(), "--sites", "2", "--out", e.p("r"), "--tls-dir", e.data(remove("bags"))], 2, "TLS files missing"),
+      e.config(), "--sites", "2", "--out", e.p("r"), "--tls-dir", e.data(remove("bags"))], 2, "TLS files missing", "ca.crt"),
     C("certs-out-file", "certs --out an existing file", lambda e: ["umeml-server", "certs", "--out", e.file("f"),
       "--sites", "A0"], 2, "--out", "is a file"),
     C("certs-site-escapes", "certs --sites ../evil", lambda e: ["umeml-server", "certs", "--out", e.p("pki"),
@@ -412,7 +415,7 @@ SITE_CASES = [
       e.p("slides"), "--out", e.file("f"), "--encoder", "vit_tiny", "--random-init"], 2, "--out", "is a file"),
     C("extract-no-slides", "extract from a folder without slides", lambda e: ["umeml-client", "extract",
       "--slides", e.data(), "--out", e.p("feats"), "--encoder", "vit_tiny", "--random-init"], 2,
-      "no slide files found"),
+      "no slide files found in", "data"),
     C("extract-weights-and-random", "extract --weights with --random-init", lambda e: ["umeml-client", "extract",
       "--slides", e.p("s"), "--out", e.p("o"), "--encoder", "vit_tiny", "--weights", "w.pth", "--random-init"],
       2, "--weights and --random-init exclude each other"),
@@ -467,6 +470,7 @@ class Outcome:
     escaped: str = ""  # an exception that escaped main(), as "Type: message"
     changed: list[str] = field(default_factory=list)
     new: list[str] = field(default_factory=list)
+    warned: list[str] = field(default_factory=list)  # warnings that would reach the console
 
     @property
     def traceback(self) -> bool:
@@ -482,7 +486,9 @@ def run_case(case: Case, root: Path, base: Path) -> Outcome:
     out, err = io.StringIO(), io.StringIO()
     code, escaped = None, ""
     main = importlib.import_module(MAINS[argv[0]]).main
-    with guarded(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with guarded(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
             code = main([str(a) for a in argv[1:]])
         except SystemExit as exc:  # a main() that lets argparse exit
@@ -492,7 +498,10 @@ def run_case(case: Case, root: Path, base: Path) -> Outcome:
     after = snapshot(root)
     changed = sorted(k for k, v in before.items() if after.get(k) != v)
     new = sorted(set(after) - set(before))
-    return Outcome(code, out.getvalue() + err.getvalue(), escaped, changed, new)
+    # deprecation warnings of imported libraries are the console's business (issue 15 item 4), not input's
+    warned = [f"{w.category.__name__}: {w.message}" for w in caught
+              if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    return Outcome(code, out.getvalue() + err.getvalue(), escaped, changed, new, warned)
 
 
 def problems(case: Case, got: Outcome) -> list[str]:
@@ -511,6 +520,8 @@ def problems(case: Case, got: Outcome) -> list[str]:
         found.append(f"changed or removed {got.changed}")
     if got.new:
         found.append(f"wrote new files {got.new}")
+    if got.warned:
+        found.append(f"emitted warnings {got.warned}")
     return found
 
 
@@ -551,6 +562,27 @@ def test_accepted_input_reaches_the_guard(base, tmp_path):
     assert got.code == 3 and "internal error, please report" in got.text and problems(case, got)
 
 
+def test_internal_error_is_one_line_and_a_log(base, tmp_path, monkeypatch, capsys):
+    """A bug (here: an unexpected TypeError inside a check) prints one line naming the log that holds
+    the traceback; exit code 3."""
+    from umeml.cli import main
+    from umeml.data.source import CohortSource
+
+    def broken(*_a, **_k):
+        raise TypeError("a bug, not an input")
+
+    monkeypatch.setattr(CohortSource, "load", broken)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    assert main(["check", "--data", Env(tmp_path, base).data()]) == 3
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("umeml: internal error, please report: ") and "Traceback" not in captured.out + captured.err
+    log = Path(line.rsplit(": ", 1)[1])
+    text = log.read_text()
+    assert log.parent == tmp_path and "Traceback" in text and "TypeError: a bug, not an input" in text
+    assert "command line: umeml check --data" in text
+
+
 def test_doc_lists_every_row():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md").read_text()
     assert all(f"`{c.id}`" in doc for c in CASES), "docs/bad_inputs.md is stale: rerun this file with --write"
@@ -572,7 +604,9 @@ def test_console_scripts_follow_the_rule(argv, code, fragment, tmp_path):
 
 # ------------------------------------------------------------------ the docs table
 def _first_message(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("usage:")]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [i for i, ln in enumerate(lines) if "error:" in ln]
+    lines = lines[errors[0]:] if errors else lines  # argparse prints its usage first
     shown = " / ".join(lines[:3])
     return (shown[:220] + " ...") if len(shown) > 220 else shown
 

@@ -206,7 +206,7 @@ class _CohortBuilder:
             try:
                 site_map = load_site_map(self.cfg.site_map)
             except ValueError as err:
-                self.problem("", str(err), source=self.cfg.site_map)
+                self.problem("", str(err).removeprefix(f"{self.cfg.site_map}: "), source=self.cfg.site_map)
         sites, site_problems = resolve_sites(table, self.src, site_map)
         self.problems.extend(site_problems)
         table = table.assign(_site=sites)

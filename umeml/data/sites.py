@@ -32,7 +32,9 @@ def load_site_map(path: str | Path) -> dict[str, str]:
     path = Path(path)
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (OSError, pd.errors.ParserError) as err:
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read site map ({err.strerror})") from err
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: cannot read site map ({err})") from err
     missing = {"code", "institution"} - set(table.columns)
     if missing:

@@ -99,12 +99,15 @@ class CohortSource:
         """The same source with absolute paths (for processes started in another folder)."""
         return CohortSource(**{k: None if v is None else str(Path(v).resolve()) for k, v in asdict(self).items()})
 
-    def check_paths(self, names: Mapping[str, str] | None = None) -> None:
-        """Every path given exists and is of its kind; else one
-        :class:`~umeml.errors.MissingPathError` naming each bad path in the caller's spelling of
-        the field (``names``, default the command-line flags), so all are fixed in one pass."""
+    def check_paths(self, names: Mapping[str, str] | None = None, data_cfg: "DataConfig | None" = None) -> None:
+        """Every path given exists and is of its kind (and ``data_cfg.site_map``, when set); else
+        one :class:`~umeml.errors.MissingPathError` naming each bad path in the caller's spelling
+        of the field (``names``, default the command-line flags), so all are fixed in one pass."""
         names = names or ARG_NAMES
         found = []
+        site_map = getattr(data_cfg, "site_map", None)
+        if site_map is not None and not Path(site_map).is_file():
+            found.append(f"data.site_map {site_map}: site map {'is a directory' if Path(site_map).is_dir() else 'not found'}")
         for key, (kind, what) in _PATH_KINDS.items():
             value = getattr(self, key)
             if value is None:
@@ -131,7 +134,7 @@ class CohortSource:
         """
         from umeml.data.cohort import load_cohort, load_data_dir
 
-        self.check_paths(names)
+        self.check_paths(names, data_cfg)
         if self.data_dir is not None:
             return load_data_dir(self.data_dir, data_cfg, scan_features=scan_features)
         return load_cohort(self.table, self.signatures, self.bags, data_cfg, scan_features=scan_features)
