@@ -583,6 +583,33 @@ def test_internal_error_is_one_line_and_a_log(base, tmp_path, monkeypatch, capsy
     assert "command line: umeml check --data" in text
 
 
+def test_overwrite_replaces_only_the_earlier_run(base, tmp_path):
+    """--overwrite, once the config and data pass, says what it removes and removes only that."""
+    env = Env(tmp_path, base)
+    run = Path(env.run_dir())
+    (run / "notes.txt").write_text("mine")
+    (run / "data").mkdir()
+    case = C("overwrite", "", lambda e: ["umeml", "train", "--config", e.config(), "--data", e.data(), "--out",
+                                         str(run), "--overwrite"], 0, "")
+    got = run_case(case, tmp_path, base)
+    assert "--overwrite: replacing the earlier run in" in got.text and "removing final.json, metrics.csv" in got.text
+    assert sorted(p.name for p in run.iterdir()) == ["data", "notes.txt"]
+    assert got.code == 3  # then training starts, which the guard stops
+
+
+def test_existing_outputs_finds_nested_runs(tmp_path):
+    from umeml.rundir import RunDir
+
+    assert RunDir(tmp_path / "absent").existing_outputs() == []
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "final.json").write_text("{}")  # a simulation's input folder is not output
+    assert RunDir(tmp_path).existing_outputs() == []
+    (tmp_path / "holdout-A0").mkdir()
+    (tmp_path / "holdout-A0" / "resume.pt").write_bytes(b"")
+    (tmp_path / "comparison.json").write_text("{}")
+    assert RunDir(tmp_path).existing_outputs() == ["comparison.json", "holdout-A0/"]
+
+
 def test_doc_lists_every_row():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md").read_text()
     assert all(f"`{c.id}`" in doc for c in CASES), "docs/bad_inputs.md is stale: rerun this file with --write"
