@@ -610,6 +610,28 @@ def test_existing_outputs_finds_nested_runs(tmp_path):
     assert RunDir(tmp_path).existing_outputs() == ["comparison.json", "holdout-A0/"]
 
 
+def test_feature_scan_is_chunked_and_shows_progress_on_large_cohorts(base, tmp_path, monkeypatch, capsys):
+    from umeml.cli import main
+    from umeml.data import cohort
+    from umeml.data.bags import count_nonfinite
+
+    path = tmp_path / "b.h5"
+    feats = np.zeros((20, 3), np.float32)
+    feats[10, 1], feats[11, 0], feats[17, 2] = np.nan, np.inf, -np.inf
+    with h5py.File(path, "w") as f:
+        f["features"] = feats
+    assert count_nonfinite(path, chunk_rows=4) == (3, 10) and count_nonfinite(path) == (3, 10)
+    feats[:] = 0
+    with h5py.File(path, "w") as f:
+        f["features"] = feats
+    assert count_nonfinite(path, chunk_rows=3) == (0, None)
+    env = Env(tmp_path, base)
+    data = env.data()
+    assert main(["check", "--data", data]) == 0 and "scanning patch features" not in capsys.readouterr().err
+    monkeypatch.setattr(cohort, "SCAN_PROGRESS_VALUES", 1)  # every cohort is "large"
+    assert main(["check", "--data", data]) == 0 and "scanning patch features" in capsys.readouterr().err
+
+
 def test_doc_lists_every_row():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md").read_text()
     assert all(f"`{c.id}`" in doc for c in CASES), "docs/bad_inputs.md is stale: rerun this file with --write"

@@ -395,6 +395,9 @@ class _CohortBuilder:
                              "--signatures without --bags, or table: and signatures: in a site file)",
                              source=str(self.expected_bags))
             return None, None, {}
+        if not self.bag_dir.is_dir():  # CohortSource names this as a usage error first; direct callers get it here
+            self.problem("", "feature bag directory does not exist", source=str(self.bag_dir))
+            return None, None, {}
         infos = {slide: info for slide in slides if (info := self._inspect_slide(slide)) is not None}
         known = set(slides)
         for extra in sorted(self.bag_dir.glob(f"*{BAG_SUFFIX}")):
