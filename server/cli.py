@@ -11,7 +11,8 @@ from pathlib import Path
 
 from umeml import __version__
 from umeml.config import STRATEGIES, ExperimentConfig, dump_config, load_config
-from umeml.errors import ConfigError, DataValidationError, report_input_error
+from umeml.errors import ConfigError, DataValidationError, UsageError, report_input_error
+from umeml.exitcodes import check_out_dir, check_run_dir, replace_run_dir, require_path, run_main
 from umeml.rundir import (
     FINAL_FILE,
     SUMMARY_METRICS,
@@ -76,7 +77,7 @@ def _load_sim_cohort(args, cfg):
             generate(SynthSpec(sites=args.sites, patients=args.patients, seed=cfg.seed), data, overwrite=True)
         args.data = data
     source = CohortSource.from_args(args)
-    return source.load(cfg.data), source.resolved()
+    return source.load(cfg.data, scan_features=True), source.resolved()
 
 
 def _resumed_simulation(args: argparse.Namespace) -> tuple:
@@ -98,7 +99,7 @@ def _resumed_simulation(args: argparse.Namespace) -> tuple:
 
 def _new_simulation(args: argparse.Namespace) -> tuple:
     """(config with the command line's overrides, cohort, source, held-out sets) of a new simulation."""
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, federated=True)
     if args.rounds is not None:
         cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds))
     if args.strategy is not None:
@@ -119,12 +120,16 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         print("error: umeml-server simulate needs --config (or --resume RUN_DIR)", file=sys.stderr)
         return 2
     try:
+        if resume:
+            require_path(args.resume, "--resume", "folder")
+        earlier = [] if resume else check_run_dir(args.out, args.overwrite, resume_hint=True)
         cfg, cohort, source, held_sets = (_resumed_simulation if resume else _new_simulation)(args)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (ConfigError, DataValidationError) as err:
+    except (UsageError, DataValidationError) as err:
         return report_input_error(err, "data check FAILED")
+    replace_run_dir(args.out, earlier)  # only once the config and the data passed their checks
     if args.compare:
         return _simulate_comparison(args, cfg, cohort, source)
     for held in held_sets:
@@ -226,6 +231,7 @@ def preflight_start(args: argparse.Namespace) -> tuple[StartPlan | None, list[st
     """
     problems: list[str] = []
     cfg = _start_config(args, problems)
+    _start_out(args, problems)
     tls = _start_tls(args, problems)
     site_keys = _start_site_keys(args, problems)
     if problems:
@@ -239,13 +245,22 @@ def _start_config(args: argparse.Namespace, problems: list[str]) -> ExperimentCo
         problems.append("umeml-server start needs --config or --resume")
         return None
     try:
-        cfg = load_config(args.resume / "config.yaml" if args.resume else args.config)
+        cfg = load_config(args.resume / "config.yaml" if args.resume else args.config, federated=True)
     except ConfigError as err:
         problems.append(str(err))
         return None
     if args.rounds is not None:
         cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds))
     return cfg
+
+
+def _start_out(args: argparse.Namespace, problems: list[str]) -> None:
+    """A new run's --out: not a file, and no earlier run in it unless --overwrite."""
+    if args.resume is None:
+        try:
+            check_run_dir(args.out, args.overwrite, resume_hint=True)
+        except UsageError as err:
+            problems.append(str(err))
 
 
 def _start_tls(args: argparse.Namespace, problems: list[str]) -> TLSFiles | None:
@@ -298,6 +313,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
     plan, problems = preflight_start(args)
     if plan is None:
         return _report_problems(problems)
+    if args.resume is None:  # --overwrite, checked in the preflight
+        replace_run_dir(plan.run_dir, RunDir(plan.run_dir).existing_outputs())
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     warning = exposure_warning(args.host, args.port, plan.tls is not None, bool(plan.site_keys))
     if warning:
@@ -374,6 +391,7 @@ def _announce_superlink(args: argparse.Namespace, link, plan: StartPlan) -> None
 def _cmd_certs(args: argparse.Namespace) -> int:
     from umeml.server.certs import CertError, create_certs
 
+    check_out_dir(args.out)
     sites = [s.strip() for s in (args.sites or "").split(",") if s.strip()]
     if args.keys_only and not sites:
         print("error: --keys-only needs --sites", file=sys.stderr)
@@ -418,7 +436,9 @@ def _add_simulate_parser(sub) -> None:
     p.add_argument("--table", type=Path, help="cohort table CSV instead of --data (genomics only without --bags)")
     p.add_argument("--signatures", type=Path, help="gene-group signatures CSV (with --table)")
     p.add_argument("--bags", type=Path, help="feature bag directory (with --table)")
-    p.add_argument("--out", type=Path, default=Path("runs/simulation"), help="run directory (default runs/simulation)")
+    p.add_argument("--out", type=Path, default=Path("runs/simulation"),
+                   help="run directory, a new one (default runs/simulation)")
+    p.add_argument("--overwrite", action="store_true", help="replace the earlier run in --out")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a simulation from its last completed round")
     p.add_argument("--rounds", type=int, help="override federation.rounds")
     p.add_argument("--strategy", choices=STRATEGIES, help="override federation.strategy")
@@ -438,7 +458,8 @@ def _add_start_parser(sub) -> None:
     p = sub.add_parser("start", help="coordinate real sites: start Flower's SuperLink and run the federation")
     p.add_argument("--config", type=Path, help="experiment YAML")
     p.add_argument("--sites", type=int, required=True, help="number of sites to wait for")
-    p.add_argument("--out", type=Path, default=Path("runs/federation"), help="run directory")
+    p.add_argument("--out", type=Path, default=Path("runs/federation"), help="run directory, a new one")
+    p.add_argument("--overwrite", action="store_true", help="replace the earlier run in --out")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last completed round")
     p.add_argument("--held-out", help="comma-separated held-out site ids (default: split.test_sites)")
     p.add_argument("--rounds", type=int, help="override federation.rounds")
@@ -473,8 +494,7 @@ def _add_certs_parser(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``umeml-server`` console script."""
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    return run_main(build_parser(), argv)
 
 
 if __name__ == "__main__":

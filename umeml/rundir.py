@@ -111,6 +111,35 @@ class RunDir:
         """A simulated site's state folder (its own ``privacy.json``)."""
         return self.root / SITES_DIR / site
 
+    def existing_outputs(self) -> list[str]:
+        """Names of the earlier run's outputs in this folder: the files and folders a run writes,
+        and subfolders holding a run of their own (``--compare``, ``--leave-one-site-out``). The
+        ``data/`` folder a simulation generates is input, not output. Empty when none (or no folder)."""
+        if not self.root.is_dir():
+            return []
+        found = [name for name in RUN_OUTPUTS if (self.root / name).exists()]
+        nested = [p.name + "/" for p in sorted(self.root.iterdir())
+                  if p.is_dir() and p.name not in RUN_OUTPUTS and p.name != "data" and RunDir(p).existing_outputs()]
+        return found + nested
+
+
+# What a run writes into its folder (RunDir.existing_outputs): an --out holding any of these is
+# an earlier run's, refused unless --overwrite (or --resume continues it).
+RUN_OUTPUTS = (FINAL_FILE, METRICS_FILE, CONFIG_FILE, CHECKPOINTS_DIR, RESUME_FILE, PREDICTIONS_FILE,
+               PREPROCESSING_FILE, PRIVACY_FILE, PROGRESS_FILE, COORDINATOR_LOG, FLOWER_RUN_FILE, COMPARISON_FILE,
+               SIMULATION_FILE, REPORT_FILE, PLOTS_DIR, SITES_DIR, "app", "run-config.toml", "superlink.log",
+               "flower")
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` (a site id, a slide id) cannot be used as one file or folder name under a
+    folder (``sites/<site>``, ``<bags>/<slide>.h5``) without escaping it; None when it can."""
+    if not name.strip():
+        return "must not be empty"
+    if name in (".", "..") or any(c in name for c in "/\\\0"):
+        return "must be a file name (no '/', '\\' or '..')"
+    return None
+
 
 def run_dir(path: str | Path | RunDir) -> RunDir:
     """``path`` as a :class:`RunDir` (a RunDir is returned as it is)."""
