@@ -12,6 +12,7 @@ from pathlib import Path
 from umeml import __version__
 from umeml.config import STRATEGIES, ExperimentConfig, dump_config, load_config
 from umeml.errors import ConfigError, DataValidationError, report_input_error
+from umeml.logs import CONSOLE_LEVELS, set_console_level
 from umeml.rundir import (
     FINAL_FILE,
     SUMMARY_METRICS,
@@ -114,6 +115,7 @@ def _new_simulation(args: argparse.Namespace) -> tuple:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    set_console_level(args.log_level or ("INFO" if args.verbose else "WARNING"))
     resume = args.resume is not None
     if not resume and args.config is None:
         print("error: umeml-server simulate needs --config (or --resume RUN_DIR)", file=sys.stderr)
@@ -431,7 +433,15 @@ def _add_simulate_parser(sub) -> None:
     p.add_argument("--patients", type=int, default=60, help="patients per site of the generated demo cohort (default 60)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="device of the virtual sites")
     p.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
+    _add_console_options(p)
     p.set_defaults(func=_cmd_simulate)
+
+
+def _add_console_options(p) -> None:
+    """``--verbose`` / ``--log-level``: what the console shows (RUN_DIR/run.log gets everything anyway)."""
+    p.add_argument("--log-level", type=str.upper, choices=CONSOLE_LEVELS, default=None,
+                   help="console level of umeml's, Flower's and Ray's log lines (default WARNING; run.log gets all)")
+    p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's INFO lines (as --log-level INFO)")
 
 
 def _add_start_parser(sub) -> None:

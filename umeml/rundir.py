@@ -9,7 +9,7 @@ A run directory (``umeml train``, ``umeml-server simulate`` / ``start``) holds:
   (only where the writer holds the patients' data), ``checkpoints/`` (``best.pt`` / ``last.pt``
   centralized, ``global.pt`` federated);
 - federated runs also ``resume.pt``, ``preprocessing.json``, ``privacy.json``, ``progress.log``,
-  ``coordinator.log``; simulations ``simulation.json`` and ``sites/<site>/privacy.json``;
+  ``coordinator.log``; simulations ``simulation.json``, ``run.log`` and ``sites/<site>/privacy.json``;
   deployments ``flower-run.json``, ``app/``, ``run-config.toml``, ``superlink.log``, ``flower/``;
 - ``report.html`` and ``plots/`` once reported; a ``--compare`` folder ``comparison.json``.
 
@@ -46,6 +46,7 @@ PREPROCESSING_FILE = "preprocessing.json"
 RESUME_FILE = "resume.pt"
 PROGRESS_FILE = "progress.log"
 COORDINATOR_LOG = "coordinator.log"
+RUN_LOG = "run.log"
 FLOWER_RUN_FILE = "flower-run.json"
 COMPARISON_FILE = "comparison.json"
 SIMULATION_FILE = "simulation.json"
@@ -91,6 +92,7 @@ class RunDir:
     resume = _entry(RESUME_FILE, "the coordinator's state after the last completed round")
     progress = _entry(PROGRESS_FILE, "the coordinator's progress lines")
     coordinator_log = _entry(COORDINATOR_LOG, "the coordinator's warnings and errors")
+    log = _entry(RUN_LOG, "everything a simulation logged: umeml, Flower, Ray, Python warnings")
     flower_run = _entry(FLOWER_RUN_FILE, "Flower's accounting of a deployed run (traffic, compute)")
     comparison = _entry(COMPARISON_FILE, "a --compare folder's summary of its modes")
     simulation = _entry(SIMULATION_FILE, "where a simulation's cohort lives and its held-out sites (for --resume)")
