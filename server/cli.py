@@ -20,7 +20,9 @@ from umeml.rundir import (
     RunDir,
     atomic_write_json,
     atomic_write_text,
+    combined_note,
     format_metric,
+    has_value,
     metric_entry,
     read_final,
 )
@@ -34,10 +36,33 @@ def _fmt(m: dict | None) -> str:
 
 
 def _summary_row(name: str, tasks: dict) -> tuple[str, str, list[str]]:
-    """A combined or pooled row: n is the largest n among its metrics."""
+    """A combined or pooled row: n is the largest n among its metrics; a metric computed on fewer
+    patients (a site dropped from a combined AUC) shows its own n."""
     n = max((m.get("n", 0) for t in tasks.values() if isinstance(t, dict) for m in t.values() if isinstance(m, dict)),
             default=0)
-    return name, str(n), [_fmt(metric_entry(tasks, t, k)) for t, k in PRIMARY]
+    cells = []
+    for t, k in PRIMARY:
+        m = metric_entry(tasks, t, k)
+        cells.append(_fmt(m) + (f" n={m['n']}" if m and has_value(m) and m.get("n", n) != n else ""))
+    return name, str(n), cells
+
+
+def combined_notes(combined: dict) -> list[str]:
+    """Lines under the table: the n each combined metric used and why sites were dropped, and the
+    site bootstrap CIs (resampling sites) next to the patient-based ones of the table."""
+    lines, boot = [], []
+    for t, k in PRIMARY:
+        m = metric_entry(combined, t, k)
+        if not has_value(m):
+            continue
+        note = combined_note(m)
+        if note:
+            lines.append(f"combined {t} {k}: {note}")
+        if m.get("site_ci_low") is not None:
+            boot.append(f"{t} {k} [{m['site_ci_low']:.2f}, {m['site_ci_high']:.2f}] ({m.get('sites')} sites)")
+    if boot:
+        lines.append("combined, 95% CI resampling the held-out sites (site bootstrap): " + ", ".join(boot))
+    return lines
 
 
 def format_table(final: dict | FederatedFinal) -> str:
@@ -62,7 +87,7 @@ def format_table(final: dict | FederatedFinal) -> str:
         cells = [r[0].ljust(widths[0]), r[1].rjust(widths[1])] + [c.ljust(w) for c, w in zip(r[2], cols)]
         lines.append("  ".join(cells).rstrip())
     lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return "\n".join(lines + combined_notes(rec.held_out_combined or {}))
 
 
 def _load_sim_cohort(args, cfg):
@@ -165,12 +190,22 @@ def _simulate_run(args: argparse.Namespace, cfg, cohort, source, run_dir: Path, 
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(RunDir(run_dir).simulation, {"source": source.to_dict(), "held_out": list(planned)})
         held = planned
+        _warn_missing_classes(cfg, cohort, planned)
     final = simulate(cfg, cohort, source, run_dir, held_out=held, resume=resume, device=args.device)
     print(f"\nheld-out metrics after {final['rounds']} rounds ({final['strategy']}), run dir {run_dir}:")
     print(format_table(final))
     if not args.no_report:
         _write_reports([run_dir])
     return 0
+
+
+def _warn_missing_classes(cfg, cohort, held) -> None:
+    """A held-out set without a class makes its macro AUC a different quantity: say so up front."""
+    from umeml.metrics.coverage import cohort_missing_classes, missing_class_message
+
+    indices = [i for s in held for i in cohort.site_indices(s)]
+    for task, missing in cohort_missing_classes(cohort, indices, cfg.tasks).items():
+        print(f"warning: {missing_class_message('the held-out sites ' + ', '.join(held), task, missing)}", file=sys.stderr)
 
 
 def with_local_dp(cfg, epsilon: float):
