@@ -26,9 +26,9 @@ from umeml.federation.protocol import (
     check_handshakes,
     combine_preprocessing,
     combine_site_metrics,
-    missing_class_messages,
 )
 from umeml.flower.records import arrays_from_state, state_from_arrays
+from umeml.metrics.coverage import missing_class_messages
 from umeml.model import build_model, save_checkpoint
 from umeml.rundir import (
     PRIMARY_METRICS,

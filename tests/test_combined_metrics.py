@@ -4,9 +4,9 @@ a site-level bootstrap next to the patient one, and warnings for a held-out set 
 import numpy as np
 import pytest
 
-from umeml.federation.protocol import combine_site_metrics, missing_class_messages
+from umeml.federation.protocol import combine_site_metrics
 from umeml.metrics import site_bootstrap_ci
-from umeml.metrics.coverage import cohort_missing_classes
+from umeml.metrics.coverage import cohort_missing_classes, missing_class_messages
 from umeml.rundir import RoundRecord
 from umeml.server.cli import _warn_missing_classes, format_table
 

@@ -12,14 +12,12 @@ import numpy as np
 from umeml.data.labels import edges_from_histogram
 from umeml.errors import FederationError
 from umeml.metrics.bootstrap import site_bootstrap_ci
-from umeml.metrics.coverage import missing_class_message
 from umeml.rundir import has_value
 from umeml.train.experiment import Preprocessing  # defined next to what is built from it; sent every round
 from umeml.train.losses import class_weights_from_counts
 
 __all__ = ["HandshakeMismatch", "Preprocessing", "SURVIVAL_GRID_CELLS", "SURVIVAL_GRID_MAX", "SURVIVAL_GRID_TEXT",
-           "check_handshakes", "combine_preprocessing", "combine_site_metrics", "missing_class_messages",
-           "survival_grid"]
+           "check_handshakes", "combine_preprocessing", "combine_site_metrics", "survival_grid"]
 
 # The public grid on which sites count uncensored survival times: (up to this many months, cell
 # width). Coarse cells keep the DP noise small next to the counts (about 1.4 counts per cell and
@@ -201,13 +199,3 @@ def _missing_classes(task: str, reported: dict[str, dict]) -> list[int] | None:
     rows = np.sum(mats, axis=0).sum(axis=1)
     return [int(i) for i in np.flatnonzero(rows == 0)]
 
-
-def missing_class_messages(combined: dict, classes: dict[str, list[str]], where: str) -> list[str]:
-    """One warning per task whose class(es) no reporting site has (``missing_classes`` of
-    :func:`combine_site_metrics`), e.g. a held-out set of lower-grade sites with no grade IV."""
-    lines = []
-    for task, names in classes.items():
-        missing = (combined.get(task) or {}).get("missing_classes") or []
-        if missing:
-            lines.append(missing_class_message(where, task, [names[i] if i < len(names) else str(i) for i in missing]))
-    return lines

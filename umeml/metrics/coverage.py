@@ -12,7 +12,7 @@ from typing import Iterable
 
 import numpy as np
 
-__all__ = ["cohort_missing_classes", "missing_class_message"]
+__all__ = ["cohort_missing_classes", "missing_class_message", "missing_class_messages"]
 
 
 def cohort_missing_classes(cohort, indices: Iterable[int], tasks: Iterable[str]) -> dict[str, list[str]]:
@@ -44,3 +44,14 @@ def missing_class_message(where: str, task: str, missing: list[str]) -> str:
     """The warning for ``missing`` classes of ``task`` in the set described by ``where``."""
     return (f"{where} have no {task} {', '.join(missing)} patient: its one-vs-rest AUC is undefined there and the "
             f"{task} macro AUC averages the other classes only (choose held-out sites that have every class)")
+
+
+def missing_class_messages(combined: dict, classes: dict[str, list[str]], where: str) -> list[str]:
+    """One warning per task whose class(es) no reporting site has (``missing_classes`` of
+    :func:`umeml.federation.protocol.combine_site_metrics`), e.g. a held-out set of lower-grade sites with no grade IV."""
+    lines = []
+    for task, names in classes.items():
+        missing = (combined.get(task) or {}).get("missing_classes") or []
+        if missing:
+            lines.append(missing_class_message(where, task, [names[i] if i < len(names) else str(i) for i in missing]))
+    return lines
