@@ -207,7 +207,9 @@ def forest_plot(rows: list[dict], title: str) -> Figure:
 
     ``kind`` 'site' is drawn as a square, 'summary' (combined, pooled) as a diamond.
     """
-    fig = _figure(6.4, 1.2 + 0.38 * max(len(rows), 1))
+    longest = max((len(f"{r['label']} (n={r['n']})") for r in rows), default=0)
+    # long row labels push the axes (and the title centred over them) to the right: widen the figure
+    fig = _figure(max(6.4, 4.4 + 0.075 * longest), 1.2 + 0.38 * max(len(rows), 1))
     ax = fig.subplots()
     for y, row in enumerate(reversed(rows)):
         v, lo, hi = row["value"], row.get("low"), row.get("high")
