@@ -75,5 +75,6 @@ def simulate(cfg: ExperimentConfig, cohort: Cohort, source: CohortSource, run_di
         )
     final_path = RunDir(run_dir).final
     if not final_path.is_file():
-        raise RuntimeError(f"the simulation ended without writing {final_path}; see the log above")
+        raise RuntimeError(f"the simulation ended without writing {final_path}; see the errors above and "
+                           f"{RunDir(run_dir).log} (every log line of the run)")
     return read_final(final_path).to_json()
