@@ -89,3 +89,14 @@ def test_main_job_console_has_no_flower_info_and_no_deprecation(tiny_cohort_dir,
     logged = (out / "run.log").read_text()
     assert logged.count("configure_train: Sampled") == 2  # each round once, not twice
     assert "DEPRECATED FEATURE" in logged and EVALUATION_NOTE in logged
+
+
+def test_simulate_takes_verbose_and_log_level():
+    from umeml.server.cli import build_parser
+
+    args = build_parser().parse_args(["simulate", "--log-level", "debug"])
+    assert args.log_level == "DEBUG" and not args.verbose
+    assert build_parser().parse_args(["simulate", "--verbose"]).verbose
+    with pytest.raises(SystemExit) as err:
+        build_parser().parse_args(["simulate", "--log-level", "loud"])
+    assert err.value.code == 2
