@@ -13,6 +13,7 @@ from umeml import __version__
 from umeml.config import STRATEGIES, ExperimentConfig, dump_config, load_config
 from umeml.errors import ConfigError, DataValidationError, UsageError, report_input_error
 from umeml.exitcodes import check_out_dir, check_run_dir, replace_run_dir, require_path, run_main
+from umeml.logs import CONSOLE_LEVELS, set_console_level
 from umeml.rundir import (
     FINAL_FILE,
     SUMMARY_METRICS,
@@ -20,7 +21,9 @@ from umeml.rundir import (
     RunDir,
     atomic_write_json,
     atomic_write_text,
+    combined_note,
     format_metric,
+    has_value,
     metric_entry,
     read_final,
 )
@@ -34,10 +37,33 @@ def _fmt(m: dict | None) -> str:
 
 
 def _summary_row(name: str, tasks: dict) -> tuple[str, str, list[str]]:
-    """A combined or pooled row: n is the largest n among its metrics."""
+    """A combined or pooled row: n is the largest n among its metrics; a metric computed on fewer
+    patients (a site dropped from a combined AUC) shows its own n."""
     n = max((m.get("n", 0) for t in tasks.values() if isinstance(t, dict) for m in t.values() if isinstance(m, dict)),
             default=0)
-    return name, str(n), [_fmt(metric_entry(tasks, t, k)) for t, k in PRIMARY]
+    cells = []
+    for t, k in PRIMARY:
+        m = metric_entry(tasks, t, k)
+        cells.append(_fmt(m) + (f" n={m['n']}" if m and has_value(m) and m.get("n", n) != n else ""))
+    return name, str(n), cells
+
+
+def combined_notes(combined: dict) -> list[str]:
+    """Lines under the table: the n each combined metric used and why sites were dropped, and the
+    site bootstrap CIs (resampling sites) next to the patient-based ones of the table."""
+    lines, boot = [], []
+    for t, k in PRIMARY:
+        m = metric_entry(combined, t, k)
+        if not has_value(m):
+            continue
+        note = combined_note(m)
+        if note:
+            lines.append(f"combined {t} {k}: {note}")
+        if m.get("site_ci_low") is not None:
+            boot.append(f"{t} {k} [{m['site_ci_low']:.2f}, {m['site_ci_high']:.2f}] ({m.get('sites')} sites)")
+    if boot:
+        lines.append("combined, 95% CI resampling the held-out sites (site bootstrap): " + ", ".join(boot))
+    return lines
 
 
 def format_table(final: dict | FederatedFinal) -> str:
@@ -62,7 +88,7 @@ def format_table(final: dict | FederatedFinal) -> str:
         cells = [r[0].ljust(widths[0]), r[1].rjust(widths[1])] + [c.ljust(w) for c, w in zip(r[2], cols)]
         lines.append("  ".join(cells).rstrip())
     lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return "\n".join(lines + combined_notes(rec.held_out_combined or {}))
 
 
 def _load_sim_cohort(args, cfg):
@@ -115,6 +141,7 @@ def _new_simulation(args: argparse.Namespace) -> tuple:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    set_console_level(args.log_level or ("INFO" if args.verbose else "WARNING"))
     resume = args.resume is not None
     if not resume and args.config is None:
         print("error: umeml-server simulate needs --config (or --resume RUN_DIR)", file=sys.stderr)
@@ -168,12 +195,22 @@ def _simulate_run(args: argparse.Namespace, cfg, cohort, source, run_dir: Path, 
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(RunDir(run_dir).simulation, {"source": source.to_dict(), "held_out": list(planned)})
         held = planned
+        _warn_missing_classes(cfg, cohort, planned)
     final = simulate(cfg, cohort, source, run_dir, held_out=held, resume=resume, device=args.device)
     print(f"\nheld-out metrics after {final['rounds']} rounds ({final['strategy']}), run dir {run_dir}:")
     print(format_table(final))
     if not args.no_report:
         _write_reports([run_dir])
     return 0
+
+
+def _warn_missing_classes(cfg, cohort, held) -> None:
+    """A held-out set without a class makes its macro AUC a different quantity: say so up front."""
+    from umeml.metrics.coverage import cohort_missing_classes, missing_class_message
+
+    indices = [i for s in held for i in cohort.site_indices(s)]
+    for task, missing in cohort_missing_classes(cohort, indices, cfg.tasks).items():
+        print(f"warning: {missing_class_message('the held-out sites ' + ', '.join(held), task, missing)}", file=sys.stderr)
 
 
 def with_local_dp(cfg, epsilon: float):
@@ -451,7 +488,15 @@ def _add_simulate_parser(sub) -> None:
     p.add_argument("--patients", type=int, default=60, help="patients per site of the generated demo cohort (default 60)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="device of the virtual sites")
     p.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
+    _add_console_options(p)
     p.set_defaults(func=_cmd_simulate)
+
+
+def _add_console_options(p) -> None:
+    """``--verbose`` / ``--log-level``: what the console shows (RUN_DIR/run.log gets everything anyway)."""
+    p.add_argument("--log-level", type=str.upper, choices=CONSOLE_LEVELS, default=None,
+                   help="console level of umeml's, Flower's and Ray's log lines (default WARNING; run.log gets all)")
+    p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's INFO lines (as --log-level INFO)")
 
 
 def _add_start_parser(sub) -> None:

@@ -9,7 +9,7 @@ A run directory (``umeml train``, ``umeml-server simulate`` / ``start``) holds:
   (only where the writer holds the patients' data), ``checkpoints/`` (``best.pt`` / ``last.pt``
   centralized, ``global.pt`` federated);
 - federated runs also ``resume.pt``, ``preprocessing.json``, ``privacy.json``, ``progress.log``,
-  ``coordinator.log``; simulations ``simulation.json`` and ``sites/<site>/privacy.json``;
+  ``coordinator.log``; simulations ``simulation.json``, ``run.log`` and ``sites/<site>/privacy.json``;
   deployments ``flower-run.json``, ``app/``, ``run-config.toml``, ``superlink.log``, ``flower/``;
 - ``report.html`` and ``plots/`` once reported; a ``--compare`` folder ``comparison.json``.
 
@@ -25,6 +25,7 @@ This module imports nothing heavier than the standard library, so every layer ma
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import uuid
@@ -46,6 +47,7 @@ PREPROCESSING_FILE = "preprocessing.json"
 RESUME_FILE = "resume.pt"
 PROGRESS_FILE = "progress.log"
 COORDINATOR_LOG = "coordinator.log"
+RUN_LOG = "run.log"
 FLOWER_RUN_FILE = "flower-run.json"
 COMPARISON_FILE = "comparison.json"
 SIMULATION_FILE = "simulation.json"
@@ -91,6 +93,7 @@ class RunDir:
     resume = _entry(RESUME_FILE, "the coordinator's state after the last completed round")
     progress = _entry(PROGRESS_FILE, "the coordinator's progress lines")
     coordinator_log = _entry(COORDINATOR_LOG, "the coordinator's warnings and errors")
+    log = _entry(RUN_LOG, "everything a simulation logged: umeml, Flower, Ray, Python warnings")
     flower_run = _entry(FLOWER_RUN_FILE, "Flower's accounting of a deployed run (traffic, compute)")
     comparison = _entry(COMPARISON_FILE, "a --compare folder's summary of its modes")
     simulation = _entry(SIMULATION_FILE, "where a simulation's cohort lives and its held-out sites (for --resume)")
@@ -220,7 +223,7 @@ def format_metric(m: Any, ci_digits: int = 3) -> str:
 # ------------------------------------------------------------------ metrics.csv
 METRICS_COLUMNS = ("unit", "step", "kind", "site", "n", "task", "metric", "value", "ci_low", "ci_high", "note")
 _V1_FEDERATED_COLUMNS = ("round", "site", "kind", "n", "metric", "value", "note")
-METRIC_KINDS = ("train", "validation", "held_out", "held_out_combined", "pooled")
+METRIC_KINDS = ("train", "validation", "held_out", "held_out_combined", "held_out_combined_sites", "pooled")
 
 
 @dataclass(frozen=True)
@@ -292,6 +295,31 @@ def metric_rows(unit: str, step: int, kind: str, tasks: dict, site: str = "") ->
             if has_value(m):
                 rows.append(MetricRow(unit, step, kind, name, m["value"], site=site, n=m.get("n"), task=task,
                                       ci_low=m.get("ci_low"), ci_high=m.get("ci_high")))
+    return rows
+
+
+def combined_note(m: dict) -> str:
+    """Why a combined metric used fewer patients than its sites reported: ``n used 157 of 197
+    (dropped 27: macro AUC is undefined: ...)``; empty when every reporting site was used."""
+    dropped = m.get("dropped") or {}
+    if not dropped:
+        return ""
+    why = "; ".join(f"{site}: {reason}" for site, reason in sorted(dropped.items()))
+    return f"n used {m.get('n')} of {m.get('n_reported', m.get('n'))} (dropped {why})"
+
+
+def combined_rows(unit: str, step: int, tasks: dict) -> list[MetricRow]:
+    """Rows of metrics combined over sites: kind ``held_out_combined`` (CI: normal approximation
+    from the sites' patient bootstrap; ``note`` the n used and the sites dropped, with why) and,
+    where the sites were resampled, ``held_out_combined_sites`` (the same value, CI of the site
+    bootstrap)."""
+    rows = []
+    for row in metric_rows(unit, step, "held_out_combined", tasks):
+        m = tasks[row.task][row.metric]
+        rows.append(dataclasses.replace(row, note=combined_note(m)))
+        if m.get("site_ci_low") is not None:
+            rows.append(dataclasses.replace(row, kind="held_out_combined_sites", ci_low=m["site_ci_low"],
+                                            ci_high=m["site_ci_high"], note=f"site bootstrap over {m.get('sites')} sites"))
     return rows
 
 
@@ -484,8 +512,8 @@ class RoundRecord:
                                           note="suppressed (< k patients)"))
                 else:
                     rows += metric_rows("round", r, kind, rep["tasks"], site=site)
-        for kind in ("held_out_combined", "pooled"):
-            rows += metric_rows("round", r, kind, ev.get(kind) or {})
+        rows += combined_rows("round", r, ev.get("held_out_combined") or {})
+        rows += metric_rows("round", r, "pooled", ev.get("pooled") or {})
         return rows
 
 
