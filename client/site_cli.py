@@ -20,8 +20,8 @@ def load_site_cohort(site: SiteConfig, experiment: Path | None = None):
     """The site's cohort as a run of ``experiment`` reads it: with that experiment's data section,
     by the same :meth:`CohortSource.load` the ClientApp calls for every run (defaults without
     ``experiment``). Raises DataValidationError listing every problem."""
-    data_cfg = load_config(experiment).data if experiment is not None else None
-    return site.cohort_source.load(data_cfg)
+    cfg = load_config(experiment) if experiment is not None else None
+    return site.cohort_source.load(cfg and cfg.data, cfg and cfg.tasks)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -49,8 +49,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     try:
-        data_cfg = load_config(args.config).data if args.config else None
-        cohort = CohortSource.from_args(args).load(data_cfg)
+        cfg = load_config(args.config) if args.config else None
+        cohort = CohortSource.from_args(args).load(cfg and cfg.data, cfg and cfg.tasks)
     except (ConfigError, DataValidationError, FileNotFoundError) as err:
         return report_input_error(err, "check FAILED")
     summary = cohort.summary()
@@ -59,8 +59,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return 0
     print(f"check OK: {summary['patients']} patients, {summary['slides']} slides, {summary['sites']} sites")
     print("patients per site: " + ", ".join(f"{k}={v}" for k, v in summary["patients_per_site"].items()))
-    print("subtypes: " + ", ".join(f"{k}={v}" for k, v in summary["subtype_counts"].items()))
-    print("grades: " + ", ".join(f"{k}={v}" for k, v in summary["grade_counts"].items()))
+    if summary["labels_needed"] or summary["subtype_missing"] < summary["patients"]:
+        print("subtypes: " + ", ".join(f"{k}={v}" for k, v in summary["subtype_counts"].items())
+              + (f", missing={summary['subtype_missing']}" if summary["subtype_missing"] else ""))
+        print("grades: " + ", ".join(f"{k}={v}" for k, v in summary["grade_counts"].items()))
+    else:
+        print("subtypes: none (not needed by the tasks)")
     print(f"censored: {summary['censored_fraction']:.0%}")
     print(f"modalities: pathology {summary['with_pathology']}/{summary['patients']}, "
           f"genomics {summary['with_genomics']}/{summary['patients']}")
@@ -84,7 +88,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             import dataclasses
 
             cfg = dataclasses.replace(cfg, seed=args.seed)
-        cohort = CohortSource.from_args(args).load(cfg.data)
+        cohort = CohortSource.from_args(args).load(cfg.data, cfg.tasks)
     except (ConfigError, DataValidationError, FileNotFoundError) as err:
         return report_input_error(err, "data check FAILED")
     try:

@@ -96,9 +96,10 @@ class CohortSource:
         """The same source with absolute paths (for processes started in another folder)."""
         return CohortSource(**{k: None if v is None else str(Path(v).resolve()) for k, v in asdict(self).items()})
 
-    def load(self, data_cfg: "DataConfig | None" = None) -> "Cohort":
+    def load(self, data_cfg: "DataConfig | None" = None, tasks=None) -> "Cohort":
         """Read and validate the cohort with the data settings ``data_cfg`` (the experiment's
-        ``data`` section; defaults when None).
+        ``data`` section; defaults when None) for the experiment's ``tasks`` (None: all), which
+        decide the labels the table needs (:mod:`umeml.data.labels`).
 
         Raises FileNotFoundError naming a missing data directory or table, and
         :class:`~umeml.errors.DataValidationError` listing every problem of the data itself.
@@ -109,7 +110,7 @@ class CohortSource:
             if not Path(self.data_dir).is_dir():
                 what = "is not a directory" if Path(self.data_dir).exists() else "not found"
                 raise FileNotFoundError(f"{self.data_dir}: data directory {what}")
-            return load_data_dir(self.data_dir, data_cfg)
+            return load_data_dir(self.data_dir, data_cfg, tasks)
         if not Path(self.table).is_file():
             raise FileNotFoundError(f"{self.table}: cohort table not found")
-        return load_cohort(self.table, self.signatures, self.bags, data_cfg)
+        return load_cohort(self.table, self.signatures, self.bags, data_cfg, tasks)
