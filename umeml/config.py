@@ -113,6 +113,9 @@ class TrainConfig:
     batch_size: int = field(default=1, metadata=_range(1))
     grad_accum: int = field(default=1, metadata=_range(1))
     early_stopping_patience: int | None = field(default=None, metadata=_range(1))
+    # model selection on a tiny validation split: its c-index counts only with at least this many
+    # observed deaths (fewer: a handful of pairs decides; the validation loss is used instead)
+    min_val_events: int = field(default=10, metadata=_range(0))
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     num_workers: int = field(default=0, metadata=_range(0))
