@@ -29,7 +29,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     spec = SynthSpec(
         sites=args.sites, patients=args.patients, seed=args.seed, feature_dim=args.feature_dim,
         median_patches=args.median_patches, min_patches=args.min_patches, max_patches=args.max_patches,
-        missing_fraction=args.missing_fraction,
+        missing_fraction=args.missing_fraction, clustered=args.clustered,
     )
     t0 = time.perf_counter()
     try:
@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-patches", type=int, default=2000, help="largest bag (default 2000)")
     p.add_argument("--missing-fraction", type=float, default=0.03,
                    help="fraction of patients without slides, and again without genomics (default 0.03)")
+    p.add_argument("--clustered", action="store_true",
+                   help="spatially clustered morphotypes: a tumour/background mosaic (off by default)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--split-sites", type=Path, metavar="DIR",
                    help="also write one data directory per site under DIR (to stage a local deployment)")
