@@ -11,6 +11,10 @@ same held-out site (chosen by the seed, 60 patients).
 - ``--ablations`` adds UMEML with one component switched off: ``model.use_modularity=false``,
   ``use_registers=false``, ``use_cross_attention=false`` (mean pooling instead), and the single
   modalities ``modalities=[pathology]`` / ``[genomics]``.
+- ``--ablations modularity cross-attention`` runs only the named ones (keys of ``ABLATION_KEYS``).
+- ``--clustered`` generates the cohorts with spatially clustered morphotypes
+  (``SynthSpec.clustered``: a tumour/background mosaic) and writes its own section, which also
+  states the goal "UMEML > mean pooling (``-cross-attention``) by more than the seed sd".
 - ``--federated`` adds UMEML trained by FedAvg in Flower's simulation engine (``simulate()``,
   demo.yaml's ``federation`` section: 3 training sites, 8 rounds x 2 local epochs) and evaluated
   on the same held-out site as the centralized runs.
@@ -37,6 +41,7 @@ import numpy as np
 from bench._harness import PRIMARY, REPO, pick, write_section
 
 TITLE = "## UMEML, ablations and baselines on the synthetic cohort, next to the oracle"
+TITLE_CLUSTERED = "## Synthetic cohort with spatially clustered morphotypes: UMEML vs mean pooling"
 METRICS = PRIMARY
 GOAL = 0.95  # UMEML's target share of the oracle's metric
 
@@ -48,6 +53,10 @@ ABLATIONS = {
     "umeml pathology only": ("umeml", {"modalities": ("pathology",)}),
     "umeml genomics only": ("umeml", {"modalities": ("genomics",)}),
 }
+ABLATION_KEYS = {"modularity": "umeml -modularity", "registers": "umeml -registers",
+                 "cross-attention": "umeml -cross-attention", "pathology": "umeml pathology only",
+                 "genomics": "umeml genomics only"}
+MEAN_POOLING = "umeml -cross-attention"
 FEDERATED = "umeml federated (FedAvg)"
 SITE_ORACLE = "oracle, held-out site"
 
@@ -99,14 +108,14 @@ def _generate(spec, data: Path) -> list[dict]:
     return captured
 
 
-def _load_cache(path: Path | None, epochs) -> dict:
+def _load_cache(path: Path | None, epochs, clustered: bool = False) -> dict:
     """{(seed, variant): {"metrics", "seconds"}} from a JSON-lines cache (runs of this script)."""
     done: dict = {}
     if path is not None and path.is_file():
         for line in path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                if r.get("epochs") == epochs:
+                if r.get("epochs") == epochs and r.get("clustered", False) == clustered:
                     done[(r["seed"], r["variant"])] = r
     return done
 
@@ -125,14 +134,15 @@ class _Runs:
     tmp: Path
     cohort: object = None
     held: tuple = ()
+    clustered: bool = False
 
 
-def _record(cache: Path | None, epochs, seed: int, name: str, metrics: dict, secs: float) -> None:
+def _record(ctx: "_Runs", seed: int, name: str, metrics: dict, secs: float) -> None:
     """Append one finished run to the JSON-lines cache."""
-    if cache is not None:
-        with cache.open("a") as f:
-            f.write(json.dumps({"seed": seed, "variant": name, "epochs": epochs, "metrics": metrics,
-                                "seconds": secs}) + "\n")
+    if ctx.cache is not None:
+        with ctx.cache.open("a") as f:
+            f.write(json.dumps({"seed": seed, "variant": name, "epochs": ctx.epochs, "metrics": metrics,
+                                "seconds": secs, **({"clustered": True} if ctx.clustered else {})}) + "\n")
 
 
 def _show(metrics: dict) -> str:
@@ -155,7 +165,7 @@ def _central(ctx: _Runs, seed: int, name: str, model: str, overrides: dict) -> N
     final = train_central(cfg, ctx.cohort, ctx.tmp / f"run-{seed}-{len(seconds[name])}-{model}", progress=False)
     seconds[name].append(time.perf_counter() - t0)
     out[name][seed] = pick(final["test"], METRICS)
-    _record(ctx.cache, ctx.epochs, seed, name, out[name][seed], seconds[name][-1])
+    _record(ctx, seed, name, out[name][seed], seconds[name][-1])
     ctx.log(f"seed {seed} held-out {','.join(held)} {name:24s} {_show(out[name][seed])}  ({seconds[name][-1]:.0f} s)")
 
 
@@ -177,7 +187,7 @@ def _federated(ctx: _Runs, seed: int, data: Path) -> None:
                          held_out=ctx.held)
     seconds[FEDERATED].append(time.perf_counter() - t0)
     out[FEDERATED][seed] = pick(final.get("pooled") or final["held_out_combined"], METRICS)
-    _record(ctx.cache, ctx.epochs, seed, FEDERATED, out[FEDERATED][seed], seconds[FEDERATED][-1])
+    _record(ctx, seed, FEDERATED, out[FEDERATED][seed], seconds[FEDERATED][-1])
     ctx.log(f"seed {seed} held-out {','.join(final['held_out_sites'])} {FEDERATED:24s} "
                f"{_show(out[FEDERATED][seed])}  ({seconds[FEDERATED][-1]:.0f} s, {final['rounds']} rounds)")
 
@@ -190,7 +200,7 @@ def _one_seed(ctx: _Runs, seed: int, variants: dict, federated: bool) -> None:
 
     out, base = ctx.out, ctx.base
     data = ctx.tmp / f"seed{seed}"
-    latents = _generate(SynthSpec(sites=4, patients=60, seed=seed), data)
+    latents = _generate(SynthSpec(sites=4, patients=60, seed=seed, clustered=ctx.clustered), data)
     oracle = json.loads((data / "oracle.json").read_text())
     out["oracle"][seed] = {t: oracle[t].get("auc_macro", oracle[t].get("c_index")) for t, _ in METRICS}
     ctx.cohort = load_data_dir(data, base.data)
@@ -204,8 +214,11 @@ def _one_seed(ctx: _Runs, seed: int, variants: dict, federated: bool) -> None:
         _federated(ctx, seed, data)
 
 
-def run(seeds, models, epochs=None, ablations=False, federated=False, log=print, cache: Path | None = None) -> dict:
+def run(seeds, models, epochs=None, ablations=False, federated=False, log=print, cache: Path | None = None,
+        clustered: bool = False) -> dict:
     """Test metrics per model and seed, and the oracle's, as nested dicts (plus ``_seconds``).
+
+    ``ablations``: True for all of them, or a list of ``ABLATION_KEYS`` keys.
 
     With ``cache`` every finished run is appended to that JSON-lines file and runs already there
     (same seed, variant and ``epochs``) are not repeated, so an interrupted benchmark resumes.
@@ -217,7 +230,8 @@ def run(seeds, models, epochs=None, ablations=False, federated=False, log=print,
         base = dataclasses.replace(base, train=dataclasses.replace(base.train, epochs=epochs))
     variants = {m: (m, {}) for m in models}
     if ablations:
-        variants.update(ABLATIONS)
+        names = list(ABLATIONS) if ablations is True else [ABLATION_KEYS[k] for k in ablations]
+        variants.update({n: ABLATIONS[n] for n in names})
     out: dict = {m: {} for m in variants}
     if federated:
         out[FEDERATED] = {}
@@ -225,7 +239,7 @@ def run(seeds, models, epochs=None, ablations=False, federated=False, log=print,
     out[SITE_ORACLE] = {}
     seconds: dict = {m: [] for m in out if not m.startswith("oracle")}
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = _Runs(base, out, seconds, _load_cache(cache, epochs), cache, epochs, log, Path(tmp))
+        ctx = _Runs(base, out, seconds, _load_cache(cache, epochs, clustered), cache, epochs, log, Path(tmp), clustered=clustered)
         for seed in seeds:
             _one_seed(ctx, seed, variants, federated)
     out["_seconds"] = seconds
@@ -276,34 +290,70 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def pooling_goal(results: dict) -> str:
+    """The clustered cohort's goal: UMEML's mean minus mean pooling's, per task, against the
+    seed sd of both models (met when the gain exceeds both) and the sd of the paired gain."""
+    if "umeml" not in results or MEAN_POOLING not in results:
+        return ""
+    parts = []
+    for task, _ in METRICS:
+        seeds = [k for k, v in results["umeml"].items()
+                 if v.get(task) is not None and results[MEAN_POOLING].get(k, {}).get(task) is not None]
+        if len(seeds) < 2:
+            continue
+        a = np.array([results["umeml"][k][task] for k in seeds])
+        b = np.array([results[MEAN_POOLING][k][task] for k in seeds])
+        gain, sd = float(a.mean() - b.mean()), max(float(a.std()), float(b.std()))
+        parts.append(f"{task}: {gain:+.3f} (seed sd {a.std():.3f} / {b.std():.3f}, paired sd {(a - b).std():.3f}; "
+                     f"{'met' if gain > sd else 'not met'})")
+    return "Goal UMEML > mean pooling by more than the seed sd: " + "; ".join(parts)
+
+
+def _command(args, ap) -> str:
+    cmd = "python -m bench.bench_synthetic --seeds " + " ".join(map(str, args.seeds))
+    if args.models != ap.get_default("models"):
+        cmd += " --models " + " ".join(args.models)
+    if args.ablations is not None:
+        cmd += " --ablations" + "".join(f" {a}" for a in args.ablations)
+    cmd += " --federated" * args.federated + " --clustered" * args.clustered
+    return cmd + (f" --epochs {args.epochs}" if args.epochs else "")
+
+
 def main(argv=None) -> int:
     """Run, print the table, optionally write it as a section of a markdown file."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--models", nargs="+", default=["umeml", "abmil", "snn", "late_fusion"])
-    ap.add_argument("--ablations", action="store_true", help="add UMEML with one component switched off")
+    ap.add_argument("--ablations", nargs="*", choices=sorted(ABLATION_KEYS),
+                    help="add UMEML with one component switched off (all of them, or the ones named)")
     ap.add_argument("--federated", action="store_true", help="add UMEML trained by FedAvg (simulation)")
+    ap.add_argument("--clustered", action="store_true", help="cohorts with spatially clustered morphotypes")
     ap.add_argument("--epochs", type=int, help="override train.epochs of configs/demo.yaml")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--cache", type=Path, help="JSON-lines file of finished runs: resume an interrupted benchmark")
-    ap.add_argument("--write", type=Path, help=f"replace the section '{TITLE[3:]}' of this markdown file")
+    ap.add_argument("--write", type=Path, help=f"replace the section '{TITLE[3:]}' (or, with --clustered, "
+                    f"'{TITLE_CLUSTERED[3:]}') of this markdown file")
     args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    load0 = Path("/proc/loadavg").read_text().split()[:3]
     t0 = time.perf_counter()
-    results = run(args.seeds, args.models, args.epochs, args.ablations, args.federated,
-                  log=lambda s: print(s, flush=True), cache=args.cache)
+    ablations = None if args.ablations is None else (args.ablations or True)
+    results = run(args.seeds, args.models, args.epochs, ablations, args.federated,
+                  log=lambda s: print(s, flush=True), cache=args.cache, clustered=args.clustered)
     wall = time.perf_counter() - t0
-    text = table(results)
+    load = f"load average before / after {' '.join(load0)} / {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
+    text = table(results) + ("\n\n" + pooling_goal(results) if pooling_goal(results) else "")
     times = "; ".join(f"{k} {np.mean(v):.0f} s" for k, v in results["_seconds"].items() if v)
     print(text)
-    print(f"\nmean wall time per run: {times}; total {wall / 60:.1f} min")
+    print(f"\nmean wall time per run: {times}; total {wall / 60:.1f} min; {load}")
     if args.write:
-        cmd = "python -m bench.bench_synthetic --seeds " + " ".join(map(str, args.seeds))
-        if args.models != ap.get_default("models"):
-            cmd += " --models " + " ".join(args.models)
-        cmd += " --ablations" * args.ablations + " --federated" * args.federated
-        cmd += f" --epochs {args.epochs}" if args.epochs else ""
-        write_section(args.write, TITLE, f"Command: `{cmd}` ({wall / 60:.0f} min); centralized unless "
-                      "marked federated, configs/demo.yaml, held-out site test set (60 patients per seed); mean (sd) "
-                      "over seeds; `/ oracle` = mean metric / mean oracle metric.\n\n" + text)
+        write_section(args.write, TITLE_CLUSTERED if args.clustered else TITLE,
+                      f"Command: `nice -n 5 {_command(args, ap)}` ({wall / 60:.0f} min, {args.threads} torch thread(s), "
+                      f"{load}); centralized unless marked federated, configs/demo.yaml, held-out site test set "
+                      "(60 patients per seed); mean (sd) over seeds; `/ oracle` = mean metric / mean oracle metric.\n\n"
+                      + text)
     return 0
 
 

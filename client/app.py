@@ -60,11 +60,11 @@ def contained(handler):
 
 
 @lru_cache(maxsize=4)
-def _cohort(source: CohortSource, data_json: str) -> Cohort:
+def _cohort(source: CohortSource, data_json: str, tasks: tuple[str, ...] | None = None) -> Cohort:
     """Load a cohort once per process (a site answers many messages from the same data), with the
-    experiment's data section (``umeml-client check --config`` reads it the same way)."""
+    experiment's data section and tasks (``umeml-client check --config`` reads it the same way)."""
     data_cfg = config_from_dict({"data": json.loads(data_json)}, "coordinator config").data
-    cohort = source.load(data_cfg)
+    cohort = source.load(data_cfg, tasks)
     _KNOWN_IDS.update(p.case_id for p in cohort.patients)
     _KNOWN_IDS.update(s for p in cohort.patients for s in p.slide_ids)
     return cohort
@@ -86,7 +86,7 @@ def deployed_site(context: Context, cfg: ExperimentConfig) -> SiteRuntime:
     if "site-config" not in node:
         raise RuntimeError("this SuperNode has no 'site-config' in --node-config; start it with umeml-client start")
     site: SiteConfig = load_site_config(str(node["site-config"]))
-    cohort = _cohort(site.cohort_source, _data_json(cfg))
+    cohort = _cohort(site.cohort_source, _data_json(cfg), cfg.tasks)
     return SiteRuntime(site.site_id, cohort, np.arange(len(cohort)),
                        k_min=max(site.k_min_patients, cfg.federation.k_min_patients), device=site.device,
                        max_local_epochs=site.max_local_epochs, dp=site.dp, state_dir=site.state_dir)
@@ -112,7 +112,7 @@ class SimulatedSites:
 
     def __call__(self, context: Context, cfg: ExperimentConfig) -> SiteRuntime:
         site_id = self.sites[int(context.node_config["partition-id"])]
-        cohort = _cohort(self.source, _data_json(cfg))
+        cohort = _cohort(self.source, _data_json(cfg), cfg.tasks)
         return SiteRuntime(site_id, cohort, cohort.site_indices(site_id), k_min=cfg.federation.k_min_patients,
                            device=self.device, dp=self.dp if self.dp is not None else cfg.federation.local_dp,
                            state_dir=str(Path(self.state_root) / site_id) if self.state_root else None,

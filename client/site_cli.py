@@ -22,9 +22,9 @@ def load_site_cohort(site: SiteConfig, experiment: Path | None = None, site_file
     ``experiment``), and every bag's features scanned for NaN/Inf (which a run would only meet
     mid-way). Raises DataValidationError listing every problem; a missing path is named as the
     key of ``site_file``."""
-    data_cfg = load_config(experiment).data if experiment is not None else None
+    cfg = load_config(experiment) if experiment is not None else None
     names = {k: f"{site_file}: {k}" for k in ("data_dir", "table", "signatures", "bags")} if site_file else None
-    return site.cohort_source.load(data_cfg, scan_features=True, names=names)
+    return site.cohort_source.load(cfg and cfg.data, cfg and cfg.tasks, scan_features=True, names=names)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -103,7 +103,7 @@ def _load_sim_cohort(args, cfg):
             generate(SynthSpec(sites=args.sites, patients=args.patients, seed=cfg.seed), data, overwrite=True)
         args.data = data
     source = CohortSource.from_args(args)
-    return source.load(cfg.data, scan_features=True), source.resolved()
+    return source.load(cfg.data, cfg.tasks, scan_features=True), source.resolved()
 
 
 def _resumed_simulation(args: argparse.Namespace) -> tuple:
@@ -115,7 +115,7 @@ def _resumed_simulation(args: argparse.Namespace) -> tuple:
     saved = json.loads(files.simulation.read_text())
     cfg = load_config(files.config)
     source = CohortSource.from_dict(saved["source"], f"{files.simulation}: source")
-    cohort = source.load(cfg.data)
+    cohort = source.load(cfg.data, cfg.tasks)
     held_sets = [tuple(saved["held_out"])]
     if args.rounds is not None:  # extend a finished run: --resume RUN_DIR --rounds N
         cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds))

@@ -30,7 +30,7 @@ def pooled_evaluator(run_config, cfg: ExperimentConfig, held_out: tuple[str, ...
         return None
 
     def evaluate(weights: dict, prep: Preprocessing) -> dict:
-        cohort = source.load(cfg.data)
+        cohort = source.load(cfg.data, cfg.tasks)
         idx = np.concatenate([cohort.site_indices(s) for s in held_out])
         model = build_model(cfg, prep)
         model.load_state_dict(weights)

@@ -85,3 +85,50 @@ def test_refuses_to_overwrite_and_checks_options(tmp_path):
         generate(SynthSpec(sites=0), tmp_path / "y")
     assert not (tmp_path / "y").exists()
     assert not list(tmp_path.glob(".*partial*"))
+
+
+# sha256 of SMALL's files (bags: their features and coords) as generated before the clustered
+# option existed: the default cohort must stay byte-identical
+SMALL_SHA256 = "16b000fe18aae22c650eefef854807a5be66d066ed21a769df3e78829f2ad27e"
+
+
+def full_digest(folder):
+    from umeml.data.bags import read_coords, read_features
+
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode())
+            h.update(read_features(p).tobytes() + read_coords(p).tobytes() if p.suffix == ".h5" else p.read_bytes())
+    return h.hexdigest()
+
+
+def test_default_cohort_is_unchanged_by_the_clustered_option(tmp_path):
+    generate(SMALL, tmp_path / "a")
+    assert full_digest(tmp_path / "a") == SMALL_SHA256
+    assert "clustered" not in json.loads((tmp_path / "a" / "synth.json").read_text())
+
+
+def _same_kind_neighbours(kinds, cells):
+    """Share of grid-adjacent patch pairs (right neighbour) of the same morphotype."""
+    where = {tuple(c): k for c, k in zip(cells.tolist(), kinds.tolist())}
+    pairs = [(k, where[(x + 1, y)]) for (x, y), k in where.items() if (x + 1, y) in where]
+    return float(np.mean([a == b for a, b in pairs]))
+
+
+def test_clustered_morphotypes_are_spatially_clustered(tmp_path):
+    from umeml.data.synth import mosaic_kinds
+
+    rng = np.random.default_rng(0)
+    mix = np.full(8, 1 / 8)
+    kinds, region, cells = mosaic_kinds(1600, mix, rng)
+    assert len(np.unique(region)) == 40 and len(kinds) == len(cells) == 1600
+    clustered = _same_kind_neighbours(kinds, cells)
+    shuffled = _same_kind_neighbours(rng.permutation(kinds), cells)
+    assert clustered > 0.8 and shuffled < 0.3  # i.i.d. placement: about 1/8 of neighbours agree
+    spec = SynthSpec(**{**SMALL.__dict__, "clustered": True})
+    generate(spec, tmp_path / "c")
+    assert full_digest(tmp_path / "c") != SMALL_SHA256
+    assert json.loads((tmp_path / "c" / "synth.json").read_text())["clustered"] is True
+    cohort = load_data_dir(tmp_path / "c")
+    assert len(cohort) == 16 and cohort.feature_dim == 8

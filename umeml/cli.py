@@ -30,7 +30,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     spec = SynthSpec(
         sites=args.sites, patients=args.patients, seed=args.seed, feature_dim=args.feature_dim,
         median_patches=args.median_patches, min_patches=args.min_patches, max_patches=args.max_patches,
-        missing_fraction=args.missing_fraction,
+        missing_fraction=args.missing_fraction, clustered=args.clustered,
     )
     check_out_dir(args.out)
     t0 = time.perf_counter()
@@ -51,8 +51,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     try:
-        data_cfg = load_config(args.config).data if args.config else None
-        cohort = CohortSource.from_args(args).load(data_cfg, scan_features=True)
+        cfg = load_config(args.config) if args.config else None
+        cohort = CohortSource.from_args(args).load(cfg and cfg.data, cfg and cfg.tasks, scan_features=True)
     except (ConfigError, DataValidationError, FileNotFoundError) as err:
         return report_input_error(err, "check FAILED")
     summary = cohort.summary()
@@ -64,8 +64,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return 0
     print(f"check OK: {summary['patients']} patients, {summary['slides']} slides, {summary['sites']} sites")
     print("patients per site: " + ", ".join(f"{k}={v}" for k, v in summary["patients_per_site"].items()))
-    print("subtypes: " + ", ".join(f"{k}={v}" for k, v in summary["subtype_counts"].items()))
-    print("grades: " + ", ".join(f"{k}={v}" for k, v in summary["grade_counts"].items()))
+    if summary["labels_needed"] or summary["subtype_missing"] < summary["patients"]:
+        print("subtypes: " + ", ".join(f"{k}={v}" for k, v in summary["subtype_counts"].items())
+              + (f", missing={summary['subtype_missing']}" if summary["subtype_missing"] else ""))
+        print("grades: " + ", ".join(f"{k}={v}" for k, v in summary["grade_counts"].items()))
+    else:
+        print("subtypes: none (not needed by the tasks)")
     print(f"censored: {summary['censored_fraction']:.0%}")
     print(f"modalities: pathology {summary['with_pathology']}/{summary['patients']}, "
           f"genomics {summary['with_genomics']}/{summary['patients']}")
@@ -90,7 +94,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
             cfg = dataclasses.replace(cfg, seed=args.seed)
         earlier = check_run_dir(args.out, args.overwrite)
-        cohort = CohortSource.from_args(args).load(cfg.data, scan_features=True)
+        cohort = CohortSource.from_args(args).load(cfg.data, cfg.tasks, scan_features=True)
     except (ConfigError, DataValidationError, FileNotFoundError) as err:
         return report_input_error(err, "data check FAILED")
     replace_run_dir(args.out, earlier)  # only once the config and the data passed their checks
@@ -154,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-patches", type=int, default=2000, help="largest bag (default 2000)")
     p.add_argument("--missing-fraction", type=float, default=0.03,
                    help="fraction of patients without slides, and again without genomics (default 0.03)")
+    p.add_argument("--clustered", action="store_true",
+                   help="spatially clustered morphotypes: a tumour/background mosaic (off by default)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--split-sites", type=Path, metavar="DIR",
                    help="also write one data directory per site under DIR (to stage a local deployment)")

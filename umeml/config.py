@@ -39,10 +39,16 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """How a cohort is read: label maps, gene grouping, missing-value policy, bag sampling."""
+    """How a cohort is read: label maps, gene grouping, missing-value policy, bag sampling.
+
+    Label maps are configuration, not glioma constants: ``subtypes`` lists the subtype codes
+    (``oncotree_code`` values) in class order, empty = the keys of ``grade_map``; ``grade_map``
+    maps codes to ``grades`` and is needed for every subtype only when the task ``grade`` runs.
+    """
 
     grade_map: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_GRADE_MAP))
     grades: tuple[str, ...] = ("II", "III", "IV")
+    subtypes: tuple[str, ...] = ()
     genomics_mode: Literal["signatures", "flat"] = "signatures"
     genomic_nan_policy: Literal["error", "impute_median"] = "error"
     max_patches: int | None = field(default=4096, metadata=_range(1))
@@ -84,10 +90,13 @@ class ModelConfig:
     use_cross_attention: bool = True
     use_modularity: bool = True
     use_registers: bool = True
-    gamma: float = field(default=0.1, metadata=_range(0.0))
+    # gamma and tau: the modularity term's weight and the assignment temperature. At tau 1 the
+    # cosine/tau softmax is near uniform and gamma L_mod carries ~3e-5 of the task gradient;
+    # tau 0.1, gamma 5 give it 12-14% (bench/bench_modularity_share.py, docs/benchmarks.md)
+    gamma: float = field(default=5.0, metadata=_range(0.0))
     modularity_alpha: float = field(default=1.0, metadata=_range(0.0))
     modularity_beta: float = field(default=1.0, metadata=_range(0.0))
-    tau: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    tau: float = field(default=0.1, metadata=_range(0.0, lo_open=True))
     modularity_block: int = field(default=1024, metadata=_range(1))
     modularity_max_patches: int | None = field(default=None, metadata=_range(2))
 
@@ -105,6 +114,9 @@ class TrainConfig:
     batch_size: int = field(default=1, metadata=_range(1))
     grad_accum: int = field(default=1, metadata=_range(1))
     early_stopping_patience: int | None = field(default=None, metadata=_range(1))
+    # model selection on a tiny validation split: its c-index counts only with at least this many
+    # observed deaths (fewer: a handful of pairs decides; the validation loss is used instead)
+    min_val_events: int = field(default=10, metadata=_range(0))
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     num_workers: int = field(default=0, metadata=_range(0))
@@ -383,7 +395,13 @@ def _validate_semantics(obj: Any, path: str, source: str) -> None:
     if isinstance(obj, ExperimentConfig):
         if not obj.tasks or len(set(obj.tasks)) != len(obj.tasks):
             raise ConfigError(f"{source}: tasks: give one or more distinct tasks")
+        ungraded = [c for c in obj.data.subtypes if c not in obj.data.grade_map]
+        if "grade" in obj.tasks and ungraded:
+            raise ConfigError(f"{source}: data.grade_map: the task grade needs a grade for every subtype in "
+                              f"data.subtypes; missing for {ungraded}")
     if isinstance(obj, DataConfig):
+        if len(set(obj.subtypes)) != len(obj.subtypes) or any(not c.strip() for c in obj.subtypes):
+            raise ConfigError(f"{source}: {prefix}subtypes: give distinct, non-empty codes (got {list(obj.subtypes)})")
         bad = sorted({g for g in obj.grade_map.values() if g not in obj.grades})
         if bad:
             raise ConfigError(

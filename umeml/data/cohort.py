@@ -18,12 +18,20 @@ import pandas as pd
 from umeml.config import DataConfig
 from umeml.data.bags import BAG_SUFFIX, BagError, BagInfo, bag_path, count_nonfinite, inspect_bag
 from umeml.data.genomics import GeneGroups, build_gene_groups, genomic_columns, read_signatures
-from umeml.data.labels import grade_index, subtype_codes
+from umeml.data.labels import (
+    SUBTYPE_COLUMN,
+    clean_code,
+    grade_index,
+    needs_subtype,
+    required_columns,
+    subtype_codes,
+    subtype_index,
+)
 from umeml.data.sites import load_site_map, resolve_sites
 from umeml.errors import DataValidationError, MissingPathError, Problem
 from umeml.rundir import name_problem
 
-REQUIRED_COLUMNS = ("case_id", "slide_id", "survival_months", "censorship", "oncotree_code")
+REQUIRED_COLUMNS = required_columns(None)  # with every task; umeml.data.labels says which task needs what
 TABLE_NAMES = ("table.csv", "table.csv.gz", "cohort.csv", "cohort.csv.gz")
 # a feature scan shows a progress bar from this many feature values on (about 130 MB of float16)
 SCAN_PROGRESS_VALUES = 1 << 26
@@ -36,7 +44,7 @@ class Patient:
     case_id: str
     site: str
     slide_ids: tuple[str, ...]
-    subtype: str
+    subtype: str | None  # None: missing (an empty cell, or no oncotree_code column)
     survival_months: float
     censorship: int
 
@@ -60,6 +68,7 @@ class Cohort:
     imputed_values: int = 0
     source: str = ""
     table_genomic_columns: int = 0
+    tasks: tuple[str, ...] | None = None  # the tasks its labels were checked for (None: all)
 
     def __len__(self) -> int:
         return len(self.patients)
@@ -89,8 +98,9 @@ class Cohort:
         return np.array([i for i, p in enumerate(self.patients) if p.site == site], dtype=np.int64)
 
     def subtype_index(self, i: int) -> int:
-        """Class index of patient ``i``'s subtype."""
-        return self.subtypes.index(self.patients[i].subtype)
+        """Class index of patient ``i``'s subtype (-1 when missing or unknown: only in a cohort
+        loaded for tasks that do not need it)."""
+        return subtype_index(self.patients[i].subtype, self.config)
 
     def grade_index(self, i: int) -> int:
         """Class index of patient ``i``'s WHO grade."""
@@ -112,7 +122,7 @@ class Cohort:
     def summary(self) -> dict:
         """Counts a site can show without exposing any patient: per site, per label, per modality."""
         subtypes = Counter(p.subtype for p in self.patients)
-        grades = Counter(self.config.grade_map[p.subtype] for p in self.patients)
+        grades = Counter(self.config.grade_map.get(p.subtype) for p in self.patients)
         return {
             "patients": len(self),
             "slides": sum(len(p.slide_ids) for p in self.patients),
@@ -120,6 +130,8 @@ class Cohort:
             "patients_per_site": dict(sorted(Counter(p.site for p in self.patients).items())),
             "subtype_counts": {c: subtypes.get(c, 0) for c in self.subtypes},
             "grade_counts": {g: grades.get(g, 0) for g in self.grades},
+            "subtype_missing": subtypes.get(None, 0),
+            "labels_needed": needs_subtype(self.tasks),
             "censored_fraction": round(float(np.mean([p.censorship for p in self.patients])), 3)
             if self.patients
             else None,
@@ -142,7 +154,8 @@ def find_table(data_dir: Path) -> Path:
     raise MissingPathError(f"{data_dir}: no cohort table found (looked for {', '.join(TABLE_NAMES)})")
 
 
-def load_data_dir(data_dir: str | Path, cfg: DataConfig | None = None, scan_features: bool = False) -> Cohort:
+def load_data_dir(data_dir: str | Path, cfg: DataConfig | None = None, tasks=None,
+                  scan_features: bool = False) -> Cohort:
     """Load a data directory laid out as ``umeml synth`` writes it: table, signatures, bags/.
 
     ``bags/`` must exist when the table lists slides, and ``signatures.csv`` when the table has
@@ -153,7 +166,7 @@ def load_data_dir(data_dir: str | Path, cfg: DataConfig | None = None, scan_feat
     sig = data_dir / "signatures.csv"
     bags = data_dir / "bags"
     builder = _CohortBuilder(table, sig if sig.is_file() else None, bags if bags.is_dir() else None,
-                             cfg or DataConfig(), scan_features)
+                             cfg or DataConfig(), tasks, scan_features)
     builder.expected_signatures = sig
     builder.expected_bags = bags
     return builder.result()
@@ -164,18 +177,22 @@ def load_cohort(
     signatures_path: str | Path | None = None,
     bag_dir: str | Path | None = None,
     cfg: DataConfig | None = None,
+    tasks=None,
     scan_features: bool = False,
 ) -> Cohort:
     """Read and validate a cohort; raise DataValidationError listing every problem found.
 
+    ``tasks`` (None: all) decide which labels are required: without ``grade`` and ``subtype``
+    the table needs no ``oncotree_code`` and an empty or unknown code is no problem.
     ``scan_features`` also reads every bag's features (chunked) to find NaN/Inf values."""
-    return _CohortBuilder(Path(table_path), signatures_path, bag_dir, cfg or DataConfig(), scan_features).result()
+    return _CohortBuilder(Path(table_path), signatures_path, bag_dir, cfg or DataConfig(), tasks, scan_features).result()
 
 
 class _CohortBuilder:
     """Runs every check, collecting problems instead of stopping at the first."""
 
-    def __init__(self, table_path: Path, signatures_path, bag_dir, cfg: DataConfig, scan_features: bool = False):
+    def __init__(self, table_path: Path, signatures_path, bag_dir, cfg: DataConfig, tasks=None,
+                 scan_features: bool = False):
         self.table_path = table_path
         self.signatures_path = Path(signatures_path) if signatures_path else None
         self.bag_dir = Path(bag_dir) if bag_dir else None
@@ -183,6 +200,7 @@ class _CohortBuilder:
         self.scan_features = scan_features
         self.problems: list[Problem] = []
         self.src = str(table_path)
+        self.tasks: tuple[str, ...] | None = None if tasks is None else tuple(tasks)
         # a data directory's own signatures.csv and bags/, when absent (for the messages)
         self.expected_signatures: Path | None = None
         self.expected_bags: Path | None = None
@@ -230,6 +248,7 @@ class _CohortBuilder:
             imputed_values=imputed,
             source=self.src,
             table_genomic_columns=len(genomic_columns(list(table.columns))),
+            tasks=self.tasks,
         )
 
     def _read_table(self) -> pd.DataFrame | None:
@@ -245,19 +264,34 @@ class _CohortBuilder:
         except (OSError, pd.errors.ParserError, UnicodeDecodeError, EOFError) as err:
             self.problem("", f"cannot read the table ({err})")
             return None
-        missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+        missing = [c for c in required_columns(self.tasks) if c not in table.columns]
         if missing:
-            self.problem("", f"missing required column(s): {', '.join(missing)}")
+            hint = (f" ({SUBTYPE_COLUMN} is needed by the tasks grade and subtype; a survival-only experiment, "
+                    "tasks: [survival], does without it)" if SUBTYPE_COLUMN in missing else "")
+            self.problem("", f"missing required column(s): {', '.join(missing)}{hint}")
             return None
         if table.empty:
             self.problem("", "the table has no rows (only its header)")
             return None
+        if SUBTYPE_COLUMN not in table.columns:  # allowed when no task needs it: every subtype is missing
+            table[SUBTYPE_COLUMN] = None
+        table[SUBTYPE_COLUMN] = table[SUBTYPE_COLUMN].map(clean_code).astype(object)
         table["slide_id"] = table["slide_id"].fillna("").astype(str).str.strip()
         table["case_id"] = table["case_id"].fillna("").astype(str).str.strip()
         return table
 
+    def _check_code(self, loc: str, code: str | None) -> None:
+        """The subtype code of one row, when the tasks need it (survival-only: anything goes)."""
+        if not needs_subtype(self.tasks):
+            return
+        known = subtype_codes(self.cfg)
+        if code is None:
+            self.problem(loc, f"oncotree_code is missing (empty); the tasks grade and subtype need a known subtype "
+                              f"({', '.join(sorted(known))}) for every patient")
+        elif code not in known:
+            self.problem(loc, f"oncotree_code {code!r} is not a known subtype ({', '.join(sorted(known))})")
+
     def _check_rows(self, table: pd.DataFrame) -> None:
-        known = set(self.cfg.grade_map)
         months = pd.to_numeric(table["survival_months"], errors="coerce")
         cens = pd.to_numeric(table["censorship"], errors="coerce")
         for i, row in enumerate(table.itertuples(index=False)):
@@ -274,9 +308,7 @@ class _CohortBuilder:
                 self.problem(loc, f"censorship must be 0 or 1 (got {_shown(table['censorship'].iloc[i])})")
             if row.slide_id and name_problem(row.slide_id):  # <bags>/<slide_id>.h5 must stay inside <bags>
                 self.problem(loc, f"slide_id {row.slide_id!r} {name_problem(row.slide_id)}")
-            code = row.oncotree_code
-            if pd.isna(code) or code not in known:
-                self.problem(loc, f"oncotree_code {code!r} is not a known subtype ({', '.join(sorted(known))})")
+            self._check_code(loc, row.oncotree_code)
         slides = table.loc[table["slide_id"] != "", "slide_id"]
         for slide in sorted(slides[slides.duplicated()].unique()):
             self.problem(f"slide {slide}", "slide_id appears on more than one row")
@@ -326,7 +358,7 @@ class _CohortBuilder:
             except (TypeError, ValueError):
                 continue  # already reported by _check_rows
             slides = tuple(s for s in rows["slide_id"] if s)
-            patients.append(Patient(case, first["_site"], slides, str(first["oncotree_code"]), months, cens))
+            patients.append(Patient(case, first["_site"], slides, first[SUBTYPE_COLUMN], months, cens))
         return patients, first_rows
 
     def _genomics(

@@ -1,21 +1,64 @@
-"""Labels: subtype index, WHO grade by a configurable map, discrete survival bins."""
+"""Labels: which table columns each task needs, subtype and grade indices by the configured
+label maps (any cancer, not only glioma), discrete survival bins."""
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Iterable
 
-from umeml.config import DataConfig
+import numpy as np
+import pandas as pd
+
+from umeml.config import TASKS, DataConfig
+
+SUBTYPE_COLUMN = "oncotree_code"
+# every task needs the patient and slide ids; the survival columns feed the survival bins that
+# every experiment's preprocessing fits, so they are required whatever the tasks
+BASE_COLUMNS = ("case_id", "slide_id", "survival_months", "censorship")
+SUBTYPE_TASKS = ("grade", "subtype")  # tasks whose label derives from the subtype code
+
+
+def needs_subtype(tasks: Iterable[str] | None) -> bool:
+    """Whether any of ``tasks`` (None: all tasks) needs a subtype code for every patient."""
+    return bool(set(TASKS if tasks is None else tasks) & set(SUBTYPE_TASKS))
+
+
+def required_columns(tasks: Iterable[str] | None) -> tuple[str, ...]:
+    """The table columns an experiment with ``tasks`` (None: all tasks) cannot do without."""
+    return BASE_COLUMNS + ((SUBTYPE_COLUMN,) if needs_subtype(tasks) else ())
+
+
+def clean_code(value) -> str | None:
+    """A table cell as a subtype code: None when it is empty or NaN (a missing subtype, never
+    the string "nan"), else the stripped text."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    text = str(value).strip()
+    return text or None
 
 
 def subtype_codes(cfg: DataConfig) -> tuple[str, ...]:
-    """Known subtype codes, in the order of the grade map (this order defines class indices)."""
-    return tuple(cfg.grade_map)
+    """Known subtype codes in class-index order: ``data.subtypes`` when given, else the keys of
+    the grade map (the glioma default: ASTR, OAST, ODG, AASTR, AOAST, GBM)."""
+    return tuple(cfg.subtypes) if cfg.subtypes else tuple(cfg.grade_map)
 
 
-def grade_index(code: str, cfg: DataConfig) -> int:
-    """Class index of the WHO grade of subtype ``code`` (-1 when the code is unknown)."""
-    grade = cfg.grade_map.get(code)
+def subtype_index(code: str | None, cfg: DataConfig) -> int:
+    """Class index of subtype ``code`` (-1 when it is missing or unknown)."""
+    codes = subtype_codes(cfg)
+    return codes.index(code) if code in codes else -1
+
+
+def grade_index(code: str | None, cfg: DataConfig) -> int:
+    """Class index of the grade of subtype ``code`` by ``data.grade_map`` (-1 when the code is
+    missing or has no grade)."""
+    grade = cfg.grade_map.get(code) if code is not None else None
     return cfg.grades.index(grade) if grade is not None else -1
+
+
+def label_counts(indices: Iterable[int], n_classes: int) -> list[int]:
+    """Patients per class from class indices; missing labels (-1) are not counted."""
+    known = [i for i in indices if i >= 0]
+    return np.bincount(np.asarray(known, dtype=np.int64), minlength=n_classes).tolist()
 
 
 def survival_bin_edges(times: np.ndarray, events: np.ndarray, n_bins: int) -> np.ndarray:

@@ -122,11 +122,12 @@ class CohortSource:
         if found:
             raise MissingPathError("; ".join(found))
 
-    def load(self, data_cfg: "DataConfig | None" = None, *, scan_features: bool = False,
+    def load(self, data_cfg: "DataConfig | None" = None, tasks=None, *, scan_features: bool = False,
              names: Mapping[str, str] | None = None) -> "Cohort":
         """Read and validate the cohort with the data settings ``data_cfg`` (the experiment's
-        ``data`` section; defaults when None); ``scan_features``: also read every bag's features
-        to find NaN/Inf values (a full pass over the bags, chunked).
+        ``data`` section; defaults when None) for the experiment's ``tasks`` (None: all), which
+        decide the labels the table needs (:mod:`umeml.data.labels`); ``scan_features``: also read
+        every bag's features to find NaN/Inf values (a full pass over the bags, chunked).
 
         Raises :class:`~umeml.errors.MissingPathError` (also a FileNotFoundError) naming each
         missing path in the spelling ``names`` (:meth:`check_paths`), and
@@ -136,5 +137,5 @@ class CohortSource:
 
         self.check_paths(names, data_cfg)
         if self.data_dir is not None:
-            return load_data_dir(self.data_dir, data_cfg, scan_features=scan_features)
-        return load_cohort(self.table, self.signatures, self.bags, data_cfg, scan_features=scan_features)
+            return load_data_dir(self.data_dir, data_cfg, tasks, scan_features=scan_features)
+        return load_cohort(self.table, self.signatures, self.bags, data_cfg, tasks, scan_features=scan_features)

@@ -59,7 +59,7 @@ def stratified_train_val(
     strata: dict[tuple[str, str], list[int]] = {}
     for i in indices:
         p = cohort.patients[i]
-        strata.setdefault((p.site, p.subtype), []).append(int(i))
+        strata.setdefault((p.site, p.subtype or ""), []).append(int(i))  # "": subtype missing
     val: list[int] = []
     for key in sorted(strata):
         members = np.array(strata[key])

@@ -12,6 +12,16 @@ Generative story (the latent variables are what ``oracle.json`` is computed from
   uniform censoring on (1, 100) months.
 Bag sizes vary over two orders of magnitude; a few patients miss one modality; some have two
 slides. Bags are streamed to disk slide by slide, never held together in memory.
+
+``clustered=True`` (off by default; the default cohort is unchanged, byte for byte) makes
+pathology a problem where locality and prototypes matter: a slide is a mosaic of spatial regions
+(about ``REGION_PATCHES`` patches each, every grid cell joins its nearest region seed in
+``coords``), each region holding one morphotype and sharing a small regional offset. Only a
+fraction of the regions (the tumour, 5-40% of the slide, drawn per patient) take their morphotype
+from the subtype's mixture; the rest is background tissue (``BACKGROUND_MORPHOTYPES`` extra
+centroids, a patient-specific mixture common to all subtypes). The mean of a bag then mixes the
+subtype signal with a background of varying size, which pooling that can select patches does
+not have to.
 """
 
 from __future__ import annotations
@@ -41,6 +51,10 @@ GROUP_NAMES = (
 )
 BASE_HAZARD = {"II": 0.006, "III": 0.015, "IV": 0.05}  # deaths per month
 WRITE_CHUNK = 2048  # patches generated and written at a time
+# the clustered option (SynthSpec.clustered)
+REGION_PATCHES = 40  # patches per spatial region, on average
+BACKGROUND_MORPHOTYPES = 4
+TUMOUR_FRACTION = (0.05, 0.4)  # of a slide's regions, uniform per patient
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,7 @@ class SynthSpec:
     two_slide_fraction: float = 0.2
     stain_shift: float = 0.4
     dtype: str = "float16"
+    clustered: bool = False  # spatially clustered morphotypes in a tumour/background mosaic
 
     def check(self) -> None:
         """Raise ValueError naming the option that is out of range."""
@@ -99,6 +114,7 @@ class _World:
     z_loading: np.ndarray  # (G,)
     genes: list[str]
     gene_groups: list[list[str]]
+    background: np.ndarray | None = None  # (Qb, D) background centroids (clustered only)
 
 
 def _world(spec: SynthSpec, rng: np.random.Generator) -> _World:
@@ -121,7 +137,12 @@ def _world(spec: SynthSpec, rng: np.random.Generator) -> _World:
         informative = base + np.arange(2)
         effects[:, informative] = rng.normal(0, 0.9, (len(SUBTYPES), 2))
         loading[base + 2] = rng.choice([-0.8, 0.8])
-    return _World(centroids, subtype_mix, site_props, site_offset, site_scale, effects, loading, genes, groups)
+    background = None
+    if spec.clustered:  # from its own stream, so the shared world is the default one
+        brng = np.random.default_rng([spec.seed, 1])
+        background = brng.normal(0, 1.0, (BACKGROUND_MORPHOTYPES, d)) * np.sqrt(8.0 / d)
+    return _World(centroids, subtype_mix, site_props, site_offset, site_scale, effects, loading, genes, groups,
+                  background)
 
 
 def _genomic_columns(world: _World) -> list[str]:
@@ -163,6 +184,55 @@ def _write_slide(path: Path, n: int, mix: np.ndarray, world: _World, site: int, 
     atomic_write(path, write)
 
 
+def _mosaic_mixture(world: _World, mix: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A patient's region mixture over ``[centroids; background]`` (clustered option): the
+    tumour fraction f of the regions follows the subtype mixture ``mix``, the rest a background
+    mixture of this patient's own."""
+    frac = rng.uniform(*TUMOUR_FRACTION)
+    background = rng.dirichlet(np.full(len(world.background), 1.0))
+    return np.concatenate([frac * mix, (1.0 - frac) * background])
+
+
+def mosaic_kinds(n: int, mixture: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Morphotype and region of each of ``n`` grid patches, and their (x, y) grid cells.
+
+    Region seeds are uniform over the ``side x side`` grid (row-major positions, as the default
+    slides); every cell joins its nearest seed and takes that region's morphotype.
+    """
+    side = int(np.ceil(np.sqrt(n)))
+    n_regions = max(2, int(round(n / REGION_PATCHES)))
+    seeds = rng.uniform(0, side, (n_regions, 2))
+    region_kind = rng.choice(len(mixture), size=n_regions, p=mixture / mixture.sum())
+    pos = np.arange(n)
+    cells = np.stack([pos % side, pos // side], axis=1)
+    region = np.empty(n, dtype=np.int64)
+    for start in range(0, n, WRITE_CHUNK):  # nearest seed, chunked: memory O(chunk x regions)
+        part = cells[start:start + WRITE_CHUNK] + 0.5
+        region[start:start + len(part)] = ((part[:, None, :] - seeds[None]) ** 2).sum(-1).argmin(1)
+    return region_kind[region], region, cells
+
+
+def _write_mosaic(path: Path, n: int, mixture: np.ndarray, world: _World, site: int, spec: SynthSpec,
+                  rng: np.random.Generator) -> None:
+    """A clustered slide: regions of one morphotype each, with a shared regional offset."""
+    attrs = {"encoder": "synthetic", "patch_size": 256, "mpp": 0.5, "magnification": 20.0, "level": 0}
+    centroids = np.concatenate([world.centroids, world.background])
+    kinds, region, cells = mosaic_kinds(n, mixture, rng)
+    scale = np.sqrt(8.0 / spec.feature_dim)
+    offsets = rng.normal(0, 0.15, (int(region.max()) + 1, spec.feature_dim)) * scale
+
+    def write(tmp: Path) -> None:
+        with BagWriter(tmp, spec.feature_dim, attrs=attrs, dtype=spec.dtype) as writer:
+            for start in range(0, n, WRITE_CHUNK):
+                sl = slice(start, min(start + WRITE_CHUNK, n))
+                m = sl.stop - sl.start
+                feats = centroids[kinds[sl]] + offsets[region[sl]] + rng.normal(0, 0.35, (m, spec.feature_dim)) * scale
+                feats = feats * world.site_scale[site] + world.site_offset[site]
+                writer.append(feats.astype(spec.dtype), cells[sl] * 256)
+
+    atomic_write(path, write)
+
+
 def _patient(spec: SynthSpec, world: _World, s: int, code: str, j: int, gen_cols: list[str],
              bag_dir: Path) -> tuple[list[dict], dict]:
     """Patient ``j`` of site ``s``: its table rows (one per slide, or one without slides), with
@@ -199,9 +269,13 @@ def _patient(spec: SynthSpec, world: _World, s: int, code: str, j: int, gen_cols
     n_slides = 0 if no_path else (2 if prng.random() < spec.two_slide_fraction and n_patches >= 2 * spec.min_patches else 1)
     sizes = [n_patches] if n_slides == 1 else [n_patches // 2, n_patches - n_patches // 2][:n_slides]
     rows = []
+    mosaic = _mosaic_mixture(world, mix, prng) if spec.clustered and n_slides else None
     for k in range(n_slides):
         slide_id = f"{case_id}-01Z-00-DX{k + 1}"
-        _write_slide(bag_path(bag_dir, slide_id), sizes[k], mix, world, s, spec, prng)
+        if mosaic is None:
+            _write_slide(bag_path(bag_dir, slide_id), sizes[k], mix, world, s, spec, prng)
+        else:
+            _write_mosaic(bag_path(bag_dir, slide_id), sizes[k], mosaic, world, s, spec, prng)
         rows.append({**base, "slide_id": slide_id, **genomic})
     if n_slides == 0:
         rows.append({**base, "slide_id": "", **genomic})
@@ -241,7 +315,10 @@ def generate(spec: SynthSpec, out: str | Path, overwrite: bool = False) -> dict:
     sig.to_csv(tmp / "signatures.csv", index=False)
     oracle = oracle_metrics(latents, seed=spec.seed)
     (tmp / "oracle.json").write_text(json.dumps(oracle, indent=2))
-    (tmp / "synth.json").write_text(json.dumps(asdict(spec), indent=2))
+    written = asdict(spec)
+    if not spec.clustered:  # options added later appear only when set: old cohorts keep their bytes
+        del written["clustered"]
+    (tmp / "synth.json").write_text(json.dumps(written, indent=2))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

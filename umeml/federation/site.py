@@ -18,6 +18,7 @@ from umeml import __version__
 from umeml.config import DPConfig, ExperimentConfig
 from umeml.data.cohort import Cohort
 from umeml.data.dataset import genomic_moments, make_loader
+from umeml.data.labels import label_counts
 from umeml.data.splits import stratified_train_val
 from umeml.federation.privacy import (
     SiteLedger,
@@ -94,8 +95,8 @@ class SiteRuntime:
             reply["with_pathology"] = min(reply["with_pathology"], 1)
             reply["with_genomics"] = min(reply["with_genomics"], 1)
         else:
-            reply["subtype_counts"] = np.bincount([c.subtype_index(i) for i in idx], minlength=len(c.subtypes)).tolist()
-            reply["grade_counts"] = np.bincount([c.grade_index(i) for i in idx], minlength=len(c.grades)).tolist()
+            reply["subtype_counts"] = label_counts([c.subtype_index(i) for i in idx], len(c.subtypes))
+            reply["grade_counts"] = label_counts([c.grade_index(i) for i in idx], len(c.grades))
         return reply
 
     def preprocess(self, cfg: ExperimentConfig) -> dict:
@@ -111,8 +112,8 @@ class SiteRuntime:
             "site": self.site_id,
             "n": int(len(train)),
             "survival_hist": self._released_histogram(cfg, hist.astype(np.int64)),
-            "grade_counts": np.bincount([c.grade_index(i) for i in train], minlength=len(c.grades)).tolist(),
-            "subtype_counts": np.bincount([c.subtype_index(i) for i in train], minlength=len(c.subtypes)).tolist(),
+            "grade_counts": label_counts([c.grade_index(i) for i in train], len(c.grades)),
+            "subtype_counts": label_counts([c.subtype_index(i) for i in train], len(c.subtypes)),
         }
         # moments over fewer than k patients would be their values (one patient: sum = his profile)
         if c.gene_groups.dim and int(c.has_genomics[train].sum()) >= self.k_min:

@@ -22,6 +22,7 @@ from umeml.rundir import CentralizedFinal, EpochRecord, RunDir, atomic_write_tex
 from umeml.train.evaluate import evaluate_predictions, selection_score
 from umeml.train.experiment import Preprocessing, build_model, loss_settings, make_dataset, prepare
 from umeml.train.loop import (
+    EarlyStopping,
     LossSettings,
     cosine_with_warmup,
     make_optimizer,
@@ -110,24 +111,22 @@ def _train_epochs(fit: _Fit, progress: bool) -> tuple[list[EpochRecord], int]:
     steps_per_epoch = max(1, -(-len(fit.train_ds) // (cfg.train.batch_size * cfg.train.grad_accum)))
     scheduler = cosine_with_warmup(optimizer, cfg.train.warmup_epochs * steps_per_epoch, cfg.train.epochs * steps_per_epoch)
     records: list[EpochRecord] = []
-    best, best_epoch, stale = -np.inf, 0, 0
+    patience = cfg.train.early_stopping_patience
+    stopper = EarlyStopping(patience, cfg.train.warmup_epochs + (patience or 0))
     bar = tqdm(range(1, cfg.train.epochs + 1), desc=f"train {cfg.name}", disable=not progress, unit="epoch")
     for epoch in bar:
         record, score = _epoch(fit, optimizer, scheduler, epoch)
         records.append(record)
         write_metrics(fit.out.metrics, [row for r in records for row in r.metric_rows()])
         save_checkpoint(fit.out.last_checkpoint, fit.model, {**fit.meta, "epoch": epoch})
-        if score > best:
-            best, best_epoch, stale = score, epoch, 0
+        if stopper.update(epoch, score) or epoch == 1:  # epoch 1: a best.pt exists even if no score is finite
             save_checkpoint(fit.out.best_checkpoint, fit.model, {**fit.meta, "epoch": epoch})
-        else:
-            stale += 1
+            stopper.best_epoch = stopper.best_epoch or epoch
         bar.set_postfix(loss=f"{record.train_loss:.3f}", val=f"{score:.3f}")
-        patience = cfg.train.early_stopping_patience
-        if patience is not None and stale >= patience:
-            log.info("early stopping at epoch %d (best %d)", epoch, best_epoch)
+        if stopper.should_stop(epoch):
+            log.info("early stopping at epoch %d (best %d)", epoch, stopper.best_epoch)
             break
-    return records, best_epoch
+    return records, stopper.best_epoch
 
 
 def _epoch(fit: _Fit, optimizer, scheduler, epoch: int) -> tuple[EpochRecord, float]:
@@ -144,7 +143,7 @@ def _epoch(fit: _Fit, optimizer, scheduler, epoch: int) -> tuple[EpochRecord, fl
     preds = predict(fit.model, fit.loaders["val"], fit.loss, fit.device)
     record.val = evaluate_predictions(preds, cfg.tasks, n_boot=0, seed=cfg.seed)
     record.val_loss = preds.loss
-    return record, selection_score(record.val, preds.loss)
+    return record, selection_score(record.val, preds.loss, cfg.train.min_val_events)
 
 
 def _test(fit: _Fit, cohort: Cohort) -> dict:

@@ -29,11 +29,17 @@ def evaluate_predictions(preds: Predictions, tasks, n_boot: int, seed: int) -> d
     return out
 
 
-def selection_score(metrics: dict, loss: float) -> float:
-    """Model-selection score: mean primary metric over tasks (minus loss when none is defined)."""
+def selection_score(metrics: dict, loss: float, min_events: int = 0) -> float:
+    """Model-selection score: mean primary metric over tasks (minus loss when none is defined).
+
+    A c-index on fewer than ``min_events`` observed deaths is left out (on a tiny validation
+    split a few comparable pairs would pick the epoch); with no metric left, minus the loss.
+    """
     values = []
     for task, m in metrics.items():
         entry = m.get(PRIMARY.get(task, ""), {})
+        if isinstance(entry, dict) and entry.get("events", min_events) < min_events:
+            continue
         value = entry.get("value") if isinstance(entry, dict) else None
         if value is not None and np.isfinite(value):
             values.append(float(value))

@@ -59,6 +59,34 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, tota
 
 
 @dataclass
+class EarlyStopping:
+    """Stop when the validation score has not improved for ``patience`` epochs (None: never).
+
+    Guarded for small data: no stop before ``min_epochs`` (the warm-up epochs plus the
+    patience: during warm-up the learning rate is still rising, and a noisy first score must not
+    end the run), and a non-finite score never counts as an improvement.
+    """
+
+    patience: int | None
+    min_epochs: int = 0
+    best: float = -math.inf
+    best_epoch: int = 0
+    stale: int = 0
+
+    def update(self, epoch: int, score: float) -> bool:
+        """Record ``epoch``'s score; True when it is the best so far."""
+        if math.isfinite(score) and score > self.best:
+            self.best, self.best_epoch, self.stale = score, epoch, 0
+            return True
+        self.stale += 1
+        return False
+
+    def should_stop(self, epoch: int) -> bool:
+        """Whether training stops after ``epoch``."""
+        return self.patience is not None and epoch >= self.min_epochs and self.stale >= self.patience
+
+
+@dataclass
 class LossSettings:
     """What the loss needs besides the batch: tasks, class weights, survival alpha."""
 
