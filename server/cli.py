@@ -17,13 +17,16 @@ from umeml.rundir import (
     SUMMARY_METRICS,
     FederatedFinal,
     RunDir,
+    RunDirError,
     atomic_write_json,
     atomic_write_text,
     format_metric,
     metric_entry,
     read_final,
+    read_roles,
 )
 from umeml.server.deploy import RunFailed, SuperLink, TLSFiles, expand_site_keys, submit_and_wait, write_app_dir, write_run_config
+from umeml.server.runlock import RunDirBusy, RunGuard
 
 PRIMARY = SUMMARY_METRICS  # the table's columns
 
@@ -118,6 +121,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if not resume and args.config is None:
         print("error: umeml-server simulate needs --config (or --resume RUN_DIR)", file=sys.stderr)
         return 2
+    problems = simulate_limits(args)
+    if problems:
+        return _report_problems(problems)
     try:
         cfg, cohort, source, held_sets = (_resumed_simulation if resume else _new_simulation)(args)
     except FileNotFoundError as err:
@@ -135,6 +141,18 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if len(held_sets) > 1 and not args.no_report:
         _write_reports([Path(args.out)])
     return 0
+
+
+def simulate_limits(args: argparse.Namespace) -> list[str]:
+    """The numeric flags of ``umeml-server simulate`` that no run can satisfy (each a usage error)."""
+    problems = []
+    if args.sites < 1:
+        problems.append(f"--sites {args.sites}: the demo cohort needs at least 1 site")
+    if args.patients < 1:
+        problems.append(f"--patients {args.patients}: each site needs at least 1 patient")
+    if args.rounds is not None and args.rounds < 1:
+        problems.append(f"--rounds {args.rounds}: must be at least 1")
+    return problems
 
 
 def _simulate_comparison(args: argparse.Namespace, cfg, cohort, source) -> int:
@@ -224,14 +242,49 @@ def preflight_start(args: argparse.Namespace) -> tuple[StartPlan | None, list[st
     so the operator fixes them all in one pass. Each is a usage error (a flag, or the config,
     TLS or key file a flag names): the command exits 2 on any of them.
     """
-    problems: list[str] = []
+    problems: list[str] = start_limits(args)
     cfg = _start_config(args, problems)
     tls = _start_tls(args, problems)
     site_keys = _start_site_keys(args, problems)
+    held = _start_held_out(args, cfg, problems)
     if problems:
         return None, problems
-    held = tuple(s for s in (args.held_out or "").split(",") if s) or tuple(cfg.split.test_sites)
     return StartPlan(args.resume or args.out, cfg, held, tls, site_keys), []
+
+
+def start_limits(args: argparse.Namespace) -> list[str]:
+    """The numeric flags of ``umeml-server start`` that no run can satisfy (each a usage error)."""
+    problems = []
+    if args.sites < 1:
+        problems.append(f"--sites {args.sites}: a federation needs at least 1 site to wait for")
+    if args.rounds is not None and args.rounds < 1:
+        problems.append(f"--rounds {args.rounds}: must be at least 1")
+    if not 0 < args.port < 65536:
+        problems.append(f"--port {args.port}: not a TCP port (1-65535)")
+    if not args.wait_timeout > 0:
+        problems.append(f"--wait-timeout {args.wait_timeout:g}: must be > 0 seconds")
+    return problems
+
+
+def _start_held_out(args: argparse.Namespace, cfg: ExperimentConfig | None, problems: list[str]) -> tuple[str, ...]:
+    """The held-out sites: on resume the ones the run recorded (``--held-out`` may only repeat
+    them), else ``--held-out`` or the config's ``split.test_sites``."""
+    given = tuple(sorted(s for s in (args.held_out or "").split(",") if s))
+    if args.resume is not None:
+        try:
+            roles = read_roles(args.resume)
+        except RunDirError as err:
+            problems.append(str(err))
+            return given
+        if roles is not None:
+            if given and given != tuple(sorted(roles.held_out)):
+                problems.append(f"--held-out {','.join(given)}: {args.resume} holds out "
+                                f"{','.join(roles.held_out) or 'no site'}; a resumed run keeps its held-out sites "
+                                "(leave --held-out out, or start a new run with --out)")
+            return tuple(roles.held_out)
+    if given or cfg is None:
+        return given
+    return tuple(cfg.split.test_sites)
 
 
 def _start_config(args: argparse.Namespace, problems: list[str]) -> ExperimentConfig | None:
@@ -324,17 +377,41 @@ class _ProgressEcho:
 
 
 def _run_deployment(args: argparse.Namespace, plan: StartPlan) -> int:
-    """Start the SuperLink, submit the app, wait for the run, print its held-out table."""
-    run_dir = plan.run_dir
-    files = RunDir(run_dir)
+    """Hold the run dir (lock, no orphans, watchdog), run the deployment, print its table."""
+    files = RunDir(plan.run_dir)
+    try:
+        with RunGuard(files, args.force) as guard:  # RunDirBusy comes from entering only
+            outcome = _deploy(args, plan, files, guard)
+    except RunDirBusy as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if isinstance(outcome, int):
+        return outcome
+    run_id, status, log_path = outcome
+    final_path = files.final
+    if status != "finished:completed" or not final_path.is_file():
+        print(f"error: run {run_id} ended as {status}; see {log_path}", file=sys.stderr)
+        return 1
+    final = read_final(final_path).to_json()
+    print(f"\nheld-out metrics after {final['rounds']} rounds ({final['strategy']}), run dir {plan.run_dir}:")
+    print(format_table(final))
+    if not args.no_report:
+        _write_reports([plan.run_dir])
+    return 0
+
+
+def _deploy(args: argparse.Namespace, plan: StartPlan, files: RunDir, guard: RunGuard):
+    """Start the SuperLink, submit the app and wait for the run: (run id, status, SuperLink log),
+    or exit code 1 when Flower's processes fail; the SuperLink is stopped in every case."""
     link = SuperLink(args.host, args.port, files.flower_state, files.superlink_log, tls=plan.tls,
                      node_auth=bool(plan.site_keys))
     show_progress = _ProgressEcho(files.progress)
     try:
         link.start(site_keys=plan.site_keys)
+        guard.started(link)
         _announce_superlink(args, link, plan)
         app_dir = write_app_dir(files.app)
-        run_config = write_run_config(files.run_config, plan.cfg, run_dir, args.sites, plan.held_out,
+        run_config = write_run_config(files.run_config, plan.cfg, plan.run_dir, args.sites, plan.held_out,
                                       args.resume is not None, args.wait_timeout)
         final_path = files.final
         run_id, status = submit_and_wait(link, app_dir, run_config, on_poll=show_progress,
@@ -349,16 +426,7 @@ def _run_deployment(args: argparse.Namespace, plan: StartPlan) -> int:
         return 1
     finally:
         link.stop()
-    final_path = files.final
-    if status != "finished:completed" or not final_path.is_file():
-        print(f"error: run {run_id} ended as {status}; see {link.log_path}", file=sys.stderr)
-        return 1
-    final = read_final(final_path).to_json()
-    print(f"\nheld-out metrics after {final['rounds']} rounds ({final['strategy']}), run dir {run_dir}:")
-    print(format_table(final))
-    if not args.no_report:
-        _write_reports([run_dir])
-    return 0
+    return run_id, status, link.log_path
 
 
 def _announce_superlink(args: argparse.Namespace, link, plan: StartPlan) -> None:
@@ -449,6 +517,9 @@ def _add_start_parser(sub) -> None:
                    help="sites' OpenSSH public keys (.pub files, or folders of them) to register: SuperNode "
                         "authentication on, only these sites may join; needs --tls-dir")
     p.add_argument("--wait-timeout", type=float, default=600.0, help="seconds to wait for the sites (default 600)")
+    p.add_argument("--force", action="store_true",
+                   help="stop Flower processes (SuperLink, SuperExec, ServerApp) that an earlier coordinator of "
+                        "this run dir left running, instead of refusing to start")
     p.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
     p.set_defaults(func=_cmd_start)
 

@@ -34,12 +34,15 @@ from umeml.rundir import (
     FederatedFinal,
     RoundRecord,
     RunDir,
+    SiteRoles,
     atomic_write,
     atomic_write_json,
     atomic_write_text,
     metric_entry,
+    read_roles,
     write_final,
     write_metrics,
+    write_roles,
 )
 from umeml.server.strategies import (
     NodeSubsetGrid,
@@ -154,6 +157,7 @@ class Coordinator:
         self.files = RunDir(self.run_dir)
         self.expected_sites = expected_sites
         self.held_out = tuple(held_out or cfg.split.test_sites)
+        self.given_held_out = bool(held_out)  # given explicitly, not the config's default
         self.resume = resume
         self.pooled_eval = pooled_eval
         self.wait_timeout = wait_timeout
@@ -161,6 +165,7 @@ class Coordinator:
         self.nodes: dict[int, dict] = {}  # node id -> handshake
         self.refused: dict[int, str] = {}  # node id -> why its handshake was refused for good
         self.train_sites: list[str] = []
+        self.recorded: SiteRoles | None = None  # the roles a resumed run keeps (roles.json)
         self.timeout = cfg.federation.round_timeout_s
         self.experiment_json = json.dumps(config_to_dict(cfg))
 
@@ -200,7 +205,10 @@ class Coordinator:
         unknown = sorted(set(self.held_out) - set(sites))
         if unknown:
             raise FederationError(f"held-out site(s) {unknown} did not join (joined: {sorted(sites)})")
-        wanted = set(self.cfg.federation.train_sites) or (set(sites) - set(self.held_out))
+        if self.recorded is not None:  # a resumed run: the sites that trained before, no others
+            wanted = set(self.recorded.training)
+        else:
+            wanted = set(self.cfg.federation.train_sites) or (set(sites) - set(self.held_out))
         overlap = wanted & set(self.held_out)
         if overlap:
             raise FederationError(f"site(s) {sorted(overlap)} are both held out and training")
@@ -213,6 +221,20 @@ class Coordinator:
         if not train:
             raise FederationError("no training site: every joined site is held out")
         return train, held
+
+    def _restore_roles(self) -> None:
+        """On resume, take the held-out and training sites from ``roles.json``: no held-out sites
+        given means the recorded ones; different ones are an error, never a silent change."""
+        if not self.resume:
+            return
+        self.recorded = read_roles(self.files)
+        if self.recorded is None:
+            return
+        given = tuple(sorted(self.held_out))
+        if self.given_held_out and given != self.recorded.held_out:
+            raise FederationError(f"{self.files.roles}: this run holds out {list(self.recorded.held_out)}; "
+                                  f"resuming it with held-out sites {list(given)} would change which sites train")
+        self.held_out = self.recorded.held_out
 
     def _report(self, line: str) -> None:
         """Print a progress line and append it to progress.log (what `umeml-server start` shows)."""
@@ -284,9 +306,11 @@ class Coordinator:
     def _setup(self, grid) -> _Run:
         """Sites, roles, preprocessing and the starting weights (fresh, or the last completed round)."""
         cfg = self.cfg
+        self._restore_roles()
         node_ids = self._wait_for_nodes(grid)
         schema = self._handshake(grid, node_ids)
         train_nodes, held_nodes = self._roles()
+        write_roles(self.files, SiteRoles(tuple(sorted(self.held_out)), tuple(self.train_sites)), replace=not self.resume)
         self._report(f"sites: training {', '.join(self._site(n) for n in train_nodes)}; "
                      f"held out {', '.join(self._site(n) for n in held_nodes) or '-'}")
         prep_path = self.files.preprocessing

@@ -18,7 +18,7 @@ from umeml import __version__
 from umeml.config import ExperimentConfig, config_to_dict
 from umeml.errors import FederationError
 from umeml.flower.network import dial_host
-from umeml.flower.processes import flower_env, free_port, stop_process, wait_for_port
+from umeml.flower.processes import die_with_parent, flower_env, free_port, port_is_free, stop_process, wait_for_port
 
 APP_PYPROJECT = """\
 [build-system]
@@ -133,10 +133,20 @@ class SuperLink:
                     "--ssl-keyfile", str(self.tls.server_key)]
             if self.node_auth:
                 cmd.append("--enable-supernode-auth")
+        if not port_is_free(self.host, self.port):  # else the port check below would find the other process
+            raise RuntimeError(f"port {self.port} on {self.host} is already in use (another SuperLink?); "
+                               "choose another --port or stop what listens there")
         log = self.log_path.open("ab")
+        # its own session (a terminal's Ctrl-C goes to the coordinator, which stops it in order),
+        # and SIGTERM from the kernel should the coordinator die without stopping it
         self.proc = subprocess.Popen(cmd, env=flower_env(self.flwr_home), stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        wait_for_port(dial_host(self.host).strip("[]"), self.port, timeout, self.proc)
+                                     start_new_session=True, preexec_fn=die_with_parent)
+        try:
+            wait_for_port(dial_host(self.host).strip("[]"), self.port, timeout, self.proc)
+        except (RuntimeError, TimeoutError) as err:
+            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            raise RuntimeError(f"the SuperLink did not start: {err}; last lines of {self.log_path}:\n  "
+                               + "\n  ".join(tail)) from err
         lines = ["[superlink]", f'default = "{self.connection}"', "", f"[superlink.{self.connection}]",
                  f'address = "{dial_host(self.host)}:{self.port}"']
         if self.tls is None:

@@ -1,5 +1,7 @@
 """Coordinator + ClientApp handlers over an in-process grid: protocol, faults, validation, resume."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -143,3 +145,21 @@ def test_fedprox_sends_proximal_term(app, tmp_path):
 def test_every_strategy_runs(app, tmp_path, strategy):
     final, _ = run(app, tmp_path, experiment(strategy=strategy, rounds=1))
     assert final["strategy"] == strategy and final["rounds"] == 1
+
+
+def test_resume_without_held_out_keeps_the_recorded_held_out_sites(app, tmp_path):
+    # the held-out site came from a flag, not from the config: a resume that does not repeat the
+    # flag used to hold out nothing, and A2 received train messages
+    cfg = experiment(rounds=1)
+    Coordinator(cfg, tmp_path / "run", expected_sites=3, held_out=("A2",), wait_timeout=5,
+                printer=lambda s: None).run(LocalGrid(app, len(SITES)))
+    assert json.loads((tmp_path / "run" / "roles.json").read_text()) == {"held_out": ["A2"], "training": ["A0", "A1"]}
+    grid = LocalGrid(app, len(SITES))
+    final = Coordinator(experiment(rounds=2), tmp_path / "run", expected_sites=3, held_out=(), resume=True,
+                        wait_timeout=5, printer=lambda s: None).run(grid)
+    assert final["held_out_sites"] == ["A2"] and final["rounds"] == 2
+    trained = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"}
+    assert trained == {101, 102}
+    with pytest.raises(FederationError, match="holds out"):
+        Coordinator(experiment(rounds=3), tmp_path / "run", expected_sites=3, held_out=("A1",), resume=True,
+                    wait_timeout=5, printer=lambda s: None).run(LocalGrid(app, len(SITES)))
