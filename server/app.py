@@ -20,6 +20,7 @@ from umeml.config import config_from_dict
 from umeml.server.coordinator import Coordinator
 from umeml.server.grid import FastPollGrid
 from umeml.server.pooled import pooled_evaluator
+from umeml.server.retry import RetryingGrid
 
 
 def run_coordinator(grid: Grid, settings: Mapping) -> dict:
@@ -45,7 +46,7 @@ def build_server_app(settings: Mapping | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        run_coordinator(FastPollGrid(grid), settings if settings is not None else context.run_config)
+        run_coordinator(FastPollGrid(RetryingGrid(grid)), settings if settings is not None else context.run_config)
 
     return app
 

@@ -163,3 +163,20 @@ def test_resume_without_held_out_keeps_the_recorded_held_out_sites(app, tmp_path
     with pytest.raises(FederationError, match="holds out"):
         Coordinator(experiment(rounds=3), tmp_path / "run", expected_sites=3, held_out=("A1",), resume=True,
                     wait_timeout=5, printer=lambda s: None).run(LocalGrid(app, len(SITES)))
+
+
+def test_gone_site_gets_no_messages_and_logs_name_its_site(app, tmp_path):
+    sent_after = []
+
+    def vanish_after_round_1(reply):  # A1's SuperNode stops its heartbeat after answering round 1
+        if reply.metadata.message_type == "train" and 102 in grid.node_ids:
+            grid.node_ids.remove(102)
+            sent_after.append(len(grid.sent))
+        return reply
+
+    grid = LocalGrid(app, len(SITES), tamper={102: vanish_after_round_1})
+    final, _ = run(app, tmp_path, experiment(rounds=3), grid=grid)
+    assert final["rounds"] == 3
+    assert not [m for m in grid.sent[sent_after[0]:] if m.metadata.dst_node_id == 102]
+    log = (tmp_path / "run" / "coordinator.log").read_text()
+    assert "site A1 (node 102) has gone (no heartbeat): no messages until it rejoins" in log

@@ -11,11 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from umeml.flower.processes import flower_env, port_is_free, processes_with_env, start_watchdog, stop_watchdog
 from umeml.rundir import RunDir, RunDirError, SiteRoles, read_roles, write_roles
-from umeml.server.cli import build_parser, main as server_main, preflight_start
+from umeml.server.cli import build_parser, preflight_start
+from umeml.server.cli import main as server_main
+from umeml.server.retry import RetryingGrid
 from umeml.server.runlock import CoordinatorLock, RunDirBusy, RunGuard, find_orphans, handle_orphans
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
@@ -199,3 +202,44 @@ def test_die_with_parent_is_set_on_linux(tmp_path):
         time.sleep(0.05)
     status = Path(f"/proc/{child}/status").read_text() if Path(f"/proc/{child}/status").exists() else ""
     assert not status or "State:\tZ" in status
+
+
+class _RpcError(grpc.RpcError):
+    def __init__(self, code, details):
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+class _FlakyGrid:
+    """Fails its first ``failures`` calls with ``code``, as a SuperLink under load does."""
+
+    def __init__(self, failures: int, code=grpc.StatusCode.INTERNAL):
+        self.failures, self.code, self.calls = failures, code, 0
+
+    def get_node_ids(self):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise _RpcError(self.code, "sqlite3.OperationalError: database is locked")
+        return [7]
+
+
+def test_transient_superlink_errors_are_retried_with_backoff(caplog):
+    grid = _FlakyGrid(failures=3)
+    assert RetryingGrid(grid, budget=5, first_wait=0.01).get_node_ids() == [7]
+    assert grid.calls == 4
+    assert "database is locked" in caplog.text and "retry 3" in caplog.text
+    # a refusal is not retried, and a lasting failure ends after the budget
+    denied = _FlakyGrid(failures=1, code=grpc.StatusCode.PERMISSION_DENIED)
+    with pytest.raises(grpc.RpcError):
+        RetryingGrid(denied, budget=5, first_wait=0.01).get_node_ids()
+    assert denied.calls == 1
+    lasting = _FlakyGrid(failures=10**6)
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError):
+        RetryingGrid(lasting, budget=0.3, first_wait=0.01, max_wait=0.05).get_node_ids()
+    assert lasting.calls > 3 and time.monotonic() - t0 < 2
