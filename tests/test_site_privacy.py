@@ -17,7 +17,7 @@ from umeml.federation.privacy import SiteLedger, discrete_laplace
 from umeml.federation.protocol import survival_grid
 from umeml.federation.redact import redact
 from umeml.federation.site import SiteRuntime
-from umeml.server.coordinator import Coordinator, FederationError
+from umeml.server.coordinator import Coordinator
 
 from fed_helpers import LocalGrid, tiny_experiment
 
