@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from umeml.rundir import (
 )
 from umeml.server.deploy import RunFailed, SuperLink, TLSFiles, expand_site_keys, submit_and_wait, write_app_dir, write_run_config
 from umeml.server.runlock import RunDirBusy, RunGuard
+from umeml.server.supervise import SUPERVISED_ENV, run_supervised
 
 PRIMARY = SUMMARY_METRICS  # the table's columns
 
@@ -95,8 +97,24 @@ def _resumed_simulation(args: argparse.Namespace) -> tuple:
     held_sets = [tuple(saved["held_out"])]
     if args.rounds is not None:  # extend a finished run: --resume RUN_DIR --rounds N
         cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds))
+    if args.rounds is not None or _placement_flags(args):
+        cfg = with_placement(cfg, args)  # a resumed simulation may run on another cluster
         atomic_write_text(files.config, dump_config(cfg))
     return cfg, cohort, source, held_sets
+
+
+def _placement_flags(args: argparse.Namespace) -> dict:
+    """The ``simulation`` keys the command line sets (--ray-address, --cpus/--gpus-per-site)."""
+    flags = {"ray_address": args.ray_address, "cpus_per_site": args.cpus_per_site, "gpus_per_site": args.gpus_per_site}
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def with_placement(cfg: ExperimentConfig, args: argparse.Namespace) -> ExperimentConfig:
+    """``cfg`` with the command line's Ray address and per-site resources."""
+    flags = _placement_flags(args)
+    if not flags:
+        return cfg
+    return dataclasses.replace(cfg, simulation=dataclasses.replace(cfg.simulation, **flags))
 
 
 def _new_simulation(args: argparse.Namespace) -> tuple:
@@ -108,6 +126,7 @@ def _new_simulation(args: argparse.Namespace) -> tuple:
         cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, strategy=args.strategy))
     if args.dp_epsilon is not None:
         cfg = with_local_dp(cfg, args.dp_epsilon)
+    cfg = with_placement(cfg, args)
     cohort, source = _load_sim_cohort(args, cfg)
     if args.leave_one_site_out:
         held_sets = [(s,) for s in (list(cfg.federation.train_sites) or cohort.sites)]
@@ -152,6 +171,13 @@ def simulate_limits(args: argparse.Namespace) -> list[str]:
         problems.append(f"--patients {args.patients}: each site needs at least 1 patient")
     if args.rounds is not None and args.rounds < 1:
         problems.append(f"--rounds {args.rounds}: must be at least 1")
+    if args.cpus_per_site is not None and not args.cpus_per_site > 0:
+        problems.append(f"--cpus-per-site {args.cpus_per_site:g}: must be > 0")
+    if args.gpus_per_site is not None and args.gpus_per_site < 0:
+        problems.append(f"--gpus-per-site {args.gpus_per_site:g}: must be >= 0")
+    if (args.gpus_per_site or 0) > 0 and args.device == "cpu":
+        problems.append(f"--gpus-per-site {args.gpus_per_site:g} with --device cpu: the sites would reserve GPUs "
+                        "and not use them (use --device cuda)")
     return problems
 
 
@@ -498,6 +524,13 @@ def _add_simulate_parser(sub) -> None:
     p.add_argument("--sites", type=int, default=4, help="sites of the generated demo cohort (default 4)")
     p.add_argument("--patients", type=int, default=60, help="patients per site of the generated demo cohort (default 60)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="device of the virtual sites")
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="join this Ray cluster (`ray start --head` on one machine, `ray start --address` on the "
+                        "others) instead of starting Ray here; overrides simulation.ray_address")
+    p.add_argument("--cpus-per-site", type=float, help="CPUs each virtual site reserves (simulation.cpus_per_site)")
+    p.add_argument("--gpus-per-site", type=float,
+                   help="GPUs each virtual site reserves, a fraction shares one (simulation.gpus_per_site; "
+                        "needs --device cuda)")
     p.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
     p.set_defaults(func=_cmd_simulate)
 
@@ -545,6 +578,9 @@ def _add_certs_parser(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``umeml-server`` console script."""
     args = build_parser().parse_args(argv)
+    if argv is None and args.command == "simulate" and os.environ.get(SUPERVISED_ENV) != "1":
+        # the console script: the simulation runs in a child that SIGTERM stops in seconds
+        return run_supervised([sys.executable, "-m", "umeml.server.cli", *sys.argv[1:]])
     return int(args.func(args))
 
 
