@@ -26,8 +26,17 @@ from umeml.rundir import (
     read_final,
     read_roles,
 )
-from umeml.server.deploy import RunFailed, SuperLink, TLSFiles, expand_site_keys, submit_and_wait, write_app_dir, write_run_config
-from umeml.server.runlock import RunDirBusy, RunGuard
+from umeml.server.deploy import (
+    RunFailed,
+    SuperLink,
+    SuperLinkDied,
+    TLSFiles,
+    expand_site_keys,
+    submit_and_wait,
+    write_app_dir,
+    write_run_config,
+)
+from umeml.server.runlock import RunDirBusy, RunGuard, handle_orphans
 from umeml.server.supervise import SUPERVISED_ENV, run_supervised
 
 PRIMARY = SUMMARY_METRICS  # the table's columns
@@ -426,33 +435,63 @@ def _run_deployment(args: argparse.Namespace, plan: StartPlan) -> int:
     return 0
 
 
+SUPERLINK_RESTARTS = 3  # a SuperLink that dies more often than this ends the run
+
+
 def _deploy(args: argparse.Namespace, plan: StartPlan, files: RunDir, guard: RunGuard):
     """Start the SuperLink, submit the app and wait for the run: (run id, status, SuperLink log),
-    or exit code 1 when Flower's processes fail; the SuperLink is stopped in every case."""
+    or exit code 1 when Flower's processes fail; the SuperLink is stopped in every case.
+
+    A SuperLink that dies mid-run is started again on the same port and database (the sites'
+    SuperNodes reconnect by themselves) and the run is submitted again as a resume, which goes
+    on from the last completed round.
+    """
     link = SuperLink(args.host, args.port, files.flower_state, files.superlink_log, tls=plan.tls,
                      node_auth=bool(plan.site_keys))
     show_progress = _ProgressEcho(files.progress)
+    resume, restarts = args.resume is not None, 0
     try:
         link.start(site_keys=plan.site_keys)
         guard.started(link)
         _announce_superlink(args, link, plan)
-        app_dir = write_app_dir(files.app)
-        run_config = write_run_config(files.run_config, plan.cfg, plan.run_dir, args.sites, plan.held_out,
-                                      args.resume is not None, args.wait_timeout)
-        final_path = files.final
-        run_id, status = submit_and_wait(link, app_dir, run_config, on_poll=show_progress,
-                                         done_marker=None if final_path.exists() else final_path)
-        show_progress()
-        ls = link.flwr("ls", link.connection, "--run-id", str(run_id), "--format", "json")
-        if ls.returncode == 0 and "{" in ls.stdout:
-            # Flower's own accounting of the run (status, network traffic, compute time)
-            atomic_write_text(files.flower_run, ls.stdout[ls.stdout.index("{"):])
+        while True:
+            try:
+                run_id, status = _submit(args, plan, files, link, resume, show_progress)
+                break
+            except SuperLinkDied as err:
+                restarts += 1
+                if restarts > SUPERLINK_RESTARTS:
+                    raise RunFailed(f"{err}; it died {restarts} times, giving up") from err
+                print(f"warning: {err}; starting it again and resuming the run from its last completed round "
+                      f"(restart {restarts} of at most {SUPERLINK_RESTARTS})", file=sys.stderr, flush=True)
+                link.stop()
+                handle_orphans(files, force=True, printer=print, grace=5.0)  # its SuperExec and ServerApp
+                link.restart()
+                guard.started(link)
+                resume = True
     except (RunFailed, RuntimeError, TimeoutError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:
         link.stop()
     return run_id, status, link.log_path
+
+
+def _submit(args: argparse.Namespace, plan: StartPlan, files: RunDir, link, resume: bool,
+            show_progress) -> tuple[int, str]:
+    """Submit the app once and wait for the run; keeps Flower's accounting in flower-run.json."""
+    app_dir = write_app_dir(files.app)
+    run_config = write_run_config(files.run_config, plan.cfg, plan.run_dir, args.sites, plan.held_out,
+                                  resume, args.wait_timeout)
+    final_path = files.final
+    run_id, status = submit_and_wait(link, app_dir, run_config, on_poll=show_progress,
+                                     done_marker=None if final_path.exists() else final_path)
+    show_progress()
+    ls = link.flwr("ls", link.connection, "--run-id", str(run_id), "--format", "json")
+    if ls.returncode == 0 and "{" in ls.stdout:
+        # Flower's own accounting of the run (status, network traffic, compute time)
+        atomic_write_text(files.flower_run, ls.stdout[ls.stdout.index("{"):])
+    return run_id, status
 
 
 def _announce_superlink(args: argparse.Namespace, link, plan: StartPlan) -> None:

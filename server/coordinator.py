@@ -208,12 +208,19 @@ class Coordinator:
         for node, reply in sorted(replies.items()):
             why = _name_mismatch(node, reply["site"], names)
             if why:
-                self.refused[node] = why
-                log.error("handshake refused for site %s: %s", reply["site"], why)
+                self._refuse(grid, node, reply["site"], why)
                 self._report(f"WARNING: site {reply['site']} (node {node}) refused: {why}")
             else:
                 kept[node] = reply
         return kept
+
+    def _refuse(self, grid, node: int, claimed: str, why: str) -> None:
+        """Refuse a node for the rest of the run and tell it why: its site logs the reason and
+        ``umeml-client start`` stops (a refused SuperNode would otherwise poll on for nothing)."""
+        self.refused[node] = why
+        log.error("handshake refused for site %s: %s", claimed, why)
+        _query(grid, [node], "refused", {"experiment": self.experiment_json, "reason": why},
+               min(self.timeout, 60.0), lambda n: f"refused site {claimed} (node {n})")
 
     def _label(self, node: int) -> str:
         """How log lines name a node: its site id, with the Flower node id."""
@@ -334,7 +341,7 @@ class Coordinator:
         self._report(f"sites: training {', '.join(self._site(n) for n in train_nodes)}; "
                      f"held out {', '.join(self._site(n) for n in held_nodes) or '-'}")
         prep_path = self.files.preprocessing
-        if self.resume and prep_path.is_file():
+        if self.resume and prep_path.is_file() and self.files.resume.is_file():  # else no round completed
             prep = Preprocessing.from_json(prep_path.read_text())
             state = self._load()
         else:
@@ -440,8 +447,7 @@ class Coordinator:
                 claimed = reply["site"]
                 why = _name_mismatch(node, claimed, names)
                 if why:
-                    self.refused[node] = why
-                    log.error("handshake refused for site %s: %s", claimed, why)
+                    self._refuse(grid, node, claimed, why)
                     continue
                 holders = [n for n, r in self.nodes.items() if r["site"] == claimed]
                 live = [n for n in holders if n in alive]

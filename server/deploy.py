@@ -180,6 +180,17 @@ class SuperLink:
             nodes[name] = int(info["node-id"])
         return nodes
 
+    def restart(self, timeout: float = 60.0) -> "SuperLink":
+        """Start the SuperLink again on the same port and database (registered site keys and
+        nodes kept), after it died."""
+        self.stop()
+        return self._launch(timeout)
+
+    def check_alive(self) -> None:
+        """Raise :class:`SuperLinkDied` when the SuperLink process has exited."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise SuperLinkDied(f"the SuperLink exited with code {self.proc.returncode} (see {self.log_path})")
+
     def stop(self) -> None:
         """Stop the SuperLink and its children."""
         if self.proc is not None:
@@ -216,6 +227,10 @@ class RunFailed(FederationError):
     """The Flower run ended in a state other than finished:completed."""
 
 
+class SuperLinkDied(RunFailed):
+    """The SuperLink process exited while a run was in progress."""
+
+
 def submit_and_wait(link: SuperLink, app_dir: Path, run_config: Path, poll: float = 30.0,
                     timeout: float = 24 * 3600, on_poll=None, tick: float = 0.5,
                     done_marker: Path | None = None) -> tuple[int, str]:
@@ -236,6 +251,7 @@ def submit_and_wait(link: SuperLink, app_dir: Path, run_config: Path, poll: floa
     deadline = time.monotonic() + timeout
     status = "unknown"
     while time.monotonic() < deadline:
+        link.check_alive()
         ls = link.flwr("ls", link.connection, "--run-id", str(run_id), "--format", "json")
         try:
             runs = json.loads(ls.stdout[ls.stdout.index("{"):]).get("runs", [])
@@ -248,6 +264,7 @@ def submit_and_wait(link: SuperLink, app_dir: Path, run_config: Path, poll: floa
         while time.monotonic() < next_poll:
             if on_poll is not None:
                 on_poll()
+            link.check_alive()
             if done_marker is not None and done_marker.exists():
                 next_poll = min(next_poll, time.monotonic() + 1.0)
             time.sleep(tick)

@@ -243,3 +243,19 @@ def test_transient_superlink_errors_are_retried_with_backoff(caplog):
     with pytest.raises(grpc.RpcError):
         RetryingGrid(lasting, budget=0.3, first_wait=0.01, max_wait=0.05).get_node_ids()
     assert lasting.calls > 3 and time.monotonic() - t0 < 2
+
+
+def test_refused_site_records_the_reason_and_its_watcher_fires(tmp_path):
+    from umeml.client.refusal import REFUSED_FILE, record_refusal, watch_refusal
+
+    (tmp_path / REFUSED_FILE).write_text('{"reason": "stale, from an earlier run"}')
+    seen = []
+    stop = watch_refusal(tmp_path, seen.append, poll=0.05)
+    time.sleep(0.2)
+    assert seen == []  # a stale refusal does not stop a new start
+    record_refusal(str(tmp_path), "A1", "node 7 authenticated with the key registered as 'A2'")
+    deadline = time.monotonic() + 5
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    assert seen == ["node 7 authenticated with the key registered as 'A2'"]

@@ -174,7 +174,11 @@ def test_handshake_refused_when_site_id_differs_from_registered_key_name(app, tm
     grid = LocalGrid(app, len(SITES), names={101: "A0", 102: "A2"})
     final = coordinator(tmp_path).run(grid)
     assert final["training_sites"] == ["A0"] and final["rounds"] >= 1
-    assert {m.metadata.message_type for m in grid.sent if m.metadata.dst_node_id == 102} == {"query.handshake"}
+    # the refused node is told why (its site records it for `umeml-client start`) and gets nothing else
+    assert {m.metadata.message_type for m in grid.sent if m.metadata.dst_node_id == 102} == {"query.handshake",
+                                                                                             "query.refused"}
+    (notice,) = [r for r in grid.received if r.metadata.src_node_id == 102 and r.metadata.message_type == "query.refused"]
+    assert not notice.has_error()
     log = (tmp_path / "run" / "coordinator.log").read_text()
     assert ("handshake refused for site A1: node 102 authenticated with the key registered as 'A2' but its "
             "handshake claims site id 'A1'") in log
