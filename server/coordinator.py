@@ -240,10 +240,12 @@ class Coordinator:
         if overlap:
             raise FederationError(f"site(s) {sorted(overlap)} are both held out and training")
         missing = sorted(wanted - set(sites))
-        if missing:
+        if missing and self.recorded is None:
             raise FederationError(f"training site(s) {missing} did not join")
+        if missing:  # a resumed run keeps its roles: an absent training site trains once it is back
+            log.warning("training site(s) %s of this run are not connected; they train once they rejoin", missing)
         self.train_sites = sorted(wanted)
-        train = [sites[s] for s in sorted(wanted)]
+        train = [sites[s] for s in sorted(wanted) if s in sites]
         held = [sites[s] for s in sorted(self.held_out)]
         if not train:
             raise FederationError("no training site: every joined site is held out")

@@ -180,3 +180,15 @@ def test_gone_site_gets_no_messages_and_logs_name_its_site(app, tmp_path):
     assert not [m for m in grid.sent[sent_after[0]:] if m.metadata.dst_node_id == 102]
     log = (tmp_path / "run" / "coordinator.log").read_text()
     assert "site A1 (node 102) has gone (no heartbeat): no messages until it rejoins" in log
+
+
+def test_resume_with_a_training_site_absent_keeps_its_role(app, tmp_path):
+    Coordinator(experiment(rounds=1), tmp_path / "run", expected_sites=3, held_out=("A2",), wait_timeout=5,
+                printer=lambda s: None).run(LocalGrid(app, len(SITES)))
+    grid = LocalGrid(app, len(SITES))
+    grid.node_ids.remove(102)  # A1 has not reconnected when the coordinator resumes
+    final = Coordinator(experiment(rounds=2), tmp_path / "run", expected_sites=2, resume=True, wait_timeout=5,
+                        printer=lambda s: None).run(grid)
+    assert final["rounds"] == 2 and final["training_sites"] == ["A0", "A1"]
+    assert {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"} == {101}
+    assert json.loads((tmp_path / "run" / "roles.json").read_text())["training"] == ["A0", "A1"]
