@@ -259,3 +259,31 @@ def test_refused_site_records_the_reason_and_its_watcher_fires(tmp_path):
         time.sleep(0.05)
     stop.set()
     assert seen == ["node 7 authenticated with the key registered as 'A2'"]
+
+
+def test_node_unavailable_replies_are_attributed_to_the_dead_node():
+    """Flower 1.42 sends "Node Unavailable" from the SuperLink (node 1); the coordinator's grid
+    names the node the message was for, so logs and metrics.csv name the site that died."""
+    import flwr
+    from flwr.app import Message, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_ins_message
+
+    from umeml.server.grid import SUPERLINK_NODE_ID as PINNED
+    from umeml.server.grid import FastPollGrid
+
+    assert flwr.__version__.startswith("1.42.") and PINNED == SUPERLINK_NODE_ID
+
+    class DeadNodeGrid:
+        def push_messages(self, messages):
+            return ["m1"]
+
+        def pull_messages(self, ids):
+            return [create_message_error_unavailable_ins_message("m1", 1)]
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as in a ServerApp
+    msg = Message(RecordDict(), dst_node_id=4711, message_type="train")
+    (reply,) = FastPollGrid(DeadNodeGrid()).send_and_receive([msg], timeout=5)
+    assert reply.has_error() and reply.metadata.src_node_id == 4711
