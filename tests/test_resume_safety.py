@@ -287,3 +287,27 @@ def test_node_unavailable_replies_are_attributed_to_the_dead_node():
     msg = Message(RecordDict(), dst_node_id=4711, message_type="train")
     (reply,) = FastPollGrid(DeadNodeGrid()).send_and_receive([msg], timeout=5)
     assert reply.has_error() and reply.metadata.src_node_id == 4711
+
+
+def test_supernode_shim_retries_http_500():
+    """The SuperNode shim makes Flower's Fleet client retry a SuperLink's 500 ("database is
+    locked"); fails when a Flower upgrade moves what the shim patches."""
+    import flwr
+    import httpx
+    from flwr.supercore.retry import http_retry
+
+    from umeml.flower.supernode import supernode_command
+    from umeml.flower.supernode_main import retry_internal_errors
+
+    assert flwr.__version__.startswith("1.42.")
+    request = httpx.Request("POST", "http://127.0.0.1:1/v1/fleet/pull-messages")
+    error = httpx.HTTPStatusError("500", request=request, response=httpx.Response(500, request=request))
+    before = http_retry._RETRYABLE_STATUS_CODES
+    try:
+        assert http_retry.make_simple_http_retry_invoker().should_giveup(error) is True  # Flower alone
+        retry_internal_errors()
+        assert http_retry.make_simple_http_retry_invoker().should_giveup(error) is False
+    finally:
+        http_retry._RETRYABLE_STATUS_CODES = before
+    cmd = supernode_command("127.0.0.1:9092", 9094, Path("site.yaml"))
+    assert cmd[1:3] == ["-m", "umeml.flower.supernode_main"]
