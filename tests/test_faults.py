@@ -23,7 +23,7 @@ from umeml.flower.processes import free_port, processes_with_env, stop_process
 from fed_helpers import spawn_logged
 
 BIN = Path(sys.executable).parent
-ROUNDS = 5
+ROUNDS = 4
 # no split.test_sites: the held-out site comes from --held-out, which the resume leaves out
 EXPERIMENT = f"""\
 tasks: [grade, survival]
@@ -73,7 +73,7 @@ def _kill_group(proc) -> None:
 
 
 @pytest.mark.slow  # SuperLink, three SuperNodes, two coordinators: minutes
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(2400)
 def test_faults_site_coordinator_and_superlink_killed_run_completes(staged):
     d, port = staged, free_port()
     run, progress, times = d / "run", d / "run" / "progress.log", {}
@@ -89,8 +89,7 @@ def test_faults_site_coordinator_and_superlink_killed_run_completes(staged):
         _kill_group(procs["A1"])
         time.sleep(5)
         procs["A1"] = _site(d, "A1", port, "2")
-        times["round_2_with_a_dead_site"] = _wait_for(progress, f"round 2/{ROUNDS}", 400, procs["coord"])
-        _wait_for(progress, f"round 3/{ROUNDS}", 400, procs["coord"])
+        times["round_2_with_a_dead_site"] = _wait_for(progress, f"round 2/{ROUNDS}", 600, procs["coord"])
         # 2. the coordinator SIGKILLed with its whole process group: the watchdog stops its Flower processes
         _kill_group(procs["coord"])
         t0 = time.monotonic()
@@ -99,12 +98,12 @@ def test_faults_site_coordinator_and_superlink_killed_run_completes(staged):
         times["orphans_gone_after_coordinator_kill"] = time.monotonic() - t0
         assert processes_with_env("FLWR_HOME", home) == [], "Flower processes outlived the coordinator"
         procs["coord"] = _coordinator(d, port, "--resume", "run", tag="2")  # no --held-out: the recorded one holds
-        times["resume_to_round_4"] = _wait_for(progress, f"round 4/{ROUNDS}", 600, procs["coord"])
+        times["resume_to_round_3"] = _wait_for(progress, f"round 3/{ROUNDS}", 900, procs["coord"])
         # 3. the SuperLink killed: the coordinator starts it again, the sites reconnect, the run resumes
         superlink = json.loads((run / "coordinator.lock").read_text())["superlink_pid"]
         os.kill(superlink, signal.SIGKILL)
         t0 = time.monotonic()
-        rc = procs["coord"].wait(timeout=900)
+        rc = procs["coord"].wait(timeout=1200)
         times["superlink_restart_to_end"] = time.monotonic() - t0
         log = (d / "server-2.log").read_text()
         assert rc == 0, log + (run / "superlink.log").read_text()[-3000:]
