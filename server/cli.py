@@ -457,7 +457,13 @@ def _deploy(args: argparse.Namespace, plan: StartPlan, files: RunDir, guard: Run
         while True:
             try:
                 run_id, status = _submit(args, plan, files, link, resume, show_progress)
-                break
+                if status != "finished:failed" or not 0 < restarts < SUPERLINK_RESTARTS:
+                    break
+                # a restarted SuperLink can fail the resumed run on its own (task tokens that
+                # expired while its database was locked): one more resume, counted as a restart
+                restarts += 1
+                print(f"warning: run {run_id} failed after a SuperLink restart; submitting it again as a resume "
+                      f"(restart {restarts} of at most {SUPERLINK_RESTARTS})", file=sys.stderr, flush=True)
             except SuperLinkDied as err:
                 restarts += 1
                 if restarts > SUPERLINK_RESTARTS:

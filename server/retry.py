@@ -1,4 +1,5 @@
-"""Transient SuperLink errors retried with backoff before they fail a run.
+"""Transient SuperLink errors retried with backoff before they fail a run (gRPC status codes,
+and HTTP 5xx: Flower 1.42's ServerApp speaks HTTP to the SuperLink's runtime API).
 
 Flower 1.42's ServerApp retries a Grid call only when the SuperLink is unreachable (gRPC
 ``UNAVAILABLE``); an error the SuperLink returns, such as ``INTERNAL`` for SQLite's "database is
@@ -18,6 +19,7 @@ import logging
 import time
 
 import grpc
+import httpx
 
 log = logging.getLogger("umeml.server")
 
@@ -27,7 +29,10 @@ TRANSIENT = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, gr
 
 
 def is_transient(err: BaseException) -> bool:
-    """Whether a Grid call's error may pass if the call is repeated."""
+    """Whether a Grid call's error may pass if the call is repeated (gRPC codes above; over
+    HTTP, which Flower 1.42's ServerApp uses, a 5xx status)."""
+    if isinstance(err, httpx.HTTPStatusError):
+        return err.response.status_code >= 500
     code = getattr(err, "code", None)
     if not isinstance(err, grpc.RpcError) or not callable(code):
         return False
@@ -56,7 +61,7 @@ class RetryingGrid:
             tries += 1
             try:
                 return fn(*args, **kwargs)
-            except grpc.RpcError as err:
+            except (grpc.RpcError, httpx.HTTPStatusError) as err:
                 if not is_transient(err) or time.monotonic() + wait > deadline:
                     if tries > 1:
                         log.error("SuperLink call %s failed %d times over %.0f s; giving up: %s", name, tries,
@@ -67,6 +72,8 @@ class RetryingGrid:
                 wait = min(wait * 2, self._max_wait)
 
 
-def _describe(err: grpc.RpcError) -> str:
+def _describe(err: Exception) -> str:
+    if isinstance(err, httpx.HTTPStatusError):
+        return f"HTTP {err.response.status_code}: {err.response.text[:200]}"
     details = err.details() if callable(getattr(err, "details", None)) else ""
     return f"{err.code().name}: {details}" if callable(getattr(err, "code", None)) else str(err)

@@ -18,7 +18,7 @@ from umeml.flower.processes import flower_env, port_is_free, processes_with_env,
 from umeml.rundir import RunDir, RunDirError, SiteRoles, read_roles, write_roles
 from umeml.server.cli import build_parser, preflight_start
 from umeml.server.cli import main as server_main
-from umeml.server.retry import RetryingGrid
+from umeml.server.retry import RetryingGrid, is_transient
 from umeml.server.runlock import CoordinatorLock, RunDirBusy, RunGuard, find_orphans, handle_orphans
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
@@ -233,6 +233,12 @@ def test_transient_superlink_errors_are_retried_with_backoff(caplog):
     assert RetryingGrid(grid, budget=5, first_wait=0.01).get_node_ids() == [7]
     assert grid.calls == 4
     assert "database is locked" in caplog.text and "retry 3" in caplog.text
+    # Flower 1.42's ServerApp speaks HTTP: a 500 is transient too, a 401 is not
+    import httpx
+
+    request = httpx.Request("POST", "http://127.0.0.1:1/v1/runtime/pull-messages")
+    assert is_transient(httpx.HTTPStatusError("500", request=request, response=httpx.Response(500, request=request)))
+    assert not is_transient(httpx.HTTPStatusError("401", request=request, response=httpx.Response(401, request=request)))
     # a refusal is not retried, and a lasting failure ends after the budget
     denied = _FlakyGrid(failures=1, code=grpc.StatusCode.PERMISSION_DENIED)
     with pytest.raises(grpc.RpcError):
@@ -302,9 +308,12 @@ def test_supernode_shim_retries_http_500():
     assert flwr.__version__.startswith("1.42.")
     request = httpx.Request("POST", "http://127.0.0.1:1/v1/fleet/pull-messages")
     error = httpx.HTTPStatusError("500", request=request, response=httpx.Response(500, request=request))
+    from umeml.flower.supernode_main import RETRIED_TOO
+
     before = http_retry._RETRYABLE_STATUS_CODES
     try:
-        assert http_retry.make_simple_http_retry_invoker().should_giveup(error) is True  # Flower alone
+        http_retry._RETRYABLE_STATUS_CODES = frozenset(before) - RETRIED_TOO  # Flower's own (umeml.*.app patch it)
+        assert http_retry.make_simple_http_retry_invoker().should_giveup(error) is True
         retry_internal_errors()
         assert http_retry.make_simple_http_retry_invoker().should_giveup(error) is False
     finally:
