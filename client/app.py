@@ -22,6 +22,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
+from umeml.client.refusal import record_refusal
 from umeml.config import DPConfig, ExperimentConfig, SiteConfig, config_from_dict, config_to_dict, load_site_config
 from umeml.data.cohort import Cohort
 from umeml.data.source import CohortSource
@@ -31,6 +32,9 @@ from umeml.federation.protocol import Preprocessing
 from umeml.federation.redact import redact
 from umeml.federation.site import SiteRuntime
 from umeml.flower.records import arrays_from_state, state_from_arrays
+from umeml.flower.supernode_main import retry_internal_errors
+
+retry_internal_errors()  # this process's HTTP calls to the SuperNode retry a 500 (supernode_main.py)
 
 log = logging.getLogger("umeml.site")
 _KNOWN_IDS: set[str] = set()  # case and slide ids of every cohort this process loaded (to redact errors)
@@ -142,6 +146,15 @@ def clip_update(new: dict, old: dict, clipping_norm: float) -> dict:
     return out
 
 
+def _add_refusal_handler(app: ClientApp, resolve: Callable[[Context, ExperimentConfig], SiteRuntime]) -> None:
+    @app.query("refused")
+    @contained
+    def refused(msg: Message, context: Context) -> Message:
+        """The coordinator refused this node: log why and tell ``umeml-client start`` (refusal.py)."""
+        site = resolve(context, experiment_from(msg))
+        return _json_reply(msg, record_refusal(site.state_dir, site.site_id, str(msg.content["config"]["reason"])))
+
+
 def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]) -> ClientApp:
     """A ClientApp whose handlers find their site with ``resolve`` (deployed or simulated)."""
     app = ClientApp()
@@ -159,6 +172,8 @@ def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]
         """Site id, umeml version, data schema and aggregate counts."""
         cfg = experiment_from(msg)
         return _json_reply(msg, resolve(context, cfg).handshake())
+
+    _add_refusal_handler(app, resolve)
 
     @app.query("preprocess")
     @contained

@@ -12,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+from umeml.client.refusal import REFUSED_EXIT
 from umeml.config import SiteConfig, load_config, load_site_config
 from umeml.errors import ConfigError, DataValidationError, report_input_error
 
@@ -122,13 +123,31 @@ def _cmd_start(args: argparse.Namespace) -> int:
     # SuperNode gone, which needs the SuperNode reaped: wait on the process, not on the pipe.
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
+    refused = _watch_refusal(site.site_id, state, proc)
     rc = proc.wait()
     reader.join(timeout=15)
+    if refused:
+        return REFUSED_EXIT
     if rc != 0:
         reason = explain_supernode_failure(site.site_id, args.server, "".join(tail), args.auth_key)
         print(f"error: {reason}" if reason else f"error: site {site.site_id}: the SuperNode exited with code {rc}",
               file=sys.stderr)
     return rc
+
+
+def _watch_refusal(site_id: str, state: Path, proc: subprocess.Popen) -> list[str]:
+    """Stop the SuperNode once the coordinator refuses this site; the list gets the reason."""
+    from umeml.client.refusal import watch_refusal
+
+    refused: list[str] = []
+
+    def on_refused(reason: str) -> None:
+        refused.append(reason)
+        print(f"error: site {site_id}: the coordinator refused this site: {reason}", file=sys.stderr, flush=True)
+        proc.terminate()
+
+    watch_refusal(state, on_refused)
+    return refused
 
 
 EXPERIMENT_HELP = ("the coordinator's experiment YAML: the site's data is checked with its data section, "

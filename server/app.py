@@ -17,9 +17,15 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from umeml.config import config_from_dict
+from umeml.flower.supernode_main import retry_internal_errors
 from umeml.server.coordinator import Coordinator
 from umeml.server.grid import FastPollGrid
 from umeml.server.pooled import pooled_evaluator
+from umeml.server.retry import RetryingGrid
+
+# Flower 1.42's ServerApp reaches the SuperLink over HTTP with a retry that gives up on 500
+# ("database is locked"), also in its task heartbeat; retried here as in the SuperNode shim
+retry_internal_errors()
 
 
 def run_coordinator(grid: Grid, settings: Mapping) -> dict:
@@ -45,7 +51,7 @@ def build_server_app(settings: Mapping | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        run_coordinator(FastPollGrid(grid), settings if settings is not None else context.run_config)
+        run_coordinator(FastPollGrid(RetryingGrid(grid)), settings if settings is not None else context.run_config)
 
     return app
 

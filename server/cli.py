@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from umeml.rundir import (
     SUMMARY_METRICS,
     FederatedFinal,
     RunDir,
+    RunDirError,
     atomic_write_json,
     atomic_write_text,
     combined_note,
@@ -26,8 +28,20 @@ from umeml.rundir import (
     has_value,
     metric_entry,
     read_final,
+    read_roles,
 )
-from umeml.server.deploy import RunFailed, SuperLink, TLSFiles, expand_site_keys, submit_and_wait, write_app_dir, write_run_config
+from umeml.server.deploy import (
+    RunFailed,
+    SuperLink,
+    SuperLinkDied,
+    TLSFiles,
+    expand_site_keys,
+    submit_and_wait,
+    write_app_dir,
+    write_run_config,
+)
+from umeml.server.runlock import RunDirBusy, RunGuard, handle_orphans
+from umeml.server.supervise import SUPERVISED_ENV, run_supervised
 
 PRIMARY = SUMMARY_METRICS  # the table's columns
 
@@ -119,8 +133,24 @@ def _resumed_simulation(args: argparse.Namespace) -> tuple:
     held_sets = [tuple(saved["held_out"])]
     if args.rounds is not None:  # extend a finished run: --resume RUN_DIR --rounds N
         cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds))
+    if args.rounds is not None or _placement_flags(args):
+        cfg = with_placement(cfg, args)  # a resumed simulation may run on another cluster
         atomic_write_text(files.config, dump_config(cfg))
     return cfg, cohort, source, held_sets
+
+
+def _placement_flags(args: argparse.Namespace) -> dict:
+    """The ``simulation`` keys the command line sets (--ray-address, --cpus/--gpus-per-site)."""
+    flags = {"ray_address": args.ray_address, "cpus_per_site": args.cpus_per_site, "gpus_per_site": args.gpus_per_site}
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def with_placement(cfg: ExperimentConfig, args: argparse.Namespace) -> ExperimentConfig:
+    """``cfg`` with the command line's Ray address and per-site resources."""
+    flags = _placement_flags(args)
+    if not flags:
+        return cfg
+    return dataclasses.replace(cfg, simulation=dataclasses.replace(cfg.simulation, **flags))
 
 
 def _new_simulation(args: argparse.Namespace) -> tuple:
@@ -132,6 +162,7 @@ def _new_simulation(args: argparse.Namespace) -> tuple:
         cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, strategy=args.strategy))
     if args.dp_epsilon is not None:
         cfg = with_local_dp(cfg, args.dp_epsilon)
+    cfg = with_placement(cfg, args)
     cohort, source = _load_sim_cohort(args, cfg)
     if args.leave_one_site_out:
         held_sets = [(s,) for s in (list(cfg.federation.train_sites) or cohort.sites)]
@@ -146,6 +177,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if not resume and args.config is None:
         print("error: umeml-server simulate needs --config (or --resume RUN_DIR)", file=sys.stderr)
         return 2
+    problems = simulate_limits(args)
+    if problems:
+        return _report_problems(problems)
     try:
         if resume:
             require_path(args.resume, "--resume", "folder")
@@ -167,6 +201,25 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if len(held_sets) > 1 and not args.no_report:
         _write_reports([Path(args.out)])
     return 0
+
+
+def simulate_limits(args: argparse.Namespace) -> list[str]:
+    """The numeric flags of ``umeml-server simulate`` that no run can satisfy (each a usage error)."""
+    problems = []
+    if args.sites < 1:
+        problems.append(f"--sites {args.sites}: the demo cohort needs at least 1 site")
+    if args.patients < 1:
+        problems.append(f"--patients {args.patients}: each site needs at least 1 patient")
+    if args.rounds is not None and args.rounds < 1:
+        problems.append(f"--rounds {args.rounds}: must be at least 1")
+    if args.cpus_per_site is not None and not args.cpus_per_site > 0:
+        problems.append(f"--cpus-per-site {args.cpus_per_site:g}: must be > 0")
+    if args.gpus_per_site is not None and args.gpus_per_site < 0:
+        problems.append(f"--gpus-per-site {args.gpus_per_site:g}: must be >= 0")
+    if (args.gpus_per_site or 0) > 0 and args.device == "cpu":
+        problems.append(f"--gpus-per-site {args.gpus_per_site:g} with --device cpu: the sites would reserve GPUs "
+                        "and not use them (use --device cuda)")
+    return problems
 
 
 def _simulate_comparison(args: argparse.Namespace, cfg, cohort, source) -> int:
@@ -266,15 +319,50 @@ def preflight_start(args: argparse.Namespace) -> tuple[StartPlan | None, list[st
     so the operator fixes them all in one pass. Each is a usage error (a flag, or the config,
     TLS or key file a flag names): the command exits 2 on any of them.
     """
-    problems: list[str] = []
+    problems: list[str] = start_limits(args)
     cfg = _start_config(args, problems)
     _start_out(args, problems)
     tls = _start_tls(args, problems)
     site_keys = _start_site_keys(args, problems)
+    held = _start_held_out(args, cfg, problems)
     if problems:
         return None, problems
-    held = tuple(s for s in (args.held_out or "").split(",") if s) or tuple(cfg.split.test_sites)
     return StartPlan(args.resume or args.out, cfg, held, tls, site_keys), []
+
+
+def start_limits(args: argparse.Namespace) -> list[str]:
+    """The numeric flags of ``umeml-server start`` that no run can satisfy (each a usage error)."""
+    problems = []
+    if args.sites < 1:
+        problems.append(f"--sites {args.sites}: a federation needs at least 1 site to wait for")
+    if args.rounds is not None and args.rounds < 1:
+        problems.append(f"--rounds {args.rounds}: must be at least 1")
+    if not 0 < args.port < 65536:
+        problems.append(f"--port {args.port}: not a TCP port (1-65535)")
+    if not args.wait_timeout > 0:
+        problems.append(f"--wait-timeout {args.wait_timeout:g}: must be > 0 seconds")
+    return problems
+
+
+def _start_held_out(args: argparse.Namespace, cfg: ExperimentConfig | None, problems: list[str]) -> tuple[str, ...]:
+    """The held-out sites: on resume the ones the run recorded (``--held-out`` may only repeat
+    them), else ``--held-out`` or the config's ``split.test_sites``."""
+    given = tuple(sorted(s for s in (args.held_out or "").split(",") if s))
+    if args.resume is not None:
+        try:
+            roles = read_roles(args.resume)
+        except RunDirError as err:
+            problems.append(str(err))
+            return given
+        if roles is not None:
+            if given and given != tuple(sorted(roles.held_out)):
+                problems.append(f"--held-out {','.join(given)}: {args.resume} holds out "
+                                f"{','.join(roles.held_out) or 'no site'}; a resumed run keeps its held-out sites "
+                                "(leave --held-out out, or start a new run with --out)")
+            return tuple(roles.held_out)
+    if given or cfg is None:
+        return given
+    return tuple(cfg.split.test_sites)
 
 
 def _start_config(args: argparse.Namespace, problems: list[str]) -> ExperimentConfig | None:
@@ -378,41 +466,92 @@ class _ProgressEcho:
 
 
 def _run_deployment(args: argparse.Namespace, plan: StartPlan) -> int:
-    """Start the SuperLink, submit the app, wait for the run, print its held-out table."""
-    run_dir = plan.run_dir
-    files = RunDir(run_dir)
+    """Hold the run dir (lock, no orphans, watchdog), run the deployment, print its table."""
+    files = RunDir(plan.run_dir)
+    try:
+        with RunGuard(files, args.force) as guard:  # RunDirBusy comes from entering only
+            outcome = _deploy(args, plan, files, guard)
+    except RunDirBusy as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if isinstance(outcome, int):
+        return outcome
+    run_id, status, log_path = outcome
+    final_path = files.final
+    if status != "finished:completed" or not final_path.is_file():
+        print(f"error: run {run_id} ended as {status}; see {log_path}", file=sys.stderr)
+        return 1
+    final = read_final(final_path).to_json()
+    print(f"\nheld-out metrics after {final['rounds']} rounds ({final['strategy']}), run dir {plan.run_dir}:")
+    print(format_table(final))
+    if not args.no_report:
+        _write_reports([plan.run_dir])
+    return 0
+
+
+SUPERLINK_RESTARTS = 3  # a SuperLink that dies more often than this ends the run
+
+
+def _deploy(args: argparse.Namespace, plan: StartPlan, files: RunDir, guard: RunGuard):
+    """Start the SuperLink, submit the app and wait for the run: (run id, status, SuperLink log),
+    or exit code 1 when Flower's processes fail; the SuperLink is stopped in every case.
+
+    A SuperLink that dies mid-run is started again on the same port and database (the sites'
+    SuperNodes reconnect by themselves) and the run is submitted again as a resume, which goes
+    on from the last completed round.
+    """
     link = SuperLink(args.host, args.port, files.flower_state, files.superlink_log, tls=plan.tls,
                      node_auth=bool(plan.site_keys))
     show_progress = _ProgressEcho(files.progress)
+    resume, restarts = args.resume is not None, 0
     try:
         link.start(site_keys=plan.site_keys)
+        guard.started(link)
         _announce_superlink(args, link, plan)
-        app_dir = write_app_dir(files.app)
-        run_config = write_run_config(files.run_config, plan.cfg, run_dir, args.sites, plan.held_out,
-                                      args.resume is not None, args.wait_timeout)
-        final_path = files.final
-        run_id, status = submit_and_wait(link, app_dir, run_config, on_poll=show_progress,
-                                         done_marker=None if final_path.exists() else final_path)
-        show_progress()
-        ls = link.flwr("ls", link.connection, "--run-id", str(run_id), "--format", "json")
-        if ls.returncode == 0 and "{" in ls.stdout:
-            # Flower's own accounting of the run (status, network traffic, compute time)
-            atomic_write_text(files.flower_run, ls.stdout[ls.stdout.index("{"):])
+        while True:
+            try:
+                run_id, status = _submit(args, plan, files, link, resume, show_progress)
+                if status != "finished:failed" or not 0 < restarts < SUPERLINK_RESTARTS:
+                    break
+                # a restarted SuperLink can fail the resumed run on its own (task tokens that
+                # expired while its database was locked): one more resume, counted as a restart
+                restarts += 1
+                print(f"warning: run {run_id} failed after a SuperLink restart; submitting it again as a resume "
+                      f"(restart {restarts} of at most {SUPERLINK_RESTARTS})", file=sys.stderr, flush=True)
+            except SuperLinkDied as err:
+                restarts += 1
+                if restarts > SUPERLINK_RESTARTS:
+                    raise RunFailed(f"{err}; it died {restarts} times, giving up") from err
+                print(f"warning: {err}; starting it again and resuming the run from its last completed round "
+                      f"(restart {restarts} of at most {SUPERLINK_RESTARTS})", file=sys.stderr, flush=True)
+                link.stop()
+                handle_orphans(files, force=True, printer=print, grace=5.0)  # its SuperExec and ServerApp
+                link.restart()
+                guard.started(link)
+                resume = True
     except (RunFailed, RuntimeError, TimeoutError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:
         link.stop()
+    return run_id, status, link.log_path
+
+
+def _submit(args: argparse.Namespace, plan: StartPlan, files: RunDir, link, resume: bool,
+            show_progress) -> tuple[int, str]:
+    """Submit the app once and wait for the run; keeps Flower's accounting in flower-run.json."""
+    app_dir = write_app_dir(files.app)
+    run_config = write_run_config(files.run_config, plan.cfg, plan.run_dir, args.sites, plan.held_out,
+                                  resume, args.wait_timeout)
     final_path = files.final
-    if status != "finished:completed" or not final_path.is_file():
-        print(f"error: run {run_id} ended as {status}; see {link.log_path}", file=sys.stderr)
-        return 1
-    final = read_final(final_path).to_json()
-    print(f"\nheld-out metrics after {final['rounds']} rounds ({final['strategy']}), run dir {run_dir}:")
-    print(format_table(final))
-    if not args.no_report:
-        _write_reports([run_dir])
-    return 0
+    run_id, status = submit_and_wait(link, app_dir, run_config, on_poll=show_progress,
+                                     done_marker=None if final_path.exists() else final_path)
+    show_progress()
+    ls = link.flwr("ls", link.connection, "--run-id", str(run_id), "--format", "json")
+    if ls.returncode == 0 and "{" in ls.stdout:
+        # Flower's own accounting of the run (status, network traffic, compute time)
+        atomic_write_text(files.flower_run, ls.stdout[ls.stdout.index("{"):])
+    return run_id, status
 
 
 def _announce_superlink(args: argparse.Namespace, link, plan: StartPlan) -> None:
@@ -487,6 +626,13 @@ def _add_simulate_parser(sub) -> None:
     p.add_argument("--sites", type=int, default=4, help="sites of the generated demo cohort (default 4)")
     p.add_argument("--patients", type=int, default=60, help="patients per site of the generated demo cohort (default 60)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="device of the virtual sites")
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="join this Ray cluster (`ray start --head` on one machine, `ray start --address` on the "
+                        "others) instead of starting Ray here; overrides simulation.ray_address")
+    p.add_argument("--cpus-per-site", type=float, help="CPUs each virtual site reserves (simulation.cpus_per_site)")
+    p.add_argument("--gpus-per-site", type=float,
+                   help="GPUs each virtual site reserves, a fraction shares one (simulation.gpus_per_site; "
+                        "needs --device cuda)")
     p.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
     _add_console_options(p)
     p.set_defaults(func=_cmd_simulate)
@@ -515,6 +661,9 @@ def _add_start_parser(sub) -> None:
                    help="sites' OpenSSH public keys (.pub files, or folders of them) to register: SuperNode "
                         "authentication on, only these sites may join; needs --tls-dir")
     p.add_argument("--wait-timeout", type=float, default=600.0, help="seconds to wait for the sites (default 600)")
+    p.add_argument("--force", action="store_true",
+                   help="stop Flower processes (SuperLink, SuperExec, ServerApp) that an earlier coordinator of "
+                        "this run dir left running, instead of refusing to start")
     p.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
     p.set_defaults(func=_cmd_start)
 
@@ -539,7 +688,15 @@ def _add_certs_parser(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``umeml-server`` console script."""
+    if argv is None and _subcommand(sys.argv[1:]) == "simulate" and os.environ.get(SUPERVISED_ENV) != "1":
+        # the console script: the simulation runs in a child that SIGTERM stops in seconds
+        return run_supervised([sys.executable, "-m", "umeml.server.cli", *sys.argv[1:]])
     return run_main(build_parser(), argv)
+
+
+def _subcommand(argv: list[str]) -> str | None:
+    """The first word of ``argv`` that is not an option (the subcommand), or None."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 if __name__ == "__main__":

@@ -35,12 +35,15 @@ from umeml.rundir import (
     FederatedFinal,
     RoundRecord,
     RunDir,
+    SiteRoles,
     atomic_write,
     atomic_write_json,
     atomic_write_text,
     metric_entry,
+    read_roles,
     write_final,
     write_metrics,
+    write_roles,
 )
 from umeml.server.strategies import (
     NodeSubsetGrid,
@@ -57,15 +60,16 @@ from umeml.train.loop import task_heads
 log = logging.getLogger("umeml.server")
 
 
-def _query(grid, node_ids, kind: str, payload: dict, timeout: float) -> dict[int, dict]:
-    """Send a query to nodes and return their JSON reports by node id (errors are logged)."""
+def _query(grid, node_ids, kind: str, payload: dict, timeout: float, label=str) -> dict[int, dict]:
+    """Send a query to nodes and return their JSON reports by node id (errors are logged,
+    naming each node by ``label(node)``: its site id once the handshake told it)."""
     content = {"config": ConfigRecord({k: v for k, v in payload.items()})}
     msgs = [Message(RecordDict(content), dst_node_id=n, message_type=f"{MessageType.QUERY}.{kind}") for n in node_ids]
     out = {}
     for reply in grid.send_and_receive(msgs, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            log.warning("node %s answered %s with an error: %s", node, kind, reply.error.reason)
+            log.warning("%s answered %s with an error: %s", label(node), kind, reply.error.reason)
             continue
         out[node] = json.loads(str(reply.content["report"]["json"]))
     return out
@@ -155,13 +159,16 @@ class Coordinator:
         self.files = RunDir(self.run_dir)
         self.expected_sites = expected_sites
         self.held_out = tuple(held_out or cfg.split.test_sites)
+        self.given_held_out = bool(held_out)  # given explicitly, not the config's default
         self.resume = resume
         self.pooled_eval = pooled_eval
         self.wait_timeout = wait_timeout
         self.print = printer
         self.nodes: dict[int, dict] = {}  # node id -> handshake
         self.refused: dict[int, str] = {}  # node id -> why its handshake was refused for good
+        self.gone: set[int] = set()  # nodes of a site that disconnected (sent nothing until back)
         self.train_sites: list[str] = []
+        self.recorded: SiteRoles | None = None  # the roles a resumed run keeps (roles.json)
         self.timeout = cfg.federation.round_timeout_s
         self.experiment_json = json.dumps(config_to_dict(cfg))
 
@@ -178,14 +185,11 @@ class Coordinator:
             time.sleep(0.5)
 
     def _handshake(self, grid, node_ids) -> dict:
-        replies = _query(grid, node_ids, "handshake", {"experiment": self.experiment_json}, self.timeout)
+        replies = _query(grid, node_ids, "handshake", {"experiment": self.experiment_json}, self.timeout, self._label)
         missing = sorted(set(node_ids) - set(replies))
-        if missing:
+        if missing:  # no site id known yet: only Flower's node ids
             log.warning("%d node(s) did not answer the handshake: %s", len(missing), missing)
-        names = _registered_names(grid)
-        impostors = [why for node, reply in sorted(replies.items()) if (why := _name_mismatch(node, reply["site"], names))]
-        if impostors:
-            raise FederationError("handshake refused:\n  - " + "\n  - ".join(impostors))
+        replies = self._refuse_impostors(grid, replies)
         by_site = {}
         for reply in replies.values():
             if reply["site"] in by_site:
@@ -196,24 +200,71 @@ class Coordinator:
             raise FederationError("no site answered the handshake")
         return check_handshakes(by_site, __version__, list(subtype_codes(self.cfg.data)))
 
+    def _refuse_impostors(self, grid, replies: dict[int, dict]) -> dict[int, dict]:
+        """The handshakes of nodes whose site id matches their registered key name; the others
+        are refused for the rest of the run (logged with the site id they claimed) and the run
+        goes on without them."""
+        names = _registered_names(grid)
+        kept = {}
+        for node, reply in sorted(replies.items()):
+            why = _name_mismatch(node, reply["site"], names)
+            if why:
+                self._refuse(grid, node, reply["site"], why)
+                self._report(f"WARNING: site {reply['site']} (node {node}) refused: {why}")
+            else:
+                kept[node] = reply
+        return kept
+
+    def _refuse(self, grid, node: int, claimed: str, why: str) -> None:
+        """Refuse a node for the rest of the run and tell it why: its site logs the reason and
+        ``umeml-client start`` stops (a refused SuperNode would otherwise poll on for nothing)."""
+        self.refused[node] = why
+        log.error("handshake refused for site %s: %s", claimed, why)
+        _query(grid, [node], "refused", {"experiment": self.experiment_json, "reason": why},
+               min(self.timeout, 60.0), lambda n: f"refused site {claimed} (node {n})")
+
+    def _label(self, node: int) -> str:
+        """How log lines name a node: its site id, with the Flower node id."""
+        site = self.nodes.get(node, {}).get("site")
+        return f"site {site} (node {node})" if site else f"node {node} (no site id yet)"
+
     def _roles(self) -> tuple[list[int], list[int]]:
         sites = {r["site"]: n for n, r in self.nodes.items()}
         unknown = sorted(set(self.held_out) - set(sites))
         if unknown:
             raise FederationError(f"held-out site(s) {unknown} did not join (joined: {sorted(sites)})")
-        wanted = set(self.cfg.federation.train_sites) or (set(sites) - set(self.held_out))
+        if self.recorded is not None:  # a resumed run: the sites that trained before, no others
+            wanted = set(self.recorded.training)
+        else:
+            wanted = set(self.cfg.federation.train_sites) or (set(sites) - set(self.held_out))
         overlap = wanted & set(self.held_out)
         if overlap:
             raise FederationError(f"site(s) {sorted(overlap)} are both held out and training")
         missing = sorted(wanted - set(sites))
-        if missing:
+        if missing and self.recorded is None:
             raise FederationError(f"training site(s) {missing} did not join")
+        if missing:  # a resumed run keeps its roles: an absent training site trains once it is back
+            log.warning("training site(s) %s of this run are not connected; they train once they rejoin", missing)
         self.train_sites = sorted(wanted)
-        train = [sites[s] for s in sorted(wanted)]
+        train = [sites[s] for s in sorted(wanted) if s in sites]
         held = [sites[s] for s in sorted(self.held_out)]
         if not train:
             raise FederationError("no training site: every joined site is held out")
         return train, held
+
+    def _restore_roles(self) -> None:
+        """On resume, take the held-out and training sites from ``roles.json``: no held-out sites
+        given means the recorded ones; different ones are an error, never a silent change."""
+        if not self.resume:
+            return
+        self.recorded = read_roles(self.files)
+        if self.recorded is None:
+            return
+        given = tuple(sorted(self.held_out))
+        if self.given_held_out and given != self.recorded.held_out:
+            raise FederationError(f"{self.files.roles}: this run holds out {list(self.recorded.held_out)}; "
+                                  f"resuming it with held-out sites {list(given)} would change which sites train")
+        self.held_out = self.recorded.held_out
 
     def _report(self, line: str) -> None:
         """Print a progress line and append it to progress.log (what `umeml-server start` shows)."""
@@ -285,13 +336,15 @@ class Coordinator:
     def _setup(self, grid) -> _Run:
         """Sites, roles, preprocessing and the starting weights (fresh, or the last completed round)."""
         cfg = self.cfg
+        self._restore_roles()
         node_ids = self._wait_for_nodes(grid)
         schema = self._handshake(grid, node_ids)
         train_nodes, held_nodes = self._roles()
+        write_roles(self.files, SiteRoles(tuple(sorted(self.held_out)), tuple(self.train_sites)), replace=not self.resume)
         self._report(f"sites: training {', '.join(self._site(n) for n in train_nodes)}; "
                      f"held out {', '.join(self._site(n) for n in held_nodes) or '-'}")
         prep_path = self.files.preprocessing
-        if self.resume and prep_path.is_file():
+        if self.resume and prep_path.is_file() and self.files.resume.is_file():  # else no round completed
             prep = Preprocessing.from_json(prep_path.read_text())
             state = self._load()
         else:
@@ -397,8 +450,7 @@ class Coordinator:
                 claimed = reply["site"]
                 why = _name_mismatch(node, claimed, names)
                 if why:
-                    self.refused[node] = why
-                    log.error("handshake refused: %s", why)
+                    self._refuse(grid, node, claimed, why)
                     continue
                 holders = [n for n, r in self.nodes.items() if r["site"] == claimed]
                 live = [n for n in holders if n in alive]
@@ -413,24 +465,34 @@ class Coordinator:
                 log.info("site %s (re)joined as node %s", claimed, node)
 
     def _roles_alive(self, grid, train_nodes, held_nodes):
+        """This round's training and held-out nodes, connected ones only: a site whose node has
+        gone (no heartbeat) gets no message until it rejoins."""
         try:
-            return self._roles()
+            train_nodes, held_nodes = self._roles()
         except FederationError as err:
             log.warning("%s; continuing with the sites still connected", err)
-            return train_nodes, held_nodes
+        alive = set(grid.get_node_ids())
+        for node in train_nodes + held_nodes:
+            gone = node not in alive
+            if gone != (node in self.gone):
+                log.warning("%s %s", self._label(node), "has gone (no heartbeat): no messages until it rejoins"
+                            if gone else "is connected again")
+                self.gone.symmetric_difference_update({node})
+        return [n for n in train_nodes if n in alive], [n for n in held_nodes if n in alive]
 
     def _evaluate(self, grid, weights, base_config, train_nodes, held_nodes, rnd: int, last: bool) -> dict:
         arrays = arrays_from_state(weights, self.cfg.federation.fp16_transfer)
         n_boot = self.cfg.train.bootstrap if last else 0
         msgs = []
-        for node, part in [(n, "all") for n in held_nodes] + [(n, "val") for n in train_nodes]:
+        alive = set(grid.get_node_ids())  # a site gone since the round began gets no message
+        for node, part in [(n, "all") for n in held_nodes if n in alive] + [(n, "val") for n in train_nodes if n in alive]:
             conf = ConfigRecord({**base_config, "part": part, "n-boot": n_boot, "server-round": rnd})
             msgs.append(Message(RecordDict({"arrays": arrays, "config": conf}), dst_node_id=node,
                                 message_type=MessageType.EVALUATE))
         held, val = {}, {}
         for reply in grid.send_and_receive(msgs, timeout=self.timeout):
             if reply.has_error():
-                log.warning("evaluation error from node %s: %s", reply.metadata.src_node_id, reply.error.reason)
+                log.warning("evaluation error from %s: %s", self._label(reply.metadata.src_node_id), reply.error.reason)
                 continue
             report = json.loads(str(reply.content["report"]["json"]))
             (held if report["part"] == "all" else val)[report["site"]] = report
@@ -455,7 +517,8 @@ class Coordinator:
             log.warning(msg)
             self._report("WARNING: " + msg)
         heads = task_heads(cfg, len(schema["subtypes"]))
-        replies = _query(grid, train_nodes, "preprocess", {"experiment": self.experiment_json}, self.timeout)
+        replies = _query(grid, train_nodes, "preprocess", {"experiment": self.experiment_json}, self.timeout,
+                         self._label)
         by_site = {self._site(n): r for n, r in replies.items()}
         notes: list[str] = []
         prep = combine_preprocessing(by_site, schema, heads, cfg.survival.n_bins, notes)

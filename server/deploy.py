@@ -18,7 +18,7 @@ from umeml import __version__
 from umeml.config import ExperimentConfig, config_to_dict
 from umeml.errors import FederationError
 from umeml.flower.network import dial_host
-from umeml.flower.processes import flower_env, free_port, stop_process, wait_for_port
+from umeml.flower.processes import die_with_parent, flower_env, free_port, port_is_free, stop_process, wait_for_port
 
 APP_PYPROJECT = """\
 [build-system]
@@ -133,10 +133,20 @@ class SuperLink:
                     "--ssl-keyfile", str(self.tls.server_key)]
             if self.node_auth:
                 cmd.append("--enable-supernode-auth")
+        if not port_is_free(self.host, self.port):  # else the port check below would find the other process
+            raise RuntimeError(f"port {self.port} on {self.host} is already in use (another SuperLink?); "
+                               "choose another --port or stop what listens there")
         log = self.log_path.open("ab")
+        # its own session (a terminal's Ctrl-C goes to the coordinator, which stops it in order),
+        # and SIGTERM from the kernel should the coordinator die without stopping it
         self.proc = subprocess.Popen(cmd, env=flower_env(self.flwr_home), stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        wait_for_port(dial_host(self.host).strip("[]"), self.port, timeout, self.proc)
+                                     start_new_session=True, preexec_fn=die_with_parent)
+        try:
+            wait_for_port(dial_host(self.host).strip("[]"), self.port, timeout, self.proc)
+        except (RuntimeError, TimeoutError) as err:
+            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            raise RuntimeError(f"the SuperLink did not start: {err}; last lines of {self.log_path}:\n  "
+                               + "\n  ".join(tail)) from err
         lines = ["[superlink]", f'default = "{self.connection}"', "", f"[superlink.{self.connection}]",
                  f'address = "{dial_host(self.host)}:{self.port}"']
         if self.tls is None:
@@ -169,6 +179,17 @@ class SuperLink:
                 raise RuntimeError(f"registering site key {key} failed: {reason}")
             nodes[name] = int(info["node-id"])
         return nodes
+
+    def restart(self, timeout: float = 60.0) -> "SuperLink":
+        """Start the SuperLink again on the same port and database (registered site keys and
+        nodes kept), after it died."""
+        self.stop()
+        return self._launch(timeout)
+
+    def check_alive(self) -> None:
+        """Raise :class:`SuperLinkDied` when the SuperLink process has exited."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise SuperLinkDied(f"the SuperLink exited with code {self.proc.returncode} (see {self.log_path})")
 
     def stop(self) -> None:
         """Stop the SuperLink and its children."""
@@ -206,6 +227,10 @@ class RunFailed(FederationError):
     """The Flower run ended in a state other than finished:completed."""
 
 
+class SuperLinkDied(RunFailed):
+    """The SuperLink process exited while a run was in progress."""
+
+
 def submit_and_wait(link: SuperLink, app_dir: Path, run_config: Path, poll: float = 30.0,
                     timeout: float = 24 * 3600, on_poll=None, tick: float = 0.5,
                     done_marker: Path | None = None) -> tuple[int, str]:
@@ -226,6 +251,7 @@ def submit_and_wait(link: SuperLink, app_dir: Path, run_config: Path, poll: floa
     deadline = time.monotonic() + timeout
     status = "unknown"
     while time.monotonic() < deadline:
+        link.check_alive()
         ls = link.flwr("ls", link.connection, "--run-id", str(run_id), "--format", "json")
         try:
             runs = json.loads(ls.stdout[ls.stdout.index("{"):]).get("runs", [])
@@ -238,6 +264,7 @@ def submit_and_wait(link: SuperLink, app_dir: Path, run_config: Path, poll: floa
         while time.monotonic() < next_poll:
             if on_poll is not None:
                 on_poll()
+            link.check_alive()
             if done_marker is not None and done_marker.exists():
                 next_poll = min(next_poll, time.monotonic() + 1.0)
             time.sleep(tick)

@@ -28,7 +28,7 @@ from umeml.logs import console_level, run_logging
 from umeml.rundir import RunDir, read_final
 from umeml.server.simulate import plan_sites
 
-__all__ = ["simulate"]
+__all__ = ["backend_config", "simulate"]
 
 
 def simulate(cfg: ExperimentConfig, cohort: Cohort, source: CohortSource, run_dir: str | Path,
@@ -60,21 +60,34 @@ def simulate(cfg: ExperimentConfig, cohort: Cohort, source: CohortSource, run_di
     }
     client = build_client_app(SimulatedSites(tuple(sites), source, device, state_root=str(RunDir(run_dir.resolve()).sites)))
     # Ray's own logger prints through its own handler: ERROR unless the console asks for more (--verbose)
-    ray_level = "ERROR" if console_level() >= logging.WARNING else logging.getLevelName(console_level())
+    backend = backend_config(cfg, len(sites))
+    backend["init_args"]["logging_level"] = ("ERROR" if console_level() >= logging.WARNING
+                                             else logging.getLevelName(console_level()))
     # run_simulation stays (its deprecation notice goes to the log file only): umeml.logs says why
     with run_logging(RunDir(run_dir).log):
         run_simulation(
             server_app=build_server_app(settings),
             client_app=client,
             num_supernodes=len(sites),
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"num_cpus": max(1, min(len(sites), os.cpu_count() or 1)), "logging_level": ray_level,
-                              "log_to_driver": True},
-            },
+            backend_config=backend,
         )
     final_path = RunDir(run_dir).final
     if not final_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {final_path}; see the errors above and "
                            f"{RunDir(run_dir).log} (every log line of the run)")
     return read_final(final_path).to_json()
+
+
+def backend_config(cfg: ExperimentConfig, n_sites: int) -> dict:
+    """Flower's Ray backend settings: each virtual site's CPUs and GPUs (``client_resources``),
+    and either a Ray started on this machine (as many CPUs as sites, at most the machine's) or
+    the existing cluster at ``simulation.ray_address``, whose machines bring their own
+    resources (Ray refuses ``num_cpus`` when it joins a cluster)."""
+    sim = cfg.simulation
+    init_args: dict = {"logging_level": "ERROR", "log_to_driver": True}
+    if sim.ray_address:
+        init_args["address"] = sim.ray_address
+    else:
+        init_args["num_cpus"] = max(1, min(n_sites, os.cpu_count() or 1))
+    return {"client_resources": {"num_cpus": sim.cpus_per_site, "num_gpus": sim.gpus_per_site},
+            "init_args": init_args}

@@ -58,7 +58,7 @@ def test_wrapper_selected_by_config():
     assert isinstance(with_central_dp(build_strategy(fed), fed, 2), DifferentialPrivacyClientSideFixedClipping)
     assert not hasattr(with_central_dp(build_strategy(experiment().federation), experiment().federation, 2),
                        "noise_multiplier")
-    with pytest.raises(ConfigError, match="central_dp: needs strategy fedavg or fedprox"):
+    with pytest.raises(ConfigError, match="central_dp: needs strategy fedavg or fedavgm or fedprox"):
         experiment(strategy="krum", central_dp={"enabled": True})
 
 

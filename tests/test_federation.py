@@ -1,5 +1,7 @@
 """Coordinator + ClientApp handlers over an in-process grid: protocol, faults, validation, resume."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -143,3 +145,50 @@ def test_fedprox_sends_proximal_term(app, tmp_path):
 def test_every_strategy_runs(app, tmp_path, strategy):
     final, _ = run(app, tmp_path, experiment(strategy=strategy, rounds=1))
     assert final["strategy"] == strategy and final["rounds"] == 1
+
+
+def test_resume_without_held_out_keeps_the_recorded_held_out_sites(app, tmp_path):
+    # the held-out site came from a flag, not from the config: a resume that does not repeat the
+    # flag used to hold out nothing, and A2 received train messages
+    cfg = experiment(rounds=1)
+    Coordinator(cfg, tmp_path / "run", expected_sites=3, held_out=("A2",), wait_timeout=5,
+                printer=lambda s: None).run(LocalGrid(app, len(SITES)))
+    assert json.loads((tmp_path / "run" / "roles.json").read_text()) == {"held_out": ["A2"], "training": ["A0", "A1"]}
+    grid = LocalGrid(app, len(SITES))
+    final = Coordinator(experiment(rounds=2), tmp_path / "run", expected_sites=3, held_out=(), resume=True,
+                        wait_timeout=5, printer=lambda s: None).run(grid)
+    assert final["held_out_sites"] == ["A2"] and final["rounds"] == 2
+    trained = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"}
+    assert trained == {101, 102}
+    with pytest.raises(FederationError, match="holds out"):
+        Coordinator(experiment(rounds=3), tmp_path / "run", expected_sites=3, held_out=("A1",), resume=True,
+                    wait_timeout=5, printer=lambda s: None).run(LocalGrid(app, len(SITES)))
+
+
+def test_gone_site_gets_no_messages_and_logs_name_its_site(app, tmp_path):
+    sent_after = []
+
+    def vanish_after_round_1(reply):  # A1's SuperNode stops its heartbeat after answering round 1
+        if reply.metadata.message_type == "train" and 102 in grid.node_ids:
+            grid.node_ids.remove(102)
+            sent_after.append(len(grid.sent))
+        return reply
+
+    grid = LocalGrid(app, len(SITES), tamper={102: vanish_after_round_1})
+    final, _ = run(app, tmp_path, experiment(rounds=3), grid=grid)
+    assert final["rounds"] == 3
+    assert not [m for m in grid.sent[sent_after[0]:] if m.metadata.dst_node_id == 102]
+    log = (tmp_path / "run" / "coordinator.log").read_text()
+    assert "site A1 (node 102) has gone (no heartbeat): no messages until it rejoins" in log
+
+
+def test_resume_with_a_training_site_absent_keeps_its_role(app, tmp_path):
+    Coordinator(experiment(rounds=1), tmp_path / "run", expected_sites=3, held_out=("A2",), wait_timeout=5,
+                printer=lambda s: None).run(LocalGrid(app, len(SITES)))
+    grid = LocalGrid(app, len(SITES))
+    grid.node_ids.remove(102)  # A1 has not reconnected when the coordinator resumes
+    final = Coordinator(experiment(rounds=2), tmp_path / "run", expected_sites=2, resume=True, wait_timeout=5,
+                        printer=lambda s: None).run(grid)
+    assert final["rounds"] == 2 and final["training_sites"] == ["A0", "A1"]
+    assert {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"} == {101}
+    assert json.loads((tmp_path / "run" / "roles.json").read_text())["training"] == ["A0", "A1"]

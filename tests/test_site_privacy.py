@@ -17,7 +17,7 @@ from umeml.federation.privacy import SiteLedger, discrete_laplace
 from umeml.federation.protocol import survival_grid
 from umeml.federation.redact import redact
 from umeml.federation.site import SiteRuntime
-from umeml.server.coordinator import Coordinator, FederationError
+from umeml.server.coordinator import Coordinator
 
 from fed_helpers import LocalGrid, tiny_experiment
 
@@ -169,12 +169,20 @@ def test_run_records_the_histogram_release(app, tmp_path):
 
 # --------------------------------------------------------------------------- site identity
 def test_handshake_refused_when_site_id_differs_from_registered_key_name(app, tmp_path):
-    # node 102 authenticated with the key registered as A2 but plays (claims) A1
-    grid = LocalGrid(app, len(SITES), names={101: "A0", 102: "A2", 103: "A1"})
-    with pytest.raises(FederationError, match=r"node 102 authenticated with the key registered as 'A2' but its "
-                                              r"handshake claims site id 'A1'"):
-        coordinator(tmp_path).run(grid)
-    assert "query.preprocess" not in {m.metadata.message_type for m in grid.sent}
+    # node 102 authenticated with the key registered as A2 but plays (claims) A1: it is refused
+    # and the run goes on with the others (it used to fail the whole federation)
+    grid = LocalGrid(app, len(SITES), names={101: "A0", 102: "A2"})
+    final = coordinator(tmp_path).run(grid)
+    assert final["training_sites"] == ["A0"] and final["rounds"] >= 1
+    # the refused node is told why (its site records it for `umeml-client start`) and gets nothing else
+    assert {m.metadata.message_type for m in grid.sent if m.metadata.dst_node_id == 102} == {"query.handshake",
+                                                                                             "query.refused"}
+    (notice,) = [r for r in grid.received if r.metadata.src_node_id == 102 and r.metadata.message_type == "query.refused"]
+    assert not notice.has_error()
+    log = (tmp_path / "run" / "coordinator.log").read_text()
+    assert ("handshake refused for site A1: node 102 authenticated with the key registered as 'A2' but its "
+            "handshake claims site id 'A1'") in log
+    assert "site A1 (node 102) refused" in (tmp_path / "run" / "progress.log").read_text()
     # matching names pass
     final = coordinator(tmp_path, out="ok").run(LocalGrid(app, len(SITES), names={101: "A0", 102: "A1", 103: "A2"}))
     assert final["training_sites"] == ["A0", "A1"]

@@ -204,6 +204,21 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class SimulationConfig:
+    """Where ``umeml-server simulate`` runs its virtual sites (Flower's Ray backend).
+
+    ``ray_address`` joins an existing Ray cluster (``HOST:6379``; ``auto`` finds the local
+    one) instead of starting Ray on this machine; every virtual site reserves
+    ``cpus_per_site`` CPUs and ``gpus_per_site`` GPUs of it (Flower's ``client_resources``; a
+    fraction shares a GPU, 0.25 puts four sites on one).
+    """
+
+    ray_address: str | None = None
+    cpus_per_site: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    gpus_per_site: float = field(default=0.0, metadata=_range(0.0))
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """A whole experiment: what to learn, from which data, with which model and optimiser."""
 
@@ -216,6 +231,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ A run directory (``umeml train``, ``umeml-server simulate`` / ``start``) holds:
   centralized, ``global.pt`` federated);
 - federated runs also ``resume.pt``, ``preprocessing.json``, ``privacy.json``, ``progress.log``,
   ``coordinator.log``; simulations ``simulation.json``, ``run.log`` and ``sites/<site>/privacy.json``;
-  deployments ``flower-run.json``, ``app/``, ``run-config.toml``, ``superlink.log``, ``flower/``;
+  ``roles.json`` the held-out and training sites (:class:`SiteRoles`); deployments
+  ``flower-run.json``, ``app/``, ``run-config.toml``, ``superlink.log``, ``flower/`` and, while a
+  coordinator runs, ``coordinator.lock`` (its process ids);
 - ``report.html`` and ``plots/`` once reported; a ``--compare`` folder ``comparison.json``.
 
 Schema versions: 1 is every run dir written before ``schema_version`` existed (``final.json``
@@ -55,6 +57,8 @@ REPORT_FILE = "report.html"
 PLOTS_DIR = "plots"
 CHECKPOINTS_DIR = "checkpoints"
 SITES_DIR = "sites"
+ROLES_FILE = "roles.json"
+LOCK_FILE = "coordinator.lock"
 
 # The metric each task is judged (and models are selected) by, in display order.
 PRIMARY_METRICS: tuple[tuple[str, str], ...] = (("grade", "auc_macro"), ("subtype", "auc_macro"),
@@ -109,6 +113,8 @@ class RunDir:
     run_config = _entry("run-config.toml", "a deployment's Flower run config")
     superlink_log = _entry("superlink.log", "the SuperLink's log")
     flower_state = _entry("flower", "the SuperLink's state folder")
+    roles = _entry(ROLES_FILE, "a federated run's held-out and training sites (SiteRoles), fixed at its start")
+    lock = _entry(LOCK_FILE, "a deployment's lock: the live coordinator's process ids (CoordinatorLock)")
 
     def site_state(self, site: str) -> Path:
         """A simulated site's state folder (its own ``privacy.json``)."""
@@ -515,6 +521,57 @@ class RoundRecord:
         rows += combined_rows("round", r, ev.get("held_out_combined") or {})
         rows += metric_rows("round", r, "pooled", ev.get("pooled") or {})
         return rows
+
+
+@dataclass(frozen=True)
+class SiteRoles:
+    """Which sites of a federated run are held out and which train (``roles.json``).
+
+    Written when the run starts and never changed: a resumed run takes its roles from here, so a
+    held-out site can never become a training site by a forgotten or different flag.
+    """
+
+    held_out: tuple[str, ...]
+    training: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        """The ``roles.json`` content."""
+        return {"held_out": list(self.held_out), "training": list(self.training)}
+
+    @classmethod
+    def from_json(cls, payload: Any, what: str = ROLES_FILE) -> SiteRoles:
+        """The roles of a ``roles.json`` payload (a :class:`RunDirError` naming ``what`` otherwise)."""
+        known = _check_keys(cls, payload, what)
+        for name in ("held_out", "training"):
+            value = known.get(name)
+            if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+                raise RunDirError(f"{what}: {name} must be a list of site ids, got {value!r}")
+        return cls(tuple(known["held_out"]), tuple(known["training"]))
+
+
+def read_roles(path: str | Path | RunDir) -> SiteRoles | None:
+    """The roles recorded in a run dir (None when it has none: a new run, or one written before
+    ``roles.json`` existed, whose ``final.json``, when there is one, still names them)."""
+    files = run_dir(path)
+    if files.roles.is_file():
+        return SiteRoles.from_json(read_json(files.roles), str(files.roles))
+    if files.final.is_file():
+        payload = read_json(files.final)
+        if isinstance(payload, dict) and payload.get("mode") == "federated":
+            return SiteRoles(tuple(payload.get("held_out_sites", ())), tuple(payload.get("training_sites", ())))
+    return None
+
+
+def write_roles(path: str | Path | RunDir, roles: SiteRoles, replace: bool = False) -> Path:
+    """Record ``roles`` in the run dir, refusing to change roles recorded earlier unless
+    ``replace`` (a new run started over an old one's folder)."""
+    files = run_dir(path)
+    old = read_roles(files) if files.roles.is_file() and not replace else None
+    if old is not None and old != roles:
+        raise RunDirError(f"{files.roles}: records held-out {list(old.held_out)} and training {list(old.training)}; "
+                          f"refusing to change them to held-out {list(roles.held_out)} and training "
+                          f"{list(roles.training)}")
+    return atomic_write_json(files.roles, roles.to_json())
 
 
 def _check_version(payload: dict, what: str) -> int:
