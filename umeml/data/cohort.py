@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from umeml.config import DataConfig
 from umeml.data.bags import BAG_SUFFIX, BagError, bag_path, inspect_bag
@@ -19,6 +18,9 @@ from umeml.data.genomics import GeneGroups, build_gene_groups, genomic_columns, 
 from umeml.data.labels import grade_index, subtype_codes
 from umeml.data.sites import load_site_map, resolve_sites
 from umeml.errors import DataValidationError, Problem
+from umeml.lazy import lazy_module
+
+pd = lazy_module("pandas")  # imported when a table is read, not with the ClientApp
 
 REQUIRED_COLUMNS = ("case_id", "slide_id", "survival_months", "censorship", "oncotree_code")
 TABLE_NAMES = ("table.csv", "table.csv.gz", "cohort.csv", "cohort.csv.gz")
