@@ -142,6 +142,17 @@ def clip_update(new: dict, old: dict, clipping_norm: float) -> dict:
     return out
 
 
+def validation_first(site: SiteRuntime, cfg: ExperimentConfig, prep: Preprocessing, received: dict,
+                     conf) -> dict | None:
+    """One wave per round: when a train message asks for it (``validate-part``), the site scores
+    the weights it received (the global weights of round ``validate-round``) before training;
+    the report travels in the training reply. None when not asked."""
+    if "validate-part" not in conf:
+        return None
+    report = site.evaluate(cfg, prep, received, str(conf["validate-part"]), int(conf.get("validate-n-boot", 0)))
+    return {**report, "weights_round": int(conf["validate-round"])}
+
+
 def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]) -> ClientApp:
     """A ClientApp whose handlers find their site with ``resolve`` (deployed or simulated)."""
     app = ClientApp()
@@ -174,7 +185,10 @@ def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]
         cfg, conf, prep, site = round_request(msg, context)
         mu = float(conf.get("proximal-mu", 0.0))
         received = state_from_arrays(msg.content["arrays"])
+        validation = validation_first(site, cfg, prep, received, conf)
         state, metrics = site.train(cfg, prep, received, int(conf["server-round"]), mu)
+        if validation is not None:
+            metrics = {**metrics, "validation": validation}
         if state is None:  # the site did not train (privacy budget spent, DP required but not set up)
             return _json_reply(msg, {"site": site.site_id, **metrics})
         if KEY_CLIPPING_NORM in conf:  # central DP with client-side clipping (Flower's wrapper sent the norm)
