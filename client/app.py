@@ -12,7 +12,6 @@ import json
 import logging
 import zlib
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +23,7 @@ from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from umeml.config import DPConfig, ExperimentConfig, SiteConfig, config_from_dict, config_to_dict, load_site_config
 from umeml.data.cohort import Cohort
+from umeml.data.fingerprint import cohort_fingerprint
 from umeml.data.source import CohortSource
 from umeml.errors import UmemlError
 from umeml.federation.privacy import KEY_CLIPPING_NORM
@@ -59,14 +59,32 @@ def contained(handler):
     return run
 
 
-@lru_cache(maxsize=4)
+_COHORTS: dict[tuple[CohortSource, str], tuple[str, Cohort]] = {}  # (source, data) -> (fingerprint, cohort)
+_MAX_COHORTS = 4
+
+
 def _cohort(source: CohortSource, data_json: str) -> Cohort:
-    """Load a cohort once per process (a site answers many messages from the same data), with the
-    experiment's data section (``umeml-client check --config`` reads it the same way)."""
+    """The cohort ``source`` read with the experiment's data section (``umeml-client check
+    --config`` reads it the same way), loaded once per process: a site answers many messages,
+    and a resident site process many runs, from the same data. Before every use the files'
+    fingerprint is compared with the one taken at loading; a changed file means a reload, so
+    no message runs against stale data."""
+    key = (source, data_json)
+    site_map = json.loads(data_json).get("site_map")
+    fingerprint = cohort_fingerprint(source, [site_map])
+    cached = _COHORTS.get(key)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    if cached is not None:
+        log.warning("site data changed on disk since it was loaded; reading it again")
     data_cfg = config_from_dict({"data": json.loads(data_json)}, "coordinator config").data
     cohort = source.load(data_cfg)
     _KNOWN_IDS.update(p.case_id for p in cohort.patients)
     _KNOWN_IDS.update(s for p in cohort.patients for s in p.slide_ids)
+    _COHORTS.pop(key, None)
+    _COHORTS[key] = (fingerprint, cohort)
+    while len(_COHORTS) > _MAX_COHORTS:  # oldest first
+        _COHORTS.pop(next(iter(_COHORTS)))
     return cohort
 
 

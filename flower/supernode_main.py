@@ -1,0 +1,91 @@
+"""Flower's SuperNode with its two hard-coded sleeps made settings (``python -m umeml.flower.supernode_main``).
+
+Flower 1.42's SuperNode (``flwr.supernode.start_client_internal``) sleeps 3 s whenever a poll of
+the SuperLink finds no message, and checks every 0.5 s whether the ClientApp's reply is ready;
+neither has a flag or an environment variable. A message therefore waits 1.5 s on average
+before a site even sees it, and 0.25 s more before its reply leaves. This entry point runs
+Flower's own ``flower-supernode`` (same arguments, same code) with those two sleeps read from
+
+- ``UMEML_SUPERNODE_IDLE_POLL_S`` (default 0.5): the pause after an empty poll, and
+- ``UMEML_SUPERNODE_REPLY_POLL_S`` (default 0.05): the pause between checks for a reply.
+
+Only the installed Flower minor version it was written for is tuned
+(:func:`umeml.flower.pins.polling_problems`); any other runs unchanged, with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+IDLE_ENV = "UMEML_SUPERNODE_IDLE_POLL_S"
+REPLY_ENV = "UMEML_SUPERNODE_REPLY_POLL_S"
+DEFAULT_IDLE_POLL_S = 0.5
+DEFAULT_REPLY_POLL_S = 0.05
+FLOWER_IDLE_SLEEP_S = 3  # what start_client_internal sleeps after an empty poll (flwr 1.42)
+FLOWER_REPLY_SLEEP_S = 0.5  # what _push_messages sleeps between checks for a reply (flwr 1.42)
+
+
+def poll_setting(name: str, default: float) -> float:
+    """A polling interval in seconds from the environment (ValueError naming the variable)."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: not a number of seconds") from None
+    if not 0.01 <= value <= 60:
+        raise ValueError(f"{name}={raw!r}: must be between 0.01 and 60 seconds")
+    return value
+
+
+class TunedTime:
+    """Stands for the ``time`` module inside ``start_client_internal``: its two fixed sleeps take
+    the configured intervals, every other use of ``time`` is the real module."""
+
+    def __init__(self, idle: float, reply: float):
+        self.idle = idle
+        self.reply = reply
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        """Flower's 3 s idle sleep becomes ``idle``, its 0.5 s reply wait ``reply``."""
+        if seconds == FLOWER_IDLE_SLEEP_S:
+            seconds = self.idle
+        elif seconds == FLOWER_REPLY_SLEEP_S:
+            seconds = self.reply
+        time.sleep(seconds)
+
+
+def tune_polling(idle: float, reply: float) -> list[str]:
+    """Install the intervals into Flower's SuperNode module; returns why it was not done (empty: done)."""
+    from umeml.flower.pins import _version_problem, polling_problems
+
+    problems = [p for p in [_version_problem()] if p] + polling_problems()
+    if not problems:
+        from flwr.supernode import start_client_internal
+
+        start_client_internal.time = TunedTime(idle, reply)
+    return problems
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run ``flower-supernode`` with ``argv`` and the tuned polling."""
+    idle = poll_setting(IDLE_ENV, DEFAULT_IDLE_POLL_S)
+    reply = poll_setting(REPLY_ENV, DEFAULT_REPLY_POLL_S)
+    problems = tune_polling(idle, reply)
+    if problems:
+        print("warning: SuperNode polling left at Flower's defaults (3 s idle, 0.5 s reply): " + "; ".join(problems),
+              file=sys.stderr, flush=True)
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = ["flower-supernode", *(sys.argv[1:] if argv is None else argv)]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()
