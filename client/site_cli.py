@@ -174,8 +174,8 @@ def add_site_parsers(sub) -> None:
     p.add_argument("--runtime", choices=("resident", "per-message"), default="resident",
                    help="resident (default): one warm process serves every message; per-message: Flower's own "
                         "flwr-clientapp process for each message")
-    p.add_argument("--idle-poll", type=_seconds, default=0.5, metavar="SECONDS",
-                   help="pause after a poll of the coordinator finds no message (default 0.5; Flower's own: 3)")
+    p.add_argument("--idle-poll", type=_seconds, default=1.0, metavar="SECONDS",
+                   help="pause after a poll of the coordinator finds no message (default 1; Flower's own: 3)")
     p.add_argument("--reply-poll", type=_seconds, default=0.05, metavar="SECONDS",
                    help="pause between checks for the ClientApp's reply (default 0.05; Flower's own: 0.5)")
     p.set_defaults(func=_cmd_start)

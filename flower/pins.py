@@ -74,8 +74,24 @@ def polling_problems() -> list[str]:
     return problems
 
 
+def retry_problems() -> list[str]:
+    """Differences in what the SuperNode's HTTP retry and node heartbeat are built from (the
+    tuned SuperNode adds HTTP 500 to the retried status codes and wraps the heartbeat)."""
+    from flwr.supercore.retry import http_retry
+    from flwr.supernode import fleet_http_connection
+
+    problems = []
+    codes = getattr(http_retry, "_RETRYABLE_STATUS_CODES", None)
+    if not isinstance(codes, frozenset) or "_RETRYABLE_STATUS_CODES" not in inspect.getsource(http_retry):
+        problems.append("flwr.supercore.retry.http_retry._RETRYABLE_STATUS_CODES is gone")
+    if "HeartbeatSender(send_node_heartbeat)" not in inspect.getsource(fleet_http_connection):
+        problems.append("fleet_http_connection no longer builds HeartbeatSender(send_node_heartbeat)")
+    return problems
+
+
 def contract_problems() -> list[str]:
     """Every detail of Flower that the warm runtime and the tuned SuperNode rely on and that
     the installed Flower does not match (empty: all as pinned)."""
     version = _version_problem()
-    return ([version] if version else []) + launch_problems() + runtime_problems() + polling_problems()
+    return ([version] if version else []) + launch_problems() + runtime_problems() + polling_problems() + \
+        retry_problems()

@@ -6,8 +6,11 @@ neither has a flag or an environment variable. A message therefore waits 1.5 s o
 before a site even sees it, and 0.25 s more before its reply leaves. This entry point runs
 Flower's own ``flower-supernode`` (same arguments, same code) with those two sleeps read from
 
-- ``UMEML_SUPERNODE_IDLE_POLL_S`` (default 0.5): the pause after an empty poll, and
+- ``UMEML_SUPERNODE_IDLE_POLL_S`` (default 1.0): the pause after an empty poll, and
 - ``UMEML_SUPERNODE_REPLY_POLL_S`` (default 0.05): the pause between checks for a reply.
+
+It also retries an HTTP 500 from the SuperLink instead of exiting (:func:`tolerate_transient_500`):
+a SQLite SuperLink on a busy machine answers 500 ("database is locked") now and then.
 
 Only the installed Flower minor version it was written for is tuned
 (:func:`umeml.flower.pins.polling_problems`); any other runs unchanged, with a warning.
@@ -21,7 +24,7 @@ import time
 
 IDLE_ENV = "UMEML_SUPERNODE_IDLE_POLL_S"
 REPLY_ENV = "UMEML_SUPERNODE_REPLY_POLL_S"
-DEFAULT_IDLE_POLL_S = 0.5
+DEFAULT_IDLE_POLL_S = 1.0
 DEFAULT_REPLY_POLL_S = 0.05
 FLOWER_IDLE_SLEEP_S = 3  # what start_client_internal sleeps after an empty poll (flwr 1.42)
 FLOWER_REPLY_SLEEP_S = 0.5  # what _push_messages sleeps between checks for a reply (flwr 1.42)
@@ -73,11 +76,57 @@ def tune_polling(idle: float, reply: float) -> list[str]:
     return problems
 
 
+def _tolerant(heartbeat_fn):
+    """A node heartbeat that reports an HTTP 500 as a failed beat (retried by Flower's backoff)
+    instead of raising, which would end the heartbeat thread and get the node declared dead."""
+    import httpx
+
+    def beat() -> bool:
+        try:
+            return heartbeat_fn()
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code == 500:
+                return False
+            raise
+
+    return beat
+
+
+def tolerate_transient_500() -> list[str]:
+    """Make the SuperNode retry an HTTP 500 from the SuperLink (with Flower's own backoff) instead
+    of exiting; returns why it was not done (empty: done).
+
+    A SuperLink on SQLite answers 500 ("database is locked") when a write waits more than 5 s
+    for the lock, which happens on a busy machine; the transaction was rolled back, so the same
+    request can be sent again. Flower 1.42 retries 502/503/504 but exits on 500, taking the
+    site out of the federation for the rest of the run.
+    """
+    from umeml.flower.pins import _version_problem, retry_problems
+
+    problems = [p for p in [_version_problem()] if p] + retry_problems()
+    if not problems:
+        from flwr.supercore.heartbeat import HeartbeatSender
+        from flwr.supercore.retry import http_retry
+        from flwr.supernode import fleet_http_connection
+
+        class TolerantHeartbeatSender(HeartbeatSender):
+            def __init__(self, heartbeat_fn):
+                super().__init__(_tolerant(heartbeat_fn))
+
+        http_retry._RETRYABLE_STATUS_CODES = frozenset({*http_retry._RETRYABLE_STATUS_CODES, 500})
+        fleet_http_connection.HeartbeatSender = TolerantHeartbeatSender
+    return problems
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run ``flower-supernode`` with ``argv`` and the tuned polling."""
     idle = poll_setting(IDLE_ENV, DEFAULT_IDLE_POLL_S)
     reply = poll_setting(REPLY_ENV, DEFAULT_REPLY_POLL_S)
     problems = tune_polling(idle, reply)
+    retry = tolerate_transient_500()
+    if retry:
+        print("warning: the SuperNode exits on an HTTP 500 from the SuperLink (Flower's default): " + "; ".join(retry),
+              file=sys.stderr, flush=True)
     if problems:
         print("warning: SuperNode polling left at Flower's defaults (3 s idle, 0.5 s reply): " + "; ".join(problems),
               file=sys.stderr, flush=True)

@@ -115,3 +115,29 @@ def test_the_launcher_hands_its_command_line_to_a_listening_resident(tmp_path):
     t.join(10)
     server.close()
     assert out.returncode == 0 and out.stderr == "" and got == [{"argv": ["--token", "abc", "--insecure"]}]
+
+
+def test_the_supernode_retries_an_http_500_instead_of_exiting(monkeypatch):
+    import httpx
+    from flwr.supercore.retry import http_retry
+    from flwr.supernode import fleet_http_connection
+
+    from umeml.flower import supernode_main as sm
+
+    monkeypatch.setattr(http_retry, "_RETRYABLE_STATUS_CODES", http_retry._RETRYABLE_STATUS_CODES)
+    monkeypatch.setattr(fleet_http_connection, "HeartbeatSender", fleet_http_connection.HeartbeatSender)
+    assert 500 not in http_retry._RETRYABLE_STATUS_CODES  # Flower's own behaviour: exit on a 500
+    assert sm.tolerate_transient_500() == []
+    assert 500 in http_retry._RETRYABLE_STATUS_CODES and 503 in http_retry._RETRYABLE_STATUS_CODES
+
+    def fails(code):
+        def fn():
+            request = httpx.Request("POST", "http://127.0.0.1/v1/fleet/send-node-heartbeat")
+            raise httpx.HTTPStatusError("x", request=request, response=httpx.Response(code, request=request))
+        return fn
+
+    assert sm._tolerant(fails(500))() is False
+    with pytest.raises(httpx.HTTPStatusError):
+        sm._tolerant(fails(401))()
+    sender = fleet_http_connection.HeartbeatSender(fails(500))
+    assert sender.heartbeat_fn() is False
