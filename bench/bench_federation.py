@@ -196,7 +196,7 @@ def idle_rows(tmp: Path, seconds: float) -> list[str]:
     for label, flags in VARIANTS:
         site, link = idle_cpu(tmp, flags, seconds)
         rows.append(f"| idle site ({label}), SuperLink on the same machine | {seconds:.0f} s idle | "
-                    f"CPU {100 * site:.1f}% of a core (site: SuperNode, SuperExec, resident), SuperLink "
+                    f"CPU {100 * site:.1f}% of a core (the site's process tree), SuperLink "
                     f"{100 * link:.1f}% | load {loadavg()} |")
         print(rows[-1], flush=True)
     return rows
