@@ -42,6 +42,21 @@ VARIANTS = (
 )
 
 
+NOTES = """\
+Overhead per round = round wall time minus the slowest site's local compute in the round's waves
+(validation plus training at a training site, evaluation at a held-out site), measured by the
+coordinator; the last round also holds the final evaluation wave. Both site runtimes use one wave
+per round (the wave structure is not switchable); they differ in the ClientApp process (Flower's
+`flwr-clientapp` per message, which imports flwr, torch and umeml and reads the cohort each time,
+vs the resident process) and in the SuperNode's polling. Every process runs with one torch thread
+and `nice`. Idle CPU: a SuperLink and one connected site without a run, CPU seconds of the site's
+process tree (and of the SuperLink) over the idle period. Bytes: the serialized size of one
+round's messages (Flower's object tree, what the SuperNode pulls and pushes) for the paper-size
+model in float32, relative to 4 bytes per parameter; a training site receives one train message
+and sends one reply per round, a held-out site receives one evaluate message.
+"""
+
+
 def loadavg() -> str:
     """The 1, 5 and 15 minute load averages."""
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -305,7 +320,7 @@ def main(argv=None) -> int:
     if args.write:
         write_section(args.write, TITLE, f"Command: `{command(MODULE, argv)}`\n\n"
                       "| setup | rounds | result | load average (1, 5, 15 min) |\n| --- | --- | --- | --- |\n"
-                      + "\n".join(lines))
+                      + "\n".join(lines) + "\n\n" + NOTES)
     return 0
 
 
