@@ -130,9 +130,15 @@ def overhead_rows(tmp: Path, rounds: int, repeats: int) -> list[str]:
     return rows
 
 
-def demo_row(tmp: Path, rounds: int) -> tuple[str, dict]:
-    """The demo config's deployment with ``rounds`` rounds, resident runtime: wall time."""
-    r = deployment(tmp / "demo", rounds, [], "demo")
+def demo_row(tmp: Path, rounds: int) -> tuple[str, dict | None]:
+    """The demo config's deployment with ``rounds`` rounds, resident runtime: wall time (a row
+    saying why when the run failed)."""
+    try:
+        r = deployment(tmp / "demo", rounds, [], "demo")
+    except RuntimeError as err:
+        last = str(err).strip().splitlines()[-1] if str(err).strip() else "?"
+        return (f"| loopback, 3 sites, demo config, {rounds} rounds, resident runtime | - | FAILED: {last} | "
+                f"load {loadavg()} |"), None
     row = (f"| loopback, 3 sites, demo config, {rounds} rounds, resident runtime | {r['rounds']} | "
            f"wall {r['wall_s']:.0f} s (start to report; round median {statistics.median(r['seconds']):.1f} s, "
            f"overhead median {statistics.median(r['overhead']):.1f} s) | load {r['load']} |")
@@ -298,11 +304,13 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-demo", action="store_true", help="no 20-round demo deployment")
     ap.add_argument("--skip-sim", action="store_true")
     ap.add_argument("--idle-seconds", type=float, default=60, help="CPU at idle over this long (0: skip)")
+    ap.add_argument("--keep", type=Path, help="work in this folder and keep it (logs, run dirs)")
     ap.add_argument("--write", type=Path, help=f"replace the section '{TITLE[3:]}' of this markdown file")
     args = ap.parse_args(argv)
     lines = [_bytes_row()]
     print(lines[-1], flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = str(args.keep) if args.keep else scratch
         if args.idle_seconds > 0:
             lines += idle_rows(Path(tmp), args.idle_seconds)
         if not args.skip_deploy:
