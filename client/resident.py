@@ -34,13 +34,15 @@ import threading
 import time
 from pathlib import Path
 
+from umeml.errors import UmemlError
+
 log = logging.getLogger("umeml.site.resident")
 
 READY = "resident runtime ready"  # the line the supervisor and the tests look for in the log
 EXIT_FLOWER_MISMATCH = 3  # the installed Flower is not the one the runtime is pinned to
 
 
-class Refused(Exception):
+class Refused(UmemlError):
     """A hand-over the resident runtime cannot serve; the launcher runs Flower's own process."""
 
 
