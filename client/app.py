@@ -12,7 +12,6 @@ import json
 import logging
 import zlib
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +24,7 @@ from flwr.supercore.differential_privacy import compute_clip_model_update
 from umeml.client.refusal import record_refusal
 from umeml.config import DPConfig, ExperimentConfig, SiteConfig, config_from_dict, config_to_dict, load_site_config
 from umeml.data.cohort import Cohort
+from umeml.data.fingerprint import cohort_fingerprint
 from umeml.data.source import CohortSource
 from umeml.errors import UmemlError
 from umeml.federation.privacy import KEY_CLIPPING_NORM
@@ -63,14 +63,32 @@ def contained(handler):
     return run
 
 
-@lru_cache(maxsize=4)
+_COHORTS: dict[tuple, tuple[str, Cohort]] = {}  # (source, data, tasks) -> (fingerprint, cohort)
+_MAX_COHORTS = 4
+
+
 def _cohort(source: CohortSource, data_json: str, tasks: tuple[str, ...] | None = None) -> Cohort:
-    """Load a cohort once per process (a site answers many messages from the same data), with the
-    experiment's data section and tasks (``umeml-client check --config`` reads it the same way)."""
+    """The cohort ``source`` read with the experiment's data section and tasks (``umeml-client check
+    --config`` reads it the same way), loaded once per process: a site answers many messages,
+    and a resident site process many runs, from the same data. Before every use the files'
+    fingerprint is compared with the one taken at loading; a changed file means a reload, so
+    no message runs against stale data."""
+    key = (source, data_json, tasks)
+    site_map = json.loads(data_json).get("site_map")
+    fingerprint = cohort_fingerprint(source, [site_map])
+    cached = _COHORTS.get(key)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    if cached is not None:
+        log.warning("site data changed on disk since it was loaded; reading it again")
     data_cfg = config_from_dict({"data": json.loads(data_json)}, "coordinator config").data
     cohort = source.load(data_cfg, tasks)
     _KNOWN_IDS.update(p.case_id for p in cohort.patients)
     _KNOWN_IDS.update(s for p in cohort.patients for s in p.slide_ids)
+    _COHORTS.pop(key, None)
+    _COHORTS[key] = (fingerprint, cohort)
+    while len(_COHORTS) > _MAX_COHORTS:  # oldest first
+        _COHORTS.pop(next(iter(_COHORTS)))
     return cohort
 
 
@@ -155,6 +173,17 @@ def _add_refusal_handler(app: ClientApp, resolve: Callable[[Context, ExperimentC
         return _json_reply(msg, record_refusal(site.state_dir, site.site_id, str(msg.content["config"]["reason"])))
 
 
+def validation_first(site: SiteRuntime, cfg: ExperimentConfig, prep: Preprocessing, received: dict,
+                     conf) -> dict | None:
+    """One wave per round: when a train message asks for it (``validate-part``), the site scores
+    the weights it received (the global weights of round ``validate-round``) before training;
+    the report travels in the training reply. None when not asked."""
+    if "validate-part" not in conf:
+        return None
+    report = site.evaluate(cfg, prep, received, str(conf["validate-part"]), int(conf.get("validate-n-boot", 0)))
+    return {**report, "weights_round": int(conf["validate-round"])}
+
+
 def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]) -> ClientApp:
     """A ClientApp whose handlers find their site with ``resolve`` (deployed or simulated)."""
     app = ClientApp()
@@ -189,7 +218,10 @@ def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]
         cfg, conf, prep, site = round_request(msg, context)
         mu = float(conf.get("proximal-mu", 0.0))
         received = state_from_arrays(msg.content["arrays"])
+        validation = validation_first(site, cfg, prep, received, conf)
         state, metrics = site.train(cfg, prep, received, int(conf["server-round"]), mu)
+        if validation is not None:
+            metrics = {**metrics, "validation": validation}
         if state is None:  # the site did not train (privacy budget spent, DP required but not set up)
             return _json_reply(msg, {"site": site.site_id, **metrics})
         if KEY_CLIPPING_NORM in conf:  # central DP with client-side clipping (Flower's wrapper sent the norm)

@@ -76,7 +76,7 @@ def check_auth_files(root_certificates: Path | None, auth_key: Path | None) -> s
 def _cmd_start(args: argparse.Namespace) -> int:
     from umeml.flower.network import probe_superlink
     from umeml.flower.processes import flower_env
-    from umeml.flower.supernode import explain_supernode_failure, supernode_command
+    from umeml.flower.supernode import supernode_command
 
     try:
         site = load_site_config(args.site)
@@ -98,12 +98,37 @@ def _cmd_start(args: argparse.Namespace) -> int:
     state = Path(site.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     cmd = supernode_command(args.server, args.port, args.site, args.root_certificates, args.auth_key)
+    env, runtime = polling_env(flower_env(state / "flower"), args.idle_poll, args.reply_poll), None
+    if args.runtime == "resident":
+        from umeml.client.warm import start_resident
+        from umeml.flower.processes import which_or_fail
+
+        runtime, env = start_resident(site.site_id, args.site, args.config, state / "resident.log", env,
+                                      which_or_fail("flwr-clientapp"))
+    try:
+        return _run_supernode(cmd, env, site, args)
+    finally:
+        if runtime is not None:
+            runtime.stop()
+
+
+def polling_env(env: dict[str, str], idle: float, reply: float) -> dict[str, str]:
+    """``env`` with the tuned SuperNode's polling intervals (:mod:`umeml.flower.supernode_main`)."""
+    from umeml.flower.supernode_main import IDLE_ENV, REPLY_ENV
+
+    return {**env, IDLE_ENV: str(idle), REPLY_ENV: str(reply)}
+
+
+def _run_supernode(cmd: list[str], env: dict[str, str], site: SiteConfig, args: argparse.Namespace) -> int:
+    """Run the SuperNode until it exits, passing its output through; explain a refusal."""
+    from umeml.flower.supernode import explain_supernode_failure
+
     mode = "TLS" if args.root_certificates else "insecure"
     if args.auth_key is not None:
         mode += ", site key " + str(args.auth_key)
     print(f"site {site.site_id}: joining {args.server} ({mode})", flush=True)
     # the SuperNode's output is passed through and its tail kept, to explain a refusal in our words
-    proc = subprocess.Popen(cmd, env=flower_env(state / "flower"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def forward(signum, _frame):
         proc.send_signal(signum)
@@ -123,7 +148,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
     # SuperNode gone, which needs the SuperNode reaped: wait on the process, not on the pipe.
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
-    refused = _watch_refusal(site.site_id, state, proc)
+    refused = _watch_refusal(site.site_id, Path(site.state_dir), proc)
     rc = proc.wait()
     reader.join(timeout=15)
     if refused:
@@ -168,4 +193,21 @@ def add_site_parsers(sub) -> None:
     p.add_argument("--port", type=int, default=9094, help="this SuperNode's local API port (default 9094; one per node)")
     p.add_argument("--root-certificates", type=Path, help="CA certificate of the coordinator (TLS on)")
     p.add_argument("--auth-key", type=Path, help="this site's private key (OpenSSH EC) registered at the coordinator")
+    p.add_argument("--runtime", choices=("resident", "per-message"), default="resident",
+                   help="resident (default): one warm process serves every message; per-message: Flower's own "
+                        "flwr-clientapp process for each message")
+    p.add_argument("--idle-poll", type=_seconds, default=1.0, metavar="SECONDS",
+                   help="pause after a poll of the coordinator finds no message (default 1; Flower's own: 3)")
+    p.add_argument("--reply-poll", type=_seconds, default=0.05, metavar="SECONDS",
+                   help="pause between checks for the ClientApp's reply (default 0.05; Flower's own: 0.5)")
     p.set_defaults(func=_cmd_start)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0.01 <= value <= 60:
+        raise argparse.ArgumentTypeError(f"{text} s: must be between 0.01 and 60 seconds")
+    return value

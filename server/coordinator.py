@@ -114,13 +114,56 @@ def _train_report(reply: Message) -> dict | None:
         return None
 
 
-def _slowest_compute(entry: dict) -> float:
-    """Seconds of the slowest site's local work in a round (training plus evaluation waves)."""
-    train = max([r.get("seconds", 0.0) for r in entry["train"]] + [0.0])
-    ev = entry["evaluation"]
-    reports = list(ev.get("held_out", {}).values()) + list(ev.get("validation", {}).values())
-    evaluate = max([r.get("seconds", 0.0) for r in reports] + [0.0])
-    return train + evaluate
+def _slowest_compute(*reports: dict) -> float:
+    """Seconds of the slowest site's local work in one wave: a training site's validation plus
+    training (one reply), a held-out site's evaluation."""
+    per_site: dict[str, float] = {}
+    for r in reports:
+        per_site[str(r.get("site"))] = per_site.get(str(r.get("site")), 0.0) + float(r.get("seconds") or 0.0)
+    return max(per_site.values(), default=0.0)
+
+
+def _validation_request(weights_round: int | None) -> dict:
+    """Config keys asking a training site to validate the weights it receives before training
+    (the one-wave round); empty when the received weights are not due for evaluation."""
+    if weights_round is None:
+        return {}
+    return {"validate-part": "val", "validate-n-boot": 0, "validate-round": weights_round}
+
+
+def _evaluate_messages(arrays, base_config: dict, targets: list[tuple[int, str]], weights_round: int,
+                       n_boot: int) -> list[Message]:
+    """Evaluate messages: each (node, part) scores ``arrays``, the global weights of ``weights_round``."""
+    msgs = []
+    for node, part in targets:
+        conf = ConfigRecord({**base_config, "part": part, "n-boot": n_boot, "server-round": weights_round})
+        msgs.append(Message(RecordDict({"arrays": arrays, "config": conf}), dst_node_id=node,
+                            message_type=MessageType.EVALUATE))
+    return msgs
+
+
+def _evaluation(eval_replies: list[Message], validations: list[dict], weights_round: int, *, seed: int = 0,
+                n_boot: int = 0, label: Callable[[int], str] = lambda node: f"node {node}") -> dict:
+    """A round's evaluation record from evaluate replies and the validation reports that came
+    inside training replies; ``weights_round`` names the global weights they all scored;
+    ``seed``/``n_boot`` the site bootstrap of the combined metrics, ``label`` names a node by site."""
+    held, val = {}, {}
+    for reply in eval_replies:
+        if reply.has_error():
+            log.warning("evaluation error from %s: %s", label(reply.metadata.src_node_id), reply.error.reason)
+            continue
+        report = json.loads(str(reply.content["report"]["json"]))
+        (held if report["part"] == "all" else val)[report["site"]] = report
+    for report in validations:
+        val[report["site"]] = report
+    combine = lambda reports: combine_site_metrics(reports, seed=seed, n_boot=n_boot) if reports else {}  # noqa: E731
+    return {"weights_round": weights_round, "held_out": held, "held_out_combined": combine(held),
+            "validation": val, "validation_combined": combine(val)}
+
+
+def _evaluation_compute(evaluation: dict) -> float:
+    """Seconds of the slowest site's work in an evaluation wave."""
+    return _slowest_compute(*evaluation.get("held_out", {}).values(), *evaluation.get("validation", {}).values())
 
 
 @dataclass
@@ -367,16 +410,22 @@ class Coordinator:
         arrays = arrays_from_state(state.weights, self.cfg.federation.fp16_transfer)
         selectable = NodeSubsetGrid(grid, run.train_nodes)
         n_selectable = len(selectable.get_node_ids())
-        msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(run.base_config)), selectable))
+        pending = self._pending_evaluation(state)  # the received weights' round, when due for evaluation
+        train_config = ConfigRecord({**run.base_config, **_validation_request(pending)})
+        msgs = list(strategy.configure_train(rnd, arrays, train_config, selectable))
         sample_rate = len(msgs) / max(1, n_selectable)
         if central_dp_wrapper(strategy) is not None:
             stop = self._central_budget_stop(rnd, state.history, len(msgs), sample_rate)
             if stop is not None:
                 return None, stop
         t_wave = time.perf_counter()
-        replies = list(grid.send_and_receive(msgs, timeout=self.timeout))
+        replies = list(grid.send_and_receive(msgs + self._wave_evaluations(msgs, arrays, run, pending),
+                                             timeout=self.timeout))
         train_wave = time.perf_counter() - t_wave
+        replies, eval_reports = self._record_wave_evaluation(run, pending, replies)
         accepted, train_reports, privacy = self._screen_replies(rnd, replies, arrays)
+        for report in train_reports:  # validation reports are recorded with the round whose weights they score
+            report.pop("validation", None)
         if len(accepted) >= self.cfg.federation.min_train_sites:
             prepare_aggregation(strategy, accepted)
             new_arrays, _ = strategy.aggregate_train(rnd, accepted)
@@ -391,7 +440,65 @@ class Coordinator:
         if privacy:
             entry["privacy"] = privacy
         entry["train_wave_seconds"] = round(train_wave, 2)
+        entry["wave_compute_seconds"] = [round(_slowest_compute(*train_reports, *eval_reports), 3)]
         return entry, None
+
+    # ------------------------------------------------------ one wave per round
+    def _pending_evaluation(self, state: RunState) -> int | None:
+        """The round whose global weights the next wave sends, when they are due for evaluation
+        and not evaluated yet (None otherwise). Round r's weights are scored in round r + 1's
+        wave (training sites validate them before training, held-out sites evaluate them), the
+        last round's in the final evaluation wave; a resumed run evaluates what its last
+        checkpoint left unevaluated."""
+        if not state.history:
+            return None
+        last = state.history[-1]
+        if last["round"] != state.round or last.get("evaluation") or state.round % self.cfg.federation.evaluate_every:
+            return None
+        return state.round
+
+    def _wave_evaluations(self, train_msgs: list[Message], arrays, run: _Run, pending: int | None) -> list[Message]:
+        """Evaluate messages riding in a training wave: held-out sites, and training sites the
+        strategy did not sample this round (they validate without training)."""
+        if pending is None:
+            return []
+        sampled = {m.metadata.dst_node_id for m in train_msgs}
+        targets = [(n, "all") for n in run.held_nodes] + [(n, "val") for n in run.train_nodes if n not in sampled]
+        return _evaluate_messages(arrays, run.base_config, targets, pending, 0)
+
+    def _record_wave_evaluation(self, run: _Run, pending: int | None,
+                                replies: list[Message]) -> tuple[list[Message], list[dict]]:
+        """Split a wave's replies into the training replies (returned) and the evaluation of the
+        weights the wave sent, recorded in round ``pending``'s history entry; also returns that
+        evaluation's site reports (for the wave's compute time)."""
+        train, evals, validations = [], [], []
+        for reply in replies:
+            if reply.metadata.message_type == MessageType.EVALUATE:
+                evals.append(reply)
+                continue
+            train.append(reply)
+            report = _train_report(reply)
+            if report is not None and isinstance(report.get("validation"), dict):
+                validations.append(report["validation"])
+        if pending is None:
+            return train, []
+        evaluation = _evaluation(evals, validations, pending)
+        evaluation["wave"] = pending + 1
+        self._record_evaluation(run, pending, evaluation)
+        return train, [*evaluation["held_out"].values(), *evaluation["validation"].values()]
+
+    def _record_evaluation(self, run: _Run, rnd: int, evaluation: dict) -> None:
+        """Put the evaluation of round ``rnd``'s global weights (``run.state.weights`` at this
+        call: the next aggregation has not happened yet) into that round's history entry."""
+        entry = next(e for e in reversed(run.state.history) if e["round"] == rnd)
+        entry["evaluation"] = evaluation
+
+    @staticmethod
+    def _previous_evaluated(state: RunState, rnd: int) -> dict | None:
+        """The history entry whose evaluation round ``rnd``'s wave carried (None when none did)."""
+        if state.history and state.history[-1].get("evaluation", {}).get("wave") == rnd:
+            return state.history[-1]
+        return None
 
     def _screen_replies(self, rnd: int, replies: list[Message], arrays) -> tuple[list[Message], list[dict], list[dict]]:
         """The training replies that may enter the aggregate, every site's training report (why
@@ -418,21 +525,23 @@ class Coordinator:
     def _finish_round(self, grid, entry: dict, run: _Run, t0: float) -> None:
         """Evaluate when due, then record the round: history, checkpoint, metrics, privacy, progress."""
         rnd, state = entry["round"], run.state
-        last = rnd == self.cfg.federation.rounds
-        if rnd % self.cfg.federation.evaluate_every == 0 or last:
-            entry["evaluation"] = self._evaluate(grid, state.weights, run.base_config, run.train_nodes,
-                                                 run.held_nodes, rnd, last)
-            if last and self.pooled_eval is not None:
-                entry["evaluation"]["pooled"] = self.pooled_eval(state.weights, run.prep)
-        entry["seconds"] = round(time.perf_counter() - t0, 2)
-        entry["overhead_seconds"] = round(entry["seconds"] - _slowest_compute(entry), 2)
+        evaluated = self._previous_evaluated(state, rnd)
         state.history.append(entry)
         state.round = rnd
+        if rnd == self.cfg.federation.rounds:  # the final evaluation wave, on the last round's weights
+            entry["evaluation"] = self._evaluate(grid, state.weights, run.base_config, run.train_nodes,
+                                                 run.held_nodes, rnd, True)
+            entry["wave_compute_seconds"].append(round(_evaluation_compute(entry["evaluation"]), 3))
+            if self.pooled_eval is not None:
+                entry["evaluation"]["pooled"] = self.pooled_eval(state.weights, run.prep)
+            evaluated = entry
+        entry["seconds"] = round(time.perf_counter() - t0, 2)
+        entry["overhead_seconds"] = round(entry["seconds"] - sum(entry["wave_compute_seconds"]), 2)
         state.strategy = strategy_state(run.strategy)
         self._save(state, run.prep)
         self._write_metrics(state.history)
         self._write_privacy(state.history, state.releases)
-        self._report(self._progress_line(entry))
+        self._report(self._progress_line(entry, evaluated))
 
     def _adopt_new_nodes(self, grid) -> None:
         """Handshake nodes that joined (or rejoined after a restart) since the last round.
@@ -481,27 +590,19 @@ class Coordinator:
         return [n for n in train_nodes if n in alive], [n for n in held_nodes if n in alive]
 
     def _evaluate(self, grid, weights, base_config, train_nodes, held_nodes, rnd: int, last: bool) -> dict:
+        """The final evaluation wave (after the last round, or when training stops): every site
+        scores ``weights``, the global weights of round ``rnd``."""
         arrays = arrays_from_state(weights, self.cfg.federation.fp16_transfer)
         n_boot = self.cfg.train.bootstrap if last else 0
-        msgs = []
         alive = set(grid.get_node_ids())  # a site gone since the round began gets no message
-        for node, part in [(n, "all") for n in held_nodes if n in alive] + [(n, "val") for n in train_nodes if n in alive]:
-            conf = ConfigRecord({**base_config, "part": part, "n-boot": n_boot, "server-round": rnd})
-            msgs.append(Message(RecordDict({"arrays": arrays, "config": conf}), dst_node_id=node,
-                                message_type=MessageType.EVALUATE))
-        held, val = {}, {}
-        for reply in grid.send_and_receive(msgs, timeout=self.timeout):
-            if reply.has_error():
-                log.warning("evaluation error from %s: %s", self._label(reply.metadata.src_node_id), reply.error.reason)
-                continue
-            report = json.loads(str(reply.content["report"]["json"]))
-            (held if report["part"] == "all" else val)[report["site"]] = report
-        held_comb = combine_site_metrics(held, seed=self.cfg.seed, n_boot=n_boot) if held else {}
+        msgs = _evaluate_messages(arrays, base_config, [(n, "all") for n in held_nodes if n in alive] +
+                                  [(n, "val") for n in train_nodes if n in alive], rnd, n_boot)
+        evaluation = _evaluation(list(grid.send_and_receive(msgs, timeout=self.timeout)), [], rnd,
+                                 seed=self.cfg.seed, n_boot=n_boot, label=self._label)
         if last:
-            for line in missing_class_messages(held_comb, self._classes(), "the held-out sites"):
+            for line in missing_class_messages(evaluation["held_out_combined"], self._classes(), "the held-out sites"):
                 log.warning("%s", line)
-        return {"held_out": held, "held_out_combined": held_comb, "validation": val,
-                "validation_combined": combine_site_metrics(val, seed=self.cfg.seed, n_boot=n_boot) if val else {}}
+        return {**evaluation, "wave": "final"}
 
     def _classes(self) -> dict[str, list[str]]:
         return {"grade": list(self.cfg.data.grades), "subtype": list(subtype_codes(self.cfg.data))}
@@ -597,18 +698,23 @@ class Coordinator:
     def _write_metrics(self, history: list[dict]) -> None:
         write_metrics(self.files.metrics, [row for e in history for row in RoundRecord.from_json(e).metric_rows()])
 
-    def _progress_line(self, entry: dict) -> str:
+    def _progress_line(self, entry: dict, evaluated: dict | None = None) -> str:
+        """One line per round; the held-out metrics are those recorded in this round's waves
+        (``evaluated``: the previous round's, or this round's after the final wave), labelled
+        with the round of the weights they score when that is not this round."""
         losses = [r["train_loss"] for r in entry["train"] if "train_loss" in r]
         parts = [f"round {entry['round']}/{self.cfg.federation.rounds}",
                  f"train loss {np.mean(losses):.3f} ({len(losses)} site(s))" if losses else "no accepted update"]
-        comb = entry["evaluation"].get("held_out_combined", {})
+        evaluated = evaluated or entry
+        comb = evaluated["evaluation"].get("held_out_combined", {})
         shown = []
         for task, key in PRIMARY_METRICS:
             m = metric_entry(comb, task, key)
             if m:
                 shown.append(f"{task} {key} {m['value']:.3f}")
         if shown:
-            parts.append("held-out " + ", ".join(shown))
+            label = "held-out" if evaluated is entry else f"held-out (round {evaluated['round']} weights)"
+            parts.append(label + " " + ", ".join(shown))
         eps = [(p.get("kind"), p.get("epsilon")) for p in entry.get("privacy", [])]
         local = [e for k, e in eps if k == "local" and isinstance(e, (int, float))]
         central = [e for k, e in eps if k == "central"]

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -52,6 +55,7 @@ def test_superlink_and_three_supernodes_complete_two_rounds(sites):
         for s in ids:
             procs.append(spawn_logged([str(BIN / "umeml-client"), "start", "--site", f"{s}.yaml", "--server",
                                  f"127.0.0.1:{port}", "--port", str(free_port())], d / f"{s}.log", d))
+        killed = _kill_resident_after(d / "state" / "A0" / "resident.log", "served query.preprocess", server)
         rc = server.wait(timeout=840)
         out = (d / "server.log").read_text()
         assert rc == 0, out + "\n" + (d / "run" / "superlink.log").read_text()[-3000:]
@@ -70,3 +74,36 @@ def test_superlink_and_three_supernodes_complete_two_rounds(sites):
     plots = {p.name for p in (d / "run" / "plots").glob("*.png")}
     assert {"curves.png", "forest_grade.png", "confusion_grade.png"} <= plots
     assert not any(p.startswith(("roc_", "kaplan")) for p in plots) and not (d / "run" / "predictions.npz").exists()
+
+    _check_resident_runtime(d, killed)
+
+
+def _resident_log(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
+
+
+def _kill_resident_after(log: Path, marker: str, server, timeout: float = 600) -> int:
+    """SIGKILL a site's resident process once its log shows ``marker``; returns its pid."""
+    deadline = time.monotonic() + timeout
+    while marker not in _resident_log(log):
+        assert server.poll() is None and time.monotonic() < deadline, _resident_log(log)[-2000:]
+        time.sleep(0.2)
+    pid = int(re.search(r"resident runtime ready \(pid (\d+)", _resident_log(log)).group(1))
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def _check_resident_runtime(d: Path, killed: int) -> None:
+    """Every message of A1 and A2 was served by one resident process loaded once; A0's resident,
+    killed after the preprocessing query, was restarted and served the rest of the run."""
+    for site, n_messages in (("A1", 5), ("A2", 3)):  # trainers: handshake, preprocess, 2 train, final evaluate
+        log = _resident_log(d / "state" / site / "resident.log")
+        served = re.findall(r"served (\S+) .*: (\w+) \(pid (\d+)\)", log)
+        assert len(served) == n_messages and {s[1] for s in served} == {"completed"}, log[-3000:]
+        assert len({s[2] for s in served}) == 1 and log.count("resident runtime ready") == 1
+        assert "Flower's own flwr-clientapp" not in (d / f"{site}.log").read_text()
+    log = _resident_log(d / "state" / "A0" / "resident.log")
+    assert "exited with code -9; restarted" in log and log.count("resident runtime ready") == 2
+    pids = set(re.findall(r"\(pid (\d+)\)", log))
+    assert str(killed) in pids and len(pids) == 2
+    assert "served train" in log.split("restarted", 1)[1]

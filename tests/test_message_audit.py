@@ -269,7 +269,12 @@ REPLY_FIELDS = {
                          r"genomic_sumsq)\[\]"],
     "train": [r"metrics\.(num-examples|train_loss)",
               r"report\.json\.(site|num-examples|train_loss|steps|seconds|empty_batches|skipped|note)",
-              r"report\.json\.privacy\." + PRIVACY_FIELDS],
+              r"report\.json\.privacy\." + PRIVACY_FIELDS,
+              # one wave per round: the validation of the received weights rides in the training reply
+              r"report\.json\.validation\.(site|part|n|suppressed|loss|seconds|weights_round)",
+              r"report\.json\.validation\.tasks\.\w+\.(error|n)",
+              r"report\.json\.validation\.tasks\.\w+\.\w+\." + METRIC_FIELDS,
+              r"report\.json\.validation\.tasks\.\w+\.confusion_matrix\.value\[\]\[\]"],
     "evaluate": [r"metrics\.num-examples", r"report\.json\.(site|part|n|suppressed|loss|seconds)",
                  r"report\.json\.tasks\.\w+\.(error|n)",
                  r"report\.json\.tasks\.\w+\.\w+\." + METRIC_FIELDS,
@@ -299,6 +304,7 @@ def test_replies_carry_only_allowlisted_aggregates(audit):
         ".tasks.grade.confusion_matrix.value": {n_grade}, ".tasks.grade.confusion_matrix.value[]": {n_grade},
         ".tasks.subtype.confusion_matrix.value": {n_sub}, ".tasks.subtype.confusion_matrix.value[]": {n_sub},
     }
+    allowed_lengths.update({".validation" + k: v for k, v in allowed_lengths.items() if k.startswith(".tasks.")})
     model_shapes = None
     for msg in audit.grid.sent:  # the global model the coordinator sends
         if msg.metadata.message_type == "train":

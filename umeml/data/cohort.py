@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from umeml.config import DataConfig
 from umeml.data.bags import BAG_SUFFIX, BagError, BagInfo, bag_path, count_nonfinite, inspect_bag
@@ -29,7 +28,10 @@ from umeml.data.labels import (
 )
 from umeml.data.sites import load_site_map, resolve_sites
 from umeml.errors import DataValidationError, MissingPathError, Problem
+from umeml.lazy import lazy_module
 from umeml.rundir import name_problem
+
+pd = lazy_module("pandas")  # imported when a table is read, not with the ClientApp
 
 REQUIRED_COLUMNS = required_columns(None)  # with every task; umeml.data.labels says which task needs what
 TABLE_NAMES = ("table.csv", "table.csv.gz", "cohort.csv", "cohort.csv.gz")

@@ -6,7 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+
+from umeml.lazy import lazy_module
+
+pd = lazy_module("pandas")  # imported when a table is read, not with the ClientApp
 
 GENOMIC_SUFFIXES = ("_rnaseq", "_cnv", "_mut")
 

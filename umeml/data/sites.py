@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pandas as pd
-
 from umeml.errors import Problem
+from umeml.lazy import lazy_module
 from umeml.rundir import name_problem
+
+pd = lazy_module("pandas")  # imported when a table is read, not with the ClientApp
 
 TCGA_BARCODE = re.compile(r"^TCGA-([A-Z0-9]{2})-[A-Z0-9]{4}")
 

@@ -14,7 +14,6 @@ same time (lifelines' definition). The federation weights site c-indices by thes
 from __future__ import annotations
 
 import numpy as np
-from lifelines.utils import concordance_index as _lifelines_cindex
 
 from umeml.errors import UmemlError
 from umeml.metrics.bootstrap import bootstrap_ci, resample_indices
@@ -74,7 +73,9 @@ def concordance_index(times, censorship, risk, *, events=None) -> float:
             f"c-index undefined: no comparable pair among {len(t)} patients "
             f"({int(e.sum())} observed deaths); a pair needs a death before another patient's time"
         )
-    return float(_lifelines_cindex(t, -r, e))
+    from lifelines.utils import concordance_index  # here, not at import: lifelines pulls in pandas and scipy
+
+    return float(concordance_index(t, -r, e))
 
 
 def survival_metrics(times, censorship, risk, n_boot: int = 1000, seed: int = 0) -> dict:

@@ -1,0 +1,228 @@
+"""The warm site runtime: one resident process per site that serves every ClientApp message.
+
+Flower 1.42's SuperExec starts a fresh ``flwr-clientapp`` process for every message
+(``SubprocessExecutor.launch``: ``flwr-clientapp --runtime-api-address ADDR --token TOKEN ...``),
+and each such process imports flwr, torch and umeml and reads the site's cohort again before it
+pulls its one message. ``umeml-client start`` puts a small ``flwr-clientapp`` of its own first
+on the SuperNode's ``PATH`` (:mod:`umeml.client.warm`); it hands the command line it was given,
+token included, over a private Unix socket to this process, which has imported everything and
+loaded and validated the cohort once. This process then does what Flower's ``flwr-clientapp``
+does with the token (``flwr.supernode.runtime.run_clientapp``): pull the message and its context
+from the SuperNode's Runtime API, run the umeml ClientApp, push the reply and the task's status,
+with Flower's own helpers, and stays for the next message, the next round and the next run.
+
+Messages run one at a time, in arrival order (a SuperNode delivers one message at a time). The
+cohort is reloaded when its files change (fingerprint checked per message,
+``umeml.client.app._cohort``). The runtime relies on details of Flower 1.42 that
+:mod:`umeml.flower.pins` checks; with another Flower it refuses to start and every message runs
+in Flower's own process.
+
+    python -m umeml.client.resident --socket PATH --site SITE.yaml [--config EXPERIMENT.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from umeml.errors import UmemlError
+
+log = logging.getLogger("umeml.site.resident")
+
+READY = "resident runtime ready"  # the line the supervisor and the tests look for in the log
+EXIT_FLOWER_MISMATCH = 3  # the installed Flower is not the one the runtime is pinned to
+
+
+class Refused(UmemlError):
+    """A hand-over the resident runtime cannot serve; the launcher runs Flower's own process."""
+
+
+def parse_launch(argv: list[str]):
+    """The ``flwr-clientapp`` arguments the SuperExec passed, read by Flower's own parser:
+    (Runtime API address, token, insecure, root certificates bytes or None)."""
+    from flwr.common.args import try_obtain_flwr_app_token
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+    from flwr.supernode.cli.flwr_clientapp import _parse_args_run_flwr_clientapp
+
+    try:
+        args = _parse_args_run_flwr_clientapp().parse_args(argv)
+        token = try_obtain_flwr_app_token(args)
+    except SystemExit as err:  # argparse and Flower's token reader exit on bad input
+        raise Refused(f"unreadable flwr-clientapp arguments ({err})") from None
+    if getattr(args, "runtime_dependency_install", False):
+        raise Refused("runtime dependency installation needs a process of its own")
+    certs = validate_and_resolve_root_certificates(args.root_certificates, args.insecure)
+    return args.runtime_api_address, token, bool(args.insecure), certs
+
+
+class AppCache:
+    """The ClientApp of each app bundle (by FAB hash): installed and imported once per process."""
+
+    def __init__(self):
+        self._apps: dict[str, object] = {}
+
+    def get(self, run, fab):
+        """The ClientApp of ``fab`` (Flower's installer and loader, as ``flwr-clientapp`` uses them)."""
+        app = self._apps.get(fab.hash_str)
+        if app is None:
+            from flwr.cli.install import install_from_fab
+            from flwr.clientapp.utils import get_load_client_app_fn
+
+            install_from_fab(fab.content, skip_prompt=True)
+            load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+            app = self._apps[fab.hash_str] = load(run.fab_id, run.fab_version, fab.hash_str)
+        return app
+
+
+def _runtime_client(address: str, token: str, insecure: bool, certs):
+    """A Runtime API client authenticated with the task's token, as ``run_clientapp`` builds it."""
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supercore.runtime.tracing import RuntimeTracingInterceptor
+
+    retry = make_simple_http_retry_invoker()
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=insecure, root_certificates=certs,
+        interceptors=[RuntimeTracingInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                      RuntimeTokenHttpInterceptor(token)],
+        retry_invoker=retry)
+    return client, retry
+
+
+def serve_task(address: str, token: str, insecure: bool, certs, apps: AppCache) -> str:
+    """Serve the one message behind ``token``: pull it, run the ClientApp, push the reply and the
+    task's final status, as Flower's ``run_clientapp`` does. Returns a line for the log."""
+    from flwr.app import Message
+    from flwr.app.error import Error
+    from flwr.clientapp.client_app import LoadClientAppError
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+    client, retry = _runtime_client(address, token, insecure, certs)
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    message = context = reply = None
+    status, details, what = SubStatus.FAILED, "ClientApp task failed due to unknown reason", "?"
+    t0 = time.perf_counter()
+    try:
+        heartbeat.start()
+        message, context, run, fab = pull_task_input(client)
+        what = f"{message.metadata.message_type} (run {run.run_id})"
+        reply = apps.get(run, fab)(message=message, context=context)
+        status, details = SubStatus.COMPLETED, ""
+    except Exception as ex:  # noqa: BLE001 - as flwr-clientapp: the failure becomes the error reply
+        code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) else \
+            ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+        details = str(type(ex)) + ":<'" + str(ex) + "'>"
+        log.error("the ClientApp raised an exception", exc_info=ex)
+        if message is not None:
+            reply = Message(Error(code=code, reason=details), reply_to=message)
+    finally:
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+        finally:
+            retry.max_tries = 1  # as flwr-clientapp's exit handler: do not block on the status push
+            push_task_output(client=client, context=context, sub_status=status, details=details)
+            if heartbeat.is_running:
+                heartbeat.stop()
+            client.close()
+    return f"served {what} in {time.perf_counter() - t0:.2f} s: {status}"
+
+
+def _worker(tasks: queue.Queue, apps: AppCache) -> None:
+    """Serve handed-over tasks one at a time (one message per SuperNode at a time)."""
+    while True:
+        launch = tasks.get()
+        try:
+            log.info("%s (pid %d)", serve_task(*launch, apps), os.getpid())
+        except Exception:  # noqa: BLE001 - one failed hand-over must not end the site's runtime
+            log.exception("serving a message failed")
+
+
+def _accept(server: socket.socket, tasks: queue.Queue) -> None:
+    """Answer each launcher: ``accepted`` (the task is queued) or ``refused: why``."""
+    while True:
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(10)
+            try:
+                argv = json.loads(conn.makefile("rb").readline())["argv"]
+                tasks.put(parse_launch([str(a) for a in argv]))
+                conn.sendall(b"accepted\n")
+            except (Refused, ValueError, KeyError, TypeError) as err:
+                log.warning("hand-over refused, Flower's own flwr-clientapp serves this message: %s", err)
+                conn.sendall(f"refused: {err}\n".encode())
+            except OSError as err:
+                log.warning("hand-over failed: %s", err)
+
+
+def warm_up(site_file: Path, experiment: Path | None) -> str:
+    """Import the ClientApp (torch, umeml) and load and validate the site's cohort with the
+    experiment's data section (the defaults without one), as the first message will read it."""
+    from umeml.client import app as client_app
+    from umeml.config import ExperimentConfig, load_config, load_site_config
+
+    site = load_site_config(str(site_file))
+    cfg = load_config(experiment) if experiment is not None else ExperimentConfig()
+    cohort = client_app._cohort(site.cohort_source, client_app._data_json(cfg))
+    return f"site {site.site_id}: {len(cohort)} patients"
+
+
+def _watch_parent(parent: int) -> None:
+    """Leave when the ``umeml-client start`` process that started us is gone (even SIGKILLed)."""
+    while os.getppid() == parent:
+        time.sleep(2.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the resident runtime process (started by ``umeml-client start``)."""
+    ap = argparse.ArgumentParser(prog="python -m umeml.client.resident", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--socket", required=True, type=Path)
+    ap.add_argument("--site", required=True, type=Path)
+    ap.add_argument("--config", type=Path)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API request otherwise
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    from umeml.flower.pins import contract_problems
+
+    problems = contract_problems()
+    if problems:
+        log.error("not starting: %s", "; ".join(problems))
+        return EXIT_FLOWER_MISMATCH
+    t0 = time.perf_counter()
+    loaded = warm_up(args.site, args.config)
+    tasks: queue.Queue = queue.Queue()
+    threading.Thread(target=_worker, args=(tasks, AppCache()), daemon=True).start()
+    args.socket.unlink(missing_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o077)  # only this user may hand tokens over
+    try:
+        server.bind(str(args.socket))
+    finally:
+        os.umask(old)
+    server.listen(8)
+    log.info("%s (pid %d, %s, warm-up %.1f s)", READY, os.getpid(), loaded, time.perf_counter() - t0)
+    try:
+        _accept(server, tasks)
+    finally:
+        server.close()
+        args.socket.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""What umeml relies on in Flower 1.42's internals, checked in one place.
+
+The warm site runtime (:mod:`umeml.client.resident`) replaces the ``flwr-clientapp`` command
+that the SuperExec starts once per message, and the tuned SuperNode
+(:mod:`umeml.flower.supernode_main`) shortens two sleeps that Flower hard-codes. Both depend on
+details Flower does not promise to keep; :func:`contract_problems` lists every detail that
+changed, and both fall back to Flower's stock behaviour (a process per message, Flower's own
+sleeps) when it lists anything. ``tests/test_flower_pins.py`` fails on a Flower upgrade that
+breaks them.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+PINNED_MINOR = "1.42"
+
+
+def flwr_version() -> str:
+    """The installed Flower version."""
+    from importlib.metadata import version
+
+    return version("flwr")
+
+
+def _version_problem() -> str | None:
+    found = flwr_version()
+    if ".".join(found.split(".")[:2]) != PINNED_MINOR:
+        return f"flwr {found} is installed; umeml's warm runtime and tuned polling are written for flwr {PINNED_MINOR}.x"
+    return None
+
+
+def launch_problems() -> list[str]:
+    """Differences in how the SuperExec launches a ClientApp: the command name, the address
+    flag and the token flag that the resident runtime receives."""
+    from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TASK_TYPE_TO_COMMAND, TaskType
+    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+
+    problems = []
+    if TASK_TYPE_TO_COMMAND.get(TaskType.CLIENT_APP) != "flwr-clientapp":
+        problems.append(f"the SuperExec launches {TASK_TYPE_TO_COMMAND.get(TaskType.CLIENT_APP)!r}, not flwr-clientapp")
+    if TASK_TYPE_TO_APPIO_API_ADDRESS_ARG.get(TaskType.CLIENT_APP) != "--runtime-api-address":
+        problems.append("the ClientApp's Runtime API address flag is no longer --runtime-api-address")
+    source = inspect.getsource(SubprocessExecutor.launch)
+    if '"--token"' not in source or "subprocess.Popen(args" not in source:
+        problems.append("SubprocessExecutor.launch no longer starts the command with --token")
+    return problems
+
+
+def runtime_problems() -> list[str]:
+    """Differences in the ClientApp process's Runtime API helpers the resident runtime calls."""
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    problems = []
+    expected = {"pull_task_input": ["client"], "push_message": ["client", "message", "context"],
+                "push_task_output": ["client", "context", "sub_status", "details"]}
+    for name, params in expected.items():
+        fn = getattr(rc, name, None)
+        if fn is None or list(inspect.signature(fn).parameters) != params:
+            problems.append(f"flwr.supernode.runtime.run_clientapp.{name}{params} changed")
+    return problems
+
+
+def polling_problems() -> list[str]:
+    """Differences in the SuperNode's two hard-coded sleeps: 3 s after an empty poll of the
+    SuperLink, 0.5 s between checks for a ClientApp's reply."""
+    from flwr.supernode import start_client_internal as sci
+
+    problems = []
+    if "time.sleep(3)" not in inspect.getsource(sci.start_client_internal):
+        problems.append("start_client_internal no longer sleeps time.sleep(3) after an empty poll")
+    if "time.sleep(0.5)" not in inspect.getsource(sci._push_messages):
+        problems.append("_push_messages no longer waits for replies with time.sleep(0.5)")
+    return problems
+
+
+def retry_problems() -> list[str]:
+    """Differences in what the SuperNode's HTTP retry and node heartbeat are built from (the
+    tuned SuperNode adds HTTP 500 to the retried status codes and wraps the heartbeat)."""
+    from flwr.supercore.retry import http_retry
+    from flwr.supernode import fleet_http_connection
+
+    problems = []
+    codes = getattr(http_retry, "_RETRYABLE_STATUS_CODES", None)
+    if not isinstance(codes, frozenset) or "_RETRYABLE_STATUS_CODES" not in inspect.getsource(http_retry):
+        problems.append("flwr.supercore.retry.http_retry._RETRYABLE_STATUS_CODES is gone")
+    if "HeartbeatSender(send_node_heartbeat)" not in inspect.getsource(fleet_http_connection):
+        problems.append("fleet_http_connection no longer builds HeartbeatSender(send_node_heartbeat)")
+    return problems
+
+
+def contract_problems() -> list[str]:
+    """Every detail of Flower that the warm runtime and the tuned SuperNode rely on and that
+    the installed Flower does not match (empty: all as pinned)."""
+    version = _version_problem()
+    return ([version] if version else []) + launch_problems() + runtime_problems() + polling_problems() + \
+        retry_problems()

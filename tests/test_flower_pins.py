@@ -1,0 +1,143 @@
+"""The Flower 1.42 details that the warm site runtime and the tuned SuperNode rely on.
+
+These fail on a Flower upgrade that changes them: then revisit umeml.client.resident,
+umeml.client.warm and umeml.flower.supernode_main (and PINNED_MINOR in umeml.flower.pins).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from umeml.flower import pins
+
+
+def test_installed_flower_is_the_pinned_minor_version_and_matches_the_contract():
+    assert pins.flwr_version().startswith(pins.PINNED_MINOR + "."), pins.flwr_version()
+    assert pins.contract_problems() == []
+
+
+def test_the_superexec_command_line_is_what_the_resident_runtime_reads(monkeypatch):
+    # what SubprocessExecutor.launch really starts, read back by the resident runtime's parser
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import subprocess_executor
+    from flwr.supercore.superexec.executor.types import ExecutionSpec
+
+    from umeml.client.resident import parse_launch
+
+    started = []
+    monkeypatch.setattr(subprocess_executor.subprocess, "Popen", lambda args, **kw: started.append(args))
+    fields = ExecutionSpec.__dataclass_fields__
+    spec = {"task_type": TaskType.CLIENT_APP, "runtime_api_address": "127.0.0.1:9094", "token": "tok-123",
+            "insecure": True, "root_certificates_path": None, "parent_pid": 4242, "runtime_dependency_install": False,
+            "suppress_output": False, "task_id": 1, "fab_hash": None}
+    subprocess_executor.SubprocessExecutor().launch(ExecutionSpec(**{k: v for k, v in spec.items() if k in fields}))
+    (argv,) = started
+    assert argv[0] == "flwr-clientapp"
+    assert parse_launch(argv[1:]) == ("127.0.0.1:9094", "tok-123", True, None)
+
+
+def test_a_launch_asking_for_runtime_installs_is_refused_to_flowers_own_process():
+    from umeml.client.resident import Refused, parse_launch
+
+    with pytest.raises(Refused, match="dependency"):
+        parse_launch(["--runtime-api-address", "127.0.0.1:1", "--token", "t", "--insecure",
+                      "--allow-runtime-dependency-installation"])
+    with pytest.raises(Refused, match="unreadable"):
+        parse_launch(["--no-such-flag"])
+
+
+def test_tuned_polling_replaces_exactly_flowers_two_sleeps(monkeypatch):
+    from flwr.supernode import start_client_internal as sci
+
+    from umeml.flower import supernode_main as sm
+
+    slept = []
+    monkeypatch.setattr(sm.time, "sleep", slept.append)
+    monkeypatch.setattr(sci, "time", sci.time)  # restored after the test
+    assert sm.tune_polling(0.2, 0.02) == []
+    assert isinstance(sci.time, sm.TunedTime)
+    sci.time.sleep(3)
+    sci.time.sleep(0.5)
+    sci.time.sleep(1.25)
+    assert slept == [0.2, 0.02, 1.25] and sci.time.monotonic() > 0
+
+
+def test_polling_settings_are_checked(monkeypatch):
+    from umeml.flower.supernode_main import IDLE_ENV, poll_setting
+
+    monkeypatch.setenv(IDLE_ENV, "0.3")
+    assert poll_setting(IDLE_ENV, 0.5) == 0.3
+    monkeypatch.setenv(IDLE_ENV, "0")
+    with pytest.raises(ValueError, match=IDLE_ENV):
+        poll_setting(IDLE_ENV, 0.5)
+
+
+def test_the_launcher_hands_over_or_runs_flowers_own_command(tmp_path):
+    # no resident process listening: the launcher runs the real command with the same arguments
+    from umeml.client.warm import write_launcher
+
+    fake = tmp_path / "flower-clientapp"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nprint('FLOWER', *sys.argv[1:])\n")
+    fake.chmod(0o700)
+    launcher = write_launcher(tmp_path / "bin", tmp_path / "none.sock", str(fake))
+    out = subprocess.run([str(launcher), "--token", "abc"], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "FLOWER --token abc" and "Flower's own flwr-clientapp" in out.stderr
+    assert Path(launcher).name == "flwr-clientapp"
+
+
+def test_the_launcher_hands_its_command_line_to_a_listening_resident(tmp_path):
+    import json
+    import socket
+    import threading
+
+    from umeml.client.warm import write_launcher
+
+    sock_path = tmp_path / "r.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(sock_path))
+    server.listen(1)
+    got = []
+
+    def answer():
+        conn, _ = server.accept()
+        with conn:
+            got.append(json.loads(conn.makefile("rb").readline()))
+            conn.sendall(b"accepted\n")
+
+    t = threading.Thread(target=answer)
+    t.start()
+    launcher = write_launcher(tmp_path / "bin", sock_path, str(tmp_path / "never-run"))
+    out = subprocess.run([str(launcher), "--token", "abc", "--insecure"], capture_output=True, text=True, timeout=60)
+    t.join(10)
+    server.close()
+    assert out.returncode == 0 and out.stderr == "" and got == [{"argv": ["--token", "abc", "--insecure"]}]
+
+
+def test_the_supernode_retries_an_http_500_instead_of_exiting(monkeypatch):
+    import httpx
+    from flwr.supercore.retry import http_retry
+    from flwr.supernode import fleet_http_connection
+
+    from umeml.flower import supernode_main as sm
+
+    monkeypatch.setattr(http_retry, "_RETRYABLE_STATUS_CODES", http_retry._RETRYABLE_STATUS_CODES)
+    monkeypatch.setattr(fleet_http_connection, "HeartbeatSender", fleet_http_connection.HeartbeatSender)
+    assert 500 not in http_retry._RETRYABLE_STATUS_CODES  # Flower's own behaviour: exit on a 500
+    assert sm.tolerate_transient_500() == []
+    assert 500 in http_retry._RETRYABLE_STATUS_CODES and 503 in http_retry._RETRYABLE_STATUS_CODES
+
+    def fails(code):
+        def fn():
+            request = httpx.Request("POST", "http://127.0.0.1/v1/fleet/send-node-heartbeat")
+            raise httpx.HTTPStatusError("x", request=request, response=httpx.Response(code, request=request))
+        return fn
+
+    assert sm._tolerant(fails(500))() is False
+    with pytest.raises(httpx.HTTPStatusError):
+        sm._tolerant(fails(401))()
+    sender = fleet_http_connection.HeartbeatSender(fails(500))
+    assert sender.heartbeat_fn() is False

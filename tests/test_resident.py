@@ -1,0 +1,76 @@
+"""The warm site runtime's in-process parts: the cohort kept across messages and reloaded when its
+files change (the fingerprint is checked per message), and the supervisor's restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+
+from umeml.client import app as client_app
+from umeml.config import ExperimentConfig
+from umeml.data.fingerprint import cohort_fingerprint
+from umeml.data.source import CohortSource
+
+
+def test_cohort_is_loaded_once_and_reloaded_when_a_file_changes(tiny_cohort_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_cohort_dir, data)
+    source, data_json = CohortSource(data_dir=str(data)), client_app._data_json(ExperimentConfig())
+    first = client_app._cohort(source, data_json)
+    assert client_app._cohort(source, data_json) is first  # the same object: nothing read again
+    bag = sorted((data / "bags").iterdir())[0]
+    before = cohort_fingerprint(source)
+    os.utime(bag, ns=(time.time_ns(), time.time_ns() + 10**9))  # a bag rewritten in place
+    assert cohort_fingerprint(source) != before
+    second = client_app._cohort(source, data_json)
+    assert second is not first and len(second) == len(first)
+    table = data / "table.csv"
+    table.write_text(table.read_text() + "\n")  # the table rewritten (one byte longer)
+    third = client_app._cohort(source, data_json)
+    assert third is not second and client_app._cohort(source, data_json) is third
+
+
+def test_fingerprint_sees_added_and_removed_files(tiny_cohort_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_cohort_dir, data)
+    source = CohortSource(data_dir=str(data))
+    a = cohort_fingerprint(source)
+    assert cohort_fingerprint(source) == a
+    (data / "bags" / "extra.h5").write_bytes(b"x")
+    b = cohort_fingerprint(source)
+    (data / "bags" / "extra.h5").unlink()
+    assert b != a and cohort_fingerprint(source) == a
+    site_map = tmp_path / "map.csv"
+    site_map.write_text("code,site\n")
+    assert cohort_fingerprint(source, [str(site_map)]) != a
+
+
+def test_supervisor_restarts_a_resident_process_that_dies(tmp_path, monkeypatch):
+    from umeml.client.warm import ResidentRuntime
+
+    # a stand-in resident: listens on the socket, then dies at once the first time
+    script = tmp_path / "fake_resident.py"
+    script.write_text(
+        "import socket, sys, time, pathlib\n"
+        "p = sys.argv[sys.argv.index('--socket') + 1]\n"
+        "marker = pathlib.Path(p).parent / 'started'\n"
+        "n = int(marker.read_text()) + 1 if marker.exists() else 1\n"
+        "marker.write_text(str(n))\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(p); s.listen(1)\n"
+        "sys.exit(1) if n == 1 else time.sleep(60)\n")
+    rt = ResidentRuntime(tmp_path / "site.yaml", None, tmp_path / "resident.log", dict(os.environ), max_pause=1.0)
+    monkeypatch.setattr(rt, "command", lambda: [sys.executable, str(script), "--socket", str(rt.socket)])
+    try:
+        assert rt.start("/bin/false", ready_timeout=60)
+        deadline = time.monotonic() + 60
+        while rt.starts < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert rt.starts == 2 and rt.wait_ready(60)
+        assert "exited with code 1; restarted" in (tmp_path / "resident.log").read_text()
+    finally:
+        rt.stop()
+    assert rt.proc.poll() is not None and not rt.folder.exists()
+    assert json.dumps(rt.superexec_env({"PATH": "/usr/bin"})["PATH"]).startswith(json.dumps(str(rt.folder))[:-1])
