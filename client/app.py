@@ -26,9 +26,11 @@ from umeml.config import DPConfig, ExperimentConfig, SiteConfig, config_from_dic
 from umeml.data.cohort import Cohort
 from umeml.data.source import CohortSource
 from umeml.errors import UmemlError
+from umeml.federation.personalise import personalise
 from umeml.federation.privacy import KEY_CLIPPING_NORM
 from umeml.federation.protocol import Preprocessing
 from umeml.federation.redact import redact
+from umeml.federation.schedule import LR_SCALE_KEY
 from umeml.federation.site import SiteRuntime
 from umeml.flower.records import arrays_from_state, state_from_arrays
 
@@ -174,7 +176,8 @@ def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]
         cfg, conf, prep, site = round_request(msg, context)
         mu = float(conf.get("proximal-mu", 0.0))
         received = state_from_arrays(msg.content["arrays"])
-        state, metrics = site.train(cfg, prep, received, int(conf["server-round"]), mu)
+        state, metrics = site.train(cfg, prep, received, int(conf["server-round"]), mu,
+                                    float(conf.get(LR_SCALE_KEY, 1.0)))
         if state is None:  # the site did not train (privacy budget spent, DP required but not set up)
             return _json_reply(msg, {"site": site.site_id, **metrics})
         if KEY_CLIPPING_NORM in conf:  # central DP with client-side clipping (Flower's wrapper sent the norm)
@@ -197,7 +200,23 @@ def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]
             "report": ConfigRecord({"json": json.dumps(report)}),
         }), reply_to=msg)
 
+    _add_personalise(app, resolve)
     return app
+
+
+def _add_personalise(app: ClientApp, resolve: Callable[[Context, ExperimentConfig], SiteRuntime]) -> None:
+    """The personalisation wave's handler (``query.personalise``): fine-tune the heads on the
+    site's training split, reply global vs personalised validation metrics; the personalised
+    weights stay at the site."""
+
+    @app.query("personalise")
+    @contained
+    def personalise_heads(msg: Message, context: Context) -> Message:
+        cfg = experiment_from(msg)
+        conf = msg.content["config"]
+        prep = Preprocessing.from_json(str(conf["preprocessing"]))
+        state = state_from_arrays(msg.content["arrays"])
+        return _json_reply(msg, personalise(resolve(context, cfg), cfg, prep, state, int(conf["epochs"])))
 
 
 app = build_client_app(deployed_site)
