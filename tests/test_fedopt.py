@@ -183,3 +183,11 @@ def test_personal_parameters_are_the_heads(tiny_cohort_dir):
     assert names and all(n.startswith("heads.") for n in names)
     assert len(names) < len(list(model.parameters()))
     assert np.isfinite(sum(float(p.sum()) for n, p in model.named_parameters() if n in names))
+
+
+def test_fedadam_takes_the_configured_tau_and_eta():
+    from umeml.server.strategies import build_strategy
+
+    tuned = build_strategy(FederationConfig(strategy="fedadam", server_lr=0.003, server_tau=0.01))
+    assert tuned.eta == 0.003 and tuned.tau == 0.01
+    assert build_strategy(FederationConfig(strategy="fedadam")).tau == 1e-3  # Flower 1.42's default

@@ -185,7 +185,7 @@ class FederationConfig:
     max_update_norm: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
     local_dp: DPConfig = field(default_factory=DPConfig)
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
-    # FedAdam/FedYogi's adaptivity tau (Reddi et al. 2021 tune it in 1e-9..1e-1): None keeps Flower's 1e-9
+    # FedAdam/FedYogi's adaptivity tau (Reddi et al. 2021 tune it over 1e-9..1e-1): None keeps Flower's 1e-3
     server_tau: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
     # round-level learning-rate schedule of local training (umeml.federation.schedule): the
     # coordinator sends each round's factor in the round's config ("lr-scale"); sites train at
