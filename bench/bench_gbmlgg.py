@@ -46,9 +46,9 @@ EXTRA = (("grade", "balanced_accuracy"), ("subtype", "balanced_accuracy"))
 METRICS = PRIMARY + EXTRA
 # "umeml federated (old)" runs --old-config, "umeml federated" --best-config, both as they are
 # (model, train and federation sections; the fold's site map and training institutions)
-FEDERATED = {"umeml federated (old)": "old_cfg", "umeml federated": "best_cfg"}
-METHODS = ("classical", "snn central", "umeml central", "umeml fedavg", "umeml fedprox", *FEDERATED,
-           "umeml local-only")
+FEDERATED = {"umeml federated": "best_cfg", "umeml federated (old)": "old_cfg"}  # run in this order
+METHODS = ("classical", "snn central", "umeml central", "umeml fedavg", "umeml fedprox", "umeml federated (old)",
+           "umeml federated", "umeml local-only")
 SECTION = "## TCGA GBM-LGG, site-disjoint 5-fold"
 FEDOPT_SECTION = "## TCGA GBM-LGG, site-disjoint 5-fold, federated optimisation (issue 13)"
 TUNING_SECTION = "## TCGA GBM-LGG, federated tuning pass on training sites only (issue 13)"
@@ -416,7 +416,11 @@ def fedopt_tables(folds: list[dict], seconds: dict) -> str:
     round), personalisation, and the issue's goals (wall time included)."""
     methods = [m for m in METHODS if any(m in f["results"] for f in folds)]
     per_fold = [m for m in ("umeml central", "umeml federated (old)", "umeml federated", "classical") if m in methods]
-    lines = _mean_table(folds, methods) + [""] + _fold_rows(folds, per_fold)
+    last = "umeml federated, last round (diagnostic)"
+    shown = [{**f, "results": {**f["results"], last: lr}} if (lr := f.get("federated", {}).get("umeml federated", {})
+                                                                .get("last_round")) else f for f in folds]
+    lines = _mean_table(shown, methods + ([last] if any(last in f["results"] for f in shown) else []))
+    lines += [""] + _fold_rows(folds, per_fold)
     personal = _personal_rows(folds)
     if len(personal) > 2:
         lines += ["", "Personalisation wave of `umeml federated` (combined over the training sites whose validation "
@@ -528,10 +532,15 @@ def fedopt_intro(meta: dict, wall: float, per_method: dict) -> str:
         f"{meta['sites']} TSS sites, folds from `site_kfold` (seed {meta['seed']}), training TSS sites below "
         f"{meta['min_site_patients']} patients merged into pseudo-institutions as in the sections above. Every "
         "method is tested on all patients of the held-out fold's sites pooled; mean ± sd (ddof 1) over folds.\n\n"
-        f"- classical, umeml central: as above (`{meta['config']}`: central UMEML AdamW, best validation epoch).\n"
-        f"- umeml federated (old): `{meta.get('old_config')}` as it is: {meta.get('old_settings')}; last round.\n"
-        f"- umeml federated: `{meta.get('best_config')}`: {meta.get('best_settings')}. The settings come from the "
-        "tuning pass below, which used only the training sites' validation of fold 0.\n"
+        f"- classical, umeml central: as in the first section (`{meta['config']}`: central UMEML AdamW, best "
+        "validation epoch).\n"
+        + (f"- umeml federated (old): `{meta.get('old_config')}` as it is: {meta.get('old_settings')}; last round.\n"
+           if "umeml federated (old)" in per_method and per_method["umeml federated (old)"] else
+           f"- the old setting (`{meta.get('old_config')}`: {meta.get('old_settings')}; last round) was not re-run here "
+           "(machine time); its figures on the same folds are in the section \"TCGA GBM-LGG, site-disjoint 5-fold, "
+           "config gbmlgg_folds_sgd.yaml\" (row umeml fedavg).\n")
+        + f"- umeml federated: `{meta.get('best_config')}`: {meta.get('best_settings')}. The settings come from the "
+        "tuning pass (its own section), which read only the training sites' validation of fold 0.\n"
         "- selected round: the round whose global weights scored best (mean primary metric over tasks) on the "
         "training sites' validation splits combined over the sites with >= k = 10 validation patients (the others "
         "send only their count); (last) = the run's last round.\n\n")
@@ -639,7 +648,9 @@ def render(args) -> int:
     if args.reuse:
         saved["meta"]["reused"] = reuse(saved["folds"], args.reuse)
         saved["meta"]["reused_from"] = _command_of(args.reuse)
-    print(tables(saved["folds"]))
+    folds = saved["folds"]
+    print(fedopt_tables(folds, saved["seconds_per_method"]) if any("umeml federated" in f["results"] for f in folds)
+          else tables(folds))
     if args.write:
         write_results(args.write, saved["meta"], saved["wall_seconds"], saved["seconds_per_method"], saved["folds"])
     return 0

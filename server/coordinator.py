@@ -685,7 +685,7 @@ def _personalisation_lines(summary: dict) -> list[str]:
     lines = [f"personalisation (heads, {summary['epochs']} epoch(s)), own validation, global -> personalised:"]
     for site, rep in sorted(summary["sites"].items()):
         if rep.get("suppressed") or "global" not in rep:
-            lines.append(f"  {site}: n {rep.get('n')} (< k: suppressed)")
+            lines.append(f"  {site}: n {rep.get('n')} ({rep.get('skipped') or '< k: suppressed'})")
         else:
             lines.append(f"  {site} (n {rep['n']}): {pair(rep['global']['tasks'], rep['personalised']['tasks'])}")
     if "global_combined" in summary:

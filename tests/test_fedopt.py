@@ -191,3 +191,15 @@ def test_fedadam_takes_the_configured_tau_and_eta():
     tuned = build_strategy(FederationConfig(strategy="fedadam", server_lr=0.003, server_tau=0.01))
     assert tuned.eta == 0.003 and tuned.tau == 0.01
     assert build_strategy(FederationConfig(strategy="fedadam")).tau == 1e-3  # Flower 1.42's default
+
+
+def test_a_local_dp_site_does_not_personalise(tiny_cohort_dir):
+    from umeml.config import DPConfig
+    from umeml.federation.personalise import personalise
+    from umeml.federation.site import SiteRuntime
+
+    cfg = tiny_experiment(k_min_patients=3, split={"val_fraction": 0.25})
+    cohort = CohortSource(data_dir=str(tiny_cohort_dir)).load(cfg.data)
+    site = SiteRuntime("A0", cohort, cohort.site_indices("A0"), k_min=3, dp=DPConfig(enabled=True))
+    report = personalise(site, cfg, None, {}, 1)  # refused before any weight or preprocessing is used
+    assert set(report) == {"site", "n", "n_train", "skipped"} and "local DP" in report["skipped"]

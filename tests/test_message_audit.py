@@ -282,7 +282,7 @@ REPLY_FIELDS = {
                  r"report\.json\.tasks\.\w+\.(error|n)",
                  r"report\.json\.tasks\.\w+\.\w+\." + METRIC_FIELDS,
                  r"report\.json\.tasks\.\w+\.confusion_matrix\.value\[\]\[\]"],
-    "query.personalise": [r"report\.json\.(site|n|n_train|suppressed|epochs|seconds)",
+    "query.personalise": [r"report\.json\.(site|n|n_train|suppressed|skipped|epochs|seconds)",
                           r"report\.json\.(global|personalised)\.loss",
                           r"report\.json\.(global|personalised)\.tasks\.\w+\.(error|n)",
                           r"report\.json\.(global|personalised)\.tasks\.\w+\.\w+\." + METRIC_FIELDS,

@@ -291,7 +291,7 @@ def final_wave_rows(selection: dict | None, personalisation: dict | None) -> lis
     for site, rep in (p.get("sites") or {}).items():
         if rep.get("suppressed") or "global" not in rep:
             rows.append(MetricRow("personalisation", epochs, "personal_global", "", None, site=site,
-                                  n=rep.get("n"), note="suppressed (< k patients)"))
+                                  n=rep.get("n"), note=rep.get("skipped") or "suppressed (< k patients)"))
             continue
         rows += metric_rows("personalisation", epochs, "personal_global", rep["global"]["tasks"], site=site)
         rows += metric_rows("personalisation", epochs, "personal_tuned", rep["personalised"]["tasks"], site=site)

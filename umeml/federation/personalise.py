@@ -4,6 +4,7 @@ training split and compare global vs personalised on its own validation split.
 Only metrics leave the site (the personalised weights stay there: a head fitted to a few dozen
 patients says more about them than the federated average does). The k rule applies as in every
 evaluation: a site whose training or validation split has fewer than k patients sends its count.
+A site under local DP does not personalise (the fine-tuning is not DP-SGD) and says so.
 Nothing here knows Flower.
 """
 
@@ -17,6 +18,7 @@ from umeml.config import ExperimentConfig
 from umeml.data.dataset import make_loader
 from umeml.federation.protocol import combine_site_metrics
 from umeml.rundir import PRIMARY_METRICS, metric_entry
+from umeml.train.dp import resolve_dp
 from umeml.train.evaluate import evaluate_predictions
 from umeml.train.experiment import Preprocessing, loss_settings, make_dataset
 from umeml.train.loop import make_optimizer, predict, resolve_device, train_epoch
@@ -39,6 +41,11 @@ def personalise(site, cfg: ExperimentConfig, prep: Preprocessing, state: dict, e
     base = {"site": site.site_id, "n": int(len(val_idx)), "n_train": int(len(train_idx))}
     if len(val_idx) < site.k_min or len(train_idx) < site.k_min:
         return {**base, "suppressed": True}
+    dp, refusal = resolve_dp(site.dp, cfg.federation.local_dp)
+    if dp is not None or refusal:
+        # fine-tuning without DP-SGD would release metrics of a model fitted to the training
+        # patients outside the site's privacy budget
+        return {**base, "skipped": "local DP site: personalisation (non-private fine-tuning) not run"}
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = resolve_device(site.device)
