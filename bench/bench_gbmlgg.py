@@ -554,6 +554,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--best-config", type=Path, default=BEST_CONFIG,
                     help="config of the 'umeml federated' method (and the tuning pass's base)")
     ap.add_argument("--old-config", type=Path, default=OLD_CONFIG, help="config of 'umeml federated (old)'")
+    ap.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), metavar="NAME",
+                    help=f"with --tune: only these candidates, of: {', '.join(repr(c) for c in CANDIDATES)}")
     ap.add_argument("--tune", action="store_true",
                     help="the tuning pass instead: CANDIDATES on --folds (default 0), scored on the training "
                          "sites' validation only (no held-out metric is read)")
@@ -609,6 +611,8 @@ def tune(args, cfg, cohort, folds, out: Path) -> int:
     for k in args.folds if args.folds is not None else [0]:
         fold = prepare_fold(k, sorted({cohort.patients[i].site for i in folds[k][1]}), cfg, cohort, args, out)
         for name, overrides in CANDIDATES.items():
+            if args.candidates and name not in args.candidates:
+                continue
             t0 = time.perf_counter()
             run_dir = fold.dir / ("tune-" + "".join(c if c.isalnum() else "-" for c in name))
             simulate(fold_config(fold, candidate_config(args.best_cfg, overrides)), fold.cohort,
@@ -625,20 +629,23 @@ def tune(args, cfg, cohort, folds, out: Path) -> int:
     return 0
 
 
-def write_tuning(path: Path, rows: list[dict], args) -> None:
-    """The tuning pass's section of the markdown file."""
+def write_tuning(path: Path, rows: list[dict], args, note: str = "") -> None:
+    """The tuning pass's section of the markdown file (``note``: what else the reader must know,
+    such as candidates that did not run)."""
     folds = f" --folds {' '.join(map(str, args.folds))}" if args.folds else ""
     lines = [f"Command: `python -m bench.bench_gbmlgg --tune{folds}` "
              f"(`nice -n 5`, torch threads {args.threads}). Candidates are overrides of `{_relative(args.best_config)}` "
              "(personalisation off). Score = the training sites' validation, combined over the sites with >= k = 10 "
              "validation patients (mean primary metric over the three tasks), per round: the best round's and the mean "
-             "of the last 5 rounds. The fold's held-out sites take part only as idle held-out nodes; no held-out "
-             "metric is read. The shipped setting is the candidate with the best mean of the last 5 rounds (the best "
-             "round's score is the maximum of noisy values and favours noisier runs).", "",
+             "of the last 5 rounds. The fold's sites are held out as in the 5-fold run (the coordinator scores "
+             "them at the end as always); the tuning pass reads no held-out metric. The shipped setting is the "
+             "candidate with the best mean of the last 5 rounds (the best round's score is the maximum of "
+             "noisy values and favours noisier runs).", "",
              "| fold | candidate | best round's score (round) | mean of last 5 rounds | wall time (s) | 1-min load |",
              "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['fold']} | {r['candidate']} | {r['best']:.3f} ({r['best_round']}) | {r['last5_mean']:.3f} | "
               f"{r['seconds']:.0f} | {r['load']:.1f} |" for r in rows]
+    lines += [note] if note else []
     write_section(path, TUNING_SECTION, "\n".join(lines) + "\n", when=stamp())
 
 
