@@ -527,7 +527,7 @@ def fedopt_intro(meta: dict, wall: float, per_method: dict) -> str:
     return (
         f"Command: `{meta['command']}` (run with `nice -n 5`, torch threads {meta['threads']}, folds one after "
         f"the other). Wall time {wall / 60:.1f} min for the whole script (minutes per method, all folds: {timing}); "
-        f"1-min load average {loads[0]} to {loads[1]} at fold boundaries on the 2-core machine shared with other "
+        f"1-min load average {loads[0]} to {loads[1]} during the run on the 2-core machine shared with other "
         f"work, so times are upper bounds of a quiet machine's. Genomics only: {meta['patients']} patients, "
         f"{meta['sites']} TSS sites, folds from `site_kfold` (seed {meta['seed']}), training TSS sites below "
         f"{meta['min_site_patients']} patients merged into pseudo-institutions as in the sections above. Every "
@@ -543,7 +543,10 @@ def fedopt_intro(meta: dict, wall: float, per_method: dict) -> str:
         "tuning pass (its own section), which read only the training sites' validation of fold 0.\n"
         "- selected round: the round whose global weights scored best (mean primary metric over tasks) on the "
         "training sites' validation splits combined over the sites with >= k = 10 validation patients (the others "
-        "send only their count); (last) = the run's last round.\n\n")
+        "send only their count); (last) = the run's last round.\n"
+        + (f"- rows {', '.join(meta['reused'])} are copied from the run of `{meta['reused_from']}` on the same folds "
+           "(same code, run alongside), not re-run.\n" if meta.get("reused") else "")
+        + (f"- {meta['note']}\n" if meta.get("note") else "") + "\n")
 
 
 def _parser() -> argparse.ArgumentParser:
