@@ -27,9 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``umeml-client`` console script; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    from umeml.exitcodes import run_main
+
+    return run_main(build_parser(), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

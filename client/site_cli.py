@@ -16,19 +16,22 @@ from umeml.config import SiteConfig, load_config, load_site_config
 from umeml.errors import ConfigError, DataValidationError, report_input_error
 
 
-def load_site_cohort(site: SiteConfig, experiment: Path | None = None):
+def load_site_cohort(site: SiteConfig, experiment: Path | None = None, site_file: Path | None = None):
     """The site's cohort as a run of ``experiment`` reads it: with that experiment's data section,
     by the same :meth:`CohortSource.load` the ClientApp calls for every run (defaults without
-    ``experiment``). Raises DataValidationError listing every problem."""
+    ``experiment``), and every bag's features scanned for NaN/Inf (which a run would only meet
+    mid-way). Raises DataValidationError listing every problem; a missing path is named as the
+    key of ``site_file``."""
     data_cfg = load_config(experiment).data if experiment is not None else None
-    return site.cohort_source.load(data_cfg)
+    names = {k: f"{site_file}: {k}" for k in ("data_dir", "table", "signatures", "bags")} if site_file else None
+    return site.cohort_source.load(data_cfg, scan_features=True, names=names)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     site = None
     try:
         site = load_site_config(args.site)
-        cohort = load_site_cohort(site, args.config)
+        cohort = load_site_cohort(site, args.config, args.site)
     except (ConfigError, DataValidationError, FileNotFoundError) as err:
         return report_input_error(err, f"check FAILED for site {site.site_id}" if site else "check FAILED")
     s = cohort.summary()
@@ -76,7 +79,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
 
     try:
         site = load_site_config(args.site)
-        load_site_cohort(site, args.config)  # refuse to join with data that would fail mid-run
+        load_site_cohort(site, args.config, args.site)  # refuse to join with data that would fail mid-run
     except (ConfigError, DataValidationError, FileNotFoundError) as err:
         return report_input_error(err, "site data check FAILED, not joining")
     problem = check_auth_files(args.root_certificates, args.auth_key)

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from umeml import __version__
 from umeml.config import STRATEGIES, ExperimentConfig, dump_config, load_config
-from umeml.errors import ConfigError, DataValidationError, report_input_error
+from umeml.errors import ConfigError, DataValidationError, UsageError, report_input_error
+from umeml.exitcodes import check_out_dir, check_run_dir, replace_run_dir, require_path, run_main
+from umeml.logs import CONSOLE_LEVELS, set_console_level
 from umeml.rundir import (
     FINAL_FILE,
     SUMMARY_METRICS,
@@ -19,7 +21,9 @@ from umeml.rundir import (
     RunDir,
     atomic_write_json,
     atomic_write_text,
+    combined_note,
     format_metric,
+    has_value,
     metric_entry,
     read_final,
 )
@@ -33,10 +37,33 @@ def _fmt(m: dict | None) -> str:
 
 
 def _summary_row(name: str, tasks: dict) -> tuple[str, str, list[str]]:
-    """A combined or pooled row: n is the largest n among its metrics."""
+    """A combined or pooled row: n is the largest n among its metrics; a metric computed on fewer
+    patients (a site dropped from a combined AUC) shows its own n."""
     n = max((m.get("n", 0) for t in tasks.values() if isinstance(t, dict) for m in t.values() if isinstance(m, dict)),
             default=0)
-    return name, str(n), [_fmt(metric_entry(tasks, t, k)) for t, k in PRIMARY]
+    cells = []
+    for t, k in PRIMARY:
+        m = metric_entry(tasks, t, k)
+        cells.append(_fmt(m) + (f" n={m['n']}" if m and has_value(m) and m.get("n", n) != n else ""))
+    return name, str(n), cells
+
+
+def combined_notes(combined: dict) -> list[str]:
+    """Lines under the table: the n each combined metric used and why sites were dropped, and the
+    site bootstrap CIs (resampling sites) next to the patient-based ones of the table."""
+    lines, boot = [], []
+    for t, k in PRIMARY:
+        m = metric_entry(combined, t, k)
+        if not has_value(m):
+            continue
+        note = combined_note(m)
+        if note:
+            lines.append(f"combined {t} {k}: {note}")
+        if m.get("site_ci_low") is not None:
+            boot.append(f"{t} {k} [{m['site_ci_low']:.2f}, {m['site_ci_high']:.2f}] ({m.get('sites')} sites)")
+    if boot:
+        lines.append("combined, 95% CI resampling the held-out sites (site bootstrap): " + ", ".join(boot))
+    return lines
 
 
 def format_table(final: dict | FederatedFinal) -> str:
@@ -61,7 +88,7 @@ def format_table(final: dict | FederatedFinal) -> str:
         cells = [r[0].ljust(widths[0]), r[1].rjust(widths[1])] + [c.ljust(w) for c, w in zip(r[2], cols)]
         lines.append("  ".join(cells).rstrip())
     lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return "\n".join(lines + combined_notes(rec.held_out_combined or {}))
 
 
 def _load_sim_cohort(args, cfg):
@@ -76,7 +103,7 @@ def _load_sim_cohort(args, cfg):
             generate(SynthSpec(sites=args.sites, patients=args.patients, seed=cfg.seed), data, overwrite=True)
         args.data = data
     source = CohortSource.from_args(args)
-    return source.load(cfg.data), source.resolved()
+    return source.load(cfg.data, scan_features=True), source.resolved()
 
 
 def _resumed_simulation(args: argparse.Namespace) -> tuple:
@@ -98,7 +125,7 @@ def _resumed_simulation(args: argparse.Namespace) -> tuple:
 
 def _new_simulation(args: argparse.Namespace) -> tuple:
     """(config with the command line's overrides, cohort, source, held-out sets) of a new simulation."""
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, federated=True)
     if args.rounds is not None:
         cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds))
     if args.strategy is not None:
@@ -114,17 +141,22 @@ def _new_simulation(args: argparse.Namespace) -> tuple:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    set_console_level(args.log_level or ("INFO" if args.verbose else "WARNING"))
     resume = args.resume is not None
     if not resume and args.config is None:
         print("error: umeml-server simulate needs --config (or --resume RUN_DIR)", file=sys.stderr)
         return 2
     try:
+        if resume:
+            require_path(args.resume, "--resume", "folder")
+        earlier = [] if resume else check_run_dir(args.out, args.overwrite, resume_hint=True)
         cfg, cohort, source, held_sets = (_resumed_simulation if resume else _new_simulation)(args)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (ConfigError, DataValidationError) as err:
+    except (UsageError, DataValidationError) as err:
         return report_input_error(err, "data check FAILED")
+    replace_run_dir(args.out, earlier)  # only once the config and the data passed their checks
     if args.compare:
         return _simulate_comparison(args, cfg, cohort, source)
     for held in held_sets:
@@ -163,12 +195,22 @@ def _simulate_run(args: argparse.Namespace, cfg, cohort, source, run_dir: Path, 
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(RunDir(run_dir).simulation, {"source": source.to_dict(), "held_out": list(planned)})
         held = planned
+        _warn_missing_classes(cfg, cohort, planned)
     final = simulate(cfg, cohort, source, run_dir, held_out=held, resume=resume, device=args.device)
     print(f"\nheld-out metrics after {final['rounds']} rounds ({final['strategy']}), run dir {run_dir}:")
     print(format_table(final))
     if not args.no_report:
         _write_reports([run_dir])
     return 0
+
+
+def _warn_missing_classes(cfg, cohort, held) -> None:
+    """A held-out set without a class makes its macro AUC a different quantity: say so up front."""
+    from umeml.metrics.coverage import cohort_missing_classes, missing_class_message
+
+    indices = [i for s in held for i in cohort.site_indices(s)]
+    for task, missing in cohort_missing_classes(cohort, indices, cfg.tasks).items():
+        print(f"warning: {missing_class_message('the held-out sites ' + ', '.join(held), task, missing)}", file=sys.stderr)
 
 
 def with_local_dp(cfg, epsilon: float):
@@ -226,6 +268,7 @@ def preflight_start(args: argparse.Namespace) -> tuple[StartPlan | None, list[st
     """
     problems: list[str] = []
     cfg = _start_config(args, problems)
+    _start_out(args, problems)
     tls = _start_tls(args, problems)
     site_keys = _start_site_keys(args, problems)
     if problems:
@@ -239,13 +282,22 @@ def _start_config(args: argparse.Namespace, problems: list[str]) -> ExperimentCo
         problems.append("umeml-server start needs --config or --resume")
         return None
     try:
-        cfg = load_config(args.resume / "config.yaml" if args.resume else args.config)
+        cfg = load_config(args.resume / "config.yaml" if args.resume else args.config, federated=True)
     except ConfigError as err:
         problems.append(str(err))
         return None
     if args.rounds is not None:
         cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds))
     return cfg
+
+
+def _start_out(args: argparse.Namespace, problems: list[str]) -> None:
+    """A new run's --out: not a file, and no earlier run in it unless --overwrite."""
+    if args.resume is None:
+        try:
+            check_run_dir(args.out, args.overwrite, resume_hint=True)
+        except UsageError as err:
+            problems.append(str(err))
 
 
 def _start_tls(args: argparse.Namespace, problems: list[str]) -> TLSFiles | None:
@@ -298,6 +350,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
     plan, problems = preflight_start(args)
     if plan is None:
         return _report_problems(problems)
+    if args.resume is None:  # --overwrite, checked in the preflight
+        replace_run_dir(plan.run_dir, RunDir(plan.run_dir).existing_outputs())
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     warning = exposure_warning(args.host, args.port, plan.tls is not None, bool(plan.site_keys))
     if warning:
@@ -374,6 +428,7 @@ def _announce_superlink(args: argparse.Namespace, link, plan: StartPlan) -> None
 def _cmd_certs(args: argparse.Namespace) -> int:
     from umeml.server.certs import CertError, create_certs
 
+    check_out_dir(args.out)
     sites = [s.strip() for s in (args.sites or "").split(",") if s.strip()]
     if args.keys_only and not sites:
         print("error: --keys-only needs --sites", file=sys.stderr)
@@ -418,7 +473,9 @@ def _add_simulate_parser(sub) -> None:
     p.add_argument("--table", type=Path, help="cohort table CSV instead of --data (genomics only without --bags)")
     p.add_argument("--signatures", type=Path, help="gene-group signatures CSV (with --table)")
     p.add_argument("--bags", type=Path, help="feature bag directory (with --table)")
-    p.add_argument("--out", type=Path, default=Path("runs/simulation"), help="run directory (default runs/simulation)")
+    p.add_argument("--out", type=Path, default=Path("runs/simulation"),
+                   help="run directory, a new one (default runs/simulation)")
+    p.add_argument("--overwrite", action="store_true", help="replace the earlier run in --out")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a simulation from its last completed round")
     p.add_argument("--rounds", type=int, help="override federation.rounds")
     p.add_argument("--strategy", choices=STRATEGIES, help="override federation.strategy")
@@ -431,14 +488,23 @@ def _add_simulate_parser(sub) -> None:
     p.add_argument("--patients", type=int, default=60, help="patients per site of the generated demo cohort (default 60)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="device of the virtual sites")
     p.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
+    _add_console_options(p)
     p.set_defaults(func=_cmd_simulate)
+
+
+def _add_console_options(p) -> None:
+    """``--verbose`` / ``--log-level``: what the console shows (RUN_DIR/run.log gets everything anyway)."""
+    p.add_argument("--log-level", type=str.upper, choices=CONSOLE_LEVELS, default=None,
+                   help="console level of umeml's, Flower's and Ray's log lines (default WARNING; run.log gets all)")
+    p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's INFO lines (as --log-level INFO)")
 
 
 def _add_start_parser(sub) -> None:
     p = sub.add_parser("start", help="coordinate real sites: start Flower's SuperLink and run the federation")
     p.add_argument("--config", type=Path, help="experiment YAML")
     p.add_argument("--sites", type=int, required=True, help="number of sites to wait for")
-    p.add_argument("--out", type=Path, default=Path("runs/federation"), help="run directory")
+    p.add_argument("--out", type=Path, default=Path("runs/federation"), help="run directory, a new one")
+    p.add_argument("--overwrite", action="store_true", help="replace the earlier run in --out")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last completed round")
     p.add_argument("--held-out", help="comma-separated held-out site ids (default: split.test_sites)")
     p.add_argument("--rounds", type=int, help="override federation.rounds")
@@ -473,8 +539,7 @@ def _add_certs_parser(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``umeml-server`` console script."""
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    return run_main(build_parser(), argv)
 
 
 if __name__ == "__main__":

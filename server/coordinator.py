@@ -31,6 +31,7 @@ from umeml.federation.protocol import (
 from umeml.federation.schedule import round_settings
 from umeml.federation.selection import RoundSelector
 from umeml.flower.records import arrays_from_state, state_from_arrays
+from umeml.metrics.coverage import missing_class_messages
 from umeml.model import build_model, save_checkpoint
 from umeml.rundir import (
     PRIMARY_METRICS,
@@ -443,8 +444,15 @@ class Coordinator:
                 continue
             report = json.loads(str(reply.content["report"]["json"]))
             (held if report["part"] == "all" else val)[report["site"]] = report
-        return {"held_out": held, "held_out_combined": combine_site_metrics(held) if held else {},
-                "validation": val, "validation_combined": combine_site_metrics(val) if val else {}}
+        held_comb = combine_site_metrics(held, seed=self.cfg.seed, n_boot=n_boot) if held else {}
+        if last:
+            for line in missing_class_messages(held_comb, self._classes(), "the held-out sites"):
+                log.warning("%s", line)
+        return {"held_out": held, "held_out_combined": held_comb, "validation": val,
+                "validation_combined": combine_site_metrics(val, seed=self.cfg.seed, n_boot=n_boot) if val else {}}
+
+    def _classes(self) -> dict[str, list[str]]:
+        return {"grade": list(self.cfg.data.grades), "subtype": list(subtype_codes(self.cfg.data))}
 
     def _preprocess(self, grid, train_nodes, schema) -> tuple[Preprocessing, list[dict]]:
         """Query the training sites' aggregates and combine them; returns the preprocessing and

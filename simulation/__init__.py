@@ -17,12 +17,14 @@ this is the only package that imports both sides, and only ``umeml-server``'s co
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 from umeml.config import ExperimentConfig, config_to_dict
 from umeml.data.cohort import Cohort
 from umeml.data.source import CohortSource
+from umeml.logs import console_level, run_logging
 from umeml.rundir import RunDir, read_final
 from umeml.server.simulate import plan_sites
 
@@ -57,17 +59,22 @@ def simulate(cfg: ExperimentConfig, cohort: Cohort, source: CohortSource, run_di
         **source.settings(),
     }
     client = build_client_app(SimulatedSites(tuple(sites), source, device, state_root=str(RunDir(run_dir.resolve()).sites)))
-    run_simulation(
-        server_app=build_server_app(settings),
-        client_app=client,
-        num_supernodes=len(sites),
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": max(1, min(len(sites), os.cpu_count() or 1)), "logging_level": "ERROR",
-                          "log_to_driver": True},
-        },
-    )
+    # Ray's own logger prints through its own handler: ERROR unless the console asks for more (--verbose)
+    ray_level = "ERROR" if console_level() >= logging.WARNING else logging.getLevelName(console_level())
+    # run_simulation stays (its deprecation notice goes to the log file only): umeml.logs says why
+    with run_logging(RunDir(run_dir).log):
+        run_simulation(
+            server_app=build_server_app(settings),
+            client_app=client,
+            num_supernodes=len(sites),
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": max(1, min(len(sites), os.cpu_count() or 1)), "logging_level": ray_level,
+                              "log_to_driver": True},
+            },
+        )
     final_path = RunDir(run_dir).final
     if not final_path.is_file():
-        raise RuntimeError(f"the simulation ended without writing {final_path}; see the log above")
+        raise RuntimeError(f"the simulation ended without writing {final_path}; see the errors above and "
+                           f"{RunDir(run_dir).log} (every log line of the run)")
     return read_final(final_path).to_json()

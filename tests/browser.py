@@ -87,7 +87,8 @@ class _Pipe:
 
 
 IMAGES_JS = ("JSON.stringify({title: document.title, images: Array.from(document.images).map(i => "
-             "({src: i.src.slice(0, 40), complete: i.complete, width: i.naturalWidth, height: i.naturalHeight}))})")
+             "({src: i.src.slice(0, 40), complete: i.complete, width: i.naturalWidth, height: i.naturalHeight, "
+             "titles: JSON.parse(i.dataset.titlePx || 'null')}))})")
 
 
 def render(html_file: Path, profile_dir: Path, chromium: str, width: int = 1300, timeout: float = 90.0) -> PageResult:

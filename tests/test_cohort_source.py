@@ -18,7 +18,7 @@ from umeml.client.app import deployed_site
 from umeml.client.cli import main as client_main
 from umeml.config import config_from_dict, load_config, load_site_config
 from umeml.data.source import CohortSource
-from umeml.errors import ConfigError, DataValidationError
+from umeml.errors import ConfigError, DataValidationError, MissingPathError
 
 
 def _files(d):
@@ -89,16 +89,19 @@ def test_from_args_and_from_site_file(tmp_path, tiny_cohort_dir):
 
 
 def test_errors_name_the_missing_file(tmp_path, tiny_cohort_dir, capsys):
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nowhere'}: data directory not found"):
+    # a path given that does not exist is a usage error (exit 2), named by its flag, before any data is read
+    with pytest.raises(FileNotFoundError, match=f"--data {tmp_path / 'nowhere'}: data directory not found"):
         CohortSource(data_dir=str(tmp_path / "nowhere")).load()
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nope.csv'}: cohort table not found"):
+    with pytest.raises(MissingPathError, match=f"--table {tmp_path / 'nope.csv'}: cohort table not found"):
         CohortSource(table=str(tmp_path / "nope.csv")).load()
-    with pytest.raises(DataValidationError, match=f"{tmp_path / 'sig.csv'}: cannot read signatures file"):
+    with pytest.raises(MissingPathError, match=f"--signatures {tmp_path / 'sig.csv'}: signatures file not found"):
         CohortSource(table=str(tiny_cohort_dir / "table.csv"), signatures=str(tmp_path / "sig.csv")).load()
-    with pytest.raises(DataValidationError, match=f"{tmp_path / 'bags'}: feature bag directory does not exist"):
-        CohortSource(table=str(tiny_cohort_dir / "table.csv"), bags=str(tmp_path / "bags")).load()
-    assert umeml_main(["check", "--data", str(tmp_path / "nowhere")]) == 1
-    assert f"{tmp_path / 'nowhere'}: data directory not found" in capsys.readouterr().err
+    # every bad path at once
+    with pytest.raises(MissingPathError, match="signatures file not found; --bags .*: feature bag folder not found"):
+        CohortSource(table=str(tiny_cohort_dir / "table.csv"), signatures=str(tmp_path / "sig.csv"),
+                     bags=str(tmp_path / "bags")).load()
+    assert umeml_main(["check", "--data", str(tmp_path / "nowhere")]) == 2
+    assert f"--data {tmp_path / 'nowhere'}: data directory not found" in capsys.readouterr().err
     assert umeml_main(["check", "--data", str(tiny_cohort_dir), "--table", "t.csv"]) == 2
     assert "--data / --table: give exactly one of them" in capsys.readouterr().err
 

@@ -2,6 +2,7 @@
 comparison runs, the figures' own numbers, the slide heatmap and the CLI's errors."""
 
 import base64
+import html as html_lib
 import json
 import re
 
@@ -14,7 +15,7 @@ from umeml.client.app import SimulatedSites, build_client_app
 from umeml.data.cohort import load_data_dir
 from umeml.data.source import CohortSource
 from umeml.metrics.classification import binary_auc, roc_curve
-from umeml.report import Options, ReportError, load_predictions, write_report
+from umeml.report import Options, ReportError, figures, load_predictions, write_report
 from umeml.report.figures import kaplan_meier, risk_groups
 from umeml.server.coordinator import Coordinator
 from umeml.train.central import train_central
@@ -193,3 +194,69 @@ def test_heatmap_needs_its_inputs(central_run, tmp_path):
         write_report(central_run, Options(slide=tmp_path / "s.svs"))
     with pytest.raises(ReportError, match="no such file"):
         write_report(central_run, Options(slide=tmp_path / "s.svs", features=tmp_path / "f.h5"))
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def _title_boxes(page: str) -> list[tuple[list, bytes]]:
+    """(title extents recorded at save time, the PNG) of every image of the page."""
+    found = re.findall(r"data-title-px='([^']*)' src='data:image/png;base64,([^']+)'", page)
+    return [(json.loads(html_lib.unescape(px)), base64.b64decode(data)) for px, data in found]
+
+
+def _max_paren_depth(text: str) -> int:
+    depth = deepest = 0
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        deepest = max(deepest, depth)
+    return deepest
+
+
+@pytest.mark.parametrize("run", ["central_run", "federated_dp_run"])
+def test_no_title_is_wider_than_its_image_and_no_caption_nests_parentheses(run, request):
+    page = write_report(request.getfixturevalue(run)).read_text()
+    boxes = _title_boxes(page)
+    assert boxes and len(boxes) == len(_images(page))
+    for titles, png in boxes:
+        width, height = _png_size(png)
+        for x0, x1, y0, y1 in titles:
+            assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height, (titles, width, height)
+    assert sum(bool(t) for t, _ in boxes) >= len(boxes) - 1  # every figure but at most one has titles
+    texts = re.findall(r"<p>(.*?)</p>|<figcaption>(.*?)</figcaption>", page, flags=re.S)
+    for text in (a or b for a, b in texts):
+        assert _max_paren_depth(re.sub(r"<[^>]+>", "", text)) <= 1, text
+
+
+def test_forest_caption_mentions_k_only_where_sites_report(central_run, federated_dp_run):
+    assert "privacy threshold k" not in write_report(central_run).read_text()
+    assert "privacy threshold k" in write_report(federated_dp_run).read_text()
+
+
+def test_each_release_is_listed_once_with_its_explanation(federated_dp_run):
+    page = write_report(federated_dp_run).read_text()
+    ledger = json.loads((federated_dp_run / "privacy.json").read_text())
+    kinds = [r["kind"] for r in ledger["releases"]]
+    assert kinds == ["survival_histogram"]
+    releases = page.split("One-off releases:</p><ul>", 1)[1].split("</ul>", 1)[0]
+    assert releases.count("<li>") == 1 and releases.count("survival_histogram") == 1
+    assert "histogram of uncensored survival times" in releases  # the ledger's note on that release
+    about = page.split("About the ledger:</p><ul>", 1)[1].split("</ul>", 1)[0]
+    assert "survival_histogram" not in about and "local: per-patient DP-SGD" in about
+
+
+def test_figure_titles_fit_their_figures():
+    rng = np.random.default_rng(0)
+    six = ["ASTR", "OAST", "ODG", "AASTR", "AOAST", "GBM"]
+    figs = [figures.confusion_matrix("grade", rng.integers(0, 20, (3, 3)), ["II", "III", "IV"], "held-out patients pooled"),
+            figures.confusion_matrix("subtype", rng.integers(0, 20, (6, 6)), six, "held-out sites summed"),
+            figures.roc_curves("subtype", rng.dirichlet(np.ones(6), 60), rng.integers(0, 6, 60), six),
+            figures.kaplan_meier(rng.uniform(1, 60, 40), np.ones(40, int), rng.normal(size=40), "tertiles")[0],
+            figures.forest_plot([{"label": "combined, CI resampling sites", "value": 0.7, "low": 0.6, "high": 0.8,
+                                  "n": 197, "kind": "summary"}], figures.metric_label("subtype", "auc_macro"))]
+    for fig in figs:
+        assert figures.clipped_titles(fig) == [], [t["text"] for t in figures.title_extents(fig)]
+    # the check itself can fail: a title longer than its figure is reported
+    wide = figures.confusion_matrix("grade", np.eye(3), ["II", "III", "IV"], "x" * 120)
+    assert figures.clipped_titles(wide) and figures.title_extents(wide)[0]["x1"] > wide.bbox.width

@@ -1,5 +1,6 @@
 """The report as a reader sees it: rendered in headless Chromium (Debian's `chromium`), every
-image decoded, no script error, no network request, a screenshot kept for review.
+image decoded, no figure title wider than its image, no script error, no network request, a
+screenshot kept for review.
 
 Chromium is a system package (`.ci/run` installs it). Without it the test skips saying so,
 except under CI (CI set), where a missing browser is a failure, not a skip.
@@ -51,6 +52,12 @@ def test_report_renders_in_headless_chromium(chromium, tiny_cohort_dir, tmp_path
     assert len(result.images) == len(plots) >= 8
     for img in result.images:
         assert img["complete"] and img["width"] > 100 and img["height"] > 100, img
+        # no figure title is wider than the image the browser decoded (extents measured at save time
+        # with matplotlib's renderer, in the PNG's pixels)
+        assert img["titles"] is not None, img["src"]
+        for x0, x1, y0, y1 in img["titles"]:
+            assert 0 <= x0 < x1 <= img["width"] and 0 <= y0 < y1 <= img["height"], img
+    assert sum(bool(img["titles"]) for img in result.images) >= len(result.images) - 1
     assert result.errors == []
     # the page is self-contained: the only request is the file itself (images are data URIs)
     assert [r for r in result.requests if not r.startswith("data:")] == [page.resolve().as_uri()]

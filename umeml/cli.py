@@ -12,6 +12,7 @@ from umeml import __version__
 from umeml.config import load_config
 from umeml.data.source import CohortSource
 from umeml.errors import ConfigError, DataValidationError, report_input_error
+from umeml.exitcodes import check_out_dir, check_run_dir, replace_run_dir, run_main
 from umeml.rundir import CentralizedFinal, format_metric, has_value
 
 
@@ -31,6 +32,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         median_patches=args.median_patches, min_patches=args.min_patches, max_patches=args.max_patches,
         missing_fraction=args.missing_fraction,
     )
+    check_out_dir(args.out)
     t0 = time.perf_counter()
     try:
         summary = generate(spec, args.out, overwrite=args.overwrite)
@@ -50,10 +52,13 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     try:
         data_cfg = load_config(args.config).data if args.config else None
-        cohort = CohortSource.from_args(args).load(data_cfg)
+        cohort = CohortSource.from_args(args).load(data_cfg, scan_features=True)
     except (ConfigError, DataValidationError, FileNotFoundError) as err:
         return report_input_error(err, "check FAILED")
     summary = cohort.summary()
+    if args.table is not None and args.bags is None and summary["slides"]:
+        print(f"note: genomics only: no --bags given, the table's {summary['slides']} slides are not read",
+              file=sys.stderr)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -84,9 +89,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             import dataclasses
 
             cfg = dataclasses.replace(cfg, seed=args.seed)
-        cohort = CohortSource.from_args(args).load(cfg.data)
+        earlier = check_run_dir(args.out, args.overwrite)
+        cohort = CohortSource.from_args(args).load(cfg.data, scan_features=True)
     except (ConfigError, DataValidationError, FileNotFoundError) as err:
         return report_input_error(err, "data check FAILED")
+    replace_run_dir(args.out, earlier)  # only once the config and the data passed their checks
     try:
         final = train_central(cfg, cohort, args.out, progress=not args.quiet)
     except ValueError as err:
@@ -159,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="centralized training with a site-disjoint test split (the reference run)")
     _add_data_args(p)
-    p.add_argument("--out", type=Path, required=True, help="run directory to write")
+    p.add_argument("--out", type=Path, required=True, help="run directory to write (a new one, or with --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier run in --out (its final.json, metrics.csv, checkpoints/, report ...)")
     p.add_argument("--seed", type=int, help="override the config's seed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
@@ -180,8 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``umeml`` console script."""
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    return run_main(build_parser(), argv)
 
 
 if __name__ == "__main__":

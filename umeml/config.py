@@ -19,6 +19,7 @@ import yaml
 from umeml.data.source import CohortSource, source_problem
 from umeml.errors import ConfigError
 from umeml.federation.accountants import available_accountants
+from umeml.rundir import name_problem
 
 DEFAULT_GRADE_MAP: dict[str, str] = {
     "ASTR": "II",
@@ -374,6 +375,8 @@ def _validate_semantics(obj: Any, path: str, source: str) -> None:
     if isinstance(obj, SiteConfig):
         if not obj.site_id.strip():
             raise ConfigError(f"{source}: site_id: a non-empty site id is required")
+        if name_problem(obj.site_id):  # it names the site's folders (sites/<site>/ in a simulation)
+            raise ConfigError(f"{source}: site_id: {name_problem(obj.site_id)} (got {obj.site_id!r})")
         problem = source_problem(dataclasses.asdict(obj))
         if problem:
             raise ConfigError(f"{source}: {problem}")
@@ -409,28 +412,53 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> ExperimentConfig:
     return _build(ExperimentConfig, raw, "", source)
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
-    """Read and check a YAML experiment file."""
+def load_config(path: str | Path, federated: bool = False) -> ExperimentConfig:
+    """Read and check a YAML experiment file; ``federated``: also the limits of a federated run
+    (:func:`check_federated`)."""
     path = Path(path)
-    return config_from_dict(_read_yaml(path), source=str(path))
+    raw = _read_yaml(path, "config file", "an experiment names at least its tasks, model and train "
+                                          "settings (see configs/demo.yaml); an empty file would run on every default")
+    cfg = config_from_dict(raw, source=str(path))
+    if federated:
+        check_federated(cfg, str(path))
+    return cfg
 
 
-def _read_yaml(path: Path) -> dict:
+def check_federated(cfg: ExperimentConfig, source: str) -> None:
+    """The limits a federated run adds to a config (ConfigError naming file and key).
+
+    ``survival.n_bins``: the bin edges are quantiles of the sites' survival histograms, counted
+    on a fixed public grid (``umeml.federation.protocol.survival_grid``); n bins need n - 1
+    distinct interior edges among its cells, so at most one bin per cell.
+    """
+    from umeml.federation.protocol import SURVIVAL_GRID_TEXT, survival_grid  # torch: only for federated runs
+
+    cells = len(survival_grid()) - 1
+    if cfg.survival.n_bins > cells:
+        raise ConfigError(
+            f"{source}: survival.n_bins: must be <= {cells} in a federated run (got {cfg.survival.n_bins}): the "
+            f"sites send survival histograms on {cells} fixed cells ({SURVIVAL_GRID_TEXT}) and each bin needs "
+            "its own cell")
+
+
+def _read_yaml(path: Path, what: str = "config file", empty_hint: str = "") -> dict:
     try:
         text = path.read_text()
     except OSError as err:
-        raise ConfigError(f"{path}: cannot read config file: {err.strerror}") from err
+        raise ConfigError(f"{path}: cannot read {what}: {err.strerror}") from err
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    return raw or {}
+    if raw is None:  # an empty file, or comments only
+        raise ConfigError(f"{path}: the {what} is empty" + (f": {empty_hint}" if empty_hint else ""))
+    return raw
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
     """Read and check a site YAML file; relative data paths become relative to its folder."""
     path = Path(path)
-    raw = _read_yaml(path)
+    raw = _read_yaml(path, "site file", "it needs at least site_id and data_dir (see configs/site.example.yaml)")
     site = _build(SiteConfig, raw, "", str(path))
     base = path.resolve().parent
     fixed = {}

@@ -2,8 +2,10 @@
 
 Every error umeml raises on purpose derives from :class:`UmemlError`::
 
-    UmemlError
-    +-- ConfigError                  a configuration file (or a flag overriding it) is malformed
+    UmemlError                       exit code 1 when it ends a command (a data problem, a failed run)
+    +-- UsageError                   exit code 2: the command line, or a file it names, is wrong
+    |   +-- ConfigError              a configuration file (or a flag overriding it) is malformed
+    |   +-- MissingPathError         a path given does not exist or is of the wrong kind (also an OSError)
     +-- DataValidationError          every problem found in a cohort
     +-- FederationError              the federation cannot go on (umeml.server.coordinator)
     |   +-- HandshakeMismatch        sites disagree on schema or version (umeml.federation.protocol)
@@ -26,11 +28,30 @@ from dataclasses import dataclass
 
 
 class UmemlError(Exception):
-    """Base class of every error umeml raises on purpose (bad user input, a failed federation)."""
+    """Base class of every error umeml raises on purpose (bad user input, a failed federation).
+
+    ``exit_code`` is the command's exit status when the error ends it (README, "Errors and exit
+    codes"): 1 for a data problem or a run that failed, 2 for a usage error.
+    """
+
+    exit_code = 1
 
 
-class ConfigError(UmemlError):
+class UsageError(UmemlError):
+    """The command line, or a file it names (config, site file, output folder), is wrong; found
+    before any data is read."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
     """A configuration file is malformed: the message names the file and the key path."""
+
+
+class MissingPathError(UsageError, FileNotFoundError):
+    """A path named on the command line or in a site file does not exist, or is a file where a
+    folder is expected (or the other way round). Also a FileNotFoundError, for callers that
+    handle a missing file as such."""
 
 
 class FederationError(UmemlError):
@@ -62,10 +83,8 @@ class DataValidationError(UmemlError):
 def report_input_error(err: Exception, data_message: str) -> int:
     """Print a user-input error for a command line and return its exit code.
 
-    A bad configuration exits 2 (``error: ...``); bad data exits 1 (``<data_message>: ...``).
+    A usage error exits 2 (``error: ...``); bad data exits 1 (``<data_message>: ...``).
     """
-    if isinstance(err, ConfigError):
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"{data_message}: {err}", file=sys.stderr)
-    return 1
+    code = getattr(err, "exit_code", 1)
+    print(f"error: {err}" if code == 2 else f"{data_message}: {err}", file=sys.stderr)
+    return code

@@ -9,7 +9,7 @@ A run directory (``umeml train``, ``umeml-server simulate`` / ``start``) holds:
   (only where the writer holds the patients' data), ``checkpoints/`` (``best.pt`` / ``last.pt``
   centralized, ``global.pt`` federated);
 - federated runs also ``resume.pt``, ``preprocessing.json``, ``privacy.json``, ``progress.log``,
-  ``coordinator.log``; simulations ``simulation.json`` and ``sites/<site>/privacy.json``;
+  ``coordinator.log``; simulations ``simulation.json``, ``run.log`` and ``sites/<site>/privacy.json``;
   deployments ``flower-run.json``, ``app/``, ``run-config.toml``, ``superlink.log``, ``flower/``;
 - ``report.html`` and ``plots/`` once reported; a ``--compare`` folder ``comparison.json``.
 
@@ -25,6 +25,7 @@ This module imports nothing heavier than the standard library, so every layer ma
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import uuid
@@ -46,6 +47,7 @@ PREPROCESSING_FILE = "preprocessing.json"
 RESUME_FILE = "resume.pt"
 PROGRESS_FILE = "progress.log"
 COORDINATOR_LOG = "coordinator.log"
+RUN_LOG = "run.log"
 FLOWER_RUN_FILE = "flower-run.json"
 COMPARISON_FILE = "comparison.json"
 SIMULATION_FILE = "simulation.json"
@@ -91,6 +93,7 @@ class RunDir:
     resume = _entry(RESUME_FILE, "the coordinator's state after the last completed round")
     progress = _entry(PROGRESS_FILE, "the coordinator's progress lines")
     coordinator_log = _entry(COORDINATOR_LOG, "the coordinator's warnings and errors")
+    log = _entry(RUN_LOG, "everything a simulation logged: umeml, Flower, Ray, Python warnings")
     flower_run = _entry(FLOWER_RUN_FILE, "Flower's accounting of a deployed run (traffic, compute)")
     comparison = _entry(COMPARISON_FILE, "a --compare folder's summary of its modes")
     simulation = _entry(SIMULATION_FILE, "where a simulation's cohort lives and its held-out sites (for --resume)")
@@ -111,6 +114,35 @@ class RunDir:
     def site_state(self, site: str) -> Path:
         """A simulated site's state folder (its own ``privacy.json``)."""
         return self.root / SITES_DIR / site
+
+    def existing_outputs(self) -> list[str]:
+        """Names of the earlier run's outputs in this folder: the files and folders a run writes,
+        and subfolders holding a run of their own (``--compare``, ``--leave-one-site-out``). The
+        ``data/`` folder a simulation generates is input, not output. Empty when none (or no folder)."""
+        if not self.root.is_dir():
+            return []
+        found = [name for name in RUN_OUTPUTS if (self.root / name).exists()]
+        nested = [p.name + "/" for p in sorted(self.root.iterdir())
+                  if p.is_dir() and p.name not in RUN_OUTPUTS and p.name != "data" and RunDir(p).existing_outputs()]
+        return found + nested
+
+
+# What a run writes into its folder (RunDir.existing_outputs): an --out holding any of these is
+# an earlier run's, refused unless --overwrite (or --resume continues it).
+RUN_OUTPUTS = (FINAL_FILE, METRICS_FILE, CONFIG_FILE, CHECKPOINTS_DIR, RESUME_FILE, PREDICTIONS_FILE,
+               PREPROCESSING_FILE, PRIVACY_FILE, PROGRESS_FILE, COORDINATOR_LOG, FLOWER_RUN_FILE, COMPARISON_FILE,
+               SIMULATION_FILE, REPORT_FILE, PLOTS_DIR, SITES_DIR, "app", "run-config.toml", "superlink.log",
+               "flower")
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` (a site id, a slide id) cannot be used as one file or folder name under a
+    folder (``sites/<site>``, ``<bags>/<slide>.h5``) without escaping it; None when it can."""
+    if not name.strip():
+        return "must not be empty"
+    if name in (".", "..") or any(c in name for c in "/\\\0"):
+        return "must be a file name (no '/', '\\' or '..')"
+    return None
 
 
 def run_dir(path: str | Path | RunDir) -> RunDir:
@@ -192,7 +224,7 @@ def format_metric(m: Any, ci_digits: int = 3) -> str:
 # ------------------------------------------------------------------ metrics.csv
 METRICS_COLUMNS = ("unit", "step", "kind", "site", "n", "task", "metric", "value", "ci_low", "ci_high", "note")
 _V1_FEDERATED_COLUMNS = ("round", "site", "kind", "n", "metric", "value", "note")
-METRIC_KINDS = ("train", "validation", "held_out", "held_out_combined", "pooled",
+METRIC_KINDS = ("train", "validation", "held_out", "held_out_combined", "held_out_combined_sites", "pooled",
                 # the selected round's final evaluation (federation.selection best_validation)
                 "selected_held_out", "selected_held_out_combined", "selected_pooled",
                 # the personalisation wave: global vs personalised on each training site's validation
@@ -297,6 +329,31 @@ def final_wave_rows(selection: dict | None, personalisation: dict | None) -> lis
         rows += metric_rows("personalisation", epochs, "personal_tuned", rep["personalised"]["tasks"], site=site)
     for part, kind in (("global", "personal_global_combined"), ("personalised", "personal_tuned_combined")):
         rows += metric_rows("personalisation", epochs, kind, p.get(f"{part}_combined") or {})
+    return rows
+
+
+def combined_note(m: dict) -> str:
+    """Why a combined metric used fewer patients than its sites reported: ``n used 157 of 197
+    (dropped 27: macro AUC is undefined: ...)``; empty when every reporting site was used."""
+    dropped = m.get("dropped") or {}
+    if not dropped:
+        return ""
+    why = "; ".join(f"{site}: {reason}" for site, reason in sorted(dropped.items()))
+    return f"n used {m.get('n')} of {m.get('n_reported', m.get('n'))} (dropped {why})"
+
+
+def combined_rows(unit: str, step: int, tasks: dict) -> list[MetricRow]:
+    """Rows of metrics combined over sites: kind ``held_out_combined`` (CI: normal approximation
+    from the sites' patient bootstrap; ``note`` the n used and the sites dropped, with why) and,
+    where the sites were resampled, ``held_out_combined_sites`` (the same value, CI of the site
+    bootstrap)."""
+    rows = []
+    for row in metric_rows(unit, step, "held_out_combined", tasks):
+        m = tasks[row.task][row.metric]
+        rows.append(dataclasses.replace(row, note=combined_note(m)))
+        if m.get("site_ci_low") is not None:
+            rows.append(dataclasses.replace(row, kind="held_out_combined_sites", ci_low=m["site_ci_low"],
+                                            ci_high=m["site_ci_high"], note=f"site bootstrap over {m.get('sites')} sites"))
     return rows
 
 
@@ -489,8 +546,8 @@ class RoundRecord:
                                           note="suppressed (< k patients)"))
                 else:
                     rows += metric_rows("round", r, kind, rep["tasks"], site=site)
-        for kind in ("held_out_combined", "pooled"):
-            rows += metric_rows("round", r, kind, ev.get(kind) or {})
+        rows += combined_rows("round", r, ev.get("held_out_combined") or {})
+        rows += metric_rows("round", r, "pooled", ev.get("pooled") or {})
         return rows
 
 

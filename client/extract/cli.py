@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported when the command runs (torch, openslide)
@@ -162,6 +163,8 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
                if not value]
     if missing:
         return f"the following arguments are required: {', '.join(missing)}"
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        return f"--out {args.out}: is a file, not a folder (give a folder to write the bags into)"
     if args.weights is None and not args.random_init:
         return "give --weights FILE (a local file; nothing is downloaded), or --random-init for tests"
     if args.weights is not None and args.random_init:

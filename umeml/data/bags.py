@@ -112,6 +112,24 @@ def read_features(
     return out
 
 
+def count_nonfinite(path: str | Path, chunk_rows: int = 8192) -> tuple[int, int | None]:
+    """(patches whose features hold NaN or Inf, the first such row or None), read ``chunk_rows``
+    rows at a time so a large bag never loads whole."""
+    path = Path(path)
+    bad, first = 0, None
+    try:
+        with h5py.File(path, "r") as f:
+            feats = f["features"]
+            for start in range(0, feats.shape[0], chunk_rows):
+                rows = ~np.isfinite(feats[start:start + chunk_rows]).all(axis=1)
+                if rows.any():
+                    first = int(start + np.argmax(rows)) if first is None else first
+                    bad += int(rows.sum())
+    except (OSError, KeyError, ValueError) as err:
+        raise BagError(f"{path}: cannot read features ({err})") from err
+    return bad, first
+
+
 def read_coords(path: str | Path) -> np.ndarray:
     """Load a bag's patch coordinates (N x 2, level-0 pixels)."""
     with h5py.File(Path(path), "r") as f:

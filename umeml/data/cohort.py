@@ -6,6 +6,8 @@ each naming the file, the row or slide, and the rule; nothing is built from bad 
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,14 +16,17 @@ import numpy as np
 import pandas as pd
 
 from umeml.config import DataConfig
-from umeml.data.bags import BAG_SUFFIX, BagError, bag_path, inspect_bag
+from umeml.data.bags import BAG_SUFFIX, BagError, BagInfo, bag_path, count_nonfinite, inspect_bag
 from umeml.data.genomics import GeneGroups, build_gene_groups, genomic_columns, read_signatures
 from umeml.data.labels import grade_index, subtype_codes
 from umeml.data.sites import load_site_map, resolve_sites
-from umeml.errors import DataValidationError, Problem
+from umeml.errors import DataValidationError, MissingPathError, Problem
+from umeml.rundir import name_problem
 
 REQUIRED_COLUMNS = ("case_id", "slide_id", "survival_months", "censorship", "oncotree_code")
 TABLE_NAMES = ("table.csv", "table.csv.gz", "cohort.csv", "cohort.csv.gz")
+# a feature scan shows a progress bar from this many feature values on (about 130 MB of float16)
+SCAN_PROGRESS_VALUES = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -134,16 +139,24 @@ def find_table(data_dir: Path) -> Path:
     for name in TABLE_NAMES:
         if (data_dir / name).is_file():
             return data_dir / name
-    raise FileNotFoundError(f"{data_dir}: no cohort table found (looked for {', '.join(TABLE_NAMES)})")
+    raise MissingPathError(f"{data_dir}: no cohort table found (looked for {', '.join(TABLE_NAMES)})")
 
 
-def load_data_dir(data_dir: str | Path, cfg: DataConfig | None = None) -> Cohort:
-    """Load a data directory laid out as ``umeml synth`` writes it: table, signatures, bags/."""
+def load_data_dir(data_dir: str | Path, cfg: DataConfig | None = None, scan_features: bool = False) -> Cohort:
+    """Load a data directory laid out as ``umeml synth`` writes it: table, signatures, bags/.
+
+    ``bags/`` must exist when the table lists slides, and ``signatures.csv`` when the table has
+    genomic columns (unless ``data.genomics_mode: flat``); a table used without its slides is
+    named on its own (``--table`` without ``--bags``)."""
     data_dir = Path(data_dir)
     table = find_table(data_dir)
     sig = data_dir / "signatures.csv"
     bags = data_dir / "bags"
-    return load_cohort(table, sig if sig.is_file() else None, bags if bags.is_dir() else None, cfg)
+    builder = _CohortBuilder(table, sig if sig.is_file() else None, bags if bags.is_dir() else None,
+                             cfg or DataConfig(), scan_features)
+    builder.expected_signatures = sig
+    builder.expected_bags = bags
+    return builder.result()
 
 
 def load_cohort(
@@ -151,27 +164,35 @@ def load_cohort(
     signatures_path: str | Path | None = None,
     bag_dir: str | Path | None = None,
     cfg: DataConfig | None = None,
+    scan_features: bool = False,
 ) -> Cohort:
-    """Read and validate a cohort; raise DataValidationError listing every problem found."""
-    cfg = cfg or DataConfig()
-    builder = _CohortBuilder(Path(table_path), signatures_path, bag_dir, cfg)
-    cohort = builder.build()
-    if builder.problems:
-        raise DataValidationError(builder.problems)
-    assert cohort is not None  # internal invariant: no problems means a cohort was built
-    return cohort
+    """Read and validate a cohort; raise DataValidationError listing every problem found.
+
+    ``scan_features`` also reads every bag's features (chunked) to find NaN/Inf values."""
+    return _CohortBuilder(Path(table_path), signatures_path, bag_dir, cfg or DataConfig(), scan_features).result()
 
 
 class _CohortBuilder:
     """Runs every check, collecting problems instead of stopping at the first."""
 
-    def __init__(self, table_path: Path, signatures_path, bag_dir, cfg: DataConfig):
+    def __init__(self, table_path: Path, signatures_path, bag_dir, cfg: DataConfig, scan_features: bool = False):
         self.table_path = table_path
         self.signatures_path = Path(signatures_path) if signatures_path else None
         self.bag_dir = Path(bag_dir) if bag_dir else None
         self.cfg = cfg
+        self.scan_features = scan_features
         self.problems: list[Problem] = []
         self.src = str(table_path)
+        # a data directory's own signatures.csv and bags/, when absent (for the messages)
+        self.expected_signatures: Path | None = None
+        self.expected_bags: Path | None = None
+
+    def result(self) -> Cohort:
+        """The cohort; DataValidationError listing every problem found."""
+        cohort = self.build()
+        if self.problems or cohort is None:
+            raise DataValidationError(self.problems)
+        return cohort
 
     def problem(self, location: str, rule: str, source: str | None = None) -> None:
         self.problems.append(Problem(source or self.src, location, rule))
@@ -185,7 +206,7 @@ class _CohortBuilder:
             try:
                 site_map = load_site_map(self.cfg.site_map)
             except ValueError as err:
-                self.problem("", str(err), source=self.cfg.site_map)
+                self.problem("", str(err).removeprefix(f"{self.cfg.site_map}: "), source=self.cfg.site_map)
         sites, site_problems = resolve_sites(table, self.src, site_map)
         self.problems.extend(site_problems)
         table = table.assign(_site=sites)
@@ -218,12 +239,18 @@ class _CohortBuilder:
                 dtype={"case_id": str, "slide_id": str, "site": str, "oncotree_code": str},
                 keep_default_na=True,
             )
-        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, EOFError) as err:
+        except pd.errors.EmptyDataError:
+            self.problem("", "the file is empty (a table needs a header row and one row per slide)")
+            return None
+        except (OSError, pd.errors.ParserError, UnicodeDecodeError, EOFError) as err:
             self.problem("", f"cannot read the table ({err})")
             return None
         missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
         if missing:
             self.problem("", f"missing required column(s): {', '.join(missing)}")
+            return None
+        if table.empty:
+            self.problem("", "the table has no rows (only its header)")
             return None
         table["slide_id"] = table["slide_id"].fillna("").astype(str).str.strip()
         table["case_id"] = table["case_id"].fillna("").astype(str).str.strip()
@@ -244,7 +271,9 @@ class _CohortBuilder:
                 self.problem(loc, f"survival_months must be >= 0 (got {t})")
             c = cens.iloc[i]
             if pd.isna(c) or c not in (0, 1):
-                self.problem(loc, f"censorship must be 0 or 1 (got {table['censorship'].iloc[i]!r})")
+                self.problem(loc, f"censorship must be 0 or 1 (got {_shown(table['censorship'].iloc[i])})")
+            if row.slide_id and name_problem(row.slide_id):  # <bags>/<slide_id>.h5 must stay inside <bags>
+                self.problem(loc, f"slide_id {row.slide_id!r} {name_problem(row.slide_id)}")
             code = row.oncotree_code
             if pd.isna(code) or code not in known:
                 self.problem(loc, f"oncotree_code {code!r} is not a known subtype ({', '.join(sorted(known))})")
@@ -260,17 +289,30 @@ class _CohortBuilder:
 
     def _gene_groups(self, columns: list[str]) -> GeneGroups:
         signatures = None
+        n_genomic = len(genomic_columns(columns))
+        if self.cfg.genomics_mode == "signatures" and self.signatures_path is None and n_genomic:
+            self._missing_signatures(n_genomic)
+            return GeneGroups((), ())
         if self.cfg.genomics_mode == "signatures" and self.signatures_path is not None:
             try:
                 signatures = read_signatures(self.signatures_path)
             except ValueError as err:
-                self.problem("", str(err), source=str(self.signatures_path))
+                self.problem("", str(err).removeprefix(f"{self.signatures_path}: "), source=str(self.signatures_path))
                 return GeneGroups((), ())
         try:
             return build_gene_groups(columns, self.cfg.genomics_mode, signatures, str(self.signatures_path))
         except ValueError as err:
-            self.problem("", str(err), source=str(self.signatures_path))
+            self.problem("", str(err).removeprefix(f"{self.signatures_path}: "), source=str(self.signatures_path))
             return GeneGroups((), ())
+
+    def _missing_signatures(self, n_genomic: int) -> None:
+        flat = "or set data.genomics_mode: flat to use every genomic column as one group"
+        if self.expected_signatures is not None:
+            self.problem("", f"not found, and the table has {n_genomic} genomic columns to group: add it, {flat}",
+                         source=str(self.expected_signatures))
+        else:
+            self.problem("", f"the table has {n_genomic} genomic columns but no signatures file was given "
+                             f"(--signatures, or signatures: in a site file): give one, {flat}")
 
     def _patients(self, table: pd.DataFrame) -> tuple[list[Patient], dict[str, int]]:
         patients, first_rows = [], {}
@@ -295,60 +337,97 @@ class _CohortBuilder:
             return np.zeros((len(cases), 0), np.float32), np.zeros(len(cases), bool), 0
         cols = genomic_columns(list(table.columns))
         raw = table[cols].apply(pd.to_numeric, errors="coerce")
+        text = self._non_numeric(table, cols, raw)
         for case, rows in table.groupby("case_id"):
             block = raw.loc[rows.index].to_numpy(dtype=float)
             if len(block) > 1 and not np.allclose(block, block[0], equal_nan=True):
                 self.problem(f"case {case}", "conflicting genomic values across its rows")
-        values = raw.loc[[first_rows[c] for c in cases]].to_numpy(dtype=float)
-        all_missing = np.isnan(values).all(axis=1)
-        bad = ~np.isfinite(values) & ~all_missing[:, None]
+        first = [first_rows[c] for c in cases]
+        values = raw.loc[first].to_numpy(dtype=float)
+        is_text = text.loc[first].to_numpy()
+        # a row is "no genomics" only when every cell is empty; text cells are reported, not missing
+        all_missing = (np.isnan(values) & ~is_text).all(axis=1)
+        bad = ~np.isfinite(values) & ~all_missing[:, None] & ~is_text
         imputed = 0
         if bad.any():
             if self.cfg.genomic_nan_policy == "error":
-                for r in np.where(bad.any(axis=1))[0]:
-                    names = [cols[j] for j in np.where(bad[r])[0]]
-                    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-                    self.problem(
-                        f"row {first_rows[cases[r]] + 2}, case {cases[r]}",
-                        f"{len(names)} NaN/Inf genomic value(s) in {shown} "
-                        "(set data.genomic_nan_policy: impute_median to impute)",
-                    )
+                self._report_nonfinite(bad, cols, [first_rows[c] for c in cases], cases)
             else:
                 clean = np.where(np.isfinite(values), values, np.nan)
-                medians = np.nanmedian(clean[~all_missing], axis=0)
+                with warnings.catch_warnings():  # a column without any value: its median is NaN, made 0 below
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    medians = np.nanmedian(clean[~all_missing], axis=0) if (~all_missing).any() else np.zeros(len(cols))
                 medians = np.where(np.isnan(medians), 0.0, medians)
                 values = np.where(bad, medians[None, :], values)
                 imputed = int(bad.sum())
-        frame = pd.DataFrame(np.nan_to_num(values, nan=0.0), columns=cols)
+        frame = pd.DataFrame(np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), columns=cols)
         return groups.gather(frame), ~all_missing, imputed
 
+    def _non_numeric(self, table: pd.DataFrame, cols: list[str], raw: pd.DataFrame) -> pd.DataFrame:
+        """Cells of genomic columns holding text that is no number (reported; never imputed)."""
+        text = pd.DataFrame(False, index=table.index, columns=cols)
+        for col in (c for c in cols if table[c].dtype == object):
+            text[col] = table[col].notna() & raw[col].isna()
+        for i in np.where(text.to_numpy().any(axis=1))[0]:
+            cells = [(c, table[c].iloc[i]) for c in cols if text[c].iloc[i]]
+            shown = ", ".join(f"{c} = {v!r}" for c, v in cells[:3]) + (
+                f" and {len(cells) - 3} more" if len(cells) > 3 else "")
+            self.problem(f"row {i + 2}, case {table['case_id'].iloc[i] or '?'}",
+                         f"non-numeric genomic value(s): {shown} (genomic values must be numbers, or empty when missing)")
+        return text
+
+    def _report_nonfinite(self, bad: np.ndarray, cols: list[str], rows: list[int], cases: list[str]) -> None:
+        for r in np.where(bad.any(axis=1))[0]:
+            names = [cols[j] for j in np.where(bad[r])[0]]
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            self.problem(
+                f"row {rows[r] + 2}, case {cases[r]}",
+                f"{len(names)} NaN/Inf genomic value(s) in {shown} "
+                "(set data.genomic_nan_policy: impute_median to impute)",
+            )
+
     def _check_bags(self, table: pd.DataFrame) -> tuple[int | None, str | None, dict[str, int]]:
+        slides = [s for s in table["slide_id"] if s and not name_problem(s)]  # unsafe ids: reported by rows
         if self.bag_dir is None:
+            if self.expected_bags is not None and slides:
+                self.problem("", f"not found, but the table lists {len(slides)} slides: put their feature bags "
+                             "there, or use the table without pathology by naming its files (--table and "
+                             "--signatures without --bags, or table: and signatures: in a site file)",
+                             source=str(self.expected_bags))
             return None, None, {}
-        if not self.bag_dir.is_dir():
+        if not self.bag_dir.is_dir():  # CohortSource names this as a usage error first; direct callers get it here
             self.problem("", "feature bag directory does not exist", source=str(self.bag_dir))
             return None, None, {}
-        slides = [s for s in table["slide_id"] if s]
-        infos, patches = {}, {}
-        for slide in slides:
-            path = bag_path(self.bag_dir, slide)
-            if not path.is_file():
-                self.problem(f"slide {slide}", "slide has no feature bag (expected this file)", str(path))
-                continue
-            try:
-                info = inspect_bag(path)
-            except BagError as err:
-                self.problem(f"slide {slide}", str(err).split(": ", 1)[-1], str(path))
-                continue
-            if info.n_patches == 0:
-                self.problem(f"slide {slide}", "empty bag: no patches", str(path))
-                continue
-            infos[slide] = info
-            patches[slide] = info.n_patches
+        infos = {slide: info for slide in slides if (info := self._inspect_slide(slide)) is not None}
         known = set(slides)
         for extra in sorted(self.bag_dir.glob(f"*{BAG_SUFFIX}")):
-            if extra.name[: -len(BAG_SUFFIX)] not in known:
+            if extra.name[: -len(BAG_SUFFIX)] not in known and extra.is_file():
                 self.problem(f"slide {extra.stem}", "feature bag has no row in the table", str(extra))
+        feature_dim, encoder = self._check_consistency(infos)
+        if self.scan_features:
+            self._scan(infos)
+        return feature_dim, encoder, {slide: info.n_patches for slide, info in infos.items()}
+
+    def _inspect_slide(self, slide: str) -> BagInfo | None:
+        path = bag_path(self.bag_dir, slide)
+        if path.is_dir():
+            self.problem(f"slide {slide}", "is a directory, not a feature bag file", str(path))
+            return None
+        if not path.is_file():
+            self.problem(f"slide {slide}", "slide has no feature bag (expected this file)", str(path))
+            return None
+        try:
+            info = inspect_bag(path)
+        except BagError as err:
+            self.problem(f"slide {slide}", str(err).split(": ", 1)[-1], str(path))
+            return None
+        if info.n_patches == 0:
+            self.problem(f"slide {slide}", "empty bag: no patches", str(path))
+            return None
+        return info
+
+    def _check_consistency(self, infos: dict[str, BagInfo]) -> tuple[int | None, str | None]:
+        """The cohort's feature dim and encoder (the most common); every bag that differs is a problem."""
         dims = Counter(i.feature_dim for i in infos.values())
         encoders = Counter(i.encoder for i in infos.values())
         feature_dim = dims.most_common(1)[0][0] if dims else None
@@ -364,4 +443,28 @@ class _CohortBuilder:
                 self.problem(
                     f"slide {slide}", f"encoder {info.encoder!r} differs from the cohort's {encoder!r}", str(info.path)
                 )
-        return feature_dim, encoder, patches
+        return feature_dim, encoder
+
+    def _scan(self, infos: dict[str, BagInfo]) -> None:
+        """Read every bag's features (chunked) for NaN/Inf; a progress bar on large cohorts."""
+        from tqdm import tqdm
+
+        total = sum(i.n_patches for i in infos.values())
+        values = sum(i.n_patches * i.feature_dim for i in infos.values())
+        with tqdm(total=total, desc="scanning patch features", unit="patch", unit_scale=True, leave=False,
+                  disable=values < SCAN_PROGRESS_VALUES, file=sys.stderr) as bar:
+            for slide, info in infos.items():
+                try:
+                    bad, first = count_nonfinite(info.path)
+                except BagError as err:
+                    self.problem(f"slide {slide}", str(err).split(": ", 1)[-1], str(info.path))
+                    continue
+                if bad:
+                    self.problem(f"slide {slide}", f"'features' has NaN/Inf values in {bad} of {info.n_patches} "
+                                 f"patches (first at row {first}); re-extract this slide", str(info.path))
+                bar.update(info.n_patches)
+
+
+def _shown(value) -> str:
+    """A cell as the user wrote it: numpy scalars as plain numbers (``2``, not ``np.int64(2)``)."""
+    return repr(value.item() if isinstance(value, np.generic) else value)

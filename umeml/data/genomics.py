@@ -48,7 +48,11 @@ def read_signatures(path: str | Path) -> dict[str, list[str]]:
     path = Path(path)
     try:
         table = pd.read_csv(path, dtype=str)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+    except pd.errors.EmptyDataError as err:
+        raise ValueError(f"{path}: the file is empty (a signatures file has one column per gene group)") from err
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read signatures file ({err.strerror})") from err
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: cannot read signatures file ({err})") from err
     groups = {}
     for name in table.columns:

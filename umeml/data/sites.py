@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from umeml.errors import Problem
+from umeml.rundir import name_problem
 
 TCGA_BARCODE = re.compile(r"^TCGA-([A-Z0-9]{2})-[A-Z0-9]{4}")
 
@@ -31,7 +32,9 @@ def load_site_map(path: str | Path) -> dict[str, str]:
     path = Path(path)
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (OSError, pd.errors.ParserError) as err:
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read site map ({err.strerror})") from err
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: cannot read site map ({err})") from err
     missing = {"code", "institution"} - set(table.columns)
     if missing:
@@ -66,5 +69,7 @@ def resolve_sites(
             )
         elif site_map is not None:
             site = site_map.get(site, site)
+        if site and name_problem(site):  # a site names its folders (sites/<site>/ in a simulation)
+            problems.append(Problem(source, f"row {idx + 2}", f"site {site!r} {name_problem(site)}"))
         sites.append(site)
     return pd.Series(sites, index=table.index, dtype=object), problems

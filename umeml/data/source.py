@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from umeml.errors import ConfigError
+from umeml.errors import ConfigError, MissingPathError
 
 if TYPE_CHECKING:  # umeml.config imports this module: no runtime import back
     from umeml.config import DataConfig
@@ -23,6 +23,9 @@ if TYPE_CHECKING:  # umeml.config imports this module: no runtime import back
 # how each field is spelled on the command line and in a Flower run config (``sim-data-dir``)
 ARG_NAMES = {"data_dir": "--data", "table": "--table", "signatures": "--signatures", "bags": "--bags"}
 _ARG_ATTRS = {"data_dir": "data", "table": "table", "signatures": "signatures", "bags": "bags"}
+# what each path must be, and its name in messages
+_PATH_KINDS = {"data_dir": ("folder", "data directory"), "table": ("file", "cohort table"),
+               "signatures": ("file", "signatures file"), "bags": ("folder", "feature bag folder")}
 _SETTING_KEYS = {"data_dir": "data-dir", "table": "table", "signatures": "signatures", "bags": "bags"}
 
 
@@ -96,20 +99,42 @@ class CohortSource:
         """The same source with absolute paths (for processes started in another folder)."""
         return CohortSource(**{k: None if v is None else str(Path(v).resolve()) for k, v in asdict(self).items()})
 
-    def load(self, data_cfg: "DataConfig | None" = None) -> "Cohort":
-        """Read and validate the cohort with the data settings ``data_cfg`` (the experiment's
-        ``data`` section; defaults when None).
+    def check_paths(self, names: Mapping[str, str] | None = None, data_cfg: "DataConfig | None" = None) -> None:
+        """Every path given exists and is of its kind (and ``data_cfg.site_map``, when set); else
+        one :class:`~umeml.errors.MissingPathError` naming each bad path in the caller's spelling
+        of the field (``names``, default the command-line flags), so all are fixed in one pass."""
+        names = names or ARG_NAMES
+        found = []
+        site_map = getattr(data_cfg, "site_map", None)
+        if site_map is not None and not Path(site_map).is_file():
+            found.append(f"data.site_map {site_map}: site map {'is a directory' if Path(site_map).is_dir() else 'not found'}")
+        for key, (kind, what) in _PATH_KINDS.items():
+            value = getattr(self, key)
+            if value is None:
+                continue
+            path = Path(value)
+            if not path.exists():
+                found.append(f"{names[key]} {value}: {what} not found")
+            elif kind == "folder" and not path.is_dir():
+                found.append(f"{names[key]} {value}: is a file, not a {what}")
+            elif kind == "file" and path.is_dir():
+                found.append(f"{names[key]} {value}: is a directory, not a {what}")
+        if found:
+            raise MissingPathError("; ".join(found))
 
-        Raises FileNotFoundError naming a missing data directory or table, and
+    def load(self, data_cfg: "DataConfig | None" = None, *, scan_features: bool = False,
+             names: Mapping[str, str] | None = None) -> "Cohort":
+        """Read and validate the cohort with the data settings ``data_cfg`` (the experiment's
+        ``data`` section; defaults when None); ``scan_features``: also read every bag's features
+        to find NaN/Inf values (a full pass over the bags, chunked).
+
+        Raises :class:`~umeml.errors.MissingPathError` (also a FileNotFoundError) naming each
+        missing path in the spelling ``names`` (:meth:`check_paths`), and
         :class:`~umeml.errors.DataValidationError` listing every problem of the data itself.
         """
         from umeml.data.cohort import load_cohort, load_data_dir
 
+        self.check_paths(names, data_cfg)
         if self.data_dir is not None:
-            if not Path(self.data_dir).is_dir():
-                what = "is not a directory" if Path(self.data_dir).exists() else "not found"
-                raise FileNotFoundError(f"{self.data_dir}: data directory {what}")
-            return load_data_dir(self.data_dir, data_cfg)
-        if not Path(self.table).is_file():
-            raise FileNotFoundError(f"{self.table}: cohort table not found")
-        return load_cohort(self.table, self.signatures, self.bags, data_cfg)
+            return load_data_dir(self.data_dir, data_cfg, scan_features=scan_features)
+        return load_cohort(self.table, self.signatures, self.bags, data_cfg, scan_features=scan_features)

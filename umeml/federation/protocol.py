@@ -11,6 +11,7 @@ import numpy as np
 
 from umeml.data.labels import edges_from_histogram
 from umeml.errors import FederationError
+from umeml.metrics.bootstrap import site_bootstrap_ci
 from umeml.rundir import has_value
 from umeml.train.experiment import Preprocessing  # defined next to what is built from it; sent every round
 from umeml.train.losses import class_weights_from_counts
@@ -122,40 +123,79 @@ def combine_preprocessing(replies: dict[str, dict], schema: dict, heads: dict[st
                          schema["subtypes"], schema["grades"])
 
 
-def combine_site_metrics(site_metrics: dict[str, dict]) -> dict:
+def combine_site_metrics(site_metrics: dict[str, dict], seed: int = 0, n_boot: int = 1000) -> dict:
     """Combine per-site metrics: mean weighted by n (c-index weighted by comparable pairs).
 
-    The combined CI is a normal approximation from the sites' CIs (each site's standard error
-    taken as its CI width / 3.92), since no per-patient value reaches the server.
-    Sites that reported only a count (below k patients) add to ``n_suppressed``.
+    The combined CI (``ci_low``/``ci_high``) is a normal approximation from the sites' patient
+    bootstrap CIs (each site's standard error taken as its CI width / 3.92), since no per-patient
+    value reaches the server; next to it, ``site_ci_low``/``site_ci_high`` resample the sites
+    (:func:`umeml.metrics.site_bootstrap_ci`, seeded by ``seed``). A site whose metric is
+    undefined (a macro AUC at a site with one class) cannot enter the mean: ``n`` is the patients
+    actually used, ``n_reported`` those of every reporting site, and ``dropped`` names each site
+    left out with the reason it reported. Each task also lists ``missing_classes``: class indices
+    with no patient in the summed confusion matrices of the reporting sites (their AUC is
+    undefined; the macro AUC averages the other classes). Sites that reported only a count
+    (below k patients) add to ``n_suppressed``.
     """
     combined: dict = {}
-    reported = {s: m for s, m in site_metrics.items() if not m.get("suppressed")}
+    reported = {s: m for s, m in sorted(site_metrics.items()) if not m.get("suppressed")}
     n_suppressed = sum(int(m.get("n", 0)) for m in site_metrics.values() if m.get("suppressed"))
     tasks = sorted({t for m in reported.values() for t in m.get("tasks", {})})
     for task in tasks:
-        entries: dict[str, list] = {}
-        for m in reported.values():
-            for name, v in m["tasks"].get(task, {}).items():
-                if has_value(v):
-                    weight = v.get("pairs") if name == "c_index" else v.get("n")
-                    entries.setdefault(name, []).append(
-                        (float(v["value"]), float(weight or 0), v.get("ci_low"), v.get("ci_high"), int(v.get("n", 0))))
         out = {}
-        for name, values in entries.items():
-            w = np.array([x[1] for x in values])
-            if w.sum() <= 0:
-                continue
-            vals = np.array([x[0] for x in values])
-            value = float((w * vals).sum() / w.sum())
-            entry = {"value": value, "n": int(sum(x[4] for x in values)), "sites": len(values)}
-            if len(values) == 1 and values[0][2] is not None:
-                entry["ci_low"], entry["ci_high"] = values[0][2], values[0][3]
-            elif all(x[2] is not None and x[3] is not None for x in values):
-                se = np.array([(x[3] - x[2]) / 3.92 for x in values])
-                se_comb = float(np.sqrt(((w * se) ** 2).sum()) / w.sum())
-                entry["ci_low"], entry["ci_high"] = value - 1.96 * se_comb, value + 1.96 * se_comb
-            out[name] = entry
+        names = sorted({k for m in reported.values() for k, v in m["tasks"].get(task, {}).items() if _scalar(v)})
+        for name in names:
+            entry = _combine_metric(task, name, reported, seed, n_boot)
+            if entry is not None:
+                out[name] = entry
+        missing = _missing_classes(task, reported)
+        if missing is not None:
+            out["missing_classes"] = missing
         combined[task] = out
     combined["n_suppressed"] = n_suppressed
     return combined
+
+
+def _scalar(v) -> bool:
+    return isinstance(v, dict) and "n" in v and not isinstance(v.get("value"), list)
+
+
+def _combine_metric(task: str, name: str, reported: dict[str, dict], seed: int, n_boot: int) -> dict | None:
+    """One metric combined over the sites that have a value (see :func:`combine_site_metrics`)."""
+    used, dropped, n_reported = [], {}, 0
+    for site, m in reported.items():
+        v = m["tasks"].get(task, {}).get(name)
+        if not _scalar(v):
+            continue
+        n_reported += int(v.get("n", 0))
+        weight = float((v.get("pairs") if name == "c_index" else v.get("n")) or 0)
+        if not has_value(v) or weight <= 0:
+            dropped[site] = str(v.get("error") or ("no comparable pair" if has_value(v) else "no value"))
+            continue
+        used.append((float(v["value"]), weight, v.get("ci_low"), v.get("ci_high"), int(v.get("n", 0))))
+    if not used:
+        return None
+    w = np.array([x[1] for x in used])
+    vals = np.array([x[0] for x in used])
+    value = float((w * vals).sum() / w.sum())
+    entry = {"value": value, "n": int(sum(x[4] for x in used)), "n_reported": n_reported, "sites": len(used),
+             "dropped": dropped, "ci_low": None, "ci_high": None}
+    if len(used) == 1 and used[0][2] is not None:
+        entry["ci_low"], entry["ci_high"] = used[0][2], used[0][3]
+    elif all(x[2] is not None and x[3] is not None for x in used):
+        se = np.array([(x[3] - x[2]) / 3.92 for x in used])
+        se_comb = float(np.sqrt(((w * se) ** 2).sum()) / w.sum())
+        entry["ci_low"], entry["ci_high"] = value - 1.96 * se_comb, value + 1.96 * se_comb
+    entry.update(site_bootstrap_ci(vals, w, n_boot=n_boot, seed=seed))
+    return entry
+
+
+def _missing_classes(task: str, reported: dict[str, dict]) -> list[int] | None:
+    """Class indices no reporting site has a patient of (None without confusion matrices)."""
+    mats = [np.asarray(m["tasks"][task]["confusion_matrix"]["value"]) for m in reported.values()
+            if isinstance(m["tasks"].get(task, {}).get("confusion_matrix"), dict)]
+    if not mats:
+        return None
+    rows = np.sum(mats, axis=0).sum(axis=1)
+    return [int(i) for i in np.flatnonzero(rows == 0)]
+

@@ -94,7 +94,7 @@ def validation_score(validation: dict[str, dict], k_min: int) -> dict | None:
     n = sum(int(r.get("n", 0)) for r in reported.values())
     if not reported or n < k_min:
         return None
-    combined = combine_site_metrics(reported)
+    combined = combine_site_metrics(reported, n_boot=0)  # the value only: no site bootstrap per round
     combined.pop("n_suppressed", None)
     loss = float(sum(float(r.get("loss", 0.0)) * int(r["n"]) for r in reported.values()) / n)
     return {"score": selection_score(combined, loss), "n": n, "sites": len(reported), "loss": loss}

@@ -1,6 +1,6 @@
 """Metrics with bootstrap confidence intervals; every result carries its n (design section 6)."""
 
-from umeml.metrics.bootstrap import bootstrap_ci, metric_entry, resample_indices
+from umeml.metrics.bootstrap import bootstrap_ci, metric_entry, resample_indices, site_bootstrap_ci
 from umeml.metrics.classification import (
     accuracy,
     auc_macro_ovr,
@@ -31,5 +31,6 @@ __all__ = [
     "confusion_matrix",
     "metric_entry",
     "resample_indices",
+    "site_bootstrap_ci",
     "survival_metrics",
 ]

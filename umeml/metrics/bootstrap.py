@@ -1,4 +1,5 @@
-"""Percentile bootstrap confidence intervals over patients, seeded and reproducible.
+"""Percentile bootstrap confidence intervals over patients (and, for metrics combined over sites,
+over sites), seeded and reproducible.
 
 A resample on which the statistic is undefined (one class only, no comparable pair, ...) is
 skipped, not counted as a failure of the whole metric; the result says how many resamples were
@@ -12,7 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["bootstrap_ci", "metric_entry", "resample_indices"]
+__all__ = ["bootstrap_ci", "metric_entry", "resample_indices", "site_bootstrap_ci"]
 
 
 def resample_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
@@ -81,3 +82,36 @@ def bootstrap_ci(
         lo, hi = np.percentile(samples, [tail, 100.0 - tail])
         entry["ci_low"], entry["ci_high"] = float(lo), float(hi)
     return entry
+
+
+def site_bootstrap_ci(values: Sequence[float], weights: Sequence[float], n_boot: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> dict:
+    """Percentile CI of a weighted mean of per-site values when the **sites** are resampled.
+
+    The patient bootstrap asks how the metric would move with other patients of the same
+    hospitals; this one asks how it would move with other hospitals, the question a federation
+    that generalises to new sites has to answer. Each resample draws as many sites as given, with
+    replacement, and takes the mean of their values weighted by ``weights`` (patients, or the
+    c-index's comparable pairs), as the combined value is. With fewer than two sites there is
+    nothing to resample: the bounds are None and ``site_note`` says why.
+
+    Returns ``{"site_ci_low", "site_ci_high", "site_n_boot", "site_n_boot_used", "site_note"?}``.
+    """
+    values, weights = np.asarray(values, dtype=float), np.asarray(weights, dtype=float)
+    if values.shape != weights.shape:
+        raise ValueError("site_bootstrap_ci: values and weights must have the same length")
+    out: dict = {"site_ci_low": None, "site_ci_high": None, "site_n_boot": int(n_boot), "site_n_boot_used": 0}
+    if len(values) < 2:
+        out["site_note"] = f"{len(values)} site(s): resampling sites needs at least 2"
+        return out
+    idx = resample_indices(len(values), n_boot, seed)
+    w = weights[idx]
+    total = w.sum(axis=1)
+    ok = total > 0  # a resample of only zero-weight sites has no mean
+    means = (w * values[idx]).sum(axis=1)[ok] / total[ok]
+    out["site_n_boot_used"] = int(ok.sum())
+    if ok.any():
+        tail = 100.0 * (1.0 - level) / 2.0
+        lo, hi = np.percentile(means, [tail, 100.0 - tail])
+        out["site_ci_low"], out["site_ci_high"] = float(lo), float(hi)
+    return out

@@ -39,6 +39,7 @@ from umeml.rundir import (
     RunDir,
     RunDirError,
     atomic_write_text,
+    combined_note,
     format_metric,
     has_value,
     metric_entry,
@@ -99,10 +100,17 @@ class ReportBuilder:
         self.plots = self.files.plots
         self.sections: list[Section] = []
         self.notes: list[str] = []
+        self.titles: dict[str, list[list[float]]] = {}  # image -> [x0, x1, y0, y1] of each title, PNG pixels
 
     def save(self, fig, name: str) -> str:
-        """Save ``fig`` as ``plots/<name>.png``; returns the file name."""
+        """Save ``fig`` as ``plots/<name>.png``; returns the file name. The titles' pixel extents
+        are kept for the page (``data-title-px`` on the image, checked by the browser test) and a
+        title cut off by the figure's edge is logged."""
         self.plots.mkdir(parents=True, exist_ok=True)
+        extents = figures.title_extents(fig)
+        self.titles[f"{name}.png"] = [[round(t[k], 1) for k in ("x0", "x1", "y0", "y1")] for t in extents]
+        for text in figures.clipped_titles(fig):
+            log.warning("%s: the title %r is wider than the figure and is cut off", name, text)
         fig.savefig(self.plots / f"{name}.png")
         return f"{name}.png"
 
@@ -115,7 +123,9 @@ class ReportBuilder:
             parts.append(f"<section id='s{i}'><h2>{html.escape(s.title)}</h2>{s.body}<div class='figs'>")
             for name, caption in s.figures:
                 data = base64.b64encode((self.plots / name).read_bytes()).decode("ascii")
-                parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+                title_px = html.escape(json.dumps(self.titles.get(name, [])))
+                parts.append(f"<figure><img alt='{html.escape(caption)}' data-title-px='{title_px}' "
+                             f"src='data:image/png;base64,{data}'>"
                              f"<figcaption>{html.escape(caption)} <code>{PLOTS_DIR}/{html.escape(name)}</code>"
                              "</figcaption></figure>")
             parts.append("</div></section>")
@@ -175,10 +185,12 @@ def _metrics_table(named: dict[str, dict], n: dict[str, int]) -> str:
 
 
 def _forest_section(builder: ReportBuilder, per_site: dict[str, tuple[dict, int]], summaries: dict[str, tuple[dict, int]],
-                    what: str) -> Section | None:
+                    what: str, federated: bool = True) -> Section | None:
+    # the privacy threshold k applies to what sites report to a coordinator, not to a centralized run
+    k_rule = " Sites below the privacy threshold k report only their count and are absent." if federated else ""
     sec = Section("Per-site metrics (forest plot)",
                   f"<p>{html.escape(what)} Each marker is a site's metric with its 95% bootstrap CI; diamonds "
-                  "are the summaries. Sites below the privacy threshold k report only their count and are absent.</p>")
+                  f"are the summaries.{k_rule}</p>")
     for task, metric in PRIMARY_METRICS:
         rows = []
         for label, (tasks, n) in list(per_site.items()) + list(summaries.items()):
@@ -192,9 +204,12 @@ def _forest_section(builder: ReportBuilder, per_site: dict[str, tuple[dict, int]
     return sec if sec.figures else None
 
 
-def _prediction_sections(builder: ReportBuilder, preds: HeldOutPredictions, opts: Options, who: str) -> list[Section]:
+def _prediction_sections(builder: ReportBuilder, preds: HeldOutPredictions, opts: Options, who: str,
+                         short: str) -> list[Section]:
+    """ROC, confusion and Kaplan-Meier sections of the patients ``who`` describes (``short``: the
+    same in a few words, for the figures' titles)."""
     out = []
-    roc = Section("ROC curves", f"<p>One-vs-rest ROC per class on {html.escape(who)} (n={len(preds)}).</p>")
+    roc = Section("ROC curves", f"<p>One-vs-rest ROC per class, n={len(preds)}: {html.escape(who)}.</p>")
     conf = Section("Confusion matrices", f"<p>Arg-max predictions on {html.escape(who)}.</p>")
     from umeml.metrics.classification import confusion_matrix
 
@@ -203,13 +218,13 @@ def _prediction_sections(builder: ReportBuilder, preds: HeldOutPredictions, opts
         roc.figures.append((builder.save(figures.roc_curves(task, probs, preds.labels[task], classes), f"roc_{task}"),
                             f"{figures.TASK_LABELS.get(task, task)}: ROC per class, AUC and positives in the legend."))
         cm = confusion_matrix(preds.labels[task], probs.argmax(axis=1), len(classes))
-        conf.figures.append((builder.save(figures.confusion_matrix(task, cm, classes, who), f"confusion_{task}"),
+        conf.figures.append((builder.save(figures.confusion_matrix(task, cm, classes, short), f"confusion_{task}"),
                              f"{figures.TASK_LABELS.get(task, task)}: confusion matrix."))
     out += [s for s in (roc, conf) if s.figures]
     if preds.risk is not None and len(preds) >= 2:
         fig, test = figures.kaplan_meier(preds.months, preds.censored, preds.risk, opts.risk_groups)
         p = "not computable" if test.get("p_value") is None else f"{test['p_value']:.3g}"
-        body = (f"<p>Held-out patients ({html.escape(who)}) split at the {html.escape(opts.risk_groups)} of their own "
+        body = (f"<p>Patients: {html.escape(who)}, split at the {html.escape(opts.risk_groups)} of their own "
                 f"predicted risk (risk = minus the sum of the predicted survival curve). Log-rank test p = {p}"
                 + (f" (chi-square {test['statistic']:.2f}, {test['df']} df)" if test.get("statistic") is not None else "")
                 + ". Shaded bands: 95% CIs of the Kaplan-Meier estimates; ticks: censored patients.</p>")
@@ -237,10 +252,7 @@ def _privacy_section(builder: ReportBuilder, ledger: dict) -> Section:
     for e in (final.get("local") or {}).values():
         if isinstance(e.get("target_epsilon"), (int, float)):
             targets.setdefault(f"{e['target_epsilon']:g}", e["target_epsilon"])
-    releases = "".join(
-        f"<li>{html.escape(str(r.get('kind', 'release')))}: epsilon {r.get('epsilon')}, delta {r.get('delta')}"
-        + (f" ({html.escape(str(r['mechanism']))})" if r.get("mechanism") else "") + "</li>"
-        for r in ledger.get("releases", []))
+    releases, notes = _releases_and_notes(ledger)
     stopped = ledger.get("stopped") or final.get("stopped")
     body = ("<p>Cumulative epsilon per site from each site's own accountant (local DP-SGD, per patient) and, "
             "for central DP, of the aggregate (per site). Values are read from <code>privacy.json</code>.</p>"
@@ -249,12 +261,28 @@ def _privacy_section(builder: ReportBuilder, ledger: dict) -> Section:
                else "<p>No DP-SGD training entries (neither local nor central DP was on).</p>")
             + (f"<p>One-off releases:</p><ul>{releases}</ul>" if releases else "")
             + (f"<p class='bad'>Training stopped: {html.escape(json.dumps(stopped))}</p>" if stopped else "")
-            + "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in ledger.get("notes", [])) + "</ul>")
+            + (f"<p>About the ledger:</p><ul>{notes}</ul>" if notes else ""))
     sec = Section("Privacy ledger", body)
     if entries:
         sec.figures.append((builder.save(figures.privacy_epsilon(entries, {f"{v:g}": v for v in targets.values()}),
                                          "privacy_epsilon"), "Cumulative epsilon by round."))
     return sec
+
+
+def _releases_and_notes(ledger: dict) -> tuple[str, str]:
+    """HTML items of the one-off releases and of the ledger's notes. A note that explains a kind of
+    release (``survival_histogram: ...``) goes with that release: listed right under "One-off
+    releases" as a second item, it read as the same release listed twice."""
+    notes = [str(n) for n in ledger.get("notes", [])]
+    items = []
+    for r in ledger.get("releases", []):
+        kind = str(r.get("kind", "release"))
+        about = [n[len(kind) + 1:].strip() for n in notes if n.startswith(f"{kind}:")]
+        notes = [n for n in notes if not n.startswith(f"{kind}:")]
+        items.append(f"<li>{html.escape(kind)}: epsilon {r.get('epsilon')}, delta {r.get('delta')}"
+                     + (f" ({html.escape(str(r['mechanism']))})" if r.get("mechanism") else "")
+                     + "".join(f". {html.escape(a[:1].upper() + a[1:])}" for a in about) + "</li>")
+    return "".join(items), "".join(f"<li>{html.escape(n)}</li>" for n in notes)
 
 
 def _read_metrics(run_dir: Path) -> list[MetricRow]:
@@ -297,6 +325,9 @@ def _federated(builder: ReportBuilder, final: FederatedFinal, opts: Options) -> 
     if final.held_out_combined:
         total = sum(c or 0 for c in n.values())
         summaries["combined over sites"] = (final.held_out_combined, total)
+        by_sites = _site_bootstrap_view(final.held_out_combined)
+        if by_sites:
+            summaries["combined, CI resampling sites"] = (by_sites, total)
     if final.pooled:
         summaries["pooled (simulation)"] = (final.pooled, sum(c or 0 for c in n.values()))
     named.update({k: v for k, (v, _) in summaries.items()})
@@ -308,6 +339,7 @@ def _federated(builder: ReportBuilder, final: FederatedFinal, opts: Options) -> 
             + _metrics_table(named, n))
     if suppressed:
         body += f"<p>Suppressed (fewer than k patients, count only): {html.escape(', '.join(suppressed))}.</p>"
+    body += _combined_notes(builder, final.held_out_combined or {})
     spr = final.seconds_per_round or []
     if spr:
         body += f"<p>Seconds per round: mean {np.mean(spr):.1f} (min {min(spr):.1f}, max {max(spr):.1f}).</p>"
@@ -325,13 +357,42 @@ def _federated(builder: ReportBuilder, final: FederatedFinal, opts: Options) -> 
     preds_path = builder.files.predictions
     if preds_path.is_file():
         builder.sections += _prediction_sections(builder, load_predictions(preds_path), opts,
-                                                 "all held-out patients pooled (simulation)")
+                                                 "all held-out patients, pooled over the held-out sites (a simulation "
+                                                 "keeps their predictions)", "held-out patients pooled")
     else:
         builder.notes.append("No ROC or Kaplan-Meier curves: they need per-patient predictions, which never leave a "
                              "site in a deployment (only a simulation or centralized run keeps predictions.npz).")
         conf = _summed_confusions(builder, held)
         if conf:
             builder.sections.append(conf)
+
+
+def _site_bootstrap_view(combined: dict) -> dict:
+    """The combined metrics with the site bootstrap's CI in place of the normal approximation's."""
+    out: dict = {}
+    for task, metrics in combined.items():
+        for name, m in (metrics.items() if isinstance(metrics, dict) else ()):
+            if has_value(m) and m.get("site_ci_low") is not None:
+                out.setdefault(task, {})[name] = {"value": m["value"], "ci_low": m["site_ci_low"],
+                                                  "ci_high": m["site_ci_high"], "n": m.get("n")}
+    return out
+
+
+def _combined_notes(builder: ReportBuilder, combined: dict) -> str:
+    """What the combined metrics used: n and dropped sites per metric, classes no site has."""
+    from umeml.metrics.coverage import missing_class_messages
+
+    items = []
+    for task, metrics in combined.items():
+        for name, m in (metrics.items() if isinstance(metrics, dict) else ()):
+            if has_value(m) and combined_note(m):
+                items.append(f"combined {task} {name}: {combined_note(m)}")
+    items += missing_class_messages(combined, _config_classes(builder.run_dir), "the held-out sites reporting metrics")
+    text = ("<p>Combined over sites: the patient-based CI is a normal approximation from the sites' own bootstrap "
+            "CIs; " + ("the row <i>combined, CI resampling sites</i> resamples the sites instead (how the metric would "
+                       "move with other hospitals; coarse with few sites).</p>" if _site_bootstrap_view(combined) else
+                       "a site bootstrap (resampling sites) needs at least two held-out sites reporting.</p>"))
+    return text + ("<ul>" + "".join(f"<li class='bad'>{html.escape(i)}</li>" for i in items) + "</ul>" if items else "")
 
 
 def _summed_confusions(builder: ReportBuilder, held: dict) -> Section | None:
@@ -377,10 +438,10 @@ def _centralized(builder: ReportBuilder, final: CentralizedFinal, opts: Options)
         preds = load_predictions(preds_path)
         forest = _forest_section(builder, _site_metrics(preds, final),
                                  {"all test sites": (final.test, final.n_test)},
-                                 "Test sites of the centralized run.")
+                                 "Test sites of the centralized run.", federated=False)
         if forest:
             builder.sections.append(forest)
-        builder.sections += _prediction_sections(builder, preds, opts, "the test sites")
+        builder.sections += _prediction_sections(builder, preds, opts, "the patients of the test sites", "test sites")
     else:
         builder.notes.append(f"{PREDICTIONS_FILE} is absent: no ROC, confusion or Kaplan-Meier plots.")
 

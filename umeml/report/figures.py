@@ -27,6 +27,37 @@ def metric_label(task: str, metric: str) -> str:
     return f"{TASK_LABELS.get(task, task)}: {METRIC_LABELS.get(metric, metric)}"
 
 
+def title_extents(fig: Figure) -> list[dict]:
+    """Where every title of ``fig`` lands in its saved PNG, in pixels from the left and from the
+    top: ``[{"text", "x0", "x1", "y0", "y1"}]`` (the axes' titles: the report's figures use
+    no other title).
+
+    Drawn once with the Agg renderer at the figure's own dpi, as ``savefig`` draws it (the report
+    saves at that dpi, without ``bbox_inches``), so the constrained layout is the saved one.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    height = fig.bbox.height
+    out = []
+    for t in (ax.title for ax in fig.axes if ax.get_visible()):
+        if not t.get_text() or not t.get_visible():
+            continue
+        box = t.get_window_extent(renderer)
+        out.append({"text": t.get_text(), "x0": float(box.x0), "x1": float(box.x1),
+                    "y0": float(height - box.y1), "y1": float(height - box.y0)})
+    return out
+
+
+def clipped_titles(fig: Figure, tolerance: float = 0.5) -> list[str]:
+    """Titles of ``fig`` that stick out of the figure (and so are cut off in the PNG)."""
+    w, h = fig.bbox.width, fig.bbox.height
+    return [t["text"] for t in title_extents(fig)
+            if t["x0"] < -tolerance or t["x1"] > w + tolerance or t["y0"] < -tolerance or t["y1"] > h + tolerance]
+
+
 def _figure(width: float = 7.0, height: float = 4.0) -> Figure:
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
@@ -110,8 +141,9 @@ def confusion_matrix(task: str, matrix: np.ndarray, classes: list[str], source: 
                     color="white" if share[i, j] > 0.6 else "black", fontsize=9)
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), [f"{c} (n={int(matrix[i].sum())})" for i, c in enumerate(classes)])
-    ax.set(xlabel="predicted class", ylabel="true class",
-           title=f"{TASK_LABELS.get(task, task)}: confusion matrix (n={int(matrix.sum())}, {source})")
+    ax.set(xlabel="predicted class", ylabel="true class")
+    # two short lines: one line with the source was wider than the figure and cut off in the PNG
+    ax.set_title(f"{TASK_LABELS.get(task, task)}: confusion matrix\nn={int(matrix.sum())}, {source}", fontsize="medium")
     fig.colorbar(im, ax=ax, label="share of the true class")
     return fig
 
@@ -163,8 +195,9 @@ def kaplan_meier(months: np.ndarray, censored: np.ndarray, risk: np.ndarray, sch
     else:
         summary["p_value"] = None
         title_p = "log-rank test not computable (one group or no deaths)"
-    ax.set(xlabel="follow-up time (months)", ylabel="survival probability", ylim=(0, 1.02),
-           title=f"Kaplan-Meier by predicted risk ({scheme}), n={len(months)}; {title_p}")
+    ax.set(xlabel="follow-up time (months)", ylabel="survival probability", ylim=(0, 1.02))
+    # the test's line on its own: "not computable (...)" on one line was wider than the figure
+    ax.set_title(f"Kaplan-Meier by predicted risk ({scheme}), n={len(months)}\n{title_p}", fontsize="medium")
     ax.legend(fontsize=7, loc="lower left")
     return fig, summary
 
@@ -174,7 +207,9 @@ def forest_plot(rows: list[dict], title: str) -> Figure:
 
     ``kind`` 'site' is drawn as a square, 'summary' (combined, pooled) as a diamond.
     """
-    fig = _figure(6.4, 1.2 + 0.38 * max(len(rows), 1))
+    longest = max((len(f"{r['label']} (n={r['n']})") for r in rows), default=0)
+    # long row labels push the axes (and the title centred over them) to the right: widen the figure
+    fig = _figure(max(6.4, 4.4 + 0.075 * longest), 1.2 + 0.38 * max(len(rows), 1))
     ax = fig.subplots()
     for y, row in enumerate(reversed(rows)):
         v, lo, hi = row["value"], row.get("low"), row.get("high")

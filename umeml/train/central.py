@@ -16,6 +16,7 @@ from umeml.config import ExperimentConfig, dump_config
 from umeml.data.cohort import Cohort
 from umeml.data.dataset import CohortDataset, make_loader
 from umeml.data.splits import Split, make_split
+from umeml.metrics.coverage import cohort_missing_classes, missing_class_message
 from umeml.model import save_checkpoint
 from umeml.rundir import CentralizedFinal, EpochRecord, RunDir, atomic_write_text, write_final, write_metrics
 from umeml.train.evaluate import evaluate_predictions, selection_score
@@ -72,6 +73,8 @@ def train_central(cfg: ExperimentConfig, cohort: Cohort, out_dir: str | Path, sp
                                 cfg.federation.train_sites)
     if "pathology" in cfg.model.modalities and cohort.bag_dir is None:
         log.warning("no feature bags: pathology is missing for every patient (the model uses its missing-modality token)")
+    for task, missing in cohort_missing_classes(cohort, split.test, cfg.tasks).items():
+        log.warning("%s", missing_class_message("the test sites " + ", ".join(split.test_sites), task, missing))
     atomic_write_text(out.config, dump_config(cfg))
     device = resolve_device(cfg.train.device)
     prep = prepare(cfg, cohort, split.train)
