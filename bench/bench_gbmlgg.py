@@ -40,10 +40,26 @@ from bench._harness import PRIMARY, REPO, metric_entry, stamp, write_section
 from bench._harness import TCGA as DATA
 
 CONFIG = REPO / "configs" / "gbmlgg_folds.yaml"
+BEST_CONFIG = REPO / "configs" / "gbmlgg_federated.yaml"  # issue 13's federated settings
+OLD_CONFIG = REPO / "configs" / "gbmlgg_folds_sgd.yaml"  # the recommended setting before issue 13
 EXTRA = (("grade", "balanced_accuracy"), ("subtype", "balanced_accuracy"))
 METRICS = PRIMARY + EXTRA
-METHODS = ("classical", "snn central", "umeml central", "umeml fedavg", "umeml fedprox", "umeml local-only")
+# "umeml federated (old)" runs --old-config, "umeml federated" --best-config, both as they are
+# (model, train and federation sections; the fold's site map and training institutions)
+FEDERATED = {"umeml federated": "best_cfg", "umeml federated (old)": "old_cfg"}  # run in this order
+METHODS = ("classical", "snn central", "umeml central", "umeml fedavg", "umeml fedprox", "umeml federated (old)",
+           "umeml federated", "umeml local-only")
 SECTION = "## TCGA GBM-LGG, site-disjoint 5-fold"
+FEDOPT_SECTION = "## TCGA GBM-LGG, site-disjoint 5-fold, federated optimisation (issue 13)"
+TUNING_SECTION = "## TCGA GBM-LGG, federated tuning pass on training sites only (issue 13)"
+# the tuning pass's candidates: overrides of --best-config (all other keys as in that file)
+CANDIDATES = {
+    "fedavg, cosine": {"federation": {"strategy": "fedavg"}},
+    "fedavgm 0.5, cosine": {},
+    "fedavgm 0.5, cosine, optimizer kept at site": {"federation": {"optimizer_state": "site"}},
+    "fedadam eta 0.01 tau 1e-3, cosine": {"federation": {"strategy": "fedadam", "server_lr": 0.01,
+                                                         "server_tau": 0.001}},
+}
 
 
 def label(task: str, key: str) -> str:
@@ -210,6 +226,9 @@ def run_fold(k: int, fold_sites: list[str], base_cfg, base_cohort, args, out: Pa
     for strategy in ("fedavg", "fedprox"):
         if f"umeml {strategy}" in methods:
             _federated(fold, strategy, args)
+    for method, attr in FEDERATED.items():
+        if method in methods:
+            _federated_with(fold, method, getattr(args, attr), args)
     for name in ("snn", "umeml"):
         if f"{name} central" in methods:
             t0 = time.perf_counter()
@@ -222,6 +241,46 @@ def run_fold(k: int, fold_sites: list[str], base_cfg, base_cohort, args, out: Pa
         _done(fold, "umeml local-only", final["test"], t0)
     (fold.dir / "fold.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def fold_config(fold: Fold, other):
+    """``other``'s model, train and federation sections on ``fold``: the fold's data section
+    (its site map) and its training institutions."""
+    return dataclasses.replace(other, data=fold.cfg.data, federation=dataclasses.replace(
+        other.federation, train_sites=tuple(fold.institutions)))
+
+
+def _federated_with(fold: Fold, method: str, other, args) -> dict:
+    """UMEML federated with the config ``other`` on ``fold`` (held-out metrics of the round its
+    selection rule picked); records the selection, the last round's metrics and the
+    personalisation wave's summary; returns final.json's content."""
+    from umeml.data.source import CohortSource
+    from umeml.simulation import simulate
+
+    t0 = time.perf_counter()
+    run_dir = fold.dir / ("fed-" + "".join(c if c.isalnum() else "-" for c in method))
+    final = simulate(fold_config(fold, other), fold.cohort,
+                     CohortSource(table=str(args.table), signatures=str(args.signatures)), run_dir,
+                     held_out=fold.split.test_sites)
+    _done(fold, method, final["pooled"], t0)
+    history = _history(run_dir)
+    last = history[-1]["evaluation"].get("pooled") if history else None
+    fold.record.setdefault("federated", {})[method] = {
+        "rounds": final.get("rounds"),
+        "selection": {k: v for k, v in (final.get("selection") or {}).items() if k != "evaluation"},
+        "last_round": metrics_of(last) if last else None,
+        "personalisation": personal_summary(final.get("personalisation"))}
+    return final
+
+
+def personal_summary(p: dict | None) -> dict | None:
+    """The personalisation wave in a fold's record: sites, validation patients, global and
+    personalised combined primary metrics."""
+    if not p or "global_combined" not in p:
+        return None
+    return {"n_sites": p["n_sites"], "n_validation": p["n_validation"], "epochs": p["epochs"],
+            **{part: {label(t, k): (metric_entry(p[f"{part}_combined"], t, k) or {}).get("value") for t, k in PRIMARY}
+               for part in ("global", "personalised")}}
 
 
 def _history(run_dir: Path) -> list[dict]:
@@ -285,6 +344,102 @@ def tables(folds: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _mean_table(folds: list[dict], methods: list[str]) -> list[str]:
+    names = [label(t, k) for t, k in METRICS]
+    lines = ["| method | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    return lines + [f"| {m} | " + " | ".join(_ms(_values(folds, m, n)) for n in names) + " |" for m in methods]
+
+
+def _paired(folds: list[dict], a: str, b: str, name: str) -> np.ndarray:
+    """Per-fold ``a - b`` of one metric over the folds where both have it."""
+    both = [f for f in folds if f["results"].get(a, {}).get(name) and f["results"].get(b, {}).get(name)]
+    return np.array([f["results"][a][name]["value"] - f["results"][b][name]["value"] for f in both])
+
+
+def _goal(folds: list[dict], method: str, reference: str, threshold: float) -> str:
+    parts = []
+    for t, k in PRIMARY:
+        d = _paired(folds, method, reference, label(t, k))
+        if len(d):
+            parts.append(f"{label(t, k)} {d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0:.3f} "
+                         f"({'met' if d.mean() >= threshold else 'not met'})")
+    return f"- {method} minus {reference} (goal >= {threshold:+.2f}): " + "; ".join(parts)
+
+
+def _fold_rows(folds: list[dict], methods: list[str]) -> list[str]:
+    """Per fold: held-out sites, each method's three primary metrics, the selected round."""
+    lines = ["| fold | held-out TSS sites | n test (deaths) | " + " | ".join(f"{m}: grade / subtype / c-index"
+                                                                       for m in methods)
+             + " | selected round (last) | validation patients for selection (sites) |",
+             "| --- | --- | --- |" + " --- |" * len(methods) + " --- | --- |"]
+    for f in folds:
+        cells = [" / ".join(f"{r[label(t, k)]['value']:.2f}" if (r := f["results"].get(m)) and r.get(label(t, k))
+                            else "-" for t, k in PRIMARY) for m in methods]
+        sel = f.get("federated", {}).get("umeml federated", {}).get("selection", {})
+        lines.append(f"| {f['fold']} | {', '.join(f['test_sites'])} | {f['n_test']} ({f['test_events']}) | "
+                     + " | ".join(cells) + f" | {sel.get('round', '-')} ({sel.get('last_round', '-')}) | "
+                     f"{sel.get('n_validation', '-')} ({sel.get('sites', '-')}) |")
+    return lines
+
+
+def _personal_rows(folds: list[dict]) -> list[str]:
+    """Global vs personalised (heads fine-tuned at the site) on the training sites' own validation."""
+    names = [label(t, k) for t, k in PRIMARY]
+    lines = ["| fold | sites reporting (validation patients) | " + " | ".join(f"{n}: global -> personalised"
+                                                                          for n in names) + " |",
+             "| --- | --- |" + " --- |" * len(names)]
+    for f in folds:
+        p = f.get("federated", {}).get("umeml federated", {}).get("personalisation")
+        if not p:
+            continue
+        cells = [f"{p['global'][n]:.3f} -> {p['personalised'][n]:.3f}" if p["global"].get(n) is not None
+                 and p["personalised"].get(n) is not None else "-" for n in names]
+        lines.append(f"| {f['fold']} | {p['n_sites']} ({p['n_validation']}) | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _personal_goal(folds: list[dict]) -> str:
+    parts = []
+    for t, k in PRIMARY:
+        n = label(t, k)
+        d = np.array([p["personalised"][n] - p["global"][n] for f in folds
+                      if (p := f.get("federated", {}).get("umeml federated", {}).get("personalisation"))
+                      and p["global"].get(n) is not None and p["personalised"].get(n) is not None])
+        if len(d):
+            parts.append(f"{n} {d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0:.3f} "
+                         f"({'met' if d.mean() >= 0 else 'not met'})")
+    return "- personalised minus global on the training sites' own validation (goal >= 0): " + "; ".join(parts)
+
+
+def fedopt_tables(folds: list[dict], seconds: dict) -> str:
+    """The federated-optimisation section's tables: mean ± sd, per fold (with the selected
+    round), personalisation, and the issue's goals (wall time included)."""
+    methods = [m for m in METHODS if any(m in f["results"] for f in folds)]
+    per_fold = [m for m in ("umeml central", "umeml federated (old)", "umeml federated", "classical") if m in methods]
+    last = "umeml federated, last round (diagnostic)"
+    shown = [{**f, "results": {**f["results"], last: lr}} if (lr := f.get("federated", {}).get("umeml federated", {})
+                                                                .get("last_round")) else f for f in folds]
+    lines = _mean_table(shown, methods + ([last] if any(last in f["results"] for f in shown) else []))
+    lines += [""] + _fold_rows(folds, per_fold)
+    personal = _personal_rows(folds)
+    if len(personal) > 2:
+        lines += ["", "Personalisation wave of `umeml federated` (combined over the training sites whose validation "
+                  "split has >= k patients; n-weighted, c-index by comparable pairs):", ""] + personal
+    checks = [_goal(folds, "umeml federated", "umeml central", -0.02), _goal(folds, "umeml federated", "classical", 0.0),
+              _goal(folds, "umeml federated (old)", "umeml central", -0.02)]
+    checks = [c for c, need in zip(checks, (("umeml central",), ("classical",), ("umeml central", "umeml federated (old)")))
+              if all(m in methods for m in need) and "umeml federated" in methods]
+    if len(personal) > 2:
+        checks.append(_personal_goal(folds))
+    wall = seconds.get("umeml federated", 0.0)
+    if wall and len(folds) == 5:
+        checks.append(f"- wall time of the 5 federated runs (`umeml federated`, all folds; goal <= 20 min on 2 cores): "
+                      f"{wall / 60:.1f} min ({'met' if wall <= 1200 else 'not met'})")
+    lines += ["", "Goals (per-fold paired difference, mean ± sd over folds; a goal is met when the mean "
+              "difference reaches it):"] + checks
+    return "\n".join(lines)
+
+
 def section_title(meta: dict) -> str:
     """The section heading (a --rounds diagnostic or another config gets its own section)."""
     title = SECTION
@@ -296,8 +451,12 @@ def section_title(meta: dict) -> str:
 
 def write_results(path: Path, meta: dict, wall: float, per_method: dict, folds: list[dict]) -> None:
     """Put this run's section (heading dated as ``meta`` says) into the markdown file ``path``."""
-    write_section(path, section_title(meta), _intro(meta, wall, per_method) + tables(folds),
-                  when=stamp(meta["date"], meta["machine"], meta["cores"]))
+    when = stamp(meta["date"], meta["machine"], meta["cores"])
+    if any("umeml federated" in f["results"] for f in folds):
+        write_section(path, FEDOPT_SECTION, fedopt_intro(meta, wall, per_method) + fedopt_tables(folds, per_method),
+                      when=when)
+        return
+    write_section(path, section_title(meta), _intro(meta, wall, per_method) + tables(folds), when=when)
 
 
 def _command_of(path: Path) -> str:
@@ -350,11 +509,59 @@ def _intro(meta: dict, wall: float, per_method: dict) -> str:
         + "\n")
 
 
+def _describe(cfg) -> str:
+    fed, train = cfg.federation, cfg.train
+    strategy = fed.strategy + (f" (server momentum {fed.server_momentum:g})" if fed.strategy == "fedavgm" else "")
+    return (f"{strategy}, {fed.rounds} rounds x {fed.local_epochs} local epochs, local {train.optimizer} lr "
+            f"{train.lr:g}, learning-rate schedule over rounds {fed.lr_schedule}"
+            + (f" (warm-up {fed.warmup_rounds} rounds)" if fed.lr_schedule != "constant" else "")
+            + f", optimizer state {fed.optimizer_state}, selection {fed.selection}, validation fraction "
+            f"{cfg.split.val_fraction:g}" + (f", personalisation {fed.personalise_epochs} epochs of the heads"
+                                             if fed.personalise_epochs else ""))
+
+
+def fedopt_intro(meta: dict, wall: float, per_method: dict) -> str:
+    """What the federated-optimisation section says about the run (configs, timing, load)."""
+    timing = ", ".join(f"{m} {sec / 60:.1f}" for m, sec in per_method.items() if sec)
+    loads = meta.get("load_average") or ["?", "?"]
+    return (
+        f"Command: `{meta['command']}` (run with `nice -n 5`, torch threads {meta['threads']}, folds one after "
+        f"the other). Wall time {wall / 60:.1f} min for the whole script (minutes per method, all folds: {timing}); "
+        f"1-min load average {loads[0]} to {loads[1]} during the run on the 2-core machine shared with other "
+        f"work, so times are upper bounds of a quiet machine's. Genomics only: {meta['patients']} patients, "
+        f"{meta['sites']} TSS sites, folds from `site_kfold` (seed {meta['seed']}), training TSS sites below "
+        f"{meta['min_site_patients']} patients merged into pseudo-institutions as in the sections above. Every "
+        "method is tested on all patients of the held-out fold's sites pooled; mean ± sd (ddof 1) over folds.\n\n"
+        f"- classical, umeml central: as in the first section (`{meta['config']}`: central UMEML AdamW, best "
+        "validation epoch).\n"
+        + (f"- umeml federated (old): `{meta.get('old_config')}` as it is: {meta.get('old_settings')}; last round.\n"
+           if "umeml federated (old)" in per_method and per_method["umeml federated (old)"] else
+           f"- the old setting (`{meta.get('old_config')}`: {meta.get('old_settings')}; last round) was not re-run here "
+           "(machine time); its figures on the same folds are in the section \"TCGA GBM-LGG, site-disjoint 5-fold, "
+           "config gbmlgg_folds_sgd.yaml\" (row umeml fedavg).\n")
+        + f"- umeml federated: `{meta.get('best_config')}`: {meta.get('best_settings')}. The settings come from the "
+        "tuning pass (its own section), which read only the training sites' validation of fold 0.\n"
+        "- selected round: the round whose global weights scored best (mean primary metric over tasks) on the "
+        "training sites' validation splits combined over the sites with >= k = 10 validation patients (the others "
+        "send only their count); (last) = the run's last round.\n"
+        + (f"- rows {', '.join(meta['reused'])} are copied from the run of `{meta['reused_from']}` on the same folds "
+           "(same code, run alongside), not re-run.\n" if meta.get("reused") else "")
+        + (f"- {meta['note']}\n" if meta.get("note") else "") + "\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--table", type=Path, default=DATA / "tcga_gbmlgg_all_clean.csv.gz")
     ap.add_argument("--signatures", type=Path, default=DATA / "signatures.csv")
     ap.add_argument("--config", type=Path, default=CONFIG)
+    ap.add_argument("--best-config", type=Path, default=BEST_CONFIG,
+                    help="config of the 'umeml federated' method (and the tuning pass's base)")
+    ap.add_argument("--old-config", type=Path, default=OLD_CONFIG, help="config of 'umeml federated (old)'")
+    ap.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), metavar="NAME",
+                    help=f"with --tune: only these candidates, of: {', '.join(repr(c) for c in CANDIDATES)}")
+    ap.add_argument("--tune", action="store_true",
+                    help="the tuning pass instead: CANDIDATES on --folds (default 0), scored on the training "
+                         "sites' validation only (no held-out metric is read)")
     ap.add_argument("--folds", type=int, nargs="+", help="run only these folds (0-based), e.g. --folds 0")
     ap.add_argument("--skip", nargs="+", default=[], choices=METHODS, metavar="METHOD",
                     help=f"methods to skip, of: {', '.join(repr(m) for m in METHODS)}")
@@ -376,13 +583,84 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def candidate_config(base, overrides: dict):
+    """``base`` with one candidate's overrides (section -> key -> value), checked like a file."""
+    from umeml.config import config_from_dict, config_to_dict
+
+    raw = config_to_dict(base)
+    for section, values in overrides.items():
+        raw[section] = {**raw[section], **values}
+    raw["federation"]["personalise_epochs"] = 0  # the tuning pass scores the global model only
+    return config_from_dict(raw, "bench_gbmlgg tuning candidate")
+
+
+def validation_scores(run_dir: Path) -> dict:
+    """The training sites' combined validation score per round (what selection uses), from the
+    run's history: no held-out metric is read."""
+    scores = {e["round"]: e["evaluation"]["selection_score"]["score"] for e in _history(run_dir)
+              if (e.get("evaluation") or {}).get("selection_score")}
+    tail = [scores[r] for r in sorted(scores)[-5:]]
+    return {"best": max(scores.values()) if scores else None, "best_round": max(scores, key=scores.get) if scores
+            else None, "last5_mean": float(np.mean(tail)) if tail else None, "rounds_scored": len(scores)}
+
+
+def tune(args, cfg, cohort, folds, out: Path) -> int:
+    """The tuning pass: every candidate on the chosen folds' training institutions (the fold's
+    sites are held out and their metrics never read), scored on the training sites' validation."""
+    from umeml.data.source import CohortSource
+    from umeml.simulation import simulate
+
+    rows = []
+    for k in args.folds if args.folds is not None else [0]:
+        fold = prepare_fold(k, sorted({cohort.patients[i].site for i in folds[k][1]}), cfg, cohort, args, out)
+        for name, overrides in CANDIDATES.items():
+            if args.candidates and name not in args.candidates:
+                continue
+            t0 = time.perf_counter()
+            run_dir = fold.dir / ("tune-" + "".join(c if c.isalnum() else "-" for c in name))
+            simulate(fold_config(fold, candidate_config(args.best_cfg, overrides)), fold.cohort,
+                     CohortSource(table=str(args.table), signatures=str(args.signatures)), run_dir,
+                     held_out=fold.split.test_sites)
+            row = {"fold": k, "candidate": name, **validation_scores(run_dir),
+                   "seconds": round(time.perf_counter() - t0, 1), "load": os.getloadavg()[0]}
+            rows.append(row)
+            print(f"  tune fold {k} {name:45s} best {row['best']:.3f} (round {row['best_round']}), mean of the last "
+                  f"5 rounds {row['last5_mean']:.3f}  ({row['seconds']:.0f} s, load {row['load']:.1f})", flush=True)
+            (out / "tuning.json").write_text(json.dumps(rows, indent=2))
+    if args.write:
+        write_tuning(args.write, rows, args)
+    return 0
+
+
+def write_tuning(path: Path, rows: list[dict], args, note: str = "") -> None:
+    """The tuning pass's section of the markdown file (``note``: what else the reader must know,
+    such as candidates that did not run)."""
+    folds = f" --folds {' '.join(map(str, args.folds))}" if args.folds else ""
+    lines = [f"Command: `python -m bench.bench_gbmlgg --tune{folds}` "
+             f"(`nice -n 5`, torch threads {args.threads}). Candidates are overrides of `{_relative(args.best_config)}` "
+             "(personalisation off). Score = the training sites' validation, combined over the sites with >= k = 10 "
+             "validation patients (mean primary metric over the three tasks), per round: the best round's and the mean "
+             "of the last 5 rounds. The fold's sites are held out as in the 5-fold run (the coordinator scores "
+             "them at the end as always); the tuning pass reads no held-out metric. The shipped setting is the "
+             "candidate with the best mean of the last 5 rounds (the best round's score is the maximum of "
+             "noisy values and favours noisier runs).", "",
+             "| fold | candidate | best round's score (round) | mean of last 5 rounds | wall time (s) | 1-min load |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['fold']} | {r['candidate']} | {r['best']:.3f} ({r['best_round']}) | {r['last5_mean']:.3f} | "
+              f"{r['seconds']:.0f} | {r['load']:.1f} |" for r in rows]
+    lines += [note] if note else []
+    write_section(path, TUNING_SECTION, "\n".join(lines) + "\n", when=stamp())
+
+
 def render(args) -> int:
     """Print (and --write) the tables of an earlier run's results.json without training."""
     saved = json.loads(args.render.read_text())
     if args.reuse:
         saved["meta"]["reused"] = reuse(saved["folds"], args.reuse)
         saved["meta"]["reused_from"] = _command_of(args.reuse)
-    print(tables(saved["folds"]))
+    folds = saved["folds"]
+    print(fedopt_tables(folds, saved["seconds_per_method"]) if any("umeml federated" in f["results"] for f in folds)
+          else tables(folds))
     if args.write:
         write_results(args.write, saved["meta"], saved["wall_seconds"], saved["seconds_per_method"], saved["folds"])
     return 0
@@ -400,7 +678,10 @@ def run_meta(args, cfg, cohort, chosen: list[int], loads: list[float], reused: l
         + (f" --config {_relative(args.config)}" if args.config.resolve() != CONFIG.resolve() else "")
         + (f" --folds {' '.join(map(str, chosen))}" if args.folds else "")
         + (f" --rounds {args.rounds}" if args.rounds else "")
+        + (f" --best-config {_relative(args.best_config)}" if args.best_config.resolve() != BEST_CONFIG.resolve() else "")
         + (f" --skip {' '.join(repr(m) for m in args.skip)}" if args.skip else ""),
+        "best_config": str(_relative(args.best_config)), "best_settings": _describe(args.best_cfg),
+        "old_config": str(_relative(args.old_config)), "old_settings": _describe(args.old_cfg),
         "config": str(_relative(args.config)),
         "patients": len(cohort), "sites": len(cohort.sites), "seed": cfg.seed, "pcs": args.pcs,
         "logreg_c": args.logreg_c, "cox_penalizer": args.cox_penalizer, "threads": args.threads,
@@ -420,6 +701,7 @@ def _load(args):
     from umeml.data.cohort import load_cohort
 
     cfg = load_config(args.config)
+    args.best_cfg, args.old_cfg = load_config(args.best_config), load_config(args.old_config)
     if args.rounds:
         cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds,
                                                                       evaluate_every=args.rounds))
@@ -448,6 +730,8 @@ def main(argv=None) -> int:
     args.table, args.signatures = args.table.resolve(), args.signatures.resolve()
     cfg, cohort = _load(args)
     folds = site_kfold(cohort, cfg.split.n_folds, cfg.seed)
+    if args.tune:
+        return tune(args, cfg, cohort, folds, out)
     chosen = args.folds if args.folds is not None else list(range(cfg.split.n_folds))
     records, loads = [], [os.getloadavg()[0]]
     for k in chosen:
@@ -459,7 +743,8 @@ def main(argv=None) -> int:
     per_method = {m: sum(f["seconds"].get(m, 0.0) for f in records) for m in METHODS}
     reused = reuse(records, args.reuse) if args.reuse else []
     timing = ", ".join(f"{m} {s:.0f} s" for m, s in per_method.items() if s)
-    print("\n" + tables(records))
+    print("\n" + (fedopt_tables(records, per_method) if any("umeml federated" in f["results"] for f in records)
+                  else tables(records)))
     print(f"\nwall time {wall:.0f} s ({wall / 60:.1f} min); per method over folds: {timing}")
     print(f"per-fold raw results: {out / 'results.json'}")
     meta = run_meta(args, cfg, cohort, chosen, loads, reused)

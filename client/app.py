@@ -27,9 +27,11 @@ from umeml.data.cohort import Cohort
 from umeml.data.fingerprint import cohort_fingerprint
 from umeml.data.source import CohortSource
 from umeml.errors import UmemlError
+from umeml.federation.personalise import personalise
 from umeml.federation.privacy import KEY_CLIPPING_NORM
 from umeml.federation.protocol import Preprocessing
 from umeml.federation.redact import redact
+from umeml.federation.schedule import LR_SCALE_KEY
 from umeml.federation.site import SiteRuntime
 from umeml.flower.records import arrays_from_state, state_from_arrays
 from umeml.flower.supernode_main import retry_internal_errors
@@ -184,6 +186,28 @@ def validation_first(site: SiteRuntime, cfg: ExperimentConfig, prep: Preprocessi
     return {**report, "weights_round": int(conf["validate-round"])}
 
 
+def train_reply(msg: Message, cfg: ExperimentConfig, conf, prep: Preprocessing, site: SiteRuntime) -> Message:
+    """A train message's reply: the validation of the received weights (one wave per round),
+    then local epochs from them; the update (clipped under central DP with client-side clipping)
+    and the site's report."""
+    mu = float(conf.get("proximal-mu", 0.0))
+    received = state_from_arrays(msg.content["arrays"])
+    validation = validation_first(site, cfg, prep, received, conf)
+    state, metrics = site.train(cfg, prep, received, int(conf["server-round"]), mu, float(conf.get(LR_SCALE_KEY, 1.0)))
+    if validation is not None:
+        metrics = {**metrics, "validation": validation}
+    if state is None:  # the site did not train (privacy budget spent, DP required but not set up)
+        return _json_reply(msg, {"site": site.site_id, **metrics})
+    if KEY_CLIPPING_NORM in conf:  # central DP with client-side clipping (Flower's wrapper sent the norm)
+        state = clip_update(state, received, float(conf[KEY_CLIPPING_NORM]))
+    reply = RecordDict({
+        "arrays": arrays_from_state(state, fp16=cfg.federation.fp16_transfer),
+        "metrics": MetricRecord({"num-examples": metrics["num-examples"], "train_loss": float(metrics["train_loss"])}),
+        "report": ConfigRecord({"json": json.dumps({"site": site.site_id, **metrics})}),
+    })
+    return Message(reply, reply_to=msg)
+
+
 def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]) -> ClientApp:
     """A ClientApp whose handlers find their site with ``resolve`` (deployed or simulated)."""
     app = ClientApp()
@@ -215,23 +239,7 @@ def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]
     @contained
     def train(msg: Message, context: Context) -> Message:
         """Local epochs from the global weights."""
-        cfg, conf, prep, site = round_request(msg, context)
-        mu = float(conf.get("proximal-mu", 0.0))
-        received = state_from_arrays(msg.content["arrays"])
-        validation = validation_first(site, cfg, prep, received, conf)
-        state, metrics = site.train(cfg, prep, received, int(conf["server-round"]), mu)
-        if validation is not None:
-            metrics = {**metrics, "validation": validation}
-        if state is None:  # the site did not train (privacy budget spent, DP required but not set up)
-            return _json_reply(msg, {"site": site.site_id, **metrics})
-        if KEY_CLIPPING_NORM in conf:  # central DP with client-side clipping (Flower's wrapper sent the norm)
-            state = clip_update(state, received, float(conf[KEY_CLIPPING_NORM]))
-        reply = RecordDict({
-            "arrays": arrays_from_state(state, fp16=cfg.federation.fp16_transfer),
-            "metrics": MetricRecord({"num-examples": metrics["num-examples"], "train_loss": float(metrics["train_loss"])}),
-            "report": ConfigRecord({"json": json.dumps({"site": site.site_id, **metrics})}),
-        })
-        return Message(reply, reply_to=msg)
+        return train_reply(msg, *round_request(msg, context))
 
     @app.evaluate()
     @contained
@@ -244,7 +252,23 @@ def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]
             "report": ConfigRecord({"json": json.dumps(report)}),
         }), reply_to=msg)
 
+    _add_personalise(app, resolve)
     return app
+
+
+def _add_personalise(app: ClientApp, resolve: Callable[[Context, ExperimentConfig], SiteRuntime]) -> None:
+    """The personalisation wave's handler (``query.personalise``): fine-tune the heads on the
+    site's training split, reply global vs personalised validation metrics; the personalised
+    weights stay at the site."""
+
+    @app.query("personalise")
+    @contained
+    def personalise_heads(msg: Message, context: Context) -> Message:
+        cfg = experiment_from(msg)
+        conf = msg.content["config"]
+        prep = Preprocessing.from_json(str(conf["preprocessing"]))
+        state = state_from_arrays(msg.content["arrays"])
+        return _json_reply(msg, personalise(resolve(context, cfg), cfg, prep, state, int(conf["epochs"])))
 
 
 app = build_client_app(deployed_site)

@@ -19,6 +19,7 @@ from umeml import __version__
 from umeml.config import ExperimentConfig, config_to_dict, dump_config
 from umeml.data.labels import subtype_codes
 from umeml.errors import FederationError
+from umeml.federation.personalise import summarise_personalisation
 from umeml.federation.privacy import central_entry, run_ledger
 from umeml.federation.protocol import (
     SURVIVAL_GRID_TEXT,
@@ -27,6 +28,8 @@ from umeml.federation.protocol import (
     combine_preprocessing,
     combine_site_metrics,
 )
+from umeml.federation.schedule import round_settings
+from umeml.federation.selection import RoundSelector
 from umeml.flower.records import arrays_from_state, state_from_arrays
 from umeml.metrics.coverage import missing_class_messages
 from umeml.model import build_model, save_checkpoint
@@ -39,6 +42,7 @@ from umeml.rundir import (
     atomic_write,
     atomic_write_json,
     atomic_write_text,
+    final_wave_rows,
     metric_entry,
     read_roles,
     write_final,
@@ -176,6 +180,7 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     seed: int = 0
     releases: list[dict] = field(default_factory=list)  # one-off releases (the survival histograms)
+    selection: dict = field(default_factory=dict)  # RoundSelector.state(): the best validated round so far
 
 
 @dataclass
@@ -188,6 +193,7 @@ class _Run:
     base_config: dict
     train_nodes: list[int]
     held_nodes: list[int]
+    selector: RoundSelector | None = None
 
 
 class Coordinator:
@@ -321,7 +327,7 @@ class Coordinator:
     # ------------------------------------------------------------- checkpoint
     def _save(self, state: RunState, prep: Preprocessing) -> None:
         payload = {"round": state.round, "weights": state.weights, "seed": state.seed, "history": state.history,
-                   "releases": state.releases,
+                   "releases": state.releases, "selection": state.selection,
                    "strategy": {a: {k: torch.from_numpy(np.asarray(v)) for k, v in d.items()} for a, d in state.strategy.items()}}
         atomic_write(self.files.resume, lambda p: torch.save(payload, p))
         model = build_model(self.cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads)
@@ -335,7 +341,7 @@ class Coordinator:
         raw = torch.load(self.files.resume, weights_only=True)
         strategy = {a: {k: v.numpy() for k, v in d.items()} for a, d in raw["strategy"].items()}
         return RunState(int(raw["round"]), raw["weights"], strategy, list(raw["history"]), int(raw["seed"]),
-                        list(raw.get("releases", [])))
+                        list(raw.get("releases", [])), dict(raw.get("selection") or {}))
 
     # ------------------------------------------------------------------- run
     def run(self, grid) -> dict:
@@ -372,7 +378,7 @@ class Coordinator:
         if stop is not None:
             self._final_evaluation_after_stop(grid, state, run.prep, run.base_config, run.train_nodes,
                                               run.held_nodes, stop)
-        final = self._final(state)
+        final = self._conclude(grid, run)
         write_final(self.files, final)
         return final.to_json()
 
@@ -401,7 +407,7 @@ class Coordinator:
         strategy = with_central_dp(build_strategy(cfg.federation), cfg.federation, len(train_nodes))
         restore_strategy_state(strategy, state.strategy)
         base_config = {"experiment": self.experiment_json, "preprocessing": prep.to_json()}
-        return _Run(state, prep, strategy, base_config, train_nodes, held_nodes)
+        return _Run(state, prep, strategy, base_config, train_nodes, held_nodes, self._selector(state))
 
     def _train_round(self, grid, rnd: int, run: _Run) -> tuple[dict | None, dict | None]:
         """Round ``rnd``'s training wave and aggregation: (the round's history entry, None), or
@@ -411,7 +417,8 @@ class Coordinator:
         selectable = NodeSubsetGrid(grid, run.train_nodes)
         n_selectable = len(selectable.get_node_ids())
         pending = self._pending_evaluation(state)  # the received weights' round, when due for evaluation
-        train_config = ConfigRecord({**run.base_config, **_validation_request(pending)})
+        train_config = ConfigRecord({**run.base_config, **_validation_request(pending),
+                                     **round_settings(self.cfg.federation, rnd)})
         msgs = list(strategy.configure_train(rnd, arrays, train_config, selectable))
         sample_rate = len(msgs) / max(1, n_selectable)
         if central_dp_wrapper(strategy) is not None:
@@ -453,7 +460,9 @@ class Coordinator:
         if not state.history:
             return None
         last = state.history[-1]
-        if last["round"] != state.round or last.get("evaluation") or state.round % self.cfg.federation.evaluate_every:
+        # best-round selection needs every round's validation, so every round is evaluated then
+        due = state.round % self.cfg.federation.evaluate_every == 0 or self.cfg.federation.selection == "best_validation"
+        if last["round"] != state.round or last.get("evaluation") or not due:
             return None
         return state.round
 
@@ -526,6 +535,9 @@ class Coordinator:
         """Evaluate when due, then record the round: history, checkpoint, metrics, privacy, progress."""
         rnd, state = entry["round"], run.state
         evaluated = self._previous_evaluated(state, rnd)
+        if evaluated is not None:  # this wave carried the validation of round rnd - 1's weights
+            self._observe_validation(run, evaluated)
+        run.selector.offer(rnd, state.weights)  # a candidate until its validation arrives (next wave)
         state.history.append(entry)
         state.round = rnd
         if rnd == self.cfg.federation.rounds:  # the final evaluation wave, on the last round's weights
@@ -535,6 +547,7 @@ class Coordinator:
             if self.pooled_eval is not None:
                 entry["evaluation"]["pooled"] = self.pooled_eval(state.weights, run.prep)
             evaluated = entry
+            self._observe_validation(run, entry)
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         entry["overhead_seconds"] = round(entry["seconds"] - sum(entry["wave_compute_seconds"]), 2)
         state.strategy = strategy_state(run.strategy)
@@ -745,3 +758,112 @@ class Coordinator:
             privacy=(self._privacy_ledger(state.history, state.releases) or {}).get("final"),
             stopped=rounds[-1].stopped if rounds else None,
         )
+
+    # ------------------------------------------------- model selection and personalisation
+    def _selector(self, state: RunState) -> RoundSelector:
+        """The run's model-selection rule, continued from a resumed run's record; the current
+        weights are a candidate until their validation arrives."""
+        fed = self.cfg.federation
+        selector = RoundSelector(fed.selection, fed.k_min_patients)
+        selector.restore(state.selection)
+        if state.round > 0 and state.round not in selector.scores:
+            selector.offer(state.round, state.weights)
+        return selector
+
+    def _observe_validation(self, run: _Run, entry: dict) -> None:
+        """Hand the selector the validation reports ``entry`` carries, for the round of the
+        weights they evaluate (``weights_round``: round r's weights are validated in round
+        r + 1's wave, the last round's in the final wave); the weights themselves were offered
+        when their round ended."""
+        ev = entry.get("evaluation") or {}
+        if ev.get("validation"):
+            ev.setdefault("weights_round", entry["round"])
+            score = run.selector.observe(int(ev["weights_round"]), ev["validation"])
+            if score is not None:
+                ev["selection_score"] = score
+        run.state.selection = run.selector.state()
+
+    def _conclude(self, grid, run: _Run) -> FederatedFinal:
+        """final.json after the last round: the selected round's weights (evaluated again on
+        the held-out sites when they are not the last round's) and the personalisation wave."""
+        state = run.state
+        rnd, weights, selection = run.selector.result(state.round, state.weights)
+        if rnd != state.round:
+            ev = self._evaluate(grid, weights, run.base_config, [], run.held_nodes, rnd, True)
+            if self.pooled_eval is not None:
+                ev["pooled"] = self.pooled_eval(weights, run.prep)
+            selection["evaluation"] = ev
+        self._save_selected(weights, run.prep, rnd)
+        self._report(_selection_line(selection))
+        personal = self._personalise(grid, run, weights)
+        final = self._final(state)
+        ev = selection.get("evaluation")
+        if ev is not None:
+            final.held_out, final.held_out_combined = ev.get("held_out", {}), ev.get("held_out_combined", {})
+            final.pooled = ev.get("pooled", final.pooled)
+        final.selection, final.personalisation = selection, personal
+        rows = [row for e in state.history for row in RoundRecord.from_json(e).metric_rows()]
+        write_metrics(self.files.metrics, rows + final_wave_rows(selection, personal))
+        return final
+
+    def _save_selected(self, weights: dict, prep: Preprocessing, rnd: int) -> None:
+        """The selected global weights as the run's best checkpoint (``checkpoints/best.pt``)."""
+        model = build_model(self.cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads)
+        model.load_state_dict(weights)
+        meta = {"experiment": self.cfg.name, "mode": "federated", "round": rnd, "umeml_version": __version__,
+                "selection": self.cfg.federation.selection, "survival_edges": prep.survival_edges,
+                "subtypes": prep.subtypes, "grades": prep.grades, "held_out_sites": list(self.held_out)}
+        save_checkpoint(self.files.best_checkpoint, model, meta)
+
+    def _personalise(self, grid, run: _Run, weights: dict) -> dict | None:
+        """The personalisation wave (``federation.personalise_epochs`` > 0): every training site
+        fine-tunes the heads of ``weights`` and reports global vs personalised validation
+        metrics; no weights come back."""
+        epochs = self.cfg.federation.personalise_epochs
+        if not epochs:
+            return None
+        arrays = arrays_from_state(weights, self.cfg.federation.fp16_transfer)
+        msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**run.base_config, "epochs": epochs})}),
+                        dst_node_id=n, message_type=f"{MessageType.QUERY}.personalise") for n in run.train_nodes]
+        reports = {}
+        for reply in grid.send_and_receive(msgs, timeout=self.timeout):
+            if reply.has_error():
+                log.warning("personalisation error from node %s: %s", reply.metadata.src_node_id, reply.error.reason)
+                continue
+            report = json.loads(str(reply.content["report"]["json"]))
+            reports[report["site"]] = report
+        summary = summarise_personalisation(reports, epochs)
+        for line in _personalisation_lines(summary):
+            self._report(line)
+        return summary
+
+
+def _selection_line(selection: dict) -> str:
+    """The progress line saying which round's weights are the result."""
+    if "score" in selection:
+        return (f"model selection ({selection['rule']}): round {selection['round']} of {selection['last_round']}, "
+                f"validation score {selection['score']:.3f} over {selection['n_validation']} patients at "
+                f"{selection['sites']} site(s)")
+    return f"model selection ({selection['rule']}): round {selection['round']} ({selection.get('note', '')})"
+
+
+def _personalisation_lines(summary: dict) -> list[str]:
+    """Progress lines of the personalisation wave: per site and combined, global -> personalised."""
+    def pair(g: dict, p: dict) -> str:
+        cells = []
+        for task, key in PRIMARY_METRICS:
+            a, b = metric_entry(g, task, key), metric_entry(p, task, key)
+            if a and b:
+                cells.append(f"{task} {key} {a['value']:.3f} -> {b['value']:.3f}")
+        return ", ".join(cells) or "-"
+
+    lines = [f"personalisation (heads, {summary['epochs']} epoch(s)), own validation, global -> personalised:"]
+    for site, rep in sorted(summary["sites"].items()):
+        if rep.get("suppressed") or "global" not in rep:
+            lines.append(f"  {site}: n {rep.get('n')} ({rep.get('skipped') or '< k: suppressed'})")
+        else:
+            lines.append(f"  {site} (n {rep['n']}): {pair(rep['global']['tasks'], rep['personalised']['tasks'])}")
+    if "global_combined" in summary:
+        lines.append(f"  combined over {summary['n_sites']} site(s), n {summary['n_validation']}: "
+                     f"{pair(summary['global_combined'], summary['personalised_combined'])}")
+    return lines

@@ -74,14 +74,19 @@ def _fedprox(fed: FederationConfig, common: dict) -> FedAvg:
     return FedProx(proximal_mu=fed.proximal_mu, **common)
 
 
+def _adaptive(fed: FederationConfig) -> dict:
+    """FedAdam/FedYogi's server step eta and (when configured) adaptivity tau."""
+    return {"eta": server_lr(fed), **({"tau": fed.server_tau} if fed.server_tau is not None else {})}
+
+
 @register_strategy("fedadam")
 def _fedadam(fed: FederationConfig, common: dict) -> FedAvg:
-    return FedAdam(eta=server_lr(fed), **common)
+    return FedAdam(**_adaptive(fed), **common)
 
 
 @register_strategy("fedyogi")
 def _fedyogi(fed: FederationConfig, common: dict) -> FedAvg:
-    return FedYogi(eta=server_lr(fed), **common)
+    return FedYogi(**_adaptive(fed), **common)
 
 
 @register_strategy("fedmedian")

@@ -2,7 +2,8 @@
 walked and checked for patient-level content.
 
 The run: the real Coordinator and the real ClientApp handlers over the in-process LocalGrid
-(handshake, preprocessing, 2 training rounds, evaluation with bootstrap CIs), 5 nodes:
+(handshake, preprocessing, 2 training rounds, evaluation with bootstrap CIs, best-round selection,
+the personalisation wave), 5 nodes:
 
 ====  =========  ===========================================================  =========
 node  site       patients                                                     role
@@ -46,7 +47,10 @@ values. The rules checked:
    not list the patients' survival months. (This was a known gap, a strict xfail, while the
    histogram had exact 1-month cells.)
 
-A training site below k patients does not train and reports only why.
+A training site below k patients does not train and reports only why. The personalisation wave
+(``query.personalise``) sends the global weights to the training sites; its replies carry
+validation metrics of the global and the personalised heads and never weights (rule 2: only
+``train`` replies carry arrays).
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
+import umeml.federation.personalise as personalise_module
 import umeml.federation.site as site_module
 from umeml.client.app import SimulatedSites, build_client_app
 from umeml.data.bags import bag_path
@@ -74,7 +79,7 @@ from fed_helpers import LocalGrid, tiny_experiment
 
 K = 3
 HELD_OUT = ("A2", "S2")
-MESSAGE_TYPES = {"query.handshake", "query.preprocess", "train", "evaluate"}
+MESSAGE_TYPES = {"query.handshake", "query.preprocess", "train", "evaluate", "query.personalise"}
 
 
 class AuditSites:
@@ -110,7 +115,8 @@ class AuditSites:
 
 
 def _experiment():
-    return tiny_experiment(bootstrap=20, k_min_patients=K)
+    return tiny_experiment(bootstrap=20, k_min_patients=K, selection="best_validation", personalise_epochs=1,
+                           lr_schedule="cosine")
 
 
 @dataclasses.dataclass
@@ -139,6 +145,7 @@ def run_audit(data_dir, run_dir, tamper=None) -> Audit:
     (``tamper``: LocalGrid's per-node reply hooks, to check that the audit catches leaks)."""
     recorded = []
     real_predict = site_module.predict
+    assert personalise_module.predict is real_predict
 
     def recording_predict(*args, **kwargs):
         preds = real_predict(*args, **kwargs)
@@ -149,6 +156,7 @@ def run_audit(data_dir, run_dir, tamper=None) -> Audit:
     grid = LocalGrid(build_client_app(sites), 5, tamper=tamper)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(site_module, "predict", recording_predict)
+        mp.setattr(personalise_module, "predict", recording_predict)
         coord = Coordinator(_experiment(), run_dir, expected_sites=5, held_out=HELD_OUT, wait_timeout=5,
                             printer=lambda s: None)
         final = coord.run(grid)
@@ -279,6 +287,11 @@ REPLY_FIELDS = {
                  r"report\.json\.tasks\.\w+\.(error|n)",
                  r"report\.json\.tasks\.\w+\.\w+\." + METRIC_FIELDS,
                  r"report\.json\.tasks\.\w+\.confusion_matrix\.value\[\]\[\]"],
+    "query.personalise": [r"report\.json\.(site|n|n_train|suppressed|skipped|epochs|seconds)",
+                          r"report\.json\.(global|personalised)\.loss",
+                          r"report\.json\.(global|personalised)\.tasks\.\w+\.(error|n)",
+                          r"report\.json\.(global|personalised)\.tasks\.\w+\.\w+\." + METRIC_FIELDS,
+                          r"report\.json\.(global|personalised)\.tasks\.\w+\.confusion_matrix\.value\[\]\[\]"],
 }
 
 
@@ -304,7 +317,10 @@ def test_replies_carry_only_allowlisted_aggregates(audit):
         ".tasks.grade.confusion_matrix.value": {n_grade}, ".tasks.grade.confusion_matrix.value[]": {n_grade},
         ".tasks.subtype.confusion_matrix.value": {n_sub}, ".tasks.subtype.confusion_matrix.value[]": {n_sub},
     }
-    allowed_lengths.update({".validation" + k: v for k, v in allowed_lengths.items() if k.startswith(".tasks.")})
+    task_lengths = {k: v for k, v in allowed_lengths.items() if k.startswith(".tasks.")}
+    # the validation inside a training reply (one wave per round), the personalisation reply's two evaluations
+    for part in (".validation", ".global", ".personalised"):
+        allowed_lengths.update({part + k: v for k, v in task_lengths.items()})
     model_shapes = None
     for msg in audit.grid.sent:  # the global model the coordinator sends
         if msg.metadata.message_type == "train":
@@ -338,7 +354,7 @@ def _close_to_any(v: float, values: np.ndarray) -> bool:
     return bool(np.any(np.abs(values - v) <= 1e-6 * np.maximum(1.0, np.abs(values))))
 
 
-COORDINATOR_SETTINGS = re.compile(r"config\.(experiment|server-round|part|n-boot|proximal-mu)(\.|\[|$)")
+COORDINATOR_SETTINGS = re.compile(r"config\.(experiment|server-round|part|n-boot|proximal-mu|lr-scale|epochs)(\.|\[|$)")
 
 
 def test_no_survival_time_in_any_message(audit):
@@ -478,3 +494,19 @@ def test_training_site_below_k_reports_no_aggregate(audit):
     assert "train_loss" not in report and "skipped" in report
     metrics = m.content.metric_records.get("metrics", {})
     assert "train_loss" not in metrics and "arrays" not in m.content.array_records
+
+
+def test_personalisation_replies_carry_metrics_only_and_respect_k(audit):
+    replies = {audit.site_of(m.metadata.src_node_id): m for m in audit.grid.received
+               if m.metadata.message_type == "query.personalise"}
+    assert set(replies) == {"A0", "A1", "S1"}  # the training sites, never a held-out one
+    for site, m in replies.items():
+        assert not m.content.array_records and "metrics" not in m.content, site
+        report = json.loads(str(m.content["report"]["json"]))
+        if report["n"] < K or report["n_train"] < K:
+            assert set(report) == {"site", "n", "n_train", "suppressed"}, (site, report)
+        else:
+            assert {"global", "personalised"} <= set(report), site
+    assert json.loads(str(replies["S1"].content["report"]["json"]))["suppressed"] is True
+    final = json.loads((audit.run_dir / "final.json").read_text())
+    assert final["selection"]["rule"] == "best_validation" and final["personalisation"]["n_sites"] == 2

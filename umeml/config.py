@@ -198,6 +198,22 @@ class FederationConfig:
     max_update_norm: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
     local_dp: DPConfig = field(default_factory=DPConfig)
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
+    # FedAdam/FedYogi's adaptivity tau (Reddi et al. 2021 tune it over 1e-9..1e-1): None keeps Flower's 1e-3
+    server_tau: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
+    # round-level learning-rate schedule of local training (umeml.federation.schedule): the
+    # coordinator sends each round's factor in the round's config ("lr-scale"); sites train at
+    # train.lr x factor. cosine: linear warm-up over warmup_rounds, then cosine decay over the rest
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_rounds: int = field(default=0, metadata=_range(0))
+    # a site's optimizer state between rounds: "reset" (a fresh optimizer every round) or "site"
+    # (momentum / Adam moments kept in the site's state dir, never sent)
+    optimizer_state: Literal["reset", "site"] = "reset"
+    # which global weights are the result: "best_validation" (the round whose weights scored best
+    # on the training sites' validation splits, combined over sites; k rule per site) or "last"
+    selection: Literal["best_validation", "last"] = "last"
+    # personalisation wave after the last round: epochs of head fine-tuning at each training site
+    # on its own training split, global vs personalised on its own validation (metrics only); 0: none
+    personalise_epochs: int = field(default=0, metadata=_range(0))
     # epsilon of the two-sided geometric noise each site adds to its preprocessing survival
     # histogram; None sends exact counts (a patient's survival time to within one grid cell)
     survival_hist_epsilon: float | None = field(default=1.0, metadata=_range(0.0, lo_open=True))

@@ -104,7 +104,8 @@ class RunDir:
     report = _entry(REPORT_FILE, "the self-contained report page")
     plots = _entry(PLOTS_DIR, "the report's figures")
     checkpoints = _entry(CHECKPOINTS_DIR, "model checkpoints")
-    best_checkpoint = _entry(f"{CHECKPOINTS_DIR}/best.pt", "the centralized model of the best validation epoch")
+    best_checkpoint = _entry(f"{CHECKPOINTS_DIR}/best.pt", "the selected model: centralized, the best validation "
+                             "epoch; federated, the round federation.selection chose")
     last_checkpoint = _entry(f"{CHECKPOINTS_DIR}/last.pt", "the centralized model of the last epoch")
     global_checkpoint = _entry(f"{CHECKPOINTS_DIR}/global.pt", "the federated global model")
     sites = _entry(SITES_DIR, "simulated sites' own state folders")
@@ -229,7 +230,11 @@ def format_metric(m: Any, ci_digits: int = 3) -> str:
 # ------------------------------------------------------------------ metrics.csv
 METRICS_COLUMNS = ("unit", "step", "kind", "site", "n", "task", "metric", "value", "ci_low", "ci_high", "note")
 _V1_FEDERATED_COLUMNS = ("round", "site", "kind", "n", "metric", "value", "note")
-METRIC_KINDS = ("train", "validation", "held_out", "held_out_combined", "held_out_combined_sites", "pooled")
+METRIC_KINDS = ("train", "validation", "held_out", "held_out_combined", "held_out_combined_sites", "pooled",
+                # the selected round's final evaluation (federation.selection best_validation)
+                "selected_held_out", "selected_held_out_combined", "selected_pooled",
+                # the personalisation wave: global vs personalised on each training site's validation
+                "personal_global", "personal_tuned", "personal_global_combined", "personal_tuned_combined")
 
 
 @dataclass(frozen=True)
@@ -301,6 +306,35 @@ def metric_rows(unit: str, step: int, kind: str, tasks: dict, site: str = "") ->
             if has_value(m):
                 rows.append(MetricRow(unit, step, kind, name, m["value"], site=site, n=m.get("n"), task=task,
                                       ci_low=m.get("ci_low"), ci_high=m.get("ci_high")))
+    return rows
+
+
+def final_wave_rows(selection: dict | None, personalisation: dict | None) -> list[MetricRow]:
+    """``metrics.csv`` rows of what follows the last round: the selected round's held-out
+    evaluation (unit ``round``, step = the selected round, kinds ``selected_*``) and the
+    personalisation wave (unit ``personalisation``, step = its epochs; per site and combined)."""
+    rows: list[MetricRow] = []
+    ev = (selection or {}).get("evaluation") or {}
+    step = int((selection or {}).get("round") or 0)
+    for site, rep in (ev.get("held_out") or {}).items():
+        if rep.get("suppressed"):
+            rows.append(MetricRow("round", step, "selected_held_out", "", None, site=site, n=rep["n"],
+                                  note="suppressed (< k patients)"))
+        else:
+            rows += metric_rows("round", step, "selected_held_out", rep["tasks"], site=site)
+    for kind in ("held_out_combined", "pooled"):
+        rows += metric_rows("round", step, f"selected_{kind}", ev.get(kind) or {})
+    p = personalisation or {}
+    epochs = int(p.get("epochs", 0))
+    for site, rep in (p.get("sites") or {}).items():
+        if rep.get("suppressed") or "global" not in rep:
+            rows.append(MetricRow("personalisation", epochs, "personal_global", "", None, site=site,
+                                  n=rep.get("n"), note=rep.get("skipped") or "suppressed (< k patients)"))
+            continue
+        rows += metric_rows("personalisation", epochs, "personal_global", rep["global"]["tasks"], site=site)
+        rows += metric_rows("personalisation", epochs, "personal_tuned", rep["personalised"]["tasks"], site=site)
+    for part, kind in (("global", "personal_global_combined"), ("personalised", "personal_tuned_combined")):
+        rows += metric_rows("personalisation", epochs, kind, p.get(f"{part}_combined") or {})
     return rows
 
 
@@ -659,6 +693,11 @@ class FederatedFinal(_Final):
     overhead_seconds_per_round: list[float | None] = field(default_factory=list)
     privacy: dict | None = None
     stopped: dict | None = None
+    # which round's global weights the held-out metrics are of, and by which rule
+    # (umeml.federation.selection); None in runs before the rule existed
+    selection: dict | None = None
+    # the personalisation wave's record (umeml.federation.personalise); None when not run
+    personalisation: dict | None = None
     schema_version: int = SCHEMA_VERSION
     extra: dict = field(default_factory=dict)
 

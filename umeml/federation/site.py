@@ -28,6 +28,7 @@ from umeml.federation.privacy import (
     max_steps_within,
 )
 from umeml.federation.protocol import SURVIVAL_GRID_TEXT, survival_grid
+from umeml.federation.schedule import OptimizerStore
 from umeml.train.dp import resolve_dp, train_dp_steps
 from umeml.train.evaluate import evaluate_predictions
 from umeml.train.experiment import Preprocessing, build_model, loss_settings, make_dataset
@@ -159,10 +160,13 @@ class SiteRuntime:
         return build_model(cfg, prep)
 
     def train(self, cfg: ExperimentConfig, prep: Preprocessing, state: dict, server_round: int,
-              proximal_mu: float = 0.0) -> tuple[dict | None, dict]:
+              proximal_mu: float = 0.0, lr_scale: float = 1.0) -> tuple[dict | None, dict]:
         """Local epochs from the global weights; returns new weights and aggregate metrics.
 
         With ``proximal_mu`` > 0 the FedProx term mu/2 ||w - w_global||^2 is added to each step.
+        ``lr_scale`` is the round's learning-rate factor (the coordinator's round-level schedule);
+        with ``federation.optimizer_state: site`` the optimizer's state carries over from the
+        site's previous round (kept in its state dir).
         The weights are None when the site does not train (fewer than k training patients, local
         DP budget spent, or DP required but not configured here); ``metrics["skipped"]`` says why.
         """
@@ -190,7 +194,11 @@ class SiteRuntime:
         train_idx, _ = self._split(cfg)
         ds = make_dataset(cfg, self.cohort, train_idx, prep, train=True)
         loader = make_loader(ds, cfg.train.batch_size, True, cfg.seed + server_round, cfg.train.num_workers)
-        optimizer = make_optimizer(model, cfg.train)
+        optimizer = make_optimizer(model, cfg.train, lr_scale)
+        store = (OptimizerStore(self.state_dir, self.site_id, cfg.name)
+                 if cfg.federation.optimizer_state == "site" else None)
+        if store is not None:
+            store.load_into(optimizer, server_round)
         loss = loss_settings(cfg, prep).to(device)
         extra = proximal_term(model, proximal_mu) if proximal_mu > 0 else None
 
@@ -198,6 +206,8 @@ class SiteRuntime:
         for epoch in range(min(cfg.federation.local_epochs, self.max_local_epochs)):
             ds.set_epoch(server_round * 1000 + epoch)
             stats = train_epoch(model, loader, optimizer, loss, device, None, cfg.train.grad_accum, cfg.train.amp, extra)
+        if store is not None:
+            store.save(optimizer, server_round)
         new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         return new_state, {"train_loss": stats["loss"], "num-examples": int(len(train_idx)), "steps": stats["steps"],
                            "seconds": round(time.perf_counter() - t0, 3)}

@@ -32,17 +32,19 @@ def task_heads(cfg: ExperimentConfig, n_subtypes: int) -> dict[str, int]:
     return {t: sizes[t] for t in cfg.tasks}
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam, AdamW or SGD with momentum as the config says.
+def make_optimizer(model: nn.Module, cfg: TrainConfig, lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD with momentum as the config says, at ``train.lr x lr_scale`` (a
+    federated round's factor of the round-level schedule, :mod:`umeml.federation.schedule`).
 
     SGD suits DP-SGD better than Adam: Adam rescales every coordinate to unit step size, so on
     coordinates where the noise dominates it takes full-size random steps.
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    lr = cfg.lr * float(lr_scale)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return cls(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
