@@ -44,7 +44,9 @@ def test_console_quiet_and_log_file_complete(tmp_path, capsys):
     assert "configure_train" not in text
     assert "DEPRECATED" not in text and "DeprecationWarning" not in text and "FutureWarning" not in text
     assert "Federated evaluation will be skipped" not in text
-    assert text.count("site A1 sent NaN") == 1  # umeml's warning, once
+    # umeml's warning, once, from the run's console handler (a handler an earlier test left on a
+    # umeml logger may print its own "Logging error"; that is not the run's console)
+    assert text.splitlines().count("WARNING umeml.server: site A1 sent NaN: update rejected") == 1
     logged = log_file.read_text()
     for fragment in ("configure_train: Sampled 3 nodes", "DEPRECATED FEATURE", "`run_simulation` function is deprecated",
                      EVALUATION_NOTE, "DeprecationWarning: an old API", "FutureWarning: Tip", "site A1 sent NaN"):
@@ -100,3 +102,22 @@ def test_simulate_takes_verbose_and_log_level():
     with pytest.raises(SystemExit) as err:
         build_parser().parse_args(["simulate", "--log-level", "loud"])
     assert err.value.code == 2
+
+
+def test_a_handler_left_on_the_umeml_logger_neither_doubles_nor_hides_lines(tmp_path, capsys):
+    """`umeml-client extract` puts a stderr handler on the umeml logger with propagate off; a run
+    later in the same process still prints umeml's warning once and logs it to its file."""
+    umeml_logger = logging.getLogger("umeml")
+    left = logging.StreamHandler(sys.stderr)
+    umeml_logger.addHandler(left)
+    umeml_logger.propagate = False
+    try:
+        with run_logging(tmp_path / "run.log", level=logging.WARNING):
+            logging.getLogger("umeml.server").warning("site A1 sent NaN: update rejected")
+        assert umeml_logger.handlers[-1] is left and umeml_logger.propagate is False  # put back
+    finally:
+        umeml_logger.removeHandler(left)
+        umeml_logger.propagate = True
+    text = capsys.readouterr().err
+    assert text.count("site A1 sent NaN") == 1
+    assert "site A1 sent NaN" in (tmp_path / "run.log").read_text()

@@ -127,12 +127,19 @@ def run_logging(log_file: str | Path, level: int | None = None) -> Iterator[Path
     console.setFormatter(logging.Formatter(CONSOLE_FORMAT))
     console.addFilter(_ConsoleOnly())
     reword = _RewordFlowerNotices()
-    # Flower's ConsoleHandler (on the flwr logger nothing else attaches a stream handler)
-    detached = [h for h in flower.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
-    saved_levels = {name: logging.getLogger(name).level for name in FILE_LEVELS}
+    # Flower's ConsoleHandler, and a terminal handler an earlier command in this process (umeml
+    # extract's) put on the umeml logger with propagate off: each would print lines a second time
+    # or keep them from the file
+    own = {name: logging.getLogger(name) for name in FILE_LEVELS}
+    detached = {name: [h for h in lg.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+                for name, lg in own.items()}
+    saved_levels = {name: lg.level for name, lg in own.items()}
+    saved_propagate = {name: lg.propagate for name, lg in own.items()}
     saved_root = root.handlers[:]
-    for h in detached:
-        flower.removeHandler(h)
+    for name, lg in own.items():
+        for h in detached[name]:
+            lg.removeHandler(h)
+        lg.propagate = True
     # a handler umeml's ServerApp or a library put on the root would print each line again
     root.handlers = [h for h in saved_root if not _prints(h)]
     root.addHandler(file_handler)
@@ -148,10 +155,11 @@ def run_logging(log_file: str | Path, level: int | None = None) -> Iterator[Path
     finally:
         logging.captureWarnings(False)
         flower.removeFilter(reword)
-        for name, lvl in saved_levels.items():
-            logging.getLogger(name).setLevel(lvl)
         root.handlers = saved_root
         ray.removeHandler(to_file)
-        for h in detached:
-            flower.addHandler(h)
+        for name, lg in own.items():
+            lg.setLevel(saved_levels[name])
+            lg.propagate = saved_propagate[name]
+            for h in detached[name]:
+                lg.addHandler(h)
         file_handler.close()
