@@ -31,10 +31,10 @@ from umeml.federation.privacy import KEY_CLIPPING_NORM
 from umeml.federation.protocol import Preprocessing
 from umeml.federation.redact import redact
 from umeml.federation.site import SiteRuntime
+from umeml.flower.fleet_retry import retry_internal_errors
 from umeml.flower.records import arrays_from_state, state_from_arrays
-from umeml.flower.supernode_main import retry_internal_errors
 
-retry_internal_errors()  # this process's HTTP calls to the SuperNode retry a 500 (supernode_main.py)
+retry_internal_errors()  # this process's HTTP calls to the SuperNode retry a 500 (fleet_retry.py)
 
 log = logging.getLogger("umeml.site")
 _KNOWN_IDS: set[str] = set()  # case and slide ids of every cohort this process loaded (to redact errors)

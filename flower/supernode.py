@@ -9,8 +9,8 @@ from pathlib import Path
 def supernode_command(server: str, port: int, site_config: Path, root_cert: Path | None = None,
                       auth_key: Path | None = None) -> list[str]:
     """The ``flower-supernode`` command line for a site."""
-    # Flower's flower-supernode, with a SuperLink's transient HTTP 500 retried (supernode_main.py)
-    cmd = [sys.executable, "-m", "umeml.flower.supernode_main", "--superlink", server, "--port", str(port),
+    # Flower's flower-supernode, with a SuperLink's transient HTTP 500 retried (fleet_retry.py)
+    cmd = [sys.executable, "-m", "umeml.flower.fleet_retry", "--superlink", server, "--port", str(port),
            "--node-config", f'site-config="{site_config.resolve()}"']
     if root_cert is None:
         cmd.append("--insecure")

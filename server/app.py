@@ -17,7 +17,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from umeml.config import config_from_dict
-from umeml.flower.supernode_main import retry_internal_errors
+from umeml.flower.fleet_retry import retry_internal_errors
 from umeml.server.coordinator import Coordinator
 from umeml.server.grid import FastPollGrid
 from umeml.server.pooled import pooled_evaluator

@@ -302,13 +302,13 @@ def test_supernode_shim_retries_http_500():
     import httpx
     from flwr.supercore.retry import http_retry
 
+    from umeml.flower.fleet_retry import retry_internal_errors
     from umeml.flower.supernode import supernode_command
-    from umeml.flower.supernode_main import retry_internal_errors
 
     assert flwr.__version__.startswith("1.42.")
     request = httpx.Request("POST", "http://127.0.0.1:1/v1/fleet/pull-messages")
     error = httpx.HTTPStatusError("500", request=request, response=httpx.Response(500, request=request))
-    from umeml.flower.supernode_main import RETRIED_TOO
+    from umeml.flower.fleet_retry import RETRIED_TOO
 
     before = http_retry._RETRYABLE_STATUS_CODES
     try:
@@ -319,4 +319,4 @@ def test_supernode_shim_retries_http_500():
     finally:
         http_retry._RETRYABLE_STATUS_CODES = before
     cmd = supernode_command("127.0.0.1:9092", 9094, Path("site.yaml"))
-    assert cmd[1:3] == ["-m", "umeml.flower.supernode_main"]
+    assert cmd[1:3] == ["-m", "umeml.flower.fleet_retry"]

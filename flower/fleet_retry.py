@@ -1,4 +1,4 @@
-"""``python -m umeml.flower.supernode_main ARGS``: Flower's ``flower-supernode`` with a SuperLink's
+"""``python -m umeml.flower.fleet_retry ARGS``: Flower's ``flower-supernode`` with a SuperLink's
 HTTP 500 retried like its 502/503/504.
 
 Flower 1.42's SuperNode speaks HTTP to the Fleet API and retries (unlimited, exponential backoff
