@@ -22,10 +22,12 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
+from umeml.client.keep_local import remember_local_copies, with_local_copies
 from umeml.config import DPConfig, ExperimentConfig, SiteConfig, config_from_dict, config_to_dict, load_site_config
 from umeml.data.cohort import Cohort
 from umeml.data.source import CohortSource
 from umeml.errors import UmemlError
+from umeml.federation.partial import outgoing_update
 from umeml.federation.privacy import KEY_CLIPPING_NORM
 from umeml.federation.protocol import Preprocessing
 from umeml.federation.redact import redact
@@ -173,12 +175,14 @@ def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]
         """Local epochs from the global weights."""
         cfg, conf, prep, site = round_request(msg, context)
         mu = float(conf.get("proximal-mu", 0.0))
-        received = state_from_arrays(msg.content["arrays"])
+        received = with_local_copies(context, state_from_arrays(msg.content["arrays"]), cfg, prep)
         state, metrics = site.train(cfg, prep, received, int(conf["server-round"]), mu)
         if state is None:  # the site did not train (privacy budget spent, DP required but not set up)
             return _json_reply(msg, {"site": site.site_id, **metrics})
         if KEY_CLIPPING_NORM in conf:  # central DP with client-side clipping (Flower's wrapper sent the norm)
             state = clip_update(state, received, float(conf[KEY_CLIPPING_NORM]))
+        remember_local_copies(context, state, cfg, prep)
+        state = outgoing_update(state, cfg, prep)  # only the trainable, shared weights leave the site
         reply = RecordDict({
             "arrays": arrays_from_state(state, fp16=cfg.federation.fp16_transfer),
             "metrics": MetricRecord({"num-examples": metrics["num-examples"], "train_loss": float(metrics["train_loss"])}),
@@ -191,7 +195,8 @@ def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]
     def evaluate(msg: Message, context: Context) -> Message:
         """Metrics of the global weights on the site's held-out patients or local validation split."""
         cfg, conf, prep, site = round_request(msg, context)
-        report = site.evaluate(cfg, prep, state_from_arrays(msg.content["arrays"]), str(conf["part"]), int(conf["n-boot"]))
+        weights = with_local_copies(context, state_from_arrays(msg.content["arrays"]), cfg, prep)
+        report = site.evaluate(cfg, prep, weights, str(conf["part"]), int(conf["n-boot"]))
         return Message(RecordDict({
             "metrics": MetricRecord({"num-examples": int(report["n"])}),
             "report": ConfigRecord({"json": json.dumps(report)}),

@@ -108,6 +108,9 @@ class TrainConfig:
     amp: bool = True
     num_workers: int = field(default=0, metadata=_range(0))
     bootstrap: int = field(default=1000, metadata=_range(0))
+    # which parameters train: "all", "heads", "decoder" (decoder, norm, fusion and heads) or a
+    # list of module names; frozen ones get no gradients, no DP noise and never leave a site
+    trainable: str | tuple[str, ...] = "all"
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,24 @@ class DPConfig:
     max_grad_norm: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
     accountant: str = "rdp"  # a name registered in umeml.federation.accountants
     budget_scope: Literal["site", "experiment"] = "site"
+
+
+@dataclass(frozen=True)
+class DPRecipeConfig:
+    """How a site trains under local DP-SGD when ``enabled`` (the default): see README, Privacy.
+
+    SGD with ``lr`` and ``momentum`` (no Adam state, which turns noise into full-size steps),
+    Poisson batches of expected size ``batch_fraction`` x the site's training patients (at least
+    ``train.batch_size``, at most all of them), ``local_steps`` DP-SGD steps per round instead of
+    ``federation.local_epochs``; the noise is calibrated for rounds x local_steps steps. With
+    local DP requested and no ``federation.strategy`` given, the strategy is ``fedavgm``.
+    """
+
+    enabled: bool = True
+    lr: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
+    momentum: float = field(default=0.0, metadata=_range(0.0, 0.999))
+    batch_fraction: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
+    local_steps: int = field(default=2, metadata=_range(1))
 
 
 @dataclass(frozen=True)
@@ -184,6 +205,12 @@ class FederationConfig:
     fp16_transfer: bool = False
     max_update_norm: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
     local_dp: DPConfig = field(default_factory=DPConfig)
+    dp_recipe: DPRecipeConfig = field(default_factory=DPRecipeConfig)
+    # a umeml.model checkpoint of the same architecture that the global model starts from
+    init_checkpoint: str | None = None
+    # fnmatch patterns of weight names each site keeps for itself (FedBN-style): never sent,
+    # the site's own copy carries over between rounds
+    keep_local: tuple[str, ...] = ()
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
     # epsilon of the two-sided geometric noise each site adds to its preprocessing survival
     # histogram; None sends exact counts (a patient's survival time to within one grid cell)
@@ -377,6 +404,8 @@ def _validate_semantics(obj: Any, path: str, source: str) -> None:
             f"{source}: {prefix}target_epsilon: set, but {prefix}enabled is false (no central DP would be "
             "applied and no budget enforced); enable central DP or remove the target"
         )
+    if isinstance(obj, TrainConfig):
+        _check_trainable(obj.trainable, f"{prefix}trainable", source)
     if isinstance(obj, ExperimentConfig):
         if not obj.tasks or len(set(obj.tasks)) != len(obj.tasks):
             raise ConfigError(f"{source}: tasks: give one or more distinct tasks")
@@ -388,8 +417,36 @@ def _validate_semantics(obj: Any, path: str, source: str) -> None:
             )
 
 
+TRAINABLE_PRESETS = ("all", "heads", "decoder")
+
+
+def _check_trainable(value: str | tuple[str, ...], key: str, source: str) -> None:
+    if isinstance(value, str):
+        _check_choice(value, TRAINABLE_PRESETS, key, source)
+    elif not value or any(not v.strip() for v in value):
+        raise ConfigError(f"{source}: {key}: give a preset ({', '.join(TRAINABLE_PRESETS)}) or a non-empty "
+                          f"list of module names (got {list(value)!r})")
+
+
+def _dp_recipe_strategy(raw: dict) -> dict:
+    """The DP recipe's one coordinator-side default: with ``federation.local_dp.enabled`` and the
+    recipe on, a federation that names no strategy uses ``fedavgm`` (server momentum averages
+    the sites' DP noise over rounds). Anything the config states explicitly is kept."""
+    fed = raw.get("federation")
+    if not isinstance(fed, dict) or "strategy" in fed:
+        return raw
+    local_dp, recipe = fed.get("local_dp"), fed.get("dp_recipe")
+    if not (isinstance(local_dp, dict) and local_dp.get("enabled") is True):
+        return raw
+    if isinstance(recipe, dict) and recipe.get("enabled") is False:
+        return raw
+    return {**raw, "federation": {**fed, "strategy": "fedavgm"}}
+
+
 def config_from_dict(raw: dict, source: str = "<dict>") -> ExperimentConfig:
     """Build an :class:`ExperimentConfig` from a mapping, checking every key."""
+    if isinstance(raw, dict):
+        raw = _dp_recipe_strategy(raw)
     return _build(ExperimentConfig, raw, "", source)
 
 
