@@ -97,6 +97,11 @@ def merge_update(global_state: dict[str, torch.Tensor], update: dict[str, torch.
     return {k: (update[k].to(v.dtype) if k in update else v) for k, v in global_state.items()}
 
 
+def _listed(items: list[str], sep: str, most: int = 12) -> str:
+    more = f"{sep}... ({len(items) - most} more)" if len(items) > most else ""
+    return f"{len(items)} tensor(s): " + sep.join(items[:most]) + more
+
+
 def check_state_fits(state: dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
     """Raise :class:`CheckpointMismatch` listing every tensor that is missing, unexpected or of
     another shape when ``state`` is loaded into ``model``."""
@@ -107,8 +112,8 @@ def check_state_fits(state: dict[str, torch.Tensor], model: nn.Module, source: s
     shapes = [f"{k}: checkpoint {got[k]}, model {want[k]}" for k in want if k in got and got[k] != want[k]]
     if not (missing or extra or shapes):
         return
-    lines = ([f"missing from the checkpoint: {', '.join(missing)}"] if missing else []) + \
-            ([f"not in the model: {', '.join(extra)}"] if extra else []) + \
-            ([f"shape differs: {'; '.join(shapes)}"] if shapes else [])
+    lines = ([f"missing from the checkpoint: {_listed(missing, ', ')}"] if missing else []) + \
+            ([f"not in the model: {_listed(extra, ', ')}"] if extra else []) + \
+            ([f"shape differs: {_listed(shapes, '; ')}"] if shapes else [])
     raise CheckpointMismatch(f"{source}: the checkpoint does not fit the configured model "
                              f"({type(model).__name__}):\n  - " + "\n  - ".join(lines))
