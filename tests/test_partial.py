@@ -85,9 +85,10 @@ def test_frozen_parameter_unchanged_after_dp_training_and_absent_from_the_update
 
 
 def test_screening_and_merging_take_exactly_the_sent_subset():
+    from flwr.app import ConfigRecord, Message, Metadata
+
     from umeml.flower.records import arrays_from_state
     from umeml.server.strategies import screen_update
-    from flwr.app import ConfigRecord, Message, Metadata
 
     model = _model()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -137,7 +138,8 @@ def test_init_checkpoint_loads_or_names_every_mismatching_tensor(tmp_path):
         init_from_checkpoint(_model(hidden=32), path)
     text = str(err.value)
     assert "public.pt" in text and "shape differs" in text and "checkpoint (16,), model (32,)" in text
-    with pytest.raises(CheckpointMismatch, match=r"(?s)missing from the checkpoint: \d+ tensor\(s\): path.proj.0.weight.*more\).*'linear', configured 'umeml'"):
+    wanted = r"(?s)missing from the checkpoint: \d+ tensor\(s\): path.proj.0.weight.*more\).*'linear', configured 'umeml'"
+    with pytest.raises(CheckpointMismatch, match=wanted):
         init_from_checkpoint(_model(), save_checkpoint(tmp_path / "linear.pt", _model("linear")))
     with pytest.raises(CheckpointMismatch, match="no such checkpoint file"):
         init_from_checkpoint(_model(), tmp_path / "absent.pt")
