@@ -166,3 +166,12 @@ def format_summary(s: dict) -> str:
         v = s[f"{task}_{key}"]
         cells.append("-" if v is None else f"{v[0]:.3f} ± {v[1]:.3f}")
     return f"| {s['variant']} | {eps} | {spent} | {s['seeds']} | " + " | ".join(cells) + f" | {s['wall_s']:.0f} s |"
+
+
+def read_rows(log: Path) -> list[dict]:
+    """The row dicts a ``--recipe`` process printed (one per line) from its log."""
+    import ast
+
+    # repr(float("inf")) is not a literal; 1e999 parses to inf
+    return [ast.literal_eval(line.replace(": inf,", ": 1e999,")) for line in Path(log).read_text().splitlines()
+            if line.startswith("{'variant'")]

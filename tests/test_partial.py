@@ -180,7 +180,7 @@ def test_recipe_schedule_and_optimizer():
     assert dp_schedule(cfg, 6, 10)[0] == 1.0
     assert dp_schedule(cfg, 40, 1)[2] == 2
     opt = dp_train_settings(cfg)
-    assert (opt.optimizer, opt.lr, opt.momentum, opt.weight_decay) == ("sgd", 0.5, 0.0, 0.0)
+    assert (opt.optimizer, opt.lr, opt.momentum, opt.weight_decay) == ("sgd", 0.05, 0.0, 0.0)
     assert dp_train_settings(tiny_experiment(dp_recipe={"enabled": False})).optimizer == "adamw"
 
 

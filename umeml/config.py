@@ -144,7 +144,8 @@ class DPRecipeConfig:
     """
 
     enabled: bool = True
-    lr: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
+    # server momentum 0.9 multiplies the mean update by up to 10: 0.05 here is 0.5 effective
+    lr: float = field(default=0.05, metadata=_range(0.0, lo_open=True))
     momentum: float = field(default=0.0, metadata=_range(0.0, 0.999))
     batch_fraction: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
     local_steps: int = field(default=2, metadata=_range(1))
