@@ -185,7 +185,8 @@ def main(argv=None) -> int:
     if not args.skip_utility and not args.recipe:
         parts.append(utility_part(args))
     if args.write and parts:
-        write_section(args.write, RECIPE_TITLE if args.recipe else TITLE, f"Command: `{command(MODULE, argv)}`\n\n" + "\n".join(parts))
+        title = RECIPE_TITLE if args.recipe else TITLE
+        write_section(args.write, title, f"Command: `{command(MODULE, argv)}`\n\n" + "\n".join(parts))
     return 0
 
 
