@@ -41,3 +41,28 @@ def test_run_ledger_lists_every_release_per_site():
     assert total["A1"]["releases"][0]["steps"] == 2
     assert total["A2"]["epsilon"] == pytest.approx(total_epsilon([], [0.5], DELTA))
     assert site_totals([], [], DELTA) == {}
+
+
+def test_simulate_prints_one_total_per_site_with_its_releases():
+    from umeml.server.public_init import format_privacy_totals
+
+    final = {"privacy": {"total": {"A0": {"epsilon": 8.41, "delta": DELTA, "releases": [
+        {"kind": "dp_sgd", "epsilon_alone": 7.9, "steps": 20, "rounds": 10},
+        {"kind": "survival_histogram", "epsilon_alone": 1.0}]}}}}
+    text = format_privacy_totals(final)
+    assert "A0: total epsilon 8.410 at delta 1e-05 (dp_sgd 7.9, survival_histogram 1)" in text
+    assert format_privacy_totals({"privacy": None}) == ""
+
+
+def test_named_part_without_checkpoint_or_public_sites_is_refused(tiny_cohort_dir):
+    from umeml.data.cohort import load_data_dir
+    from umeml.errors import ConfigError
+    from umeml.server.public_init import needs_public_checkpoint, with_public_checkpoint
+
+    from fed_helpers import tiny_experiment
+
+    cfg = tiny_experiment(train={"trainable": "heads"})
+    assert needs_public_checkpoint(cfg) and not needs_public_checkpoint(tiny_experiment())
+    cohort = load_data_dir(str(tiny_cohort_dir), cfg.data)
+    with pytest.raises(ConfigError, match="federation.init_checkpoint is not set.*sites: A0, A1, A2"):
+        with_public_checkpoint(cfg, cohort, ("A2",), tiny_cohort_dir)  # every site is in the federation
