@@ -73,6 +73,10 @@ def public_checkpoint(cohort_, seed: int, work: Path) -> tuple[Path, dict]:
     cfg = dataclasses.replace(demo, seed=seed, name="public", split=dataclasses.replace(demo.split, test_sites=HELD))
     split = make_split(cohort_, HELD, 1, cfg.split.val_fraction, seed, PUBLIC)
     out = work / f"public-{seed}"
+    if (out / "final.json").is_file():  # trained by an earlier process on the same work dir
+        from umeml.rundir import read_final
+
+        return out / "checkpoints" / "best.pt", read_final(out / "final.json").to_json()["test"]
     final = train_central(cfg, cohort_, out, split=split, progress=False)
     return out / "checkpoints" / "best.pt", final["test"]
 
