@@ -124,8 +124,8 @@ def run_grid(epsilons, seeds, work: Path, variants=VARIANTS, reference: bool = T
         log(rows[-1])
         if reference:
             demo = _small(load_config(REPO / "configs" / "demo.yaml"))
-            ref = dataclasses.replace(demo, seed=seed, name=f"reference-{seed}", split=base.split,
-                                      federation=dataclasses.replace(demo.federation, train_sites=PRIVATE))
+            fed = dataclasses.replace(demo.federation, train_sites=PRIVATE, evaluate_every=demo.federation.rounds)
+            ref = dataclasses.replace(demo, seed=seed, name=f"reference-{seed}", split=base.split, federation=fed)
             rows.append(_run(federate, ref, cohort_, source, work, "non-DP reference (demo.yaml)", math.inf, seed))
             log(rows[-1])
         for eps in epsilons:

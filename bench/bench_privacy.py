@@ -119,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="the DP recipe's grid instead (public init + named part, bench/_privacy_recipe.py)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="experiment seeds of --recipe")
     ap.add_argument("--variants", nargs="+", help="rows of --recipe (default all)")
+    ap.add_argument("--no-reference", action="store_true", help="--recipe without the non-DP demo.yaml reference")
     ap.add_argument("--recipe-rows", type=Path, nargs="+",
                     help="summarise the rows that --recipe runs printed (one log per process) instead of running")
     ap.add_argument("--skip-cost", action="store_true")
@@ -165,7 +166,7 @@ def recipe_part(args) -> str:
         work = Path(os.environ.get("UMEML_BENCH_WORK") or tempfile.mkdtemp(prefix="umeml-dp-recipe-"))
         load = [os.getloadavg()[0]]
         rows = recipe.run_grid(args.epsilons, args.seeds, work, tuple(args.variants or recipe.VARIANTS),
-                               log=lambda r: (load.append(os.getloadavg()[0]),
+                               reference=not args.no_reference, log=lambda r: (load.append(os.getloadavg()[0]),
                                               print({**r, "load": os.getloadavg()[0]}, flush=True)))
     header = ("| rows | target epsilon | spent (max over sites) | seeds | grade auc_macro | subtype auc_macro | "
               "survival c_index | wall per run |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n")
