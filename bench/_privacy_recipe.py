@@ -93,8 +93,9 @@ def variant_config(base, variant: str, eps: float, seed: int, public: Path):
         train = dataclasses.replace(train, trainable=variant.rsplit(" ", 1)[1])
     cfg = dataclasses.replace(base, seed=seed, model=model, train=train, federation=fed,
                               name=f"{variant.replace(' ', '-').replace('+', '')}-{eps:g}-{seed}")
-    if math.isinf(eps):
-        return dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, strategy="fedavg"))
+    if math.isinf(eps):  # demo_dp.yaml turns local DP on: off here
+        no_dp = dataclasses.replace(cfg.federation.local_dp, enabled=False)
+        return dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, strategy="fedavg", local_dp=no_dp))
     cfg = with_local_dp(cfg, eps)
     return dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, strategy="fedavgm"))
 
