@@ -119,6 +119,7 @@ def report(title: str, times: dict[str, list[float]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Time the three variants for every model and batch size; print markdown tables."""
     from umeml.model import build_model
+    from umeml.model.parts import apply_trainable
     from umeml.train.loop import LossSettings
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--models", nargs="+", default=["umeml", "linear"], help="model.name values (demo config otherwise)")
+    p.add_argument("--trainable", default="all", help="train.trainable of every variant (all, heads, decoder)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"load before: {uptime()}")
@@ -138,11 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         mcfg = cfg.model if name == cfg.model.name else type(cfg.model)(name=name)
         torch.manual_seed(0)
         model = build_model(mcfg, prep.feature_dim, tuple(prep.group_sizes), prep.heads)
+        apply_trainable(model, args.trainable)  # frozen parts: no gradients in any variant
         n_params, n_tensors = sum(q.numel() for q in model.parameters()), len(list(model.parameters()))
         for b in args.batch_sizes:
             patches = np.mean([float(x.patch_mask.sum()) / len(x) for x in batches[b]])
             times = measure(model, batches[b], loss, b, args.repeats)
-            report(f"## {name}: {n_params} parameters in {n_tensors} tensors, batch {b}, "
+            report(f"## {name} (trainable {args.trainable}): {n_params} parameters in {n_tensors} tensors, batch {b}, "
                    f"{patches:.0f} patches per bag", times)
     print(f"\nload after: {uptime()}")
     return 0

@@ -21,12 +21,14 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
+from umeml.client.keep_local import remember_local_copies, with_local_copies
 from umeml.client.refusal import record_refusal
 from umeml.config import DPConfig, ExperimentConfig, SiteConfig, config_from_dict, config_to_dict, load_site_config
 from umeml.data.cohort import Cohort
 from umeml.data.fingerprint import cohort_fingerprint
 from umeml.data.source import CohortSource
 from umeml.errors import UmemlError
+from umeml.federation.partial import outgoing_update
 from umeml.federation.personalise import personalise
 from umeml.federation.privacy import KEY_CLIPPING_NORM
 from umeml.federation.protocol import Preprocessing
@@ -186,12 +188,14 @@ def validation_first(site: SiteRuntime, cfg: ExperimentConfig, prep: Preprocessi
     return {**report, "weights_round": int(conf["validate-round"])}
 
 
-def train_reply(msg: Message, cfg: ExperimentConfig, conf, prep: Preprocessing, site: SiteRuntime) -> Message:
-    """A train message's reply: the validation of the received weights (one wave per round),
-    then local epochs from them; the update (clipped under central DP with client-side clipping)
-    and the site's report."""
+def train_reply(msg: Message, context: Context, cfg: ExperimentConfig, conf, prep: Preprocessing,
+                site: SiteRuntime) -> Message:
+    """A train message's reply: the validation of the received weights (with the site's own
+    ``keep_local`` copies; one wave per round), then local epochs from them; the update (clipped
+    under central DP with client-side clipping; only the trainable, shared weights) and the
+    site's report."""
     mu = float(conf.get("proximal-mu", 0.0))
-    received = state_from_arrays(msg.content["arrays"])
+    received = with_local_copies(context, state_from_arrays(msg.content["arrays"]), cfg, prep)
     validation = validation_first(site, cfg, prep, received, conf)
     state, metrics = site.train(cfg, prep, received, int(conf["server-round"]), mu, float(conf.get(LR_SCALE_KEY, 1.0)))
     if validation is not None:
@@ -200,6 +204,8 @@ def train_reply(msg: Message, cfg: ExperimentConfig, conf, prep: Preprocessing, 
         return _json_reply(msg, {"site": site.site_id, **metrics})
     if KEY_CLIPPING_NORM in conf:  # central DP with client-side clipping (Flower's wrapper sent the norm)
         state = clip_update(state, received, float(conf[KEY_CLIPPING_NORM]))
+    remember_local_copies(context, state, cfg, prep)
+    state = outgoing_update(state, cfg, prep)  # only the trainable, shared weights leave the site
     reply = RecordDict({
         "arrays": arrays_from_state(state, fp16=cfg.federation.fp16_transfer),
         "metrics": MetricRecord({"num-examples": metrics["num-examples"], "train_loss": float(metrics["train_loss"])}),
@@ -239,14 +245,15 @@ def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]
     @contained
     def train(msg: Message, context: Context) -> Message:
         """Local epochs from the global weights."""
-        return train_reply(msg, *round_request(msg, context))
+        return train_reply(msg, context, *round_request(msg, context))
 
     @app.evaluate()
     @contained
     def evaluate(msg: Message, context: Context) -> Message:
         """Metrics of the global weights on the site's held-out patients or local validation split."""
         cfg, conf, prep, site = round_request(msg, context)
-        report = site.evaluate(cfg, prep, state_from_arrays(msg.content["arrays"]), str(conf["part"]), int(conf["n-boot"]))
+        weights = with_local_copies(context, state_from_arrays(msg.content["arrays"]), cfg, prep)
+        report = site.evaluate(cfg, prep, weights, str(conf["part"]), int(conf["n-boot"]))
         return Message(RecordDict({
             "metrics": MetricRecord({"num-examples": int(report["n"])}),
             "report": ConfigRecord({"json": json.dumps(report)}),

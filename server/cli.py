@@ -235,6 +235,7 @@ def _simulate_comparison(args: argparse.Namespace, cfg, cohort, source) -> int:
 
 def _simulate_run(args: argparse.Namespace, cfg, cohort, source, run_dir: Path, held, resume: bool) -> int:
     """One simulation holding out ``held`` (None: by config and seed); prints its held-out table."""
+    from umeml.server.public_init import format_privacy_totals, with_public_checkpoint
     from umeml.simulation import simulate
 
     if not resume:
@@ -249,9 +250,12 @@ def _simulate_run(args: argparse.Namespace, cfg, cohort, source, run_dir: Path, 
         atomic_write_json(RunDir(run_dir).simulation, {"source": source.to_dict(), "held_out": list(planned)})
         held = planned
         _warn_missing_classes(cfg, cohort, planned)
+        cfg = with_public_checkpoint(cfg, cohort, tuple(held), run_dir)
     final = simulate(cfg, cohort, source, run_dir, held_out=held, resume=resume, device=args.device)
     print(f"\nheld-out metrics after {final['rounds']} rounds ({final['strategy']}), run dir {run_dir}:")
     print(format_table(final))
+    if totals := format_privacy_totals(final):
+        print(totals)
     if not args.no_report:
         _write_reports([run_dir])
     return 0

@@ -19,6 +19,7 @@ from umeml import __version__
 from umeml.config import ExperimentConfig, config_to_dict, dump_config
 from umeml.data.labels import subtype_codes
 from umeml.errors import FederationError
+from umeml.federation.partial import sent_keys
 from umeml.federation.personalise import summarise_personalisation
 from umeml.federation.privacy import central_entry, run_ledger
 from umeml.federation.protocol import (
@@ -33,6 +34,7 @@ from umeml.federation.selection import RoundSelector
 from umeml.flower.records import arrays_from_state, state_from_arrays
 from umeml.metrics.coverage import missing_class_messages
 from umeml.model import build_model, save_checkpoint
+from umeml.model.io import init_from_checkpoint
 from umeml.rundir import (
     PRIMARY_METRICS,
     FederatedFinal,
@@ -49,6 +51,7 @@ from umeml.rundir import (
     write_metrics,
     write_roles,
 )
+from umeml.server.partial import complete_replies, expected_subset, merge_aggregate
 from umeml.server.strategies import (
     NodeSubsetGrid,
     build_strategy,
@@ -402,12 +405,20 @@ class Coordinator:
             atomic_write_text(self.files.config, dump_config(cfg))
             torch.manual_seed(cfg.seed)
             model = build_model(cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads)
+            self._init_weights(model)
             state = RunState(0, {k: v.detach().clone() for k, v in model.state_dict().items()}, seed=cfg.seed,
                              releases=releases)
         strategy = with_central_dp(build_strategy(cfg.federation), cfg.federation, len(train_nodes))
         restore_strategy_state(strategy, state.strategy)
         base_config = {"experiment": self.experiment_json, "preprocessing": prep.to_json()}
         return _Run(state, prep, strategy, base_config, train_nodes, held_nodes, self._selector(state))
+
+    def _init_weights(self, model) -> None:
+        """Start from ``federation.init_checkpoint`` when set (a mismatch names every tensor)."""
+        path = self.cfg.federation.init_checkpoint
+        if path:
+            init_from_checkpoint(model, path)
+            self._report(f"initial weights: {path}")
 
     def _train_round(self, grid, rnd: int, run: _Run) -> tuple[dict | None, dict | None]:
         """Round ``rnd``'s training wave and aggregation: (the round's history entry, None), or
@@ -430,14 +441,15 @@ class Coordinator:
                                              timeout=self.timeout))
         train_wave = time.perf_counter() - t_wave
         replies, eval_reports = self._record_wave_evaluation(run, pending, replies)
-        accepted, train_reports, privacy = self._screen_replies(rnd, replies, arrays)
+        keys = sent_keys(self.cfg, run.prep)
+        accepted, train_reports, privacy = self._screen_replies(rnd, replies, expected_subset(arrays, keys))
         for report in train_reports:  # validation reports are recorded with the round whose weights they score
             report.pop("validation", None)
         if len(accepted) >= self.cfg.federation.min_train_sites:
             prepare_aggregation(strategy, accepted)
-            new_arrays, _ = strategy.aggregate_train(rnd, accepted)
+            new_arrays, _ = strategy.aggregate_train(rnd, complete_replies(accepted, arrays))
             if new_arrays is not None:
-                state.weights = state_from_arrays(new_arrays, state.weights)
+                state.weights = merge_aggregate(state.weights, state_from_arrays(new_arrays, state.weights), keys)
                 if central_dp_wrapper(strategy) is not None:
                     privacy.append(self._central_release(rnd, state.history, len(accepted), sample_rate))
         else:

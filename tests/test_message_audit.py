@@ -140,7 +140,7 @@ class Audit:
         return [rt.cohort.patients[i] for i in rt.indices]
 
 
-def run_audit(data_dir, run_dir, tamper=None) -> Audit:
+def run_audit(data_dir, run_dir, tamper=None, experiment=None) -> Audit:
     """Run the federation of the module docstring and keep everything the audit needs
     (``tamper``: LocalGrid's per-node reply hooks, to check that the audit catches leaks)."""
     recorded = []
@@ -157,7 +157,7 @@ def run_audit(data_dir, run_dir, tamper=None) -> Audit:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(site_module, "predict", recording_predict)
         mp.setattr(personalise_module, "predict", recording_predict)
-        coord = Coordinator(_experiment(), run_dir, expected_sites=5, held_out=HELD_OUT, wait_timeout=5,
+        coord = Coordinator(experiment or _experiment(), run_dir, expected_sites=5, held_out=HELD_OUT, wait_timeout=5,
                             printer=lambda s: None)
         final = coord.run(grid)
     assert final["rounds"] == 2 and sorted(final["training_sites"]) == ["A0", "A1", "S1"]
@@ -510,3 +510,38 @@ def test_personalisation_replies_carry_metrics_only_and_respect_k(audit):
     assert json.loads(str(replies["S1"].content["report"]["json"]))["suppressed"] is True
     final = json.loads((audit.run_dir / "final.json").read_text())
     assert final["selection"]["rule"] == "best_validation" and final["personalisation"]["n_sites"] == 2
+
+
+# ------------------------------------------------------------------------------ partial updates
+PARTIAL = {"train": {"trainable": "decoder"}, "keep_local": ["fusion.*"]}
+
+
+@pytest.fixture(scope="module")
+def partial_audit(tiny_cohort_dir, tmp_path_factory):
+    cfg = tiny_experiment(bootstrap=0, k_min_patients=K, train=PARTIAL["train"], keep_local=PARTIAL["keep_local"])
+    return run_audit(tiny_cohort_dir, tmp_path_factory.mktemp("partial") / "run", experiment=cfg)
+
+
+def test_frozen_and_keep_local_weights_never_leave_a_site(partial_audit):
+    sent = next(m for m in partial_audit.grid.sent if m.metadata.message_type == "train")
+    model_keys = list(sent.content["arrays"].keys())
+    expected = [k for k in model_keys if k.split(".")[0] in ("decoder", "norm", "heads")]
+    assert expected and any(k.startswith("fusion.") for k in model_keys) and any(k.startswith("path.") for k in model_keys)
+    updates = [m for m in partial_audit.grid.received if m.metadata.message_type == "train"
+               and "arrays" in m.content.array_records]
+    assert len(updates) == 4  # A0 and A1, two rounds
+    for m in updates:
+        assert list(m.content["arrays"].keys()) == expected
+
+
+def test_coordinator_keeps_what_no_site_sent(partial_audit):
+    from umeml.model import load
+
+    trains = [m for m in partial_audit.grid.sent if m.metadata.message_type == "train"]
+    first = {k: a.numpy() for k, a in trains[0].content["arrays"].items()}
+    final, _ = load(partial_audit.run_dir / "checkpoints" / "global.pt")
+    changed = set()
+    for k, v in final.state_dict().items():
+        if not np.array_equal(v.numpy(), first[k]):
+            changed.add(k.split(".")[0])
+    assert changed == {"decoder", "norm", "heads"}  # frozen encoders and the sites' own fusion unchanged

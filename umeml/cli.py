@@ -81,7 +81,17 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_init_checkpoint(cfg, path: Path | None):
+    """``--init-checkpoint`` sets ``federation.init_checkpoint`` (the same key a federation reads)."""
+    if path is None:
+        return cfg
+    import dataclasses
+
+    return dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, init_checkpoint=str(path)))
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    from umeml.model.parts import CheckpointMismatch, PartError
     from umeml.train.central import train_central
 
     if args.config is None:
@@ -94,13 +104,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
             cfg = dataclasses.replace(cfg, seed=args.seed)
         earlier = check_run_dir(args.out, args.overwrite)
+        cfg = _with_init_checkpoint(cfg, args.init_checkpoint)
         cohort = CohortSource.from_args(args).load(cfg.data, cfg.tasks, scan_features=True)
     except (ConfigError, DataValidationError, FileNotFoundError) as err:
         return report_input_error(err, "data check FAILED")
     replace_run_dir(args.out, earlier)  # only once the config and the data passed their checks
     try:
         final = train_central(cfg, cohort, args.out, progress=not args.quiet)
-    except ValueError as err:
+    except (ValueError, CheckpointMismatch, PartError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_final(final))
@@ -178,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="override the config's seed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
+    p.add_argument("--init-checkpoint", type=Path, metavar="PATH",
+                   help="start from this umeml.model checkpoint of the same architecture (federation.init_checkpoint)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained) and RUN_DIR/plots/*.png")

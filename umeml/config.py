@@ -121,6 +121,9 @@ class TrainConfig:
     amp: bool = True
     num_workers: int = field(default=0, metadata=_range(0))
     bootstrap: int = field(default=1000, metadata=_range(0))
+    # which parameters train: "all", "heads", "decoder" (decoder, norm, fusion and heads) or a
+    # list of module names; frozen ones get no gradients, no DP noise and never leave a site
+    trainable: str | tuple[str, ...] = "all"
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,25 @@ class DPConfig:
     max_grad_norm: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
     accountant: str = "rdp"  # a name registered in umeml.federation.accountants
     budget_scope: Literal["site", "experiment"] = "site"
+
+
+@dataclass(frozen=True)
+class DPRecipeConfig:
+    """How a site trains under local DP-SGD when ``enabled`` (the default): see README, Privacy.
+
+    SGD with ``lr`` and ``momentum`` (no Adam state, which turns noise into full-size steps),
+    Poisson batches of expected size ``batch_fraction`` x the site's training patients (at least
+    ``train.batch_size``, at most all of them), ``local_steps`` DP-SGD steps per round instead of
+    ``federation.local_epochs``; the noise is calibrated for rounds x local_steps steps. With
+    local DP requested and no ``federation.strategy`` given, the strategy is ``fedavgm``.
+    """
+
+    enabled: bool = True
+    # server momentum 0.9 multiplies the mean update by up to 10: 0.05 here is 0.5 effective
+    lr: float = field(default=0.05, metadata=_range(0.0, lo_open=True))
+    momentum: float = field(default=0.0, metadata=_range(0.0, 0.999))
+    batch_fraction: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
+    local_steps: int = field(default=2, metadata=_range(1))
 
 
 @dataclass(frozen=True)
@@ -197,6 +219,12 @@ class FederationConfig:
     fp16_transfer: bool = False
     max_update_norm: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
     local_dp: DPConfig = field(default_factory=DPConfig)
+    dp_recipe: DPRecipeConfig = field(default_factory=DPRecipeConfig)
+    # a umeml.model checkpoint of the same architecture that the global model starts from
+    init_checkpoint: str | None = None
+    # fnmatch patterns of weight names each site keeps for itself (FedBN-style): never sent,
+    # the site's own copy carries over between rounds
+    keep_local: tuple[str, ...] = ()
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
     # FedAdam/FedYogi's adaptivity tau (Reddi et al. 2021 tune it over 1e-9..1e-1): None keeps Flower's 1e-3
     server_tau: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
@@ -400,6 +428,14 @@ def _validate_semantics(obj: Any, path: str, source: str) -> None:
             raise ConfigError(f"{source}: {prefix}modalities: at least one modality is required")
         if len(set(obj.modalities)) != len(obj.modalities):
             raise ConfigError(f"{source}: {prefix}modalities: duplicate entries")
+    _validate_site_and_federation(obj, prefix, source)
+    if isinstance(obj, TrainConfig):
+        _check_trainable(obj.trainable, f"{prefix}trainable", source)
+    _validate_labels(obj, prefix, source)
+
+
+def _validate_site_and_federation(obj: Any, prefix: str, source: str) -> None:
+    """The site file's and the federation section's cross-field rules."""
     if isinstance(obj, SiteConfig):
         if not obj.site_id.strip():
             raise ConfigError(f"{source}: site_id: a non-empty site id is required")
@@ -424,6 +460,10 @@ def _validate_semantics(obj: Any, path: str, source: str) -> None:
             f"{source}: {prefix}target_epsilon: set, but {prefix}enabled is false (no central DP would be "
             "applied and no budget enforced); enable central DP or remove the target"
         )
+
+
+def _validate_labels(obj: Any, prefix: str, source: str) -> None:
+    """Tasks and label maps: every subtype graded when grading, grades listed."""
     if isinstance(obj, ExperimentConfig):
         if not obj.tasks or len(set(obj.tasks)) != len(obj.tasks):
             raise ConfigError(f"{source}: tasks: give one or more distinct tasks")
@@ -441,8 +481,36 @@ def _validate_semantics(obj: Any, path: str, source: str) -> None:
             )
 
 
+TRAINABLE_PRESETS = ("all", "heads", "decoder")
+
+
+def _check_trainable(value: str | tuple[str, ...], key: str, source: str) -> None:
+    if isinstance(value, str):
+        _check_choice(value, TRAINABLE_PRESETS, key, source)
+    elif not value or any(not v.strip() for v in value):
+        raise ConfigError(f"{source}: {key}: give a preset ({', '.join(TRAINABLE_PRESETS)}) or a non-empty "
+                          f"list of module names (got {list(value)!r})")
+
+
+def _dp_recipe_strategy(raw: dict) -> dict:
+    """The DP recipe's one coordinator-side default: with ``federation.local_dp.enabled`` and the
+    recipe on, a federation that names no strategy uses ``fedavgm`` (server momentum averages
+    the sites' DP noise over rounds). Anything the config states explicitly is kept."""
+    fed = raw.get("federation")
+    if not isinstance(fed, dict) or "strategy" in fed:
+        return raw
+    local_dp, recipe = fed.get("local_dp"), fed.get("dp_recipe")
+    if not (isinstance(local_dp, dict) and local_dp.get("enabled") is True):
+        return raw
+    if isinstance(recipe, dict) and recipe.get("enabled") is False:
+        return raw
+    return {**raw, "federation": {**fed, "strategy": "fedavgm"}}
+
+
 def config_from_dict(raw: dict, source: str = "<dict>") -> ExperimentConfig:
     """Build an :class:`ExperimentConfig` from a mapping, checking every key."""
+    if isinstance(raw, dict):
+        raw = _dp_recipe_strategy(raw)
     return _build(ExperimentConfig, raw, "", source)
 
 

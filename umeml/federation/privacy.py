@@ -269,6 +269,7 @@ def run_ledger(experiment: str, local_request: dict, central: dict | None, round
     worst = max((v["epsilon"] for v in final_local.values() if isinstance(v.get("epsilon"), (int, float))),
                 default=None)
     hist = next((r for r in releases if r.get("kind") == "survival_histogram"), None)
+    delta = float(local_request.get("delta") or 1e-5) if isinstance(local_request, dict) else 1e-5
     return {
         "format": LEDGER_FORMAT,
         "experiment": experiment,
@@ -279,8 +280,11 @@ def run_ledger(experiment: str, local_request: dict, central: dict | None, round
         "stopped": stopped,
         "final": {"local": final_local, "local_max_epsilon": worst, "central": final_central,
                   "survival_histogram_epsilon": hist.get("epsilon") if hist else None,
-                  "stopped": stopped["reason"] if stopped else None},
+                  "stopped": stopped["reason"] if stopped else None,
+                  "total": site_totals(entries, releases, delta)},
         "notes": [
+            "total: one epsilon per site at delta, composing every release of this run at that site (its "
+            "DP-SGD rounds and its survival histogram) in Renyi DP; releases lists each of them",
             "survival_histogram: each training site's preprocessing histogram of uncensored survival times is "
             "epsilon-DP (delta 0) per site, released once; epsilon null means exact counts were sent. It "
             "composes with the local DP-SGD epsilon (at most the sum of the two)",
@@ -291,6 +295,32 @@ def run_ledger(experiment: str, local_request: dict, central: dict | None, round
             "training losses and evaluation metrics sent to the coordinator are not covered by either guarantee",
         ],
     }
+
+
+def site_totals(entries: list[dict], releases: list[dict], delta: float) -> dict[str, dict]:
+    """Per site: the total epsilon at ``delta`` of every release of this run (DP-SGD rounds and
+    one-off releases, composed by :func:`umeml.federation.accountants.total_epsilon`) and the
+    list of those releases (kind, epsilon of the release alone or cumulative, steps)."""
+    from umeml.federation.accountants import total_epsilon
+
+    def covers(r: dict, site: str) -> bool:  # a site's own release, or the coordinator's record of all
+        return str(r.get("site")) == site or site in (r.get("sites") or [])
+
+    sites = sorted({str(e.get("site")) for e in entries if e.get("kind") != "central"}
+                   | {str(r["site"]) for r in releases if r.get("site") is not None}
+                   | {str(s) for r in releases for s in (r.get("sites") or [])})
+    out = {}
+    for site in sites:
+        sgd = [e for e in entries if str(e.get("site")) == site and e.get("kind") != "central" and e.get("steps")]
+        pure = [r for r in releases if covers(r, site) and r.get("epsilon") is not None]
+        history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in sgd]
+        listed = ([{"kind": "dp_sgd", "rounds": len(sgd), "steps": sum(int(e["steps"]) for e in sgd),
+                    "epsilon_alone": compute_epsilon(history, delta, "rdp") if sgd else 0.0}] if sgd else []) + \
+                 [{"kind": r.get("kind"), "epsilon_alone": float(r["epsilon"]), "delta": r.get("delta", 0.0)}
+                  for r in pure]
+        out[site] = {"epsilon": total_epsilon(history, [float(r["epsilon"]) for r in pure], delta),
+                     "delta": delta, "releases": listed}
+    return out
 
 
 KEY_CLIPPING_NORM = "clipping_norm"  # the config key Flower's client-side clipping wrapper sends

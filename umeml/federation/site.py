@@ -8,14 +8,14 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from umeml import __version__
-from umeml.config import DPConfig, ExperimentConfig
+from umeml.config import DPConfig, ExperimentConfig, TrainConfig
 from umeml.data.cohort import Cohort
 from umeml.data.dataset import genomic_moments, make_loader
 from umeml.data.labels import label_counts
@@ -29,6 +29,7 @@ from umeml.federation.privacy import (
 )
 from umeml.federation.protocol import SURVIVAL_GRID_TEXT, survival_grid
 from umeml.federation.schedule import OptimizerStore
+from umeml.model.parts import apply_trainable
 from umeml.train.dp import resolve_dp, train_dp_steps
 from umeml.train.evaluate import evaluate_predictions
 from umeml.train.experiment import Preprocessing, build_model, loss_settings, make_dataset
@@ -52,6 +53,42 @@ def proximal_term(model, mu: float):
         return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(m.parameters(), anchor))
 
     return term
+
+
+def steps_per_epoch(sample_rate: float) -> int:
+    """Poisson batches in one epoch: 1/q rounded to the nearest integer (at least 1), so that an
+    epoch samples about every training patient once. (Rounding down gave a site of 47 patients
+    at batch 24 one step per epoch and one of 49 two.)"""
+    return max(1, int(round(1.0 / sample_rate)))
+
+
+def dp_schedule(cfg: ExperimentConfig, n_train: int, max_local_epochs: int) -> tuple[float, int, int]:
+    """A DP-SGD site's sampling rate q, steps per epoch and planned steps per round.
+
+    With ``federation.dp_recipe.enabled`` (the default): expected batch = ``batch_fraction`` x
+    training patients, at least ``train.batch_size`` and at most all of them, and
+    ``local_steps`` steps per round. Without it: q = batch_size / training patients and
+    ``local_epochs`` epochs of :func:`steps_per_epoch` steps. The site's ``max_local_epochs``
+    caps both.
+    """
+    recipe = cfg.federation.dp_recipe
+    if recipe.enabled:
+        batch = min(float(n_train), max(float(cfg.train.batch_size), recipe.batch_fraction * n_train))
+        q = batch / n_train
+        spe = steps_per_epoch(q)
+        return q, spe, min(recipe.local_steps, max_local_epochs * spe)
+    q = min(1.0, cfg.train.batch_size / n_train)
+    spe = steps_per_epoch(q)
+    return q, spe, min(cfg.federation.local_epochs, max_local_epochs) * spe
+
+
+def dp_train_settings(cfg: ExperimentConfig) -> TrainConfig:
+    """The optimiser settings of DP-SGD training: the recipe's plain SGD (no weight decay, no
+    Adam state under noise) when ``federation.dp_recipe.enabled``, else ``train`` as configured."""
+    recipe = cfg.federation.dp_recipe
+    if not recipe.enabled:
+        return cfg.train
+    return replace(cfg.train, optimizer="sgd", lr=recipe.lr, momentum=recipe.momentum, weight_decay=0.0)
 
 
 @dataclass
@@ -190,6 +227,7 @@ class SiteRuntime:
         device = resolve_device(self.device)
         model = self.build_model(cfg, prep)
         model.load_state_dict(state)
+        apply_trainable(model, cfg.train.trainable)
         model.to(device)
         train_idx, _ = self._split(cfg)
         ds = make_dataset(cfg, self.cohort, train_idx, prep, train=True)
@@ -224,15 +262,13 @@ class SiteRuntime:
         """This round's ledger entry (sampling rate, noise multiplier, the steps the remaining
         budget allows, epsilon after them), the allowed and planned steps and the steps per epoch.
 
-        Sampling rate q = batch_size / training patients; one epoch is 1/q Poisson batches.
+        Sampling rate, steps per epoch and planned steps: :func:`dp_schedule` (the DP recipe).
         The accountant composes every earlier entry of the ledger in the budget scope (all
         rounds, resumed runs, earlier experiments with scope ``site``). Without a configured
         noise multiplier one is calibrated so that the experiment's planned rounds spend the
         remaining budget, and then kept for the rest of the experiment.
         """
-        q = min(1.0, cfg.train.batch_size / n_train)
-        steps_per_epoch = max(1, int(1.0 / q))
-        planned = min(cfg.federation.local_epochs, self.max_local_epochs) * steps_per_epoch
+        q, spe, planned = dp_schedule(cfg, n_train, self.max_local_epochs)
         if dp.delta >= 1.0 / n_train:
             log.warning("site %s: dp.delta %g is not below 1/%d training patients; the guarantee is weak",
                         self.site_id, dp.delta, n_train)
@@ -251,8 +287,9 @@ class SiteRuntime:
                  "status": "trained" if allowed == planned else ("partial" if allowed else "budget_spent"),
                  "sample_rate": q, "noise_multiplier": nm, "steps": int(allowed), "max_grad_norm": dp.max_grad_norm,
                  "epsilon": eps, "delta": dp.delta, "accountant": dp.accountant,
-                 "target_epsilon": dp.target_epsilon, "budget_scope": dp.budget_scope}
-        return entry, allowed, planned, steps_per_epoch
+                 "target_epsilon": dp.target_epsilon, "budget_scope": dp.budget_scope,
+                 "cumulative_steps": int(sum(steps for _, _, steps in history) + allowed)}
+        return entry, allowed, planned, spe
 
     def _train_dp(self, cfg: ExperimentConfig, prep: Preprocessing, state: dict, server_round: int,
                   proximal_mu: float, dp: DPConfig) -> tuple[dict | None, dict]:
@@ -264,7 +301,7 @@ class SiteRuntime:
         if n_train == 0:
             return None, {"skipped": "no training patients at this site"}
         ledger = self.ledger()
-        entry, allowed, planned, steps_per_epoch = self._dp_round_entry(cfg, dp, ledger, n_train, server_round)
+        entry, allowed, planned, spe = self._dp_round_entry(cfg, dp, ledger, n_train, server_round)
         if allowed == 0:
             ledger.append(entry)
             reason = (f"privacy budget spent: epsilon {entry['epsilon']:.3g} of {dp.target_epsilon:g} "
@@ -275,13 +312,14 @@ class SiteRuntime:
         device = resolve_device(self.device)
         model = self.build_model(cfg, prep)
         model.load_state_dict(state)
+        apply_trainable(model, cfg.train.trainable)  # Opacus and the noise see only these
         model.to(device)
         ds = make_dataset(cfg, self.cohort, train_idx, prep, train=True)
-        optimizer = make_optimizer(model, cfg.train)
+        optimizer = make_optimizer(model, dp_train_settings(cfg))
         stats = train_dp_steps(
             model, ds, optimizer, loss_settings(cfg, prep).to(device), device,
             sample_rate=entry["sample_rate"], noise_multiplier=entry["noise_multiplier"],
-            max_grad_norm=dp.max_grad_norm, steps=allowed, steps_per_epoch=steps_per_epoch, proximal_mu=proximal_mu,
+            max_grad_norm=dp.max_grad_norm, steps=allowed, steps_per_epoch=spe, proximal_mu=proximal_mu,
             seed=None if self.dp_seed is None else self.dp_seed + server_round,
             num_workers=cfg.train.num_workers, on_epoch=lambda e: ds.set_epoch(server_round * 1000 + e))
         ledger.append(entry)  # before the update leaves the site

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from umeml.config import config_from_dict
+from umeml.model.parts import CheckpointMismatch, check_state_fits
 from umeml.model.registry import build_model
 from umeml.rundir import atomic_write
 
-__all__ = ["load", "save_checkpoint", "unwrap_model"]
+__all__ = ["init_from_checkpoint", "load", "save_checkpoint", "unwrap_model"]
 
 FORMAT = "umeml.model"
 VERSION = 1
@@ -76,14 +77,44 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict | None = None
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
+def _read(path: Path, map_location) -> dict:
+    if not path.is_file():
+        raise CheckpointMismatch(f"{path}: no such checkpoint file")
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointMismatch(f"{path}: not a umeml model checkpoint")
+    if payload.get("version") != VERSION:
+        raise CheckpointMismatch(f"{path}: checkpoint version {payload.get('version')!r} is not supported "
+                                 f"(expected {VERSION})")
+    return payload
+
+
+def init_from_checkpoint(model: nn.Module, path: str | Path) -> dict:
+    """Load the weights of the checkpoint at ``path`` into ``model`` (the configured architecture,
+    e.g. a public-cohort model for private fine-tuning); returns the checkpoint's meta.
+
+    Raises :class:`~umeml.model.parts.CheckpointMismatch` naming every missing, unexpected or
+    differently shaped tensor (and the model names when they differ) before anything is loaded.
+    """
+    path = Path(path)
+    payload = _read(path, "cpu")
+    state = payload["state_dict"]
+    try:
+        check_state_fits(state, model, str(path))
+    except CheckpointMismatch as err:
+        saved = payload.get("model", {}).get("config", {}).get("name")
+        built = getattr(model, "build_spec", {}).get("config", {}).get("name")
+        if saved and built and saved != built:
+            raise CheckpointMismatch(f"{err} (checkpoint model {saved!r}, configured {built!r})") from None
+        raise
+    model.load_state_dict(state)
+    return dict(payload.get("meta", {}))
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model saved at ``path``; returns ``(model in eval mode, meta)``."""
     path = Path(path)
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a umeml model checkpoint")
-    if payload.get("version") != VERSION:
-        raise ValueError(f"{path}: checkpoint version {payload.get('version')!r} is not supported (expected {VERSION})")
+    payload = _read(path, map_location)
     spec = payload["model"]
     cfg = config_from_dict({"model": spec["config"]}, source=str(path)).model
     model = build_model(cfg, int(spec["feature_dim"]), tuple(spec["group_sizes"]), dict(spec["heads"]))

@@ -233,6 +233,21 @@ def _prediction_sections(builder: ReportBuilder, preds: HeldOutPredictions, opts
     return out
 
 
+def _total_epsilon_table(totals: dict) -> str:
+    """One total epsilon per site (every release of the run composed) with the releases listed."""
+    if not totals:
+        return ""
+    rows = []
+    for site, t in sorted(totals.items()):
+        listed = "; ".join(f"{r.get('kind')}: epsilon {r.get('epsilon_alone', 0):.3g}"
+                           + (f" ({r['steps']} steps in {r['rounds']} rounds)" if "steps" in r else "")
+                           for r in t.get("releases", []))
+        rows.append([site, f"{t['epsilon']:.3f}", t.get("delta"), listed or "-"])
+    return ("<p>Total epsilon per site: every release of this run at the site composed in Renyi DP "
+            "(or by basic composition where that is smaller).</p>"
+            + _table(["site", "total epsilon", "delta", "releases (each alone)"], rows))
+
+
 def _privacy_section(builder: ReportBuilder, ledger: dict) -> Section:
     entries = ledger.get("entries", [])
     final = ledger.get("final", {})
@@ -256,6 +271,7 @@ def _privacy_section(builder: ReportBuilder, ledger: dict) -> Section:
     stopped = ledger.get("stopped") or final.get("stopped")
     body = ("<p>Cumulative epsilon per site from each site's own accountant (local DP-SGD, per patient) and, "
             "for central DP, of the aggregate (per site). Values are read from <code>privacy.json</code>.</p>"
+            + _total_epsilon_table(final.get("total") or {})
             + (f"<ul>{''.join(statements)}</ul>" if statements else "")
             + (_table(["site", "last round", "epsilon", "target epsilon", "delta", "status"], rows) if rows
                else "<p>No DP-SGD training entries (neither local nor central DP was on).</p>")

@@ -18,6 +18,8 @@ from umeml.data.dataset import CohortDataset, make_loader
 from umeml.data.splits import Split, make_split
 from umeml.metrics.coverage import cohort_missing_classes, missing_class_message
 from umeml.model import save_checkpoint
+from umeml.model.io import init_from_checkpoint
+from umeml.model.parts import apply_trainable
 from umeml.rundir import CentralizedFinal, EpochRecord, RunDir, atomic_write_text, write_final, write_metrics
 from umeml.train.evaluate import evaluate_predictions, selection_score
 from umeml.train.experiment import Preprocessing, build_model, loss_settings, make_dataset, prepare
@@ -79,7 +81,12 @@ def train_central(cfg: ExperimentConfig, cohort: Cohort, out_dir: str | Path, sp
     atomic_write_text(out.config, dump_config(cfg))
     device = resolve_device(cfg.train.device)
     prep = prepare(cfg, cohort, split.train)
-    model = build_model(cfg, prep).to(device)
+    model = build_model(cfg, prep)
+    if cfg.federation.init_checkpoint:  # e.g. a model trained on a public cohort
+        init_from_checkpoint(model, cfg.federation.init_checkpoint)
+        log.info("initial weights from %s", cfg.federation.init_checkpoint)
+    apply_trainable(model, cfg.train.trainable)
+    model = model.to(device)
     train_ds = make_dataset(cfg, cohort, split.train, prep, train=True)
     loaders = {
         "train": make_loader(train_ds, cfg.train.batch_size, True, cfg.seed, cfg.train.num_workers),
