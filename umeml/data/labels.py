@@ -6,9 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-import pandas as pd
 
 from umeml.config import TASKS, DataConfig
+from umeml.lazy import lazy_module
+
+pd = lazy_module("pandas")  # imported when a table is read, not with the ClientApp
 
 SUBTYPE_COLUMN = "oncotree_code"
 # every task needs the patient and slide ids; the survival columns feed the survival bins that
