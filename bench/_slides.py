@@ -303,21 +303,19 @@ def disable_network(monkeypatch) -> None:  # noqa: ANN001 - a pytest MonkeyPatch
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
-def write_large_svs(
-    path: str | Path,
-    width: int,
-    height: int,
-    margin: int = 512,
-    mpp: float = 0.25,
-    app_mag: float = 40,
-    downsamples: Sequence[int] = (1, 4, 16),
-    tile: int = 256,
-    pool: int = 16,
-    quality: int = 90,
-    seed: int = 0,
-    photometric: str = "ycbcr",
-    tables: bool = False,
-) -> Path:
+def _svs_level_args(tile: int, photometric: str, quality: int, tables_from: np.ndarray | None) -> dict:
+    """tifffile's arguments for every pyramid level of :func:`write_large_svs`; with
+    ``tables_from`` the JPEG tables (taken from encoding that tile) go into the page's JPEGTables."""
+    return {"dtype": np.uint8, "tile": (tile, tile), "compression": "jpeg", "photometric": "rgb", "metadata": None,
+            "compressionargs": {"outcolorspace": "RGB" if photometric == "rgb" else "YCBCR"},
+            "subsampling": (1, 1) if photometric == "rgb" else (2, 2),
+            "jpegtables": (split_jpeg_tables(_encode_tile(tables_from, photometric, quality))[0]
+                           if tables_from is not None else None)}
+
+
+def write_large_svs(path: str | Path, width: int, height: int, margin: int = 512, mpp: float = 0.25,
+                    app_mag: float = 40, downsamples: Sequence[int] = (1, 4, 16), tile: int = 256, pool: int = 16,
+                    quality: int = 90, seed: int = 0, photometric: str = "ycbcr", tables: bool = False) -> Path:
     """A large Aperio-style SVS made fast from a pool of pre-encoded JPEG tiles.
 
     Tissue covers everything but a ``margin`` of glass on each side (``width``, ``height`` and
@@ -336,8 +334,7 @@ def write_large_svs(
         data = _encode_tile(arr, photometric, quality)
         return split_jpeg_tables(data)[1] if tables else data
 
-    tissue_bytes = [encode(t) for t in tissue_tiles]
-    glass_bytes = encode(glass_tile)
+    tissue_bytes, glass_bytes = [encode(t) for t in tissue_tiles], encode(glass_tile)
 
     def level_tiles(ds: int) -> Iterator[bytes]:
         lw, lh = width // ds, height // ds
@@ -355,18 +352,13 @@ def write_large_svs(
                 inside = ((ys >= margin) & (ys < height - margin))[:, None] & ((xs >= margin) & (xs < width - margin))[None, :]
                 yield encode(np.where(inside[..., None], tissue_tiles[k], glass_tile))
 
-    desc = (
-        f"Aperio Image Library v12.0.15 \n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q={quality}"
-        f"|AppMag = {app_mag:g}|MPP = {mpp:g}"
-    )
-    common = {"dtype": np.uint8, "tile": (tile, tile), "compression": "jpeg", "photometric": "rgb", "metadata": None,
-              "compressionargs": {"outcolorspace": "RGB" if photometric == "rgb" else "YCBCR"},
-              "subsampling": (1, 1) if photometric == "rgb" else (2, 2),
-              "jpegtables": split_jpeg_tables(_encode_tile(glass_tile, photometric, quality))[0] if tables else None}
+    desc = (f"Aperio Image Library v12.0.15 \n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) "
+            f"JPEG/RGB Q={quality}|AppMag = {app_mag:g}|MPP = {mpp:g}")
+    common = _svs_level_args(tile, photometric, quality, glass_tile if tables else None)
     with _jpeg_encoder(), tifffile.TiffWriter(path, bigtiff=True) as tw:
         tw.write(level_tiles(1), shape=(height, width, 3), description=desc, **common)
         tw.write(glass_tile[:64, :64], photometric="rgb", description="Aperio thumbnail", metadata=None)
         for ds in downsamples[1:]:
-            lw, lh = width // ds, height // ds
-            tw.write(level_tiles(ds), shape=(lh, lw, 3), description=f"Aperio \n{width}x{height} -> {lw}x{lh}", **common)
+            tw.write(level_tiles(ds), shape=(height // ds, width // ds, 3), **common,
+                     description=f"Aperio \n{width}x{height} -> {width // ds}x{height // ds}")
     return path
