@@ -108,3 +108,30 @@ def tiny_experiment(*, name: str | None = None, rounds: int = 2, batch_size: int
 def spawn_logged(cmd, log: Path, cwd: Path) -> subprocess.Popen:
     """Start a deployment process (SuperLink, SuperNode, CLI) in its own session, output to ``log``."""
     return subprocess.Popen(cmd, cwd=cwd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def site_runtimes(data_dir, cfg: ExperimentConfig, sites=("A0", "A1"), dp=None, state_root=None, dp_seed=None):
+    """Two (by default) in-process sites of the cohort at ``data_dir`` with the federation's
+    preprocessing from their handshakes and aggregates, and freshly seeded global weights:
+    ``(sites, preprocessing, weights)`` for tests that drive SiteRuntime directly."""
+    import torch
+
+    from umeml.data.cohort import load_data_dir
+    from umeml.data.labels import subtype_codes
+    from umeml.federation.protocol import check_handshakes, combine_preprocessing
+    from umeml.federation.site import SiteRuntime
+    from umeml.model import build_model
+    from umeml.train.loop import task_heads
+
+    cohort = load_data_dir(str(data_dir), cfg.data)
+    runtimes = {s: SiteRuntime(s, cohort, cohort.site_indices(s), k_min=5, device="cpu", dp=dp,
+                               state_dir=str(Path(state_root) / s) if state_root else None, dp_seed=dp_seed)
+                for s in sites}
+    first = runtimes[sites[0]].handshake()
+    schema = check_handshakes({s: r.handshake() for s, r in runtimes.items()}, first["umeml_version"],
+                              list(subtype_codes(cfg.data)))
+    prep = combine_preprocessing({s: r.preprocess(cfg) for s, r in runtimes.items()}, schema,
+                                 task_heads(cfg, len(schema["subtypes"])), cfg.survival.n_bins)
+    torch.manual_seed(0)
+    weights = build_model(cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads).state_dict()
+    return runtimes, prep, {k: v.clone() for k, v in weights.items()}

@@ -12,19 +12,15 @@ from opacus.accountants import RDPAccountant
 from umeml.client.app import SimulatedSites, build_client_app
 from umeml.config import DPConfig, ModelConfig, load_site_config
 from umeml.data.batch import PatientItem, collate
-from umeml.data.cohort import load_data_dir
-from umeml.data.labels import subtype_codes
 from umeml.data.source import CohortSource
 from umeml.errors import ConfigError
 from umeml.federation.privacy import calibrate_noise, compute_epsilon, max_steps_within
-from umeml.federation.protocol import check_handshakes, combine_preprocessing
-from umeml.federation.site import SiteRuntime
 from umeml.model import build_model
 from umeml.server.coordinator import Coordinator
 from umeml.train.dp import DPSGD, REFUSAL_NO_SITE_DP, resolve_dp
-from umeml.train.loop import LossSettings, task_heads
+from umeml.train.loop import LossSettings
 
-from fed_helpers import LocalGrid, tiny_experiment
+from fed_helpers import LocalGrid, site_runtimes, tiny_experiment
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -137,16 +133,7 @@ def test_empty_batch_first_is_a_noise_only_step():
 
 
 def _site_setup(tmp_path, cfg, dp, seed=None):
-    cohort = load_data_dir(str(TINY[0]), cfg.data)
-    sites = {s: SiteRuntime(s, cohort, cohort.site_indices(s), k_min=5, device="cpu", dp=dp,
-                            state_dir=str(tmp_path / "state" / s), dp_seed=seed) for s in SITES[:2]}
-    schema = check_handshakes({s: r.handshake() for s, r in sites.items()}, sites["A0"].handshake()["umeml_version"],
-                              list(subtype_codes(cfg.data)))
-    prep = combine_preprocessing({s: r.preprocess(cfg) for s, r in sites.items()}, schema,
-                                 task_heads(cfg, len(schema["subtypes"])), cfg.survival.n_bins)
-    torch.manual_seed(0)
-    weights = build_model(cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads).state_dict()
-    return sites, prep, weights
+    return site_runtimes(TINY[0], cfg, SITES[:2], dp=dp, state_root=tmp_path / "state", dp_seed=seed)
 
 
 def test_poisson_training_with_an_empty_first_batch(tmp_path):

@@ -11,17 +11,14 @@ from flwr.app import ArrayRecord, Context, RecordDict
 from umeml.client.keep_local import remember_local_copies, with_local_copies
 from umeml.config import DPConfig, config_from_dict
 from umeml.data.cohort import load_data_dir
-from umeml.data.labels import subtype_codes
 from umeml.federation.partial import outgoing_update, sent_keys
-from umeml.federation.protocol import check_handshakes, combine_preprocessing
-from umeml.federation.site import SiteRuntime, dp_schedule, dp_train_settings, steps_per_epoch
+from umeml.federation.site import dp_schedule, dp_train_settings, steps_per_epoch
 from umeml.model import build_model, save_checkpoint
 from umeml.model.io import init_from_checkpoint
 from umeml.model.parts import CheckpointMismatch, PartError, apply_trainable, update_keys
 from umeml.server.partial import complete_replies, expected_subset, merge_aggregate
-from umeml.train.loop import task_heads
 
-from fed_helpers import tiny_experiment
+from fed_helpers import site_runtimes, tiny_experiment
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 HEADS = {"grade": 3, "subtype": 3, "survival": 4}
@@ -34,16 +31,7 @@ def _model(name="umeml", hidden=16, groups=(4, 4)):
 
 
 def _sites(data_dir, cfg, dp=None, state=None):
-    cohort = load_data_dir(str(data_dir), cfg.data)
-    sites = {s: SiteRuntime(s, cohort, cohort.site_indices(s), k_min=5, device="cpu", dp=dp,
-                            state_dir=str(state / s) if state else None, dp_seed=7) for s in ("A0", "A1")}
-    schema = check_handshakes({s: r.handshake() for s, r in sites.items()}, sites["A0"].handshake()["umeml_version"],
-                              list(subtype_codes(cfg.data)))
-    prep = combine_preprocessing({s: r.preprocess(cfg) for s, r in sites.items()}, schema,
-                                 task_heads(cfg, len(schema["subtypes"])), cfg.survival.n_bins)
-    torch.manual_seed(0)
-    weights = build_model(cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads).state_dict()
-    return sites, prep, {k: v.clone() for k, v in weights.items()}
+    return site_runtimes(data_dir, cfg, dp=dp, state_root=state, dp_seed=7)
 
 
 # ------------------------------------------------------------------ named parts
