@@ -144,31 +144,19 @@ def write_aperio_svs(
         f"|AppMag = {app_mag:g}|StripeWidth = 2040|ScanScope ID = SS0000|Filename = synthetic"
         f"|MPP = {mpp:g}|Left = 25.0|Top = 18.0"
     )
+    # every pyramid level: tiled JPEG at the slide's quality
+    level_args = {"tile": (tile, tile), "compression": "jpeg", "compressionargs": {"level": quality},
+                  "photometric": "rgb", "metadata": None}
     with _jpeg_encoder(), tifffile.TiffWriter(path) as tw:
-        tw.write(
-            image,
-            tile=(tile, tile),
-            compression="jpeg",
-            compressionargs={"level": quality},
-            photometric="rgb",
-            description=desc,
-            metadata=None,
-        )
+        tw.write(image, description=desc, **level_args)
         thumb_ds = max(1, max(h, w) // 256)
         thumb = _downsampled(image, thumb_ds)
         tw.write(thumb, photometric="rgb", metadata=None,
                  description=f"Aperio Image Library v12.0.15 \n{w}x{h} -> {thumb.shape[1]}x{thumb.shape[0]}")
         for ds in downsamples[1:]:
             level = _downsampled(image, ds)
-            tw.write(
-                level,
-                tile=(tile, tile),
-                compression="jpeg",
-                compressionargs={"level": quality},
-                photometric="rgb",
-                description=f"Aperio Image Library v12.0.15 \n{w}x{h} -> {level.shape[1]}x{level.shape[0]}",
-                metadata=None,
-            )
+            tw.write(level, description=f"Aperio Image Library v12.0.15 \n{w}x{h} -> {level.shape[1]}x{level.shape[0]}",
+                     **level_args)
     return path
 
 
