@@ -135,3 +135,18 @@ def site_runtimes(data_dir, cfg: ExperimentConfig, sites=("A0", "A1"), dp=None, 
     torch.manual_seed(0)
     weights = build_model(cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads).state_dict()
     return runtimes, prep, {k: v.clone() for k, v in weights.items()}
+
+
+def stage_sites(tmp_path: Path, spec, experiment_yaml: str) -> list[str]:
+    """A deployment's files under ``tmp_path``: the synthetic cohort of ``spec`` split into one
+    data dir per site (``sites/<id>``), a site file each (``<id>.yaml``, k = 5, state under
+    ``state/<id>``) and the experiment (``exp.yaml``); returns the site ids."""
+    from umeml.data.synth import generate, split_by_site
+
+    generate(spec, tmp_path / "all")
+    ids = split_by_site(tmp_path / "all", tmp_path / "sites")
+    for s in ids:
+        (tmp_path / f"{s}.yaml").write_text(
+            f"site_id: {s}\ndata_dir: sites/{s}\ndevice: cpu\nk_min_patients: 5\nstate_dir: state/{s}\n")
+    (tmp_path / "exp.yaml").write_text(experiment_yaml)
+    return ids

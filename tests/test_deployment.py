@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from umeml.data.synth import SynthSpec, generate, split_by_site
+from umeml.data.synth import SynthSpec
 from umeml.flower.processes import free_port, stop_process
 
-from fed_helpers import spawn_logged
+from fed_helpers import spawn_logged, stage_sites
 
 BIN = Path(sys.executable).parent
 EXPERIMENT = """\
@@ -31,13 +31,8 @@ federation: {rounds: 2, local_epochs: 1, min_train_sites: 1, k_min_patients: 5}
 
 @pytest.fixture
 def sites(tmp_path):
-    generate(SynthSpec(sites=3, patients=14, seed=1, feature_dim=16, median_patches=30, min_patches=4, max_patches=80),
-             tmp_path / "all")
-    ids = split_by_site(tmp_path / "all", tmp_path / "sites")
-    for s in ids:
-        (tmp_path / f"{s}.yaml").write_text(
-            f"site_id: {s}\ndata_dir: sites/{s}\ndevice: cpu\nk_min_patients: 5\nstate_dir: state/{s}\n")
-    (tmp_path / "exp.yaml").write_text(EXPERIMENT)
+    spec = SynthSpec(sites=3, patients=14, seed=1, feature_dim=16, median_patches=30, min_patches=4, max_patches=80)
+    ids = stage_sites(tmp_path, spec, EXPERIMENT)
     return tmp_path, ids
 
 

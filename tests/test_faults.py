@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from umeml.data.synth import SynthSpec, generate, split_by_site
+from umeml.data.synth import SynthSpec
 from umeml.flower.processes import free_port, processes_with_env, stop_process
 
-from fed_helpers import spawn_logged
+from fed_helpers import spawn_logged, stage_sites
 
 BIN = Path(sys.executable).parent
 ROUNDS = 4
@@ -57,13 +57,8 @@ def _coordinator(d: Path, port: int, *extra: str, tag: str):
 
 @pytest.fixture
 def staged(tmp_path):
-    generate(SynthSpec(sites=3, patients=12, seed=2, feature_dim=8, median_patches=12, min_patches=4, max_patches=24),
-             tmp_path / "all")
-    ids = split_by_site(tmp_path / "all", tmp_path / "sites")
-    for s in ids:
-        (tmp_path / f"{s}.yaml").write_text(
-            f"site_id: {s}\ndata_dir: sites/{s}\ndevice: cpu\nk_min_patients: 5\nstate_dir: state/{s}\n")
-    (tmp_path / "exp.yaml").write_text(EXPERIMENT)
+    spec = SynthSpec(sites=3, patients=12, seed=2, feature_dim=8, median_patches=12, min_patches=4, max_patches=24)
+    stage_sites(tmp_path, spec, EXPERIMENT)
     return tmp_path
 
 
