@@ -292,17 +292,22 @@ def staged(tmp_path):
     ids = split_by_site(tmp_path / "all", tmp_path / "sites")
     assert ids == ["A0", "A1"]
     # the rogue site has real data (A0's copy) and a key pair, but its key is never registered
-    for s, data in (("A0", "A0"), ("A1", "A1"), ("rogue", "A0"), ("nokey", "A0")):
+    # the impostor's key is registered (as "imp"), but its site file claims to be A1
+    for s, claims, data in (("A0", "A0", "A0"), ("A1", "A1", "A1"), ("rogue", "rogue", "A0"),
+                            ("nokey", "nokey", "A0"), ("imp", "A1", "A1")):
         (tmp_path / f"{s}.yaml").write_text(
-            f"site_id: {s}\ndata_dir: sites/{data}\ndevice: cpu\nk_min_patients: 5\nstate_dir: state/{s}\n")
+            f"site_id: {claims}\ndata_dir: sites/{data}\ndevice: cpu\nk_min_patients: 5\nstate_dir: state/{s}\n")
     (tmp_path / "exp.yaml").write_text(EXPERIMENT)
-    assert _certs("--out", str(tmp_path / "pki"), "--sites", "A0,A1,rogue") == 0
+    assert _certs("--out", str(tmp_path / "pki"), "--sites", "A0,A1,rogue,imp") == 0
     return tmp_path
 
 
 @pytest.mark.slow  # SuperLink + SuperNodes with TLS and site keys
 @pytest.mark.timeout(480)  # ~130 s on an idle 2-core box
 def test_tls_auth_deployment_registered_sites_run_unregistered_refused(staged):
+    """Registered sites run a round; refused: a key without TLS, no TLS, an unregistered key, no
+    key, and a registered key whose site file claims another site id (joining at the start: it is
+    told why and stops with exit 3, the run goes on without it)."""
     d = staged
     port = free_port()
     server_addr = f"127.0.0.1:{port}"
@@ -318,8 +323,10 @@ def test_tls_auth_deployment_registered_sites_run_unregistered_refused(staged):
     try:
         server = spawn_logged([str(BIN / "umeml-server"), "start", "--config", "exp.yaml", "--sites", "2", "--out", "run",
                          "--port", str(port), "--wait-timeout", "300", "--tls-dir", "pki",
-                         "--site-keys", "pki/sites/A0.pub", "pki/sites/A1.pub"], d / "server.log", d)
+                         "--site-keys", "pki/sites/A0.pub", "pki/sites/A1.pub", "pki/sites/imp.pub"],
+                        d / "server.log", d)
         procs.append(server)
+        impostor = client("imp", *tls, "--auth-key", "pki/sites/imp")
         # registered sites may start first: they wait for the SuperLink, whose port opens only
         # once their keys are registered
         client("A0", *tls, "--auth-key", "pki/sites/A0")
@@ -338,13 +345,18 @@ def test_tls_auth_deployment_registered_sites_run_unregistered_refused(staged):
         nokey = client("nokey", *tls)
         assert rogue.wait(timeout=120) != 0
         assert nokey.wait(timeout=120) != 0
+        assert impostor.wait(timeout=300) == 3, (d / "imp.log").read_text()[-3000:]
         rc = server.wait(timeout=420)
         out = (d / "server.log").read_text()
         assert rc == 0, out + "\n" + (d / "run" / "superlink.log").read_text()[-3000:]
     finally:
         for p in procs:
             stop_process(p, grace=15)
-    assert "registered site keys: A0, A1 (only these may join)" in out
+    assert "registered site keys: A0, A1, imp (only these may join)" in out
+    # the impostor: refused by the coordinator with the site id it claimed, told why, stopped
+    assert "WARNING: site A1 (node" in out and "refused" in out
+    imp_log = (d / "imp.log").read_text()
+    assert "error: site A1: the coordinator refused this site" in imp_log and "registered as 'imp'" in imp_log
     assert "TLS, SuperNode authentication on" in out
     final = json.loads((d / "run" / "final.json").read_text())
     assert final["rounds"] == 1 and final["training_sites"] == ["A0"] and final["held_out_sites"] == ["A1"]
