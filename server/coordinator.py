@@ -655,7 +655,8 @@ class Coordinator:
                    else "none (exact counts)", "grid": SURVIVAL_GRID_TEXT,
                    "sites": sorted(s for s, r in by_site.items() if not r.get("suppressed")),
                    "survival_edges": prep.survival_edges, "notes": notes}
-        return prep, [release]
+        # each site's DP releases of class counts and genomic moments, as it described them
+        return prep, [release] + [{**r, "site": s} for s, rep in sorted(by_site.items()) for r in rep.get("releases", [])]
 
     def _central_budget_stop(self, rnd: int, history: list[dict], n_sites: int, sample_rate: float) -> dict | None:
         """Why training must stop before round ``rnd`` (None: go on): the central release of this
