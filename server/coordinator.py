@@ -31,6 +31,7 @@ from umeml.federation.protocol import (
 )
 from umeml.federation.schedule import round_settings
 from umeml.federation.selection import RoundSelector
+from umeml.federation.stats_release import checkpoint_standardisation
 from umeml.flower.records import arrays_from_state, state_from_arrays
 from umeml.metrics.coverage import missing_class_messages
 from umeml.model import build_model, save_checkpoint
@@ -648,6 +649,8 @@ class Coordinator:
         by_site = {self._site(n): r for n, r in replies.items()}
         notes: list[str] = []
         prep = combine_preprocessing(by_site, schema, heads, cfg.survival.n_bins, notes)
+        if cfg.federation.stats_privacy.genomic_source == "checkpoint":  # public scale, no genomic release
+            prep = checkpoint_standardisation(prep, cfg.federation.init_checkpoint, notes)
         for note in notes:
             log.warning("preprocessing: %s", note)
         release = {"kind": "survival_histogram", "epsilon": eps, "delta": 0.0 if eps is not None else None,

@@ -252,3 +252,31 @@ def test_merge_clamps_noisy_counts_and_tends_to_the_exact_moments_as_noise_vanis
     merged = merge_class_counts(counts, "subtype", notes)
     assert merged.min() >= 1.0 and merged[1] == 22 and any("below the noise sd" in n for n in notes)
     assert list(merge_class_counts([{"subtype_counts": [0, 3]}], "subtype")) == [0, 3]  # exact: unchanged
+
+
+def test_genomic_source_checkpoint_releases_no_moments_and_uses_the_public_scale(tiny_cohort_dir, tmp_path):
+    import torch
+
+    from umeml.federation.stats_release import checkpoint_standardisation
+    from umeml.model import build_model, save_checkpoint
+
+    cfg = dp_experiment(stats_privacy={"genomic_source": "checkpoint"})
+    sites = _sites(tiny_cohort_dir, cfg)
+    replies = {s: r.preprocess(cfg) for s, r in sites.items()}
+    assert all("genomic_sum" not in r and [x["kind"] for x in r["releases"]] == [CLASS_COUNTS]
+               for r in replies.values())
+    schema = check_handshakes({s: r.handshake(cfg) for s, r in sites.items()}, sites["A0"].handshake()["umeml_version"])
+    prep = combine_preprocessing(replies, schema, task_heads(cfg, len(schema["subtypes"])), cfg.survival.n_bins)
+    assert prep.genomic_mean is None
+    dim = sum(prep.group_sizes)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads)
+    path = save_checkpoint(tmp_path / "public.pt", model, {"genomic_mean": [0.25] * dim, "genomic_std": [2.0] * dim})
+    notes = []
+    public = checkpoint_standardisation(prep, str(path), notes)
+    assert public.genomic_mean == [0.25] * dim and public.genomic_std == [2.0] * dim and "public checkpoint" in notes[0]
+    bare = save_checkpoint(tmp_path / "bare.pt", model, {})
+    with pytest.raises(ConfigError, match="bare.pt: federation.stats_privacy.genomic_source is 'checkpoint'"):
+        checkpoint_standardisation(prep, str(bare), [])
+    with pytest.raises(ConfigError, match="needs federation.init_checkpoint"):
+        checkpoint_standardisation(prep, None, [])

@@ -198,12 +198,17 @@ class StatsPrivacyConfig:
     a site with at least k patients sends them exactly, as before, unless its own ``site.yaml``
     enables DP (such a site always noises them). ``enabled: false`` together with local DP is
     refused. A site's ``site.yaml`` ``stats_privacy.max_epsilon`` caps what it accepts.
+    ``genomic_source: checkpoint`` (with ``federation.init_checkpoint``) releases no genomic
+    moments at all: the checkpoint's own standardisation is used.
     """
 
     enabled: bool | None = None
     class_counts_epsilon: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
     genomic_epsilon: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
     genomic_clip: float = field(default=3.0, metadata=_range(0.0, lo_open=True))
+    # "checkpoint": no site releases genomic moments; the federation standardises genomics as the
+    # public checkpoint (federation.init_checkpoint) was trained (its meta), at no privacy cost
+    genomic_source: Literal["sites", "checkpoint"] = "sites"
 
 
 @dataclass(frozen=True)
@@ -502,6 +507,10 @@ def _validate_site_and_federation(obj: Any, prefix: str, source: str) -> None:
             f"{source}: {prefix}stats_privacy.enabled: false while {prefix}local_dp.enabled is true: the sites' "
             "class counts and genomic moments would leave exactly, outside every epsilon; remove the key (null "
             "follows local_dp)")
+    if isinstance(obj, StatsPrivacyConfig):
+        for key in ("class_counts_epsilon", "genomic_epsilon", "genomic_clip"):
+            if getattr(obj, key) == float("inf"):
+                raise ConfigError(f"{source}: {prefix}{key}: must be finite")
     if isinstance(obj, FederationConfig) and obj.survival_hist_epsilon == float("inf"):
         raise ConfigError(f"{source}: {prefix}survival_hist_epsilon: must be finite (null sends exact counts)")
     if isinstance(obj, CentralDPConfig) and obj.target_epsilon is not None and not obj.enabled:
