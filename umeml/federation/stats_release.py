@@ -197,7 +197,8 @@ def genomic_release(rows: np.ndarray, clip: float, epsilon: float, delta: float,
 def public_record(record: dict) -> dict:
     """What a site sends of a release's record: its description, not the values (sent apart)
     nor the fingerprint of the exact statistics (kept at the site)."""
-    return {k: v for k, v in record.items() if k not in ("noisy", "noisy_cells", "fingerprint", "time")}
+    return {k: v for k, v in record.items()
+            if k not in ("noisy", "noisy_cells", "fingerprint", "time", "site", "experiment")}
 
 
 def stamped(record: dict, site: str, experiment: str, key: str) -> dict:
