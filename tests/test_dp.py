@@ -232,9 +232,11 @@ def test_site_without_dp_refuses_an_experiment_that_requires_it(tmp_path):
     assert hist[0]["accepted"] == 0
     assert all(r["skipped"] == REFUSAL_NO_SITE_DP for r in hist[0]["train"])
     assert set(hist[0]["evaluation"]["validation"]) == {"A0", "A1"}
-    for site in ("A0", "A1"):  # no DP-SGD entry: nothing was trained; only the preprocessing histogram's release
+    for site in ("A0", "A1"):  # no DP-SGD entry: nothing was trained; only the preprocessing releases (the
+        # federation asks for DP statistics, which a site without DP terms of its own still gives)
         ledger = json.loads((tmp_path / "run" / "sites" / site / "privacy.json").read_text())
-        assert ledger["entries"] == [] and [r["kind"] for r in ledger["releases"]] == ["survival_histogram"]
+        assert ledger["entries"] == [] and [r["kind"] for r in ledger["releases"]] == [
+            "survival_histogram", "class_counts", "genomic_moments"]
 
 
 def test_local_training_depends_on_seed_site_and_round_not_on_process_history(tmp_path):
