@@ -54,8 +54,9 @@ def _sites(cohort, names, cfg, seed):
     from umeml.federation.site import SiteRuntime
 
     dp = cfg.federation.local_dp if cfg.federation.local_dp.enabled else None
+    # every site its own noise (one seed for all would add the same noise at every site)
     return {s: SiteRuntime(s, cohort, cohort.site_indices(s), k_min=cfg.federation.k_min_patients, dp=dp,
-                           dp_seed=seed) for s in names}
+                           dp_seed=None if seed is None else 1000 * seed + i) for i, s in enumerate(names)}
 
 
 def _prep(cohort, names, cfg, seed):
@@ -97,6 +98,36 @@ def merge_quality(label: str, cohort, names, cfg, seeds: int) -> str:
             f"{ident_std:.3f} | {ms(weight_err)} |")
 
 
+def large_federation_row(seeds: int, sites: int = 10, patients: int = 1000, genes: int = 85) -> str:
+    """The genomic merge where the noise does not swamp the moments: simulated values only (no
+    cohort), genes with means N(0, 0.5^2) and standard deviations uniform on [0.5, 1.5]."""
+    from umeml.federation.stats_release import genomic_release, merge_genomic_moments
+
+    rng = np.random.default_rng(0)
+    mu, sd = rng.normal(0, 0.5, genes), rng.uniform(0.5, 1.5, genes)
+    rows = [mu + sd * rng.normal(size=(patients, genes)) for _ in range(sites)]
+    clipped = np.clip(np.concatenate(rows), -3, 3)
+    m_ex, s_ex = clipped.mean(axis=0), clipped.std(axis=0)
+    mean_err, std_err = [], []
+    for seed in range(seeds):
+        replies = []
+        for i, r in enumerate(rows):
+            rec = genomic_release(r, 3.0, 0.5, 1e-5, seed=1000 * seed + i)
+            replies.append({"n": patients, "genomic_count": rec["noisy"]["count"], "genomic_sum": rec["noisy"]["sum"],
+                            "genomic_sumsq": rec["noisy"]["sumsq"],
+                            "releases": [{k: v for k, v in rec.items() if k != "noisy"}]})
+        scaler = merge_genomic_moments(replies, [])
+        mean_err.append(np.median(np.abs(scaler.mean - m_ex) / s_ex))
+        std_err.append(np.median(np.abs(np.log(scaler.std / s_ex))))
+
+    def ms(x):
+        return f"{np.median(x):.3f} [{np.min(x):.3f}, {np.max(x):.3f}]"
+
+    return (f"| simulated values, means N(0, 0.5^2), sds 0.5-1.5 | {sites} | {sites * patients} | {genes} | "
+            f"{ms(mean_err)} | {np.median(np.abs(m_ex) / s_ex):.3f} | {ms(std_err)} | "
+            f"{np.median(np.abs(np.log(s_ex))):.3f} | - |")
+
+
 def demo_cohort(work: Path):
     from umeml.config import load_config
     from umeml.data.cohort import load_data_dir
@@ -132,6 +163,7 @@ def main(argv=None) -> int:
     if (TCGA / "tcga_gbmlgg_all_clean.csv.gz").is_file():
         cohort, cfg = gbmlgg_cohort()
         rows.append(merge_quality("TCGA GBM-LGG genomics", cohort, list(cfg.federation.train_sites), cfg, args.seeds))
+    rows.append(large_federation_row(args.seeds))
     load = " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "n/a"
     body = "\n".join([
         f"`{command('bench.bench_stats_release', argv if argv is not None else sys.argv[1:])}`; load average {load}.",
@@ -154,6 +186,12 @@ def main(argv=None) -> int:
         "class weight error |",
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
+        "",
+        "At demo and GBM-LGG size the Gaussian noise on the genomic moments swamps the genes' spread, and the "
+        "empirical-Bayes shrinkage returns no standardisation (the identity errors exactly): the release costs "
+        "epsilon 0.5 and buys nothing there (`stats_privacy.genomic_source: checkpoint` standardises at no cost "
+        "when a public checkpoint is used). In a large federation (last row) the DP moments are informative. The "
+        "largest class-weight error is a median 20-30 % over seeds, up to about 60 % (a small class).",
     ])
     print(body)
     if not args.no_write:

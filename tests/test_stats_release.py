@@ -40,8 +40,8 @@ def dp_experiment(**fed):
 def _sites(data_dir, cfg, state_root=None, **kw):
     cohort = load_data_dir(str(data_dir), cfg.data)
     return {s: SiteRuntime(s, cohort, cohort.site_indices(s), k_min=5, dp=cfg.federation.local_dp,
-                           state_dir=str(state_root / s) if state_root else None, dp_seed=11, **kw)
-            for s in ("A0", "A1", "A2")}
+                           state_dir=str(state_root / s) if state_root else None, dp_seed=11 + i, **kw)
+            for i, s in enumerate(("A0", "A1", "A2"))}
 
 
 # ------------------------------------------------------------------------------ config
@@ -205,7 +205,7 @@ def test_noisy_moments_still_standardise_sanely_on_the_tiny_cohort(tiny_cohort_d
                                  task_heads(cfg, len(schema["subtypes"])), cfg.survival.n_bins, notes)
     mean, std = np.asarray(prep.genomic_mean), np.asarray(prep.genomic_std)
     assert np.isfinite(mean).all() and np.isfinite(std).all()
-    assert np.abs(mean).max() <= 3.0 and 0.01 <= std.min() and std.max() <= 3.0
+    assert np.abs(mean).max() <= 3.0 and 0.1 - 1e-6 <= std.min() and std.max() <= 3.0
     cohort = sites["A0"].cohort
     x = GenomicScaler(mean.astype(np.float32), std.astype(np.float32)).transform(cohort.genomics[cohort.has_genomics])
     assert np.isfinite(x).all() and np.abs(x).max() < 50

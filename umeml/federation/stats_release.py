@@ -35,8 +35,10 @@ Genomic moments (Gaussian, ``genomic_epsilon`` at the site's delta)
 The coordinator's merge (:func:`merge_genomic_moments`, :func:`merge_class_counts`) knows each
 release's noise (sent with it) and keeps the result sane: a site's noisy count is clamped to
 [0, its training patients] and shrunk toward that number by its noise; per gene the mean and
-variance estimates are shrunk toward 0 and 1 (the scale the clip bound presumes) by their
-signal-to-noise ratio; noisy class totals are
+variance estimates are shrunk toward 0 and 1 (the scale the clip bound presumes) by empirical
+Bayes (positive-part James-Stein: the genes' spread around 0 / 1 estimated by the method of
+moments against the known noise variance), so that where the noise swamps the spread the
+result is no standardisation rather than noise; noisy class totals are
 floored at one noise standard deviation so that no class gets a zero or huge weight. Each
 fallback is described in the preprocessing notes.
 """
@@ -59,9 +61,7 @@ GENOMIC_MOMENTS = "genomic_moments"
 GENOMIC_SHARES = {"count": 0.1, "sum": 0.45, "sumsq": 0.45}  # fractions of 1/z^2 per block
 CLASS_NOISE_STREAM = 7927  # simulations' seeded noise streams (next to the histogram's 7919)
 GENOMIC_NOISE_STREAM = 7933
-PRIOR_MEAN_SD = 1.0  # prior spread of a gene's mean, in the units the clip bound presumes
-PRIOR_VAR_SD = 1.0  # and of its variance around 1
-MIN_VARIANCE = 1e-4
+MIN_VARIANCE = 0.01  # a DP variance never scales a gene by more than 10 (std >= 0.1)
 
 
 class StatsPrivacyRefusal(UmemlError):
@@ -218,10 +218,8 @@ def merge_genomic_moments(replies: list[dict], notes: list[str] | None = None):
 
     Exact replies give the usual moments (:meth:`GenomicScaler.from_moments`). With noisy ones
     each site's count is :func:`site_count`, and the per-gene estimates are shrunk toward mean 0
-    and variance 1 by the noise they carry (the posterior mean under a N(0, 1) prior for the mean,
-    and likewise toward 1 for the variance, the noise variance being known):
-    ``m = m_hat / (1 + s_m^2)``, ``v = 1 + (v_hat - 1) / (1 + s_v^2)``, then clamped to the clip
-    range. ``notes`` says how much was shrunk.
+    and variance 1 (:func:`eb_shrink`: the noise variance is known, the genes' spread is estimated
+    from the data), then clamped to the clip range. ``notes`` says how much was kept.
     """
     count = total = total_sq = 0.0
     var_sum = var_sq = 0.0
@@ -253,6 +251,23 @@ def site_count(noisy, n: float, sd: float):
     return w * np.clip(np.asarray(noisy, float), 0.0, n) + (1.0 - w) * n
 
 
+def eb_shrink(estimate: np.ndarray, centre: float, noise_var: np.ndarray) -> tuple[np.ndarray, float]:
+    """Positive-part James-Stein / empirical-Bayes shrinkage of per-gene ``estimate`` toward
+    ``centre``: the genes' spread around it (tau^2) is estimated by the method of moments as the
+    mean squared deviation minus the mean noise variance (counted only beyond three standard errors
+    of that difference under pure noise; at least 0), and each gene keeps the
+    fraction tau^2 / (tau^2 + its noise variance) of its deviation. Returns the shrunk values and
+    the median fraction kept. Where the noise swamps the spread everything goes to ``centre``."""
+    dev = np.asarray(estimate, float) - centre
+    noise_var = np.broadcast_to(np.asarray(noise_var, float), dev.shape)
+    # the mean squared deviation of G genes of pure Gaussian noise exceeds the noise variance by
+    # about sqrt(2 / G) of it (one standard error): only an excess beyond three of them is spread
+    excess = float(np.mean(dev ** 2) - np.mean(noise_var) * (1.0 + 3.0 * np.sqrt(2.0 / dev.size)))
+    tau2 = max(0.0, excess)
+    keep = tau2 / (tau2 + noise_var) if tau2 > 0 else np.zeros_like(dev)
+    return centre + keep * dev, float(np.median(keep))
+
+
 def _shrunk_moments(count, total, total_sq, var_sum: float, var_sq: float, clip: float,
                     notes: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
     """The noisy branch of :func:`merge_genomic_moments`."""
@@ -262,16 +277,15 @@ def _shrunk_moments(count, total, total_sq, var_sum: float, var_sq: float, clip:
         notes.append("genomic standardisation: the noisy count of patients with genomics is below 1; genes are "
                      "left unstandardised (mean 0, std 1)")
         return np.zeros_like(n), np.ones_like(n)
-    mean_hat = np.asarray(total) / n
-    s_m2 = var_sum / n ** 2  # noise variance of the per-gene mean
-    mean = np.clip(mean_hat / (1.0 + s_m2 / PRIOR_MEAN_SD ** 2), -clip, clip)
-    var_hat = np.asarray(total_sq) / n - mean ** 2
+    s_m2 = var_sum / n ** 2  # noise variance of each gene's mean, then of its second moment
     s_v2 = var_sq / n ** 2
-    var = np.clip(1.0 + (var_hat - 1.0) / (1.0 + s_v2 / PRIOR_VAR_SD ** 2), MIN_VARIANCE, clip ** 2)
-    keep_m, keep_v = float(np.median(1 / (1 + s_m2))), float(np.median(1 / (1 + s_v2)))
+    mean, keep_m = eb_shrink(np.asarray(total) / n, 0.0, s_m2)
+    mean = np.clip(mean, -clip, clip)
+    var, keep_v = eb_shrink(np.asarray(total_sq) / n - mean ** 2, 1.0, s_v2)
+    var = np.clip(var, MIN_VARIANCE, clip ** 2)
     notes.append(f"genomic standardisation from DP moments: noise sd of a gene's mean {np.sqrt(np.median(s_m2)):.3g}, "
-                 f"of its variance {np.sqrt(np.median(s_v2)):.3g} (medians over genes); the estimates keep "
-                 f"{keep_m:.0%} (mean) and {keep_v:.0%} (variance) of their distance from 0 and 1")
+                 f"of its variance {np.sqrt(np.median(s_v2)):.3g} (medians over genes); shrunk toward 0 and 1, the "
+                 f"estimates keep {keep_m:.0%} (mean) and {keep_v:.0%} (variance) of their distance from them")
     return mean, np.sqrt(var)
 
 
