@@ -280,3 +280,18 @@ def test_genomic_source_checkpoint_releases_no_moments_and_uses_the_public_scale
         checkpoint_standardisation(prep, str(bare), [])
     with pytest.raises(ConfigError, match="needs federation.init_checkpoint"):
         checkpoint_standardisation(prep, None, [])
+
+
+def test_a_deployed_site_takes_its_cap_from_its_site_file(tiny_cohort_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from umeml.client.app import deployed_site
+
+    site_file = tmp_path / "site.yaml"
+    site_file.write_text(f"site_id: A0\ndata_dir: {tiny_cohort_dir}\nk_min_patients: 5\nstate_dir: state\n"
+                         "stats_privacy:\n  max_epsilon: 0.3\n")
+    cfg = dp_experiment(survival_hist_epsilon=0.2)
+    site = deployed_site(SimpleNamespace(node_config={"site-config": str(site_file)}), cfg)
+    assert site.stats_cap == 0.3 and site.site_file == str(site_file)
+    with pytest.raises(StatsPrivacyRefusal, match=rf"{site_file}: stats_privacy.max_epsilon"):
+        site.preprocess(cfg)
