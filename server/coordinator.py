@@ -744,7 +744,8 @@ class Coordinator:
         if shown:
             label = "held-out" if evaluated is entry else f"held-out (round {evaluated['round']} weights)"
             parts.append(label + " " + ", ".join(shown))
-        eps = [(p.get("kind"), p.get("epsilon")) for p in entry.get("privacy", [])]
+        # a site's total (DP-SGD with its one-off releases) where it reports one
+        eps = [(p.get("kind"), p.get("epsilon_total", p.get("epsilon"))) for p in entry.get("privacy", [])]
         local = [e for k, e in eps if k == "local" and isinstance(e, (int, float))]
         central = [e for k, e in eps if k == "central"]
         if local:

@@ -97,6 +97,7 @@ def test_federated_report_states_the_privacy_budget(federated_dp_run):
         assert [r["kind"] for r in total["releases"]] == ["dp_sgd", "survival_histogram", "class_counts",
                                                           "genomic_moments"]
         assert f"<td>{site}</td><td>{total['epsilon']:.3f}</td>" in page
+        assert f"<td>{entry['epsilon']:.3f}</td><td>{entry['epsilon_total']:.3f}</td>" in page  # the entries' table
     plots = {p.name for p in (federated_dp_run / "plots").glob("*.png")}
     # deployment-like: no per-patient predictions, so no ROC / KM; confusion summed from the sites' counts
     assert {"curves.png", "privacy_epsilon.png", "confusion_grade.png", "forest_grade.png"} <= plots

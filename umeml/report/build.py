@@ -249,14 +249,14 @@ def _total_epsilon_table(totals: dict) -> str:
             + _table(["site", "total epsilon", "delta", "releases (each alone)"], rows))
 
 
-def _num(x) -> str:
+def _eps3(x) -> str:
     return f"{x:.3f}" if isinstance(x, (int, float)) else "-"
 
 
 def _local_row(site: str, e: dict) -> list:
     """A site's last DP-SGD entry: DP-SGD's epsilon alone and the total its budget bounds."""
     target = e.get("target_epsilon")
-    return [site, e.get("round"), _num(e.get("epsilon")), _num(e.get("epsilon_total")),
+    return [site, e.get("round"), _eps3(e.get("epsilon")), _eps3(e.get("epsilon_total")),
             target if target is not None else "-", e.get("delta"), e.get("status")]
 
 
