@@ -649,7 +649,7 @@ class Coordinator:
         by_site = {self._site(n): r for n, r in replies.items()}
         notes: list[str] = []
         prep = combine_preprocessing(by_site, schema, heads, cfg.survival.n_bins, notes)
-        if cfg.federation.stats_privacy.genomic_source == "checkpoint":  # public scale, no genomic release
+        if cfg.federation.genomics_from_checkpoint:  # the public scale, no genomic release
             prep = checkpoint_standardisation(prep, cfg.federation.init_checkpoint, notes)
         for note in notes:
             log.warning("preprocessing: %s", note)

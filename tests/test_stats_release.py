@@ -51,6 +51,12 @@ def test_stats_privacy_follows_local_dp_and_refuses_exact_statistics_under_dp():
     with pytest.raises(ConfigError, match="x.yaml: federation.stats_privacy.enabled: false while "
                                           "federation.local_dp.enabled is true"):
         config_from_dict({"federation": {"local_dp": DP, "stats_privacy": {"enabled": False}}}, "x.yaml")
+    # genomic_source auto: the public checkpoint's scale under statistics privacy, else the sites' moments
+    assert dp_experiment(init_checkpoint="pub.pt").federation.genomics_from_checkpoint
+    assert not dp_experiment().federation.genomics_from_checkpoint
+    assert not tiny_experiment(init_checkpoint="pub.pt").federation.genomics_from_checkpoint  # no DP: as before
+    assert not dp_experiment(init_checkpoint="pub.pt", stats_privacy={"genomic_source": "sites"}).federation \
+        .genomics_from_checkpoint
     with pytest.raises(ConfigError, match=r"x.yaml: federation.stats_privacy.genomic_clip: must be > 0"):
         config_from_dict({"federation": {"stats_privacy": {"genomic_clip": 0}}}, "x.yaml")
 
@@ -276,7 +282,7 @@ def test_genomic_source_checkpoint_releases_no_moments_and_uses_the_public_scale
     public = checkpoint_standardisation(prep, str(path), notes)
     assert public.genomic_mean == [0.25] * dim and public.genomic_std == [2.0] * dim and "public checkpoint" in notes[0]
     bare = save_checkpoint(tmp_path / "bare.pt", model, {})
-    with pytest.raises(ConfigError, match="bare.pt: federation.stats_privacy.genomic_source is 'checkpoint'"):
+    with pytest.raises(ConfigError, match="bare.pt: federation.stats_privacy.genomic_source uses the checkpoint's"):
         checkpoint_standardisation(prep, str(bare), [])
     with pytest.raises(ConfigError, match="needs federation.init_checkpoint"):
         checkpoint_standardisation(prep, None, [])

@@ -199,7 +199,8 @@ class StatsPrivacyConfig:
     enables DP (such a site always noises them). ``enabled: false`` together with local DP is
     refused. A site's ``site.yaml`` ``stats_privacy.max_epsilon`` caps what it accepts.
     ``genomic_source: checkpoint`` (with ``federation.init_checkpoint``) releases no genomic
-    moments at all: the checkpoint's own standardisation is used.
+    moments at all: the checkpoint's own standardisation is used; ``auto`` (the default) does so
+    under statistics privacy whenever a checkpoint is given.
     """
 
     enabled: bool | None = None
@@ -207,8 +208,9 @@ class StatsPrivacyConfig:
     genomic_epsilon: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
     genomic_clip: float = field(default=3.0, metadata=_range(0.0, lo_open=True))
     # "checkpoint": no site releases genomic moments; the federation standardises genomics as the
-    # public checkpoint (federation.init_checkpoint) was trained (its meta), at no privacy cost
-    genomic_source: Literal["sites", "checkpoint"] = "sites"
+    # public checkpoint (federation.init_checkpoint) was trained (its meta), at no privacy cost;
+    # "auto": "checkpoint" under statistics privacy when federation.init_checkpoint is set, else "sites"
+    genomic_source: Literal["auto", "sites", "checkpoint"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -286,6 +288,14 @@ class FederationConfig:
     survival_hist_epsilon: float | None = field(default=1.0, metadata=_range(0.0, lo_open=True))
     # DP releases of the class counts and genomic moments (on with local DP unless set)
     stats_privacy: StatsPrivacyConfig = field(default_factory=StatsPrivacyConfig)
+
+    @property
+    def genomics_from_checkpoint(self) -> bool:
+        """Whether the genomic standardisation is the public checkpoint's (no site releases genomic
+        moments): ``stats_privacy.genomic_source`` checkpoint, or auto under statistics privacy
+        with ``init_checkpoint`` set."""
+        src = self.stats_privacy.genomic_source
+        return src == "checkpoint" or (src == "auto" and self.init_checkpoint is not None and self.stats_private)
 
     @property
     def stats_private(self) -> bool:

@@ -169,7 +169,7 @@ class SiteRuntime:
                      subtype_counts=label_counts([c.subtype_index(i) for i in train], len(c.subtypes)))
         # moments over fewer than k patients would be their values (one patient: sum = his profile)
         if (c.gene_groups.dim and int(c.has_genomics[train].sum()) >= self.k_min
-                and cfg.federation.stats_privacy.genomic_source == "sites"):
+                and not cfg.federation.genomics_from_checkpoint):
             count, total, total_sq = genomic_moments(c, train)
             reply.update(genomic_count=count.tolist(), genomic_sum=total.tolist(), genomic_sumsq=total_sq.tolist())
         return reply
@@ -180,7 +180,7 @@ class SiteRuntime:
         requests = {"the survival histogram (federation.survival_hist_epsilon)": cfg.federation.survival_hist_epsilon}
         if private:
             requests["the class counts (federation.stats_privacy.class_counts_epsilon)"] = sp.class_counts_epsilon
-            if self.cohort.gene_groups.dim and sp.genomic_source == "sites":
+            if self.cohort.gene_groups.dim and not cfg.federation.genomics_from_checkpoint:
                 requests["the genomic moments (federation.stats_privacy.genomic_epsilon)"] = sp.genomic_epsilon
         else:
             requests["the class counts and genomic moments (federation.stats_privacy is off)"] = None

@@ -324,13 +324,15 @@ def checkpoint_standardisation(prep, path: str | None, notes: list[str]):
     key = "federation.stats_privacy.genomic_source"
     if not path:
         raise ConfigError(f"{key}: 'checkpoint' needs federation.init_checkpoint (a public checkpoint)")
+    fix = f"; set {key}: sites to release DP moments instead"
     if not prep.group_sizes:
         return prep
     _, meta = load(path)
     mean, std = meta.get("genomic_mean"), meta.get("genomic_std")
     if mean is None or std is None or len(mean) != sum(prep.group_sizes):
-        raise ConfigError(f"{path}: {key} is 'checkpoint', but the checkpoint's meta has no genomic standardisation "
-                          f"for {sum(prep.group_sizes)} values (genomic_mean / genomic_std, recorded by umeml train)")
+        raise ConfigError(f"{path}: {key} uses the checkpoint's genomic standardisation, but its meta has none "
+                          f"for {sum(prep.group_sizes)} values (genomic_mean / genomic_std, recorded by umeml train)"
+                          + fix)
     notes.append(f"genomic standardisation: the public checkpoint's ({path}); no site released genomic moments")
     return dataclasses.replace(prep, genomic_mean=[float(v) for v in mean], genomic_std=[float(v) for v in std])
 
@@ -357,7 +359,7 @@ def private_statistics(cohort, train: np.ndarray, cfg, site: str, delta: float, 
                        lambda: class_counts_release(cells, cell_grade, eps_c, seed), site, cfg.name)
     sub, grade = marginals(counts["noisy_cells"], cell_sub, cell_grade, len(cohort.subtypes), len(cohort.grades))
     reply = {"grade_counts": grade, "subtype_counts": sub, "releases": [public_record(counts)]}
-    if cohort.gene_groups.dim and sp.genomic_source == "sites":
+    if cohort.gene_groups.dim and not cfg.federation.genomics_from_checkpoint:
         idx = np.asarray(train, dtype=np.int64)
         rows = cohort.genomics[idx][cohort.has_genomics[idx]].astype(np.float64)
         clip, eps_g = float(sp.genomic_clip), float(sp.genomic_epsilon)
