@@ -16,7 +16,7 @@ from umeml.data.source import CohortSource
 from umeml.errors import ConfigError
 from umeml.federation.accountants import total_epsilon
 from umeml.federation.privacy import calibrate_noise, compute_epsilon, max_steps_within
-from umeml.federation.stats_release import genomic_noise_multiplier
+from umeml.federation.stats_release import gaussian_noise_multiplier
 from umeml.model import build_model
 from umeml.server.coordinator import Coordinator
 from umeml.train.dp import DPSGD, REFUSAL_NO_SITE_DP, resolve_dp
@@ -197,10 +197,10 @@ def test_epsilon_accumulates_across_rounds_and_resume(tmp_path):
 
 def test_budget_spent_stops_training_run_continues(tmp_path):
     # 2 steps per round at q = 0.5: round 1 fits, round 2 has room for 1 step, round 3 for none; the
-    # budget bounds DP-SGD together with the site's releases (survival histogram at epsilon 1, class
-    # counts at 0.5, genomic moments' Gaussian at 0.5), composed
-    z = genomic_noise_multiplier(0.5, 1e-5)
-    target = total_epsilon([(1.0, 0.5, 3), (z, 1.0, 1)], [1.0, 0.5], 1e-5) * 1.001
+    # budget bounds DP-SGD together with the site's releases (survival histogram at epsilon 1, pure;
+    # the Gaussians of the class counts at 1.5 and of the genomic moments at 0.5), composed
+    zc, zg = gaussian_noise_multiplier(1.5, 1e-5), gaussian_noise_multiplier(0.5, 1e-5)
+    target = total_epsilon([(1.0, 0.5, 3), (zc, 1.0, 1), (zg, 1.0, 1)], [1.0], 1e-5) * 1.001
     cfg = experiment(rounds=3, **local_dp(target_epsilon=target))
     final, grid = run(tmp_path, cfg)
     assert final["rounds"] == 3

@@ -104,14 +104,16 @@ def test_total_epsilon_composes_every_release_and_matches_a_direct_computation()
     sgd = [(1.1, 0.5, 20)]
     z_gen = 4.0
     releases = [{"kind": "survival_histogram", "epsilon": 1.0, "delta": 0.0},
-                {"kind": CLASS_COUNTS, "epsilon": 0.5, "delta": 0.0},
-                {"kind": GENOMIC_MOMENTS, "epsilon": 0.9, "noise_multiplier": z_gen, "sample_rate": 1.0, "steps": 1}]
+                {"kind": CLASS_COUNTS, "epsilon": 1.5, "noise_multiplier": 2.8, "sample_rate": 1.0, "steps": 1},
+                {"kind": GENOMIC_MOMENTS, "epsilon": 0.9, "noise_multiplier": z_gen, "sample_rate": 1.0, "steps": 1},
+                {"kind": "survival_histogram", "epsilon": 0.5, "delta": 0.0}]
     gaussian, pure = release_terms(releases)
-    assert gaussian == [(z_gen, 1.0, 1)] and pure == [1.0, 0.5]
+    assert gaussian == [(2.8, 1.0, 1), (z_gen, 1.0, 1)] and pure == [1.0, 0.5]
     total = total_epsilon(sgd + gaussian, pure, DELTA)
     # independent: Opacus's RDP of the SGD steps, the Gaussian's closed form, the pure bound
     orders = np.asarray(RDPAccountant.DEFAULT_ALPHAS, dtype=float)
     rdp = compute_rdp(q=0.5, noise_multiplier=1.1, steps=20, orders=orders) + orders / (2 * z_gen ** 2)
+    rdp += orders / (2 * 2.8 ** 2)
     rdp += sum(np.minimum(e, orders * e ** 2 / 2) for e in pure)
     direct = _conversion(rdp, orders, DELTA)
     basic = compute_epsilon(sgd + gaussian, DELTA) + sum(pure)
@@ -121,19 +123,20 @@ def test_total_epsilon_composes_every_release_and_matches_a_direct_computation()
     for i in range(len(releases)):
         g, p = release_terms(releases[:i] + releases[i + 1:])
         assert total_epsilon(sgd + g, p, DELTA) < total
-    g, p = release_terms(releases + [{"kind": CLASS_COUNTS, "epsilon": 0.5, "delta": 0.0}])
+    g, p = release_terms(releases + [{"kind": CLASS_COUNTS, "noise_multiplier": 4.0, "sample_rate": 1.0, "steps": 1}])
     assert total_epsilon(sgd + g, p, DELTA) > total
 
 
 def test_run_ledger_totals_list_the_statistics_releases():
     entries = [{"site": "A0", "kind": "local", "noise_multiplier": 1.1, "sample_rate": 0.5, "steps": 20}]
     releases = [{"kind": "survival_histogram", "epsilon": 1.0, "delta": 0.0, "sites": ["A0"]},
-                {"kind": CLASS_COUNTS, "epsilon": 0.5, "delta": 0.0, "site": "A0", "mechanism": "geometric"},
+                {"kind": CLASS_COUNTS, "epsilon": 1.5, "delta": DELTA, "noise_multiplier": 2.8, "sample_rate": 1.0,
+                 "steps": 1, "site": "A0", "mechanism": "Gaussian"},
                 {"kind": GENOMIC_MOMENTS, "epsilon": 0.9, "delta": DELTA, "noise_multiplier": 4.0, "sample_rate": 1.0,
                  "steps": 1, "site": "A0", "mechanism": "Gaussian"}]
     a0 = site_totals(entries, releases, DELTA)["A0"]
     assert [r["kind"] for r in a0["releases"]] == ["dp_sgd", "survival_histogram", CLASS_COUNTS, GENOMIC_MOMENTS]
-    assert a0["epsilon"] == pytest.approx(total_epsilon([(1.1, 0.5, 20), (4.0, 1.0, 1)], [1.0, 0.5], DELTA))
+    assert a0["epsilon"] == pytest.approx(total_epsilon([(1.1, 0.5, 20), (2.8, 1.0, 1), (4.0, 1.0, 1)], [1.0], DELTA))
     without = site_totals(entries, releases[:2], DELTA)["A0"]["epsilon"]
     assert without < a0["epsilon"]
 
@@ -149,6 +152,7 @@ def test_dp_site_sends_noisy_statistics_and_records_each_release(tiny_cohort_dir
     exact_sum = c.genomics[train][c.has_genomics[train]].astype(float).sum(axis=0)
     assert reply["subtype_counts"] != exact_sub and not np.allclose(reply["genomic_sum"], exact_sum)
     assert [r["kind"] for r in reply["releases"]] == [CLASS_COUNTS, GENOMIC_MOMENTS]
+    assert reply["releases"][0]["epsilon"] <= 1.5 and reply["releases"][0]["noise_std"]["count"] > 2
     assert all("fingerprint" not in r and "noisy" not in r for r in reply["releases"])
     ledger = SiteLedger(tmp_path / "A0", "A0")
     kinds = [r["kind"] for r in ledger.releases()]
@@ -170,7 +174,7 @@ def test_site_cap_refuses_a_federation_asking_for_more(tiny_cohort_dir, tmp_path
     cfg = dp_experiment(survival_hist_epsilon=0.2)
     site = _sites(tiny_cohort_dir, cfg, tmp_path, stats_cap=0.3, site_file=str(site_file))["A0"]
     with pytest.raises(StatsPrivacyRefusal, match=rf"{site_file}: stats_privacy.max_epsilon: the federation asks "
-                                                  r"for epsilon 0.5 for the class counts .*at most epsilon 0.3"):
+                                                  r"for epsilon 1.5 for the class counts .*at most epsilon 0.3"):
         site.preprocess(cfg)
     assert not (tmp_path / "A0" / "privacy.json").exists()  # refused before anything was released
     ok = dp_experiment(survival_hist_epsilon=0.2, stats_privacy={"class_counts_epsilon": 0.3, "genomic_epsilon": 0.25})
@@ -189,7 +193,7 @@ def test_calibration_leaves_room_for_the_releases(tiny_cohort_dir, tmp_path):
     n_train = len(site._split(cfg)[0])
     entry, allowed, planned, _ = site._dp_round_entry(cfg, site.dp, ledger, n_train, 1)
     gaussian, pure = release_terms(ledger.releases())
-    assert len(pure) == 2 and len(gaussian) == 1
+    assert len(pure) == 1 and len(gaussian) == 2  # the histogram; class counts and genomic moments
     steps = cfg.federation.rounds * planned
     q, nm = entry["sample_rate"], entry["noise_multiplier"]
     full = total_epsilon([(nm, q, steps)] + gaussian, pure, DELTA)
@@ -253,8 +257,8 @@ def test_merge_clamps_noisy_counts_and_tends_to_the_exact_moments_as_noise_vanis
     r[0]["genomic_count"] = [1e6] * 8
     assert np.abs(merge_genomic_moments(r).mean - truth_mean).max() < 0.2
     # noisy class totals are floored at their noise sd, so no weight is zero or huge
-    counts = [{"subtype_counts": [-3, 10, 0], "releases": [{"kind": CLASS_COUNTS, "epsilon": 0.5}]},
-              {"subtype_counts": [1, 12, 0], "releases": [{"kind": CLASS_COUNTS, "epsilon": 0.5}]}]
+    rel = {"kind": CLASS_COUNTS, "noise_std": {"count": 2.8}}
+    counts = [{"subtype_counts": [-3, 10, 0], "releases": [rel]}, {"subtype_counts": [1, 12, 0], "releases": [rel]}]
     merged = merge_class_counts(counts, "subtype", notes)
     assert merged.min() >= 1.0 and merged[1] == 22 and any("below the noise sd" in n for n in notes)
     assert list(merge_class_counts([{"subtype_counts": [0, 3]}], "subtype")) == [0, 3]  # exact: unchanged

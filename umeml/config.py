@@ -189,12 +189,13 @@ class StatsPrivacyConfig:
     """DP releases of the preprocessing statistics (``federation.stats_privacy``; README, Privacy).
 
     ``enabled`` null (the default) means: on exactly when ``federation.local_dp.enabled``. When
-    on, every training site adds noise before its statistics leave: the class counts (a subtype
-    histogram, grade counts derived from it) get two-sided geometric noise for
-    ``class_counts_epsilon`` (pure epsilon-DP, L1 sensitivity 1), the genomic count, sum and sum
-    of squares of values clipped to [-``genomic_clip``, ``genomic_clip``] (raw units; features
-    arriving as z-scores, CNV -2..2 or 0/1 mutations) get Gaussian noise calibrated to
-    ``genomic_epsilon`` at ``federation.local_dp.delta``. Off (DP off, the rule without local DP):
+    on, every training site adds Gaussian noise before its statistics leave, calibrated so that
+    each release alone costs at most its epsilon at the site's delta: the class counts (a
+    subtype histogram, grade counts derived from it; L2 sensitivity 1) ``class_counts_epsilon``,
+    the genomic count, sum and sum of squares of values clipped to [-``genomic_clip``,
+    ``genomic_clip``] (raw units; features arriving as z-scores, CNV -2..2 or 0/1 mutations)
+    ``genomic_epsilon``. (What a release costs in the site's composed total is far less than its
+    epsilon alone; README, Privacy.) Off (DP off, the rule without local DP):
     a site with at least k patients sends them exactly, as before, unless its own ``site.yaml``
     enables DP (such a site always noises them). ``enabled: false`` together with local DP is
     refused. A site's ``site.yaml`` ``stats_privacy.max_epsilon`` caps what it accepts.
@@ -204,7 +205,7 @@ class StatsPrivacyConfig:
     """
 
     enabled: bool | None = None
-    class_counts_epsilon: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
+    class_counts_epsilon: float = field(default=1.5, metadata=_range(0.0, lo_open=True))  # noise sd 2.8 per cell
     genomic_epsilon: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
     genomic_clip: float = field(default=3.0, metadata=_range(0.0, lo_open=True))
     # "checkpoint": no site releases genomic moments; the federation standardises genomics as the
