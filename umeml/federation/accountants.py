@@ -72,10 +72,10 @@ def total_epsilon(history: History, pure_epsilons: list[float], delta: float, ac
     """One epsilon at ``delta`` for a site's every release, composed in Renyi DP (not summed).
 
     ``history`` holds the Gaussian releases as ``(noise_multiplier, sample_rate, steps)``: the
-    DP-SGD rounds (sampled Gaussian) and the one-off Gaussian releases (the genomic moments, one
-    step at sample rate 1, whose RDP alpha / (2 z^2) is exact); Opacus's RDP at its default
-    orders. ``pure_epsilons`` are the pure epsilon-DP releases (the survival histogram's and the
-    class counts' discrete Laplace, delta 0): an epsilon-DP mechanism is (alpha, eps)-RDP for
+    DP-SGD rounds (sampled Gaussian) and the one-off Gaussian releases (the class counts and the
+    genomic moments, one step at sample rate 1, whose RDP alpha / (2 z^2) is exact); Opacus's RDP
+    at its default orders. ``pure_epsilons`` are the pure epsilon-DP releases (the survival
+    histogram's discrete Laplace, delta 0): an epsilon-DP mechanism is (alpha, eps)-RDP for
     every alpha (Mironov 2017, "Renyi differential privacy", Prop. 3) and (eps^2 / 2)-zCDP, i.e.
     (alpha, alpha eps^2 / 2)-RDP (Bun & Steinke 2016, "Concentrated differential privacy", Prop.
     1.4), so it costs min(eps, alpha eps^2 / 2) at order alpha. RDP adds over mechanisms at every

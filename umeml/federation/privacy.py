@@ -148,8 +148,8 @@ HISTOGRAM_RELEASE = "survival_histogram"
 
 def release_terms(releases: Iterable[dict]) -> tuple[list[tuple[float, float, int]], list[float]]:
     """The accountant's view of one-off releases: Gaussian ones (recorded with a noise multiplier:
-    the genomic moments) as ``(noise_multiplier, sample_rate, steps)``, pure epsilon-DP ones (the
-    survival histogram, the class counts) as their epsilons. Exact releases (epsilon None) are
+    the class counts, the genomic moments) as ``(noise_multiplier, sample_rate, steps)``, pure
+    epsilon-DP ones (the survival histogram) as their epsilons. Exact releases (epsilon None) are
     outside every epsilon and add nothing."""
     gaussian, pure = [], []
     for r in releases:
@@ -281,9 +281,9 @@ class SiteLedger:
         if releases:
             payload["releases"] = releases
             payload["about_releases"] = (
-                "One-off releases of federated preprocessing: the survival histogram and the class counts "
-                "(epsilon-DP, delta 0, two-sided geometric noise) and the genomic moments (Gaussian, recorded "
-                "with its noise multiplier at sample rate 1, one step). An entry's epsilon is DP-SGD's alone; "
+                "One-off releases of federated preprocessing: the survival histogram (epsilon-DP, delta 0, "
+                "two-sided geometric noise), the class counts and the genomic moments (Gaussian, recorded "
+                "with their noise multiplier at sample rate 1, one step). An entry's epsilon is DP-SGD's alone; "
                 "its epsilon_total composes DP-SGD with every release in the budget scope in Renyi DP, and "
                 "target_epsilon bounds epsilon_total.")
         atomic_write_json(self.path, payload)
@@ -343,8 +343,8 @@ def run_ledger(experiment: str, local_request: dict, central: dict | None, round
             "each of them with its epsilon alone",
             "survival_histogram: each training site's preprocessing histogram of uncensored survival times is "
             "epsilon-DP (delta 0) per site, released once; epsilon null means exact counts were sent",
-            "class_counts: each training site's subtype histogram (grade counts derived from it) is epsilon-DP "
-            "(delta 0, two-sided geometric noise, L1 sensitivity 1), released once (federation.stats_privacy)",
+            "class_counts: each training site's subtype histogram (grade counts derived from it) carries "
+            "Gaussian noise (L2 sensitivity 1, noise_multiplier z), released once (federation.stats_privacy)",
             "genomic_moments: each training site's count, per-gene sum and sum of squares of clipped genomic "
             "values carry Gaussian noise (noise_multiplier z: RDP alpha / (2 z^2)), released once; absent "
             "when federation.stats_privacy is off (then they were exact, outside every epsilon)",
