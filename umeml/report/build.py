@@ -268,7 +268,7 @@ def _budget_statement(site: str, e: dict) -> str | None:
     if not (isinstance(total, (int, float)) and isinstance(target, (int, float))):
         return None
     ok = total <= target + 1e-9
-    what = "total epsilon" if "epsilon_total" in e else "final epsilon"
+    what = "total epsilon" if isinstance(e.get("epsilon_total"), (int, float)) else "final epsilon"
     return (f"<li class='{'ok' if ok else 'bad'}'>site {html.escape(site)}: {what} {total:.3f} "
             f"{html.escape('<=' if ok else '>')} its budget {target:g} (delta {e.get('delta')})</li>")
 
@@ -321,7 +321,9 @@ def _releases_and_notes(ledger: dict) -> tuple[str, str]:
         about = [n[len(kind) + 1:].strip() for n in notes if n.startswith(f"{kind}:")]
         notes = [n for n in notes if not n.startswith(f"{kind}:")]
         site = f" (site {r['site']})" if r.get("site") else ""
-        items.append(f"<li>{html.escape(kind + site)}: epsilon {r.get('epsilon')}, delta {r.get('delta')}"
+        eps = r.get("epsilon")
+        eps = f"{eps:.3g}" if isinstance(eps, float) else eps
+        items.append(f"<li>{html.escape(kind + site)}: epsilon {eps}, delta {r.get('delta')}"
                      + (f" ({html.escape(str(r['mechanism']))})" if r.get("mechanism") else "")
                      + "".join(f". {html.escape(a[:1].upper() + a[1:])}" for a in about) + "</li>")
     return "".join(items), "".join(f"<li>{html.escape(n)}</li>" for n in notes)
