@@ -305,3 +305,15 @@ def test_a_deployed_site_takes_its_cap_from_its_site_file(tiny_cohort_dir, tmp_p
     assert site.stats_cap == 0.3 and site.site_file == str(site_file)
     with pytest.raises(StatsPrivacyRefusal, match=rf"{site_file}: stats_privacy.max_epsilon"):
         site.preprocess(cfg)
+
+
+def test_a_prv_site_composes_the_releases_too():
+    from umeml.federation.privacy import composed_epsilon
+
+    history = [(1.1, 0.5, 20), (2.8, 1.0, 1)]  # DP-SGD and a Gaussian release at sample rate 1
+    sgd_and_gaussian = compute_epsilon(history, DELTA, "prv")
+    assert sgd_and_gaussian > compute_epsilon(history[:1], DELTA, "prv")
+    total = composed_epsilon(history, [1.0], DELTA, "prv")
+    assert sgd_and_gaussian < total <= sgd_and_gaussian + 1.0 + 1e-9
+    nm = calibrate_noise(8.0, DELTA, 0.5, 20, "prv", history=history[1:], pure=[1.0])
+    assert composed_epsilon([(nm, 0.5, 20)] + history[1:], [1.0], DELTA, "prv") <= 8.0
