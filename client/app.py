@@ -115,7 +115,8 @@ def deployed_site(context: Context, cfg: ExperimentConfig) -> SiteRuntime:
     cohort = _cohort(site.cohort_source, _data_json(cfg), cfg.tasks)
     return SiteRuntime(site.site_id, cohort, np.arange(len(cohort)),
                        k_min=max(site.k_min_patients, cfg.federation.k_min_patients), device=site.device,
-                       max_local_epochs=site.max_local_epochs, dp=site.dp, state_dir=site.state_dir)
+                       max_local_epochs=site.max_local_epochs, dp=site.dp, state_dir=site.state_dir,
+                       stats_cap=site.stats_privacy.max_epsilon, site_file=str(node["site-config"]))
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,7 @@ def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]
     def handshake(msg: Message, context: Context) -> Message:
         """Site id, umeml version, data schema and aggregate counts."""
         cfg = experiment_from(msg)
-        return _json_reply(msg, resolve(context, cfg).handshake())
+        return _json_reply(msg, resolve(context, cfg).handshake(cfg))
 
     _add_refusal_handler(app, resolve)
 

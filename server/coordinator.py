@@ -31,6 +31,7 @@ from umeml.federation.protocol import (
 )
 from umeml.federation.schedule import round_settings
 from umeml.federation.selection import RoundSelector
+from umeml.federation.stats_release import checkpoint_standardisation
 from umeml.flower.records import arrays_from_state, state_from_arrays
 from umeml.metrics.coverage import missing_class_messages
 from umeml.model import build_model, save_checkpoint
@@ -648,6 +649,8 @@ class Coordinator:
         by_site = {self._site(n): r for n, r in replies.items()}
         notes: list[str] = []
         prep = combine_preprocessing(by_site, schema, heads, cfg.survival.n_bins, notes)
+        if cfg.federation.genomics_from_checkpoint:  # the public scale, no genomic release
+            prep = checkpoint_standardisation(prep, cfg.federation.init_checkpoint, notes)
         for note in notes:
             log.warning("preprocessing: %s", note)
         release = {"kind": "survival_histogram", "epsilon": eps, "delta": 0.0 if eps is not None else None,
@@ -655,7 +658,8 @@ class Coordinator:
                    else "none (exact counts)", "grid": SURVIVAL_GRID_TEXT,
                    "sites": sorted(s for s, r in by_site.items() if not r.get("suppressed")),
                    "survival_edges": prep.survival_edges, "notes": notes}
-        return prep, [release]
+        # each site's DP releases of class counts and genomic moments, as it described them
+        return prep, [release] + [{**r, "site": s} for s, rep in sorted(by_site.items()) for r in rep.get("releases", [])]
 
     def _central_budget_stop(self, rnd: int, history: list[dict], n_sites: int, sample_rate: float) -> dict | None:
         """Why training must stop before round ``rnd`` (None: go on): the central release of this
@@ -740,7 +744,8 @@ class Coordinator:
         if shown:
             label = "held-out" if evaluated is entry else f"held-out (round {evaluated['round']} weights)"
             parts.append(label + " " + ", ".join(shown))
-        eps = [(p.get("kind"), p.get("epsilon")) for p in entry.get("privacy", [])]
+        # a site's total (DP-SGD with its one-off releases) where it reports one
+        eps = [(p.get("kind"), p.get("epsilon_total", p.get("epsilon"))) for p in entry.get("privacy", [])]
         local = [e for k, e in eps if k == "local" and isinstance(e, (int, float))]
         central = [e for k, e in eps if k == "central"]
         if local:

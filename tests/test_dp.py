@@ -14,7 +14,9 @@ from umeml.config import DPConfig, ModelConfig, load_site_config
 from umeml.data.batch import PatientItem, collate
 from umeml.data.source import CohortSource
 from umeml.errors import ConfigError
+from umeml.federation.accountants import total_epsilon
 from umeml.federation.privacy import calibrate_noise, compute_epsilon, max_steps_within
+from umeml.federation.stats_release import gaussian_noise_multiplier
 from umeml.model import build_model
 from umeml.server.coordinator import Coordinator
 from umeml.train.dp import DPSGD, REFUSAL_NO_SITE_DP, resolve_dp
@@ -194,8 +196,11 @@ def test_epsilon_accumulates_across_rounds_and_resume(tmp_path):
 
 
 def test_budget_spent_stops_training_run_continues(tmp_path):
-    # 2 steps per round at q = 0.5: round 1 fits, round 2 has room for 1 step, round 3 for none
-    target = compute_epsilon([(1.0, 0.5, 3)], 1e-5) * 1.001
+    # 2 steps per round at q = 0.5: round 1 fits, round 2 has room for 1 step, round 3 for none; the
+    # budget bounds DP-SGD together with the site's releases (survival histogram at epsilon 1, pure;
+    # the Gaussians of the class counts at 1.5 and of the genomic moments at 0.5), composed
+    zc, zg = gaussian_noise_multiplier(1.5, 1e-5), gaussian_noise_multiplier(0.5, 1e-5)
+    target = total_epsilon([(1.0, 0.5, 3), (zc, 1.0, 1), (zg, 1.0, 1)], [1.0], 1e-5) * 1.001
     cfg = experiment(rounds=3, **local_dp(target_epsilon=target))
     final, grid = run(tmp_path, cfg)
     assert final["rounds"] == 3
@@ -212,7 +217,7 @@ def test_budget_spent_stops_training_run_continues(tmp_path):
     site_entries = json.loads((tmp_path / "run" / "sites" / "A0" / "privacy.json").read_text())["entries"]
     assert [(e["status"], e["steps"]) for e in site_entries] == [("trained", 2), ("partial", 1), ("budget_spent", 0)]
     assert site_entries[-1]["epsilon"] == pytest.approx(site_entries[1]["epsilon"])
-    assert all(e["epsilon"] <= target for e in site_entries)
+    assert all(e["epsilon"] < e["epsilon_total"] <= target for e in site_entries)
     assert "privacy budget spent" in (tmp_path / "run" / "metrics.csv").read_text()
     assert "did not train: privacy budget spent" in (tmp_path / "run" / "coordinator.log").read_text()
     assert final["privacy"]["local"]["A1"]["status"] == "budget_spent"
@@ -227,9 +232,11 @@ def test_site_without_dp_refuses_an_experiment_that_requires_it(tmp_path):
     assert hist[0]["accepted"] == 0
     assert all(r["skipped"] == REFUSAL_NO_SITE_DP for r in hist[0]["train"])
     assert set(hist[0]["evaluation"]["validation"]) == {"A0", "A1"}
-    for site in ("A0", "A1"):  # no DP-SGD entry: nothing was trained; only the preprocessing histogram's release
+    for site in ("A0", "A1"):  # no DP-SGD entry: nothing was trained; only the preprocessing releases (the
+        # federation asks for DP statistics, which a site without DP terms of its own still gives)
         ledger = json.loads((tmp_path / "run" / "sites" / site / "privacy.json").read_text())
-        assert ledger["entries"] == [] and [r["kind"] for r in ledger["releases"]] == ["survival_histogram"]
+        assert ledger["entries"] == [] and [r["kind"] for r in ledger["releases"]] == [
+            "survival_histogram", "class_counts", "genomic_moments"]
 
 
 def test_local_training_depends_on_seed_site_and_round_not_on_process_history(tmp_path):

@@ -47,6 +47,12 @@ values. The rules checked:
    not list the patients' survival months. (This was a known gap, a strict xfail, while the
    histogram had exact 1-month cells.)
 
+8. **DP statistics** (the same federation under local DP, ``dp_audit``): no exact class count
+   or genomic moment leaves a training site (``federation.stats_privacy`` follows local DP), the
+   handshake carries no class counts and modality presence as 0/1 only, each preprocess reply
+   describes its releases (allowlisted fields), and the run's ledger lists every release per
+   site under one total epsilon.
+
 A training site below k patients does not train and reports only why. The personalisation wave
 (``query.personalise``) sends the global weights to the training sites; its replies carry
 validation metrics of the global and the personalised heads and never weights (rule 2: only
@@ -85,8 +91,9 @@ MESSAGE_TYPES = {"query.handshake", "query.preprocess", "train", "evaluate", "qu
 class AuditSites:
     """The five nodes of the module docstring; remembers each site's patients."""
 
-    def __init__(self, data_dir: str):
-        self.base = SimulatedSites(("A0", "A1", "A2", "A1", "A2"), CohortSource(data_dir=data_dir))
+    def __init__(self, data_dir: str, state_root: str | None = None):
+        self.base = SimulatedSites(("A0", "A1", "A2", "A1", "A2"), CohortSource(data_dir=data_dir),
+                                   state_root=state_root)
         self.runtimes: dict[str, site_module.SiteRuntime] = {}
         self._sparse = None
 
@@ -140,7 +147,7 @@ class Audit:
         return [rt.cohort.patients[i] for i in rt.indices]
 
 
-def run_audit(data_dir, run_dir, tamper=None, experiment=None) -> Audit:
+def run_audit(data_dir, run_dir, tamper=None, experiment=None, state_root=None) -> Audit:
     """Run the federation of the module docstring and keep everything the audit needs
     (``tamper``: LocalGrid's per-node reply hooks, to check that the audit catches leaks)."""
     recorded = []
@@ -152,7 +159,7 @@ def run_audit(data_dir, run_dir, tamper=None, experiment=None) -> Audit:
         recorded.append(preds)
         return preds
 
-    sites = AuditSites(str(data_dir))
+    sites = AuditSites(str(data_dir), state_root)
     grid = LocalGrid(build_client_app(sites), 5, tamper=tamper)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(site_module, "predict", recording_predict)
@@ -268,13 +275,16 @@ def test_no_identifier_or_path_in_any_message(audit):
 # ------------------------------------------------------------------------------ rule 2
 METRIC_FIELDS = r"(value|ci_low|ci_high|n|n_boot|n_boot_used|n_classes|pairs|events|error)"
 PRIVACY_FIELDS = (r"(experiment|round|site|kind|status|sample_rate|noise_multiplier|steps|max_grad_norm|epsilon|"
-                  r"delta|accountant|target_epsilon|budget_scope)")
+                  r"epsilon_total|cumulative_steps|delta|accountant|target_epsilon|budget_scope)")
+# the public description of a DP release of statistics (umeml.federation.stats_release.public_record)
+RELEASE_FIELDS = (r"report\.json\.releases\[\]\.(kind|epsilon|delta|cells|cells_per_grade|mechanism|noise_multiplier|"
+                  r"sample_rate|steps|clip|genes|(sensitivity|noise_std|shares)\.(count|sum|sumsq))")
 REPLY_FIELDS = {
     "query.handshake": [r"report\.json\.(site|umeml_version|n_patients|feature_dim|encoder|with_pathology|with_genomics)",
                         r"report\.json\.(group_sizes|subtypes|grades|subtype_counts|grade_counts)\[\]"],
     "query.preprocess": [r"report\.json\.(site|n|suppressed)",
                          r"report\.json\.(survival_hist|grade_counts|subtype_counts|genomic_count|genomic_sum|"
-                         r"genomic_sumsq)\[\]"],
+                         r"genomic_sumsq)\[\]", RELEASE_FIELDS],
     "train": [r"metrics\.(num-examples|train_loss)",
               r"report\.json\.(site|num-examples|train_loss|steps|seconds|empty_batches|skipped|note)",
               r"report\.json\.privacy\." + PRIVACY_FIELDS,
@@ -308,12 +318,17 @@ def _list_lengths(value, path="", out=None):
 
 
 def test_replies_carry_only_allowlisted_aggregates(audit):
+    check_allowlisted(audit)
+
+
+def check_allowlisted(audit):
+    """Rule 2 over every reply of ``audit``."""
     sizes = audit.cohort.gene_groups.sizes
     n_sub, n_grade, n_genes = len(audit.cohort.subtypes), len(audit.cohort.grades), int(sum(sizes))
     allowed_lengths = {
         ".group_sizes": {len(sizes)}, ".subtypes": {n_sub}, ".grades": {n_grade},
         ".subtype_counts": {n_sub}, ".grade_counts": {n_grade}, ".survival_hist": {len(survival_grid()) - 1},
-        ".genomic_count": {n_genes}, ".genomic_sum": {n_genes}, ".genomic_sumsq": {n_genes},
+        ".genomic_count": {n_genes}, ".genomic_sum": {n_genes}, ".genomic_sumsq": {n_genes}, ".releases": {1, 2},
         ".tasks.grade.confusion_matrix.value": {n_grade}, ".tasks.grade.confusion_matrix.value[]": {n_grade},
         ".tasks.subtype.confusion_matrix.value": {n_sub}, ".tasks.subtype.confusion_matrix.value[]": {n_sub},
     }
@@ -545,3 +560,49 @@ def test_coordinator_keeps_what_no_site_sent(partial_audit):
         if not np.array_equal(v.numpy(), first[k]):
             changed.add(k.split(".")[0])
     assert changed == {"decoder", "norm", "heads"}  # frozen encoders and the sites' own fusion unchanged
+
+
+# ------------------------------------------------------------------------------ rule 8: DP statistics
+@pytest.fixture(scope="module")
+def dp_audit(tiny_cohort_dir, tmp_path_factory):
+    """The same federation under local DP (epsilon 8): statistics privacy follows it."""
+    cfg = tiny_experiment(bootstrap=0, k_min_patients=K, local_dp={"enabled": True, "target_epsilon": 8.0})
+    root = tmp_path_factory.mktemp("dp")
+    return run_audit(tiny_cohort_dir, root / "run", experiment=cfg, state_root=str(root / "sites"))
+
+
+def _exact_statistics(rt, cfg) -> dict:
+    """What a site would have sent without statistics privacy."""
+    c = rt.cohort
+    train, _ = rt._split(cfg)
+    rows = c.genomics[train][c.has_genomics[train]].astype(np.float64)
+    return {"subtype_counts": [sum(c.subtype_index(i) == k for i in train) for k in range(len(c.subtypes))],
+            "grade_counts": [sum(c.grade_index(i) == g for i in train) for g in range(len(c.grades))],
+            "genomic_count": [float(len(rows))] * rows.shape[1], "genomic_sum": rows.sum(axis=0),
+            "genomic_sumsq": (rows ** 2).sum(axis=0)}
+
+
+def test_no_exact_counts_or_moments_leave_a_dp_site(dp_audit):
+    check_allowlisted(dp_audit)
+    cfg = tiny_experiment(bootstrap=0, k_min_patients=K)
+    checked = set()
+    for m in dp_audit.grid.received:
+        site, kind = dp_audit.site_of(m.metadata.src_node_id), m.metadata.message_type
+        report = json.loads(str(m.content["report"]["json"]))
+        if kind == "query.handshake":  # no class counts; modalities as presence flags only
+            assert "subtype_counts" not in report and "grade_counts" not in report, site
+            assert report["with_pathology"] in (0, 1) and report["with_genomics"] in (0, 1), site
+        if kind != "query.preprocess" or report.get("suppressed"):
+            continue
+        exact = _exact_statistics(dp_audit.sites.runtimes[site], cfg)
+        for key in ("subtype_counts", "grade_counts"):
+            assert report[key] != exact[key], f"site {site}: exact {key}"
+        for key in ("genomic_count", "genomic_sum", "genomic_sumsq"):  # A1 (2 patients with genomics) too
+            assert not np.allclose(report[key], exact[key], rtol=1e-3), f"site {site}: exact {key}"
+        assert [r["kind"] for r in report["releases"]] == ["class_counts", "genomic_moments"]
+        checked.add(site)
+    assert checked == {"A0", "A1"}
+    ledger = json.loads((dp_audit.run_dir / "privacy.json").read_text())
+    for site in ("A0", "A1"):  # the run's report lists every release per site under one total
+        kinds = [r["kind"] for r in ledger["final"]["total"][site]["releases"]]
+        assert kinds == ["dp_sgd", "survival_histogram", "class_counts", "genomic_moments"], site

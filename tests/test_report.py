@@ -91,8 +91,13 @@ def test_federated_report_states_the_privacy_budget(federated_dp_run):
     page = write_report(federated_dp_run).read_text()
     ledger = json.loads((federated_dp_run / "privacy.json").read_text())
     for site, entry in ledger["final"]["local"].items():
-        assert entry["epsilon"] <= 8.0
-        assert f"site {site}: final epsilon {entry['epsilon']:.3f} &lt;= its budget 8" in page
+        assert entry["epsilon"] <= entry["epsilon_total"] <= 8.0  # the budget bounds DP-SGD with the releases
+        assert f"site {site}: total epsilon {entry['epsilon_total']:.3f} &lt;= its budget 8" in page
+        total = ledger["final"]["total"][site]
+        assert [r["kind"] for r in total["releases"]] == ["dp_sgd", "survival_histogram", "class_counts",
+                                                          "genomic_moments"]
+        assert f"<td>{site}</td><td>{total['epsilon']:.3f}</td>" in page
+        assert f"<td>{entry['epsilon']:.3f}</td><td>{entry['epsilon_total']:.3f}</td>" in page  # the entries' table
     plots = {p.name for p in (federated_dp_run / "plots").glob("*.png")}
     # deployment-like: no per-patient predictions, so no ROC / KM; confusion summed from the sites' counts
     assert {"curves.png", "privacy_epsilon.png", "confusion_grade.png", "forest_grade.png"} <= plots
@@ -238,12 +243,16 @@ def test_each_release_is_listed_once_with_its_explanation(federated_dp_run):
     page = write_report(federated_dp_run).read_text()
     ledger = json.loads((federated_dp_run / "privacy.json").read_text())
     kinds = [r["kind"] for r in ledger["releases"]]
-    assert kinds == ["survival_histogram"]
+    sites = sorted({r["site"] for r in ledger["releases"] if r.get("site")})
+    assert kinds == ["survival_histogram"] + ["class_counts", "genomic_moments"] * len(sites) and sites
     releases = page.split("One-off releases:</p><ul>", 1)[1].split("</ul>", 1)[0]
-    assert releases.count("<li>") == 1 and releases.count("survival_histogram") == 1
+    assert releases.count("<li>") == len(kinds) and releases.count("survival_histogram") == 1
     assert "histogram of uncensored survival times" in releases  # the ledger's note on that release
+    assert f"class_counts (site {sites[0]})" in releases and f"genomic_moments (site {sites[-1]})" in releases
+    for note in ("released once (federation.stats_privacy)", "absent when federation.stats_privacy is off"):
+        assert releases.count(note) == 1  # each kind's note once, with its first release
     about = page.split("About the ledger:</p><ul>", 1)[1].split("</ul>", 1)[0]
-    assert "survival_histogram" not in about and "local: per-patient DP-SGD" in about
+    assert "survival_histogram" not in about and "class_counts" not in about and "local: per-patient DP-SGD" in about
 
 
 def test_figure_titles_fit_their_figures():

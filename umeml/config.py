@@ -184,6 +184,48 @@ class CentralDPConfig:
     target_epsilon: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
 
 
+@dataclass(frozen=True)
+class StatsPrivacyConfig:
+    """DP releases of the preprocessing statistics (``federation.stats_privacy``; README, Privacy).
+
+    ``enabled`` null (the default) means: on exactly when ``federation.local_dp.enabled``. When
+    on, every training site adds Gaussian noise before its statistics leave, calibrated so that
+    each release alone costs at most its epsilon at the site's delta: the class counts (a
+    subtype histogram, grade counts derived from it; L2 sensitivity 1) ``class_counts_epsilon``,
+    the genomic count, sum and sum of squares of values clipped to [-``genomic_clip``,
+    ``genomic_clip``] (raw units; features arriving as z-scores, CNV -2..2 or 0/1 mutations)
+    ``genomic_epsilon``. (What a release costs in the site's composed total is far less than its
+    epsilon alone; README, Privacy.) Off (DP off, the rule without local DP):
+    a site with at least k patients sends them exactly, as before, unless its own ``site.yaml``
+    enables DP (such a site always noises them). ``enabled: false`` together with local DP is
+    refused. A site's ``site.yaml`` ``stats_privacy.max_epsilon`` caps what it accepts.
+    ``genomic_source: checkpoint`` (with ``federation.init_checkpoint``) releases no genomic
+    moments at all: the checkpoint's own standardisation is used; ``auto`` (the default) does so
+    under statistics privacy whenever a checkpoint is given.
+    """
+
+    enabled: bool | None = None
+    class_counts_epsilon: float = field(default=1.5, metadata=_range(0.0, lo_open=True))  # noise sd 2.8 per cell
+    genomic_epsilon: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
+    genomic_clip: float = field(default=3.0, metadata=_range(0.0, lo_open=True))
+    # "checkpoint": no site releases genomic moments; the federation standardises genomics as the
+    # public checkpoint (federation.init_checkpoint) was trained (its meta), at no privacy cost;
+    # "auto": "checkpoint" under statistics privacy when federation.init_checkpoint is set, else "sites"
+    genomic_source: Literal["auto", "sites", "checkpoint"] = "auto"
+
+
+@dataclass(frozen=True)
+class SiteStatsPrivacyConfig:
+    """A site's cap on the preprocessing releases (``site.yaml`` ``stats_privacy``).
+
+    ``max_epsilon``: the most epsilon the site spends on any one release of statistics (class
+    counts, genomic moments, survival histogram); a federation asking for more (or for an exact
+    survival histogram) is refused with an error naming this file. Null: no cap.
+    """
+
+    max_epsilon: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
+
+
 # The federation strategies a config may name. The core never imports flwr, so the builders are
 # registered in umeml.server.strategies, which refuses a name missing here; a test checks that
 # every name here has a builder there.
@@ -245,6 +287,23 @@ class FederationConfig:
     # epsilon of the two-sided geometric noise each site adds to its preprocessing survival
     # histogram; None sends exact counts (a patient's survival time to within one grid cell)
     survival_hist_epsilon: float | None = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    # DP releases of the class counts and genomic moments (on with local DP unless set)
+    stats_privacy: StatsPrivacyConfig = field(default_factory=StatsPrivacyConfig)
+
+    @property
+    def genomics_from_checkpoint(self) -> bool:
+        """Whether the genomic standardisation is the public checkpoint's (no site releases genomic
+        moments): ``stats_privacy.genomic_source`` checkpoint, or auto under statistics privacy
+        with ``init_checkpoint`` set."""
+        src = self.stats_privacy.genomic_source
+        return src == "checkpoint" or (src == "auto" and self.init_checkpoint is not None and self.stats_private)
+
+    @property
+    def stats_private(self) -> bool:
+        """Whether the sites noise their class counts and genomic moments (``stats_privacy.enabled``,
+        null: ``local_dp.enabled``)."""
+        on = self.stats_privacy.enabled
+        return self.local_dp.enabled if on is None else on
 
 
 @dataclass(frozen=True)
@@ -297,6 +356,7 @@ class SiteConfig:
     max_local_epochs: int = field(default=10, metadata=_range(1))
     state_dir: str = "site-state"
     dp: DPConfig = field(default_factory=DPConfig)
+    stats_privacy: SiteStatsPrivacyConfig = field(default_factory=SiteStatsPrivacyConfig)
 
     @property
     def cohort_source(self) -> CohortSource:
@@ -453,6 +513,15 @@ def _validate_site_and_federation(obj: Any, prefix: str, source: str) -> None:
             f"{source}: {prefix}central_dp: needs strategy {' or '.join(CENTRAL_DP_STRATEGIES)} (its noise is "
             f"calibrated to a plain average of clipped updates), not {obj.strategy!r}"
         )
+    if isinstance(obj, FederationConfig) and obj.local_dp.enabled and obj.stats_privacy.enabled is False:
+        raise ConfigError(
+            f"{source}: {prefix}stats_privacy.enabled: false while {prefix}local_dp.enabled is true: the sites' "
+            "class counts and genomic moments would leave exactly, outside every epsilon; remove the key (null "
+            "follows local_dp)")
+    if isinstance(obj, StatsPrivacyConfig):
+        for key in ("class_counts_epsilon", "genomic_epsilon", "genomic_clip"):
+            if getattr(obj, key) == float("inf"):
+                raise ConfigError(f"{source}: {prefix}{key}: must be finite")
     if isinstance(obj, FederationConfig) and obj.survival_hist_epsilon == float("inf"):
         raise ConfigError(f"{source}: {prefix}survival_hist_epsilon: must be finite (null sends exact counts)")
     if isinstance(obj, CentralDPConfig) and obj.target_epsilon is not None and not obj.enabled:

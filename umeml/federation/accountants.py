@@ -68,32 +68,40 @@ def prv_epsilon(history: History, delta: float) -> float:
         return float(acc.get_epsilon(delta))
 
 
-def total_epsilon(history: History, pure_epsilons: list[float], delta: float) -> float:
+def total_epsilon(history: History, pure_epsilons: list[float], delta: float, accountant: str = "rdp") -> float:
     """One epsilon at ``delta`` for a site's every release, composed in Renyi DP (not summed).
 
-    ``history`` holds the DP-SGD releases ``(noise_multiplier, sample_rate, steps)`` (sampled
-    Gaussian, Opacus's RDP at its default orders); ``pure_epsilons`` the pure epsilon-DP
-    releases (the survival histogram's discrete Laplace, delta 0), each of which is
-    (alpha, min(eps, alpha eps^2 / 2))-RDP (eps-DP implies eps^2/2-zCDP, Bun & Steinke 2016).
-    RDP adds over mechanisms at every order; Opacus's conversion gives epsilon at ``delta``.
-    Basic composition (DP-SGD's epsilon at ``delta`` plus the pure epsilons) is also a valid
-    bound and can be tighter when a pure release dominates; the smaller of the two is returned.
+    ``history`` holds the Gaussian releases as ``(noise_multiplier, sample_rate, steps)``: the
+    DP-SGD rounds (sampled Gaussian) and the one-off Gaussian releases (the class counts and the
+    genomic moments, one step at sample rate 1, whose RDP alpha / (2 z^2) is exact); Opacus's RDP
+    at its default orders. ``pure_epsilons`` are the pure epsilon-DP releases (the survival
+    histogram's discrete Laplace, delta 0): an epsilon-DP mechanism is (alpha, eps)-RDP for
+    every alpha (Mironov 2017, "Renyi differential privacy", Prop. 3) and (eps^2 / 2)-zCDP, i.e.
+    (alpha, alpha eps^2 / 2)-RDP (Bun & Steinke 2016, "Concentrated differential privacy", Prop.
+    1.4), so it costs min(eps, alpha eps^2 / 2) at order alpha. RDP adds over mechanisms at every
+    order; Opacus's conversion (Balle et al. 2020) gives epsilon at ``delta`` once.
+    Basic composition (the ``accountant``'s epsilon of ``history`` at ``delta`` plus the pure
+    epsilons) is also a valid bound and can be tighter when a pure release dominates; the
+    smaller of the two is returned. Without pure releases this is the accountant's epsilon.
     """
     import numpy as np
     from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis.rdp import get_privacy_spent
 
+    history = [(float(nm), min(float(q), 1.0), int(k)) for nm, q, k in history if int(k) > 0]
+    pure_epsilons = [float(e) for e in pure_epsilons]
+    gaussian = ACCOUNTANTS.get(accountant, "accountant")(history, delta) if history else 0.0
+    if not pure_epsilons:
+        return float(gaussian)
     orders = np.asarray(RDPAccountant.DEFAULT_ALPHAS, dtype=float)
     rdp = np.zeros_like(orders)
     for nm, q, k in history:
-        if int(k) > 0:
-            rdp += int(k) * np.asarray(_rdp_per_step(float(nm), min(float(q), 1.0)))
+        rdp += k * np.asarray(_rdp_per_step(nm, q))
     for eps in pure_epsilons:
-        rdp += np.minimum(float(eps), orders * float(eps) ** 2 / 2.0)
+        rdp += np.minimum(eps, orders * eps ** 2 / 2.0)
     if not rdp.any():
         return 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns when the optimal order is at the edge
         eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
-    basic = (rdp_epsilon(list(history), delta) if any(int(k) > 0 for *_, k in history) else 0.0) + sum(pure_epsilons)
-    return float(min(eps, basic))
+    return float(min(eps, gaussian + sum(pure_epsilons)))

@@ -7,8 +7,12 @@ runs and (with ``budget_scope: site``) every experiment that trained on the site
 Anyone can recompute an entry's epsilon from the recorded numbers.
 
 One-off releases of aggregates (the survival histogram of federated preprocessing, made
-epsilon-DP with two-sided geometric noise by :func:`discrete_laplace`) are recorded apart from the
-per-round DP-SGD entries, under ``releases``.
+epsilon-DP with two-sided geometric noise by :func:`discrete_laplace`; the class counts and
+genomic moments of :mod:`umeml.federation.stats_release`) are recorded apart from the per-round
+DP-SGD entries, under ``releases``. A site's budget (``dp.target_epsilon``) bounds the
+composition of everything in its scope: the DP-SGD noise is calibrated for what the releases
+leave (:func:`release_terms`, :func:`composed_epsilon`), and each entry records both the DP-SGD
+epsilon alone (``epsilon``) and the total (``epsilon_total``).
 
 Only these scalars ever leave a site; no patient-level value is in a ledger.
 """
@@ -46,15 +50,32 @@ def compute_epsilon(history: Iterable[tuple[float, float, int]], delta: float, a
     return ACCOUNTANTS.get(accountant, "accountant")(hist, delta)
 
 
+def composed_epsilon(history: Iterable[tuple[float, float, int]], pure: Iterable[float], delta: float,
+                     accountant: str = "rdp") -> float:
+    """Epsilon at ``delta`` of Gaussian releases ``history`` together with the pure epsilon-DP
+    releases ``pure`` (:func:`umeml.federation.accountants.total_epsilon`); without pure releases
+    exactly :func:`compute_epsilon`."""
+    from umeml.federation.accountants import total_epsilon
+
+    pure = [float(e) for e in pure]
+    if not pure:
+        return compute_epsilon(history, delta, accountant)
+    return total_epsilon(list(history), pure, delta, accountant)
+
+
 def max_steps_within(history: list[tuple[float, float, int]], noise_multiplier: float, sample_rate: float,
-                     planned: int, target_epsilon: float, delta: float, accountant: str = "rdp") -> tuple[int, float]:
-    """Largest ``k <= planned`` with epsilon(history + k steps) <= target, and that epsilon.
+                     planned: int, target_epsilon: float, delta: float, accountant: str = "rdp",
+                     pure: Iterable[float] = ()) -> tuple[int, float]:
+    """Largest ``k <= planned`` with epsilon(history + k steps, with the pure releases ``pure``)
+    <= target, and that epsilon.
 
     Epsilon grows with the number of steps, so a bisection finds ``k``; when all planned steps
     fit, one evaluation suffices.
     """
+    pure = list(pure)
+
     def eps(k: int) -> float:
-        return compute_epsilon(list(history) + [(noise_multiplier, sample_rate, k)], delta, accountant)
+        return composed_epsilon(list(history) + [(noise_multiplier, sample_rate, k)], pure, delta, accountant)
 
     if planned <= 0:
         return 0, eps(0)
@@ -75,18 +96,19 @@ def max_steps_within(history: list[tuple[float, float, int]], noise_multiplier: 
 
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp",
-                    history: list[tuple[float, float, int]] = ()) -> float | None:
+                    history: list[tuple[float, float, int]] = (), pure: Iterable[float] = ()) -> float | None:
     """Smallest noise multiplier (within 1 %) with which ``steps`` more steps at ``sample_rate``
-    keep the total epsilon, ``history`` included, at or below ``target_epsilon``.
+    keep the total epsilon, ``history`` and the pure releases ``pure`` included, at or below
+    ``target_epsilon``: the DP-SGD calibration leaves room for the one-off releases.
 
     None when ``history`` alone already reaches the target (nothing is left to spend).
     """
-    history = list(history)
-    if compute_epsilon(history, delta, accountant) >= target_epsilon:
+    history, pure = list(history), list(pure)
+    if composed_epsilon(history, pure, delta, accountant) >= target_epsilon:
         return None
 
     def eps(sigma: float) -> float:
-        return compute_epsilon(history + [(sigma, sample_rate, max(int(steps), 1))], delta, accountant)
+        return composed_epsilon(history + [(sigma, sample_rate, max(int(steps), 1))], pure, delta, accountant)
 
     hi = 1.0
     while eps(hi) > target_epsilon:
@@ -122,6 +144,20 @@ def discrete_laplace(shape, epsilon: float, rng=None):
 
 
 HISTOGRAM_RELEASE = "survival_histogram"
+
+
+def release_terms(releases: Iterable[dict]) -> tuple[list[tuple[float, float, int]], list[float]]:
+    """The accountant's view of one-off releases: Gaussian ones (recorded with a noise multiplier:
+    the class counts, the genomic moments) as ``(noise_multiplier, sample_rate, steps)``, pure
+    epsilon-DP ones (the survival histogram) as their epsilons. Exact releases (epsilon None) are
+    outside every epsilon and add nothing."""
+    gaussian, pure = [], []
+    for r in releases:
+        if r.get("noise_multiplier") is not None:
+            gaussian.append((float(r["noise_multiplier"]), float(r.get("sample_rate", 1.0)), int(r.get("steps", 1))))
+        elif r.get("epsilon") is not None:
+            pure.append(float(r["epsilon"]))
+    return gaussian, pure
 
 
 def counts_fingerprint(counts, *context) -> str:
@@ -188,6 +224,23 @@ class SiteLedger:
         """Entries that count toward the budget: all of them (scope ``site``) or one experiment's."""
         return [e for e in self.entries() if scope == "site" or e.get("experiment") == experiment]
 
+    def releases_in_scope(self, experiment: str, scope: str) -> list[dict]:
+        """One-off releases that count toward the budget, as :meth:`in_scope` for entries."""
+        return [r for r in self.releases() if scope == "site" or r.get("experiment") == experiment]
+
+    def release_once(self, kind: str, key: str, make) -> tuple[dict, bool]:
+        """The release of ``kind`` recorded under fingerprint ``key`` and whether it is new: a
+        repeated request gets the record released before (re-sending a released value costs no
+        privacy; fresh noise could be averaged away); otherwise ``make()`` builds the record
+        (noisy values included), which is appended. Call it while holding :meth:`locked`."""
+        earlier = self.releases()
+        for rel in earlier:
+            if rel.get("kind") == kind and rel.get("fingerprint") == key:
+                return rel, False
+        record = make()
+        self._write(self.entries(), earlier + [record])
+        return record, True
+
     @staticmethod
     def history(entries: Iterable[dict]) -> list[tuple[float, float, int]]:
         """The accountant's composition history of ``entries``."""
@@ -228,9 +281,11 @@ class SiteLedger:
         if releases:
             payload["releases"] = releases
             payload["about_releases"] = (
-                "One-off releases: the survival histogram of federated preprocessing, epsilon-DP (delta 0) "
-                "with two-sided geometric noise. Its epsilon is not part of the DP-SGD epsilon above; "
-                "by basic composition a patient's total loss is at most the sum of the two.")
+                "One-off releases of federated preprocessing: the survival histogram (epsilon-DP, delta 0, "
+                "two-sided geometric noise), the class counts and the genomic moments (Gaussian, recorded "
+                "with their noise multiplier at sample rate 1, one step). An entry's epsilon is DP-SGD's alone; "
+                "its epsilon_total composes DP-SGD with every release in the budget scope in Renyi DP, and "
+                "target_epsilon bounds epsilon_total.")
         atomic_write_json(self.path, payload)
 
 
@@ -264,8 +319,8 @@ def run_ledger(experiment: str, local_request: dict, central: dict | None, round
         if e.get("kind") == "central":
             final_central = {k: e[k] for k in ("round", "epsilon", "delta", "noise_multiplier", "max_grad_norm")}
         else:
-            final_local[str(e.get("site"))] = {k: e.get(k) for k in ("round", "epsilon", "delta", "target_epsilon",
-                                                                  "status")}
+            final_local[str(e.get("site"))] = {k: e.get(k) for k in ("round", "epsilon", "epsilon_total", "delta",
+                                                                  "target_epsilon", "status")}
     worst = max((v["epsilon"] for v in final_local.values() if isinstance(v.get("epsilon"), (int, float))),
                 default=None)
     hist = next((r for r in releases if r.get("kind") == "survival_histogram"), None)
@@ -284,12 +339,19 @@ def run_ledger(experiment: str, local_request: dict, central: dict | None, round
                   "total": site_totals(entries, releases, delta)},
         "notes": [
             "total: one epsilon per site at delta, composing every release of this run at that site (its "
-            "DP-SGD rounds and its survival histogram) in Renyi DP; releases lists each of them",
+            "DP-SGD rounds, survival histogram, class counts and genomic moments) in Renyi DP; releases lists "
+            "each of them with its epsilon alone",
             "survival_histogram: each training site's preprocessing histogram of uncensored survival times is "
-            "epsilon-DP (delta 0) per site, released once; epsilon null means exact counts were sent. It "
-            "composes with the local DP-SGD epsilon (at most the sum of the two)",
-            "local: per-patient DP-SGD at each site; epsilon is cumulative over the site's budget scope "
-            "(all rounds, resumed runs and, with budget_scope 'site', earlier experiments on the same data)",
+            "epsilon-DP (delta 0) per site, released once; epsilon null means exact counts were sent",
+            "class_counts: each training site's subtype histogram (grade counts derived from it) carries "
+            "Gaussian noise (L2 sensitivity 1, noise_multiplier z), released once (federation.stats_privacy)",
+            "genomic_moments: each training site's count, per-gene sum and sum of squares of clipped genomic "
+            "values carry Gaussian noise (noise_multiplier z: RDP alpha / (2 z^2)), released once; absent "
+            "when federation.stats_privacy is off (then they were exact, outside every epsilon)",
+            "local: per-patient DP-SGD at each site; epsilon is DP-SGD's alone, cumulative over the site's "
+            "budget scope (all rounds, resumed runs and, with budget_scope 'site', earlier experiments on the "
+            "same data); epsilon_total adds the site's one-off releases in that scope and is what "
+            "target_epsilon bounds",
             "central: site-level DP of the aggregate (Flower fixed-clipping wrapper); epsilon from Opacus's "
             "RDP accountant with sample_rate = fraction of training sites per round and one step per round",
             "training losses and evaluation metrics sent to the coordinator are not covered by either guarantee",
@@ -298,9 +360,10 @@ def run_ledger(experiment: str, local_request: dict, central: dict | None, round
 
 
 def site_totals(entries: list[dict], releases: list[dict], delta: float) -> dict[str, dict]:
-    """Per site: the total epsilon at ``delta`` of every release of this run (DP-SGD rounds and
-    one-off releases, composed by :func:`umeml.federation.accountants.total_epsilon`) and the
-    list of those releases (kind, epsilon of the release alone or cumulative, steps)."""
+    """Per site: the total epsilon at ``delta`` of every release of this run (DP-SGD rounds,
+    Gaussian and pure one-off releases, composed by
+    :func:`umeml.federation.accountants.total_epsilon`) and the list of those releases (kind,
+    epsilon of the release alone, mechanism; steps and rounds for DP-SGD)."""
     from umeml.federation.accountants import total_epsilon
 
     def covers(r: dict, site: str) -> bool:  # a site's own release, or the coordinator's record of all
@@ -312,14 +375,15 @@ def site_totals(entries: list[dict], releases: list[dict], delta: float) -> dict
     out = {}
     for site in sites:
         sgd = [e for e in entries if str(e.get("site")) == site and e.get("kind") != "central" and e.get("steps")]
-        pure = [r for r in releases if covers(r, site) and r.get("epsilon") is not None]
+        one_off = [r for r in releases if covers(r, site) and r.get("epsilon") is not None]
         history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in sgd]
+        gaussian, pure = release_terms(one_off)
         listed = ([{"kind": "dp_sgd", "rounds": len(sgd), "steps": sum(int(e["steps"]) for e in sgd),
-                    "epsilon_alone": compute_epsilon(history, delta, "rdp") if sgd else 0.0}] if sgd else []) + \
-                 [{"kind": r.get("kind"), "epsilon_alone": float(r["epsilon"]), "delta": r.get("delta", 0.0)}
-                  for r in pure]
-        out[site] = {"epsilon": total_epsilon(history, [float(r["epsilon"]) for r in pure], delta),
-                     "delta": delta, "releases": listed}
+                    "epsilon_alone": compute_epsilon(history, delta, "rdp"), "delta": delta,
+                    "mechanism": "sampled Gaussian (DP-SGD)"}] if sgd else []) + \
+                 [{"kind": r.get("kind"), "epsilon_alone": float(r["epsilon"]), "delta": r.get("delta", 0.0),
+                   **({"mechanism": r["mechanism"]} if r.get("mechanism") else {})} for r in one_off]
+        out[site] = {"epsilon": total_epsilon(history + gaussian, pure, delta), "delta": delta, "releases": listed}
     return out
 
 

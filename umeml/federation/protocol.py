@@ -11,6 +11,7 @@ import numpy as np
 
 from umeml.data.labels import edges_from_histogram
 from umeml.errors import FederationError
+from umeml.federation.stats_release import merge_class_counts, merge_genomic_moments
 from umeml.metrics.bootstrap import site_bootstrap_ci
 from umeml.rundir import has_value
 from umeml.train.experiment import Preprocessing  # defined next to what is built from it; sent every round
@@ -107,18 +108,13 @@ def combine_preprocessing(replies: dict[str, dict], schema: dict, heads: dict[st
     mean = std = None
     gen = [r for r in usable.values() if r.get("genomic_count")]
     if gen and schema["group_sizes"]:
-        count = np.sum([np.asarray(r["genomic_count"], float) for r in gen], axis=0)
-        total = np.sum([np.asarray(r["genomic_sum"], float) for r in gen], axis=0)
-        total_sq = np.sum([np.asarray(r["genomic_sumsq"], float) for r in gen], axis=0)
-        from umeml.data.dataset import GenomicScaler
-
-        scaler = GenomicScaler.from_moments(count, total, total_sq)
+        # exact moments as before; DP ones (a site's "releases" says so) clamped and shrunk, noted
+        scaler = merge_genomic_moments(gen, notes)
         mean, std = scaler.mean.tolist(), scaler.std.tolist()
     weights = {}
     for task in ("grade", "subtype"):
         if task in heads:
-            counts = np.sum([np.asarray(r[f"{task}_counts"], float) for r in usable.values()], axis=0)
-            weights[task] = class_weights_from_counts(counts).tolist()
+            weights[task] = class_weights_from_counts(merge_class_counts(list(usable.values()), task, notes)).tolist()
     return Preprocessing(edges, mean, std, weights, dict(heads), schema["feature_dim"], schema["group_sizes"],
                          schema["subtypes"], schema["grades"])
 

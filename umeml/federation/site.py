@@ -23,12 +23,15 @@ from umeml.data.splits import stratified_train_val
 from umeml.federation.privacy import (
     SiteLedger,
     calibrate_noise,
+    composed_epsilon,
     compute_epsilon,
     discrete_laplace,
     max_steps_within,
+    release_terms,
 )
 from umeml.federation.protocol import SURVIVAL_GRID_TEXT, survival_grid
 from umeml.federation.schedule import OptimizerStore
+from umeml.federation.stats_release import check_cap, private_statistics
 from umeml.model.parts import apply_trainable
 from umeml.train.dp import resolve_dp, train_dp_steps
 from umeml.train.evaluate import evaluate_predictions
@@ -105,6 +108,8 @@ class SiteRuntime:
     state_dir: str | None = None  # where the site keeps its privacy ledger (the accountant's state)
     # simulations and tests: reproducible noise (DP-SGD, survival histogram); None (a real site) takes OS entropy
     dp_seed: int | None = None
+    stats_cap: float | None = None  # site.yaml stats_privacy.max_epsilon: the most any release of statistics may cost
+    site_file: str | None = None  # the site.yaml it came from (named in refusals)
 
     @property
     def n(self) -> int:
@@ -114,8 +119,16 @@ class SiteRuntime:
     def _split(self, cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
         return stratified_train_val(self.cohort, self.indices, cfg.split.val_fraction, cfg.seed)
 
-    def handshake(self) -> dict:
-        """Identity, version, schema and aggregate counts (label counts only at >= k patients)."""
+    def stats_private(self, cfg: ExperimentConfig | None) -> bool:
+        """Whether this site noises its statistics: the federation asks (``federation.stats_privacy``,
+        on with local DP), or the site's own DP terms are on (it never sends them exactly then)."""
+        asked = cfg is not None and cfg.federation.stats_private
+        return bool(asked or (self.dp is not None and self.dp.enabled))
+
+    def handshake(self, cfg: ExperimentConfig | None = None) -> dict:
+        """Identity, version, schema and aggregate counts (label counts only at >= k patients;
+        under stats privacy none, and modality counts only as presence flags: the preprocessing
+        releases are the site's only, accounted, counts)."""
         c, idx = self.cohort, self.indices
         reply = {
             "site": self.site_id,
@@ -129,10 +142,10 @@ class SiteRuntime:
             "with_pathology": int(c.has_path[idx].sum()) if self.n else 0,
             "with_genomics": int(c.has_genomics[idx].sum()) if self.n else 0,
         }
-        if self.n < self.k_min:  # below k only the patient count: modality counts become presence flags
+        if self.n < self.k_min or self.stats_private(cfg):  # modality counts become presence flags
             reply["with_pathology"] = min(reply["with_pathology"], 1)
             reply["with_genomics"] = min(reply["with_genomics"], 1)
-        else:
+        if self.n >= self.k_min and not self.stats_private(cfg):
             reply["subtype_counts"] = label_counts([c.subtype_index(i) for i in idx], len(c.subtypes))
             reply["grade_counts"] = label_counts([c.grade_index(i) for i in idx], len(c.grades))
         return reply
@@ -143,21 +156,45 @@ class SiteRuntime:
         if len(train) < self.k_min:
             return {"site": self.site_id, "suppressed": True, "n": int(len(train))}
         c = self.cohort
+        private = self.stats_private(cfg)
+        self._check_stats_cap(cfg, private)
         times, events = c.times_events(train)
         grid = survival_grid()
         hist, _ = np.histogram(np.clip(times[events == 1], 0, grid[-1] - 1e-9), bins=grid)
-        reply = {
-            "site": self.site_id,
-            "n": int(len(train)),
-            "survival_hist": self._released_histogram(cfg, hist.astype(np.int64)),
-            "grade_counts": label_counts([c.grade_index(i) for i in train], len(c.grades)),
-            "subtype_counts": label_counts([c.subtype_index(i) for i in train], len(c.subtypes)),
-        }
+        reply = {"site": self.site_id, "n": int(len(train)),
+                 "survival_hist": self._released_histogram(cfg, hist.astype(np.int64))}
+        if private:
+            return {**reply, **self._private_statistics(cfg, train)}
+        reply.update(grade_counts=label_counts([c.grade_index(i) for i in train], len(c.grades)),
+                     subtype_counts=label_counts([c.subtype_index(i) for i in train], len(c.subtypes)))
         # moments over fewer than k patients would be their values (one patient: sum = his profile)
-        if c.gene_groups.dim and int(c.has_genomics[train].sum()) >= self.k_min:
+        if (c.gene_groups.dim and int(c.has_genomics[train].sum()) >= self.k_min
+                and not cfg.federation.genomics_from_checkpoint):
             count, total, total_sq = genomic_moments(c, train)
             reply.update(genomic_count=count.tolist(), genomic_sum=total.tolist(), genomic_sumsq=total_sq.tolist())
         return reply
+
+    def _check_stats_cap(self, cfg: ExperimentConfig, private: bool) -> None:
+        """Refuse, before anything is released, what the site's ``stats_privacy.max_epsilon`` forbids."""
+        sp = cfg.federation.stats_privacy
+        requests = {"the survival histogram (federation.survival_hist_epsilon)": cfg.federation.survival_hist_epsilon}
+        if private:
+            requests["the class counts (federation.stats_privacy.class_counts_epsilon)"] = sp.class_counts_epsilon
+            if self.cohort.gene_groups.dim and not cfg.federation.genomics_from_checkpoint:
+                requests["the genomic moments (federation.stats_privacy.genomic_epsilon)"] = sp.genomic_epsilon
+        else:
+            requests["the class counts and genomic moments (federation.stats_privacy is off)"] = None
+        check_cap(requests, self.stats_cap, self.site_file, self.site_id)
+
+    def _private_statistics(self, cfg: ExperimentConfig, train: np.ndarray) -> dict:
+        """Class counts and genomic moments as DP releases, recorded in the site's ledger when it has one."""
+        settings, _ = resolve_dp(self.dp, cfg.federation.local_dp)  # the delta the site's DP-SGD will use
+        delta = settings.delta if settings is not None else cfg.federation.local_dp.delta
+        if self.state_dir is None:  # tests and ad-hoc simulations: noise, nowhere to record it
+            return private_statistics(self.cohort, train, cfg, self.site_id, delta, None, self.dp_seed)
+        ledger = self.ledger()
+        with ledger.locked():
+            return private_statistics(self.cohort, train, cfg, self.site_id, delta, ledger, self.dp_seed)
 
     def _released_histogram(self, cfg: ExperimentConfig, exact: np.ndarray) -> list[int]:
         """The survival histogram as it leaves the site: epsilon-DP unless the experiment asks for
@@ -274,19 +311,24 @@ class SiteRuntime:
                         self.site_id, dp.delta, n_train)
         past = ledger.in_scope(cfg.name, dp.budget_scope)
         history = SiteLedger.history(past)
+        # the calibration hook: one-off releases in scope (histogram, class counts, genomic moments)
+        # are composed with DP-SGD, so target_epsilon bounds the site's total
+        gaussian, pure = release_terms(ledger.releases_in_scope(cfg.name, dp.budget_scope))
         nm = dp.noise_multiplier
         if nm is None:  # calibrated once per experiment, then kept
             same = [e for e in past if e.get("experiment") == cfg.name and e.get("noise_multiplier")]
             nm = same[-1]["noise_multiplier"] if same else calibrate_noise(
-                dp.target_epsilon, dp.delta, q, cfg.federation.rounds * planned, dp.accountant, history)
+                dp.target_epsilon, dp.delta, q, cfg.federation.rounds * planned, dp.accountant, history + gaussian, pure)
         if nm is None:
-            allowed, eps = 0, compute_epsilon(history, dp.delta, dp.accountant)
+            allowed, total = 0, composed_epsilon(history + gaussian, pure, dp.delta, dp.accountant)
         else:
-            allowed, eps = max_steps_within(history, nm, q, planned, dp.target_epsilon, dp.delta, dp.accountant)
+            allowed, total = max_steps_within(history + gaussian, nm, q, planned, dp.target_epsilon, dp.delta,
+                                              dp.accountant, pure)
+        eps = compute_epsilon(history + ([(nm, q, allowed)] if nm is not None else []), dp.delta, dp.accountant)
         entry = {"experiment": cfg.name, "round": int(server_round), "site": self.site_id, "kind": "local",
                  "status": "trained" if allowed == planned else ("partial" if allowed else "budget_spent"),
                  "sample_rate": q, "noise_multiplier": nm, "steps": int(allowed), "max_grad_norm": dp.max_grad_norm,
-                 "epsilon": eps, "delta": dp.delta, "accountant": dp.accountant,
+                 "epsilon": eps, "epsilon_total": total, "delta": dp.delta, "accountant": dp.accountant,
                  "target_epsilon": dp.target_epsilon, "budget_scope": dp.budget_scope,
                  "cumulative_steps": int(sum(steps for _, _, steps in history) + allowed)}
         return entry, allowed, planned, spe
@@ -304,7 +346,8 @@ class SiteRuntime:
         entry, allowed, planned, spe = self._dp_round_entry(cfg, dp, ledger, n_train, server_round)
         if allowed == 0:
             ledger.append(entry)
-            reason = (f"privacy budget spent: epsilon {entry['epsilon']:.3g} of {dp.target_epsilon:g} "
+            reason = (f"privacy budget spent: total epsilon {entry['epsilon_total']:.3g} (DP-SGD and the one-off "
+                      f"releases) of {dp.target_epsilon:g} "
                       f"(delta {dp.delta:g}); one more DP-SGD step would exceed it, so this site no longer trains "
                       "(it still evaluates)")
             log.warning("site %s, round %d: %s", self.site_id, server_round, reason)

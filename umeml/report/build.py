@@ -243,9 +243,34 @@ def _total_epsilon_table(totals: dict) -> str:
                            + (f" ({r['steps']} steps in {r['rounds']} rounds)" if "steps" in r else "")
                            for r in t.get("releases", []))
         rows.append([site, f"{t['epsilon']:.3f}", t.get("delta"), listed or "-"])
-    return ("<p>Total epsilon per site: every release of this run at the site composed in Renyi DP "
-            "(or by basic composition where that is smaller).</p>"
+    return ("<p>Total epsilon per site: every release of this run at the site (DP-SGD, survival histogram, "
+            "class counts, genomic moments) composed in Renyi DP (or by basic composition where that is "
+            "smaller).</p>"
             + _table(["site", "total epsilon", "delta", "releases (each alone)"], rows))
+
+
+def _eps3(x) -> str:
+    return f"{x:.3f}" if isinstance(x, (int, float)) else "-"
+
+
+def _local_row(site: str, e: dict) -> list:
+    """A site's last DP-SGD entry: DP-SGD's epsilon alone and the total its budget bounds."""
+    target = e.get("target_epsilon")
+    return [site, e.get("round"), _eps3(e.get("epsilon")), _eps3(e.get("epsilon_total")),
+            target if target is not None else "-", e.get("delta"), e.get("status")]
+
+
+def _budget_statement(site: str, e: dict) -> str | None:
+    """"site X: total epsilon ... <= its budget" (the total: DP-SGD with the site's one-off
+    releases; DP-SGD's alone for ledgers written before releases were accounted)."""
+    total = e.get("epsilon_total") if isinstance(e.get("epsilon_total"), (int, float)) else e.get("epsilon")
+    target = e.get("target_epsilon")
+    if not (isinstance(total, (int, float)) and isinstance(target, (int, float))):
+        return None
+    ok = total <= target + 1e-9
+    what = "total epsilon" if isinstance(e.get("epsilon_total"), (int, float)) else "final epsilon"
+    return (f"<li class='{'ok' if ok else 'bad'}'>site {html.escape(site)}: {what} {total:.3f} "
+            f"{html.escape('<=' if ok else '>')} its budget {target:g} (delta {e.get('delta')})</li>")
 
 
 def _privacy_section(builder: ReportBuilder, ledger: dict) -> Section:
@@ -253,27 +278,27 @@ def _privacy_section(builder: ReportBuilder, ledger: dict) -> Section:
     final = ledger.get("final", {})
     rows, statements = [], []
     for site, e in sorted((final.get("local") or {}).items()):
-        eps, target = e.get("epsilon"), e.get("target_epsilon")
-        ok = isinstance(eps, (int, float)) and isinstance(target, (int, float)) and eps <= target + 1e-9
-        rows.append([site, e.get("round"), f"{eps:.3f}" if isinstance(eps, (int, float)) else "-",
-                     target if target is not None else "-", e.get("delta"), e.get("status")])
-        if isinstance(eps, (int, float)) and isinstance(target, (int, float)):
-            statements.append(f"<li class='{'ok' if ok else 'bad'}'>site {html.escape(site)}: final epsilon "
-                              f"{eps:.3f} {html.escape('<=' if ok else '>')} its budget {target:g} (delta {e.get('delta')})</li>")
+        rows.append(_local_row(site, e))
+        statement = _budget_statement(site, e)
+        if statement:
+            statements.append(statement)
     central = final.get("central")
     if central:
-        rows.append(["(central)", central.get("round"), f"{central['epsilon']:.3f}", "-", central.get("delta"), "released"])
+        rows.append(["(central)", central.get("round"), f"{central['epsilon']:.3f}", "-", "-", central.get("delta"),
+                     "released"])
     targets = {}
     for e in (final.get("local") or {}).values():
         if isinstance(e.get("target_epsilon"), (int, float)):
             targets.setdefault(f"{e['target_epsilon']:g}", e["target_epsilon"])
     releases, notes = _releases_and_notes(ledger)
     stopped = ledger.get("stopped") or final.get("stopped")
-    body = ("<p>Cumulative epsilon per site from each site's own accountant (local DP-SGD, per patient) and, "
+    body = ("<p>Cumulative epsilon per site from each site's own accountant (local DP-SGD, per patient; the "
+            "total adds the site's one-off releases) and, "
             "for central DP, of the aggregate (per site). Values are read from <code>privacy.json</code>.</p>"
             + _total_epsilon_table(final.get("total") or {})
             + (f"<ul>{''.join(statements)}</ul>" if statements else "")
-            + (_table(["site", "last round", "epsilon", "target epsilon", "delta", "status"], rows) if rows
+            + (_table(["site", "last round", "epsilon (DP-SGD)", "epsilon total (DP-SGD + releases, budget scope)",
+                       "target epsilon", "delta", "status"], rows) if rows
                else "<p>No DP-SGD training entries (neither local nor central DP was on).</p>")
             + (f"<p>One-off releases:</p><ul>{releases}</ul>" if releases else "")
             + (f"<p class='bad'>Training stopped: {html.escape(json.dumps(stopped))}</p>" if stopped else "")
@@ -295,7 +320,10 @@ def _releases_and_notes(ledger: dict) -> tuple[str, str]:
         kind = str(r.get("kind", "release"))
         about = [n[len(kind) + 1:].strip() for n in notes if n.startswith(f"{kind}:")]
         notes = [n for n in notes if not n.startswith(f"{kind}:")]
-        items.append(f"<li>{html.escape(kind)}: epsilon {r.get('epsilon')}, delta {r.get('delta')}"
+        site = f" (site {r['site']})" if r.get("site") else ""
+        eps = r.get("epsilon")
+        eps = f"{eps:.3g}" if isinstance(eps, float) else eps
+        items.append(f"<li>{html.escape(kind + site)}: epsilon {eps}, delta {r.get('delta')}"
                      + (f" ({html.escape(str(r['mechanism']))})" if r.get("mechanism") else "")
                      + "".join(f". {html.escape(a[:1].upper() + a[1:])}" for a in about) + "</li>")
     return "".join(items), "".join(f"<li>{html.escape(n)}</li>" for n in notes)
