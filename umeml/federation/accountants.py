@@ -76,7 +76,8 @@ def total_epsilon(history: History, pure_epsilons: list[float], delta: float, ac
     genomic moments, one step at sample rate 1, whose RDP alpha / (2 z^2) is exact); Opacus's RDP
     at its default orders. ``pure_epsilons`` are the pure epsilon-DP releases (the survival
     histogram's discrete Laplace, delta 0): an epsilon-DP mechanism is (alpha, eps)-RDP for
-    every alpha (Mironov 2017, "Renyi differential privacy", Prop. 3) and (eps^2 / 2)-zCDP, i.e.
+    every alpha (it is (inf, eps)-RDP, and Renyi divergence does not decrease with its order;
+    Mironov 2017, "Renyi differential privacy", Sec. III) and (eps^2 / 2)-zCDP, i.e.
     (alpha, alpha eps^2 / 2)-RDP (Bun & Steinke 2016, "Concentrated differential privacy", Prop.
     1.4), so it costs min(eps, alpha eps^2 / 2) at order alpha. RDP adds over mechanisms at every
     order; Opacus's conversion (Balle et al. 2020) gives epsilon at ``delta`` once.
