@@ -52,18 +52,22 @@ METHODS = ("classical", "snn central", "umeml central", "umeml fedavg", "umeml f
 SECTION = "## TCGA GBM-LGG, site-disjoint 5-fold"
 FEDOPT_SECTION = "## TCGA GBM-LGG, site-disjoint 5-fold, federated optimisation (issue 13)"
 TUNING_SECTION = "## TCGA GBM-LGG, federated tuning pass on training sites only (issue 13)"
-# the tuning pass's candidates: overrides of --best-config (all other keys as in that file)
+# the tuning pass's candidates: overrides of --best-config (all other keys as in that file; each
+# names the server momentum it uses, so a candidate means the same whatever the file ships)
+M5, M9 = {"server_momentum": 0.5}, {"server_momentum": 0.9}
 CANDIDATES = {
     "fedavg, cosine": {"federation": {"strategy": "fedavg"}},
-    "fedavgm 0.5, cosine": {},
-    "fedavgm 0.5, cosine, optimizer kept at site": {"federation": {"optimizer_state": "site"}},
+    "fedavgm 0.5, cosine": {"federation": M5},
+    "fedavgm 0.5, cosine, optimizer kept at site": {"federation": {**M5, "optimizer_state": "site"}},
     "fedadam eta 0.01 tau 1e-3, cosine": {"federation": {"strategy": "fedadam", "server_lr": 0.01,
                                                          "server_tau": 0.001}},
-    "fedavgm 0.9, cosine": {"federation": {"server_momentum": 0.9}},
-    "fedavgm 0.5, cosine, lr 0.05": {"train": {"lr": 0.05}},
-    "fedavgm 0.5, cosine, lr 0.01": {"train": {"lr": 0.01}},
-    "fedavgm 0.5, cosine, 1 local epoch": {"federation": {"local_epochs": 1}},
-    "fedavgm 0.5, cosine, 4 local epochs": {"federation": {"local_epochs": 4}},
+    "fedavgm 0.9, cosine": {"federation": M9},
+    "fedavgm 0.5, cosine, lr 0.05": {"train": {"lr": 0.05}, "federation": M5},
+    "fedavgm 0.5, cosine, lr 0.01": {"train": {"lr": 0.01}, "federation": M5},
+    "fedavgm 0.5, cosine, 1 local epoch": {"federation": {**M5, "local_epochs": 1}},
+    "fedavgm 0.5, cosine, 4 local epochs": {"federation": {**M5, "local_epochs": 4}},
+    "fedavgm 0.9, cosine, lr 0.05": {"train": {"lr": 0.05}, "federation": M9},
+    "fedavgm 0.9, cosine, 4 local epochs": {"federation": {**M9, "local_epochs": 4}},
     "fedavg, adamw 5e-4 kept at site, cosine": {"train": {"optimizer": "adamw", "lr": 0.0005},
                                                 "federation": {"strategy": "fedavg", "optimizer_state": "site"}},
 }
@@ -547,8 +551,11 @@ def fedopt_intro(meta: dict, wall: float, per_method: dict) -> str:
         f"work, so times are upper bounds of a quiet machine's. Genomics only: {meta['patients']} patients, "
         f"{meta['sites']} TSS sites, folds from `site_kfold` (seed {meta['seed']}), training TSS sites below "
         f"{meta['min_site_patients']} patients merged into pseudo-institutions as in the sections above. Every "
-        "method is tested on all patients of the held-out fold's sites pooled; mean ± sd (ddof 1) over folds.\n\n"
-        f"- classical, umeml central: as in the first section (`{meta['config']}`: central UMEML AdamW, best "
+        "method is tested on all patients of the held-out fold's sites pooled; mean ± sd (ddof 1) over folds. "
+        + ("Federations ran in this process (`--engine inprocess`: the real coordinator and site handlers, messages "
+           "by direct calls, sites one after the other), not in Flower's Ray simulation engine.\n\n"
+           if meta.get("engine") == "inprocess" else "Federations ran in Flower's simulation engine (Ray).\n\n")
+        + f"- classical, umeml central: as in the first section (`{meta['config']}`: central UMEML AdamW, best "
         "validation epoch).\n"
         + (f"- umeml federated (old): `{meta.get('old_config')}` as it is: {meta.get('old_settings')}; last round.\n"
            if "umeml federated (old)" in per_method and per_method["umeml federated (old)"] else
@@ -613,6 +620,9 @@ def candidate_config(base, overrides: dict):
     for section, values in overrides.items():
         raw[section] = {**raw[section], **values}
     raw["federation"]["personalise_epochs"] = 0  # the tuning pass scores the global model only
+    # every round validated, so that the federated score has a value per round; the training is the
+    # same under either rule (sites reseed before training)
+    raw["federation"]["selection"] = "best_validation"
     return config_from_dict(raw, "bench_gbmlgg tuning candidate")
 
 
@@ -713,7 +723,8 @@ def write_tuning(path: Path, rows: list[dict], args, note: str = "") -> None:
     folds = f" --folds {' '.join(map(str, args.folds))}" if args.folds else ""
     lines = [f"Command: `python -m bench.bench_gbmlgg --tune{folds} --engine {args.engine}` "
              f"(`nice -n 5`, torch threads {args.threads}; candidates run one after the other, each row's 1-min load "
-             f"beside it). Candidates are overrides of `{_relative(args.best_config)}` (personalisation off). Two "
+             f"beside it). Candidates are overrides of `{_relative(args.best_config)}` (personalisation off; selection "
+             "best_validation so that every round is validated, the training being the same under either rule). Two "
              "scores, both on the training institutions only (the fold's sites are held out as in the 5-fold run and "
              "no held-out metric is read), each the mean primary metric over the three tasks:", "",
              "- federated: the training sites' validation as the federation sees it, combined over the sites with "
@@ -725,10 +736,12 @@ def write_tuning(path: Path, rows: list[dict], args, note: str = "") -> None:
              "the defaults: the last round's (what the fixed-rounds rule returns), the best round's, the mean of the "
              "last 5.", "",
              "| fold | candidate | federated: best round (round) | federated: mean of last 5 | pooled val patients | "
-             "pooled: last round | pooled: best round (round) | pooled: mean of last 5 | wall time (s) | 1-min load |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "pooled: at the federated best round | pooled: last round | pooled: best round (round) | "
+             "pooled: mean of last 5 | wall time (s) | 1-min load |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['fold']} | {r['candidate']} | {_f(r['best'])} ({r['best_round']}) | {_f(r['last5_mean'])} | "
-              f"{r.get('n_pooled_val', '-')} | {_f(r.get('pooled_last'))} | {_f(r.get('pooled_best'))} "
+              f"{r.get('n_pooled_val', '-')} | {_f((r.get('pooled_curve') or {}).get(str(r['best_round'])))} | "
+              f"{_f(r.get('pooled_last'))} | {_f(r.get('pooled_best'))} "
               f"({r.get('pooled_best_round', '-')}) | {_f(r.get('pooled_last5_mean'))} | "
               f"{r['seconds']:.0f} | {r['load']:.1f} |" for r in rows]
     lines += ["", note] if note else []
@@ -762,7 +775,9 @@ def run_meta(args, cfg, cohort, chosen: list[int], loads: list[float], reused: l
         + (f" --folds {' '.join(map(str, chosen))}" if args.folds else "")
         + (f" --rounds {args.rounds}" if args.rounds else "")
         + (f" --best-config {_relative(args.best_config)}" if args.best_config.resolve() != BEST_CONFIG.resolve() else "")
-        + (f" --skip {' '.join(repr(m) for m in args.skip)}" if args.skip else ""),
+        + (f" --skip {' '.join(repr(m) for m in args.skip)}" if args.skip else "")
+        + (f" --engine {args.engine}" if args.engine != "ray" else ""),
+        "engine": args.engine,
         "best_config": str(_relative(args.best_config)), "best_settings": _describe(args.best_cfg),
         "old_config": str(_relative(args.old_config)), "old_settings": _describe(args.old_cfg),
         "config": str(_relative(args.config)),

@@ -44,6 +44,8 @@ SETTINGS = {
     NEW: {},
     "new, selection last": {"federation": {"selection": "last"}},
     "new, sgd lr 0.05": {"train": {"lr": 0.05}},
+    "sgd 0.05, fedavgm 0.9, cosine, last": {"train": {"lr": 0.05},
+                                            "federation": {"server_momentum": 0.9, "selection": "last"}},
     "adamw 1e-3, fedavgm 0.5, cosine, last": {"train": {"optimizer": "adamw", "lr": 0.001},
                                               "federation": {"selection": "last"}},
 }
