@@ -37,17 +37,23 @@ from bench._harness import PRIMARY, REPO, pick, stamp, write_section
 TITLE = "## Template configs/demo.yaml: federated settings over seeds (issue 13)"
 NEW = "new: sgd 0.02, fedavgm 0.5, cosine, best_validation"
 OLD = "old: adamw 1e-3, fedavg, constant, last"
-# name -> overrides of configs/demo.yaml (section -> key -> value)
+GBMLGG = "GBM-LGG's: sgd 0.02, fedavgm 0.9, cosine, last"  # configs/gbmlgg_federated.yaml's optimisation
+# name -> overrides of configs/demo.yaml (section -> key -> value); each setting names every
+# optimisation key it relies on, so it means the same whatever demo.yaml ships
+_SGD = {"optimizer": "sgd", "lr": 0.02, "momentum": 0.9}
+_ADAMW = {"optimizer": "adamw", "lr": 0.001}
+_FEDAVGM = {"strategy": "fedavgm", "server_momentum": 0.5, "lr_schedule": "cosine", "warmup_rounds": 1,
+            "optimizer_state": "reset"}
 SETTINGS = {
-    OLD: {"train": {"optimizer": "adamw", "lr": 0.001},
-          "federation": {"strategy": "fedavg", "lr_schedule": "constant", "selection": "last"}},
-    NEW: {},
-    "new, selection last": {"federation": {"selection": "last"}},
-    "new, sgd lr 0.05": {"train": {"lr": 0.05}},
-    "sgd 0.05, fedavgm 0.9, cosine, last": {"train": {"lr": 0.05},
-                                            "federation": {"server_momentum": 0.9, "selection": "last"}},
-    "adamw 1e-3, fedavgm 0.5, cosine, last": {"train": {"optimizer": "adamw", "lr": 0.001},
-                                              "federation": {"selection": "last"}},
+    OLD: {"train": _ADAMW, "federation": {"strategy": "fedavg", "lr_schedule": "constant", "selection": "last",
+                                          "optimizer_state": "reset"}},
+    NEW: {"train": _SGD, "federation": {**_FEDAVGM, "selection": "best_validation"}},
+    "new, selection last": {"train": _SGD, "federation": {**_FEDAVGM, "selection": "last"}},
+    "new, sgd lr 0.05": {"train": {**_SGD, "lr": 0.05}, "federation": {**_FEDAVGM, "selection": "best_validation"}},
+    GBMLGG: {"train": _SGD, "federation": {**_FEDAVGM, "server_momentum": 0.9, "selection": "last"}},
+    "sgd 0.05, fedavgm 0.9, cosine, last": {"train": {**_SGD, "lr": 0.05},
+                                            "federation": {**_FEDAVGM, "server_momentum": 0.9, "selection": "last"}},
+    "adamw 1e-3, fedavgm 0.5, cosine, last": {"train": _ADAMW, "federation": {**_FEDAVGM, "selection": "last"}},
 }
 
 
