@@ -563,7 +563,7 @@ def fedopt_intro(meta: dict, wall: float, per_method: dict) -> str:
         + f"- classical, umeml central: as in the first section (`{meta['config']}`: central UMEML AdamW, best "
         "validation epoch).\n"
         + (f"- umeml federated (old): `{meta.get('old_config')}` as it is: {meta.get('old_settings')}; last round.\n"
-           if "umeml federated (old)" in per_method and per_method["umeml federated (old)"] else
+           if per_method.get("umeml federated (old)") or "umeml federated (old)" in (meta.get("reused") or []) else
            f"- the old setting (`{meta.get('old_config')}`: {meta.get('old_settings')}; last round) was not re-run here "
            "(machine time); its figures on the same folds are in the section \"TCGA GBM-LGG, site-disjoint 5-fold, "
            "config gbmlgg_folds_sgd.yaml\" (row umeml fedavg).\n")
