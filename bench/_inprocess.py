@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from flwr.app import Context, Message, RecordDict
 from flwr.common import Metadata
@@ -24,6 +25,7 @@ from umeml.data.cohort import Cohort
 from umeml.data.source import CohortSource
 from umeml.rundir import RunDir
 from umeml.server.coordinator import Coordinator
+from umeml.server.pooled import pooled_evaluator
 from umeml.server.simulate import plan_sites
 
 
@@ -60,14 +62,44 @@ class DirectGrid:
 
 
 def federate(cfg: ExperimentConfig, cohort: Cohort, source: CohortSource, run_dir: str | Path,
-             held_out: tuple[str, ...] | None = None) -> dict:
+             held_out: tuple[str, ...] | None = None, pooled: bool = False,
+             on_round: Callable[[int, dict], None] | None = None) -> dict:
     """Run the federation in this process; returns final.json's content (privacy ledgers in
-    ``run_dir/sites``)."""
+    ``run_dir/sites``).
+
+    ``pooled``: also score the held-out patients pooled, as ``umeml-server simulate`` does
+    (``final["pooled"]``). ``on_round(round, weights)``: called with every round's global
+    weights as the round ends (a benchmark's own diagnostics; the run is unchanged by it).
+    """
     sites, held = plan_sites(cfg, cohort, held_out)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    app = build_client_app(SimulatedSites(tuple(sites), source.resolved(), "cpu",
+    source = source.resolved()
+    app = build_client_app(SimulatedSites(tuple(sites), source, "cpu",
                                           state_root=str(RunDir(run_dir.resolve()).sites)))
+    evaluator = (pooled_evaluator({**source.settings(), "run-dir": str(run_dir)}, cfg, held) if pooled else None)
     coord = Coordinator(cfg, run_dir, expected_sites=len(sites), held_out=held, wait_timeout=5,
-                        printer=lambda s: None)
+                        printer=lambda s: None, pooled_eval=evaluator)
+    if on_round is not None:
+        _observe_rounds(coord, on_round)
     return coord.run(DirectGrid(app, len(sites)))
+
+
+def _observe_rounds(coord: Coordinator, on_round: Callable[[int, dict], None]) -> None:
+    """Call ``on_round`` with each round's global weights: the coordinator offers them to its
+    round selector when the round ends, so the selector it builds is wrapped (Coordinator
+    internals of this repository, not Flower's)."""
+    build = coord._selector
+
+    def selector(state):
+        sel = build(state)
+        offer = sel.offer
+
+        def observed(rnd, weights):
+            on_round(rnd, weights)
+            offer(rnd, weights)
+
+        sel.offer = observed
+        return sel
+
+    coord._selector = selector

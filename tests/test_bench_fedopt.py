@@ -1,0 +1,45 @@
+"""The federated-optimisation benchmarks' bookkeeping: the template comparison's settings and
+paired verdicts (bench/bench_template.py) and the GBM-LGG tuning pass's pooled-validation
+summary (bench/bench_gbmlgg.py). No training here."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import bench_gbmlgg, bench_template
+from bench._harness import REPO
+from umeml.config import load_config
+
+
+def _row(seed, setting, grade, validation):
+    return {"seed": seed, "setting": setting, "held_out": {"grade": grade, "subtype": 0.8, "survival": 0.7},
+            "validation": validation, "round": 8, "seconds": 1.0, "held_out_sites": ["A1"]}
+
+
+def test_setting_overrides_apply_and_personalisation_is_off():
+    base = load_config(REPO / "configs" / "demo.yaml")
+    cfg = bench_template.setting_config(base, bench_template.SETTINGS[bench_template.OLD], 3)
+    assert (cfg.seed, cfg.train.optimizer, cfg.train.lr) == (3, "adamw", 0.001)
+    assert (cfg.federation.strategy, cfg.federation.selection, cfg.federation.personalise_epochs) == ("fedavg", "last", 0)
+    assert cfg.model == base.model  # only train / federation keys change
+
+
+def test_paired_differences_call_a_gap_inside_its_spread_a_tie():
+    old, new = bench_template.OLD, bench_template.NEW
+    rows = [_row(s, new, 0.90, 0.6) for s in range(3)]
+    rows += [_row(0, old, 0.95, 0.7), _row(1, old, 0.96, 0.7), _row(2, old, 0.94, 0.7)]  # +0.05 +- 0.01: better
+    text = bench_template.tables(rows, [old, new])
+    assert f"- {old} minus reference: grade +0.050 ± 0.010 (better)" in text
+    assert "subtype +0.000 ± 0.000 (tie)" in text
+    noisy = [_row(s, new, 0.90, 0.6) for s in range(3)] + [_row(0, old, 0.99, 0.6), _row(1, old, 0.82, 0.6),
+                                                          _row(2, old, 0.92, 0.6)]
+    assert f"- {old} minus reference: grade +0.010 ± 0.085 (tie)" in bench_template.tables(noisy, [old, new])
+
+
+def test_pooled_validation_summary_prefers_the_earlier_of_tied_rounds():
+    pv = bench_gbmlgg.PooledValidation.__new__(bench_gbmlgg.PooledValidation)
+    pv.idx, pv.scores = [0] * 40, {1: 0.5, 2: 0.7, 3: 0.7, 4: 0.6, 5: 0.6, 6: 0.65}
+    out = pv.summary()
+    assert (out["pooled_best_round"], out["pooled_best"], out["pooled_last"]) == (2, 0.7, 0.65)
+    assert out["pooled_last5_mean"] == pytest.approx((0.7 + 0.7 + 0.6 + 0.6 + 0.65) / 5)
+    assert out["n_pooled_val"] == 40
