@@ -11,6 +11,14 @@
    the held-out sites, 95% CI) and the largest epsilon any site spent; each DP budget once with
    the config's own optimizer (AdamW) and once with SGD + momentum and a larger batch, which
    suits DP-SGD better (--dp-sgd-lr, --dp-sgd-batch; --no-dp-sgd to skip).
+3. ``--recipe`` (issue 17, bench/_privacy_recipe.py): the DP recipe's grid, epsilon x {UMEML from
+   scratch, public checkpoint + heads / decoder, linear}, each DP row next to its identical run
+   without DP, the public checkpoint alone and the non-DP federated reference, on the synthetic
+   world and on GBM-LGG genomics (``--worlds``), several seeds, paired per-seed differences,
+   bootstrap CIs at epsilon 1 and the goals. Rows are printed as JSON lines; runs split over
+   processes are summarised with ``--recipe-rows LOG...``.
+4. ``--tune JSON...``: recipe candidates (overrides) at epsilon 8, scored on the training sites'
+   validation splits only (the held-out metrics are not printed).
 """
 
 from __future__ import annotations
