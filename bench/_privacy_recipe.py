@@ -121,7 +121,7 @@ def gbmlgg_recipe(fed_cfg, private, held):
                               lr_schedule="constant", warmup_rounds=0, selection="last",
                               local_dp=dp.local_dp, dp_recipe=dp.dp_recipe)
     cfg = dataclasses.replace(fed_cfg, name="gbmlgg_dp", federation=fed,
-                              train=dataclasses.replace(fed_cfg.train, trainable="heads"))
+                              train=dataclasses.replace(fed_cfg.train, trainable="decoder"))
     return _roles(cfg, private, held, rounds=dp.rounds)
 
 
@@ -372,3 +372,24 @@ def goal_lines(rows: list[dict], variant: str) -> list[str]:
             lines.append(f"- {world}, {variant}, epsilon 1: bootstrap 95% CI above chance (0.5) in {sum(above)} of "
                          f"{len(above)} seed x metric cells: **{'met' if above and all(above) else 'not met'}**")
     return lines
+
+
+def read_tune_rows(log: Path) -> list[dict]:
+    """The rows a ``--tune`` run printed (``{"tune": ...}`` JSON lines)."""
+    return [json.loads(line) for line in Path(log).read_text().splitlines() if line.startswith('{"tune"')]
+
+
+def tune_table(rows: list[dict]) -> list[str]:
+    """Markdown rows of a tuning pass: validation metrics (mean over seeds) per candidate, best first."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["world"], r["variant"], json.dumps(r["tune"])), []).append(r)
+    keys = [f"val_{k}" for k in METRIC_KEYS]
+    out = []
+    for (world, variant, tune), rs in groups.items():
+        means = [float(np.mean([r[k] for r in rs if r.get(k) is not None])) for k in keys]
+        loads = [r["load"] for r in rs]
+        out.append((-float(np.mean(means)), f"| {world} | {variant} | `{tune}` | {len(rs)} | "
+                    + " | ".join(f"{m:.3f}" for m in means) + f" | {np.mean(means):.3f} | "
+                    f"{min(loads):.1f}-{max(loads):.1f} |"))
+    return [line for _, line in sorted(out)]

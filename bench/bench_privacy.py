@@ -136,9 +136,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--tune", nargs="+", metavar="JSON",
                     help="tuning pass: each JSON a set of overrides, run at epsilon 8; prints only the training "
                          "sites' validation metrics (the held-out sites stay unseen)")
+    ap.add_argument("--tune-rows", type=Path, nargs="+", help="with --recipe: add the tuning pass these --tune logs hold")
     ap.add_argument("--recipe-rows", type=Path, nargs="+",
                     help="summarise the rows that --recipe runs printed (one log per process) instead of running")
-    ap.add_argument("--goal-variant", default="umeml public + heads", help="the rows the goals are judged on")
+    ap.add_argument("--goal-variant", default="umeml public + decoder", help="the rows the goals are judged on")
     ap.add_argument("--skip-cost", action="store_true")
     ap.add_argument("--skip-utility", action="store_true")
     ap.add_argument("--write", type=Path, help=f"replace the section '{TITLE[3:]}' of this markdown file")
@@ -225,7 +226,23 @@ def recipe_part(args) -> str:
             + "\n\nEpsilon 1, per seed, held-out value and bootstrap 95% CI (200 resamples of the held-out "
               "patients):\n\n" + cis + "\n".join(recipe.ci_rows(rows))
             + f"\n\nGoals ({args.goal_variant}, the recipe of configs/demo_dp.yaml):\n\n"
-            + "\n".join(recipe.goal_lines(rows, args.goal_variant)) + "\n")
+            + "\n".join(recipe.goal_lines(rows, args.goal_variant)) + "\n" + tune_section(args))
+
+
+def tune_section(args) -> str:
+    """The tuning pass's subsection (``--tune-rows``): validation only, at epsilon 8."""
+    from bench import _privacy_recipe as recipe
+
+    if not args.tune_rows:
+        return ""
+    rows = [r for log in args.tune_rows for r in recipe.read_tune_rows(log)]
+    return ("\n### Tuning pass (epsilon 8, the training sites' validation splits only; held-out metrics not looked at)"
+            "\n\n`python -m bench.bench_privacy --tune JSON... --worlds synthetic --seeds ... --variants ...`: "
+            "overrides of configs/demo_dp.yaml's recipe; metrics are the mean over the three private sites' "
+            "validation splits (12 patients each) and over seeds, best first.\n\n"
+            "| world | rows | overrides | seeds | grade auc_macro | subtype auc_macro | survival c_index | mean | "
+            "1-min load |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+            + "\n".join(recipe.tune_table(rows)) + "\n")
 
 
 def recipe_setup(args) -> str:
