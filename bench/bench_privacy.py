@@ -225,8 +225,10 @@ def recipe_part(args) -> str:
             + "\n".join(recipe.paired_rows(rows))
             + "\n\nEpsilon 1, per seed, held-out value and bootstrap 95% CI (200 resamples of the held-out "
               "patients):\n\n" + cis + "\n".join(recipe.ci_rows(rows))
-            + f"\n\nGoals ({args.goal_variant}, the recipe of configs/demo_dp.yaml):\n\n"
-            + "\n".join(recipe.goal_lines(rows, args.goal_variant)) + "\n" + tune_section(args))
+            + f"\n\nGoals ({args.goal_variant}: the recipe of configs/demo_dp.yaml; the other rows for comparison):\n\n"
+            + "\n".join(line for v in (args.goal_variant, *[v for v in recipe.VARIANTS if v != args.goal_variant])
+                         for line in recipe.goal_lines(rows, v) if "not measured" not in line or v == args.goal_variant)
+            + "\n" + tune_section(args))
 
 
 def tune_section(args) -> str:
