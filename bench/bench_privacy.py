@@ -136,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--tune", nargs="+", metavar="JSON",
                     help="tuning pass: each JSON a set of overrides, run at epsilon 8; prints only the training "
                          "sites' validation metrics (the held-out sites stay unseen)")
+    ap.add_argument("--notes", type=Path, help="with --recipe and --write: markdown appended to the section (how it was run)")
     ap.add_argument("--tune-rows", type=Path, nargs="+", help="with --recipe: add the tuning pass these --tune logs hold")
     ap.add_argument("--recipe-rows", type=Path, nargs="+",
                     help="summarise the rows that --recipe runs printed (one log per process) instead of running")
@@ -282,7 +283,7 @@ def main(argv=None) -> int:
         tune_part(args)
         return 0
     if args.recipe:
-        parts.append(recipe_part(args))
+        parts.append(recipe_part(args) + ("\n" + args.notes.read_text() if args.notes else ""))
     elif not args.skip_cost:
         parts.append(cost_part(args))
     if not args.skip_utility and not args.recipe:
