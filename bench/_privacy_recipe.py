@@ -393,3 +393,15 @@ def tune_table(rows: list[dict]) -> list[str]:
                     + " | ".join(f"{m:.3f}" for m in means) + f" | {np.mean(means):.3f} | "
                     f"{min(loads):.1f}-{max(loads):.1f} |"))
     return [line for _, line in sorted(out)]
+
+
+def unique_rows(rows: list[dict]) -> list[dict]:
+    """The first row of each (world, variant, epsilon, seed): processes that share a work dir
+    each log the cached public checkpoint's row again."""
+    seen, out = set(), []
+    for r in rows:
+        key = (r["world"], r["variant"], r["epsilon"], r["seed"])
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out

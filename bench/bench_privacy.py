@@ -203,7 +203,7 @@ def recipe_part(args) -> str:
     from bench import _privacy_recipe as recipe
 
     if args.recipe_rows:  # rows printed by earlier --recipe processes (e.g. one per seed, run side by side)
-        rows = [r for log in args.recipe_rows for r in recipe.read_rows(log)]
+        rows = recipe.unique_rows([r for log in args.recipe_rows for r in recipe.read_rows(log)])
     else:
         work, rows = _work(), []
         for name in args.worlds:
