@@ -255,7 +255,7 @@ def read_rows(log: Path) -> list[dict]:
 
 # ------------------------------------------------------------------ summaries
 METRIC_KEYS = tuple(f"{t}_{k}" for t, k in PRIMARY)
-GOALS = {"synthetic": {8.0: 0.03, 4.0: 0.06}, "gbmlgg": {8.0: 0.05}}  # largest allowed loss vs the reference
+GOALS = {"synthetic": {8.0: 0.03, 4.0: 0.06}, "gbmlgg": {8.0: 0.05, 4.0: 0.06}}  # largest allowed loss vs the reference
 
 
 def _eps_label(eps) -> str:
