@@ -11,12 +11,21 @@
    the held-out sites, 95% CI) and the largest epsilon any site spent; each DP budget once with
    the config's own optimizer (AdamW) and once with SGD + momentum and a larger batch, which
    suits DP-SGD better (--dp-sgd-lr, --dp-sgd-batch; --no-dp-sgd to skip).
+3. ``--recipe`` (issue 17, bench/_privacy_recipe.py): the DP recipe's grid, epsilon x {UMEML from
+   scratch, public checkpoint + heads / decoder, linear}, each DP row next to its identical run
+   without DP, the public checkpoint alone and the non-DP federated reference, on the synthetic
+   world and on GBM-LGG genomics (``--worlds``), several seeds, paired per-seed differences,
+   bootstrap CIs at epsilon 1 and the goals. Rows are printed as JSON lines; runs split over
+   processes are summarised with ``--recipe-rows LOG...``.
+4. ``--tune JSON...``: recipe candidates (overrides) at epsilon 8, scored on the training sites'
+   validation splits only (the held-out metrics are not printed).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -117,11 +126,21 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-dp-sgd", action="store_true", help="only the configs' own optimizer under DP")
     ap.add_argument("--recipe", action="store_true",
                     help="the DP recipe's grid instead (public init + named part, bench/_privacy_recipe.py)")
+    ap.add_argument("--worlds", nargs="+", default=["synthetic", "gbmlgg"], choices=["synthetic", "gbmlgg"],
+                    help="worlds of --recipe")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="experiment seeds of --recipe")
     ap.add_argument("--variants", nargs="+", help="rows of --recipe (default all)")
-    ap.add_argument("--no-reference", action="store_true", help="--recipe without the non-DP demo.yaml reference")
+    ap.add_argument("--no-reference", action="store_true", help="--recipe without the non-DP reference rows")
+    ap.add_argument("--override", type=json.loads, default=None,
+                    help="JSON overrides of the recipe for --recipe / --tune (rounds, trainable, dp_recipe keys)")
+    ap.add_argument("--tune", nargs="+", metavar="JSON",
+                    help="tuning pass: each JSON a set of overrides, run at epsilon 8; prints only the training "
+                         "sites' validation metrics (the held-out sites stay unseen)")
+    ap.add_argument("--notes", type=Path, help="with --recipe and --write: markdown appended to the section (how it was run)")
+    ap.add_argument("--tune-rows", type=Path, nargs="+", help="with --recipe: add the tuning pass these --tune logs hold")
     ap.add_argument("--recipe-rows", type=Path, nargs="+",
                     help="summarise the rows that --recipe runs printed (one log per process) instead of running")
+    ap.add_argument("--goal-variant", default="umeml public + decoder", help="the rows the goals are judged on")
     ap.add_argument("--skip-cost", action="store_true")
     ap.add_argument("--skip-utility", action="store_true")
     ap.add_argument("--write", type=Path, help=f"replace the section '{TITLE[3:]}' of this markdown file")
@@ -155,43 +174,116 @@ def utility_part(args) -> str:
             + header + "\n".join(format_row(r) for r in rows) + "\n")
 
 
+def _work() -> Path:
+    return Path(os.environ.get("UMEML_BENCH_WORK") or tempfile.mkdtemp(prefix="umeml-dp-recipe-"))
+
+
+def tune_part(args) -> None:
+    """The tuning pass: validation metrics of each override set at epsilon 8 (held-out never shown)."""
+    from bench import _privacy_recipe as recipe
+
+    work = _work()
+    for name in args.worlds:
+        world = recipe.WORLDS[name](work)
+        for text in args.tune:
+            over = json.loads(text)
+            for seed in args.seeds:
+                public, _ = recipe.public_checkpoint(world, seed, work)
+                for variant in args.variants or ["umeml public + heads"]:
+                    cfg = recipe.variant_config(world, variant, 8.0, seed, public, over)
+                    cfg = dataclasses.replace(cfg, name=cfg.name + "-tune-" + "".join(c for c in text if c.isalnum()))
+                    row = recipe.run_one(world, cfg, variant, 8.0, seed, work)
+                    val = {k: round(v, 3) for k, v in row.items() if k.startswith("val_") and v is not None}
+                    print(json.dumps({"tune": over, "world": name, "variant": variant, "seed": seed, **val,
+                                      "spent": row["spent"], "wall_s": row["wall_s"], "load": row["load"]}), flush=True)
+
+
 def recipe_part(args) -> str:
     """The DP recipe's privacy-utility grid (mean ± sd over seeds; rows printed as they come)."""
     from bench import _privacy_recipe as recipe
 
     if args.recipe_rows:  # rows printed by earlier --recipe processes (e.g. one per seed, run side by side)
-        rows = [r for log in args.recipe_rows for r in recipe.read_rows(log)]
-        load = [r["load"] for r in rows if "load" in r] or [float("nan")]
+        rows = recipe.unique_rows([r for log in args.recipe_rows for r in recipe.read_rows(log)])
     else:
-        work = Path(os.environ.get("UMEML_BENCH_WORK") or tempfile.mkdtemp(prefix="umeml-dp-recipe-"))
-        load = [os.getloadavg()[0]]
-        rows = recipe.run_grid(args.epsilons, args.seeds, work, tuple(args.variants or recipe.VARIANTS),
-                               reference=not args.no_reference, log=lambda r: (load.append(os.getloadavg()[0]),
-                                              print({**r, "load": os.getloadavg()[0]}, flush=True)))
-    header = ("| rows | target epsilon | spent (max over sites) | seeds | grade auc_macro | subtype auc_macro | "
-              "survival c_index | wall per run |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n")
-    setup = ("Synthetic world `SynthSpec(sites=7, patients=60, seed=0)`: public sites A4-A6 (UMEML trained "
-             "centrally on them with configs/demo.yaml: the public checkpoint), private training sites A0-A2 "
-             "(48 training patients each), held-out site A3 (60 patients, never trained on). Sites differ in stain "
-             "(feature offset/scale) and label mix (subtype proportions). Bags cut to "
-             f"{recipe.MAX_PATCHES} patches (demo: 256), 1 torch thread, federations in-process "
-             "(`bench/_inprocess.py`, real Coordinator and ClientApp), 10 rounds, DP rows with the recipe "
-             "(configs/demo_dp.yaml: SGD lr 0.05, expected batch 24 = half the site, 2 steps per round, "
-             "fedavgm momentum 0.9, delta 1e-5, clip 1.0, noise calibrated for 20 steps); inf rows: the same "
-             "rows without DP (fedavg, AdamW, local_epochs 1). Reference: configs/demo.yaml federated without DP "
-             "(all trainable, 8 rounds x 2 local epochs). Metrics on the held-out site; mean ± sd over seeds "
-             "(sd 0 with one seed).\n\n")
-    return (f"### DP recipe: public init + private fine-tuning (1-min load average {min(load):.1f}-{max(load):.1f})\n\n"
-            + setup + header + "\n".join(recipe.format_summary(s) for s in recipe.summarise(rows)) + "\n")
+        work, rows = _work(), []
+        for name in args.worlds:
+            if name == "gbmlgg" and not TCGA.is_dir():
+                print(f"skipping gbmlgg: {TCGA} is absent", file=sys.stderr)
+                continue
+            rows += recipe.run_grid(recipe.WORLDS[name](work), args.epsilons, args.seeds, work,
+                                    tuple(args.variants or recipe.VARIANTS), reference=not args.no_reference,
+                                    overrides=args.override, log=lambda r: print(json.dumps(r), flush=True))
+    loads = [r["load"] for r in rows] or [float("nan")]
+    header = ("| world | rows | target epsilon | spent (max over sites) | seeds | grade auc_macro | subtype auc_macro | "
+              "survival c_index | wall per run | 1-min load |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+    paired = ("| world | rows | epsilon | minus | seeds | grade auc_macro | subtype auc_macro | survival c_index |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- |\n")
+    cis = ("| world | rows | seed | grade auc_macro [95% CI] | subtype auc_macro [95% CI] | survival c_index [95% CI] |\n"
+           "| --- | --- | --- | --- | --- | --- |\n")
+    return (f"### DP recipe: public init + private fine-tuning (1-min load average {min(loads):.1f}-{max(loads):.1f})\n\n"
+            + recipe_setup(args) + header + "\n".join(recipe.format_summary(s) for s in recipe.summarise(rows))
+            + "\n\nPaired per-seed differences (mean ± sd over seeds):\n\n" + paired
+            + "\n".join(recipe.paired_rows(rows))
+            + "\n\nEpsilon 1, per seed, held-out value and bootstrap 95% CI (200 resamples of the held-out "
+              "patients):\n\n" + cis + "\n".join(recipe.ci_rows(rows))
+            + f"\n\nGoals ({args.goal_variant}: the recipe of configs/demo_dp.yaml; the other rows for comparison):\n\n"
+            + "\n".join(line for v in (args.goal_variant, *[v for v in recipe.VARIANTS if v != args.goal_variant])
+                         for line in recipe.goal_lines(rows, v) if "not measured" not in line or v == args.goal_variant)
+            + "\n" + tune_section(args))
+
+
+def tune_section(args) -> str:
+    """The tuning pass's subsection (``--tune-rows``): validation only, at epsilon 8."""
+    from bench import _privacy_recipe as recipe
+
+    if not args.tune_rows:
+        return ""
+    rows = [r for log in args.tune_rows for r in recipe.read_tune_rows(log)]
+    return ("\n### Tuning pass (epsilon 8, the training sites' validation splits only; held-out metrics not looked at)"
+            "\n\n`python -m bench.bench_privacy --tune JSON... --worlds synthetic --seeds ... --variants ...`: "
+            "overrides of configs/demo_dp.yaml's recipe; metrics are the mean over the three private sites' "
+            "validation splits (12 patients each) and over seeds, best first.\n\n"
+            "| world | rows | overrides | seeds | grade auc_macro | subtype auc_macro | survival c_index | mean | "
+            "1-min load |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+            + "\n".join(recipe.tune_table(rows)) + "\n")
+
+
+def recipe_setup(args) -> str:
+    """The grid's setup paragraph, from the recipe's config."""
+    from bench import _privacy_recipe as recipe
+    from umeml.config import load_config
+
+    cfg = load_config(REPO / "configs" / "demo_dp.yaml")
+    r, dp = cfg.federation.dp_recipe, cfg.federation.local_dp
+    over = f" Overrides of this grid: `{json.dumps(args.override)}`." if args.override else ""
+    return (f"Recipe (configs/demo_dp.yaml): SGD lr {r.lr:g} momentum {r.momentum:g}, Poisson batches of "
+            f"expected size {r.batch_fraction:g} x the site's training patients, {r.local_steps} step(s) per round, "
+            f"{cfg.federation.rounds} rounds, {cfg.federation.strategy} server momentum "
+            f"{cfg.federation.server_momentum:g}, clip {dp.max_grad_norm:g}, delta {dp.delta:g}, accountant "
+            f"{dp.accountant}, noise calibrated for rounds x steps; trainable part per row.{over} The "
+            "'inf (no DP)' rows are the identical runs without DP (`dp_recipe.apply_without_dp`: same optimizer, "
+            "batches, steps, rounds, server momentum, initialisation and trainable part; no clipping, no noise). "
+            "Reference: the non-DP federated run as shipped (synthetic: configs/demo.yaml; GBM-LGG: "
+            "configs/gbmlgg_federated.yaml), from scratch, all trainable, on the same private sites. Synthetic: "
+            f"`SynthSpec(sites=7, patients=60, seed=0)`, private A0-A2, held-out A3, public A4-A6 whose bags are "
+            f"the same world's generated with stain shift {recipe.PUBLIC_STAIN:g} (demo: 0.4), so the public "
+            "checkpoint has seen another stain and the generator's per-site label mix of A4-A6; bags cut to "
+            f"{recipe.MAX_PATCHES} patches. GBM-LGG genomics: held-out E1, CS, 27; private the 8 TSS sites of "
+            "configs/gbmlgg_genomics.yaml; public every other TSS site, trained centrally with "
+            "configs/gbmlgg_federated.yaml's model and train settings. Metrics pooled over the held-out "
+            "patients; federations in-process (`bench/_inprocess.py`), 1 torch thread.\n\n")
 
 
 def main(argv=None) -> int:
     """Run the benchmarks, print the tables, optionally write them as a section of a markdown file."""
     args = _parser().parse_args(argv)
-    torch.set_num_threads(1 if args.recipe else max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(1 if args.recipe or args.tune else max(1, min(2, os.cpu_count() or 1)))
     parts = []
+    if args.tune:
+        tune_part(args)
+        return 0
     if args.recipe:
-        parts.append(recipe_part(args))
+        parts.append(recipe_part(args) + ("\n" + args.notes.read_text() if args.notes else ""))
     elif not args.skip_cost:
         parts.append(cost_part(args))
     if not args.skip_utility and not args.recipe:

@@ -105,6 +105,18 @@ def format_table(final: dict | FederatedFinal) -> str:
     return "\n".join(lines + combined_notes(rec.held_out_combined or {}))
 
 
+def demo_sites_for(cfg) -> int:
+    """Sites of the generated demo cohort without ``--sites``: 4, or as many as the config's
+    named sites need (configs/demo_dp.yaml names A0-A3 and leaves A4-A6 as its public sites)."""
+    from umeml.data.synth import site_codes
+
+    named = set(cfg.federation.train_sites) | set(cfg.split.test_sites)
+    codes = site_codes(360)
+    needed = max((codes.index(s) + 1 for s in named if s in codes), default=0)
+    public = 3 if cfg.train.trainable != "all" and cfg.federation.init_checkpoint is None else 0
+    return max(4, needed + public)
+
+
 def _load_sim_cohort(args, cfg):
     """The simulation's cohort and its source (the synthetic demo cohort without --data/--table)."""
     from umeml.data.source import CohortSource
@@ -113,8 +125,9 @@ def _load_sim_cohort(args, cfg):
     if args.data is None and args.table is None:
         data = Path(args.out) / "data"
         if not (data / "table.csv").is_file():
-            print(f"no --data: generating the synthetic demo cohort ({args.sites} sites x {args.patients} patients) in {data}")
-            generate(SynthSpec(sites=args.sites, patients=args.patients, seed=cfg.seed), data, overwrite=True)
+            sites = args.sites or demo_sites_for(cfg)
+            print(f"no --data: generating the synthetic demo cohort ({sites} sites x {args.patients} patients) in {data}")
+            generate(SynthSpec(sites=sites, patients=args.patients, seed=cfg.seed), data, overwrite=True)
         args.data = data
     source = CohortSource.from_args(args)
     return source.load(cfg.data, cfg.tasks, scan_features=True), source.resolved()
@@ -206,7 +219,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def simulate_limits(args: argparse.Namespace) -> list[str]:
     """The numeric flags of ``umeml-server simulate`` that no run can satisfy (each a usage error)."""
     problems = []
-    if args.sites < 1:
+    if args.sites is not None and args.sites < 1:
         problems.append(f"--sites {args.sites}: the demo cohort needs at least 1 site")
     if args.patients < 1:
         problems.append(f"--patients {args.patients}: each site needs at least 1 patient")
@@ -627,7 +640,8 @@ def _add_simulate_parser(sub) -> None:
     p.add_argument("--leave-one-site-out", action="store_true", help="one simulation per site, each holding that site out")
     p.add_argument("--compare", action="store_true",
                    help="run centralized, federated and local-only (each training site alone) on the same held-out sites")
-    p.add_argument("--sites", type=int, default=4, help="sites of the generated demo cohort (default 4)")
+    p.add_argument("--sites", type=int, help="sites of the generated demo cohort (default 4, or what the config's "
+                                             "named sites need: configs/demo_dp.yaml 7, A4-A6 public)")
     p.add_argument("--patients", type=int, default=60, help="patients per site of the generated demo cohort (default 60)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="device of the virtual sites")
     p.add_argument("--ray-address", metavar="HOST:PORT",

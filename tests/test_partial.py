@@ -188,3 +188,45 @@ def test_recipe_ledger_counts_cumulative_steps(tiny_cohort_dir, tmp_path):
     assert [e["cumulative_steps"] for e in entries] == [2, 4]
     assert entries[0]["sample_rate"] == pytest.approx(max(8, 0.5 * 16) / 16)
     assert np.isfinite(entries[1]["epsilon"]) and entries[1]["epsilon"] <= 8.0
+
+
+def test_recipe_twin_without_dp_is_dp_sgd_minus_clipping_and_noise(tiny_cohort_dir):
+    """dp_recipe.apply_without_dp trains like DP-SGD with the same Poisson batches and gradient
+    scale: with clipping out of reach and zero noise, Opacus's DP-SGD gives the same weights."""
+    from umeml.federation.site import dp_schedule as schedule
+    from umeml.train.dp import train_dp_steps, train_poisson_steps
+    from umeml.train.experiment import loss_settings, make_dataset
+    from umeml.train.loop import make_optimizer
+
+    cfg = tiny_experiment(name="twin", dp_recipe={"apply_without_dp": True, "lr": 0.2})
+    sites, prep, weights = _sites(tiny_cohort_dir, cfg)
+    site = sites["A0"]
+    train_idx, _ = site._split(cfg)
+    q, spe, planned = schedule(cfg, len(train_idx), 1000)
+    out = {}
+    for name, fn, kw in (("plain", train_poisson_steps, {}),
+                         ("dp", train_dp_steps, {"noise_multiplier": 1e-12, "max_grad_norm": 1e6})):
+        model = site.build_model(cfg, prep)
+        model.load_state_dict(weights)
+        ds = make_dataset(cfg, site.cohort, train_idx, prep, train=True)
+        stats = fn(model, ds, make_optimizer(model, dp_train_settings(cfg)), loss_settings(cfg, prep),
+                   torch.device("cpu"), sample_rate=q, steps=planned, steps_per_epoch=spe, seed=3, **kw)
+        out[name] = (model.state_dict(), stats)
+    assert out["plain"][1]["batch_sizes"] == out["dp"][1]["batch_sizes"]
+    moved = [k for k in weights if not torch.equal(out["plain"][0][k], weights[k])]
+    assert moved
+    for k in weights:
+        torch.testing.assert_close(out["plain"][0][k], out["dp"][0][k], rtol=1e-4, atol=1e-6)
+
+
+def test_recipe_twin_trains_the_recipe_schedule_without_a_ledger(tiny_cohort_dir, tmp_path):
+    cfg = tiny_experiment(name="twin", local_epochs=1, dp_recipe={"apply_without_dp": True, "local_steps": 5})
+    sites, prep, weights = _sites(tiny_cohort_dir, cfg, state=tmp_path)
+    ledger = tmp_path / "A0" / "privacy.json"
+    before = ledger.read_text() if ledger.is_file() else None  # the survival histogram's release, if any
+    new, metrics = sites["A0"].train(cfg, prep, weights, server_round=1)
+    # the recipe's 5 Poisson steps (2.5 epochs of expected batch 8 of 16), not one epoch of 2 batches
+    assert metrics["steps"] == 5 and "privacy" not in metrics
+    assert (ledger.read_text() if ledger.is_file() else None) == before  # nothing privatised, nothing recorded
+    off = tiny_experiment(name="twin", local_epochs=1)  # without apply_without_dp: the configured epoch
+    assert sites["A0"].train(off, prep, weights, server_round=1)[1]["steps"] == 2

@@ -162,6 +162,10 @@ class DPRecipeConfig:
     momentum: float = field(default=0.0, metadata=_range(0.0, 0.999))
     batch_fraction: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
     local_steps: int = field(default=2, metadata=_range(1))
+    # the non-private twin of a DP run: without local DP, sites still train with the recipe's
+    # optimizer, Poisson batches and steps (no clipping, no noise), so that comparing the two
+    # measures what clipping and noise alone cost (bench/bench_privacy.py)
+    apply_without_dp: bool = False
 
 
 @dataclass(frozen=True)

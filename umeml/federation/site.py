@@ -33,7 +33,7 @@ from umeml.federation.protocol import SURVIVAL_GRID_TEXT, survival_grid
 from umeml.federation.schedule import OptimizerStore
 from umeml.federation.stats_release import check_cap, private_statistics
 from umeml.model.parts import apply_trainable
-from umeml.train.dp import resolve_dp, train_dp_steps
+from umeml.train.dp import resolve_dp, train_dp_steps, train_poisson_steps
 from umeml.train.evaluate import evaluate_predictions
 from umeml.train.experiment import Preprocessing, build_model, loss_settings, make_dataset
 from umeml.train.loop import make_optimizer, predict, resolve_device, train_epoch
@@ -260,6 +260,8 @@ class SiteRuntime:
         if settings is not None:
             with self.ledger().locked():
                 return self._train_dp(cfg, prep, state, server_round, proximal_mu, settings)
+        if cfg.federation.dp_recipe.enabled and cfg.federation.dp_recipe.apply_without_dp:
+            return self._train_recipe_without_dp(cfg, prep, state, server_round, proximal_mu)
         t0 = time.perf_counter()
         device = resolve_device(self.device)
         model = self.build_model(cfg, prep)
@@ -373,6 +375,29 @@ class SiteRuntime:
         if entry["status"] == "partial":
             metrics["note"] = f"privacy budget reached: trained {allowed} of {planned} steps; no further rounds"
         return new_state, metrics
+
+    def _train_recipe_without_dp(self, cfg: ExperimentConfig, prep: Preprocessing, state: dict, server_round: int,
+                                 proximal_mu: float) -> tuple[dict | None, dict]:
+        """The DP recipe's training without DP (``dp_recipe.apply_without_dp``): the schedule of
+        :func:`dp_schedule` and the optimizer of :func:`dp_train_settings`, Poisson batches, no
+        clipping, no noise, no ledger entry (nothing is privatised)."""
+        t0 = time.perf_counter()
+        train_idx, _ = self._split(cfg)
+        q, spe, planned = dp_schedule(cfg, len(train_idx), self.max_local_epochs)
+        device = resolve_device(self.device)
+        model = self.build_model(cfg, prep)
+        model.load_state_dict(state)
+        apply_trainable(model, cfg.train.trainable)
+        model.to(device)
+        ds = make_dataset(cfg, self.cohort, train_idx, prep, train=True)
+        stats = train_poisson_steps(
+            model, ds, make_optimizer(model, dp_train_settings(cfg)), loss_settings(cfg, prep).to(device), device,
+            sample_rate=q, steps=planned, steps_per_epoch=spe, proximal_mu=proximal_mu,
+            seed=local_training_seed(cfg.seed, self.site_id, server_round), num_workers=cfg.train.num_workers,
+            on_epoch=lambda e: ds.set_epoch(server_round * 1000 + e))
+        new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return new_state, {"train_loss": stats["loss"], "num-examples": int(len(train_idx)), "steps": stats["steps"],
+                           "empty_batches": stats["empty_batches"], "seconds": round(time.perf_counter() - t0, 3)}
 
     def evaluate(self, cfg: ExperimentConfig, prep: Preprocessing, state: dict, part: str, n_boot: int) -> dict:
         """Metrics of the given weights on the site's ``part`` (all, or its local validation split)."""

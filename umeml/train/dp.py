@@ -140,6 +140,19 @@ def proximal_gradient(mu: float, anchor: list[torch.Tensor]) -> Callable[[list[n
     return apply
 
 
+def poisson_epochs(dataset, sample_rate: float, steps: int, steps_per_epoch: int, generator: torch.Generator,
+                   num_workers: int = 0, on_epoch: Callable[[int], None] | None = None):
+    """``steps`` Poisson batches of ``dataset`` in epochs of ``steps_per_epoch`` (``on_epoch(e)``
+    before each epoch: the dataset's per-epoch patch sampling)."""
+    done, epoch = 0, 0
+    while done < steps:
+        k = min(steps_per_epoch, steps - done)
+        if on_epoch is not None:
+            on_epoch(epoch)
+        yield from poisson_loader(dataset, sample_rate, k, generator, num_workers)
+        done, epoch = done + k, epoch + 1
+
+
 def train_dp_steps(model: nn.Module, dataset, optimizer: torch.optim.Optimizer, loss: LossSettings,
                    device: torch.device, *, sample_rate: float, noise_multiplier: float, max_grad_norm: float,
                    steps: int, steps_per_epoch: int, proximal_mu: float = 0.0, seed: int | None = None,
@@ -163,18 +176,47 @@ def train_dp_steps(model: nn.Module, dataset, optimizer: torch.optim.Optimizer, 
     after = None
     if proximal_mu > 0:
         after = proximal_gradient(proximal_mu, [p.detach().clone() for p in dp.params])
-    done, epoch, total, n, sizes = 0, 0, 0.0, 0, []
+    total, n, sizes = 0.0, 0, []
     try:
-        while done < steps:
-            k = min(steps_per_epoch, steps - done)
-            if on_epoch is not None:
-                on_epoch(epoch)
-            for batch in poisson_loader(dataset, sample_rate, k, sampling, num_workers):
-                s, b = dp.step(batch, loss, device, after)
-                total, n = total + s, n + b
-                sizes.append(b)
-            done, epoch = done + k, epoch + 1
+        for batch in poisson_epochs(dataset, sample_rate, steps, steps_per_epoch, sampling, num_workers, on_epoch):
+            s, b = dp.step(batch, loss, device, after)
+            total, n = total + s, n + b
+            sizes.append(b)
     finally:
         dp.close()
-    return {"loss": total / max(n, 1), "num_examples": n, "steps": done,
+    return {"loss": total / max(n, 1), "num_examples": n, "steps": len(sizes),
+            "empty_batches": sum(1 for b in sizes if b == 0), "batch_sizes": sizes}
+
+
+def train_poisson_steps(model: nn.Module, dataset, optimizer: torch.optim.Optimizer, loss: LossSettings,
+                        device: torch.device, *, sample_rate: float, steps: int, steps_per_epoch: int,
+                        proximal_mu: float = 0.0, seed: int = 0, num_workers: int = 0,
+                        on_epoch: Callable[[int], None] | None = None) -> dict:
+    """:func:`train_dp_steps` without DP: the same Poisson batches, steps and gradient scale
+    (the summed loss divided by the expected batch size, as DP-SGD divides its clipped sum),
+    no per-sample clipping and no noise. The non-private twin of a DP run
+    (``federation.dp_recipe.apply_without_dp``): the two differ in clipping and noise only.
+    An empty batch takes no step (with no noise there is nothing to apply).
+    """
+    sampling = torch.Generator().manual_seed(int(seed))
+    expected = max(sample_rate * len(dataset), 1e-12)
+    params = [p for p in model.parameters() if p.requires_grad]
+    after = proximal_gradient(proximal_mu, [p.detach().clone() for p in params]) if proximal_mu > 0 else None
+    model.train()
+    total, n, sizes = 0.0, 0, []
+    for batch in poisson_epochs(dataset, sample_rate, steps, steps_per_epoch, sampling, num_workers, on_epoch):
+        sizes.append(len(batch))
+        if not len(batch):
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        per_sample = batch_loss(model, batch.to(device), loss)
+        (per_sample.sum() / expected).backward()
+        if after is not None:
+            for p in params:  # a parameter this batch did not use still feels the proximal pull
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            after(params)
+        optimizer.step()
+        total, n = total + float(per_sample.detach().sum()), n + len(batch)
+    return {"loss": total / max(n, 1), "num_examples": n, "steps": len(sizes),
             "empty_batches": sum(1 for b in sizes if b == 0), "batch_sizes": sizes}

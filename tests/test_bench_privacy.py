@@ -1,0 +1,45 @@
+"""bench/_privacy_recipe.py: each DP row's no-DP twin differs from it in DP only, and "umeml all"
+trains everything (it once inherited configs/demo_dp.yaml's ``trainable: heads``, so the
+from-scratch rows trained random heads on random encoders and sat at chance)."""
+
+import dataclasses
+import math
+
+import pytest
+
+from bench import _privacy_recipe as recipe
+
+
+@pytest.fixture
+def world():
+    cfg = recipe._roles(recipe._small(recipe._load("demo_dp.yaml")), ("A0", "A1", "A2"), ("A3",))
+    return recipe.World("synthetic", None, None, ("A4",), ("A0", "A1", "A2"), ("A3",), cfg, None, None)
+
+
+def _without_dp(cfg):
+    fed = cfg.federation
+    fed = dataclasses.replace(fed, local_dp=dataclasses.replace(fed.local_dp, enabled=False, target_epsilon=1.0),
+                              dp_recipe=dataclasses.replace(fed.dp_recipe, apply_without_dp=False))
+    return dataclasses.replace(cfg, name="", federation=fed)
+
+
+@pytest.mark.parametrize("variant", recipe.VARIANTS)
+def test_no_dp_twin_differs_from_the_dp_row_in_dp_only(world, variant):
+    dp = recipe.variant_config(world, variant, 8.0, 1, "public.pt")
+    twin = recipe.variant_config(world, variant, math.inf, 1, "public.pt")
+    assert dp.federation.local_dp.enabled and dp.federation.local_dp.target_epsilon == 8.0
+    assert not twin.federation.local_dp.enabled and twin.federation.dp_recipe.apply_without_dp
+    assert _without_dp(dp) == _without_dp(twin)
+    assert twin.federation.strategy == dp.federation.strategy == "fedavgm"
+
+
+def test_rows_train_their_stated_part(world):
+    part = {v: recipe.variant_config(world, v, 8.0, 0, "p.pt").train.trainable for v in recipe.VARIANTS}
+    assert part == {"umeml all": "all", "linear": "all", "umeml public + heads": "heads",
+                    "umeml public + decoder": "decoder"}
+    init = {v: recipe.variant_config(world, v, 8.0, 0, "p.pt").federation.init_checkpoint for v in recipe.VARIANTS}
+    assert init == {"umeml all": None, "linear": None, "umeml public + heads": "p.pt", "umeml public + decoder": "p.pt"}
+    tuned = recipe.variant_config(world, "umeml public + heads", 4.0, 0, "p.pt",
+                                  {"rounds": 20, "lr": 0.1, "trainable": "decoder"})
+    assert (tuned.federation.rounds, tuned.federation.dp_recipe.lr, tuned.train.trainable) == (20, 0.1, "decoder")
+    assert recipe.variant_config(world, "umeml all", 4.0, 0, "p.pt", {"trainable": "decoder"}).train.trainable == "all"
