@@ -132,6 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     idle = poll_setting(IDLE_ENV, DEFAULT_IDLE_POLL_S)
     reply = poll_setting(REPLY_ENV, DEFAULT_REPLY_POLL_S)
     problems = tune_polling(idle, reply)
+    from umeml.flower.pulls import fast_object_pulls
+
+    slow = fast_object_pulls()  # pull a message's objects as soon as the ServerApp has uploaded them
+    if slow:
+        print("warning: object pulls keep Flower's backoff (1 s, 2 s, 4 s ...): " + "; ".join(slow),
+              file=sys.stderr, flush=True)
     retry = tolerate_transient_500()
     if retry:
         print("warning: the SuperNode exits on an HTTP 500 from the SuperLink (Flower's default): " + "; ".join(retry),

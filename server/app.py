@@ -17,6 +17,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from umeml.config import config_from_dict
+from umeml.flower.pulls import fast_object_pulls
 from umeml.flower.supernode_main import retry_internal_errors
 from umeml.server.coordinator import Coordinator
 from umeml.server.grid import FastPollGrid
@@ -26,6 +27,9 @@ from umeml.server.retry import RetryingGrid
 # Flower 1.42's ServerApp reaches the SuperLink over HTTP with a retry that gives up on 500
 # ("database is locked"), also in its task heartbeat; retried here as in the SuperNode shim
 retry_internal_errors()
+# replies are pulled as soon as a site's upload finishes, not after Flower's 1 s + 2 s + ... backoff
+# (umeml/flower/pulls.py); with another Flower the backoff stays Flower's
+SLOW_PULLS = fast_object_pulls()
 
 
 def run_coordinator(grid: Grid, settings: Mapping) -> dict:
@@ -51,6 +55,8 @@ def build_server_app(settings: Mapping | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        if SLOW_PULLS:
+            logging.getLogger("umeml.server").warning("replies are pulled with Flower's backoff: %s", "; ".join(SLOW_PULLS))
         run_coordinator(FastPollGrid(RetryingGrid(grid)), settings if settings is not None else context.run_config)
 
     return app
