@@ -51,6 +51,7 @@ from umeml.rundir import (
     write_metrics,
     write_roles,
 )
+from umeml.server.heldout import held_out_by_rule
 from umeml.server.partial import complete_replies, expected_subset, merge_aggregate
 from umeml.server.strategies import (
     NodeSubsetGrid,
@@ -282,6 +283,10 @@ class Coordinator:
 
     def _roles(self) -> tuple[list[int], list[int]]:
         sites = {r["site"]: n for n, r in self.nodes.items()}
+        if not self.held_out and self.recorded is None:  # a new run naming none: split.n_test_sites
+            self.held_out, line = held_out_by_rule(self.cfg, self.nodes)
+            if line:
+                self._report(line)
         unknown = sorted(set(self.held_out) - set(sites))
         if unknown:
             raise FederationError(f"held-out site(s) {unknown} did not join (joined: {sorted(sites)})")
