@@ -32,14 +32,23 @@ import yaml
 from bench._harness import REPO, TCGA, TreeMemory, command, descendants, write_section
 
 MODULE = "bench.bench_federation"
+SIM_ROW = "| simulation,"  # the 35-site simulation's row starts so
 TITLE = "## Federation"
 BIN = Path(sys.executable).parent
-# (label, umeml-client start flags): Flower's own behaviour, and this project's default
+STOCK_PULLS = {"UMEML_PULL_BACKOFF": "flower"}  # every process keeps Flower's 1 s, 2 s, 4 s ... pull backoff
+# (label, umeml-client start flags, environment of every process of the deployment): Flower's own
+# behaviour, the resident runtime alone, and this project's default
 VARIANTS = (
-    ("per-message process, Flower's polling (3 s idle, 0.5 s reply)",
-     ["--runtime", "per-message", "--idle-poll", "3", "--reply-poll", "0.5"]),
-    ("resident runtime, tuned polling (1 s idle, 0.05 s reply)", ["--runtime", "resident"]),
+    ("per-message process, Flower's polling (3 s idle, 0.5 s reply) and pull backoff (1 s doubling)",
+     ["--runtime", "per-message", "--idle-poll", "3", "--reply-poll", "0.5"], STOCK_PULLS),
+    ("resident runtime, tuned polling (1 s idle, 0.05 s reply), Flower's pull backoff", ["--runtime", "resident"],
+     STOCK_PULLS),
+    ("resident runtime, tuned polling, short pull backoff (20 ms doubling to 0.5 s): the default",
+     ["--runtime", "resident"], {}),
 )
+# at idle no object is pulled: the pull backoff plays no part
+IDLE_VARIANTS = (("per-message process, Flower's polling (3 s idle, 0.5 s reply)", VARIANTS[0][1]),
+                 ("resident runtime, tuned polling (1 s idle, 0.05 s reply)", VARIANTS[2][1]))
 
 
 NOTES = """\
@@ -79,13 +88,14 @@ def _prepare(work: Path, rounds: int) -> list[str]:
     return ids
 
 
-def deployment(work: Path, rounds: int, site_flags: list[str], out: str) -> dict:
-    """``umeml-server start`` and three ``umeml-client start`` on 127.0.0.1; returns the
-    coordinator's per-round timings, the wall time and the SuperLink's traffic accounting."""
+def deployment(work: Path, rounds: int, site_flags: list[str], out: str, extra_env: dict | None = None) -> dict:
+    """``umeml-server start`` and three ``umeml-client start`` on 127.0.0.1 (``extra_env`` in
+    every process's environment); returns the coordinator's per-round timings, the wall time and
+    the SuperLink's traffic accounting."""
     from umeml.flower.processes import free_port, stop_process
 
     ids = _prepare(work, rounds)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(extra_env or {})}
     port, procs, load_before = free_port(), [], loadavg()
     t0 = time.monotonic()
     try:
@@ -114,19 +124,22 @@ def deployment(work: Path, rounds: int, site_flags: list[str], out: str) -> dict
 
 def overhead_rows(tmp: Path, rounds: int, repeats: int) -> list[str]:
     """Both site runtimes, interleaved ``repeats`` times: overhead per round (median, best)."""
-    results: dict[str, list[dict]] = {label: [] for label, _ in VARIANTS}
+    results: dict[str, list[dict]] = {label: [] for label, _, _ in VARIANTS}
     for rep in range(repeats):
-        for i, (label, flags) in enumerate(VARIANTS):
-            r = deployment(tmp / "overhead", rounds, flags, f"run-{rep}-{i}")
+        for i, (label, flags, env) in enumerate(VARIANTS):
+            r = deployment(tmp / "overhead", rounds, flags, f"run-{rep}-{i}", env)
             results[label].append(r)
             print(f"{label} #{rep + 1}: overhead {r['overhead']} s/round, load {r['load']}", flush=True)
     rows = []
     for label, runs in results.items():
         over = [x for r in runs for x in r["overhead"]]
         secs = [x for r in runs for x in r["seconds"]]
+        compute = [t - o for t, o in zip(secs, over)]
         rows.append(f"| loopback, 3 sites, demo config: {label} | {rounds} x {repeats} | "
                     f"overhead median {statistics.median(over):.1f} s, best {min(over):.1f} s "
-                    f"(round median {statistics.median(secs):.1f} s) | load {'; '.join(r['load'] for r in runs)} |")
+                    f"(round median {statistics.median(secs):.1f} s, slowest site's compute median "
+                    f"{statistics.median(compute):.1f} s; per round {', '.join(f'{x:.1f}' for x in over)}) | "
+                    f"load {'; '.join(r['load'] for r in runs)} |")
     return rows
 
 
@@ -214,7 +227,7 @@ def idle_cpu(tmp: Path, flags: list[str], seconds: float) -> tuple[float, float]
 def idle_rows(tmp: Path, seconds: float) -> list[str]:
     """CPU at idle of both site runtimes and pollings."""
     rows = []
-    for label, flags in VARIANTS:
+    for label, flags in IDLE_VARIANTS:
         site, link = idle_cpu(tmp, flags, seconds)
         rows.append(f"| idle site ({label}), SuperLink on the same machine | {seconds:.0f} s idle | "
                     f"CPU {100 * site:.1f}% of a core (the site's process tree), SuperLink "
@@ -236,16 +249,18 @@ def paper_bytes() -> dict:
     the held-out site's evaluate message, and the training reply (weights, metrics, report with
     the validation of the received weights)."""
     from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
     from flwr.supercore.task_identity import TaskIdentity
 
     from umeml.config import config_to_dict
+    from umeml.flower.packing import pack
     from umeml.flower.records import arrays_from_state
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as inside a ServerApp
     state, prep, cfg = paper_model_state()
     n_params = sum(v.numel() for v in state.values() if v.is_floating_point())
     fp32 = 4 * n_params
-    arrays = arrays_from_state(state, fp16=False)
+    arrays = pack(arrays_from_state(state, fp16=False))  # as the coordinator's PackingGrid sends them
     base = {"experiment": json.dumps(config_to_dict(cfg)), "preprocessing": prep.to_json(), "server-round": 2,
             "validate-part": "val", "validate-n-boot": 0, "validate-round": 1}
     down = Message(RecordDict({"arrays": arrays, "config": ConfigRecord(base)}), dst_node_id=1,
@@ -256,11 +271,12 @@ def paper_bytes() -> dict:
     report = {"site": "A0", "train_loss": 1.0, "num-examples": 80, "steps": 10, "seconds": 5.0,
               "validation": {"site": "A0", "part": "val", "n": 20, "loss": 1.0, "tasks": {"grade": task},
                              "seconds": 0.5, "weights_round": 1}}
-    up = Message(RecordDict({"arrays": arrays_from_state(state, fp16=False),
+    up = Message(RecordDict({"arrays": pack(arrays_from_state(state, fp16=False)),
                              "metrics": MetricRecord({"num-examples": 80, "train_loss": 1.0}),
                              "report": ConfigRecord({"json": json.dumps(report)})}), dst_node_id=0,
                  message_type=MessageType.TRAIN)
-    return {"params": n_params, "fp32_bytes": fp32, "tensors": len(state), "down": serialized_bytes(down) / fp32,
+    return {"params": n_params, "fp32_bytes": fp32, "tensors": len(state), "objects": len(get_all_nested_objects(down)),
+            "down": serialized_bytes(down) / fp32,
             "held": serialized_bytes(held) / fp32, "up": serialized_bytes(up) / fp32}
 
 
@@ -288,10 +304,24 @@ def simulation_35_sites(work: Path, rounds: int) -> dict:
 def _bytes_row() -> str:
     b = paper_bytes()
     goal = "met" if max(b["down"], b["held"], b["up"]) <= 1.05 else "NOT met"
-    return (f"| paper-size UMEML ({b['params'] / 1e6:.2f}M parameters, {b['tensors']} tensors, fp32 transfer) | "
+    return (f"| paper-size UMEML ({b['params'] / 1e6:.2f}M parameters, {b['tensors']} tensors, fp32 transfer packed: "
+            f"{b['objects']} Flower objects per train message) | "
             f"per round | per site: training site down {b['down']:.3f}x and up {b['up']:.3f}x, held-out site down "
             f"{b['held']:.3f}x the float32 model ({b['fp32_bytes'] / 1e6:.1f} MB); goal <= 1.05x {goal} | "
             "serialized message size, no load dependence |")
+
+
+def earlier_row(path: Path | None, prefix: str) -> str | None:
+    """The row starting with ``prefix`` in this script's section of ``path`` (from an earlier
+    run), marked as such; None when there is none."""
+    if path is None or not path.is_file():
+        return None
+    section = path.read_text().split(TITLE, 1)[-1].split("\n## ", 1)[0] if TITLE in path.read_text() else ""
+    row = next((line for line in section.splitlines() if line.startswith(prefix)), None)
+    if row is None or "(earlier run" in row:
+        return row
+    setup, rest = row.split(" | ", 1)
+    return f"{setup} (earlier run, not rerun) | {rest}"
 
 
 def main(argv=None) -> int:
@@ -315,16 +345,18 @@ def main(argv=None) -> int:
             lines += idle_rows(Path(tmp), args.idle_seconds)
         if not args.skip_deploy:
             lines += overhead_rows(Path(tmp), args.rounds, args.repeats)
-            print("\n".join(lines[-2:]), flush=True)
+            print("\n".join(lines[-len(VARIANTS):]), flush=True)
         if not args.skip_demo:
             lines.append(demo_row(Path(tmp), args.demo_rounds)[0])
             print(lines[-1], flush=True)
         if not args.skip_sim and TCGA.is_dir():
             r = simulation_35_sites(Path(tmp), 10)
-            lines.append(f"| simulation, {r['sites']} GBM-LGG TSS sites, genomics | {r['rounds']} | "
+            lines.append(f"{SIM_ROW} {r['sites']} GBM-LGG TSS sites, genomics | {r['rounds']} | "
                          f"wall {r['wall_s']:.0f} s ({np.mean(r['seconds_per_round']):.1f} s/round) | "
                          f"peak RSS {r['peak_rss_mb']:.0f} MB (process tree), load {loadavg()} |")
             print(lines[-1], flush=True)
+        elif args.skip_sim and earlier_row(args.write, SIM_ROW):
+            lines.append(earlier_row(args.write, SIM_ROW))  # kept as it was measured
     if args.write:
         write_section(args.write, TITLE, f"Command: `{command(MODULE, argv)}`\n\n"
                       "| setup | rounds | result | load average (1, 5, 15 min) |\n| --- | --- | --- | --- |\n"

@@ -20,7 +20,7 @@ from umeml.config import config_from_dict
 from umeml.flower.pulls import fast_object_pulls
 from umeml.flower.supernode_main import retry_internal_errors
 from umeml.server.coordinator import Coordinator
-from umeml.server.grid import FastPollGrid
+from umeml.server.grid import FastPollGrid, PackingGrid
 from umeml.server.pooled import pooled_evaluator
 from umeml.server.retry import RetryingGrid
 
@@ -57,7 +57,7 @@ def build_server_app(settings: Mapping | None = None) -> ServerApp:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         if SLOW_PULLS:
             logging.getLogger("umeml.server").warning("replies are pulled with Flower's backoff: %s", "; ".join(SLOW_PULLS))
-        run_coordinator(FastPollGrid(RetryingGrid(grid)), settings if settings is not None else context.run_config)
+        run_coordinator(PackingGrid(FastPollGrid(RetryingGrid(grid))), settings if settings is not None else context.run_config)
 
     return app
 
