@@ -53,16 +53,24 @@ IDLE_VARIANTS = (("per-message process, Flower's polling (3 s idle, 0.5 s reply)
 
 NOTES = """\
 Overhead per round = round wall time minus the slowest site's local compute in the round's waves
-(validation plus training at a training site, evaluation at a held-out site), measured by the
-coordinator; the last round also holds the final evaluation wave. Both site runtimes use one wave
-per round (the wave structure is not switchable); they differ in the ClientApp process (Flower's
-`flwr-clientapp` per message, which imports flwr, torch and umeml and reads the cohort each time,
-vs the resident process) and in the SuperNode's polling. Every process runs with one torch thread
-and `nice`. Idle CPU: a SuperLink and one connected site without a run, CPU seconds of the site's
-process tree (and of the SuperLink) over the idle period. Bytes: the serialized size of one
-round's messages (Flower's object tree, what the SuperNode pulls and pushes) for the paper-size
-model in float32, relative to 4 bytes per parameter; a training site receives one train message
-and sends one reply per round, a held-out site receives one evaluate message.
+(validation plus training at a training site, evaluation at a held-out site: the model's forward
+and backward passes, metrics included, as each site times them), measured by the coordinator;
+the last round also holds the final evaluation wave. Everything else is overhead: Flower's
+processes and polling, moving the messages, the ServerApp's screening and aggregation. The
+coordinator's checkpoint and metrics writes after each round fall outside every round's wall
+time (the 20-round wall time counts them). The demo config holds out one of the three sites
+(`split.n_test_sites: 1`, chosen by seed). All variants use one wave per round and send the
+weights packed (one array per dtype: 8 Flower objects per message instead of ~170). They differ
+in the ClientApp process (Flower's `flwr-clientapp` per message, which imports flwr, torch and
+umeml and reads the cohort each time, vs the resident process), in the SuperNode's polling and in
+the object-pull backoff: Flower waits 1 s, 2 s, 4 s, 8 s for an object whose upload has not
+finished, which every hop of a round meets (`UMEML_PULL_BACKOFF=flower` keeps it), umeml 20 ms
+doubling to 0.5 s. Every process runs with one torch thread and `nice`. Idle CPU: a SuperLink and
+one connected site without a run, CPU seconds of the site's process tree (and of the SuperLink)
+over the idle period. Bytes: the serialized size of one round's messages (Flower's object tree,
+what the SuperNode pulls and pushes) for the paper-size model in float32, packed as sent,
+relative to 4 bytes per parameter; a training site receives one train message and sends one
+reply per round, a held-out site receives one evaluate message.
 """
 
 

@@ -35,8 +35,23 @@ def run(app, tmp_path, cfg=None, grid=None, resume=False, out="run"):
     return coord.run(grid), grid
 
 
-def test_rounds_write_run_dir(app, tmp_path):
+def test_rounds_write_run_dir(app, tmp_path, monkeypatch):
+    # a round's wall time counts the previous round's checkpoint writes (they used to count nowhere):
+    # the checkpoint "takes" 1000 s on a clock the coordinator reads
+    import umeml.server.coordinator as coordinator
+
+    clock, save = [0.0], Coordinator._save
+
+    def slow_save(self, state, prep):
+        save(self, state, prep)
+        clock[0] += 1000.0
+
+    real = coordinator.time.perf_counter
+    monkeypatch.setattr(coordinator.time, "perf_counter", lambda: real() + clock[0])
+    monkeypatch.setattr(Coordinator, "_save", slow_save)
     final, grid = run(app, tmp_path)
+    assert final["seconds_per_round"][0] < 1000 <= final["seconds_per_round"][1]
+    assert final["overhead_seconds_per_round"][1] >= 1000
     assert final["rounds"] == 2 and final["held_out_sites"] == ["A2"]
     assert final["training_sites"] == ["A0", "A1"]
     held = final["held_out"]["A2"]
