@@ -172,14 +172,22 @@ def _accept(server: socket.socket, tasks: queue.Queue) -> None:
 
 
 def warm_up(site_file: Path, experiment: Path | None) -> str:
-    """Import the ClientApp (torch, umeml) and load and validate the site's cohort with the
-    experiment's data section (the defaults without one), as the first message will read it."""
+    """Import the ClientApp (torch, umeml) and what its first messages would import on first use
+    (metrics, accountants, torch's optimizers: seconds inside the first round otherwise), and
+    load and validate the site's cohort with the experiment's data section and tasks (the
+    defaults without one), as the messages will read it."""
+    import torch
+
     from umeml.client import app as client_app
     from umeml.config import ExperimentConfig, load_config, load_site_config
+    from umeml.lazy import import_now
 
+    import_now()
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # its first use imports torch._dynamo (~5 s)
     site = load_site_config(str(site_file))
     cfg = load_config(experiment) if experiment is not None else ExperimentConfig()
-    cohort = client_app._cohort(site.cohort_source, client_app._data_json(cfg))
+    tasks = cfg.tasks if experiment is not None else None  # the cohort cache's key, as a message has it
+    cohort = client_app._cohort(site.cohort_source, client_app._data_json(cfg), tasks)
     return f"site {site.site_id}: {len(cohort)} patients"
 
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 import os
 
 ENV = "UMEML_PULL_BACKOFF"  # "flower": keep Flower's own backoff in this process
-INITIAL_BACKOFF_S = 0.02
-BACKOFF_CAP_S = 0.5
+INITIAL_BACKOFF_S = 0.01
+BACKOFF_CAP_S = 0.1
 FLOWER_BACKOFF_CAP_S = 10  # PULL_BACKOFF_CAP in Flower 1.42
 FLOWER_TRIES = 500  # PULL_MAX_TRIES_PER_OBJECT in Flower 1.42
 # as many seconds of retries per object as Flower allows (500 tries at its 10 s cap), in shorter waits

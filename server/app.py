@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from umeml.config import config_from_dict
 from umeml.flower.pulls import fast_object_pulls
 from umeml.flower.supernode_main import retry_internal_errors
+from umeml.lazy import import_now
 from umeml.server.coordinator import Coordinator
 from umeml.server.grid import FastPollGrid, PackingGrid
 from umeml.server.pooled import pooled_evaluator
@@ -55,6 +56,7 @@ def build_server_app(settings: Mapping | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        import_now()  # while the sites connect, not after round 1 (the privacy ledger's opacus: ~4 s)
         if SLOW_PULLS:
             logging.getLogger("umeml.server").warning("replies are pulled with Flower's backoff: %s", "; ".join(SLOW_PULLS))
         run_coordinator(PackingGrid(FastPollGrid(RetryingGrid(grid))), settings if settings is not None else context.run_config)

@@ -66,6 +66,25 @@ def test_tuned_polling_replaces_exactly_flowers_two_sleeps(monkeypatch):
     assert slept == [0.2, 0.02, 1.25] and sci.time.monotonic() > 0
 
 
+def test_a_node_that_served_a_message_polls_fast_for_the_rest_of_the_run(monkeypatch):
+    # a site that finished its part of a wave waited 0.5 s on average (the 1 s idle pause) for
+    # the next round's message; at idle it polls every second again
+    from umeml.flower import supernode_main as sm
+
+    now, slept = [1000.0], []
+    monkeypatch.setattr(sm.time, "sleep", slept.append)
+    monkeypatch.setattr(sm.time, "monotonic", lambda: now[0])
+    tuned = sm.TunedTime(1.0, 0.05, 0.25)
+    tuned.sleep(3)  # idle: nothing served yet
+    tuned.sleep(0.5)  # waiting for a ClientApp's reply: serving a message
+    now[0] += sm.BUSY_WINDOW_S - 1
+    tuned.sleep(3)
+    now[0] += 2
+    tuned.sleep(3)
+    assert slept == [1.0, 0.05, 0.25, 1.0]
+    assert sm.TunedTime(1.0, 0.05, 5.0).busy == 1.0 and sm.TunedTime(3.0, 0.5).busy == 3.0  # never above idle
+
+
 def test_polling_settings_are_checked(monkeypatch):
     from umeml.flower.supernode_main import IDLE_ENV, poll_setting
 
@@ -205,7 +224,7 @@ def test_the_serverapp_and_the_supernode_pull_with_the_short_backoff(monkeypatch
     assert pull.__kwdefaults__["initial_backoff"] == pulls.INITIAL_BACKOFF_S
     for fn in pulls.pulling_functions():
         monkeypatch.setattr(fn, "__kwdefaults__", {**fn.__kwdefaults__, "initial_backoff": 1, "backoff_cap": 10})
-    monkeypatch.setattr(sm, "tune_polling", lambda idle, reply: [])
+    monkeypatch.setattr(sm, "tune_polling", lambda *a: [])
     monkeypatch.setattr(sm, "tolerate_transient_500", lambda: [])
     import flwr.supernode.cli as cli
 
