@@ -145,7 +145,9 @@ def serve_task(address: str, token: str, insecure: bool, certs, apps: AppCache) 
 
 
 def _worker(tasks: queue.Queue, apps: AppCache) -> None:
-    """Serve handed-over tasks one at a time (one message per SuperNode at a time)."""
+    """Serve handed-over tasks one at a time (one message per SuperNode at a time), once the
+    first-use imports are done (a task handed over meanwhile waits in the queue)."""
+    warm_imports()
     while True:
         launch = tasks.get()
         try:
@@ -171,19 +173,25 @@ def _accept(server: socket.socket, tasks: queue.Queue) -> None:
                 log.warning("hand-over failed: %s", err)
 
 
-def warm_up(site_file: Path, experiment: Path | None) -> str:
-    """Import the ClientApp (torch, umeml) and what its first messages would import on first use
-    (metrics, accountants, torch's optimizers: seconds inside the first round otherwise), and
-    load and validate the site's cohort with the experiment's data section and tasks (the
-    defaults without one), as the messages will read it."""
+def warm_imports() -> None:
+    """Import what the first messages would import on first use (metrics, accountants, torch's
+    optimizers: seconds inside the first round otherwise). The worker does it before serving,
+    after the runtime is ready, so that a restarted runtime takes messages back as soon as it has
+    its cohort."""
     import torch
 
-    from umeml.client import app as client_app
-    from umeml.config import ExperimentConfig, load_config, load_site_config
     from umeml.lazy import import_now
 
     import_now()
     torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # its first use imports torch._dynamo (~5 s)
+
+
+def warm_up(site_file: Path, experiment: Path | None) -> str:
+    """Import the ClientApp (torch, umeml) and load and validate the site's cohort with the
+    experiment's data section and tasks (the defaults without one), as the messages will read it."""
+    from umeml.client import app as client_app
+    from umeml.config import ExperimentConfig, load_config, load_site_config
+
     site = load_site_config(str(site_file))
     cfg = load_config(experiment) if experiment is not None else ExperimentConfig()
     tasks = cfg.tasks if experiment is not None else None  # the cohort cache's key, as a message has it
