@@ -40,6 +40,7 @@ log = logging.getLogger("umeml.site.resident")
 
 READY = "resident runtime ready"  # the line the supervisor and the tests look for in the log
 EXIT_FLOWER_MISMATCH = 3  # the installed Flower is not the one the runtime is pinned to
+MESSAGE_PULL_MAX_S = 120.0  # the longest a message's pull from the local SuperNode may take
 
 
 class Refused(UmemlError):
@@ -225,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FLOWER_MISMATCH
     from umeml.flower.pulls import fast_object_pulls
 
-    slow = fast_object_pulls()  # a message's objects are pulled as soon as the SuperNode has them
+    # a message's objects are pulled as soon as the SuperNode has them, and given up after
+    # MESSAGE_PULL_MAX_S (the SuperNode fetches them from the SuperLink first; one that never
+    # arrives would block every later message of this one-at-a-time runtime)
+    slow = fast_object_pulls(MESSAGE_PULL_MAX_S)
     if slow:
         log.warning("object pulls keep Flower's 1 s+ backoff: %s", "; ".join(slow))
     t0 = time.perf_counter()

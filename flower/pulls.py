@@ -44,8 +44,12 @@ def pulling_functions() -> list:
     return [inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree]
 
 
-def fast_object_pulls() -> list[str]:
-    """Shorten the pull backoff in this process; returns why it was not done (empty: done)."""
+def fast_object_pulls(message_max_time: float | None = None) -> list[str]:
+    """Shorten the pull backoff in this process; returns why it was not done (empty: done).
+    ``message_max_time``: give up pulling a ClientApp's message after that many seconds (the
+    resident runtime, which serves one message at a time: a message whose objects never reach
+    the SuperNode, its SuperLink having died mid-pull, blocked every later message; Flower's own
+    process per message waits up to 2 h, blocking nothing else)."""
     from umeml.flower.pins import _version_problem, pull_problems
 
     if os.environ.get(ENV) == "flower":
@@ -56,4 +60,6 @@ def fast_object_pulls() -> list[str]:
     for fn in pulling_functions():
         fn.__kwdefaults__.update(initial_backoff=INITIAL_BACKOFF_S, backoff_cap=BACKOFF_CAP_S,
                                  max_tries_per_object=TRIES)
+    if message_max_time is not None:
+        pulling_functions()[1].__kwdefaults__["max_time"] = message_max_time
     return []

@@ -239,7 +239,8 @@ def test_the_resident_runtime_pulls_its_messages_with_the_short_backoff(monkeypa
     from umeml.flower import pins, pulls
 
     for fn in pulls.pulling_functions():
-        monkeypatch.setattr(fn, "__kwdefaults__", {**fn.__kwdefaults__, "initial_backoff": 1, "backoff_cap": 10})
+        monkeypatch.setattr(fn, "__kwdefaults__", {**fn.__kwdefaults__, "initial_backoff": 1, "backoff_cap": 10,
+                                                   "max_time": 7200})
     monkeypatch.setattr(resident.signal, "signal", lambda *a: None)
     monkeypatch.setattr(resident.threading, "Thread", lambda **kw: type("T", (), {"start": lambda self: None})())
     monkeypatch.setattr(pins, "contract_problems", lambda: [])
@@ -254,3 +255,7 @@ def test_the_resident_runtime_pulls_its_messages_with_the_short_backoff(monkeypa
     with pytest.raises(Stop):
         resident.main(["--socket", str(tmp_path / "s"), "--site", str(tmp_path / "site.yaml")])
     assert pulls.pulling_functions()[1].__kwdefaults__["initial_backoff"] == pulls.INITIAL_BACKOFF_S
+    # a message whose objects never reach the SuperNode (its SuperLink died mid-pull) blocked the
+    # one-at-a-time runtime for Flower's 2 h: the resident gives up its message pulls sooner
+    assert pulls.pulling_functions()[1].__kwdefaults__["max_time"] == resident.MESSAGE_PULL_MAX_S
+    assert pulls.pulling_functions()[0].__kwdefaults__["max_time"] == 7200  # the SuperNode's, ServerApp's: Flower's
