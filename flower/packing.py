@@ -12,7 +12,7 @@ keys in the same order, same dtypes, shapes and bytes).
 Packing happens only at the transport boundary: the coordinator's grid packs what it sends and
 unpacks what it receives (:class:`umeml.server.grid.PackingGrid`), and a site's ClientApp
 unpacks a packed message before its handlers run and packs its reply only when the message came
-packed (:func:`umeml.client.app.packing_mod`). The coordinator's screening, partial updates,
+packed (:func:`packing_mod`, the ClientApp's mod in :mod:`umeml.client.app`). The coordinator's screening, partial updates,
 strategies and the sites' handlers see per-tensor records as before.
 """
 
