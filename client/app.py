@@ -35,6 +35,7 @@ from umeml.federation.protocol import Preprocessing
 from umeml.federation.redact import redact
 from umeml.federation.schedule import LR_SCALE_KEY
 from umeml.federation.site import SiteRuntime
+from umeml.flower.packing import packing_mod
 from umeml.flower.records import arrays_from_state, state_from_arrays
 from umeml.flower.supernode_main import retry_internal_errors
 
@@ -216,8 +217,10 @@ def train_reply(msg: Message, context: Context, cfg: ExperimentConfig, conf, pre
 
 
 def build_client_app(resolve: Callable[[Context, ExperimentConfig], SiteRuntime]) -> ClientApp:
-    """A ClientApp whose handlers find their site with ``resolve`` (deployed or simulated)."""
-    app = ClientApp()
+    """A ClientApp whose handlers find their site with ``resolve`` (deployed or simulated); weights
+    that come packed are unpacked before the handlers run, and the reply's packed
+    (:func:`umeml.flower.packing.packing_mod`)."""
+    app = ClientApp(mods=[packing_mod])
 
     def round_request(msg: Message, context: Context):
         """What a train or evaluate message carries: experiment, its config record, the

@@ -40,6 +40,7 @@ log = logging.getLogger("umeml.site.resident")
 
 READY = "resident runtime ready"  # the line the supervisor and the tests look for in the log
 EXIT_FLOWER_MISMATCH = 3  # the installed Flower is not the one the runtime is pinned to
+MESSAGE_PULL_MAX_S = 120.0  # the longest a message's pull from the local SuperNode may take
 
 
 class Refused(UmemlError):
@@ -113,12 +114,14 @@ def serve_task(address: str, token: str, insecure: bool, certs, apps: AppCache) 
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     message = context = reply = None
     status, details, what = SubStatus.FAILED, "ClientApp task failed due to unknown reason", "?"
-    t0 = time.perf_counter()
+    t = [time.perf_counter()]  # start, message pulled, ClientApp done, reply pushed (the log line's split)
     try:
         heartbeat.start()
         message, context, run, fab = pull_task_input(client)
+        t.append(time.perf_counter())
         what = f"{message.metadata.message_type} (run {run.run_id})"
         reply = apps.get(run, fab)(message=message, context=context)
+        t.append(time.perf_counter())
         status, details = SubStatus.COMPLETED, ""
     except Exception as ex:  # noqa: BLE001 - as flwr-clientapp: the failure becomes the error reply
         code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) else \
@@ -137,11 +140,15 @@ def serve_task(address: str, token: str, insecure: bool, certs, apps: AppCache) 
             if heartbeat.is_running:
                 heartbeat.stop()
             client.close()
-    return f"served {what} in {time.perf_counter() - t0:.2f} s: {status}"
+    t.append(time.perf_counter())
+    split = ", ".join(f"{name} {b - a:.2f} s" for name, a, b in zip(("pull", "ClientApp", "push"), t, t[1:]))
+    return f"served {what} in {t[-1] - t[0]:.2f} s ({split}): {status}"
 
 
 def _worker(tasks: queue.Queue, apps: AppCache) -> None:
-    """Serve handed-over tasks one at a time (one message per SuperNode at a time)."""
+    """Serve handed-over tasks one at a time (one message per SuperNode at a time), once the
+    first-use imports are done (a task handed over meanwhile waits in the queue)."""
+    warm_imports()
     while True:
         launch = tasks.get()
         try:
@@ -167,15 +174,29 @@ def _accept(server: socket.socket, tasks: queue.Queue) -> None:
                 log.warning("hand-over failed: %s", err)
 
 
+def warm_imports() -> None:
+    """Import what the first messages would import on first use (metrics, accountants, torch's
+    optimizers: seconds inside the first round otherwise). The worker does it before serving,
+    after the runtime is ready, so that a restarted runtime takes messages back as soon as it has
+    its cohort."""
+    import torch
+
+    from umeml.lazy import import_now
+
+    import_now()
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # its first use imports torch._dynamo (~5 s)
+
+
 def warm_up(site_file: Path, experiment: Path | None) -> str:
     """Import the ClientApp (torch, umeml) and load and validate the site's cohort with the
-    experiment's data section (the defaults without one), as the first message will read it."""
+    experiment's data section and tasks (the defaults without one), as the messages will read it."""
     from umeml.client import app as client_app
     from umeml.config import ExperimentConfig, load_config, load_site_config
 
     site = load_site_config(str(site_file))
     cfg = load_config(experiment) if experiment is not None else ExperimentConfig()
-    cohort = client_app._cohort(site.cohort_source, client_app._data_json(cfg))
+    tasks = cfg.tasks if experiment is not None else None  # the cohort cache's key, as a message has it
+    cohort = client_app._cohort(site.cohort_source, client_app._data_json(cfg), tasks)
     return f"site {site.site_id}: {len(cohort)} patients"
 
 
@@ -203,6 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         log.error("not starting: %s", "; ".join(problems))
         return EXIT_FLOWER_MISMATCH
+    from umeml.flower.pulls import fast_object_pulls
+
+    # a message's objects are pulled as soon as the SuperNode has them, and given up after
+    # MESSAGE_PULL_MAX_S (the SuperNode fetches them from the SuperLink first; one that never
+    # arrives would block every later message of this one-at-a-time runtime)
+    slow = fast_object_pulls(MESSAGE_PULL_MAX_S)
+    if slow:
+        log.warning("object pulls keep Flower's 1 s+ backoff: %s", "; ".join(slow))
     t0 = time.perf_counter()
     loaded = warm_up(args.site, args.config)
     tasks: queue.Queue = queue.Queue()

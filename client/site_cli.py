@@ -98,7 +98,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
     state = Path(site.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     cmd = supernode_command(args.server, args.port, args.site, args.root_certificates, args.auth_key)
-    env, runtime = polling_env(flower_env(state / "flower"), args.idle_poll, args.reply_poll), None
+    env, runtime = polling_env(flower_env(state / "flower"), args.idle_poll, args.reply_poll, args.busy_poll), None
     if args.runtime == "resident":
         from umeml.client.warm import start_resident
         from umeml.flower.processes import which_or_fail
@@ -112,11 +112,11 @@ def _cmd_start(args: argparse.Namespace) -> int:
             runtime.stop()
 
 
-def polling_env(env: dict[str, str], idle: float, reply: float) -> dict[str, str]:
+def polling_env(env: dict[str, str], idle: float, reply: float, busy: float | None = None) -> dict[str, str]:
     """``env`` with the tuned SuperNode's polling intervals (:mod:`umeml.flower.supernode_main`)."""
-    from umeml.flower.supernode_main import IDLE_ENV, REPLY_ENV
+    from umeml.flower.supernode_main import BUSY_ENV, DEFAULT_BUSY_POLL_S, IDLE_ENV, REPLY_ENV
 
-    return {**env, IDLE_ENV: str(idle), REPLY_ENV: str(reply)}
+    return {**env, IDLE_ENV: str(idle), REPLY_ENV: str(reply), BUSY_ENV: str(DEFAULT_BUSY_POLL_S if busy is None else busy)}
 
 
 def _run_supernode(cmd: list[str], env: dict[str, str], site: SiteConfig, args: argparse.Namespace) -> int:
@@ -198,6 +198,9 @@ def add_site_parsers(sub) -> None:
                         "flwr-clientapp process for each message")
     p.add_argument("--idle-poll", type=_seconds, default=1.0, metavar="SECONDS",
                    help="pause after a poll of the coordinator finds no message (default 1; Flower's own: 3)")
+    p.add_argument("--busy-poll", type=_seconds, default=0.25, metavar="SECONDS",
+                   help="that pause during a run: within 60 s of the last message served (default 0.25; "
+                        "at most --idle-poll)")
     p.add_argument("--reply-poll", type=_seconds, default=0.05, metavar="SECONDS",
                    help="pause between checks for the ClientApp's reply (default 0.05; Flower's own: 0.5)")
     p.set_defaults(func=_cmd_start)

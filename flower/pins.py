@@ -89,6 +89,31 @@ def retry_problems() -> list[str]:
     return problems
 
 
+def pull_problems() -> list[str]:
+    """Differences in Flower's object pulls whose backoff :mod:`umeml.flower.pulls` shortens: the
+    keyword defaults of ``pull_objects`` and ``pull_and_inflate_object_from_tree``, and that the
+    SuperNode, the ServerApp's grid and the ClientApp's runtime call those very functions with
+    them (no backoff of their own)."""
+    from flwr.superlink.grid import http_grid
+    from flwr.supernode import start_client_internal as sci
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    from umeml.flower.pulls import KEYS, pulling_functions
+
+    pull, pull_tree = pulling_functions()
+    problems = [f"{fn.__module__}.{fn.__name__} no longer takes {key}= (keyword default)"
+                for fn in (pull, pull_tree) for key in KEYS if key not in (fn.__kwdefaults__ or {})]
+    users = [(http_grid, "pull_objects", pull, http_grid.HttpGrid.pull_messages),
+             (sci, "pull_objects", pull, sci._pull_and_store_message),
+             (rc, "pull_and_inflate_object_from_tree", pull_tree, rc.pull_task_input)]
+    for module, name, fn, caller in users:
+        if getattr(module, name, None) is not fn:
+            problems.append(f"{module.__name__} no longer pulls with inflatable_utils.{name}")
+        elif "backoff" in inspect.getsource(caller):
+            problems.append(f"{module.__name__}.{caller.__name__} sets a pull backoff of its own")
+    return problems
+
+
 def contract_problems() -> list[str]:
     """Every detail of Flower that the warm runtime and the tuned SuperNode rely on and that
     the installed Flower does not match (empty: all as pinned)."""

@@ -6,7 +6,11 @@ neither has a flag or an environment variable. A message therefore waits 1.5 s o
 before a site even sees it, and 0.25 s more before its reply leaves. This entry point runs
 Flower's own ``flower-supernode`` (same arguments, same code) with those two sleeps read from
 
-- ``UMEML_SUPERNODE_IDLE_POLL_S`` (default 1.0): the pause after an empty poll, and
+- ``UMEML_SUPERNODE_IDLE_POLL_S`` (default 1.0): the pause after an empty poll,
+- ``UMEML_SUPERNODE_BUSY_POLL_S`` (default 0.25): that pause during a run, i.e. within
+  ``BUSY_WINDOW_S`` (60 s) of the last message this node served: the next round's message comes
+  within seconds then, and a site that finished early would otherwise wait 0.5 s on average per
+  wave for it; at idle (no message for a minute) the node polls at the idle pause again, and
 - ``UMEML_SUPERNODE_REPLY_POLL_S`` (default 0.05): the pause between checks for a reply.
 
 It also retries an HTTP 500 from the SuperLink instead of exiting (:func:`tolerate_transient_500`):
@@ -23,9 +27,12 @@ import sys
 import time
 
 IDLE_ENV = "UMEML_SUPERNODE_IDLE_POLL_S"
+BUSY_ENV = "UMEML_SUPERNODE_BUSY_POLL_S"
 REPLY_ENV = "UMEML_SUPERNODE_REPLY_POLL_S"
 DEFAULT_IDLE_POLL_S = 1.0
+DEFAULT_BUSY_POLL_S = 0.25
 DEFAULT_REPLY_POLL_S = 0.05
+BUSY_WINDOW_S = 60.0  # this long after the last message served, a node counts as in a run
 FLOWER_IDLE_SLEEP_S = 3  # what start_client_internal sleeps after an empty poll (flwr 1.42)
 FLOWER_REPLY_SLEEP_S = 0.5  # what _push_messages sleeps between checks for a reply (flwr 1.42)
 RETRIED_TOO = frozenset({500})  # added to Flower's retried HTTP codes (502/503/504)
@@ -56,25 +63,33 @@ def poll_setting(name: str, default: float) -> float:
 
 class TunedTime:
     """Stands for the ``time`` module inside ``start_client_internal``: its two fixed sleeps take
-    the configured intervals, every other use of ``time`` is the real module."""
+    the configured intervals, every other use of ``time`` is the real module.
 
-    def __init__(self, idle: float, reply: float):
+    Flower's loop waits for a ClientApp's reply with the 0.5 s sleep, so such a wait marks this
+    node as serving a message; for ``BUSY_WINDOW_S`` afterwards an empty poll pauses ``busy``
+    (at most ``idle``) instead of ``idle``."""
+
+    def __init__(self, idle: float, reply: float, busy: float | None = None):
         self.idle = idle
         self.reply = reply
+        self.busy = idle if busy is None else min(busy, idle)
+        self.last_served = float("-inf")  # time.monotonic() of the last reply wait
 
     def __getattr__(self, name):
         return getattr(time, name)
 
     def sleep(self, seconds: float) -> None:
-        """Flower's 3 s idle sleep becomes ``idle``, its 0.5 s reply wait ``reply``."""
+        """Flower's 3 s idle sleep becomes ``busy`` during a run and ``idle`` otherwise, its
+        0.5 s reply wait ``reply``."""
         if seconds == FLOWER_IDLE_SLEEP_S:
-            seconds = self.idle
+            seconds = self.busy if time.monotonic() - self.last_served < BUSY_WINDOW_S else self.idle
         elif seconds == FLOWER_REPLY_SLEEP_S:
+            self.last_served = time.monotonic()
             seconds = self.reply
         time.sleep(seconds)
 
 
-def tune_polling(idle: float, reply: float) -> list[str]:
+def tune_polling(idle: float, reply: float, busy: float | None = None) -> list[str]:
     """Install the intervals into Flower's SuperNode module; returns why it was not done (empty: done)."""
     from umeml.flower.pins import _version_problem, polling_problems
 
@@ -82,7 +97,7 @@ def tune_polling(idle: float, reply: float) -> list[str]:
     if not problems:
         from flwr.supernode import start_client_internal
 
-        start_client_internal.time = TunedTime(idle, reply)
+        start_client_internal.time = TunedTime(idle, reply, busy)
     return problems
 
 
@@ -131,7 +146,14 @@ def main(argv: list[str] | None = None) -> None:
     """Run ``flower-supernode`` with ``argv`` and the tuned polling."""
     idle = poll_setting(IDLE_ENV, DEFAULT_IDLE_POLL_S)
     reply = poll_setting(REPLY_ENV, DEFAULT_REPLY_POLL_S)
-    problems = tune_polling(idle, reply)
+    busy = poll_setting(BUSY_ENV, DEFAULT_BUSY_POLL_S)
+    problems = tune_polling(idle, reply, busy)
+    from umeml.flower.pulls import fast_object_pulls
+
+    slow = fast_object_pulls()  # pull a message's objects as soon as the ServerApp has uploaded them
+    if slow:
+        print("warning: object pulls keep Flower's backoff (1 s, 2 s, 4 s ...): " + "; ".join(slow),
+              file=sys.stderr, flush=True)
     retry = tolerate_transient_500()
     if retry:
         print("warning: the SuperNode exits on an HTTP 500 from the SuperLink (Flower's default): " + "; ".join(retry),

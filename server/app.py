@@ -17,15 +17,20 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from umeml.config import config_from_dict
+from umeml.flower.pulls import fast_object_pulls
 from umeml.flower.supernode_main import retry_internal_errors
+from umeml.lazy import import_now
 from umeml.server.coordinator import Coordinator
-from umeml.server.grid import FastPollGrid
+from umeml.server.grid import FastPollGrid, PackingGrid
 from umeml.server.pooled import pooled_evaluator
 from umeml.server.retry import RetryingGrid
 
 # Flower 1.42's ServerApp reaches the SuperLink over HTTP with a retry that gives up on 500
 # ("database is locked"), also in its task heartbeat; retried here as in the SuperNode shim
 retry_internal_errors()
+# replies are pulled as soon as a site's upload finishes, not after Flower's 1 s + 2 s + ... backoff
+# (umeml/flower/pulls.py); with another Flower the backoff stays Flower's
+SLOW_PULLS = fast_object_pulls()
 
 
 def run_coordinator(grid: Grid, settings: Mapping) -> dict:
@@ -51,7 +56,10 @@ def build_server_app(settings: Mapping | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        run_coordinator(FastPollGrid(RetryingGrid(grid)), settings if settings is not None else context.run_config)
+        import_now()  # while the sites connect, not after round 1 (the privacy ledger's opacus: ~4 s)
+        if SLOW_PULLS:
+            logging.getLogger("umeml.server").warning("replies are pulled with Flower's backoff: %s", "; ".join(SLOW_PULLS))
+        run_coordinator(PackingGrid(FastPollGrid(RetryingGrid(grid))), settings if settings is not None else context.run_config)
 
     return app
 

@@ -363,7 +363,8 @@ def start_limits(args: argparse.Namespace) -> list[str]:
 
 def _start_held_out(args: argparse.Namespace, cfg: ExperimentConfig | None, problems: list[str]) -> tuple[str, ...]:
     """The held-out sites: on resume the ones the run recorded (``--held-out`` may only repeat
-    them), else ``--held-out`` or the config's ``split.test_sites``."""
+    them), else ``--held-out`` or the config's ``split.test_sites``; with neither, the coordinator
+    holds out ``split.n_test_sites`` of the sites that join (checked here against ``--sites``)."""
     given = tuple(sorted(s for s in (args.held_out or "").split(",") if s))
     if args.resume is not None:
         try:
@@ -379,6 +380,10 @@ def _start_held_out(args: argparse.Namespace, cfg: ExperimentConfig | None, prob
             return tuple(roles.held_out)
     if given or cfg is None:
         return given
+    if not cfg.split.test_sites and 1 <= args.sites <= cfg.split.n_test_sites:
+        # the coordinator holds out split.n_test_sites of the joined sites (server/heldout.py)
+        problems.append(f"split.n_test_sites {cfg.split.n_test_sites} of --sites {args.sites}: no site would be left to "
+                        "train; hold out fewer (split.n_test_sites), or name them (split.test_sites, --held-out)")
     return tuple(cfg.split.test_sites)
 
 

@@ -52,6 +52,7 @@ from umeml.rundir import (
     write_metrics,
     write_roles,
 )
+from umeml.server.heldout import held_out_by_rule
 from umeml.server.partial import complete_replies, expected_subset, merge_aggregate
 from umeml.server.strategies import (
     NodeSubsetGrid,
@@ -283,6 +284,10 @@ class Coordinator:
 
     def _roles(self) -> tuple[list[int], list[int]]:
         sites = {r["site"]: n for n, r in self.nodes.items()}
+        if not self.held_out and self.recorded is None:  # a new run naming none: split.n_test_sites
+            self.held_out, line = held_out_by_rule(self.cfg, self.nodes)
+            if line:
+                self._report(line)
         unknown = sorted(set(self.held_out) - set(sites))
         if unknown:
             raise FederationError(f"held-out site(s) {unknown} did not join (joined: {sorted(sites)})")
@@ -370,14 +375,16 @@ class Coordinator:
     def _run(self, grid) -> dict:
         run = self._setup(grid)
         stop = None
+        t0 = time.perf_counter()
         for rnd in range(run.state.round + 1, self.cfg.federation.rounds + 1):
-            t0 = time.perf_counter()
             self._adopt_new_nodes(grid)
             run.train_nodes, run.held_nodes = self._roles_alive(grid, run.train_nodes, run.held_nodes)
             entry, stop = self._train_round(grid, rnd, run)
             if stop is not None:
                 break
-            self._finish_round(grid, entry, run, t0)
+            # a round's wall time runs from where the previous one's ended: it includes that
+            # round's checkpoint, metrics and progress writes, which would otherwise count nowhere
+            t0 = self._finish_round(grid, entry, run, t0)
         state = run.state
         if stop is not None:
             self._final_evaluation_after_stop(grid, state, run.prep, run.base_config, run.train_nodes,
@@ -544,8 +551,9 @@ class Coordinator:
             train_reports.append(report if report is not None else {"site": site})
         return accepted, train_reports, privacy
 
-    def _finish_round(self, grid, entry: dict, run: _Run, t0: float) -> None:
-        """Evaluate when due, then record the round: history, checkpoint, metrics, privacy, progress."""
+    def _finish_round(self, grid, entry: dict, run: _Run, t0: float) -> float:
+        """Evaluate when due, then record the round: history, checkpoint, metrics, privacy, progress;
+        returns the moment its wall time (``entry["seconds"]``, from ``t0``) was taken."""
         rnd, state = entry["round"], run.state
         evaluated = self._previous_evaluated(state, rnd)
         if evaluated is not None:  # this wave carried the validation of round rnd - 1's weights
@@ -561,13 +569,15 @@ class Coordinator:
                 entry["evaluation"]["pooled"] = self.pooled_eval(state.weights, run.prep)
             evaluated = entry
             self._observe_validation(run, entry)
-        entry["seconds"] = round(time.perf_counter() - t0, 2)
+        t_end = time.perf_counter()
+        entry["seconds"] = round(t_end - t0, 2)
         entry["overhead_seconds"] = round(entry["seconds"] - sum(entry["wave_compute_seconds"]), 2)
         state.strategy = strategy_state(run.strategy)
         self._save(state, run.prep)
         self._write_metrics(state.history)
         self._write_privacy(state.history, state.releases)
         self._report(self._progress_line(entry, evaluated))
+        return t_end
 
     def _adopt_new_nodes(self, grid) -> None:
         """Handshake nodes that joined (or rejoined after a restart) since the last round.

@@ -1,8 +1,10 @@
-"""A Grid wrapper that polls for replies often instead of Flower's fixed 3-second sleep."""
+"""Grid wrappers: replies polled often instead of Flower's fixed 3-second sleep, weights packed."""
 
 from __future__ import annotations
 
 import time
+
+from umeml.flower.packing import pack_message, unpacked
 
 SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID in Flower 1.42 (tests/test_resume_safety.py)
 
@@ -51,3 +53,22 @@ def attribute_reply(reply, origin: dict[str, int]):
     if node is not None and reply.metadata.src_node_id == SUPERLINK_NODE_ID and node != SUPERLINK_NODE_ID:
         reply.metadata.__dict__["_src_node_id"] = node
     return reply
+
+
+class PackingGrid:
+    """Delegates to a grid; the weights of the messages ``send_and_receive`` sends travel packed
+    (one array per dtype, :mod:`umeml.flower.packing`), and the replies are unpacked before the
+    coordinator sees them, so that screening, partial updates and the strategies work on
+    per-tensor records as before."""
+
+    def __init__(self, grid):
+        self._grid = grid
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        """Pack, send, collect, unpack (the messages of a wave share the global weights: packed once)."""
+        packed: dict = {}
+        replies = self._grid.send_and_receive([pack_message(m, packed) for m in messages], timeout=timeout)
+        return [unpacked(reply) for reply in replies]

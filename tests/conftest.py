@@ -3,9 +3,16 @@ a tiny synthetic cohort generated once per test session."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Tiny models on 2 shared cores: torch's default of one intra-op thread per core made every
+# forward/backward contend (train_central's learning test: 43 s with 2 threads, 8 s with 1, on a
+# busy machine). Set before torch is imported, so subprocesses the tests start inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from umeml.data.synth import SynthSpec, generate
 
@@ -41,3 +48,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread_for_the_session():
+    """Every test runs with one torch intra-op thread (see OMP_NUM_THREADS above): torch may
+    have been imported before this file by a plugin, so set it explicitly as well."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield

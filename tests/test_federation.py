@@ -35,8 +35,23 @@ def run(app, tmp_path, cfg=None, grid=None, resume=False, out="run"):
     return coord.run(grid), grid
 
 
-def test_rounds_write_run_dir(app, tmp_path):
+def test_rounds_write_run_dir(app, tmp_path, monkeypatch):
+    # a round's wall time counts the previous round's checkpoint writes (they used to count nowhere):
+    # the checkpoint "takes" 1000 s on a clock the coordinator reads
+    import umeml.server.coordinator as coordinator
+
+    clock, save = [0.0], Coordinator._save
+
+    def slow_save(self, state, prep):
+        save(self, state, prep)
+        clock[0] += 1000.0
+
+    real = coordinator.time.perf_counter
+    monkeypatch.setattr(coordinator.time, "perf_counter", lambda: real() + clock[0])
+    monkeypatch.setattr(Coordinator, "_save", slow_save)
     final, grid = run(app, tmp_path)
+    assert final["seconds_per_round"][0] < 1000 <= final["seconds_per_round"][1]
+    assert final["overhead_seconds_per_round"][1] >= 1000
     assert final["rounds"] == 2 and final["held_out_sites"] == ["A2"]
     assert final["training_sites"] == ["A0", "A1"]
     held = final["held_out"]["A2"]
@@ -192,3 +207,32 @@ def test_resume_with_a_training_site_absent_keeps_its_role(app, tmp_path):
     assert final["rounds"] == 2 and final["training_sites"] == ["A0", "A1"]
     assert {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"} == {101}
     assert json.loads((tmp_path / "run" / "roles.json").read_text())["training"] == ["A0", "A1"]
+
+
+def test_a_run_naming_no_held_out_site_holds_out_split_n_test_sites_as_a_simulation_would(app, tmp_path,
+                                                                                       tiny_cohort_dir):
+    # a deployment used to ignore split.n_test_sites (default 1): every site trained and the
+    # held-out table was empty, while the same config simulated held one site out
+    from umeml.data.cohort import load_data_dir
+    from umeml.server.simulate import plan_sites
+
+    cfg = experiment(rounds=1)
+    _, expected = plan_sites(cfg, load_data_dir(tiny_cohort_dir))  # the simulation's rule
+    lines, grid = [], LocalGrid(app, len(SITES))
+    final = Coordinator(cfg, tmp_path / "run", expected_sites=3, wait_timeout=5, printer=lines.append).run(grid)
+    assert len(expected) == 1 and final["held_out_sites"] == list(expected)
+    held_node = 101 + SITES.index(expected[0])
+    assert held_node not in {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"}
+    assert final["held_out"][expected[0]]["n"] == 20
+    assert any(f"held out by split.n_test_sites=1: {expected[0]}" in line for line in lines)
+    assert json.loads((tmp_path / "run" / "roles.json").read_text())["held_out"] == list(expected)
+    # no site would be left to train: a clear error, before any round
+    with pytest.raises(FederationError, match="split.n_test_sites=3: cannot hold out 3 of 3 sites"):
+        Coordinator(experiment(rounds=1, split={"n_test_sites": 3}), tmp_path / "r3", expected_sites=3, wait_timeout=5,
+                    printer=lambda s: None).run(LocalGrid(app, len(SITES)))
+    # split.n_test_sites: 0 holds out nothing; a site without patients is never chosen
+    from umeml.server.heldout import held_out_by_rule
+
+    joined = {101: {"site": "A0", "n_patients": 20}, 102: {"site": "A1", "n_patients": 0}}
+    assert held_out_by_rule(experiment(split={"n_test_sites": 0}), joined) == ((), "")
+    assert held_out_by_rule(experiment(), {**joined, 103: {"site": "A2", "n_patients": 9}})[0] in {("A0",), ("A2",)}

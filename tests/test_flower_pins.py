@@ -66,6 +66,25 @@ def test_tuned_polling_replaces_exactly_flowers_two_sleeps(monkeypatch):
     assert slept == [0.2, 0.02, 1.25] and sci.time.monotonic() > 0
 
 
+def test_a_node_that_served_a_message_polls_fast_for_the_rest_of_the_run(monkeypatch):
+    # a site that finished its part of a wave waited 0.5 s on average (the 1 s idle pause) for
+    # the next round's message; at idle it polls every second again
+    from umeml.flower import supernode_main as sm
+
+    now, slept = [1000.0], []
+    monkeypatch.setattr(sm.time, "sleep", slept.append)
+    monkeypatch.setattr(sm.time, "monotonic", lambda: now[0])
+    tuned = sm.TunedTime(1.0, 0.05, 0.25)
+    tuned.sleep(3)  # idle: nothing served yet
+    tuned.sleep(0.5)  # waiting for a ClientApp's reply: serving a message
+    now[0] += sm.BUSY_WINDOW_S - 1
+    tuned.sleep(3)
+    now[0] += 2
+    tuned.sleep(3)
+    assert slept == [1.0, 0.05, 0.25, 1.0]
+    assert sm.TunedTime(1.0, 0.05, 5.0).busy == 1.0 and sm.TunedTime(3.0, 0.5).busy == 3.0  # never above idle
+
+
 def test_polling_settings_are_checked(monkeypatch):
     from umeml.flower.supernode_main import IDLE_ENV, poll_setting
 
@@ -142,3 +161,101 @@ def test_the_supernode_retries_an_http_500_instead_of_exiting(monkeypatch):
         sm._tolerant(fails(401))()
     sender = fleet_http_connection.HeartbeatSender(fails(500))
     assert sender.heartbeat_fn() is False
+
+
+def _recorded_waits(monkeypatch, unavailable: int) -> list[float]:
+    """The pauses Flower's ``pull_objects`` takes for one object that is unavailable ``unavailable`` times."""
+    from flwr.supercore.inflatable import inflatable_utils as iu
+
+    waits: list[float] = []
+
+    class Event(iu.threading.Event):
+        def wait(self, timeout=None):
+            if timeout is None:  # the thread pool's own synchronisation
+                return super().wait()
+            waits.append(timeout)  # pull_objects' backoff: recorded, not slept
+            return False
+
+    monkeypatch.setattr(iu.threading, "Event", Event)
+    calls = []
+
+    def pull(object_id):
+        calls.append(object_id)
+        if len(calls) <= unavailable:
+            raise iu.ObjectUnavailableError(object_id)
+        return b"content"
+
+    assert iu.pull_objects(["a" * 64], pull) == {"a" * 64: b"content"}
+    return waits
+
+
+def test_fast_object_pulls_retry_an_object_still_uploading_within_milliseconds(monkeypatch):
+    # Flower waits 1, 2, 4, 8 s for an object whose upload has not finished: 15 s for a 50 ms upload
+    from umeml.flower import pulls
+
+    for fn in pulls.pulling_functions():
+        monkeypatch.setattr(fn, "__kwdefaults__", dict(fn.__kwdefaults__))  # restored after the test
+    monkeypatch.delenv(pulls.ENV, raising=False)
+    assert pulls.fast_object_pulls() == []
+    waits = _recorded_waits(monkeypatch, 6)
+    assert len(waits) == 6 and waits[0] <= 1.2 * pulls.INITIAL_BACKOFF_S and max(waits) <= 1.2 * pulls.BACKOFF_CAP_S
+    # the same patience as Flower's: as many seconds of retries per object (more, shorter tries)
+    pull, tree = pulls.pulling_functions()
+    assert pull.__kwdefaults__["max_tries_per_object"] * pulls.BACKOFF_CAP_S >= 500 * 10
+    assert tree.__kwdefaults__["initial_backoff"] == pulls.INITIAL_BACKOFF_S  # a ClientApp's message pull too
+
+
+def test_flowers_own_backoff_is_kept_when_asked(monkeypatch):
+    from umeml.flower import pulls
+
+    for fn in pulls.pulling_functions():
+        monkeypatch.setattr(fn, "__kwdefaults__", {**fn.__kwdefaults__, "initial_backoff": 1, "backoff_cap": 10})
+    monkeypatch.setenv(pulls.ENV, "flower")
+    assert pulls.fast_object_pulls() != []
+    assert _recorded_waits(monkeypatch, 2)[0] >= 0.8
+
+
+def test_the_serverapp_and_the_supernode_pull_with_the_short_backoff(monkeypatch):
+    import umeml.server.app  # noqa: F401 - importing the ServerApp's module sets it for its process
+    from umeml.flower import pulls
+    from umeml.flower import supernode_main as sm
+
+    pull, _ = pulls.pulling_functions()
+    assert pull.__kwdefaults__["initial_backoff"] == pulls.INITIAL_BACKOFF_S
+    for fn in pulls.pulling_functions():
+        monkeypatch.setattr(fn, "__kwdefaults__", {**fn.__kwdefaults__, "initial_backoff": 1, "backoff_cap": 10})
+    monkeypatch.setattr(sm, "tune_polling", lambda *a: [])
+    monkeypatch.setattr(sm, "tolerate_transient_500", lambda: [])
+    import flwr.supernode.cli as cli
+
+    monkeypatch.setattr(cli, "flower_supernode", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["x"])
+    sm.main([])
+    assert pull.__kwdefaults__["initial_backoff"] == pulls.INITIAL_BACKOFF_S
+
+
+def test_the_resident_runtime_pulls_its_messages_with_the_short_backoff(monkeypatch, tmp_path):
+    from umeml.client import resident
+    from umeml.flower import pins, pulls
+
+    for fn in pulls.pulling_functions():
+        monkeypatch.setattr(fn, "__kwdefaults__", {**fn.__kwdefaults__, "initial_backoff": 1, "backoff_cap": 10,
+                                                   "max_time": 7200})
+    monkeypatch.setattr(resident.signal, "signal", lambda *a: None)
+    monkeypatch.setattr(resident.threading, "Thread", lambda **kw: type("T", (), {"start": lambda self: None})())
+    monkeypatch.setattr(pins, "contract_problems", lambda: [])
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a):
+        raise Stop
+
+    monkeypatch.setattr(resident, "warm_up", stop)  # stops main() where it starts serving
+    with pytest.raises(Stop):
+        resident.main(["--socket", str(tmp_path / "s"), "--site", str(tmp_path / "site.yaml")])
+    assert pulls.pulling_functions()[1].__kwdefaults__["initial_backoff"] == pulls.INITIAL_BACKOFF_S
+    # a message whose objects never reach the SuperNode (its SuperLink died mid-pull) blocked the
+    # one-at-a-time runtime for Flower's 2 h: the resident gives up its message pulls sooner
+    assert pulls.pulling_functions()[1].__kwdefaults__["max_time"] == resident.MESSAGE_PULL_MAX_S
+    assert pulls.pulling_functions()[0].__kwdefaults__["max_time"] == 7200  # the SuperNode's, ServerApp's: Flower's

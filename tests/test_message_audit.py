@@ -272,6 +272,27 @@ def test_no_identifier_or_path_in_any_message(audit):
     assert checked > 500
 
 
+def test_packed_weights_carry_the_same_arrays_and_only_the_model_keys(audit):
+    # deployed, the weights travel packed (umeml.flower.packing): the audit's arrays, and besides
+    # them only a layout of the model's keys, dtypes and shapes
+    from umeml.flower.packing import LAYOUT, pack, unpack
+
+    pattern = re.compile("|".join(re.escape(f) for f in _forbidden_strings(audit)))
+    checked = 0
+    for direction, msg in all_messages(audit):
+        if not msg.has_content() or "arrays" not in msg.content.array_records:
+            continue
+        record = msg.content.array_records["arrays"]
+        packed = pack(record)
+        layout = json.loads(packed[LAYOUT].numpy().tobytes().decode())
+        assert [key for key, _, _ in layout] == list(record), direction
+        assert pattern.search(packed[LAYOUT].numpy().tobytes().decode()) is None, direction
+        back = unpack(packed)
+        assert all(back[k].numpy().tobytes() == record[k].numpy().tobytes() for k in record), direction
+        checked += 1
+    assert checked > 5
+
+
 # ------------------------------------------------------------------------------ rule 2
 METRIC_FIELDS = r"(value|ci_low|ci_high|n|n_boot|n_boot_used|n_classes|pairs|events|error)"
 PRIVACY_FIELDS = (r"(experiment|round|site|kind|status|sample_rate|noise_multiplier|steps|max_grad_norm|epsilon|"

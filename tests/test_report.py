@@ -194,7 +194,11 @@ def test_prototype_heatmap_over_a_slide(central_run, tmp_path, capsys):
     assert f"{dim + 1}-dim features, the checkpoint expects {dim}" in capsys.readouterr().err
 
 
-def test_heatmap_needs_its_inputs(central_run, tmp_path):
+def test_heatmap_needs_its_inputs(central_run, tmp_path, monkeypatch):
+    # said before any plot is drawn (it used to draw the whole report first)
+    from umeml.report import build
+
+    monkeypatch.setattr(build, "_run_sections", lambda *a: pytest.fail("plots drawn before the inputs were checked"))
     with pytest.raises(ReportError, match="--slide needs --features"):
         write_report(central_run, Options(slide=tmp_path / "s.svs"))
     with pytest.raises(ReportError, match="no such file"):

@@ -9,6 +9,8 @@ import shutil
 import sys
 import time
 
+import pytest
+
 from umeml.client import app as client_app
 from umeml.config import ExperimentConfig
 from umeml.data.fingerprint import cohort_fingerprint
@@ -31,6 +33,49 @@ def test_cohort_is_loaded_once_and_reloaded_when_a_file_changes(tiny_cohort_dir,
     table.write_text(table.read_text() + "\n")  # the table rewritten (one byte longer)
     third = client_app._cohort(source, data_json)
     assert third is not second and client_app._cohort(source, data_json) is third
+
+
+def test_warm_up_imports_what_the_first_messages_use_and_caches_the_cohort_as_they_read_it(
+        tiny_cohort_dir, tmp_path, monkeypatch):
+    # the first train message paid ~5 s for torch._dynamo (torch.optim's first use) and the first
+    # validation ~3 s for scipy.stats and lifelines; the handshake read the cohort again (its
+    # cache key has the experiment's tasks, the warm-up's had none)
+    import queue
+
+    import torch
+
+    import umeml.lazy
+    from umeml.client import resident
+    from umeml.config import load_config
+
+    imported, optimizers = [], []
+    monkeypatch.setattr(client_app, "_COHORTS", {})  # nothing cached by earlier tests
+    monkeypatch.setattr(umeml.lazy, "import_now", lambda: imported.append(umeml.lazy.FIRST_USE))
+    monkeypatch.setattr(torch.optim, "SGD", lambda *a, **kw: optimizers.append(a))
+
+    class Done(Exception):
+        pass
+
+    class Tasks(queue.Queue):
+        def get(self, *a, **kw):  # the worker asks for its first task: imports must be done
+            assert imported and optimizers
+            raise Done
+
+    with pytest.raises(Done):
+        resident._worker(Tasks(), resident.AppCache())
+    assert imported == [("scipy.stats", "lifelines.utils", "opacus.accountants")] and len(optimizers) == 1
+    (tmp_path / "site.yaml").write_text(f"site_id: A0\ndata_dir: {tiny_cohort_dir}\ndevice: cpu\n")
+    (tmp_path / "exp.yaml").write_text("tasks: [grade, survival]\ndata: {max_patches: 16}\n")
+    assert "60 patients" in resident.warm_up(tmp_path / "site.yaml", tmp_path / "exp.yaml")
+    cfg = load_config(tmp_path / "exp.yaml")
+    monkeypatch.setattr(CohortSource, "load", lambda *a, **kw: (_ for _ in ()).throw(AssertionError("read again")))
+    client_app._cohort(CohortSource(data_dir=str(tiny_cohort_dir)), client_app._data_json(cfg), cfg.tasks)
+
+
+def test_import_now_names_what_is_not_installed():
+    from umeml.lazy import import_now
+
+    assert import_now(("json", "no_such_module_umeml")) == ["no_such_module_umeml"]
 
 
 def test_fingerprint_sees_added_and_removed_files(tiny_cohort_dir, tmp_path):

@@ -68,6 +68,21 @@ def test_resume_takes_the_recorded_held_out_sites_and_refuses_others(tmp_path, c
     assert rc == 2 and f"--held-out A1: {run} holds out A2" in err
 
 
+def test_a_deployment_that_would_hold_out_every_site_is_a_usage_error(tmp_path, capsys):
+    # the coordinator holds out split.n_test_sites of the joined sites (default 1): with --sites 1
+    # no site would train; said before anything starts, not after the site joined
+    (tmp_path / "exp.yaml").write_text("federation: {rounds: 1}\n")
+    rc = server_main(["start", "--config", str(tmp_path / "exp.yaml"), "--sites", "1", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "split.n_test_sites 1 of --sites 1: no site would be left to train" in err
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "none.yaml").write_text("split: {n_test_sites: 0}\n")
+    for config, sites in (("exp.yaml", "2"), ("none.yaml", "1")):
+        plan, problems = preflight_start(_start_args("--config", str(tmp_path / config), "--sites", sites,
+                                                     "--out", str(tmp_path / "run")))
+        assert problems == [], config
+
+
 def test_impossible_settings_are_usage_errors(tmp_path, capsys):
     (tmp_path / "exp.yaml").write_text("federation: {rounds: 1}\n")
     rc = server_main(["start", "--config", str(tmp_path / "exp.yaml"), "--sites", "0", "--port", "0",

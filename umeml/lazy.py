@@ -32,3 +32,20 @@ class LazyModule:
 def lazy_module(name: str) -> LazyModule:
     """``pd = lazy_module("pandas")``: the module ``name``, imported when first used."""
     return LazyModule(name)
+
+
+# what the first round of a run would otherwise import mid-round: metrics (scipy.stats, lifelines),
+# the privacy accountants (opacus, which also pulls in torch._dynamo)
+FIRST_USE = ("scipy.stats", "lifelines.utils", "opacus.accountants")
+
+
+def import_now(names: tuple[str, ...] = FIRST_USE) -> list[str]:
+    """Import ``names`` now (a long-lived process warming up, so that no message pays for them);
+    returns those that are not installed."""
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing

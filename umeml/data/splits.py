@@ -30,7 +30,13 @@ class Split:
 
 def choose_test_sites(cohort: Cohort, n_test_sites: int, seed: int) -> tuple[str, ...]:
     """Pick ``n_test_sites`` held-out sites at random (seeded) among sites with patients."""
-    sites = cohort.sites
+    return choose_held_out(cohort.sites, n_test_sites, seed)
+
+
+def choose_held_out(sites: list[str] | tuple[str, ...], n_test_sites: int, seed: int) -> tuple[str, ...]:
+    """``n_test_sites`` of ``sites`` at random (seeded): the rule of ``split.n_test_sites``, the
+    same for a simulation (the cohort's sites) and a deployment (the sites that joined)."""
+    sites = sorted(sites)
     if n_test_sites >= len(sites):
         raise ValueError(f"cannot hold out {n_test_sites} of {len(sites)} sites: no site would be left to train on")
     rng = np.random.default_rng(seed)

@@ -572,9 +572,8 @@ def _collection(builder: ReportBuilder, runs: dict[str, FinalResult]) -> None:
         builder.sections.append(forest)
 
 
-def _heatmap(builder: ReportBuilder, opts: Options) -> None:
-    from umeml.report.heatmap import prototype_heatmap
-
+def _heatmap_checkpoint(builder: ReportBuilder, opts: Options) -> Path:
+    """The heatmap's checkpoint, once every input it needs is there (checked before any plot)."""
     checkpoint = opts.checkpoint
     if checkpoint is None:
         for cand in (builder.files.global_checkpoint, builder.files.best_checkpoint):
@@ -588,6 +587,12 @@ def _heatmap(builder: ReportBuilder, opts: Options) -> None:
     for path, flag in ((opts.slide, "--slide"), (opts.features, "--features"), (checkpoint, "--checkpoint")):
         if not Path(path).is_file():
             raise ReportError(f"{flag} {path}: no such file")
+    return Path(checkpoint)
+
+
+def _heatmap(builder: ReportBuilder, opts: Options, checkpoint: Path) -> None:
+    from umeml.report.heatmap import prototype_heatmap
+
     try:
         fig = prototype_heatmap(opts.slide, opts.features, checkpoint)
     except ValueError as err:
@@ -611,6 +616,8 @@ def write_report(run_dir: str | Path, options: Options | None = None) -> Path:
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: no such run directory")
     builder = ReportBuilder(run_dir)
+    # a missing heatmap input is said before the plots are drawn (seconds of work otherwise)
+    checkpoint = _heatmap_checkpoint(builder, opts) if opts.slide is not None else None
     t0 = time.perf_counter()
     try:
         title, sub, run_version = _run_sections(builder, opts, time.strftime("%Y-%m-%d %H:%M %Z"))
@@ -618,8 +625,8 @@ def write_report(run_dir: str | Path, options: Options | None = None) -> Path:
             builder.sections.append(_privacy_section(builder, read_json(builder.files.privacy)))
     except RunDirError as err:
         raise ReportError(str(err)) from err
-    if opts.slide is not None:
-        _heatmap(builder, opts)
+    if checkpoint is not None:
+        _heatmap(builder, opts, checkpoint)
     builder.sections.append(_config_section(run_dir, run_version))
     out = builder.write(title, sub)
     log.info("report written in %.1f s: %s", time.perf_counter() - t0, out)
