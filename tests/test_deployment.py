@@ -101,4 +101,9 @@ def _check_resident_runtime(d: Path, killed: int) -> None:
     assert "exited with code -9; restarted" in log and log.count("resident runtime ready") == 2
     pids = set(re.findall(r"\(pid (\d+)\)", log))
     assert str(killed) in pids and len(pids) == 2
-    assert "served train" in log.split("restarted", 1)[1]
+    # The restarted process serves the messages that arrive once it is ready; those that came while
+    # it restarted ran in Flower's own flwr-clientapp (rounds take about a second now, so which
+    # messages those are depends on the machine): at least the final evaluation is served by it.
+    after = log.split("restarted", 1)[1]
+    restarted_pid = (pids - {str(killed)}).pop()
+    assert re.search(rf"served \S+ .*: completed \(pid {restarted_pid}\)", after), after[-3000:]
