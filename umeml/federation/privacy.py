@@ -205,20 +205,20 @@ class SiteLedger:
         while holding :meth:`locked`. ``rng`` None draws the noise from OS entropy (a real site).
         """
         fingerprint = counts_fingerprint(counts, grid, float(epsilon))
-        earlier = self.releases()
-        for rel in earlier:
-            if rel.get("kind") == HISTOGRAM_RELEASE and rel.get("fingerprint") == fingerprint:
-                return list(rel["noisy_counts"]), False
-        noisy = (np.asarray(counts, dtype=np.int64) + discrete_laplace(len(counts), epsilon, rng)).tolist()
-        total = sum(float(r["epsilon"]) for r in earlier if r.get("kind") == HISTOGRAM_RELEASE) + float(epsilon)
-        self._write(self.entries(), earlier + [{
-            "experiment": experiment, "kind": HISTOGRAM_RELEASE, "site": self.site_id,
-            "mechanism": "two-sided geometric (discrete Laplace), L1 sensitivity 1",
-            "epsilon": float(epsilon), "delta": 0.0, "cells": len(counts), "grid": grid,
-            "histogram_epsilon_total": total, "fingerprint": fingerprint, "noisy_counts": noisy,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }])
-        return noisy, True
+
+        def make() -> dict:
+            noisy = (np.asarray(counts, dtype=np.int64) + discrete_laplace(len(counts), epsilon, rng)).tolist()
+            total = sum(float(r["epsilon"]) for r in self.releases() if r.get("kind") == HISTOGRAM_RELEASE)
+            return {
+                "experiment": experiment, "kind": HISTOGRAM_RELEASE, "site": self.site_id,
+                "mechanism": "two-sided geometric (discrete Laplace), L1 sensitivity 1",
+                "epsilon": float(epsilon), "delta": 0.0, "cells": len(counts), "grid": grid,
+                "histogram_epsilon_total": total + float(epsilon), "fingerprint": fingerprint, "noisy_counts": noisy,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+
+        record, new = self.release_once(HISTOGRAM_RELEASE, fingerprint, make)
+        return list(record["noisy_counts"]), new
 
     def in_scope(self, experiment: str, scope: str) -> list[dict]:
         """Entries that count toward the budget: all of them (scope ``site``) or one experiment's."""

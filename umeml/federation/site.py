@@ -145,7 +145,7 @@ class SiteRuntime:
         if self.n < self.k_min or self.stats_private(cfg):  # modality counts become presence flags
             reply["with_pathology"] = min(reply["with_pathology"], 1)
             reply["with_genomics"] = min(reply["with_genomics"], 1)
-        if self.n >= self.k_min and not self.stats_private(cfg):
+        else:  # exact class counts only over >= k patients and outside statistics privacy
             reply["subtype_counts"] = label_counts([c.subtype_index(i) for i in idx], len(c.subtypes))
             reply["grade_counts"] = label_counts([c.grade_index(i) for i in idx], len(c.grades))
         return reply
