@@ -172,6 +172,12 @@ def emit(result: dict) -> int:
 
 # ---------------------------------------------------------------- docs/benchmarks.md
 
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages, as /proc/loadavg writes them ("n/a" where it is absent)."""
+    path = Path("/proc/loadavg")
+    return " ".join(path.read_text().split()[:3]) if path.exists() else "n/a"
+
+
 def stamp(date: str | None = None, machine: str | None = None, cores: int | None = None) -> str:
     """``2026-11-27, x86_64, 2 cores, CPU``: what a section heading says about the run."""
     return (f"{date or datetime.date.today().isoformat()}, {machine or platform.machine()}, "

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from bench._harness import REPO, TCGA, TreeMemory, command, descendants, write_section
+from bench._harness import REPO, TCGA, TreeMemory, command, descendants, loadavg, write_section
 
 MODULE = "bench.bench_federation"
 SIM_ROW = "| simulation,"  # the 35-site simulation's row starts so
@@ -73,11 +73,6 @@ what the SuperNode pulls and pushes) for the paper-size model in float32, packed
 relative to 4 bytes per parameter; a training site receives one train message and sends one
 reply per round, a held-out site receives one evaluate message.
 """
-
-
-def loadavg() -> str:
-    """The 1, 5 and 15 minute load averages."""
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def _prepare(work: Path, rounds: int) -> list[str]:

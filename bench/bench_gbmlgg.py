@@ -660,6 +660,7 @@ class PooledValidation:
                                                         cfg.split.val_fraction, cfg.seed)[1] for s in fold.institutions])
         self.scores: dict[int, float] = {}
         self._prep = None
+        self._ds = None
 
     def __call__(self, rnd: int, weights: dict) -> None:
         """Score round ``rnd``'s global weights (``on_round`` of the in-process federation)."""
@@ -671,12 +672,12 @@ class PooledValidation:
         from umeml.train.experiment import Preprocessing, build_model, loss_settings, make_dataset
         from umeml.train.loop import predict
 
-        if self._prep is None:
+        if self._prep is None:  # the run's preprocessing and validation set do not change between rounds
             self._prep = Preprocessing.from_json(RunDir(self.run_dir).preprocessing.read_text())
+            self._ds = make_dataset(self.cfg, self.fold.cohort, self.idx, self._prep, train=False)
         model = build_model(self.cfg, self._prep)
         model.load_state_dict(weights)
-        ds = make_dataset(self.cfg, self.fold.cohort, self.idx, self._prep, train=False)
-        preds = predict(model, make_loader(ds, self.cfg.train.batch_size, False, 0),
+        preds = predict(model, make_loader(self._ds, self.cfg.train.batch_size, False, 0),
                         loss_settings(self.cfg, self._prep), torch.device("cpu"))
         self.scores[rnd] = selection_score(evaluate_predictions(preds, self.cfg.tasks, n_boot=0, seed=self.cfg.seed),
                                            preds.loss)

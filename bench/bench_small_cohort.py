@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench._harness import TCGA, write_section
+from bench._harness import TCGA, loadavg, write_section
 
 TITLE = "## Small tabular cohorts: umeml vs a penalised Cox model (survival)"
 MODELS = ("linear", "umeml (genomics)", "cox")
@@ -147,10 +147,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if any(s > 200 or s < 20 for s in args.sizes):
         ap.error("--sizes: small cohorts are 20 to 200 patients")
-    load0 = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    load0 = loadavg()
     t0 = time.perf_counter()
     results = run(args.sizes, args.seeds, log=lambda s: print(s, flush=True))
-    load = f"load average before / after {load0} / {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
+    load = f"load average before / after {load0} / {loadavg()}"
     text = table(results)
     print(text + f"\n\n{(time.perf_counter() - t0) / 60:.1f} min; {load}")
     if args.write:

@@ -3,7 +3,7 @@ coordinator makes of them. No training; a few seconds of CPU.
 
 1. Budget: at the DP demo's schedule (configs/demo_dp.yaml: epsilon 8, delta 1e-5, 10 rounds x 2
    steps at q = 0.5) the DP-SGD noise multiplier calibrated alone and with the default releases
-   (survival histogram 1.0, class counts 0.5, genomic moments 0.5), and the composed total.
+   (survival histogram 1.0, class counts 1.5, genomic moments 0.5), and the composed total.
 2. Merge: the genomic standardisation and the class weights from DP releases against the exact
    ones, over noise seeds, on the synthetic demo world (training sites A0-A2, 60 patients each,
    small bags: the genomics and labels are the demo's) and on TCGA GBM-LGG genomics (the 8
@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from bench._harness import REPO, TCGA, command, write_section
+from bench._harness import REPO, TCGA, command, loadavg, write_section
 
 SECTION = "## Privacy: the preprocessing releases (issue 17 item 5)"
 
@@ -107,18 +106,20 @@ def merge_quality(label: str, cohort, names, cfg, seeds: int) -> str:
 def large_federation_row(seeds: int, sites: int = 10, patients: int = 1000, genes: int = 85) -> str:
     """The genomic merge where the noise does not swamp the moments: simulated values only (no
     cohort), genes with means N(0, 0.5^2) and standard deviations uniform on [0.5, 1.5]."""
+    from umeml.config import StatsPrivacyConfig
     from umeml.federation.stats_release import genomic_release, merge_genomic_moments
 
+    sp = StatsPrivacyConfig()  # the defaults a federation releases with
     rng = np.random.default_rng(0)
     mu, sd = rng.normal(0, 0.5, genes), rng.uniform(0.5, 1.5, genes)
     rows = [mu + sd * rng.normal(size=(patients, genes)) for _ in range(sites)]
-    clipped = np.clip(np.concatenate(rows), -3, 3)
+    clipped = np.clip(np.concatenate(rows), -sp.genomic_clip, sp.genomic_clip)
     m_ex, s_ex = clipped.mean(axis=0), clipped.std(axis=0)
     mean_err, std_err = [], []
     for seed in range(seeds):
         replies = []
         for i, r in enumerate(rows):
-            rec = genomic_release(r, 3.0, 0.5, 1e-5, seed=1000 * seed + i)
+            rec = genomic_release(r, sp.genomic_clip, sp.genomic_epsilon, 1e-5, seed=1000 * seed + i)
             replies.append({"n": patients, "genomic_count": rec["noisy"]["count"], "genomic_sum": rec["noisy"]["sum"],
                             "genomic_sumsq": rec["noisy"]["sumsq"],
                             "releases": [{k: v for k, v in rec.items() if k != "noisy"}]})
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
         cohort, cfg = gbmlgg_cohort()
         rows.append(merge_quality("TCGA GBM-LGG genomics", cohort, list(cfg.federation.train_sites), cfg, args.seeds))
     rows.append(large_federation_row(args.seeds))
-    load = " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "n/a"
+    load = loadavg()
     body = "\n".join([
         f"`{command('bench.bench_stats_release', argv if argv is not None else sys.argv[1:])}`; load average {load}.",
         "",

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench._harness import PRIMARY, REPO, pick, stamp, write_section
+from bench._harness import PRIMARY, REPO, loadavg, pick, stamp, write_section
 
 TITLE = "## Template configs/demo.yaml: federated settings over seeds (issue 13)"
 NEW = "new: sgd 0.02, fedavgm 0.5, cosine, best_validation"
@@ -130,7 +130,7 @@ def run(seeds: list[int], names: list[str], cache: Path | None, log=print) -> li
                     generate(SynthSpec(sites=4, patients=60, seed=seed), data, overwrite=True)
                     cohort = load_data_dir(data, base.data)
                 row = run_one(base, name, seed, data, cohort, Path(tmp))
-                row["load"] = Path("/proc/loadavg").read_text().split()[0]
+                row["load"] = loadavg().split()[0]
                 rows.append(row)
                 if cache is not None:
                     with cache.open("a") as f:
@@ -217,15 +217,15 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    load0 = Path("/proc/loadavg").read_text().split()[:3]
+    load0 = loadavg()
     t0 = time.perf_counter()
     rows = run(args.seeds, args.settings, args.cache, log=lambda s: print(s, flush=True))
     wall = time.perf_counter() - t0
-    load1 = Path("/proc/loadavg").read_text().split()[:3]
+    load1 = loadavg()
     text = tables(rows, args.settings)
     print(text)
     loads = sorted(float(r["load"]) for r in rows if r.get("load"))
-    print(f"\nwall {wall / 60:.1f} min; load average before / after {' '.join(load0)} / {' '.join(load1)}")
+    print(f"\nwall {wall / 60:.1f} min; load average before / after {load0} / {load1}")
     if args.write:
         cmd = (f"python -m bench.bench_template --seeds {' '.join(map(str, args.seeds))} --settings "
                + " ".join(repr(s) for s in args.settings))
