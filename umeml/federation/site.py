@@ -233,6 +233,15 @@ class SiteRuntime:
             )
         return build_model(cfg, prep)
 
+    def _trainable_model(self, cfg: ExperimentConfig, prep: Preprocessing, state: dict):
+        """The model with ``state`` loaded, only ``train.trainable`` left trainable (Opacus and
+        the noise see only those under DP), on the site's device; returns (model, device)."""
+        device = resolve_device(self.device)
+        model = self.build_model(cfg, prep)
+        model.load_state_dict(state)
+        apply_trainable(model, cfg.train.trainable)
+        return model.to(device), device
+
     def train(self, cfg: ExperimentConfig, prep: Preprocessing, state: dict, server_round: int,
               proximal_mu: float = 0.0, lr_scale: float = 1.0) -> tuple[dict | None, dict]:
         """Local epochs from the global weights; returns new weights and aggregate metrics.
@@ -263,11 +272,7 @@ class SiteRuntime:
         if cfg.federation.dp_recipe.enabled and cfg.federation.dp_recipe.apply_without_dp:
             return self._train_recipe_without_dp(cfg, prep, state, server_round, proximal_mu)
         t0 = time.perf_counter()
-        device = resolve_device(self.device)
-        model = self.build_model(cfg, prep)
-        model.load_state_dict(state)
-        apply_trainable(model, cfg.train.trainable)
-        model.to(device)
+        model, device = self._trainable_model(cfg, prep, state)
         train_idx, _ = self._split(cfg)
         ds = make_dataset(cfg, self.cohort, train_idx, prep, train=True)
         loader = make_loader(ds, cfg.train.batch_size, True, cfg.seed + server_round, cfg.train.num_workers)
@@ -354,11 +359,7 @@ class SiteRuntime:
                       "(it still evaluates)")
             log.warning("site %s, round %d: %s", self.site_id, server_round, reason)
             return None, {"skipped": reason, "privacy": entry}
-        device = resolve_device(self.device)
-        model = self.build_model(cfg, prep)
-        model.load_state_dict(state)
-        apply_trainable(model, cfg.train.trainable)  # Opacus and the noise see only these
-        model.to(device)
+        model, device = self._trainable_model(cfg, prep, state)
         ds = make_dataset(cfg, self.cohort, train_idx, prep, train=True)
         optimizer = make_optimizer(model, dp_train_settings(cfg))
         stats = train_dp_steps(
@@ -384,11 +385,7 @@ class SiteRuntime:
         t0 = time.perf_counter()
         train_idx, _ = self._split(cfg)
         q, spe, planned = dp_schedule(cfg, len(train_idx), self.max_local_epochs)
-        device = resolve_device(self.device)
-        model = self.build_model(cfg, prep)
-        model.load_state_dict(state)
-        apply_trainable(model, cfg.train.trainable)
-        model.to(device)
+        model, device = self._trainable_model(cfg, prep, state)
         ds = make_dataset(cfg, self.cohort, train_idx, prep, train=True)
         stats = train_poisson_steps(
             model, ds, make_optimizer(model, dp_train_settings(cfg)), loss_settings(cfg, prep).to(device), device,
