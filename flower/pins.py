@@ -114,9 +114,14 @@ def pull_problems() -> list[str]:
     return problems
 
 
+def problems(*checks) -> list[str]:
+    """The pinned-version problem (if any) followed by what each of ``checks`` (the functions
+    above) finds (empty: the installed Flower matches)."""
+    version = _version_problem()
+    return ([version] if version else []) + [p for check in checks for p in check()]
+
+
 def contract_problems() -> list[str]:
     """Every detail of Flower that the warm runtime and the tuned SuperNode rely on and that
     the installed Flower does not match (empty: all as pinned)."""
-    version = _version_problem()
-    return ([version] if version else []) + launch_problems() + runtime_problems() + polling_problems() + \
-        retry_problems()
+    return problems(launch_problems, runtime_problems, polling_problems, retry_problems)

@@ -50,16 +50,18 @@ def fast_object_pulls(message_max_time: float | None = None) -> list[str]:
     resident runtime, which serves one message at a time: a message whose objects never reach
     the SuperNode, its SuperLink having died mid-pull, blocked every later message; Flower's own
     process per message waits up to 2 h, blocking nothing else)."""
-    from umeml.flower.pins import _version_problem, pull_problems
+    from umeml.flower.pins import problems as pin_problems
+    from umeml.flower.pins import pull_problems
 
     if os.environ.get(ENV) == "flower":
         return [f"{ENV}=flower asks for Flower's own backoff"]
-    problems = [p for p in [_version_problem()] if p] + pull_problems()
+    problems = pin_problems(pull_problems)
     if problems:
         return problems
-    for fn in pulling_functions():
+    pull, pull_tree = pulling_functions()
+    for fn in (pull, pull_tree):
         fn.__kwdefaults__.update(initial_backoff=INITIAL_BACKOFF_S, backoff_cap=BACKOFF_CAP_S,
                                  max_tries_per_object=TRIES)
     if message_max_time is not None:
-        pulling_functions()[1].__kwdefaults__["max_time"] = message_max_time
+        pull_tree.__kwdefaults__["max_time"] = message_max_time
     return []

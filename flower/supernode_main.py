@@ -91,9 +91,10 @@ class TunedTime:
 
 def tune_polling(idle: float, reply: float, busy: float | None = None) -> list[str]:
     """Install the intervals into Flower's SuperNode module; returns why it was not done (empty: done)."""
-    from umeml.flower.pins import _version_problem, polling_problems
+    from umeml.flower.pins import polling_problems
+    from umeml.flower.pins import problems as pin_problems
 
-    problems = [p for p in [_version_problem()] if p] + polling_problems()
+    problems = pin_problems(polling_problems)
     if not problems:
         from flwr.supernode import start_client_internal
 
@@ -126,9 +127,10 @@ def tolerate_transient_500() -> list[str]:
     request can be sent again. Flower 1.42 retries 502/503/504 but exits on 500, taking the
     site out of the federation for the rest of the run.
     """
-    from umeml.flower.pins import _version_problem, retry_problems
+    from umeml.flower.pins import problems as pin_problems
+    from umeml.flower.pins import retry_problems
 
-    problems = [p for p in [_version_problem()] if p] + retry_problems()
+    problems = pin_problems(retry_problems)
     if not problems:
         from flwr.supercore.heartbeat import HeartbeatSender
         from flwr.supernode import fleet_http_connection
