@@ -19,6 +19,7 @@ from umeml import __version__
 from umeml.config import ExperimentConfig, config_to_dict, dump_config
 from umeml.data.labels import subtype_codes
 from umeml.errors import FederationError
+from umeml.federation.checkpoint_prep import checkpoint_preprocessing
 from umeml.federation.partial import sent_keys
 from umeml.federation.personalise import summarise_personalisation
 from umeml.federation.privacy import central_entry, run_ledger
@@ -647,6 +648,8 @@ class Coordinator:
         """Query the training sites' aggregates and combine them; returns the preprocessing and
         the record of the survival histograms' release (for privacy.json)."""
         cfg = self.cfg
+        if cfg.federation.preprocessing_from_checkpoint:  # the public model's own, no site releases anything
+            return self._checkpoint_preprocess(schema), []
         eps = cfg.federation.survival_hist_epsilon
         if eps is None:
             msg = ("federation.survival_hist_epsilon is null: every training site sends its EXACT survival histogram, "
@@ -670,6 +673,16 @@ class Coordinator:
                    "survival_edges": prep.survival_edges, "notes": notes}
         # each site's DP releases of class counts and genomic moments, as it described them
         return prep, [release] + [{**r, "site": s} for s, rep in sorted(by_site.items()) for r in rep.get("releases", [])]
+
+    def _checkpoint_preprocess(self, schema) -> Preprocessing:
+        """The public checkpoint's preprocessing (``federation.preprocessing_source``), reported."""
+        notes: list[str] = []
+        cfg = self.cfg
+        prep = checkpoint_preprocessing(cfg.federation.init_checkpoint, schema, task_heads(cfg, len(schema["subtypes"])),
+                                        cfg.survival.n_bins, notes)
+        for note in notes:
+            self._report(note)
+        return prep
 
     def _central_budget_stop(self, rnd: int, history: list[dict], n_sites: int, sample_rate: float) -> dict | None:
         """Why training must stop before round ``rnd`` (None: go on): the central release of this
