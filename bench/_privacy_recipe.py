@@ -45,6 +45,7 @@ VARIANTS = ("umeml all", "umeml public + heads", "umeml public + decoder", "line
 MAX_PATCHES = 64  # synthetic bags cut to 64 patches (the demo uses 256): a shared 2-core machine
 PUBLIC_STAIN = 1.2  # the public synthetic sites' stain shift (private and held out: the demo's 0.4)
 REFERENCE, PUBLIC_ALONE = "reference (non-DP federated)", "public alone"
+FEDERATION_KEYS = frozenset({"server_momentum", "preprocessing_source", "strategy"})
 
 
 @dataclasses.dataclass
@@ -162,7 +163,8 @@ def public_checkpoint(world: World, seed: int, work: Path) -> tuple[Path, dict]:
 def variant_config(world: World, variant: str, eps: float, seed: int, public: Path, overrides: dict | None = None):
     """The experiment of one row: the world's recipe, the variant's model / initialisation /
     trainable part, DP at ``eps`` or (inf) the identical run without DP; ``overrides``: recipe
-    settings under tuning (``rounds``, ``trainable`` and any ``dp_recipe`` key)."""
+    settings under tuning (``rounds``, ``trainable``, ``survival_alpha``, the federation keys of
+    :data:`FEDERATION_KEYS` and any ``dp_recipe`` key)."""
     from umeml.server.cli import with_local_dp
 
     base = world.recipe
@@ -179,12 +181,18 @@ def variant_config(world: World, variant: str, eps: float, seed: int, public: Pa
     over.pop("trainable", None)
     if "rounds" in over:
         fed = dataclasses.replace(fed, rounds=over["rounds"], evaluate_every=over.pop("rounds"))
+    for key in FEDERATION_KEYS & set(over):  # federation settings under tuning (not the recipe's own)
+        fed = dataclasses.replace(fed, **{key: over.pop(key)})
+    if "survival_alpha" in over:
+        base = dataclasses.replace(base, survival=dataclasses.replace(base.survival, alpha=over.pop("survival_alpha")))
     fed = dataclasses.replace(fed, dp_recipe=dataclasses.replace(fed.dp_recipe, **over))
     if math.isinf(eps):  # the same run without DP: the recipe's optimizer, batches and steps, no clip, no noise
         fed = dataclasses.replace(fed, local_dp=dataclasses.replace(fed.local_dp, enabled=False),
                                   dp_recipe=dataclasses.replace(fed.dp_recipe, apply_without_dp=True))
-    cfg = dataclasses.replace(base, seed=seed, model=model, train=train, federation=fed,
-                              name=f"{world.name}-{variant.replace(' ', '-').replace('+', '')}-{eps:g}-{seed}")
+    tag = "".join(c for c in json.dumps(overrides, sort_keys=True) if c.isalnum()) if overrides else ""
+    cfg = dataclasses.replace(base, seed=seed, model=model, train=train, federation=fed,  # one run dir per overrides
+                              name=f"{world.name}-{variant.replace(' ', '-').replace('+', '')}-{eps:g}-{seed}"
+                              + (f"-{tag}" if tag else ""))
     return cfg if math.isinf(eps) else with_local_dp(cfg, eps)
 
 

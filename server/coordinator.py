@@ -19,7 +19,7 @@ from umeml import __version__
 from umeml.config import ExperimentConfig, config_to_dict, dump_config
 from umeml.data.labels import subtype_codes
 from umeml.errors import FederationError
-from umeml.federation.checkpoint_prep import checkpoint_preprocessing
+from umeml.federation.checkpoint_prep import checkpoint_preprocessing, site_class_weights
 from umeml.federation.partial import sent_keys
 from umeml.federation.personalise import summarise_personalisation
 from umeml.federation.privacy import central_entry, run_ledger
@@ -648,10 +648,8 @@ class Coordinator:
         """Query the training sites' aggregates and combine them; returns the preprocessing and
         the record of the survival histograms' release (for privacy.json)."""
         cfg = self.cfg
-        if cfg.federation.preprocessing_from_checkpoint:  # the public model's own, no site releases anything
-            return self._checkpoint_preprocess(schema), []
         eps = cfg.federation.survival_hist_epsilon
-        if eps is None:
+        if eps is None and not cfg.federation.preprocessing_from_checkpoint:
             msg = ("federation.survival_hist_epsilon is null: every training site sends its EXACT survival histogram, "
                    f"which places each uncensored patient's survival time within one cell ({SURVIVAL_GRID_TEXT})")
             log.warning(msg)
@@ -661,6 +659,12 @@ class Coordinator:
                          self._label)
         by_site = {self._site(n): r for n, r in replies.items()}
         notes: list[str] = []
+        if cfg.federation.preprocessing_from_checkpoint:  # bins and scale: the public model's; weights: the sites'
+            prep = checkpoint_preprocessing(cfg.federation.init_checkpoint, schema, heads, cfg.survival.n_bins,
+                                            site_class_weights(by_site, heads, notes), notes)
+            for note in notes:
+                self._report(f"preprocessing: {note}")
+            return prep, [{**r, "site": s} for s, rep in sorted(by_site.items()) for r in rep.get("releases", [])]
         prep = combine_preprocessing(by_site, schema, heads, cfg.survival.n_bins, notes)
         if cfg.federation.genomics_from_checkpoint:  # the public scale, no genomic release
             prep = checkpoint_standardisation(prep, cfg.federation.init_checkpoint, notes)
@@ -673,16 +677,6 @@ class Coordinator:
                    "survival_edges": prep.survival_edges, "notes": notes}
         # each site's DP releases of class counts and genomic moments, as it described them
         return prep, [release] + [{**r, "site": s} for s, rep in sorted(by_site.items()) for r in rep.get("releases", [])]
-
-    def _checkpoint_preprocess(self, schema) -> Preprocessing:
-        """The public checkpoint's preprocessing (``federation.preprocessing_source``), reported."""
-        notes: list[str] = []
-        cfg = self.cfg
-        prep = checkpoint_preprocessing(cfg.federation.init_checkpoint, schema, task_heads(cfg, len(schema["subtypes"])),
-                                        cfg.survival.n_bins, notes)
-        for note in notes:
-            self._report(note)
-        return prep
 
     def _central_budget_stop(self, rnd: int, history: list[dict], n_sites: int, sample_rate: float) -> dict | None:
         """Why training must stop before round ``rnd`` (None: go on): the central release of this

@@ -1,6 +1,6 @@
 """Issue 17: a federation fine-tuning a public checkpoint uses the preprocessing the checkpoint
-was trained with (survival bins, class weights, genomic standardisation), and its sites release
-no statistics for it."""
+was trained with (survival bins, genomic standardisation), and its sites release no survival
+histogram or genomic moments; the class weights stay the private sites'."""
 
 import dataclasses
 import json
@@ -43,16 +43,16 @@ def test_a_checkpoint_without_the_preprocessing_is_refused_naming_every_key(tiny
     cohort = load_data_dir(str(tiny_cohort_dir), cfg.data)
     schema, heads = _schema(cohort), {"grade": len(cohort.grades), "subtype": len(cohort.subtypes), "survival": 4}
     model = build_model(cfg.model, schema["feature_dim"], tuple(schema["group_sizes"]), heads)
-    bare = save_checkpoint(tmp_path / "bare.pt", model, {"survival_edges": [1.0, 2.0]})
+    bare = save_checkpoint(tmp_path / "bare.pt", model, {"survival_edges": [1.0, 2.0], "grades": ["x"]})
     with pytest.raises(ConfigError) as err:
-        checkpoint_preprocessing(str(bare), schema, heads, 4, [])
+        checkpoint_preprocessing(str(bare), schema, heads, 4, {}, [])
     text = str(err.value)
     assert text.startswith(f"{bare}: federation.preprocessing_source")
     assert all(k in text for k in ("survival_edges: survival.n_bins is 4, the checkpoint was trained with 3 bins",
-                                   "class_weights.grade", "class_weights.subtype", "genomic_mean / genomic_std",
+                                   "grades: the checkpoint's classes ['x'] differ", "genomic_mean / genomic_std",
                                    "preprocessing_source: sites"))
     with pytest.raises(ConfigError, match="needs federation.init_checkpoint"):
-        checkpoint_preprocessing(None, schema, heads, 4, [])
+        checkpoint_preprocessing(None, schema, heads, 4, {}, [])
 
 
 def test_a_dp_federation_from_a_checkpoint_uses_its_preprocessing_and_releases_nothing(tiny_cohort_dir, tmp_path,
@@ -67,18 +67,19 @@ def test_a_dp_federation_from_a_checkpoint_uses_its_preprocessing_and_releases_n
                   progress=False)
     path = tmp_path / "public" / "checkpoints" / "best.pt"
     _, meta = load(path)
-    asked = []
-    monkeypatch.setattr(SiteRuntime, "preprocess", lambda self, c: asked.append(self.site_id))
+    released = []
+    histogram = SiteRuntime._released_histogram
+    monkeypatch.setattr(SiteRuntime, "_released_histogram", lambda *a: released.append(a) or histogram(*a))
     cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, init_checkpoint=str(path)))
     app = build_client_app(SimulatedSites(("A0", "A1", "A2"), CohortSource(data_dir=str(tiny_cohort_dir)), "cpu",
                                           state_root=str(tmp_path / "sites")))
     final = Coordinator(cfg, tmp_path / "run", expected_sites=3, held_out=("A2",), wait_timeout=5,
                         printer=lambda s: None).run(LocalGrid(app, 3))
     prep = json.loads((tmp_path / "run" / "preprocessing.json").read_text())
-    assert asked == []  # no site was asked for statistics
-    assert prep["survival_edges"] == meta["survival_edges"] and prep["class_weights"] == meta["class_weights"]
+    assert released == []  # no site released a survival histogram
+    assert prep["survival_edges"] == meta["survival_edges"]
     assert prep["genomic_mean"] == meta["genomic_mean"] and prep["genomic_std"] == meta["genomic_std"]
     totals = final["privacy"]["total"]
     assert set(totals) == {"A0", "A1"}
-    for t in totals.values():  # DP-SGD alone, with the whole budget
-        assert [r["kind"] for r in t["releases"]] == ["dp_sgd"] and t["epsilon"] <= 8.0 + 1e-6
+    for t in totals.values():  # DP-SGD and the class counts only
+        assert sorted(r["kind"] for r in t["releases"]) == ["class_counts", "dp_sgd"] and t["epsilon"] <= 8.0 + 1e-6

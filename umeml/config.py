@@ -293,11 +293,11 @@ class FederationConfig:
     survival_hist_epsilon: float | None = field(default=1.0, metadata=_range(0.0, lo_open=True))
     # DP releases of the class counts and genomic moments (on with local DP unless set)
     stats_privacy: StatsPrivacyConfig = field(default_factory=StatsPrivacyConfig)
-    # where the survival bin edges, class weights and genomic standardisation come from:
-    # "checkpoint": those the public checkpoint (init_checkpoint) was trained with (its meta), so a
-    # fine-tuned model sees the inputs and targets it learnt on, and no site releases any statistic
-    # (no survival histogram, class counts or moments: the whole epsilon goes to DP-SGD);
-    # "sites": combined from the training sites' releases; "auto": checkpoint when init_checkpoint is set
+    # where the survival bin edges and the genomic standardisation come from: "checkpoint": those
+    # the public checkpoint (init_checkpoint) was trained with (its meta), so a fine-tuned model
+    # sees the inputs and targets it learnt on, and no site releases a survival histogram or
+    # genomic moments (more of the epsilon left to DP-SGD); class weights stay the sites' (their
+    # label mix); "sites": all from the training sites' releases; "auto": checkpoint when init_checkpoint is set
     preprocessing_source: Literal["auto", "sites", "checkpoint"] = "auto"
 
     @property

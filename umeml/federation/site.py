@@ -161,8 +161,9 @@ class SiteRuntime:
         times, events = c.times_events(train)
         grid = survival_grid()
         hist, _ = np.histogram(np.clip(times[events == 1], 0, grid[-1] - 1e-9), bins=grid)
-        reply = {"site": self.site_id, "n": int(len(train)),
-                 "survival_hist": self._released_histogram(cfg, hist.astype(np.int64))}
+        reply = {"site": self.site_id, "n": int(len(train))}
+        if not cfg.federation.preprocessing_from_checkpoint:  # else the checkpoint's bins: no histogram leaves
+            reply["survival_hist"] = self._released_histogram(cfg, hist.astype(np.int64))
         if private:
             return {**reply, **self._private_statistics(cfg, train)}
         reply.update(grade_counts=label_counts([c.grade_index(i) for i in train], len(c.grades)),
@@ -177,7 +178,8 @@ class SiteRuntime:
     def _check_stats_cap(self, cfg: ExperimentConfig, private: bool) -> None:
         """Refuse, before anything is released, what the site's ``stats_privacy.max_epsilon`` forbids."""
         sp = cfg.federation.stats_privacy
-        requests = {"the survival histogram (federation.survival_hist_epsilon)": cfg.federation.survival_hist_epsilon}
+        requests = ({} if cfg.federation.preprocessing_from_checkpoint else
+                    {"the survival histogram (federation.survival_hist_epsilon)": cfg.federation.survival_hist_epsilon})
         if private:
             requests["the class counts (federation.stats_privacy.class_counts_epsilon)"] = sp.class_counts_epsilon
             if self.cohort.gene_groups.dim and not cfg.federation.genomics_from_checkpoint:

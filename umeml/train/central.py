@@ -37,11 +37,9 @@ log = logging.getLogger(__name__)
 
 
 def _checkpoint_meta(cfg: ExperimentConfig, cohort: Cohort, prep: Preprocessing, split: Split) -> dict:
-    """What every checkpoint of the run carries beside the weights (bins, classes, class weights, scaler)."""
+    """What every checkpoint of the run carries beside the weights (bins, classes, scaler)."""
     meta = {"experiment": cfg.name, "umeml_version": __version__, "survival_edges": prep.edges.tolist(),
-            "subtypes": list(cohort.subtypes), "grades": list(cohort.grades), "test_sites": list(split.test_sites),
-            # a federation fine-tuning from this checkpoint weighs its losses the same way
-            "class_weights": {t: list(w) for t, w in prep.class_weights.items()}}
+            "subtypes": list(cohort.subtypes), "grades": list(cohort.grades), "test_sites": list(split.test_sites)}
     if prep.scaler is not None:
         meta["genomic_mean"] = prep.scaler.mean.tolist()
         meta["genomic_std"] = prep.scaler.std.tolist()
