@@ -83,3 +83,19 @@ def test_a_dp_federation_from_a_checkpoint_uses_its_preprocessing_and_releases_n
     assert set(totals) == {"A0", "A1"}
     for t in totals.values():  # DP-SGD and the class counts only
         assert sorted(r["kind"] for r in t["releases"]) == ["class_counts", "dp_sgd"] and t["epsilon"] <= 8.0 + 1e-6
+
+
+def test_a_site_refuses_releases_that_take_its_whole_budget(tiny_cohort_dir, tmp_path):
+    # at target 1 the default class counts (epsilon 1.5) were released anyway: total 1.50 > 1, no DP-SGD step left
+    from umeml.federation.stats_release import StatsPrivacyRefusal
+
+    cfg = tiny_experiment(local_dp={"enabled": True, "target_epsilon": 1.0}, init_checkpoint="pub.pt")
+    cohort = load_data_dir(str(tiny_cohort_dir), cfg.data)
+    site = SiteRuntime("A0", cohort, cohort.site_indices("A0"), k_min=5, dp=cfg.federation.local_dp,
+                       state_dir=str(tmp_path / "A0"), dp_seed=1)
+    with pytest.raises(StatsPrivacyRefusal, match=r"site A0: dp.target_epsilon is 1 .*class counts .*at epsilon 1.5"):
+        site.preprocess(cfg)
+    assert not (tmp_path / "A0" / "privacy.json").exists()  # refused before anything was released
+    low = dataclasses.replace(cfg, federation=dataclasses.replace(
+        cfg.federation, stats_privacy=dataclasses.replace(cfg.federation.stats_privacy, class_counts_epsilon=0.25)))
+    assert [r["kind"] for r in site.preprocess(low)["releases"]] == ["class_counts"]

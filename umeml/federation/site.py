@@ -31,7 +31,7 @@ from umeml.federation.privacy import (
 )
 from umeml.federation.protocol import SURVIVAL_GRID_TEXT, survival_grid
 from umeml.federation.schedule import OptimizerStore
-from umeml.federation.stats_release import check_cap, private_statistics
+from umeml.federation.stats_release import check_budget_room, check_cap, private_statistics
 from umeml.model.parts import apply_trainable
 from umeml.train.dp import resolve_dp, train_dp_steps, train_poisson_steps
 from umeml.train.evaluate import evaluate_predictions
@@ -187,6 +187,9 @@ class SiteRuntime:
         else:
             requests["the class counts and genomic moments (federation.stats_privacy is off)"] = None
         check_cap(requests, self.stats_cap, self.site_file, self.site_id)
+        settings, _ = resolve_dp(self.dp, cfg.federation.local_dp)
+        if settings is not None and private:  # the releases share the site's total with DP-SGD
+            check_budget_room(requests, settings.target_epsilon, self.site_id)
 
     def _private_statistics(self, cfg: ExperimentConfig, train: np.ndarray) -> dict:
         """Class counts and genomic moments as DP releases, recorded in the site's ledger when it has one."""
