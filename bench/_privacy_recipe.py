@@ -194,10 +194,11 @@ def variant_config(world: World, variant: str, eps: float, seed: int, public: Pa
         fed = dataclasses.replace(fed, **{key: over.pop(key)})
     if "survival_alpha" in over:
         base = dataclasses.replace(base, survival=dataclasses.replace(base.survival, alpha=over.pop("survival_alpha")))
-    if not math.isinf(eps) and fed.survival_hist_epsilon + fed.stats_privacy.class_counts_epsilon >= eps:
-        # the default releases would take the whole budget (a site refuses them): a quarter of it each
-        fed = dataclasses.replace(fed, survival_hist_epsilon=eps / 4, stats_privacy=dataclasses.replace(
-            fed.stats_privacy, class_counts_epsilon=eps / 4))
+    sp = fed.stats_privacy
+    if not math.isinf(eps) and fed.survival_hist_epsilon + sp.class_counts_epsilon + sp.genomic_epsilon >= eps:
+        # the default releases would take the whole budget (a site refuses them): a fifth of it each
+        fed = dataclasses.replace(fed, survival_hist_epsilon=eps / 5, stats_privacy=dataclasses.replace(
+            sp, class_counts_epsilon=eps / 5, genomic_epsilon=eps / 5))
     if "max_grad_norm" in over:  # the per-patient clipping norm of local DP-SGD
         fed = dataclasses.replace(fed, local_dp=dataclasses.replace(fed.local_dp, max_grad_norm=over.pop("max_grad_norm")))
     fed = dataclasses.replace(fed, dp_recipe=dataclasses.replace(fed.dp_recipe, **over))

@@ -51,8 +51,10 @@ def test_rows_train_their_stated_part(world):
 
 
 def test_at_a_small_epsilon_the_releases_leave_room_for_dp_sgd(world):
-    # the default releases (histogram 1 + class counts 1.5) took a site's whole budget at epsilon 1
-    small = recipe.variant_config(world, "umeml public + decoder", 1.0, 0, "p.pt").federation
-    assert small.survival_hist_epsilon == small.stats_privacy.class_counts_epsilon == 0.25
-    big = recipe.variant_config(world, "umeml public + decoder", 4.0, 0, "p.pt").federation
-    assert (big.survival_hist_epsilon, big.stats_privacy.class_counts_epsilon) == (1.0, 1.5)
+    # the default releases (histogram 1 + class counts 1.5 + genomic moments 0.5) took a site's whole budget at 1
+    small = recipe.variant_config(world, "linear", 1.0, 0, "p.pt").federation
+    sp = small.stats_privacy
+    assert small.survival_hist_epsilon == sp.class_counts_epsilon == sp.genomic_epsilon == 0.2
+    big = recipe.variant_config(world, "linear", 4.0, 0, "p.pt").federation
+    assert (big.survival_hist_epsilon, big.stats_privacy.class_counts_epsilon, big.stats_privacy.genomic_epsilon) \
+        == (1.0, 1.5, 0.5)
