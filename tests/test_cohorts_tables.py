@@ -212,3 +212,19 @@ def test_only_the_tasks_of_a_run_get_columns():
     assert metrics_of_tasks([grade]) == (("grade", "auc_macro"), ("grade", "balanced_accuracy"))
     assert metrics_of_tasks([survival, None]) == (("survival", "c_index"),)
     assert metrics_of_tasks([{}]) == SUMMARY_METRICS  # nothing to go by: every column
+
+
+@pytest.mark.slow  # Ray (run_simulation)
+@pytest.mark.timeout(600)
+def test_umeml_server_simulate_on_a_table_without_survival(no_survival_dir, classify_yaml, tmp_path, capsys):
+    from umeml.server.cli import main as server_main
+
+    out = tmp_path / "sim"
+    assert server_main(["simulate", "--config", str(classify_yaml), "--data", str(no_survival_dir), "--out", str(out),
+                        "--rounds", "1"]) == 0
+    printed = capsys.readouterr().out.replace(str(out), "RUN")
+    assert "held-out metrics after 1 rounds" in printed and "grade auc_macro" in printed
+    assert "c_index" not in printed and "survival" not in printed
+    final = json.loads((out / "final.json").read_text())
+    assert set(final["pooled"]) == set(CLASSIFY) and not (out / "privacy.json").exists()
+    assert (out / "plots" / "roc_grade.png").is_file() and not (out / "plots" / "kaplan_meier.png").exists()
