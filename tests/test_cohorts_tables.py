@@ -228,3 +228,13 @@ def test_umeml_server_simulate_on_a_table_without_survival(no_survival_dir, clas
     final = json.loads((out / "final.json").read_text())
     assert set(final["pooled"]) == set(CLASSIFY) and not (out / "privacy.json").exists()
     assert (out / "plots" / "roc_grade.png").is_file() and not (out / "plots" / "kaplan_meier.png").exists()
+
+
+def test_the_comparison_table_has_only_the_runs_tasks():
+    from umeml.simulation.compare import format_comparison
+
+    grade = {"grade": {"auc_macro": {"value": 0.8, "ci_low": 0.7, "ci_high": 0.9, "n": 10}}}
+    summary = {"held_out_sites": ["A2"], "results": {"centralized": {"test": grade, "n": 10},
+                                                     "federated": {"test": grade, "n": 10}}}
+    text = format_comparison(summary)
+    assert "grade auc_macro" in text and "subtype" not in text and "c_index" not in text
