@@ -38,6 +38,13 @@ def _no_survival(table):
     return table.drop(columns=["survival_months", "censorship"])
 
 
+HISTOLOGY = {"subtype_column": "histology"}
+
+
+def _renamed(table):
+    return table.rename(columns={"oncotree_code": "histology"})
+
+
 @pytest.fixture(scope="module")
 def no_survival_dir(tiny_cohort_dir, tmp_path_factory):
     """The tiny cohort without its survival columns."""
@@ -116,7 +123,7 @@ def test_a_table_without_survival_checks_and_trains(no_survival_dir, classify_ya
     assert "survival" not in (out / "metrics.csv").read_text()
 
 
-def test_a_table_without_survival_simulates_and_releases_no_histogram(no_survival_dir, tmp_path, one_torch_thread):
+def test_a_table_without_survival_simulates_and_releases_no_histogram(tiny_cohort_dir, tmp_path, one_torch_thread):
     from umeml.client.app import SimulatedSites, build_client_app
     from umeml.data.source import CohortSource
     from umeml.server.cli import format_table
@@ -124,8 +131,10 @@ def test_a_table_without_survival_simulates_and_releases_no_histogram(no_surviva
 
     from fed_helpers import LocalGrid
 
-    cfg = dataclasses.replace(tiny_experiment(bootstrap=20), tasks=CLASSIFY)
-    app = build_client_app(SimulatedSites(("A0", "A1", "A2"), CohortSource(data_dir=str(no_survival_dir))))
+    # the sites read the subtype column the experiment names (it travels in the data section)
+    data = _copy_cohort(tiny_cohort_dir, tmp_path / "data", lambda t: _renamed(_no_survival(t)))
+    cfg = dataclasses.replace(tiny_experiment(bootstrap=20, data=HISTOLOGY), tasks=CLASSIFY)
+    app = build_client_app(SimulatedSites(("A0", "A1", "A2"), CohortSource(data_dir=str(data))))
     lines: list[str] = []
     coord = Coordinator(cfg, tmp_path / "fed", expected_sites=3, held_out=("A2",), wait_timeout=5, printer=lines.append)
     final = coord.run(LocalGrid(app, 3))
@@ -150,13 +159,6 @@ def test_a_site_sends_no_survival_histogram_without_the_task(no_survival_dir):
     site = SiteRuntime("A0", cohort, cohort.site_indices("A0"), k_min=5)
     reply = site.preprocess(cfg)
     assert "survival_hist" not in reply and reply["n"] > 0
-
-
-HISTOLOGY = {"subtype_column": "histology"}
-
-
-def _renamed(table):
-    return table.rename(columns={"oncotree_code": "histology"})
 
 
 def test_a_renamed_subtype_column_by_config(tiny_cohort_dir, tmp_path, capsys, one_torch_thread):
