@@ -648,7 +648,8 @@ class Coordinator:
         the record of the survival histograms' release (for privacy.json)."""
         cfg = self.cfg
         eps = cfg.federation.survival_hist_epsilon
-        if eps is None:
+        survival = "survival" in cfg.tasks  # without the task no site sends a histogram
+        if eps is None and survival:
             msg = ("federation.survival_hist_epsilon is null: every training site sends its EXACT survival histogram, "
                    f"which places each uncensored patient's survival time within one cell ({SURVIVAL_GRID_TEXT})")
             log.warning(msg)
@@ -669,7 +670,8 @@ class Coordinator:
                    "sites": sorted(s for s, r in by_site.items() if not r.get("suppressed")),
                    "survival_edges": prep.survival_edges, "notes": notes}
         # each site's DP releases of class counts and genomic moments, as it described them
-        return prep, [release] + [{**r, "site": s} for s, rep in sorted(by_site.items()) for r in rep.get("releases", [])]
+        site_releases = [{**r, "site": s} for s, rep in sorted(by_site.items()) for r in rep.get("releases", [])]
+        return prep, ([release] if survival else []) + site_releases
 
     def _central_budget_stop(self, rnd: int, history: list[dict], n_sites: int, sample_rate: float) -> dict | None:
         """Why training must stop before round ``rnd`` (None: go on): the central release of this
