@@ -38,7 +38,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
     s = cohort.summary()
     print(f"site {site.site_id}: check OK: {s['patients']} patients, {s['slides']} slides; "
           f"pathology {s['with_pathology']}, genomics {s['with_genomics']}; feature dim {s['feature_dim'] or '-'}")
-    print("subtypes: " + ", ".join(f"{k}={v}" for k, v in s["subtype_counts"].items()))
+    if s["labels_needed"]:
+        print("subtypes: " + ", ".join(f"{k}={v}" for k, v in s["subtype_counts"].items()))
+    else:
+        print("subtypes: none (not needed by the tasks)")
     if args.config is None:
         print("note: checked with the default data settings; a run reads the data with its experiment's data "
               "section (give --config EXPERIMENT.yaml to check with it)", file=sys.stderr)

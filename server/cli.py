@@ -27,6 +27,7 @@ from umeml.rundir import (
     format_metric,
     has_value,
     metric_entry,
+    metrics_of_tasks,
     read_final,
     read_roles,
 )
@@ -50,13 +51,13 @@ def _fmt(m: dict | None) -> str:
     return format_metric(m, ci_digits=2)
 
 
-def _summary_row(name: str, tasks: dict) -> tuple[str, str, list[str]]:
+def _summary_row(name: str, tasks: dict, columns=PRIMARY) -> tuple[str, str, list[str]]:
     """A combined or pooled row: n is the largest n among its metrics; a metric computed on fewer
     patients (a site dropped from a combined AUC) shows its own n."""
     n = max((m.get("n", 0) for t in tasks.values() if isinstance(t, dict) for m in t.values() if isinstance(m, dict)),
             default=0)
     cells = []
-    for t, k in PRIMARY:
+    for t, k in columns:
         m = metric_entry(tasks, t, k)
         cells.append(_fmt(m) + (f" n={m['n']}" if m and has_value(m) and m.get("n", n) != n else ""))
     return name, str(n), cells
@@ -82,21 +83,24 @@ def combined_notes(combined: dict) -> list[str]:
 
 def format_table(final: dict | FederatedFinal) -> str:
     """Held-out metrics per site, combined over sites and (simulation) pooled, with 95% CIs and n
-    (``final``: a federated run's result, or its final.json dict)."""
+    (``final``: a federated run's result, or its final.json dict). Only the experiment's tasks
+    get columns."""
     rec = final if isinstance(final, FederatedFinal) else FederatedFinal.from_json(final)
+    columns = metrics_of_tasks([rep.get("tasks") for rep in rec.held_out.values()]
+                               + [rec.held_out_combined, rec.pooled], PRIMARY)
     rows = []
     for site, rep in sorted(rec.held_out.items()):
         if rep.get("suppressed"):
-            rows.append((site, str(rep["n"]), ["suppressed (< k patients)"] + [""] * (len(PRIMARY) - 1)))
+            rows.append((site, str(rep["n"]), ["suppressed (< k patients)"] + [""] * (len(columns) - 1)))
             continue
-        rows.append((site, str(rep["n"]), [_fmt(metric_entry(rep["tasks"], t, k)) for t, k in PRIMARY]))
+        rows.append((site, str(rep["n"]), [_fmt(metric_entry(rep["tasks"], t, k)) for t, k in columns]))
     if rec.held_out_combined:
-        rows.append(_summary_row("combined", rec.held_out_combined))
+        rows.append(_summary_row("combined", rec.held_out_combined, columns))
     if rec.pooled:
-        rows.append(_summary_row("pooled", rec.pooled))
-    header = ("site", "n", [f"{t} {k}" for t, k in PRIMARY])
+        rows.append(_summary_row("pooled", rec.pooled, columns))
+    header = ("site", "n", [f"{t} {k}" for t, k in columns])
     widths = [max(len(r[0]) for r in rows + [header]), max(len(r[1]) for r in rows + [header])]
-    cols = [max(len(r[2][i]) for r in rows + [header]) for i in range(len(PRIMARY))]
+    cols = [max(len(r[2][i]) for r in rows + [header]) for i in range(len(columns))]
     lines = []
     for r in [header] + rows:
         cells = [r[0].ljust(widths[0]), r[1].rjust(widths[1])] + [c.ljust(w) for c, w in zip(r[2], cols)]

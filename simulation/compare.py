@@ -14,7 +14,7 @@ from umeml.config import ExperimentConfig
 from umeml.data.cohort import Cohort
 from umeml.data.source import CohortSource
 from umeml.data.splits import Split, stratified_train_val
-from umeml.rundir import PRIMARY_METRICS, RunDir, atomic_write_json, format_metric, metric_entry
+from umeml.rundir import PRIMARY_METRICS, RunDir, atomic_write_json, format_metric, metric_entry, metrics_of_tasks
 from umeml.server.simulate import plan_sites
 from umeml.simulation import simulate
 from umeml.train.central import train_central
@@ -49,11 +49,12 @@ def compare(cfg: ExperimentConfig, cohort: Cohort, source: CohortSource, out: st
 
 def format_comparison(summary: dict) -> str:
     """Modes side by side: primary metric per task with its 95% CI."""
-    header = ["mode", "n"] + [f"{t} {k}" for t, k in PRIMARY_METRICS]
+    columns = metrics_of_tasks([res["test"] for res in summary["results"].values()], PRIMARY_METRICS)
+    header = ["mode", "n"] + [f"{t} {k}" for t, k in columns]
     rows = []
     for mode, res in summary["results"].items():
         rows.append([mode, str(res["n"])] + [format_metric(metric_entry(res["test"], t, k), ci_digits=2)
-                                             for t, k in PRIMARY_METRICS])
+                                             for t, k in columns])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
     lines.insert(1, "-" * len(lines[0]))

@@ -196,7 +196,7 @@ DATA_CASES = [
     C("check-binary-table", "table that is not a CSV", lambda e: ["umeml", "check", "--data",
       e.data(lambda d: (d / "table.csv").write_bytes(b"\x00\xff\xfe" * 50))], 1, "table.csv", "cannot read the table"),
     C("check-missing-column", "table without survival_months", lambda e: ["umeml", "check", "--data",
-      e.data(drop_column("survival_months"))], 1, "table.csv", "missing required column(s): survival_months"),
+      e.data(drop_column("survival_months"))], 1, "table.csv", "missing required column survival_months: the task survival"),
     C("check-nan-features", "a bag with a NaN patch feature", lambda e: ["umeml", "check", "--data",
       e.data(bag_value(np.nan))], 1, "TCGA-A0-0000", "NaN/Inf", "1 of"),
     C("check-inf-features", "a bag with an Inf patch feature", lambda e: ["umeml", "check", "--data",

@@ -49,7 +49,7 @@ def test_clean_cohort_loads(tiny_cohort_dir):
 def test_missing_column(data_dir):
     save(data_dir, table(data_dir).drop(columns=["censorship"]))
     (msg,) = problems_of(data_dir)
-    assert "table.csv" in msg and "missing required column(s): censorship" in msg
+    assert "table.csv" in msg and "missing required column censorship: the task survival needs it" in msg
 
 
 def test_survival_and_label_problems_are_collected_together(data_dir):

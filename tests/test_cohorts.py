@@ -92,6 +92,10 @@ def test_survival_only_table_simulates(survival_only_dir, tmp_path, one_torch_th
     assert final["rounds"] == 2 and set(final["held_out"]["A2"]["tasks"]) == {"survival"}
     assert set(final["held_out_combined"]) - {"n_suppressed"} == {"survival"}
     assert not any("grade" in line or "subtype" in line for line in lines)
+    from umeml.server.cli import format_table
+
+    table = format_table(final)  # the held-out table has the survival column only
+    assert "survival c_index" in table and "grade" not in table and "subtype" not in table
 
 
 def _blank_first_subtype(table):

@@ -70,7 +70,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print("grades: " + ", ".join(f"{k}={v}" for k, v in summary["grade_counts"].items()))
     else:
         print("subtypes: none (not needed by the tasks)")
-    print(f"censored: {summary['censored_fraction']:.0%}")
+    if summary["survival_needed"]:
+        print(f"censored: {summary['censored_fraction']:.0%}")
+    else:
+        print("survival: not read (not needed by the tasks)")
     print(f"modalities: pathology {summary['with_pathology']}/{summary['patients']}, "
           f"genomics {summary['with_genomics']}/{summary['patients']}")
     print(f"feature dim: {summary['feature_dim'] or '-'} (encoder {summary['encoder'] or '-'}); "

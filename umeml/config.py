@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from umeml.data.genomics import GENOMIC_SUFFIXES
 from umeml.data.source import CohortSource, source_problem
 from umeml.errors import ConfigError
 from umeml.federation.accountants import available_accountants
@@ -41,14 +42,16 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 class DataConfig:
     """How a cohort is read: label maps, gene grouping, missing-value policy, bag sampling.
 
-    Label maps are configuration, not glioma constants: ``subtypes`` lists the subtype codes
-    (``oncotree_code`` values) in class order, empty = the keys of ``grade_map``; ``grade_map``
-    maps codes to ``grades`` and is needed for every subtype only when the task ``grade`` runs.
+    Label maps are configuration, not glioma constants: ``subtype_column`` names the table
+    column holding the subtype codes (``oncotree_code`` by default); ``subtypes`` lists the codes
+    in class order, empty = the keys of ``grade_map``; ``grade_map`` maps codes to ``grades`` and
+    is needed for every subtype only when the task ``grade`` runs.
     """
 
     grade_map: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_GRADE_MAP))
     grades: tuple[str, ...] = ("II", "III", "IV")
     subtypes: tuple[str, ...] = ()
+    subtype_column: str = "oncotree_code"
     genomics_mode: Literal["signatures", "flat"] = "signatures"
     genomic_nan_policy: Literal["error", "impute_median"] = "error"
     max_patches: int | None = field(default=4096, metadata=_range(1))
@@ -560,6 +563,7 @@ def _validate_labels(obj: Any, prefix: str, source: str) -> None:
             raise ConfigError(f"{source}: data.grade_map: the task grade needs a grade for every subtype in "
                               f"data.subtypes; missing for {ungraded}")
     if isinstance(obj, DataConfig):
+        _check_subtype_column(obj.subtype_column, f"{prefix}subtype_column", source)
         if len(set(obj.subtypes)) != len(obj.subtypes) or any(not c.strip() for c in obj.subtypes):
             raise ConfigError(f"{source}: {prefix}subtypes: give distinct, non-empty codes (got {list(obj.subtypes)})")
         bad = sorted({g for g in obj.grade_map.values() if g not in obj.grades})
@@ -567,6 +571,23 @@ def _validate_labels(obj: Any, prefix: str, source: str) -> None:
             raise ConfigError(
                 f"{source}: {prefix}grade_map: grade(s) {bad} are not listed in {prefix}grades"
             )
+
+
+# table columns with a meaning of their own (ids, site, survival, the loader's site column)
+_NOT_A_SUBTYPE_COLUMN = ("case_id", "slide_id", "site", "survival_months", "censorship", "_site")
+
+
+def _check_subtype_column(name: str, key: str, source: str) -> None:
+    """``data.subtype_column``: a plain column name that no other role claims."""
+    if not name.strip() or name != name.strip():
+        raise ConfigError(f"{source}: {key}: give the table column holding the subtype codes, without "
+                          f"surrounding spaces (got {name!r})")
+    if name in _NOT_A_SUBTYPE_COLUMN:
+        raise ConfigError(f"{source}: {key}: {name!r} is a column with its own meaning; name the column "
+                          "holding the subtype codes (default oncotree_code)")
+    if name.endswith(GENOMIC_SUFFIXES):
+        raise ConfigError(f"{source}: {key}: {name!r} ends like a genomic column "
+                          f"({', '.join(GENOMIC_SUFFIXES)}) and would be read as one")
 
 
 TRAINABLE_PRESETS = ("all", "heads", "decoder")

@@ -218,6 +218,16 @@ def metric_entry(tasks: Any, task: str, metric: str) -> dict | None:
     return entry if isinstance(entry, dict) else None
 
 
+def metrics_of_tasks(results: Iterable[Any], metrics: tuple[tuple[str, str], ...] = SUMMARY_METRICS
+                     ) -> tuple[tuple[str, str], ...]:
+    """The ``(task, metric)`` columns of ``metrics`` whose task appears in any of ``results``
+    (``{task: {metric: entry}}`` dicts): a run without survival shows no c-index column, a
+    survival-only run no grade or subtype column. Every column when no result names a task."""
+    present = {t for r in results if isinstance(r, dict) for t, v in r.items() if isinstance(v, dict)}
+    shown = tuple((t, k) for t, k in metrics if t in present)
+    return shown or metrics
+
+
 def format_metric(m: Any, ci_digits: int = 3) -> str:
     """``0.812 [0.74, 0.88]`` (value to 3 decimals, CI to ``ci_digits``), ``-`` without a value."""
     value = metric_value(m)

@@ -18,10 +18,13 @@ from umeml.config import DataConfig
 from umeml.data.bags import BAG_SUFFIX, BagError, BagInfo, bag_path, count_nonfinite, inspect_bag
 from umeml.data.genomics import GeneGroups, build_gene_groups, genomic_columns, read_signatures
 from umeml.data.labels import (
-    SUBTYPE_COLUMN,
+    ID_COLUMNS,
+    SURVIVAL_COLUMNS,
     clean_code,
+    column_needs,
     grade_index,
     needs_subtype,
+    needs_survival,
     required_columns,
     subtype_codes,
     subtype_index,
@@ -46,9 +49,10 @@ class Patient:
     case_id: str
     site: str
     slide_ids: tuple[str, ...]
-    subtype: str | None  # None: missing (an empty cell, or no oncotree_code column)
-    survival_months: float
-    censorship: int
+    subtype: str | None  # None: missing (an empty cell, or no subtype column)
+    # None when the cohort was loaded for tasks without survival (the columns are not read)
+    survival_months: float | None
+    censorship: int | None
 
 
 @dataclass
@@ -95,6 +99,11 @@ class Cohort:
         """(P,) bool: the patient has at least one slide with features."""
         return np.array([bool(p.slide_ids) and self.bag_dir is not None for p in self.patients])
 
+    @property
+    def has_survival(self) -> bool:
+        """Whether survival times were read (only for the task survival)."""
+        return needs_survival(self.tasks)
+
     def site_indices(self, site: str) -> np.ndarray:
         """Indices of the patients of ``site``."""
         return np.array([i for i, p in enumerate(self.patients) if p.site == site], dtype=np.int64)
@@ -109,7 +118,12 @@ class Cohort:
         return grade_index(self.patients[i].subtype, self.config)
 
     def times_events(self, indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Survival times and event indicators (1 = death observed) of the given patients."""
+        """Survival times and event indicators (1 = death observed) of the given patients.
+
+        ValueError for a cohort loaded for tasks without survival: it has no survival values."""
+        if not self.has_survival:
+            raise ValueError(f"{self.source or 'cohort'}: loaded for the tasks {list(self.tasks or ())}, without "
+                             "survival: it has no survival times")
         idx = range(len(self)) if indices is None else indices
         times = np.array([self.patients[i].survival_months for i in idx], dtype=float)
         events = np.array([1 - self.patients[i].censorship for i in idx], dtype=int)
@@ -134,8 +148,9 @@ class Cohort:
             "grade_counts": {g: grades.get(g, 0) for g in self.grades},
             "subtype_missing": subtypes.get(None, 0),
             "labels_needed": needs_subtype(self.tasks),
+            "survival_needed": self.has_survival,
             "censored_fraction": round(float(np.mean([p.censorship for p in self.patients])), 3)
-            if self.patients
+            if self.patients and self.has_survival
             else None,
             "with_pathology": int(self.has_path.sum()),
             "with_genomics": int(self.has_genomics.sum()),
@@ -184,8 +199,10 @@ def load_cohort(
 ) -> Cohort:
     """Read and validate a cohort; raise DataValidationError listing every problem found.
 
-    ``tasks`` (None: all) decide which labels are required: without ``grade`` and ``subtype``
-    the table needs no ``oncotree_code`` and an empty or unknown code is no problem.
+    ``tasks`` (None: all) decide which columns are required: without ``grade`` and ``subtype``
+    the table needs no subtype column (``data.subtype_column``, default ``oncotree_code``) and an
+    empty or unknown code is no problem; without ``survival`` the survival columns are neither
+    needed nor read (the patients' survival values are None).
     ``scan_features`` also reads every bag's features (chunked) to find NaN/Inf values."""
     return _CohortBuilder(Path(table_path), signatures_path, bag_dir, cfg or DataConfig(), tasks, scan_features).result()
 
@@ -203,6 +220,10 @@ class _CohortBuilder:
         self.problems: list[Problem] = []
         self.src = str(table_path)
         self.tasks: tuple[str, ...] | None = None if tasks is None else tuple(tasks)
+        # whether the rows' survival values and subtype codes are checked and read (the tasks need
+        # them and their columns exist; a missing column is reported once, not per row)
+        self.survival = needs_survival(self.tasks)
+        self.subtype = needs_subtype(self.tasks)
         # a data directory's own signatures.csv and bags/, when absent (for the messages)
         self.expected_signatures: Path | None = None
         self.expected_bags: Path | None = None
@@ -254,10 +275,11 @@ class _CohortBuilder:
         )
 
     def _read_table(self) -> pd.DataFrame | None:
+        column = self.cfg.subtype_column
         try:
             table = pd.read_csv(
                 self.table_path,
-                dtype={"case_id": str, "slide_id": str, "site": str, "oncotree_code": str},
+                dtype={"case_id": str, "slide_id": str, "site": str, column: str},
                 keep_default_na=True,
             )
         except pd.errors.EmptyDataError:
@@ -266,40 +288,59 @@ class _CohortBuilder:
         except (OSError, pd.errors.ParserError, UnicodeDecodeError, EOFError) as err:
             self.problem("", f"cannot read the table ({err})")
             return None
-        missing = [c for c in required_columns(self.tasks) if c not in table.columns]
-        if missing:
-            hint = (f" ({SUBTYPE_COLUMN} is needed by the tasks grade and subtype; a survival-only experiment, "
-                    "tasks: [survival], does without it)" if SUBTYPE_COLUMN in missing else "")
-            self.problem("", f"missing required column(s): {', '.join(missing)}{hint}")
+        if not self._has_columns(table):
             return None
         if table.empty:
             self.problem("", "the table has no rows (only its header)")
             return None
-        if SUBTYPE_COLUMN not in table.columns:  # allowed when no task needs it: every subtype is missing
-            table[SUBTYPE_COLUMN] = None
-        table[SUBTYPE_COLUMN] = table[SUBTYPE_COLUMN].map(clean_code).astype(object)
+        # the subtype codes under one internal name, whatever data.subtype_column calls them; no
+        # column (allowed when no task needs it): every subtype is missing
+        codes = table[column] if column in table.columns else pd.Series(None, index=table.index, dtype=object)
+        table["_subtype"] = codes.map(clean_code).astype(object)
         table["slide_id"] = table["slide_id"].fillna("").astype(str).str.strip()
         table["case_id"] = table["case_id"].fillna("").astype(str).str.strip()
         return table
 
+    def _has_columns(self, table: pd.DataFrame) -> bool:
+        """Every column the tasks need, each missing one named with the task that needs it.
+
+        Without an id column nothing else can be checked (False); a missing task column is
+        reported and the rest of the table is still checked, so every problem comes at once."""
+        needs = column_needs(self.tasks, self.cfg.subtype_column)
+        missing = [c for c in needs if c not in table.columns]
+        for col in missing:
+            if not needs[col]:
+                self.problem("", f"missing required column {col} (every table needs it)")
+            elif col in SURVIVAL_COLUMNS:
+                self.problem("", f"missing required column {col}: the task survival needs it (an experiment "
+                                 "without survival, e.g. tasks: [grade, subtype], does without it)")
+            else:
+                self.problem("", f"missing required column {col} (data.subtype_column): the task(s) "
+                                 f"{' and '.join(needs[col])} need it (a survival-only experiment, tasks: [survival], "
+                                 "does without it)")
+        self.survival = needs_survival(self.tasks) and not set(SURVIVAL_COLUMNS) & set(missing)
+        self.subtype = needs_subtype(self.tasks) and self.cfg.subtype_column not in missing
+        return not set(ID_COLUMNS) & set(missing)
+
     def _check_code(self, loc: str, code: str | None) -> None:
         """The subtype code of one row, when the tasks need it (survival-only: anything goes)."""
-        if not needs_subtype(self.tasks):
+        if not self.subtype:
             return
-        known = subtype_codes(self.cfg)
+        known, column = subtype_codes(self.cfg), self.cfg.subtype_column
         if code is None:
-            self.problem(loc, f"oncotree_code is missing (empty); the tasks grade and subtype need a known subtype "
+            self.problem(loc, f"{column} is missing (empty); the tasks grade and subtype need a known subtype "
                               f"({', '.join(sorted(known))}) for every patient")
         elif code not in known:
-            self.problem(loc, f"oncotree_code {code!r} is not a known subtype ({', '.join(sorted(known))})")
+            self.problem(loc, f"{column} {code!r} is not a known subtype ({', '.join(sorted(known))})")
 
-    def _check_rows(self, table: pd.DataFrame) -> None:
+    def _check_survival(self, table: pd.DataFrame) -> None:
+        """survival_months and censorship of every row, when the task survival reads them."""
+        if not self.survival:
+            return
         months = pd.to_numeric(table["survival_months"], errors="coerce")
         cens = pd.to_numeric(table["censorship"], errors="coerce")
-        for i, row in enumerate(table.itertuples(index=False)):
-            loc = f"row {i + 2}, case {row.case_id or '?'}"
-            if not row.case_id:
-                self.problem(f"row {i + 2}", "case_id is empty")
+        for i, case in enumerate(table["case_id"]):
+            loc = f"row {i + 2}, case {case or '?'}"
             t = months.iloc[i]
             if pd.isna(t) or not np.isfinite(t):
                 self.problem(loc, "survival_months is missing or not a number")
@@ -308,18 +349,26 @@ class _CohortBuilder:
             c = cens.iloc[i]
             if pd.isna(c) or c not in (0, 1):
                 self.problem(loc, f"censorship must be 0 or 1 (got {_shown(table['censorship'].iloc[i])})")
+
+    def _check_rows(self, table: pd.DataFrame) -> None:
+        self._check_survival(table)
+        codes = table["_subtype"]
+        for i, row in enumerate(table.itertuples(index=False)):
+            loc = f"row {i + 2}, case {row.case_id or '?'}"
+            if not row.case_id:
+                self.problem(f"row {i + 2}", "case_id is empty")
             if row.slide_id and name_problem(row.slide_id):  # <bags>/<slide_id>.h5 must stay inside <bags>
                 self.problem(loc, f"slide_id {row.slide_id!r} {name_problem(row.slide_id)}")
-            self._check_code(loc, row.oncotree_code)
+            self._check_code(loc, codes.iloc[i])
         slides = table.loc[table["slide_id"] != "", "slide_id"]
         for slide in sorted(slides[slides.duplicated()].unique()):
             self.problem(f"slide {slide}", "slide_id appears on more than one row")
-        for col in ("oncotree_code", "survival_months", "censorship", "_site"):
+        names = {"_subtype": self.cfg.subtype_column, "_site": "site"}
+        for col in ["_subtype", *(SURVIVAL_COLUMNS if self.survival else ()), "_site"]:
             n_distinct = table.groupby("case_id")[col].nunique(dropna=False)
             for case in n_distinct[n_distinct > 1].index:
                 values = sorted(map(str, table.loc[table["case_id"] == case, col].unique()))
-                name = "site" if col == "_site" else col
-                self.problem(f"case {case}", f"conflicting {name} values across its rows: {values}")
+                self.problem(f"case {case}", f"conflicting {names.get(col, col)} values across its rows: {values}")
 
     def _gene_groups(self, columns: list[str]) -> GeneGroups:
         signatures = None
@@ -355,12 +404,14 @@ class _CohortBuilder:
                 continue
             first = rows.iloc[0]
             first_rows[case] = int(rows.index[0])
-            try:
-                months, cens = float(first["survival_months"]), int(float(first["censorship"]))
-            except (TypeError, ValueError):
-                continue  # already reported by _check_rows
+            months = cens = None  # not read without the task survival
+            if self.survival:
+                try:
+                    months, cens = float(first["survival_months"]), int(float(first["censorship"]))
+                except (TypeError, ValueError):
+                    continue  # already reported by _check_survival
             slides = tuple(s for s in rows["slide_id"] if s)
-            patients.append(Patient(case, first["_site"], slides, first[SUBTYPE_COLUMN], months, cens))
+            patients.append(Patient(case, first["_site"], slides, first["_subtype"], months, cens))
         return patients, first_rows
 
     def _genomics(

@@ -119,10 +119,16 @@ class CohortDataset(Dataset):
             genomics=genomics,
             grade=c.grade_index(i),
             subtype=c.subtype_index(i),
-            survival_bin=int(survival_bins(np.array([p.survival_months]), self.edges)[0]),
-            survival_months=p.survival_months,
-            censorship=p.censorship,
+            **self._survival(p.survival_months, p.censorship),
         )
+
+    def _survival(self, months: float | None, censorship: int | None) -> dict:
+        """The survival targets; a cohort read without the task survival has none (bin -1, time
+        NaN, censorship -1: no loss or metric reads them then)."""
+        if months is None:
+            return {"survival_bin": -1, "survival_months": float("nan"), "censorship": -1}
+        return {"survival_bin": int(survival_bins(np.array([months]), self.edges)[0]),
+                "survival_months": months, "censorship": censorship}
 
     def collate(self, items: list[PatientItem]):
         """Collate function for a DataLoader over this dataset."""

@@ -12,21 +12,42 @@ from umeml.lazy import lazy_module
 
 pd = lazy_module("pandas")  # imported when a table is read, not with the ClientApp
 
-SUBTYPE_COLUMN = "oncotree_code"
-# every task needs the patient and slide ids; the survival columns feed the survival bins that
-# every experiment's preprocessing fits, so they are required whatever the tasks
-BASE_COLUMNS = ("case_id", "slide_id", "survival_months", "censorship")
+SUBTYPE_COLUMN = "oncotree_code"  # the default of ``data.subtype_column``
+ID_COLUMNS = ("case_id", "slide_id")  # every task needs the patient and slide ids
+SURVIVAL_COLUMNS = ("survival_months", "censorship")  # only the task survival reads them
 SUBTYPE_TASKS = ("grade", "subtype")  # tasks whose label derives from the subtype code
+
+
+def _tasks(tasks: Iterable[str] | None) -> set[str]:
+    return set(TASKS if tasks is None else tasks)
 
 
 def needs_subtype(tasks: Iterable[str] | None) -> bool:
     """Whether any of ``tasks`` (None: all tasks) needs a subtype code for every patient."""
-    return bool(set(TASKS if tasks is None else tasks) & set(SUBTYPE_TASKS))
+    return bool(_tasks(tasks) & set(SUBTYPE_TASKS))
 
 
-def required_columns(tasks: Iterable[str] | None) -> tuple[str, ...]:
+def needs_survival(tasks: Iterable[str] | None) -> bool:
+    """Whether ``tasks`` (None: all tasks) include survival, the only reader of the survival
+    columns (its bins, loss, histogram release and c-index)."""
+    return "survival" in _tasks(tasks)
+
+
+def column_needs(tasks: Iterable[str] | None, subtype_column: str = SUBTYPE_COLUMN) -> dict[str, tuple[str, ...]]:
+    """Each table column an experiment with ``tasks`` (None: all tasks) cannot do without, with
+    the tasks that need it (empty for the id columns, which every experiment needs)."""
+    chosen = _tasks(tasks)
+    needs = {c: () for c in ID_COLUMNS}
+    if needs_survival(chosen):
+        needs.update({c: ("survival",) for c in SURVIVAL_COLUMNS})
+    if needs_subtype(chosen):
+        needs[subtype_column] = tuple(t for t in SUBTYPE_TASKS if t in chosen)
+    return needs
+
+
+def required_columns(tasks: Iterable[str] | None, subtype_column: str = SUBTYPE_COLUMN) -> tuple[str, ...]:
     """The table columns an experiment with ``tasks`` (None: all tasks) cannot do without."""
-    return BASE_COLUMNS + ((SUBTYPE_COLUMN,) if needs_subtype(tasks) else ())
+    return tuple(column_needs(tasks, subtype_column))
 
 
 def clean_code(value) -> str | None:

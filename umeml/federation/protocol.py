@@ -91,20 +91,15 @@ def combine_preprocessing(replies: dict[str, dict], schema: dict, heads: dict[st
                           notes: list[str] | None = None) -> Preprocessing:
     """Genomic standardisation, survival bin edges and class weights from the sites' aggregates.
 
-    The sites' survival histograms (noisy under ``federation.survival_hist_epsilon``) are summed and
-    their quantiles become the bin edges (see :func:`edges_from_histogram`); a fallback for a
-    histogram too small for ``n_bins`` bins is described in ``notes``.
+    With a survival head (``heads``), the sites' survival histograms (noisy under
+    ``federation.survival_hist_epsilon``) are summed and their quantiles become the bin edges (see
+    :func:`edges_from_histogram`); a fallback for a histogram too small for ``n_bins`` bins is
+    described in ``notes``. Without one there are no histograms and no edges.
     """
     usable = {s: r for s, r in replies.items() if not r.get("suppressed")}
     if not usable:
         raise ValueError("no training site reported aggregates (all below the k-patient threshold)")
-    n_cells = len(survival_grid()) - 1
-    for site, r in sorted(usable.items()):
-        if len(r["survival_hist"]) != n_cells:
-            raise ValueError(f"site {site}: survival_hist has {len(r['survival_hist'])} cells, expected {n_cells} "
-                             f"({SURVIVAL_GRID_TEXT}); is it running another umeml version?")
-    hist = np.sum([np.asarray(r["survival_hist"], float) for r in usable.values()], axis=0)
-    edges = edges_from_histogram(survival_grid(), hist, n_bins, notes).tolist()
+    edges = _survival_edges(usable, n_bins, notes) if "survival" in heads else []
     mean = std = None
     gen = [r for r in usable.values() if r.get("genomic_count")]
     if gen and schema["group_sizes"]:
@@ -117,6 +112,17 @@ def combine_preprocessing(replies: dict[str, dict], schema: dict, heads: dict[st
             weights[task] = class_weights_from_counts(merge_class_counts(list(usable.values()), task, notes)).tolist()
     return Preprocessing(edges, mean, std, weights, dict(heads), schema["feature_dim"], schema["group_sizes"],
                          schema["subtypes"], schema["grades"])
+
+
+def _survival_edges(usable: dict[str, dict], n_bins: int, notes: list[str] | None) -> list[float]:
+    """Bin edges from the sum of the sites' survival histograms (the task survival only)."""
+    n_cells = len(survival_grid()) - 1
+    for site, r in sorted(usable.items()):
+        if len(r.get("survival_hist") or ()) != n_cells:
+            raise ValueError(f"site {site}: survival_hist has {len(r.get('survival_hist') or ())} cells, expected "
+                             f"{n_cells} ({SURVIVAL_GRID_TEXT}); is it running another umeml version?")
+    hist = np.sum([np.asarray(r["survival_hist"], float) for r in usable.values()], axis=0)
+    return edges_from_histogram(survival_grid(), hist, n_bins, notes).tolist()
 
 
 def combine_site_metrics(site_metrics: dict[str, dict], seed: int = 0, n_boot: int = 1000) -> dict:

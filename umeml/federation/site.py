@@ -158,12 +158,10 @@ class SiteRuntime:
         c = self.cohort
         private = self.stats_private(cfg)
         self._check_stats_cap(cfg, private)
-        times, events = c.times_events(train)
-        grid = survival_grid()
-        hist, _ = np.histogram(np.clip(times[events == 1], 0, grid[-1] - 1e-9), bins=grid)
         reply = {"site": self.site_id, "n": int(len(train))}
-        if not cfg.federation.preprocessing_from_checkpoint:  # else the checkpoint's bins: no histogram leaves
-            reply["survival_hist"] = self._released_histogram(cfg, hist.astype(np.int64))
+        # without the task no survival value is read; from a checkpoint its bins: no histogram leaves either
+        if "survival" in cfg.tasks and not cfg.federation.preprocessing_from_checkpoint:
+            reply["survival_hist"] = self._survival_histogram(cfg, train)
         if private:
             return {**reply, **self._private_statistics(cfg, train)}
         reply.update(grade_counts=label_counts([c.grade_index(i) for i in train], len(c.grades)),
@@ -175,11 +173,19 @@ class SiteRuntime:
             reply.update(genomic_count=count.tolist(), genomic_sum=total.tolist(), genomic_sumsq=total_sq.tolist())
         return reply
 
+    def _survival_histogram(self, cfg: ExperimentConfig, train: np.ndarray) -> list[int]:
+        """The training patients' uncensored survival times counted on the public grid, as released."""
+        times, events = self.cohort.times_events(train)
+        grid = survival_grid()
+        hist, _ = np.histogram(np.clip(times[events == 1], 0, grid[-1] - 1e-9), bins=grid)
+        return self._released_histogram(cfg, hist.astype(np.int64))
+
     def _check_stats_cap(self, cfg: ExperimentConfig, private: bool) -> None:
         """Refuse, before anything is released, what the site's ``stats_privacy.max_epsilon`` forbids."""
         sp = cfg.federation.stats_privacy
-        requests = ({} if cfg.federation.preprocessing_from_checkpoint else
-                    {"the survival histogram (federation.survival_hist_epsilon)": cfg.federation.survival_hist_epsilon})
+        requests = {}
+        if "survival" in cfg.tasks and not cfg.federation.preprocessing_from_checkpoint:
+            requests["the survival histogram (federation.survival_hist_epsilon)"] = cfg.federation.survival_hist_epsilon
         if private:
             requests["the class counts (federation.stats_privacy.class_counts_epsilon)"] = sp.class_counts_epsilon
             if self.cohort.gene_groups.dim and not cfg.federation.genomics_from_checkpoint:

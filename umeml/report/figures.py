@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from umeml.rundir import PRIMARY_METRICS, has_value, metric_entry
+from umeml.rundir import PRIMARY_METRICS, has_value, metric_entry, metrics_of_tasks
 
 METRIC_LABELS = {
     "auc_macro": "macro one-vs-rest AUC",
@@ -245,10 +245,11 @@ def privacy_epsilon(entries: list[dict], targets: dict[str, float]) -> Figure:
 
 def comparison(results: dict[str, dict], n: dict[str, int]) -> Figure:
     """Modes (centralized, federated, local-only ...) side by side per primary metric with CIs."""
-    fig = _figure(12.0, 1.4 + 0.42 * max(len(results), 1))
-    axes = fig.subplots(1, len(PRIMARY_METRICS), sharey=True)
+    columns = metrics_of_tasks(results.values(), PRIMARY_METRICS)  # only the run's tasks get a panel
+    fig = _figure(4.0 * len(columns), 1.4 + 0.42 * max(len(results), 1))
+    axes = np.atleast_1d(fig.subplots(1, len(columns), sharey=True))
     modes = list(results)
-    for ax, (task, metric) in zip(axes, PRIMARY_METRICS):
+    for ax, (task, metric) in zip(axes, columns):
         for y, mode in enumerate(reversed(modes)):
             m = metric_entry(results[mode], task, metric)
             if not has_value(m):

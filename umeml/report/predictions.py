@@ -27,29 +27,29 @@ class HeldOutPredictions:
     labels: dict[str, np.ndarray]       # task -> (n,) class index
     classes: dict[str, list[str]]       # task -> class names in column order
     risk: np.ndarray | None             # (n,), higher = shorter predicted survival
-    months: np.ndarray                  # (n,) follow-up in months
-    censored: np.ndarray                # (n,) 1 = censored
+    months: np.ndarray | None           # (n,) follow-up in months (None: a run without survival)
+    censored: np.ndarray | None         # (n,) 1 = censored (None: a run without survival)
     sites: np.ndarray                   # (n,) site code of each patient
 
     def __len__(self) -> int:
-        return len(self.months)
+        return len(self.sites)
 
 
 def save_predictions(path: str | Path, preds, classes: dict[str, list[str]], sites) -> Path:
-    """Write ``preds`` (a :class:`umeml.train.loop.Predictions`) with class names and sites to ``path``."""
+    """Write ``preds`` (a :class:`umeml.train.loop.Predictions`) with class names and sites to
+    ``path``; follow-up and censorship only with a survival risk (a run without the task survival
+    has no survival values to keep)."""
     path = Path(path)
-    arrays: dict[str, np.ndarray] = {"format": np.asarray(FORMAT),
-                                     "months": np.asarray(preds.times, np.float64),
-                                     "censored": np.asarray(preds.censorship, np.int8),
-                                     "sites": np.asarray([str(s) for s in sites])}
-    if len(arrays["sites"]) != len(arrays["months"]):
-        raise ValueError(f"{len(arrays['sites'])} site labels for {len(arrays['months'])} predictions")
+    arrays: dict[str, np.ndarray] = {"format": np.asarray(FORMAT), "sites": np.asarray([str(s) for s in sites])}
+    if len(arrays["sites"]) != len(preds.censorship):
+        raise ValueError(f"{len(arrays['sites'])} site labels for {len(preds.censorship)} predictions")
     for task, p in preds.probs.items():
         arrays[f"probs__{task}"] = np.asarray(p, np.float32)
         arrays[f"labels__{task}"] = np.asarray(preds.targets[task], np.int64)
         arrays[f"classes__{task}"] = np.asarray(classes[task])
     if preds.risk is not None:
-        arrays["risk"] = np.asarray(preds.risk, np.float64)
+        arrays.update(risk=np.asarray(preds.risk, np.float64), months=np.asarray(preds.times, np.float64),
+                      censored=np.asarray(preds.censorship, np.int8))
 
     def write(tmp: Path) -> None:
         with tmp.open("wb") as f:  # a file object: numpy would append .npz to a path without it
@@ -74,8 +74,8 @@ def load_predictions(path: str | Path) -> HeldOutPredictions:
         labels={t: data[f"labels__{t}"] for t in tasks},
         classes={t: [str(c) for c in data[f"classes__{t}"]] for t in tasks},
         risk=data.get("risk"),
-        months=data["months"],
-        censored=data["censored"].astype(int),
+        months=data.get("months"),
+        censored=data["censored"].astype(int) if "censored" in data else None,
         sites=data["sites"],
     )
 

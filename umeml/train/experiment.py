@@ -34,7 +34,7 @@ class Preprocessing:
     """Everything derived from the training patients, in plain JSON types (it crosses the wire
     and is saved as ``preprocessing.json``)."""
 
-    survival_edges: list[float]
+    survival_edges: list[float]  # empty without the task survival
     genomic_mean: list[float] | None
     genomic_std: list[float] | None
     class_weights: dict[str, list[float]]
@@ -72,9 +72,12 @@ class Preprocessing:
 
 
 def prepare(cfg: ExperimentConfig, cohort: Cohort, train_idx: np.ndarray) -> Preprocessing:
-    """Fit survival bin edges, genomic scaler and class weights on the training patients only."""
-    times, events = cohort.times_events(train_idx)
-    edges = survival_bin_edges(times, events, cfg.survival.n_bins)
+    """Fit survival bin edges, genomic scaler and class weights on the training patients only
+    (no bin edges without the task survival: its columns are not even read then)."""
+    edges = np.zeros(0)
+    if "survival" in cfg.tasks:
+        times, events = cohort.times_events(train_idx)
+        edges = survival_bin_edges(times, events, cfg.survival.n_bins)
     has_genomics = cohort.gene_groups.dim and cohort.has_genomics[train_idx].any()
     scaler = GenomicScaler.fit(cohort, train_idx) if has_genomics else None
     weights = {}
