@@ -41,10 +41,12 @@ import numpy as np
 
 from bench._harness import PRIMARY, REPO, TCGA, metric_entry
 
-VARIANTS = ("umeml all", "umeml public + heads", "umeml public + decoder", "linear")
+VARIANTS = ("umeml all", "umeml public + heads", "umeml public + decoder", "linear", "linear public")
 MAX_PATCHES = 64  # synthetic bags cut to 64 patches (the demo uses 256): a shared 2-core machine
 PUBLIC_STAIN = 1.2  # the public synthetic sites' stain shift (private and held out: the demo's 0.4)
 REFERENCE, PUBLIC_ALONE = "reference (non-DP federated)", "public alone"
+PUBLIC_LINEAR = "public alone (linear)"  # the linear model trained centrally on the public sites
+FEDERATION_KEYS = frozenset({"server_momentum", "preprocessing_source", "strategy"})
 
 
 @dataclasses.dataclass
@@ -142,17 +144,23 @@ def gbmlgg_world(work: Path) -> World:
 WORLDS = {"synthetic": synthetic_world, "gbmlgg": gbmlgg_world}
 
 
-def public_checkpoint(world: World, seed: int, work: Path) -> tuple[Path, dict]:
-    """UMEML trained centrally on the public sites; its best checkpoint and held-out metrics."""
+def public_of(variant: str) -> str:
+    """The public-alone row a variant starts from (and is compared with)."""
+    return PUBLIC_LINEAR if variant == "linear public" else PUBLIC_ALONE
+
+
+def public_checkpoint(world: World, seed: int, work: Path, model: str = "umeml") -> tuple[Path, dict]:
+    """``model`` (UMEML or linear) trained centrally on the public sites; its best checkpoint and
+    held-out metrics."""
     from umeml.data.splits import make_split
     from umeml.rundir import read_final
     from umeml.train.central import train_central
 
-    out = work / f"{world.name}-public-{seed}"
+    out = work / (f"{world.name}-public-{seed}" if model == "umeml" else f"{world.name}-public-{model}-{seed}")
     if (out / "final.json").is_file():  # trained by an earlier process on the same work dir
         return out / "checkpoints" / "best.pt", read_final(out / "final.json").to_json()["test"]
     base = world.public_train
-    cfg = dataclasses.replace(base, seed=seed, name="public",
+    cfg = dataclasses.replace(base, seed=seed, name="public", model=dataclasses.replace(base.model, name=model),
                               split=dataclasses.replace(base.split, test_sites=world.held))
     split = make_split(world.cohort, world.held, 1, cfg.split.val_fraction, seed, world.public)
     final = train_central(cfg, world.cohort, out, split=split, progress=False)
@@ -162,14 +170,17 @@ def public_checkpoint(world: World, seed: int, work: Path) -> tuple[Path, dict]:
 def variant_config(world: World, variant: str, eps: float, seed: int, public: Path, overrides: dict | None = None):
     """The experiment of one row: the world's recipe, the variant's model / initialisation /
     trainable part, DP at ``eps`` or (inf) the identical run without DP; ``overrides``: recipe
-    settings under tuning (``rounds``, ``trainable`` and any ``dp_recipe`` key)."""
+    settings under tuning (``rounds``, ``trainable``, ``survival_alpha``, ``max_grad_norm``, the federation keys of
+    :data:`FEDERATION_KEYS` and any ``dp_recipe`` key)."""
     from umeml.server.cli import with_local_dp
 
     base = world.recipe
     train, model, fed = base.train, base.model, base.federation
-    if variant in ("umeml all", "linear"):  # from scratch, everything trains (the recipe file says heads)
+    if variant in ("umeml all", "linear", "linear public"):  # everything trains (the recipe file says decoder)
         train = dataclasses.replace(train, trainable="all")
-        model = dataclasses.replace(model, name="linear") if variant == "linear" else model
+        model = dataclasses.replace(model, name="linear") if variant.startswith("linear") else model
+        if variant == "linear public":  # from the linear model trained on the public sites
+            fed = dataclasses.replace(fed, init_checkpoint=str(public))
     else:
         fed = dataclasses.replace(fed, init_checkpoint=str(public))
         train = dataclasses.replace(train, trainable=variant.rsplit(" ", 1)[1])
@@ -179,12 +190,25 @@ def variant_config(world: World, variant: str, eps: float, seed: int, public: Pa
     over.pop("trainable", None)
     if "rounds" in over:
         fed = dataclasses.replace(fed, rounds=over["rounds"], evaluate_every=over.pop("rounds"))
+    for key in FEDERATION_KEYS & set(over):  # federation settings under tuning (not the recipe's own)
+        fed = dataclasses.replace(fed, **{key: over.pop(key)})
+    if "survival_alpha" in over:
+        base = dataclasses.replace(base, survival=dataclasses.replace(base.survival, alpha=over.pop("survival_alpha")))
+    sp = fed.stats_privacy
+    if not math.isinf(eps) and fed.survival_hist_epsilon + sp.class_counts_epsilon + sp.genomic_epsilon >= eps:
+        # the default releases would take the whole budget (a site refuses them): a fifth of it each
+        fed = dataclasses.replace(fed, survival_hist_epsilon=eps / 5, stats_privacy=dataclasses.replace(
+            sp, class_counts_epsilon=eps / 5, genomic_epsilon=eps / 5))
+    if "max_grad_norm" in over:  # the per-patient clipping norm of local DP-SGD
+        fed = dataclasses.replace(fed, local_dp=dataclasses.replace(fed.local_dp, max_grad_norm=over.pop("max_grad_norm")))
     fed = dataclasses.replace(fed, dp_recipe=dataclasses.replace(fed.dp_recipe, **over))
     if math.isinf(eps):  # the same run without DP: the recipe's optimizer, batches and steps, no clip, no noise
         fed = dataclasses.replace(fed, local_dp=dataclasses.replace(fed.local_dp, enabled=False),
                                   dp_recipe=dataclasses.replace(fed.dp_recipe, apply_without_dp=True))
-    cfg = dataclasses.replace(base, seed=seed, model=model, train=train, federation=fed,
-                              name=f"{world.name}-{variant.replace(' ', '-').replace('+', '')}-{eps:g}-{seed}")
+    tag = "".join(c for c in json.dumps(overrides, sort_keys=True) if c.isalnum()) if overrides else ""
+    cfg = dataclasses.replace(base, seed=seed, model=model, train=train, federation=fed,  # one run dir per overrides
+                              name=f"{world.name}-{variant.replace(' ', '-').replace('+', '')}-{eps:g}-{seed}"
+                              + (f"-{tag}" if tag else ""))
     return cfg if math.isinf(eps) else with_local_dp(cfg, eps)
 
 
@@ -231,18 +255,22 @@ def run_grid(world: World, epsilons, seeds, work: Path, variants=VARIANTS, refer
     """Every row of one world's grid (public alone, reference, variants x epsilons), logged as it comes."""
     rows = []
     for seed in seeds:
-        t0 = time.perf_counter()
-        public, test = public_checkpoint(world, seed, work)
-        rows.append({"world": world.name, "variant": PUBLIC_ALONE, "epsilon": None, "seed": seed, "spent": None,
-                     "wall_s": round(time.perf_counter() - t0, 1), "load": os.getloadavg()[0], **metrics_row(test)})
-        log(rows[-1])
+        publics = {}
+        for row, model in ((PUBLIC_ALONE, "umeml"), (PUBLIC_LINEAR, "linear")):
+            if row == PUBLIC_LINEAR and "linear public" not in variants:
+                continue
+            t0 = time.perf_counter()
+            publics[row], test = public_checkpoint(world, seed, work, model)
+            rows.append({"world": world.name, "variant": row, "epsilon": None, "seed": seed, "spent": None,
+                         "wall_s": round(time.perf_counter() - t0, 1), "load": os.getloadavg()[0], **metrics_row(test)})
+            log(rows[-1])
         if reference:
             ref = dataclasses.replace(world.reference, seed=seed, name=f"{world.name}-reference-{seed}")
             rows.append(run_one(world, ref, REFERENCE, math.inf, seed, work))
             log(rows[-1])
         for eps in epsilons:
             for variant in variants:
-                cfg = variant_config(world, variant, eps, seed, public, overrides)
+                cfg = variant_config(world, variant, eps, seed, publics[public_of(variant)], overrides)
                 rows.append(run_one(world, cfg, variant, eps, seed, work))
                 log(rows[-1])
     return rows
@@ -282,7 +310,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             vals = [v for v in (_value(r, key) for r in rs) if v is not None]
             s[key] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0) if vals else None
         out.append(s)
-    order = {v: i for i, v in enumerate((PUBLIC_ALONE, REFERENCE, *VARIANTS))}
+    order = {v: i for i, v in enumerate((PUBLIC_ALONE, PUBLIC_LINEAR, REFERENCE, *VARIANTS))}
     return sorted(out, key=lambda s: (s["world"], order.get(s["variant"], 99),
                                       -(math.inf if s["epsilon"] is None else s["epsilon"])))
 
@@ -322,8 +350,8 @@ def paired_rows(rows: list[dict]) -> list[str]:
                   key=lambda k: (k[0], VARIANTS.index(k[1]), -k[2]))
     for world, variant, eps in keys:
         against = [("its no-DP twin", (variant, math.inf)), ("reference", (REFERENCE, math.inf))]
-        if variant.startswith("umeml public"):
-            against.append(("public alone", (PUBLIC_ALONE, None)))
+        if "public" in variant:
+            against.append((public_of(variant), (public_of(variant), None)))
         for label, b in against:
             d = paired(rows, world, (variant, eps), b)
             if d is None:
@@ -359,10 +387,10 @@ def goal_lines(rows: list[dict], variant: str) -> list[str]:
             lines.append(f"- {world}, {variant}, epsilon {eps:g} minus reference (mean over {len(d['seeds'])} seeds): "
                          + " / ".join(f"{d[k][0]:+.3f}" for k in METRIC_KEYS if d[k] is not None)
                          + f"; goal >= -{allowed:g}: **{'met' if worst >= -allowed else 'not met'}**")
-        d = paired(rows, world, (variant, 8.0), (PUBLIC_ALONE, None)) if variant.startswith("umeml public") else None
+        d = paired(rows, world, (variant, 8.0), (public_of(variant), None)) if "public" in variant else None
         if d is not None:
             beats = [d[k][0] > max(d[k][1], 0.0) for k in METRIC_KEYS if d[k] is not None]
-            lines.append(f"- {world}, {variant}, epsilon 8 minus public alone: "
+            lines.append(f"- {world}, {variant}, epsilon 8 minus {public_of(variant)}: "
                          + " / ".join(f"{d[k][0]:+.3f} ± {d[k][1]:.3f}" for k in METRIC_KEYS if d[k] is not None)
                          + f"; beats it by more than the seed spread on {sum(beats)} of {len(beats)} metrics: "
                          + f"**{'met' if all(beats) else 'not met'}**")

@@ -188,8 +188,9 @@ def tune_part(args) -> None:
         for text in args.tune:
             over = json.loads(text)
             for seed in args.seeds:
-                public, _ = recipe.public_checkpoint(world, seed, work)
                 for variant in args.variants or ["umeml public + heads"]:
+                    model = "linear" if recipe.public_of(variant) == recipe.PUBLIC_LINEAR else "umeml"
+                    public, _ = recipe.public_checkpoint(world, seed, work, model)
                     cfg = recipe.variant_config(world, variant, 8.0, seed, public, over)
                     cfg = dataclasses.replace(cfg, name=cfg.name + "-tune-" + "".join(c for c in text if c.isalnum()))
                     row = recipe.run_one(world, cfg, variant, 8.0, seed, work)

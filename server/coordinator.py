@@ -19,6 +19,7 @@ from umeml import __version__
 from umeml.config import ExperimentConfig, config_to_dict, dump_config
 from umeml.data.labels import subtype_codes
 from umeml.errors import FederationError
+from umeml.federation.checkpoint_prep import checkpoint_preprocessing, site_class_weights
 from umeml.federation.partial import sent_keys
 from umeml.federation.personalise import summarise_personalisation
 from umeml.federation.privacy import central_entry, run_ledger
@@ -649,7 +650,7 @@ class Coordinator:
         cfg = self.cfg
         eps = cfg.federation.survival_hist_epsilon
         survival = "survival" in cfg.tasks  # without the task no site sends a histogram
-        if eps is None and survival:
+        if eps is None and survival and not cfg.federation.preprocessing_from_checkpoint:
             msg = ("federation.survival_hist_epsilon is null: every training site sends its EXACT survival histogram, "
                    f"which places each uncensored patient's survival time within one cell ({SURVIVAL_GRID_TEXT})")
             log.warning(msg)
@@ -658,7 +659,15 @@ class Coordinator:
         replies = _query(grid, train_nodes, "preprocess", {"experiment": self.experiment_json}, self.timeout,
                          self._label)
         by_site = {self._site(n): r for n, r in replies.items()}
+        # each site's DP releases of class counts and genomic moments, as it described them
+        site_releases = [{**r, "site": s} for s, rep in sorted(by_site.items()) for r in rep.get("releases", [])]
         notes: list[str] = []
+        if cfg.federation.preprocessing_from_checkpoint:  # bins and scale: the public model's; weights: the sites'
+            prep = checkpoint_preprocessing(cfg.federation.init_checkpoint, schema, heads, cfg.survival.n_bins,
+                                            site_class_weights(by_site, heads, notes), notes)
+            for note in notes:
+                self._report(f"preprocessing: {note}")
+            return prep, site_releases
         prep = combine_preprocessing(by_site, schema, heads, cfg.survival.n_bins, notes)
         if cfg.federation.genomics_from_checkpoint:  # the public scale, no genomic release
             prep = checkpoint_standardisation(prep, cfg.federation.init_checkpoint, notes)
@@ -669,8 +678,6 @@ class Coordinator:
                    else "none (exact counts)", "grid": SURVIVAL_GRID_TEXT,
                    "sites": sorted(s for s, r in by_site.items() if not r.get("suppressed")),
                    "survival_edges": prep.survival_edges, "notes": notes}
-        # each site's DP releases of class counts and genomic moments, as it described them
-        site_releases = [{**r, "site": s} for s, rep in sorted(by_site.items()) for r in rep.get("releases", [])]
         return prep, ([release] if survival else []) + site_releases
 
     def _central_budget_stop(self, rnd: int, history: list[dict], n_sites: int, sample_rate: float) -> dict | None:

@@ -36,10 +36,25 @@ def test_no_dp_twin_differs_from_the_dp_row_in_dp_only(world, variant):
 def test_rows_train_their_stated_part(world):
     part = {v: recipe.variant_config(world, v, 8.0, 0, "p.pt").train.trainable for v in recipe.VARIANTS}
     assert part == {"umeml all": "all", "linear": "all", "umeml public + heads": "heads",
-                    "umeml public + decoder": "decoder"}
+                    "umeml public + decoder": "decoder", "linear public": "all"}
     init = {v: recipe.variant_config(world, v, 8.0, 0, "p.pt").federation.init_checkpoint for v in recipe.VARIANTS}
-    assert init == {"umeml all": None, "linear": None, "umeml public + heads": "p.pt", "umeml public + decoder": "p.pt"}
+    assert init == {"umeml all": None, "linear": None, "umeml public + heads": "p.pt", "umeml public + decoder": "p.pt",
+                    "linear public": "p.pt"}
+    models = {v: recipe.variant_config(world, v, 8.0, 0, "p.pt").model.name for v in recipe.VARIANTS}
+    assert models == {"umeml all": "umeml", "linear": "linear", "umeml public + heads": "umeml",
+                      "umeml public + decoder": "umeml", "linear public": "linear"}
+    assert recipe.public_of("linear public") == recipe.PUBLIC_LINEAR and recipe.public_of("linear") == recipe.PUBLIC_ALONE
     tuned = recipe.variant_config(world, "umeml public + heads", 4.0, 0, "p.pt",
                                   {"rounds": 20, "lr": 0.1, "trainable": "decoder"})
     assert (tuned.federation.rounds, tuned.federation.dp_recipe.lr, tuned.train.trainable) == (20, 0.1, "decoder")
     assert recipe.variant_config(world, "umeml all", 4.0, 0, "p.pt", {"trainable": "decoder"}).train.trainable == "all"
+
+
+def test_at_a_small_epsilon_the_releases_leave_room_for_dp_sgd(world):
+    # the default releases (histogram 1 + class counts 1.5 + genomic moments 0.5) took a site's whole budget at 1
+    small = recipe.variant_config(world, "linear", 1.0, 0, "p.pt").federation
+    sp = small.stats_privacy
+    assert small.survival_hist_epsilon == sp.class_counts_epsilon == sp.genomic_epsilon == 0.2
+    big = recipe.variant_config(world, "linear", 4.0, 0, "p.pt").federation
+    assert (big.survival_hist_epsilon, big.stats_privacy.class_counts_epsilon, big.stats_privacy.genomic_epsilon) \
+        == (1.0, 1.5, 0.5)

@@ -54,9 +54,11 @@ def test_stats_privacy_follows_local_dp_and_refuses_exact_statistics_under_dp():
     # genomic_source auto: the public checkpoint's scale under statistics privacy, else the sites' moments
     assert dp_experiment(init_checkpoint="pub.pt").federation.genomics_from_checkpoint
     assert not dp_experiment().federation.genomics_from_checkpoint
-    assert not tiny_experiment(init_checkpoint="pub.pt").federation.genomics_from_checkpoint  # no DP: as before
-    assert not dp_experiment(init_checkpoint="pub.pt", stats_privacy={"genomic_source": "sites"}).federation \
-        .genomics_from_checkpoint
+    # (with preprocessing_source sites: its auto takes everything from a given checkpoint, test_checkpoint_prep.py)
+    assert not tiny_experiment(init_checkpoint="pub.pt", preprocessing_source="sites").federation \
+        .genomics_from_checkpoint  # no DP: as before
+    assert not dp_experiment(init_checkpoint="pub.pt", preprocessing_source="sites",
+                             stats_privacy={"genomic_source": "sites"}).federation.genomics_from_checkpoint
     with pytest.raises(ConfigError, match=r"x.yaml: federation.stats_privacy.genomic_clip: must be > 0"):
         config_from_dict({"federation": {"stats_privacy": {"genomic_clip": 0}}}, "x.yaml")
 

@@ -296,14 +296,29 @@ class FederationConfig:
     survival_hist_epsilon: float | None = field(default=1.0, metadata=_range(0.0, lo_open=True))
     # DP releases of the class counts and genomic moments (on with local DP unless set)
     stats_privacy: StatsPrivacyConfig = field(default_factory=StatsPrivacyConfig)
+    # where the survival bin edges and the genomic standardisation come from: "checkpoint": those
+    # the public checkpoint (init_checkpoint) was trained with (its meta), so a fine-tuned model
+    # sees the inputs and targets it learnt on, and no site releases a survival histogram or
+    # genomic moments (more of the epsilon left to DP-SGD); class weights stay the sites' (their
+    # label mix); "sites": all from the training sites' releases; "auto": checkpoint when init_checkpoint is set
+    preprocessing_source: Literal["auto", "sites", "checkpoint"] = "auto"
+
+    @property
+    def preprocessing_from_checkpoint(self) -> bool:
+        """Whether the federation's preprocessing is the public checkpoint's (``preprocessing_source``
+        checkpoint, or auto with ``init_checkpoint`` set): the sites are not asked for statistics."""
+        src = self.preprocessing_source
+        return src == "checkpoint" or (src == "auto" and self.init_checkpoint is not None)
 
     @property
     def genomics_from_checkpoint(self) -> bool:
         """Whether the genomic standardisation is the public checkpoint's (no site releases genomic
-        moments): ``stats_privacy.genomic_source`` checkpoint, or auto under statistics privacy
-        with ``init_checkpoint`` set."""
+        moments): all preprocessing from the checkpoint (``preprocessing_source``), or
+        ``stats_privacy.genomic_source`` checkpoint, or auto under statistics privacy with
+        ``init_checkpoint`` set."""
         src = self.stats_privacy.genomic_source
-        return src == "checkpoint" or (src == "auto" and self.init_checkpoint is not None and self.stats_private)
+        return (self.preprocessing_from_checkpoint or src == "checkpoint"
+                or (src == "auto" and self.init_checkpoint is not None and self.stats_private))
 
     @property
     def stats_private(self) -> bool:

@@ -31,7 +31,7 @@ from umeml.federation.privacy import (
 )
 from umeml.federation.protocol import SURVIVAL_GRID_TEXT, survival_grid
 from umeml.federation.schedule import OptimizerStore
-from umeml.federation.stats_release import check_cap, private_statistics
+from umeml.federation.stats_release import check_budget_room, check_cap, private_statistics
 from umeml.model.parts import apply_trainable
 from umeml.train.dp import resolve_dp, train_dp_steps, train_poisson_steps
 from umeml.train.evaluate import evaluate_predictions
@@ -159,7 +159,8 @@ class SiteRuntime:
         private = self.stats_private(cfg)
         self._check_stats_cap(cfg, private)
         reply = {"site": self.site_id, "n": int(len(train))}
-        if "survival" in cfg.tasks:  # without the task no survival value is read, nothing released
+        # without the task no survival value is read; from a checkpoint its bins: no histogram leaves either
+        if "survival" in cfg.tasks and not cfg.federation.preprocessing_from_checkpoint:
             reply["survival_hist"] = self._survival_histogram(cfg, train)
         if private:
             return {**reply, **self._private_statistics(cfg, train)}
@@ -183,7 +184,7 @@ class SiteRuntime:
         """Refuse, before anything is released, what the site's ``stats_privacy.max_epsilon`` forbids."""
         sp = cfg.federation.stats_privacy
         requests = {}
-        if "survival" in cfg.tasks:
+        if "survival" in cfg.tasks and not cfg.federation.preprocessing_from_checkpoint:
             requests["the survival histogram (federation.survival_hist_epsilon)"] = cfg.federation.survival_hist_epsilon
         if private:
             requests["the class counts (federation.stats_privacy.class_counts_epsilon)"] = sp.class_counts_epsilon
@@ -192,6 +193,9 @@ class SiteRuntime:
         else:
             requests["the class counts and genomic moments (federation.stats_privacy is off)"] = None
         check_cap(requests, self.stats_cap, self.site_file, self.site_id)
+        settings, _ = resolve_dp(self.dp, cfg.federation.local_dp)
+        if settings is not None and private:  # the releases share the site's total with DP-SGD
+            check_budget_room(requests, settings.target_epsilon, self.site_id)
 
     def _private_statistics(self, cfg: ExperimentConfig, train: np.ndarray) -> dict:
         """Class counts and genomic moments as DP releases, recorded in the site's ledger when it has one."""

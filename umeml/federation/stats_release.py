@@ -106,6 +106,20 @@ def check_cap(requests: dict[str, float | None], cap: float | None, site_file: s
                 "release it: lower the federation's setting or raise the site's cap")
 
 
+def check_budget_room(requests: dict[str, float | None], target: float, site_id: str) -> None:
+    """Refuse (``StatsPrivacyRefusal``) releases whose epsilons add up to the site's whole
+    local-DP budget (``dp.target_epsilon``, the site's total): made anyway, they alone would take
+    its total to or past the target (a site at target 1 asked for class counts at 1.5 reached a
+    total of 1.50) and leave no step of DP-SGD. The plain sum bounds what they cost together."""
+    asked = {k: e for k, e in requests.items() if e is not None}
+    if asked and sum(asked.values()) >= target:
+        raise StatsPrivacyRefusal(
+            f"site {site_id}: dp.target_epsilon is {target:g} (the site's total), but the federation asks for "
+            + ", ".join(f"{k} at epsilon {e:g}" for k, e in asked.items())
+            + f": together {sum(asked.values()):g}, the whole budget; the site refuses to release them: lower those "
+            "settings so that they leave room for DP-SGD")
+
+
 # ---------------------------------------------------------------------------- class counts
 def class_cells(cohort, train: np.ndarray) -> tuple[np.ndarray, list[int], list[int]]:
     """Counts of the class-count release's cells over ``train``, with each cell's subtype index
