@@ -12,9 +12,12 @@ same held-out site (chosen by the seed, 60 patients).
   ``use_registers=false``, ``use_cross_attention=false`` (mean pooling instead), and the single
   modalities ``modalities=[pathology]`` / ``[genomics]``.
 - ``--ablations modularity cross-attention`` runs only the named ones (keys of ``ABLATION_KEYS``).
-- ``--clustered`` generates the cohorts with spatially clustered morphotypes
-  (``SynthSpec.clustered``: a tumour/background mosaic) and writes its own section, which also
-  states the goal "UMEML > mean pooling (``-cross-attention``) by more than the seed sd".
+- ``--clustered [mosaic|foci]`` generates the cohorts with spatially clustered morphotypes
+  (``SynthSpec.clustered``; ``clustered_variant`` "mosaic", the default, a tumour/background
+  mosaic, or "foci", a biopsy with 2-10% tumour in compact foci and necrotic cores in grade IV;
+  ``umeml/data/synth.py``) and writes its own section, which also states the goal "UMEML > mean
+  pooling (``-cross-attention``) by more than the seed sd". That section keeps its
+  ``### Previous generator`` subsection (earlier figures) across rewrites.
 - ``--federated`` adds UMEML trained by FedAvg in Flower's simulation engine (``simulate()``,
   demo.yaml's ``federation`` section: 3 training sites, 8 rounds x 2 local epochs) and evaluated
   on the same held-out site as the centralized runs.
@@ -39,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from bench._harness import PRIMARY, REPO, pick, write_section
+from umeml.data.synth import CLUSTERED_VARIANTS
 
 TITLE = "## UMEML, ablations and baselines on the synthetic cohort, next to the oracle"
 TITLE_CLUSTERED = "## Synthetic cohort with spatially clustered morphotypes: UMEML vs mean pooling"
@@ -67,10 +71,11 @@ def site_oracle(latents: list[dict], held: tuple[str, ...], seed: int) -> dict:
     metrics on exactly the patients the models are tested on."""
     from sklearn.linear_model import LogisticRegression
 
+    from umeml.data.synth import oracle_features
     from umeml.metrics.classification import auc_macro_ovr
     from umeml.metrics.survival import concordance_index
 
-    x = np.array([np.concatenate([lat["mix"], lat["expression"]]) for lat in latents])
+    x = np.array([oracle_features(lat) for lat in latents])
     test = np.array([lat["site"] in held for lat in latents])
     grades = ("II", "III", "IV")
     targets = {"grade": np.array([grades.index(lat["grade"]) for lat in latents]),
@@ -108,14 +113,19 @@ def _generate(spec, data: Path) -> list[dict]:
     return captured
 
 
-def _load_cache(path: Path | None, epochs, clustered: bool = False) -> dict:
+def _cache_key(clustered: str | None):
+    """A run's cohort in the cache: False (default), True (clustered mosaic, as first written), "foci"."""
+    return {None: False, "mosaic": True}.get(clustered, clustered)
+
+
+def _load_cache(path: Path | None, epochs, clustered: str | None = None) -> dict:
     """{(seed, variant): {"metrics", "seconds"}} from a JSON-lines cache (runs of this script)."""
     done: dict = {}
     if path is not None and path.is_file():
         for line in path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                if r.get("epochs") == epochs and r.get("clustered", False) == clustered:
+                if r.get("epochs") == epochs and r.get("clustered", False) == _cache_key(clustered):
                     done[(r["seed"], r["variant"])] = r
     return done
 
@@ -134,7 +144,7 @@ class _Runs:
     tmp: Path
     cohort: object = None
     held: tuple = ()
-    clustered: bool = False
+    clustered: str | None = None  # None, or the clustered variant ("mosaic", "foci")
 
 
 def _record(ctx: "_Runs", seed: int, name: str, metrics: dict, secs: float) -> None:
@@ -142,7 +152,7 @@ def _record(ctx: "_Runs", seed: int, name: str, metrics: dict, secs: float) -> N
     if ctx.cache is not None:
         with ctx.cache.open("a") as f:
             f.write(json.dumps({"seed": seed, "variant": name, "epochs": ctx.epochs, "metrics": metrics,
-                                "seconds": secs, **({"clustered": True} if ctx.clustered else {})}) + "\n")
+                                "seconds": secs, **({"clustered": _cache_key(ctx.clustered)} if ctx.clustered else {})}) + "\n")
 
 
 def _show(metrics: dict) -> str:
@@ -200,7 +210,8 @@ def _one_seed(ctx: _Runs, seed: int, variants: dict, federated: bool) -> None:
 
     out, base = ctx.out, ctx.base
     data = ctx.tmp / f"seed{seed}"
-    latents = _generate(SynthSpec(sites=4, patients=60, seed=seed, clustered=ctx.clustered), data)
+    latents = _generate(SynthSpec(sites=4, patients=60, seed=seed, clustered=ctx.clustered is not None,
+                                  clustered_variant=ctx.clustered or "mosaic"), data)
     oracle = json.loads((data / "oracle.json").read_text())
     out["oracle"][seed] = {t: oracle[t].get("auc_macro", oracle[t].get("c_index")) for t, _ in METRICS}
     ctx.cohort = load_data_dir(data, base.data)
@@ -215,10 +226,11 @@ def _one_seed(ctx: _Runs, seed: int, variants: dict, federated: bool) -> None:
 
 
 def run(seeds, models, epochs=None, ablations=False, federated=False, log=print, cache: Path | None = None,
-        clustered: bool = False) -> dict:
+        clustered: str | None = None) -> dict:
     """Test metrics per model and seed, and the oracle's, as nested dicts (plus ``_seconds``).
 
-    ``ablations``: True for all of them, or a list of ``ABLATION_KEYS`` keys.
+    ``ablations``: True for all of them, or a list of ``ABLATION_KEYS`` keys. ``clustered``: None
+    (the default cohort) or a ``SynthSpec.clustered_variant``.
 
     With ``cache`` every finished run is appended to that JSON-lines file and runs already there
     (same seed, variant and ``epochs``) are not repeated, so an interrupted benchmark resumes.
@@ -309,13 +321,43 @@ def pooling_goal(results: dict) -> str:
     return "Goal UMEML > mean pooling by more than the seed sd: " + "; ".join(parts)
 
 
+COHORTS = {
+    "mosaic": "Cohorts: `SynthSpec(sites=4, patients=60, seed=s, clustered=True)` (variant `mosaic`): each slide a "
+              "mosaic of ~40-patch spatial regions, the tumour regions (5-40% of a slide, per patient) following the "
+              "subtype's morphotype mixture, the rest four background morphotypes (`umeml/data/synth.py`).",
+    "foci": "Cohorts: `SynthSpec(sites=4, patients=60, seed=s, clustered=True, clustered_variant=\"foci\")`: a "
+            "biopsy-like slide, background a mosaic of ~40-patch regions of four background morphotypes in a "
+            "patient-specific mixture; tumour 2-10% of the patches (per patient) in 1-3 compact foci, patch "
+            "morphotypes from the subtype's mixture; in 80% of grade IV patients the central 30% of every focus "
+            "is necrosis (a ninth tissue centroid, about 1% of the patches; `umeml/data/synth.py`). The oracle also "
+            "sees whether necrosis is shown. *Mean pooling* = `umeml -cross-attention` (masked mean of the patch "
+            "embeddings instead of prototype cross-attention; design 5).",
+}
+PREVIOUS = "### Previous generator"
+
+
+def previous_generator(path: Path) -> str:
+    """The clustered section's ``### Previous generator`` subsection (earlier figures), kept
+    when the section is rewritten; empty when there is none."""
+    if not path.is_file():
+        return ""
+    text = path.read_text()
+    start = text.find(TITLE_CLUSTERED)
+    if start < 0:
+        return ""
+    end = text.find("\n## ", start + 1)
+    section = text[start:end if end >= 0 else len(text)]
+    at = section.find(PREVIOUS)
+    return "" if at < 0 else "\n\n" + section[at:].rstrip("\n")
+
+
 def _command(args, ap) -> str:
     cmd = "python -m bench.bench_synthetic --seeds " + " ".join(map(str, args.seeds))
     if args.models != ap.get_default("models"):
         cmd += " --models " + " ".join(args.models)
     if args.ablations is not None:
         cmd += " --ablations" + "".join(f" {a}" for a in args.ablations)
-    cmd += " --federated" * args.federated + " --clustered" * args.clustered
+    cmd += " --federated" * args.federated + (f" --clustered {args.clustered}" if args.clustered else "")
     return cmd + (f" --epochs {args.epochs}" if args.epochs else "")
 
 
@@ -327,7 +369,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ablations", nargs="*", choices=sorted(ABLATION_KEYS),
                     help="add UMEML with one component switched off (all of them, or the ones named)")
     ap.add_argument("--federated", action="store_true", help="add UMEML trained by FedAvg (simulation)")
-    ap.add_argument("--clustered", action="store_true", help="cohorts with spatially clustered morphotypes")
+    ap.add_argument("--clustered", nargs="?", const="mosaic", choices=CLUSTERED_VARIANTS,
+                    help="cohorts with spatially clustered morphotypes (variant: mosaic, the default, or foci)")
     ap.add_argument("--epochs", type=int, help="override train.epochs of configs/demo.yaml")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--cache", type=Path, help="JSON-lines file of finished runs: resume an interrupted benchmark")
@@ -349,11 +392,15 @@ def main(argv=None) -> int:
     print(text)
     print(f"\nmean wall time per run: {times}; total {wall / 60:.1f} min; {load}")
     if args.write:
-        write_section(args.write, TITLE_CLUSTERED if args.clustered else TITLE,
-                      f"Command: `nice -n 5 {_command(args, ap)}` ({wall / 60:.0f} min, {args.threads} torch thread(s), "
-                      f"{load}); centralized unless marked federated, configs/demo.yaml, held-out site test set "
-                      "(60 patients per seed); mean (sd) over seeds; `/ oracle` = mean metric / mean oracle metric.\n\n"
-                      + text)
+        body = (f"Command: `nice -n 5 {_command(args, ap)}` ({wall / 60:.0f} min, {args.threads} torch thread(s), "
+                f"{load}); centralized unless marked federated, configs/demo.yaml, held-out site test set "
+                "(60 patients per seed); mean (sd) over seeds; `/ oracle` = mean metric / mean oracle metric.\n\n")
+        if args.clustered:
+            body += COHORTS[args.clustered] + "\n\n"
+        body += text
+        if args.clustered:
+            body += previous_generator(args.write)
+        write_section(args.write, TITLE_CLUSTERED if args.clustered else TITLE, body)
     return 0
 
 
