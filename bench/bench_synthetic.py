@@ -16,8 +16,9 @@ same held-out site (chosen by the seed, 60 patients).
   (``SynthSpec.clustered``; ``clustered_variant`` "mosaic", the default, a tumour/background
   mosaic, or "foci", a biopsy with 2-10% tumour in compact foci and necrotic cores in grade IV;
   ``umeml/data/synth.py``) and writes its own section, which also states the goal "UMEML > mean
-  pooling (``-cross-attention``) by more than the seed sd". That section keeps its
-  ``### Previous generator`` subsection (earlier figures) across rewrites.
+  pooling (``-cross-attention``) by more than the seed sd". With ``--epochs N`` the figures go
+  to that section's own ``### Training budget --epochs N`` subsection; other subsections (the
+  ``### Previous generator`` figures) are kept across rewrites.
 - ``--federated`` adds UMEML trained by FedAvg in Flower's simulation engine (``simulate()``,
   demo.yaml's ``federation`` section: 3 training sites, 8 rounds x 2 local epochs) and evaluated
   on the same held-out site as the centralized runs.
@@ -290,8 +291,8 @@ def table(results: dict) -> str:
             others = [o for o in others if o is not None]
             ratio = mine / oracle[task]
             extra = f", {100 * mine / site[task]:.0f}% of the held-out-site oracle" if site else ""
-            wins.append(f"{task}: beats all baselines {'yes' if others and mine > max(others) else 'no'}, "
-                        f"{100 * ratio:.0f}% of oracle.json{extra} (goal >= {100 * GOAL:.0f}%: "
+            beats = f"beats all baselines {'yes' if mine > max(others) else 'no'}, " if others else ""
+            wins.append(f"{task}: {beats}{100 * ratio:.0f}% of oracle.json{extra} (goal >= {100 * GOAL:.0f}%: "
                         f"{'met' if ratio >= GOAL else 'not met'})")
         lines.append("\nUMEML (centralized): " + "; ".join(wins))
         if FEDERATED in results:
@@ -336,19 +337,36 @@ COHORTS = {
 PREVIOUS = "### Previous generator"
 
 
-def previous_generator(path: Path) -> str:
-    """The clustered section's ``### Previous generator`` subsection (earlier figures), kept
-    when the section is rewritten; empty when there is none."""
-    if not path.is_file():
-        return ""
-    text = path.read_text()
+def _subsections(path: Path) -> tuple[str, dict[str, str]]:
+    """The clustered section of ``path`` as (its text before the first ``### `` heading, {heading
+    line: that subsection's text}); empty when there is no such section."""
+    text = path.read_text() if path.is_file() else ""
     start = text.find(TITLE_CLUSTERED)
     if start < 0:
-        return ""
+        return "", {}
     end = text.find("\n## ", start + 1)
-    section = text[start:end if end >= 0 else len(text)]
-    at = section.find(PREVIOUS)
-    return "" if at < 0 else "\n\n" + section[at:].rstrip("\n")
+    lines = text[start:end if end >= 0 else len(text)].split("\n")[1:]
+    main, subs, current = [], {}, None
+    for line in lines:
+        if line.startswith("### "):
+            current = line
+            subs[current] = []
+        (subs[current] if current else main).append(line)
+    return "\n".join(main).strip("\n"), {h: "\n".join(v).strip("\n") for h, v in subs.items()}
+
+
+def clustered_body(path: Path, body: str, epochs: int | None) -> str:
+    """The clustered section's new text: a run at the demo budget replaces the main text, one
+    with ``--epochs N`` its own ``### Training budget --epochs N`` subsection; every other
+    subsection is kept (the previous generator's last), so no earlier figure is overwritten."""
+    main, subs = _subsections(path)
+    if epochs is None:
+        main = body
+    else:
+        heading = f"### Training budget --epochs {epochs}"
+        subs[heading] = heading + "\n\n" + body
+    order = sorted(subs, key=lambda h: h.startswith(PREVIOUS))
+    return "\n\n".join([main] * bool(main) + [subs[h] for h in order])
 
 
 def _command(args, ap) -> str:
@@ -399,7 +417,7 @@ def main(argv=None) -> int:
             body += COHORTS[args.clustered] + "\n\n"
         body += text
         if args.clustered:
-            body += previous_generator(args.write)
+            body = clustered_body(args.write, body, args.epochs)
         write_section(args.write, TITLE_CLUSTERED if args.clustered else TITLE, body)
     return 0
 
