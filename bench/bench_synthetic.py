@@ -9,8 +9,8 @@ with configs/demo.yaml (only the model name, or an ablation switch, changes), te
 same held-out site (chosen by the seed, 60 patients).
 
 - ``--ablations`` adds UMEML with one component switched off: ``model.use_modularity=false``,
-  ``use_registers=false``, ``use_cross_attention=false`` (mean pooling instead), and the single
-  modalities ``modalities=[pathology]`` / ``[genomics]``.
+  ``use_registers=false``, ``use_cross_attention=false`` (mean pooling instead), the single
+  modalities ``modalities=[pathology]`` / ``[genomics]``, and mean pooling on pathology alone.
 - ``--ablations modularity cross-attention`` runs only the named ones (keys of ``ABLATION_KEYS``).
 - ``--clustered [mosaic|foci]`` generates the cohorts with spatially clustered morphotypes
   (``SynthSpec.clustered``; ``clustered_variant`` "mosaic", the default, a tumour/background
@@ -57,10 +57,12 @@ ABLATIONS = {
     "umeml -cross-attention": ("umeml", {"use_cross_attention": False}),
     "umeml pathology only": ("umeml", {"modalities": ("pathology",)}),
     "umeml genomics only": ("umeml", {"modalities": ("genomics",)}),
+    # the pooling question without the genomic signal both variants share
+    "umeml -cross-attention pathology only": ("umeml", {"use_cross_attention": False, "modalities": ("pathology",)}),
 }
 ABLATION_KEYS = {"modularity": "umeml -modularity", "registers": "umeml -registers",
                  "cross-attention": "umeml -cross-attention", "pathology": "umeml pathology only",
-                 "genomics": "umeml genomics only"}
+                 "genomics": "umeml genomics only", "pathology-mean": "umeml -cross-attention pathology only"}
 MEAN_POOLING = "umeml -cross-attention"
 FEDERATED = "umeml federated (FedAvg)"
 SITE_ORACLE = "oracle, held-out site"
