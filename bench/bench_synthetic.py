@@ -148,6 +148,7 @@ class _Runs:
     cohort: object = None
     held: tuple = ()
     clustered: str | None = None  # None, or the clustered variant ("mosaic", "foci")
+    cached: int = 0  # runs taken from the cache, not run by this invocation
 
 
 def _record(ctx: "_Runs", seed: int, name: str, metrics: dict, secs: float) -> None:
@@ -171,6 +172,7 @@ def _central(ctx: _Runs, seed: int, name: str, model: str, overrides: dict) -> N
         out[name][seed] = ctx.done[(seed, name)]["metrics"]
         seconds[name].append(ctx.done[(seed, name)]["seconds"])
         ctx.log(f"seed {seed} {name:24s} (cached)")
+        ctx.cached += 1
         return
     base = ctx.base
     cfg = dataclasses.replace(base, seed=seed, model=dataclasses.replace(base.model, name=model, **overrides))
@@ -192,6 +194,7 @@ def _federated(ctx: _Runs, seed: int, data: Path) -> None:
         out[FEDERATED][seed] = ctx.done[(seed, FEDERATED)]["metrics"]
         seconds[FEDERATED].append(ctx.done[(seed, FEDERATED)]["seconds"])
         ctx.log(f"seed {seed} {FEDERATED:24s} (cached)")
+        ctx.cached += 1
         return
     cfg = dataclasses.replace(ctx.base, seed=seed)
     t0 = time.perf_counter()
@@ -258,6 +261,7 @@ def run(seeds, models, epochs=None, ablations=False, federated=False, log=print,
         for seed in seeds:
             _one_seed(ctx, seed, variants, federated)
     out["_seconds"] = seconds
+    out["_cached"] = ctx.cached
     return out
 
 
@@ -412,8 +416,11 @@ def main(argv=None) -> int:
     print(text)
     print(f"\nmean wall time per run: {times}; total {wall / 60:.1f} min; {load}")
     if args.write:
+        cached = results["_cached"]
+        reused = (f"; {cached} of the runs taken from the cache of an earlier invocation (`--cache`): the wall "
+                  "time and load average are this invocation's, the per-run times the recorded ones") if cached else ""
         body = (f"Command: `nice -n 5 {_command(args, ap)}` ({wall / 60:.0f} min, {args.threads} torch thread(s), "
-                f"{load}); centralized unless marked federated, configs/demo.yaml, held-out site test set "
+                f"{load}{reused}); centralized unless marked federated, configs/demo.yaml, held-out site test set "
                 "(60 patients per seed); mean (sd) over seeds; `/ oracle` = mean metric / mean oracle metric.\n\n")
         if args.clustered:
             body += COHORTS[args.clustered] + "\n\n"
