@@ -223,3 +223,16 @@ def test_foci_tumour_is_a_few_percent_clustered_in_coords_and_necrosis_marks_gra
     assert 0.02 - 0.01 <= min(fractions) and max(fractions) <= 0.10 + 0.01  # FOCI_TUMOUR_FRACTION
     assert np.mean(pairs) > 0.4 and np.mean(shuffled) < 0.15  # at random: about the tumour fraction
     assert any((kinds == 12).any() for _case, code, kinds, _ in slides if code == "GBM")
+
+
+def test_synth_cli_writes_the_foci_variant_and_refuses_a_fraction_without_clustered(tmp_path, capsys):
+    from umeml.cli import main
+
+    args = ["synth", "--sites", "1", "--patients", "3", "--feature-dim", "8", "--median-patches", "20"]
+    assert main(args + ["--out", str(tmp_path / "a"), "--tumour-fraction", "0.05", "0.1"]) == 2
+    assert "need clustered=True (--clustered)" in capsys.readouterr().err
+    assert main(args + ["--out", str(tmp_path / "b"), "--clustered", "foci", "--tumour-fraction", "0.05", "0.1"]) == 0
+    written = json.loads((tmp_path / "b" / "synth.json").read_text())
+    assert written["clustered_variant"] == "foci" and written["tumour_fraction"] == [0.05, 0.1]
+    assert main(args + ["--out", str(tmp_path / "c"), "--clustered"]) == 0
+    assert "clustered_variant" not in json.loads((tmp_path / "c" / "synth.json").read_text())
