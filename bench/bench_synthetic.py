@@ -121,14 +121,16 @@ def _cache_key(clustered: str | None):
     return {None: False, "mosaic": True}.get(clustered, clustered)
 
 
-def _load_cache(path: Path | None, epochs, clustered: str | None = None) -> dict:
+def _load_cache(path: Path | None, epochs, clustered: str | None = None, tumour_fraction=None) -> dict:
     """{(seed, variant): {"metrics", "seconds"}} from a JSON-lines cache (runs of this script)."""
+    fraction = list(tumour_fraction) if tumour_fraction else None
     done: dict = {}
     if path is not None and path.is_file():
         for line in path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                if r.get("epochs") == epochs and r.get("clustered", False) == _cache_key(clustered):
+                if (r.get("epochs") == epochs and r.get("clustered", False) == _cache_key(clustered)
+                        and r.get("tumour_fraction") == fraction):
                     done[(r["seed"], r["variant"])] = r
     return done
 
@@ -149,6 +151,7 @@ class _Runs:
     held: tuple = ()
     clustered: str | None = None  # None, or the clustered variant ("mosaic", "foci")
     cached: int = 0  # runs taken from the cache, not run by this invocation
+    tumour_fraction: tuple | None = None  # SynthSpec.tumour_fraction (clustered only)
 
 
 def _record(ctx: "_Runs", seed: int, name: str, metrics: dict, secs: float) -> None:
@@ -156,7 +159,9 @@ def _record(ctx: "_Runs", seed: int, name: str, metrics: dict, secs: float) -> N
     if ctx.cache is not None:
         with ctx.cache.open("a") as f:
             f.write(json.dumps({"seed": seed, "variant": name, "epochs": ctx.epochs, "metrics": metrics,
-                                "seconds": secs, **({"clustered": _cache_key(ctx.clustered)} if ctx.clustered else {})}) + "\n")
+                                "seconds": secs, **({"clustered": _cache_key(ctx.clustered)} if ctx.clustered else {}),
+                                **({"tumour_fraction": list(ctx.tumour_fraction)} if ctx.tumour_fraction else {})})
+                    + "\n")
 
 
 def _show(metrics: dict) -> str:
@@ -217,7 +222,8 @@ def _one_seed(ctx: _Runs, seed: int, variants: dict, federated: bool) -> None:
     out, base = ctx.out, ctx.base
     data = ctx.tmp / f"seed{seed}"
     latents = _generate(SynthSpec(sites=4, patients=60, seed=seed, clustered=ctx.clustered is not None,
-                                  clustered_variant=ctx.clustered or "mosaic"), data)
+                                  clustered_variant=ctx.clustered or "mosaic",
+                                  tumour_fraction=ctx.tumour_fraction), data)
     oracle = json.loads((data / "oracle.json").read_text())
     out["oracle"][seed] = {t: oracle[t].get("auc_macro", oracle[t].get("c_index")) for t, _ in METRICS}
     ctx.cohort = load_data_dir(data, base.data)
@@ -232,11 +238,11 @@ def _one_seed(ctx: _Runs, seed: int, variants: dict, federated: bool) -> None:
 
 
 def run(seeds, models, epochs=None, ablations=False, federated=False, log=print, cache: Path | None = None,
-        clustered: str | None = None) -> dict:
+        clustered: str | None = None, tumour_fraction: tuple | None = None) -> dict:
     """Test metrics per model and seed, and the oracle's, as nested dicts (plus ``_seconds``).
 
     ``ablations``: True for all of them, or a list of ``ABLATION_KEYS`` keys. ``clustered``: None
-    (the default cohort) or a ``SynthSpec.clustered_variant``.
+    (the default cohort) or a ``SynthSpec.clustered_variant``, with its ``tumour_fraction``.
 
     With ``cache`` every finished run is appended to that JSON-lines file and runs already there
     (same seed, variant and ``epochs``) are not repeated, so an interrupted benchmark resumes.
@@ -257,7 +263,8 @@ def run(seeds, models, epochs=None, ablations=False, federated=False, log=print,
     out[SITE_ORACLE] = {}
     seconds: dict = {m: [] for m in out if not m.startswith("oracle")}
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = _Runs(base, out, seconds, _load_cache(cache, epochs, clustered), cache, epochs, log, Path(tmp), clustered=clustered)
+        ctx = _Runs(base, out, seconds, _load_cache(cache, epochs, clustered, tumour_fraction), cache, epochs, log,
+                    Path(tmp), clustered=clustered, tumour_fraction=tumour_fraction)
         for seed in seeds:
             _one_seed(ctx, seed, variants, federated)
     out["_seconds"] = seconds
@@ -361,15 +368,18 @@ def _subsections(path: Path) -> tuple[str, dict[str, str]]:
     return "\n".join(main).strip("\n"), {h: "\n".join(v).strip("\n") for h, v in subs.items()}
 
 
-def clustered_body(path: Path, body: str, epochs: int | None) -> str:
-    """The clustered section's new text: a run at the demo budget replaces the main text, one
-    with ``--epochs N`` its own ``### Training budget --epochs N`` subsection; every other
-    subsection is kept (the previous generator's last), so no earlier figure is overwritten."""
+def clustered_body(path: Path, body: str, epochs: int | None, tumour_fraction: tuple | None = None) -> str:
+    """The clustered section's new text: a run at the demo budget and the variant's own tumour
+    fraction replaces the main text; one with ``--epochs N`` its own ``### Training budget
+    --epochs N`` subsection, one with ``--tumour-fraction`` its ``### Run with ...`` one; every
+    other subsection is kept (the previous generator's last), so no earlier figure is overwritten."""
     main, subs = _subsections(path)
-    if epochs is None:
+    if epochs is None and not tumour_fraction:
         main = body
     else:
-        heading = f"### Training budget --epochs {epochs}"
+        heading = (f"### Training budget --epochs {epochs}" if not tumour_fraction else
+                   f"### Run with --tumour-fraction {tumour_fraction[0]:g} {tumour_fraction[1]:g}"
+                   + (f" --epochs {epochs}" if epochs else ""))
         subs[heading] = heading + "\n\n" + body
     order = sorted(subs, key=lambda h: h.startswith(PREVIOUS))
     return "\n\n".join([main] * bool(main) + [subs[h] for h in order])
@@ -382,6 +392,8 @@ def _command(args, ap) -> str:
     if args.ablations is not None:
         cmd += " --ablations" + "".join(f" {a}" for a in args.ablations)
     cmd += " --federated" * args.federated + (f" --clustered {args.clustered}" if args.clustered else "")
+    if args.tumour_fraction:
+        cmd += " --tumour-fraction " + " ".join(f"{f:g}" for f in args.tumour_fraction)
     return cmd + (f" --epochs {args.epochs}" if args.epochs else "")
 
 
@@ -395,6 +407,8 @@ def main(argv=None) -> int:
     ap.add_argument("--federated", action="store_true", help="add UMEML trained by FedAvg (simulation)")
     ap.add_argument("--clustered", nargs="?", const="mosaic", choices=CLUSTERED_VARIANTS,
                     help="cohorts with spatially clustered morphotypes (variant: mosaic, the default, or foci)")
+    ap.add_argument("--tumour-fraction", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                    help="with --clustered: SynthSpec.tumour_fraction (default: the variant's own range)")
     ap.add_argument("--epochs", type=int, help="override train.epochs of configs/demo.yaml")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--cache", type=Path, help="JSON-lines file of finished runs: resume an interrupted benchmark")
@@ -408,7 +422,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     ablations = None if args.ablations is None else (args.ablations or True)
     results = run(args.seeds, args.models, args.epochs, ablations, args.federated,
-                  log=lambda s: print(s, flush=True), cache=args.cache, clustered=args.clustered)
+                  log=lambda s: print(s, flush=True), cache=args.cache, clustered=args.clustered,
+                  tumour_fraction=tuple(args.tumour_fraction) if args.tumour_fraction else None)
     wall = time.perf_counter() - t0
     load = f"load average before / after {' '.join(load0)} / {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
     text = table(results) + ("\n\n" + pooling_goal(results) if pooling_goal(results) else "")
@@ -426,7 +441,7 @@ def main(argv=None) -> int:
             body += COHORTS[args.clustered] + "\n\n"
         body += text
         if args.clustered:
-            body = clustered_body(args.write, body, args.epochs)
+            body = clustered_body(args.write, body, args.epochs, args.tumour_fraction)
         write_section(args.write, TITLE_CLUSTERED if args.clustered else TITLE, body)
     return 0
 

@@ -29,3 +29,12 @@ def test_reruns_replace_only_their_own_part_of_the_clustered_section(tmp_path):
 
 def test_cache_keys_keep_the_first_clustered_records():
     assert [_cache_key(c) for c in (None, "mosaic", "foci")] == [False, True, "foci"]
+
+
+def test_a_tumour_fraction_run_gets_its_own_subsection(tmp_path):
+    path = tmp_path / "b.md"
+    path.write_text(OLD)
+    write_section(path, TITLE_CLUSTERED, clustered_body(path, "sweep", None, (0.1, 0.25)), when="today")
+    text = path.read_text()
+    assert "### Run with --tumour-fraction 0.1 0.25\n\nsweep" in text and "foci at 8 epochs" in text
+    assert text.index("sweep") < text.index("### Previous generator")
