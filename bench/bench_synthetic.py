@@ -368,13 +368,17 @@ def _subsections(path: Path) -> tuple[str, dict[str, str]]:
     return "\n".join(main).strip("\n"), {h: "\n".join(v).strip("\n") for h, v in subs.items()}
 
 
-def clustered_body(path: Path, body: str, epochs: int | None, tumour_fraction: tuple | None = None) -> str:
+def clustered_body(path: Path, body: str, epochs: int | None, tumour_fraction: tuple | None = None,
+                   heading: str | None = None) -> str:
     """The clustered section's new text: a run at the demo budget and the variant's own tumour
     fraction replaces the main text; one with ``--epochs N`` its own ``### Training budget
     --epochs N`` subsection, one with ``--tumour-fraction`` its ``### Run with ...`` one; every
-    other subsection is kept (the previous generator's last), so no earlier figure is overwritten."""
+    other subsection is kept (the previous generator's last), so no earlier figure is overwritten.
+    ``heading`` names the subsection outright (other benchmarks' figures in this section)."""
     main, subs = _subsections(path)
-    if epochs is None and not tumour_fraction:
+    if heading is not None:
+        subs[heading] = heading + "\n\n" + body
+    elif epochs is None and not tumour_fraction:
         main = body
     else:
         heading = (f"### Training budget --epochs {epochs}" if not tumour_fraction else
