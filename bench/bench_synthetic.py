@@ -443,6 +443,10 @@ def main(argv=None) -> int:
                 "(60 patients per seed); mean (sd) over seeds; `/ oracle` = mean metric / mean oracle metric.\n\n")
         if args.clustered:
             body += COHORTS[args.clustered] + "\n\n"
+        if args.tumour_fraction:
+            body += "Here `--tumour-fraction {:g} {:g}`: the tumour is {:g}-{:g}% of the {}.\n\n".format(
+                *args.tumour_fraction, *(100 * f for f in args.tumour_fraction),
+                "patches" if args.clustered == "foci" else "regions")
         body += text
         if args.clustered:
             body = clustered_body(args.write, body, args.epochs, args.tumour_fraction)
