@@ -9,12 +9,16 @@ with configs/demo.yaml (only the model name, or an ablation switch, changes), te
 same held-out site (chosen by the seed, 60 patients).
 
 - ``--ablations`` adds UMEML with one component switched off: ``model.use_modularity=false``,
-  ``use_registers=false``, ``use_cross_attention=false`` (mean pooling instead), and the single
-  modalities ``modalities=[pathology]`` / ``[genomics]``.
+  ``use_registers=false``, ``use_cross_attention=false`` (mean pooling instead), the single
+  modalities ``modalities=[pathology]`` / ``[genomics]``, and mean pooling on pathology alone.
 - ``--ablations modularity cross-attention`` runs only the named ones (keys of ``ABLATION_KEYS``).
-- ``--clustered`` generates the cohorts with spatially clustered morphotypes
-  (``SynthSpec.clustered``: a tumour/background mosaic) and writes its own section, which also
-  states the goal "UMEML > mean pooling (``-cross-attention``) by more than the seed sd".
+- ``--clustered [mosaic|foci]`` generates the cohorts with spatially clustered morphotypes
+  (``SynthSpec.clustered``; ``clustered_variant`` "mosaic", the default, a tumour/background
+  mosaic, or "foci", a biopsy with 2-10% tumour in compact foci and necrotic cores in grade IV;
+  ``umeml/data/synth.py``) and writes its own section, which also states the goal "UMEML > mean
+  pooling (``-cross-attention``) by more than the seed sd". With ``--epochs N`` the figures go
+  to that section's own ``### Training budget --epochs N`` subsection; other subsections (the
+  ``### Previous generator`` figures) are kept across rewrites.
 - ``--federated`` adds UMEML trained by FedAvg in Flower's simulation engine (``simulate()``,
   demo.yaml's ``federation`` section: 3 training sites, 8 rounds x 2 local epochs) and evaluated
   on the same held-out site as the centralized runs.
@@ -39,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from bench._harness import PRIMARY, REPO, pick, write_section
+from umeml.data.synth import CLUSTERED_VARIANTS
 
 TITLE = "## UMEML, ablations and baselines on the synthetic cohort, next to the oracle"
 TITLE_CLUSTERED = "## Synthetic cohort with spatially clustered morphotypes: UMEML vs mean pooling"
@@ -52,10 +57,12 @@ ABLATIONS = {
     "umeml -cross-attention": ("umeml", {"use_cross_attention": False}),
     "umeml pathology only": ("umeml", {"modalities": ("pathology",)}),
     "umeml genomics only": ("umeml", {"modalities": ("genomics",)}),
+    # the pooling question without the genomic signal both variants share
+    "umeml -cross-attention pathology only": ("umeml", {"use_cross_attention": False, "modalities": ("pathology",)}),
 }
 ABLATION_KEYS = {"modularity": "umeml -modularity", "registers": "umeml -registers",
                  "cross-attention": "umeml -cross-attention", "pathology": "umeml pathology only",
-                 "genomics": "umeml genomics only"}
+                 "genomics": "umeml genomics only", "pathology-mean": "umeml -cross-attention pathology only"}
 MEAN_POOLING = "umeml -cross-attention"
 FEDERATED = "umeml federated (FedAvg)"
 SITE_ORACLE = "oracle, held-out site"
@@ -67,10 +74,11 @@ def site_oracle(latents: list[dict], held: tuple[str, ...], seed: int) -> dict:
     metrics on exactly the patients the models are tested on."""
     from sklearn.linear_model import LogisticRegression
 
+    from umeml.data.synth import oracle_features
     from umeml.metrics.classification import auc_macro_ovr
     from umeml.metrics.survival import concordance_index
 
-    x = np.array([np.concatenate([lat["mix"], lat["expression"]]) for lat in latents])
+    x = np.array([oracle_features(lat) for lat in latents])
     test = np.array([lat["site"] in held for lat in latents])
     grades = ("II", "III", "IV")
     targets = {"grade": np.array([grades.index(lat["grade"]) for lat in latents]),
@@ -108,14 +116,21 @@ def _generate(spec, data: Path) -> list[dict]:
     return captured
 
 
-def _load_cache(path: Path | None, epochs, clustered: bool = False) -> dict:
+def _cache_key(clustered: str | None):
+    """A run's cohort in the cache: False (default), True (clustered mosaic, as first written), "foci"."""
+    return {None: False, "mosaic": True}.get(clustered, clustered)
+
+
+def _load_cache(path: Path | None, epochs, clustered: str | None = None, tumour_fraction=None) -> dict:
     """{(seed, variant): {"metrics", "seconds"}} from a JSON-lines cache (runs of this script)."""
+    fraction = list(tumour_fraction) if tumour_fraction else None
     done: dict = {}
     if path is not None and path.is_file():
         for line in path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                if r.get("epochs") == epochs and r.get("clustered", False) == clustered:
+                if (r.get("epochs") == epochs and r.get("clustered", False) == _cache_key(clustered)
+                        and r.get("tumour_fraction") == fraction):
                     done[(r["seed"], r["variant"])] = r
     return done
 
@@ -134,7 +149,9 @@ class _Runs:
     tmp: Path
     cohort: object = None
     held: tuple = ()
-    clustered: bool = False
+    clustered: str | None = None  # None, or the clustered variant ("mosaic", "foci")
+    cached: int = 0  # runs taken from the cache, not run by this invocation
+    tumour_fraction: tuple | None = None  # SynthSpec.tumour_fraction (clustered only)
 
 
 def _record(ctx: "_Runs", seed: int, name: str, metrics: dict, secs: float) -> None:
@@ -142,7 +159,9 @@ def _record(ctx: "_Runs", seed: int, name: str, metrics: dict, secs: float) -> N
     if ctx.cache is not None:
         with ctx.cache.open("a") as f:
             f.write(json.dumps({"seed": seed, "variant": name, "epochs": ctx.epochs, "metrics": metrics,
-                                "seconds": secs, **({"clustered": True} if ctx.clustered else {})}) + "\n")
+                                "seconds": secs, **({"clustered": _cache_key(ctx.clustered)} if ctx.clustered else {}),
+                                **({"tumour_fraction": list(ctx.tumour_fraction)} if ctx.tumour_fraction else {})})
+                    + "\n")
 
 
 def _show(metrics: dict) -> str:
@@ -158,6 +177,7 @@ def _central(ctx: _Runs, seed: int, name: str, model: str, overrides: dict) -> N
         out[name][seed] = ctx.done[(seed, name)]["metrics"]
         seconds[name].append(ctx.done[(seed, name)]["seconds"])
         ctx.log(f"seed {seed} {name:24s} (cached)")
+        ctx.cached += 1
         return
     base = ctx.base
     cfg = dataclasses.replace(base, seed=seed, model=dataclasses.replace(base.model, name=model, **overrides))
@@ -179,6 +199,7 @@ def _federated(ctx: _Runs, seed: int, data: Path) -> None:
         out[FEDERATED][seed] = ctx.done[(seed, FEDERATED)]["metrics"]
         seconds[FEDERATED].append(ctx.done[(seed, FEDERATED)]["seconds"])
         ctx.log(f"seed {seed} {FEDERATED:24s} (cached)")
+        ctx.cached += 1
         return
     cfg = dataclasses.replace(ctx.base, seed=seed)
     t0 = time.perf_counter()
@@ -200,7 +221,9 @@ def _one_seed(ctx: _Runs, seed: int, variants: dict, federated: bool) -> None:
 
     out, base = ctx.out, ctx.base
     data = ctx.tmp / f"seed{seed}"
-    latents = _generate(SynthSpec(sites=4, patients=60, seed=seed, clustered=ctx.clustered), data)
+    latents = _generate(SynthSpec(sites=4, patients=60, seed=seed, clustered=ctx.clustered is not None,
+                                  clustered_variant=ctx.clustered or "mosaic",
+                                  tumour_fraction=ctx.tumour_fraction), data)
     oracle = json.loads((data / "oracle.json").read_text())
     out["oracle"][seed] = {t: oracle[t].get("auc_macro", oracle[t].get("c_index")) for t, _ in METRICS}
     ctx.cohort = load_data_dir(data, base.data)
@@ -215,10 +238,11 @@ def _one_seed(ctx: _Runs, seed: int, variants: dict, federated: bool) -> None:
 
 
 def run(seeds, models, epochs=None, ablations=False, federated=False, log=print, cache: Path | None = None,
-        clustered: bool = False) -> dict:
+        clustered: str | None = None, tumour_fraction: tuple | None = None) -> dict:
     """Test metrics per model and seed, and the oracle's, as nested dicts (plus ``_seconds``).
 
-    ``ablations``: True for all of them, or a list of ``ABLATION_KEYS`` keys.
+    ``ablations``: True for all of them, or a list of ``ABLATION_KEYS`` keys. ``clustered``: None
+    (the default cohort) or a ``SynthSpec.clustered_variant``, with its ``tumour_fraction``.
 
     With ``cache`` every finished run is appended to that JSON-lines file and runs already there
     (same seed, variant and ``epochs``) are not repeated, so an interrupted benchmark resumes.
@@ -239,10 +263,12 @@ def run(seeds, models, epochs=None, ablations=False, federated=False, log=print,
     out[SITE_ORACLE] = {}
     seconds: dict = {m: [] for m in out if not m.startswith("oracle")}
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = _Runs(base, out, seconds, _load_cache(cache, epochs, clustered), cache, epochs, log, Path(tmp), clustered=clustered)
+        ctx = _Runs(base, out, seconds, _load_cache(cache, epochs, clustered, tumour_fraction), cache, epochs, log,
+                    Path(tmp), clustered=clustered, tumour_fraction=tumour_fraction)
         for seed in seeds:
             _one_seed(ctx, seed, variants, federated)
     out["_seconds"] = seconds
+    out["_cached"] = ctx.cached
     return out
 
 
@@ -278,8 +304,8 @@ def table(results: dict) -> str:
             others = [o for o in others if o is not None]
             ratio = mine / oracle[task]
             extra = f", {100 * mine / site[task]:.0f}% of the held-out-site oracle" if site else ""
-            wins.append(f"{task}: beats all baselines {'yes' if others and mine > max(others) else 'no'}, "
-                        f"{100 * ratio:.0f}% of oracle.json{extra} (goal >= {100 * GOAL:.0f}%: "
+            beats = f"beats all baselines {'yes' if mine > max(others) else 'no'}, " if others else ""
+            wins.append(f"{task}: {beats}{100 * ratio:.0f}% of oracle.json{extra} (goal >= {100 * GOAL:.0f}%: "
                         f"{'met' if ratio >= GOAL else 'not met'})")
         lines.append("\nUMEML (centralized): " + "; ".join(wins))
         if FEDERATED in results:
@@ -309,13 +335,69 @@ def pooling_goal(results: dict) -> str:
     return "Goal UMEML > mean pooling by more than the seed sd: " + "; ".join(parts)
 
 
+COHORTS = {
+    "mosaic": "Cohorts: `SynthSpec(sites=4, patients=60, seed=s, clustered=True)` (variant `mosaic`): each slide a "
+              "mosaic of ~40-patch spatial regions, the tumour regions (5-40% of a slide, per patient) following the "
+              "subtype's morphotype mixture, the rest four background morphotypes (`umeml/data/synth.py`).",
+    "foci": "Cohorts: `SynthSpec(sites=4, patients=60, seed=s, clustered=True, clustered_variant=\"foci\")`: a "
+            "biopsy-like slide, background a mosaic of ~40-patch regions of four background morphotypes in a "
+            "patient-specific mixture; tumour 2-10% of the patches (per patient) in 1-3 compact foci, patch "
+            "morphotypes from the subtype's mixture; in 80% of grade IV patients the central 30% of every focus "
+            "is necrosis (a ninth tissue centroid, about 1% of the patches; `umeml/data/synth.py`). The oracle also "
+            "sees whether necrosis is shown. *Mean pooling* = `umeml -cross-attention` (masked mean of the patch "
+            "embeddings instead of prototype cross-attention; design 5).",
+}
+PREVIOUS = "### Previous generator"
+
+
+def _subsections(path: Path) -> tuple[str, dict[str, str]]:
+    """The clustered section of ``path`` as (its text before the first ``### `` heading, {heading
+    line: that subsection's text}); empty when there is no such section."""
+    text = path.read_text() if path.is_file() else ""
+    start = text.find(TITLE_CLUSTERED)
+    if start < 0:
+        return "", {}
+    end = text.find("\n## ", start + 1)
+    lines = text[start:end if end >= 0 else len(text)].split("\n")[1:]
+    main, subs, current = [], {}, None
+    for line in lines:
+        if line.startswith("### "):
+            current = line
+            subs[current] = []
+        (subs[current] if current else main).append(line)
+    return "\n".join(main).strip("\n"), {h: "\n".join(v).strip("\n") for h, v in subs.items()}
+
+
+def clustered_body(path: Path, body: str, epochs: int | None, tumour_fraction: tuple | None = None,
+                   heading: str | None = None) -> str:
+    """The clustered section's new text: a run at the demo budget and the variant's own tumour
+    fraction replaces the main text; one with ``--epochs N`` its own ``### Training budget
+    --epochs N`` subsection, one with ``--tumour-fraction`` its ``### Run with ...`` one; every
+    other subsection is kept (the previous generator's last), so no earlier figure is overwritten.
+    ``heading`` names the subsection outright (other benchmarks' figures in this section)."""
+    main, subs = _subsections(path)
+    if heading is not None:
+        subs[heading] = heading + "\n\n" + body
+    elif epochs is None and not tumour_fraction:
+        main = body
+    else:
+        heading = (f"### Training budget --epochs {epochs}" if not tumour_fraction else
+                   f"### Run with --tumour-fraction {tumour_fraction[0]:g} {tumour_fraction[1]:g}"
+                   + (f" --epochs {epochs}" if epochs else ""))
+        subs[heading] = heading + "\n\n" + body
+    order = sorted(subs, key=lambda h: h.startswith(PREVIOUS))
+    return "\n\n".join([main] * bool(main) + [subs[h] for h in order])
+
+
 def _command(args, ap) -> str:
     cmd = "python -m bench.bench_synthetic --seeds " + " ".join(map(str, args.seeds))
     if args.models != ap.get_default("models"):
         cmd += " --models " + " ".join(args.models)
     if args.ablations is not None:
         cmd += " --ablations" + "".join(f" {a}" for a in args.ablations)
-    cmd += " --federated" * args.federated + " --clustered" * args.clustered
+    cmd += " --federated" * args.federated + (f" --clustered {args.clustered}" if args.clustered else "")
+    if args.tumour_fraction:
+        cmd += " --tumour-fraction " + " ".join(f"{f:g}" for f in args.tumour_fraction)
     return cmd + (f" --epochs {args.epochs}" if args.epochs else "")
 
 
@@ -327,7 +409,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ablations", nargs="*", choices=sorted(ABLATION_KEYS),
                     help="add UMEML with one component switched off (all of them, or the ones named)")
     ap.add_argument("--federated", action="store_true", help="add UMEML trained by FedAvg (simulation)")
-    ap.add_argument("--clustered", action="store_true", help="cohorts with spatially clustered morphotypes")
+    ap.add_argument("--clustered", nargs="?", const="mosaic", choices=CLUSTERED_VARIANTS,
+                    help="cohorts with spatially clustered morphotypes (variant: mosaic, the default, or foci)")
+    ap.add_argument("--tumour-fraction", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                    help="with --clustered: SynthSpec.tumour_fraction (default: the variant's own range)")
     ap.add_argument("--epochs", type=int, help="override train.epochs of configs/demo.yaml")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--cache", type=Path, help="JSON-lines file of finished runs: resume an interrupted benchmark")
@@ -341,7 +426,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     ablations = None if args.ablations is None else (args.ablations or True)
     results = run(args.seeds, args.models, args.epochs, ablations, args.federated,
-                  log=lambda s: print(s, flush=True), cache=args.cache, clustered=args.clustered)
+                  log=lambda s: print(s, flush=True), cache=args.cache, clustered=args.clustered,
+                  tumour_fraction=tuple(args.tumour_fraction) if args.tumour_fraction else None)
     wall = time.perf_counter() - t0
     load = f"load average before / after {' '.join(load0)} / {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
     text = table(results) + ("\n\n" + pooling_goal(results) if pooling_goal(results) else "")
@@ -349,11 +435,22 @@ def main(argv=None) -> int:
     print(text)
     print(f"\nmean wall time per run: {times}; total {wall / 60:.1f} min; {load}")
     if args.write:
-        write_section(args.write, TITLE_CLUSTERED if args.clustered else TITLE,
-                      f"Command: `nice -n 5 {_command(args, ap)}` ({wall / 60:.0f} min, {args.threads} torch thread(s), "
-                      f"{load}); centralized unless marked federated, configs/demo.yaml, held-out site test set "
-                      "(60 patients per seed); mean (sd) over seeds; `/ oracle` = mean metric / mean oracle metric.\n\n"
-                      + text)
+        cached = results["_cached"]
+        reused = (f"; {cached} of the runs taken from the cache of an earlier invocation (`--cache`): the wall "
+                  "time and load average are this invocation's, the per-run times the recorded ones") if cached else ""
+        body = (f"Command: `nice -n 5 {_command(args, ap)}` ({wall / 60:.0f} min, {args.threads} torch thread(s), "
+                f"{load}{reused}); centralized unless marked federated, configs/demo.yaml, held-out site test set "
+                "(60 patients per seed); mean (sd) over seeds; `/ oracle` = mean metric / mean oracle metric.\n\n")
+        if args.clustered:
+            body += COHORTS[args.clustered] + "\n\n"
+        if args.tumour_fraction:
+            body += "Here `--tumour-fraction {:g} {:g}`: the tumour is {:g}-{:g}% of the {}.\n\n".format(
+                *args.tumour_fraction, *(100 * f for f in args.tumour_fraction),
+                "patches" if args.clustered == "foci" else "regions")
+        body += text
+        if args.clustered:
+            body = clustered_body(args.write, body, args.epochs, args.tumour_fraction)
+        write_section(args.write, TITLE_CLUSTERED if args.clustered else TITLE, body)
     return 0
 
 

@@ -132,3 +132,107 @@ def test_clustered_morphotypes_are_spatially_clustered(tmp_path):
     assert json.loads((tmp_path / "c" / "synth.json").read_text())["clustered"] is True
     cohort = load_data_dir(tmp_path / "c")
     assert len(cohort) == 16 and cohort.feature_dim == 8
+
+
+# sha256 of SMALL with clustered=True (the "mosaic" variant) as generated before the "foci" variant
+# existed: the first clustered cohorts keep their bytes too
+SMALL_MOSAIC_SHA256 = "7befd51fe382137d86adcf8c535cd81beea511d718810e4c6179fa2d1e26c304"
+FOCI = SynthSpec(sites=2, patients=10, seed=5, feature_dim=32, median_patches=200, min_patches=100,
+                 max_patches=400, clustered=True, clustered_variant="foci")
+
+
+def test_mosaic_cohort_is_unchanged_by_the_foci_variant(tmp_path):
+    generate(SynthSpec(**{**SMALL.__dict__, "clustered": True}), tmp_path / "m")
+    assert full_digest(tmp_path / "m") == SMALL_MOSAIC_SHA256
+    written = json.loads((tmp_path / "m" / "synth.json").read_text())
+    assert "clustered_variant" not in written and "tumour_fraction" not in written
+
+
+def test_foci_cohort_is_a_pure_function_of_its_seed(tmp_path):
+    generate(FOCI, tmp_path / "a")
+    generate(FOCI, tmp_path / "b")
+    generate(SynthSpec(**{**FOCI.__dict__, "seed": 6}), tmp_path / "c")
+    assert full_digest(tmp_path / "a") == full_digest(tmp_path / "b") != full_digest(tmp_path / "c")
+    assert json.loads((tmp_path / "a" / "synth.json").read_text())["clustered_variant"] == "foci"
+
+
+def test_foci_layout_has_the_tumour_fraction_and_central_necrosis():
+    from umeml.data.synth import NECROSIS_CORE, foci_kinds
+
+    rng = np.random.default_rng(1)
+    for n, frac in [(400, 0.05), (1000, 0.02), (16, 0.05), (300, 0.5)]:
+        kinds, region, cells = foci_kinds(n, frac, np.full(8, 1 / 8), np.full(4, 1 / 4), True, rng)
+        tumour = (kinds < 8) | (kinds == 12)
+        assert tumour.sum() == max(1, round(frac * n)) and len(cells) == n
+        assert set(np.unique(kinds[~tumour])) <= set(range(8, 12))  # background elsewhere
+        necrosis = kinds == 12
+        assert abs(necrosis.sum() - NECROSIS_CORE * tumour.sum()) <= 3  # rounding, per focus
+        for f in np.unique(region[tumour]):  # necrosis is the core of its focus
+            focus = tumour & (region == f)
+            centre = cells[focus].mean(axis=0)
+            dist = np.linalg.norm(cells - centre, axis=1)
+            if necrosis[focus].any() and (~necrosis & focus).any():
+                assert dist[necrosis & focus].mean() < dist[~necrosis & focus].mean()
+    kinds, _, _ = foci_kinds(400, 0.05, np.full(8, 1 / 8), np.full(4, 1 / 4), False, rng)
+    assert not (kinds == 12).any()
+    with pytest.raises(ValueError, match="tumour-fraction"):
+        SynthSpec(clustered=True, tumour_fraction=(0.3, 0.1)).check()
+    with pytest.raises(ValueError, match="need clustered"):
+        SynthSpec(clustered_variant="foci").check()
+    with pytest.raises(ValueError, match="--clustered must be one of"):
+        SynthSpec(clustered=True, clustered_variant="stripes").check()
+
+
+def _recovered_kinds(data_dir, spec):
+    """Every bag's patches labelled by their nearest generator centroid (site stain undone), and
+    the patients' latent variables, from the written files and the generator's world."""
+    from umeml.data.bags import read_coords, read_features
+    from umeml.data.synth import _world
+
+    world = _world(spec, np.random.default_rng(spec.seed))
+    centroids = np.concatenate([world.centroids, world.background, world.necrosis])
+    table = pd.read_csv(data_dir / "table.csv", dtype={"slide_id": str}, keep_default_na=False)
+    sites = {code: s for s, code in enumerate(sorted(table["site"].unique()))}
+    out = []
+    for row in table[table["slide_id"] != ""].itertuples():
+        path = data_dir / "bags" / f"{row.slide_id}.h5"
+        s = sites[row.site]
+        x = (read_features(path) - world.site_offset[s]) / world.site_scale[s]
+        kinds = ((x[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
+        out.append((row.case_id, row.oncotree_code, kinds, read_coords(path) // 256))
+    return out
+
+
+def _tumour_neighbours(tumour, cells):
+    """Of the tumour patches' right-hand grid neighbours, the share that are tumour."""
+    where = {tuple(c): t for c, t in zip(cells.tolist(), tumour.tolist())}
+    return [where[(x + 1, y)] for (x, y), t in where.items() if t and (x + 1, y) in where]
+
+
+def test_foci_tumour_is_a_few_percent_clustered_in_coords_and_necrosis_marks_grade_iv(tmp_path):
+    generate(FOCI, tmp_path / "f")
+    slides = _recovered_kinds(tmp_path / "f", FOCI)
+    rng = np.random.default_rng(0)
+    fractions, pairs, shuffled = [], [], []
+    for _case, code, kinds, cells in slides:
+        tumour = (kinds < 8) | (kinds == 12)
+        fractions.append(tumour.mean())
+        pairs += _tumour_neighbours(tumour, cells)
+        shuffled += _tumour_neighbours(rng.permutation(tumour), cells)
+        assert (kinds == 12).any() <= (code == "GBM")  # necrosis only in grade IV
+    assert 0.02 - 0.01 <= min(fractions) and max(fractions) <= 0.10 + 0.01  # FOCI_TUMOUR_FRACTION
+    assert np.mean(pairs) > 0.4 and np.mean(shuffled) < 0.15  # at random: about the tumour fraction
+    assert any((kinds == 12).any() for _case, code, kinds, _ in slides if code == "GBM")
+
+
+def test_synth_cli_writes_the_foci_variant_and_refuses_a_fraction_without_clustered(tmp_path, capsys):
+    from umeml.cli import main
+
+    args = ["synth", "--sites", "1", "--patients", "3", "--feature-dim", "8", "--median-patches", "20"]
+    assert main(args + ["--out", str(tmp_path / "a"), "--tumour-fraction", "0.05", "0.1"]) == 2
+    assert "need clustered=True (--clustered)" in capsys.readouterr().err
+    assert main(args + ["--out", str(tmp_path / "b"), "--clustered", "foci", "--tumour-fraction", "0.05", "0.1"]) == 0
+    written = json.loads((tmp_path / "b" / "synth.json").read_text())
+    assert written["clustered_variant"] == "foci" and written["tumour_fraction"] == [0.05, 0.1]
+    assert main(args + ["--out", str(tmp_path / "c"), "--clustered"]) == 0
+    assert "clustered_variant" not in json.loads((tmp_path / "c" / "synth.json").read_text())

@@ -30,7 +30,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     spec = SynthSpec(
         sites=args.sites, patients=args.patients, seed=args.seed, feature_dim=args.feature_dim,
         median_patches=args.median_patches, min_patches=args.min_patches, max_patches=args.max_patches,
-        missing_fraction=args.missing_fraction, clustered=args.clustered,
+        missing_fraction=args.missing_fraction, clustered=args.clustered is not None,
+        clustered_variant=args.clustered or "mosaic",
+        tumour_fraction=tuple(args.tumour_fraction) if args.tumour_fraction else None,
     )
     check_out_dir(args.out)
     t0 = time.perf_counter()
@@ -172,8 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-patches", type=int, default=2000, help="largest bag (default 2000)")
     p.add_argument("--missing-fraction", type=float, default=0.03,
                    help="fraction of patients without slides, and again without genomics (default 0.03)")
-    p.add_argument("--clustered", action="store_true",
-                   help="spatially clustered morphotypes: a tumour/background mosaic (off by default)")
+    p.add_argument("--clustered", nargs="?", const="mosaic", choices=("mosaic", "foci"),
+                   help="spatially clustered morphotypes (off by default): 'mosaic' (the default variant), a "
+                        "tumour/background mosaic, or 'foci', 2-10%% tumour in compact foci, necrotic cores in grade IV")
+    p.add_argument("--tumour-fraction", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="with --clustered: range of the per-patient tumour share (mosaic: of the regions, "
+                        "0.05 0.4; foci: of the patches, 0.02 0.1)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--split-sites", type=Path, metavar="DIR",
                    help="also write one data directory per site under DIR (to stage a local deployment)")

@@ -13,15 +13,35 @@ Generative story (the latent variables are what ``oracle.json`` is computed from
 Bag sizes vary over two orders of magnitude; a few patients miss one modality; some have two
 slides. Bags are streamed to disk slide by slide, never held together in memory.
 
-``clustered=True`` (off by default; the default cohort is unchanged, byte for byte) makes
-pathology a problem where locality and prototypes matter: a slide is a mosaic of spatial regions
-(about ``REGION_PATCHES`` patches each, every grid cell joins its nearest region seed in
-``coords``), each region holding one morphotype and sharing a small regional offset. Only a
-fraction of the regions (the tumour, 5-40% of the slide, drawn per patient) take their morphotype
-from the subtype's mixture; the rest is background tissue (``BACKGROUND_MORPHOTYPES`` extra
-centroids, a patient-specific mixture common to all subtypes). The mean of a bag then mixes the
-subtype signal with a background of varying size, which pooling that can select patches does
-not have to.
+``clustered=True`` (off by default; the default cohort is unchanged, byte for byte) lays the
+patches of a slide out in space (``coords``) as real tissue is: morphotypes come in spatially
+contiguous regions. Two variants (``clustered_variant``):
+
+- ``"mosaic"`` (the first one; its cohorts keep their bytes): a slide is a mosaic of spatial
+  regions (about ``REGION_PATCHES`` patches each, every grid cell joins its nearest region seed in
+  ``coords``), each region holding one morphotype and sharing a small regional offset. Only a
+  fraction of the regions (the tumour, 5-40% of the slide, drawn per patient) take their
+  morphotype from the subtype's mixture; the rest is background tissue
+  (``BACKGROUND_MORPHOTYPES`` extra centroids, a patient-specific mixture common to all subtypes).
+  Measured: UMEML and mean pooling tie on it (the masked mean still estimates the tumour mixture).
+- ``"foci"``: a biopsy with little tumour, where the label lives in a few patches. The background
+  is the same regional mosaic of background morphotypes; the tumour is 2-10% of the patches
+  (``FOCI_TUMOUR_FRACTION``, drawn per patient) in 1-3 compact foci (the cells nearest to focus
+  centres drawn on the grid), each focus with its own regional offset, its patches' morphotypes
+  drawn i.i.d. from the patient's subtype mixture (tumour is heterogeneous at patch scale). In
+  grade IV (GBM) patients the centre of every focus is necrosis (``NECROSIS_CORE`` of a focus's
+  cells, one extra "necrosis" centroid, never seen elsewhere), in ``NECROSIS_SHOWN`` of them (a
+  biopsy can miss the necrotic core): the WHO grade IV hallmark, rare (about 1% of the patches),
+  label-defining and co-located with the tumour. A bag's mean then carries the tumour signal at
+  a few percent of its size, under a background mixture that varies from patient to patient (the
+  low witness rate of multiple-instance learning), which pooling that selects patches (prototype
+  cross-attention) need not dilute. ``oracle.json`` also sees whether necrosis was shown.
+  Measured: a tie as well; linear probes show that the mean of an ideal (one-hot) patch embedding
+  loses about 0.01 AUC to pooling the tumour patches alone (docs/benchmarks.md).
+
+``tumour_fraction`` overrides the variant's range (mosaic: share of the regions; foci: share of
+the patches). The model never reads ``coords``: locality reaches it as the features' shared
+regional and focal offsets, as real patch encoders see neighbouring tissue alike.
 """
 
 from __future__ import annotations
@@ -55,6 +75,12 @@ WRITE_CHUNK = 2048  # patches generated and written at a time
 REGION_PATCHES = 40  # patches per spatial region, on average
 BACKGROUND_MORPHOTYPES = 4
 TUMOUR_FRACTION = (0.05, 0.4)  # of a slide's regions, uniform per patient
+CLUSTERED_VARIANTS = ("mosaic", "foci")
+LATER_OPTIONS = ("clustered", "clustered_variant", "tumour_fraction")  # in synth.json only when set
+FOCI_TUMOUR_FRACTION = (0.02, 0.10)  # of a slide's patches, uniform per patient ("foci")
+FOCI_PER_SLIDE = (1, 3)  # tumour foci per slide, uniform
+NECROSIS_CORE = 0.3  # share of a grade IV focus's cells (those nearest its centre) that are necrosis
+NECROSIS_SHOWN = 0.8  # share of grade IV patients whose slides show the necrotic core
 
 
 @dataclass(frozen=True)
@@ -75,6 +101,8 @@ class SynthSpec:
     stain_shift: float = 0.4
     dtype: str = "float16"
     clustered: bool = False  # spatially clustered morphotypes in a tumour/background mosaic
+    clustered_variant: str = "mosaic"  # with clustered: "mosaic" or "foci" (module docstring)
+    tumour_fraction: tuple[float, float] | None = None  # with clustered: the variant's range if None
 
     def check(self) -> None:
         """Raise ValueError naming the option that is out of range."""
@@ -89,6 +117,13 @@ class SynthSpec:
             (self.genes_per_group >= 4, "--genes-per-group must be >= 4"),
             (0 <= self.missing_fraction < 0.5, "--missing-fraction must be in [0, 0.5)"),
             (self.dtype in ("float16", "float32"), "dtype must be float16 or float32"),
+            (self.clustered_variant in CLUSTERED_VARIANTS,
+             f"--clustered must be one of {', '.join(CLUSTERED_VARIANTS)}"),
+            (self.clustered or (self.clustered_variant == "mosaic" and self.tumour_fraction is None),
+             "clustered_variant and tumour_fraction (--clustered VARIANT, --tumour-fraction) need clustered=True (--clustered)"),
+            (self.tumour_fraction is None or (len(self.tumour_fraction) == 2
+                                              and 0 < self.tumour_fraction[0] <= self.tumour_fraction[1] <= 1),
+             "--tumour-fraction must be LOW HIGH with 0 < LOW <= HIGH <= 1"),
         ]
         for ok, message in rules:
             if not ok:
@@ -115,6 +150,7 @@ class _World:
     genes: list[str]
     gene_groups: list[list[str]]
     background: np.ndarray | None = None  # (Qb, D) background centroids (clustered only)
+    necrosis: np.ndarray | None = None  # (1, D) the necrosis centroid (clustered "foci" only)
 
 
 def _world(spec: SynthSpec, rng: np.random.Generator) -> _World:
@@ -141,8 +177,11 @@ def _world(spec: SynthSpec, rng: np.random.Generator) -> _World:
     if spec.clustered:  # from its own stream, so the shared world is the default one
         brng = np.random.default_rng([spec.seed, 1])
         background = brng.normal(0, 1.0, (BACKGROUND_MORPHOTYPES, d)) * np.sqrt(8.0 / d)
+    necrosis = None
+    if spec.clustered and spec.clustered_variant == "foci":  # a third stream: mosaic cohorts keep their bytes
+        necrosis = np.random.default_rng([spec.seed, 2]).normal(0, 1.0, (1, d)) * np.sqrt(8.0 / d)
     return _World(centroids, subtype_mix, site_props, site_offset, site_scale, effects, loading, genes, groups,
-                  background)
+                  background, necrosis)
 
 
 def _genomic_columns(world: _World) -> list[str]:
@@ -184,11 +223,12 @@ def _write_slide(path: Path, n: int, mix: np.ndarray, world: _World, site: int, 
     atomic_write(path, write)
 
 
-def _mosaic_mixture(world: _World, mix: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _mosaic_mixture(world: _World, mix: np.ndarray, rng: np.random.Generator,
+                    tumour_fraction: tuple[float, float] | None = None) -> np.ndarray:
     """A patient's region mixture over ``[centroids; background]`` (clustered option): the
     tumour fraction f of the regions follows the subtype mixture ``mix``, the rest a background
     mixture of this patient's own."""
-    frac = rng.uniform(*TUMOUR_FRACTION)
+    frac = rng.uniform(*(tumour_fraction or TUMOUR_FRACTION))
     background = rng.dirichlet(np.full(len(world.background), 1.0))
     return np.concatenate([frac * mix, (1.0 - frac) * background])
 
@@ -212,12 +252,41 @@ def mosaic_kinds(n: int, mixture: np.ndarray, rng: np.random.Generator) -> tuple
     return region_kind[region], region, cells
 
 
-def _write_mosaic(path: Path, n: int, mixture: np.ndarray, world: _World, site: int, spec: SynthSpec,
-                  rng: np.random.Generator) -> None:
-    """A clustered slide: regions of one morphotype each, with a shared regional offset."""
+def foci_kinds(n: int, tumour: float, mix: np.ndarray, background: np.ndarray, necrotic: bool,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Morphotype and region of each of ``n`` grid patches, and their (x, y) grid cells, for the
+    clustered "foci" variant.
+
+    Kinds index ``[tumour morphotypes (len(mix)); background (len(background)); necrosis]``. The
+    background is a mosaic (:func:`mosaic_kinds`); then the ``max(1, round(tumour * n))`` cells
+    nearest to 1-3 focus centres (grid cells) become tumour, one region per focus, each patch's
+    morphotype drawn from ``mix``; with ``necrotic`` the ``NECROSIS_CORE`` of each focus's cells
+    nearest its centre become necrosis.
+    """
+    q = len(mix)
+    kinds, region, cells = mosaic_kinds(n, background, rng)
+    kinds = kinds + q
+    n_tumour = max(1, int(round(tumour * n)))
+    n_foci = min(int(rng.integers(FOCI_PER_SLIDE[0], FOCI_PER_SLIDE[1] + 1)), n_tumour)
+    centres = cells[rng.choice(n, size=n_foci, replace=False)] + 0.5
+    dist = np.sqrt(((cells[:, None, :] + 0.5 - centres[None]) ** 2).sum(-1))  # (n, foci): n x 3 at most
+    focus, near = dist.argmin(1), dist.min(1)
+    tumour_cells = np.argsort(near, kind="stable")[:n_tumour]  # nearest first: compact foci
+    kinds[tumour_cells] = rng.choice(q, size=n_tumour, p=mix / mix.sum())
+    region[tumour_cells] = int(region.max()) + 1 + focus[tumour_cells]
+    if necrotic:
+        for f in range(n_foci):
+            members = tumour_cells[focus[tumour_cells] == f]  # in order of distance to centre f
+            kinds[members[:int(round(NECROSIS_CORE * len(members)))]] = q + len(background)
+    return kinds, region, cells
+
+
+def _write_regions(path: Path, kinds: np.ndarray, region: np.ndarray, cells: np.ndarray, centroids: np.ndarray,
+                   world: _World, site: int, spec: SynthSpec, rng: np.random.Generator) -> None:
+    """A clustered slide: every patch a noisy copy of its morphotype's centroid plus its region's
+    shared offset (neighbouring tissue looks alike to a patch encoder), then the site's stain."""
     attrs = {"encoder": "synthetic", "patch_size": 256, "mpp": 0.5, "magnification": 20.0, "level": 0}
-    centroids = np.concatenate([world.centroids, world.background])
-    kinds, region, cells = mosaic_kinds(n, mixture, rng)
+    n = len(kinds)
     scale = np.sqrt(8.0 / spec.feature_dim)
     offsets = rng.normal(0, 0.15, (int(region.max()) + 1, spec.feature_dim)) * scale
 
@@ -231,6 +300,46 @@ def _write_mosaic(path: Path, n: int, mixture: np.ndarray, world: _World, site: 
                 writer.append(feats.astype(spec.dtype), cells[sl] * 256)
 
     atomic_write(path, write)
+
+
+@dataclass(frozen=True)
+class _Foci:
+    """A patient's draws for the clustered "foci" variant, shared by its slides."""
+
+    tumour: float  # share of a slide's patches that are tumour
+    background: np.ndarray  # mixture over the background morphotypes
+    necrotic: bool  # grade IV and the biopsy shows the necrotic core
+
+
+def _foci_draws(spec: SynthSpec, world: _World, grade: str, rng: np.random.Generator) -> _Foci:
+    tumour = float(rng.uniform(*(spec.tumour_fraction or FOCI_TUMOUR_FRACTION)))
+    background = rng.dirichlet(np.full(len(world.background), 1.0))
+    shown = bool(rng.random() < NECROSIS_SHOWN)
+    return _Foci(tumour, background, grade == "IV" and shown)
+
+
+def _write_slides(spec: SynthSpec, world: _World, s: int, sizes: list[int], slide_ids: list[str], mix: np.ndarray,
+                  grade: str, bag_dir: Path, rng: np.random.Generator) -> bool:
+    """Write a patient's slides (default, mosaic or foci); returns whether they show necrosis."""
+    if not slide_ids:
+        return False
+    if not spec.clustered:
+        for n, slide_id in zip(sizes, slide_ids):
+            _write_slide(bag_path(bag_dir, slide_id), n, mix, world, s, spec, rng)
+        return False
+    if spec.clustered_variant == "mosaic":
+        mixture = _mosaic_mixture(world, mix, rng, spec.tumour_fraction)
+        centroids = np.concatenate([world.centroids, world.background])
+        for n, slide_id in zip(sizes, slide_ids):
+            kinds, region, cells = mosaic_kinds(n, mixture, rng)
+            _write_regions(bag_path(bag_dir, slide_id), kinds, region, cells, centroids, world, s, spec, rng)
+        return False
+    foci = _foci_draws(spec, world, grade, rng)
+    centroids = np.concatenate([world.centroids, world.background, world.necrosis])
+    for n, slide_id in zip(sizes, slide_ids):
+        kinds, region, cells = foci_kinds(n, foci.tumour, mix, foci.background, foci.necrotic, rng)
+        _write_regions(bag_path(bag_dir, slide_id), kinds, region, cells, centroids, world, s, spec, rng)
+    return foci.necrotic
 
 
 def _patient(spec: SynthSpec, world: _World, s: int, code: str, j: int, gen_cols: list[str],
@@ -268,20 +377,14 @@ def _patient(spec: SynthSpec, world: _World, s: int, code: str, j: int, gen_cols
                             spec.min_patches, spec.max_patches))
     n_slides = 0 if no_path else (2 if prng.random() < spec.two_slide_fraction and n_patches >= 2 * spec.min_patches else 1)
     sizes = [n_patches] if n_slides == 1 else [n_patches // 2, n_patches - n_patches // 2][:n_slides]
-    rows = []
-    mosaic = _mosaic_mixture(world, mix, prng) if spec.clustered and n_slides else None
-    for k in range(n_slides):
-        slide_id = f"{case_id}-01Z-00-DX{k + 1}"
-        if mosaic is None:
-            _write_slide(bag_path(bag_dir, slide_id), sizes[k], mix, world, s, spec, prng)
-        else:
-            _write_mosaic(bag_path(bag_dir, slide_id), sizes[k], mosaic, world, s, spec, prng)
-        rows.append({**base, "slide_id": slide_id, **genomic})
-    if n_slides == 0:
-        rows.append({**base, "slide_id": "", **genomic})
+    slide_ids = [f"{case_id}-01Z-00-DX{k + 1}" for k in range(n_slides)]
+    necrotic = _write_slides(spec, world, s, sizes, slide_ids, mix, grade, bag_dir, prng)
+    rows = [{**base, "slide_id": slide_id, **genomic} for slide_id in slide_ids] or [{**base, "slide_id": "", **genomic}]
     latent = {"site": code, "subtype": subtype, "grade": grade, "mix": mix, "z": z,
               "log_hazard": float(np.log(hazard)), "months": months, "censored": censored,
               "expression": np.nan_to_num(expression)}
+    if spec.clustered and spec.clustered_variant == "foci":
+        latent["necrosis"] = float(necrotic)
     return rows, latent
 
 
@@ -315,9 +418,10 @@ def generate(spec: SynthSpec, out: str | Path, overwrite: bool = False) -> dict:
     sig.to_csv(tmp / "signatures.csv", index=False)
     oracle = oracle_metrics(latents, seed=spec.seed)
     (tmp / "oracle.json").write_text(json.dumps(oracle, indent=2))
-    written = asdict(spec)
-    if not spec.clustered:  # options added later appear only when set: old cohorts keep their bytes
-        del written["clustered"]
+    defaults = SynthSpec()
+    # options added later appear only when set: old cohorts keep their bytes
+    written = {k: v for k, v in asdict(spec).items()
+               if k not in LATER_OPTIONS or getattr(spec, k) != getattr(defaults, k)}
     (tmp / "synth.json").write_text(json.dumps(written, indent=2))
     if out.exists():
         shutil.rmtree(out)
@@ -325,11 +429,19 @@ def generate(spec: SynthSpec, out: str | Path, overwrite: bool = False) -> dict:
     return {"patients": len(latents), "slides": sum(1 for r in rows if r["slide_id"]), "sites": len(codes), "out": str(out)}
 
 
+def oracle_features(latent: dict) -> np.ndarray:
+    """What the oracle sees of a patient: its true morphotype mixture and generated expression
+    values, and (clustered "foci" cohorts) whether its slides show necrosis."""
+    extra = [latent["necrosis"]] if "necrosis" in latent else []
+    return np.concatenate([latent["mix"], latent["expression"], extra])
+
+
 def oracle_metrics(latents: list[dict], seed: int) -> dict:
     """Metrics of a simple model that sees the generator's latent variables.
 
-    Subtype and grade: multinomial logistic regression on (the patient's true morphotype
-    mixture, its generated expression values; zeros when genomics are missing), predictions
+    Subtype and grade: multinomial logistic regression on :func:`oracle_features` (the
+    patient's true morphotype mixture, its generated expression values, zeros when genomics are
+    missing; with clustered "foci" whether necrosis is shown), predictions
     pooled over leave-one-site-out folds (so every patient is scored by a model that never saw
     its site). Survival: Harrell's c-index of the true log-hazard.
     Models are judged against these numbers as an upper reference.
@@ -338,7 +450,7 @@ def oracle_metrics(latents: list[dict], seed: int) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
-    x = np.array([np.concatenate([lat["mix"], lat["expression"]]) for lat in latents])
+    x = np.array([oracle_features(lat) for lat in latents])
     sites = np.array([lat["site"] for lat in latents])
     grades = ("II", "III", "IV")
     targets = {

@@ -1,0 +1,121 @@
+"""What pathology alone carries in the clustered "foci" cohorts: linear probes on bag summaries.
+
+    python -m bench.bench_clustered_probe [--seeds 0 1 2 3 4] [--tumour-fraction LOW HIGH]
+                                          [--write docs/benchmarks.md]
+
+For each seed's cohort (the one ``bench_synthetic --clustered foci`` trains on) every patch is
+labelled by its nearest generator centroid (the site's stain undone; the generator's world is a
+function of the seed), and a standardised logistic regression, leave-one-site-out, predicts grade
+and subtype from three patient summaries of the pathology: the bag mean of the raw features (what
+a linear read of mean pooling sees), the morphotype shares over all patches (the masked mean of an
+ideal one-hot patch embedding), and the shares over the tumour patches only plus necrosis (what
+an ideal selective pooling sees). Macro one-vs-rest AUC over all patients with slides. The
+figures go to their own subsection of bench_synthetic's clustered section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bench._harness import loadavg, write_section
+from bench.bench_synthetic import TITLE_CLUSTERED, clustered_body
+
+HEADING = "### Linear probes: what the pathology carries (bench_clustered_probe)"
+
+
+def patch_kinds(data_dir: Path, spec) -> dict[str, tuple[str, str, np.ndarray, np.ndarray]]:
+    """case_id -> (site, subtype, morphotype of every patch of its slides, their mean raw feature)."""
+    import pandas as pd
+
+    from umeml.data.bags import read_features
+    from umeml.data.synth import _world
+
+    world = _world(spec, np.random.default_rng(spec.seed))
+    centroids = np.concatenate([world.centroids, world.background, world.necrosis])
+    table = pd.read_csv(data_dir / "table.csv", dtype={"slide_id": str}, keep_default_na=False)
+    site_index = {code: s for s, code in enumerate(sorted(table["site"].unique()))}
+    kinds: dict = {}
+    for row in table[table["slide_id"] != ""].itertuples():
+        feats = read_features(data_dir / "bags" / f"{row.slide_id}.h5")
+        s = site_index[row.site]
+        x = (feats - world.site_offset[s]) / world.site_scale[s]
+        k = ((x[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
+        kinds.setdefault(row.case_id, (row.site, row.oncotree_code, [], []))
+        kinds[row.case_id][2].append(k)
+        kinds[row.case_id][3].append(feats)
+    return {c: (site, code, np.concatenate(k), np.concatenate(f).mean(0)) for c, (site, code, k, f) in kinds.items()}
+
+
+def _loso_auc(y: np.ndarray, x: np.ndarray, sites: np.ndarray) -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probs = np.zeros((len(y), int(y.max()) + 1))
+    for site in np.unique(sites):
+        test = sites == site
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)).fit(x[~test], y[~test])
+        probs[np.ix_(test, clf.classes_)] = clf.predict_proba(x[test])
+    return float(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+
+
+def probe(seed: int, tumour_fraction=None) -> dict[str, tuple[float, float]]:
+    """{summary: (grade AUC, subtype AUC)} on one seed's foci cohort."""
+    from umeml.config import DEFAULT_GRADE_MAP
+    from umeml.data.synth import BACKGROUND_MORPHOTYPES, SUBTYPES, SynthSpec, generate
+
+    spec = SynthSpec(sites=4, patients=60, seed=seed, clustered=True, clustered_variant="foci",
+                     tumour_fraction=tumour_fraction)
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(spec, Path(tmp) / "cohort")
+        patients = patch_kinds(Path(tmp) / "cohort", spec)
+    cases = sorted(patients)
+    sites = np.array([patients[c][0] for c in cases])
+    subtype = np.array([SUBTYPES.index(patients[c][1]) for c in cases])
+    grade = np.array([("II", "III", "IV").index(DEFAULT_GRADE_MAP[patients[c][1]]) for c in cases])
+    q, necrosis = spec.morphotypes, spec.morphotypes + BACKGROUND_MORPHOTYPES
+    counts = np.array([np.bincount(patients[c][2], minlength=necrosis + 1) for c in cases]).astype(float)
+    tumour = counts[:, list(range(q)) + [necrosis]]
+    summaries = {
+        "bag mean of the raw features": np.array([patients[c][3] for c in cases]),
+        "morphotype shares, all patches": counts / counts.sum(1, keepdims=True),
+        "morphotype shares, tumour patches (+ necrosis)": tumour / np.clip(tumour.sum(1, keepdims=True), 1, None),
+    }
+    return {name: (_loso_auc(grade, x, sites), _loso_auc(subtype, x, sites)) for name, x in summaries.items()}
+
+
+def main(argv=None) -> int:
+    """Probe every seed, print the table, optionally write it into the clustered section."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--tumour-fraction", type=float, nargs=2, metavar=("LOW", "HIGH"))
+    ap.add_argument("--write", type=Path, help=f"put the table into '{TITLE_CLUSTERED[3:]}' of this markdown file")
+    args = ap.parse_args(argv)
+    load0 = loadavg()
+    fraction = tuple(args.tumour_fraction) if args.tumour_fraction else None
+    per_seed = [probe(seed, fraction) for seed in args.seeds]
+    lines = ["| patient summary (linear probe) | grade auc_macro | subtype auc_macro |", "| --- | --- | --- |"]
+    for name in per_seed[0]:
+        g, s = (np.array([r[name][i] for r in per_seed]) for i in (0, 1))
+        lines.append(f"| {name} | {g.mean():.3f} ({g.std():.3f}) | {s.mean():.3f} ({s.std():.3f}) |")
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        cmd = "python -m bench.bench_clustered_probe --seeds " + " ".join(map(str, args.seeds))
+        if fraction:
+            cmd += f" --tumour-fraction {fraction[0]:g} {fraction[1]:g}"
+        body = (f"Command: `nice -n 5 {cmd}` (load average before / after {load0} / {loadavg()}); the cohorts of "
+                "the runs above, mean (sd) over seeds; leave-one-site-out, all patients with slides.\n\n" + text)
+        heading = HEADING + (f", --tumour-fraction {fraction[0]:g} {fraction[1]:g}" if fraction else "")
+        write_section(args.write, TITLE_CLUSTERED, clustered_body(args.write, body, None, heading=heading))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

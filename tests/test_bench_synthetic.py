@@ -1,0 +1,40 @@
+"""The clustered section of bench_synthetic: reruns keep earlier figures (no silent overwrite)."""
+
+from bench._harness import write_section
+from bench.bench_synthetic import TITLE_CLUSTERED, _cache_key, clustered_body
+
+OLD = ("# Benchmarks\n\n" + TITLE_CLUSTERED + " (old)\n\nfoci at 8 epochs\n\n"
+       "### Previous generator: mosaic\n\nmosaic figures\n\n## Next section\n\nkept\n")
+
+
+def _write(path, body, epochs):
+    write_section(path, TITLE_CLUSTERED, clustered_body(path, body, epochs), when="today")
+
+
+def test_reruns_replace_only_their_own_part_of_the_clustered_section(tmp_path):
+    path = tmp_path / "b.md"
+    path.write_text(OLD)
+    _write(path, "foci at 16 epochs", 16)
+    text = path.read_text()
+    assert text.index("foci at 8 epochs") < text.index("### Training budget --epochs 16") \
+        < text.index("foci at 16 epochs") < text.index("### Previous generator") < text.index("mosaic figures")
+    _write(path, "foci at 8 epochs, rerun", None)
+    _write(path, "foci at 16 epochs, rerun", 16)
+    text = path.read_text()
+    for kept in ("foci at 8 epochs, rerun", "foci at 16 epochs, rerun", "mosaic figures", "## Next section\n\nkept"):
+        assert text.count(kept) == 1
+    assert "foci at 16 epochs\n" not in text and "foci at 8 epochs\n" not in text
+    assert text.index("### Training budget") < text.index("### Previous generator")
+
+
+def test_cache_keys_keep_the_first_clustered_records():
+    assert [_cache_key(c) for c in (None, "mosaic", "foci")] == [False, True, "foci"]
+
+
+def test_a_tumour_fraction_run_gets_its_own_subsection(tmp_path):
+    path = tmp_path / "b.md"
+    path.write_text(OLD)
+    write_section(path, TITLE_CLUSTERED, clustered_body(path, "sweep", None, (0.1, 0.25)), when="today")
+    text = path.read_text()
+    assert "### Run with --tumour-fraction 0.1 0.25\n\nsweep" in text and "foci at 8 epochs" in text
+    assert text.index("sweep") < text.index("### Previous generator")
