@@ -236,3 +236,15 @@ def test_synth_cli_writes_the_foci_variant_and_refuses_a_fraction_without_cluste
     assert written["clustered_variant"] == "foci" and written["tumour_fraction"] == [0.05, 0.1]
     assert main(args + ["--out", str(tmp_path / "c"), "--clustered"]) == 0
     assert "clustered_variant" not in json.loads((tmp_path / "c" / "synth.json").read_text())
+
+
+def test_synth_cli_offers_exactly_the_generators_clustered_variants():
+    """The CLI spells the variant names itself (it imports synth lazily): keep the lists in step."""
+    from umeml.cli import build_parser
+    from umeml.data.synth import CLUSTERED_VARIANTS
+
+    parser = build_parser()
+    synth = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("synth"))
+    clustered = next(a for a in synth._actions if "--clustered" in a.option_strings)
+    assert tuple(clustered.choices) == CLUSTERED_VARIANTS
+    assert clustered.const in CLUSTERED_VARIANTS
