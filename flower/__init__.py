@@ -11,6 +11,8 @@ what both need lives here, so that neither side imports the other:
 - :mod:`umeml.flower.supernode`: a SuperNode's command line and what its refusals mean;
 - :mod:`umeml.flower.supernode_main`: Flower's ``flower-supernode`` with its polling tuned and a
   SuperLink's HTTP 500 retried;
+- :mod:`umeml.flower.superexec_main`: Flower's ``flower-superexec`` (the SuperLink's, starting
+  ServerApps) with a SuperLink's HTTP 500 retried;
 - :mod:`umeml.flower.watchdog`: stops a run's Flower processes once its coordinator is gone.
 
 This package imports ``flwr`` and umeml's core, never ``umeml.server`` or ``umeml.client``

@@ -89,6 +89,23 @@ def retry_problems() -> list[str]:
     return problems
 
 
+def superexec_problems() -> list[str]:
+    """Differences in what the SuperLink's SuperExec retries with (:mod:`umeml.flower.superexec_main`
+    adds HTTP 500 to Flower's retried status codes): its Runtime API client is built with
+    ``make_simple_http_retry_invoker``, which reads ``_RETRYABLE_STATUS_CODES`` at each failure.
+    How the SuperLink would start it (``--isolation``, the command line) is checked by
+    tests/test_flower_pins.py, not here: that would import the whole SuperLink into the SuperExec."""
+    from flwr.supercore.retry import http_retry
+    from flwr.supercore.superexec import run_superexec
+
+    problems = []
+    if not isinstance(getattr(http_retry, "_RETRYABLE_STATUS_CODES", None), frozenset):
+        problems.append("flwr.supercore.retry.http_retry._RETRYABLE_STATUS_CODES is gone")
+    if "retry_invoker=make_simple_http_retry_invoker()" not in inspect.getsource(run_superexec.run_superexec):
+        problems.append("run_superexec no longer builds its client with make_simple_http_retry_invoker()")
+    return problems
+
+
 def pull_problems() -> list[str]:
     """Differences in Flower's object pulls whose backoff :mod:`umeml.flower.pulls` shortens: the
     keyword defaults of ``pull_objects`` and ``pull_and_inflate_object_from_tree``, and that the

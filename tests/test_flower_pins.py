@@ -259,3 +259,43 @@ def test_the_resident_runtime_pulls_its_messages_with_the_short_backoff(monkeypa
     # one-at-a-time runtime for Flower's 2 h: the resident gives up its message pulls sooner
     assert pulls.pulling_functions()[1].__kwdefaults__["max_time"] == resident.MESSAGE_PULL_MAX_S
     assert pulls.pulling_functions()[0].__kwdefaults__["max_time"] == 7200  # the SuperNode's, ServerApp's: Flower's
+
+
+def test_the_superlinks_superexec_is_started_as_flowers_superlink_would_start_it():
+    # the coordinator runs flower-superlink --isolation process and starts the SuperExec itself
+    # (umeml.flower.superexec_main): same arguments as the SuperLink's own in subprocess mode
+    import importlib
+
+    fs = importlib.import_module("flwr.superlink.cli.flower_superlink")  # the module (the package exports the function)
+
+    from umeml.flower.superexec_main import superexec_command
+
+    args = fs._parse_args_run_superlink().parse_args(["--insecure", "--isolation", "process"])
+    assert args.isolation == "process"
+    for certs, root in ((None, None), ((b"ca", b"crt", b"key"), "/tls/ca.crt")):
+        flower = fs._get_superexec_command(runtime_address="127.0.0.1:9093", runtime_certificates=certs,
+                                           runtime_root_certificates_path=root, parent_pid=4242,
+                                           runtime_dependency_install=False)
+        ours = superexec_command("127.0.0.1:9093", 4242, root)
+        assert ours[:3] == [sys.executable, "-m", "umeml.flower.superexec_main"]
+        assert flower == ["flower-superexec", *ours[3:]]
+    assert pins.superexec_problems() == []
+
+
+def test_the_superexec_shim_retries_http_500_and_runs_flowers_superexec(monkeypatch):
+    import httpx
+    from flwr.supercore import cli
+    from flwr.supercore.retry import http_retry
+
+    from umeml.flower import superexec_main
+    from umeml.flower.supernode_main import RETRIED_TOO
+
+    monkeypatch.setattr(http_retry, "_RETRYABLE_STATUS_CODES", frozenset(http_retry._RETRYABLE_STATUS_CODES) - RETRIED_TOO)
+    ran = []
+    monkeypatch.setattr(cli, "flower_superexec", lambda: ran.append(list(sys.argv)))
+    monkeypatch.setattr(sys, "argv", ["x"])
+    superexec_main.main(["--insecure", "--runtime-api-address", "127.0.0.1:1"])
+    assert ran == [["flower-superexec", "--insecure", "--runtime-api-address", "127.0.0.1:1"]]
+    request = httpx.Request("POST", "http://127.0.0.1:1/v1/runtime/acquire-task")
+    error = httpx.HTTPStatusError("500", request=request, response=httpx.Response(500, request=request))
+    assert http_retry.make_simple_http_retry_invoker().should_giveup(error) is False

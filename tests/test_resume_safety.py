@@ -335,3 +335,80 @@ def test_supernode_shim_retries_http_500():
         http_retry._RETRYABLE_STATUS_CODES = before
     cmd = supernode_command("127.0.0.1:9092", 9094, Path("site.yaml"))
     assert cmd[1:3] == ["-m", "umeml.flower.supernode_main"]
+
+
+def _fake_runtime_api(failures: int):
+    """A Runtime API on 127.0.0.1 whose AcquireTask answers HTTP 500 ("database is locked", as a
+    SQLite SuperLink under load) ``failures`` times, then hands out one ServerApp task, then none."""
+    import http.server
+    import threading
+
+    from flwr.proto.runtime_pb2 import AcquireTaskResponse  # pylint: disable=E0611
+    from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
+    from flwr.supercore.constant import TaskType
+
+    asked: list[str] = []
+    task = AcquireTaskResponse(task=Task(task_id=7, type=TaskType.SERVER_APP.value, run_id=1), token="tok-7")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            asked.append(self.path)
+            n = sum(p.endswith("/acquire-task") for p in asked)
+            if self.path.endswith("/acquire-task") and n <= failures:
+                code, body = 500, b'{"detail": "sqlite3.OperationalError: database is locked"}'
+            else:
+                code = 200
+                body = task.SerializeToString() if self.path.endswith("/acquire-task") and n == failures + 1 else b""
+            self.send_response(code)
+            self.send_header("content-type", "application/protobuf" if code == 200 else "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, asked
+
+
+def _superexec_after_500s(tmp_path: Path, command: list[str], failures: int = 2) -> tuple[bool, str]:
+    """Whether the SuperExec started by ``command`` (its Runtime API answering ``failures`` 500s)
+    went on to launch the ServerApp task it was then given; and its output."""
+    from umeml.flower.superexec_main import superexec_command
+
+    server, _ = _fake_runtime_api(failures)
+    bindir, marker = tmp_path / "bin", tmp_path / "serverapp-started"
+    bindir.mkdir(parents=True)
+    fake = bindir / "flwr-serverapp"  # what the SuperExec launches for a ServerApp task, first on PATH
+    fake.write_text(f"#!{sys.executable}\nimport sys\nopen({str(marker)!r}, 'w').write(' '.join(sys.argv[1:]))\n")
+    fake.chmod(0o700)
+    env = flower_env(tmp_path / "flower")
+    env["PATH"] = f"{bindir}{os.pathsep}{env['PATH']}"
+    args = superexec_command(f"127.0.0.1:{server.server_port}", os.getpid())[3:]
+    proc = subprocess.Popen([*command, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60  # Flower's backoff: 1 s, then 2 s (full jitter)
+        while time.monotonic() < deadline and not marker.exists() and proc.poll() is None:
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0]
+        server.shutdown()
+    return marker.exists() and "--token tok-7" in marker.read_text(), out
+
+
+@pytest.mark.slow  # starts Flower's SuperExec twice (seconds each)
+def test_the_superlinks_superexec_survives_a_transient_http_500(tmp_path):
+    """The SuperExec that starts the SuperLink's ServerApps exits on one HTTP 500 from the
+    SuperLink in Flower 1.42 (no ServerApp starts again: a submitted or resumed run stays
+    pending); umeml's SuperExec retries it with Flower's backoff and launches the next run."""
+    flower = str(Path(sys.executable).parent / "flower-superexec")
+    launched, out = _superexec_after_500s(tmp_path / "flower", [flower])
+    assert not launched and "500" in out, out  # Flower's own: gone after the first 500
+    launched, out = _superexec_after_500s(tmp_path / "umeml", [sys.executable, "-m", "umeml.flower.superexec_main"])
+    assert launched, out
+    assert "Connection attempt failed, retrying" in out and "warning" not in out, out
