@@ -44,18 +44,20 @@ def pulling_functions() -> list:
     return [inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree]
 
 
-def fast_object_pulls(message_max_time: float | None = None) -> list[str]:
+def fast_object_pulls(message_max_time: float | None = None, *, version_checked: bool = False) -> list[str]:
     """Shorten the pull backoff in this process; returns why it was not done (empty: done).
     ``message_max_time``: give up pulling a ClientApp's message after that many seconds (the
     resident runtime, which serves one message at a time: a message whose objects never reach
     the SuperNode, its SuperLink having died mid-pull, blocked every later message; Flower's own
-    process per message waits up to 2 h, blocking nothing else)."""
+    process per message waits up to 2 h, blocking nothing else). ``version_checked``: the caller
+    has just found the installed Flower to be the pinned minor version (the resident runtime's
+    :func:`umeml.flower.pins.contract_problems`); only the pull details are checked then."""
     from umeml.flower.pins import problems as pin_problems
     from umeml.flower.pins import pull_problems
 
     if os.environ.get(ENV) == "flower":
         return [f"{ENV}=flower asks for Flower's own backoff"]
-    problems = pin_problems(pull_problems)
+    problems = pull_problems() if version_checked else pin_problems(pull_problems)
     if problems:
         return problems
     pull, pull_tree = pulling_functions()

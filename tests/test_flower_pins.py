@@ -299,3 +299,42 @@ def test_the_superexec_shim_retries_http_500_and_runs_flowers_superexec(monkeypa
     request = httpx.Request("POST", "http://127.0.0.1:1/v1/runtime/acquire-task")
     error = httpx.HTTPStatusError("500", request=request, response=httpx.Response(500, request=request))
     assert http_retry.make_simple_http_retry_invoker().should_giveup(error) is False
+
+
+def _resident_start(monkeypatch, tmp_path, version: str):
+    """Run the resident runtime's start-up up to its warm-up with ``version`` as the installed
+    Flower; returns (exit code or "warm-up reached", how often the version was read)."""
+    from umeml.client import resident
+    from umeml.flower import pulls
+
+    for fn in pulls.pulling_functions():
+        monkeypatch.setattr(fn, "__kwdefaults__", dict(fn.__kwdefaults__))  # restored after the test
+    monkeypatch.delenv(pulls.ENV, raising=False)
+    monkeypatch.setattr(resident.signal, "signal", lambda *a: None)
+    monkeypatch.setattr(resident.threading, "Thread", lambda **kw: type("T", (), {"start": lambda self: None})())
+    reads = []
+    monkeypatch.setattr(pins, "flwr_version", lambda: reads.append(version) or version)
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a):
+        raise Stop
+
+    monkeypatch.setattr(resident, "warm_up", stop)
+    try:
+        code = resident.main(["--socket", str(tmp_path / "s"), "--site", str(tmp_path / "site.yaml")])
+    except Stop:
+        code = "warm-up reached"
+    return code, len(reads)
+
+
+def test_the_resident_runtime_checks_the_flower_version_once(monkeypatch, tmp_path):
+    # it was read twice at start-up: by the contract check and again by the short pull backoff
+    from umeml.client import resident
+    from umeml.flower import pulls
+
+    assert _resident_start(monkeypatch, tmp_path, pins.flwr_version()) == ("warm-up reached", 1)
+    assert pulls.pulling_functions()[1].__kwdefaults__["initial_backoff"] == pulls.INITIAL_BACKOFF_S
+    # the check's meaning kept: another Flower minor version and the runtime does not start
+    assert _resident_start(monkeypatch, tmp_path, "1.99.0") == (resident.EXIT_FLOWER_MISMATCH, 1)
