@@ -15,9 +15,10 @@ loopback then costs 1 + 2 + 4 + 8 = 15 s of waiting (measured: "served train in 
 :func:`fast_object_pulls` makes the first retry come after ``INITIAL_BACKOFF_S`` (doubling up to
 ``BACKOFF_CAP_S``) in the calling process, keeping Flower's overall patience (``max_time``, and as
 many seconds of retries per object: more tries of shorter waits). Called by the resident site
-runtime, the tuned SuperNode and the ServerApp; Flower's own ``flwr-clientapp`` keeps Flower's
-backoff, and so does every process whose environment has ``UMEML_PULL_BACKOFF=flower`` (the
-benchmark's stock-Flower baseline). Relies on the keyword defaults of two Flower 1.42 functions
+runtime, the tuned SuperNode, the ServerApp and the resident runtime's fallback ``flwr-clientapp``
+(:mod:`umeml.flower.clientapp_main`); Flower's own ``flwr-clientapp`` of a site started with
+``--runtime per-message`` keeps Flower's backoff, and so does every process whose environment has
+``UMEML_PULL_BACKOFF=flower`` (the benchmark's stock-Flower baseline). Relies on the keyword defaults of two Flower 1.42 functions
 (:func:`umeml.flower.pins.pull_problems`; tests/test_flower_pins.py fails when they move).
 """
 

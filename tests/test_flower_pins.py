@@ -102,7 +102,7 @@ def test_the_launcher_hands_over_or_runs_flowers_own_command(tmp_path):
     fake = tmp_path / "flower-clientapp"
     fake.write_text(f"#!{sys.executable}\nimport sys\nprint('FLOWER', *sys.argv[1:])\n")
     fake.chmod(0o700)
-    launcher = write_launcher(tmp_path / "bin", tmp_path / "none.sock", str(fake))
+    launcher = write_launcher(tmp_path / "bin", tmp_path / "none.sock", [str(fake)])
     out = subprocess.run([str(launcher), "--token", "abc"], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "FLOWER --token abc" and "Flower's own flwr-clientapp" in out.stderr
     assert Path(launcher).name == "flwr-clientapp"
@@ -129,7 +129,7 @@ def test_the_launcher_hands_its_command_line_to_a_listening_resident(tmp_path):
 
     t = threading.Thread(target=answer)
     t.start()
-    launcher = write_launcher(tmp_path / "bin", sock_path, str(tmp_path / "never-run"))
+    launcher = write_launcher(tmp_path / "bin", sock_path, [str(tmp_path / "never-run")])
     out = subprocess.run([str(launcher), "--token", "abc", "--insecure"], capture_output=True, text=True, timeout=60)
     t.join(10)
     server.close()
@@ -338,3 +338,35 @@ def test_the_resident_runtime_checks_the_flower_version_once(monkeypatch, tmp_pa
     assert pulls.pulling_functions()[1].__kwdefaults__["initial_backoff"] == pulls.INITIAL_BACKOFF_S
     # the check's meaning kept: another Flower minor version and the runtime does not start
     assert _resident_start(monkeypatch, tmp_path, "1.99.0") == (resident.EXIT_FLOWER_MISMATCH, 1)
+
+
+def test_the_fallback_clientapp_pulls_with_the_short_backoff_and_runs_flowers_own(monkeypatch):
+    # while the resident restarts, Flower's flwr-clientapp serves messages: it waited 1 s, 2 s, 4 s ...
+    from importlib.metadata import entry_points
+
+    import flwr.supernode.cli as cli
+
+    from umeml.flower import clientapp_main, pulls
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "flwr-clientapp"]
+    assert script.value == "flwr.supernode.cli:flwr_clientapp"  # what the shim runs instead of the script
+    for fn in pulls.pulling_functions():
+        monkeypatch.setattr(fn, "__kwdefaults__", {**fn.__kwdefaults__, "initial_backoff": 1, "backoff_cap": 10})
+    monkeypatch.delenv(pulls.ENV, raising=False)
+    ran = []
+    tree = pulls.pulling_functions()[1]
+    monkeypatch.setattr(cli, "flwr_clientapp", lambda: ran.append((list(sys.argv), tree.__kwdefaults__["initial_backoff"])))
+    monkeypatch.setattr(sys, "argv", ["x"])
+    clientapp_main.main(["--runtime-api-address", "127.0.0.1:1", "--token", "t"])
+    assert ran == [(["flwr-clientapp", "--runtime-api-address", "127.0.0.1:1", "--token", "t"], pulls.INITIAL_BACKOFF_S)]
+    assert tree.__kwdefaults__["max_time"] != 120  # a process per message blocks nothing: Flower's patience
+
+
+def test_the_launchers_fallback_is_flowers_flwr_clientapp_through_the_shim(tmp_path):
+    from umeml.client.warm import write_launcher
+    from umeml.flower.clientapp_main import clientapp_command
+
+    launcher = write_launcher(tmp_path / "bin", tmp_path / "none.sock", clientapp_command())
+    out = subprocess.run([str(launcher), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--runtime-api-address" in out.stdout, out.stdout + out.stderr
+    assert "Flower's own flwr-clientapp" in out.stderr and "warning" not in out.stderr
