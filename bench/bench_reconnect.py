@@ -1,13 +1,14 @@
 """Site reconnect time after a SuperLink restart, on loopback (issue 14: "sites reconnect after a
 SuperLink restart within one heartbeat period").
 
-    python -m bench.bench_reconnect [--sites 3] [--repeats 3] [--down 10] [--write docs/benchmarks.md]
+    python -m bench.bench_reconnect [--sites 3] [--repeats 3] [--down 10 40] [--write docs/benchmarks.md]
 
 Starts a SuperLink (``flower-superlink``, SQLite database) and ``--sites`` tuned SuperNodes
 (``python -m umeml.flower.supernode_main``, as ``umeml-client start`` runs them) on 127.0.0.1,
 waits until the SuperLink has activated every node, then per repeat SIGKILLs the SuperLink (its
-whole process group), leaves it down for ``--down`` seconds and starts it again on the same port
-and database. Reconnect time per site = from the moment the SuperLink listens again to the moment
+whole process group), leaves it down for ``--down`` seconds (each value given: one row each; a
+longer outage lets the nodes' backoff grow to its cap) and starts it again on the same port and
+database. Reconnect time per site = from the moment the SuperLink listens again to the moment
 that site's SuperNode logs Flower's "Connection successful after ... tries" (its first request
 that went through after failing: its next poll or heartbeat reached the SuperLink), read from
 the site's log every 0.05 s. Compared with Flower's node heartbeat period
@@ -52,6 +53,7 @@ class Deployment:
         from umeml.flower.processes import free_port
         from umeml.server.deploy import SuperLink
 
+        work.mkdir(parents=True, exist_ok=True)
         self.work = work
         self.link = SuperLink("127.0.0.1", free_port(), work / "flower", work / "superlink.log")
         self.logs = [work / f"site{i}.log" for i in range(sites)]
@@ -137,19 +139,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sites", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--down", type=float, default=10.0, help="seconds the SuperLink stays down")
+    ap.add_argument("--down", type=float, nargs="+", default=[10.0, 40.0], help="seconds the SuperLink stays down")
     ap.add_argument("--keep", type=Path, help="work in this folder and keep it (logs)")
     ap.add_argument("--write", type=Path, help=f"replace the section '{TITLE[3:]}' of this markdown file")
     args = ap.parse_args(argv)
     work = args.keep or Path(tempfile.mkdtemp(prefix="umeml-reconnect-"))
     work.mkdir(parents=True, exist_ok=True)
-    load0 = loadavg()
-    runs = measure(work, args.sites, args.repeats, args.down)
-    line = row(runs, args.sites, args.down, f"{load0} -> {loadavg()}")
-    print(line, flush=True)
+    lines = []
+    for down in args.down:
+        load0 = loadavg()
+        runs = measure(work / f"down-{down:g}", args.sites, args.repeats, down)
+        lines.append(row(runs, args.sites, down, f"{load0} -> {loadavg()}"))
+        print(lines[-1], flush=True)
     if args.write:
         body = ("| setting | reconnect time (SuperLink listening again -> the site's next request served) "
-                "| Flower's heartbeat period | load average |\n| --- | --- | --- | --- |\n" + line + "\n")
+                "| Flower's heartbeat period | load average |\n| --- | --- | --- | --- |\n" + "\n".join(lines) + "\n")
         write_section(args.write, TITLE, f"Command: `{command(MODULE, argv)}`\n\n" + body)
     return 0
 
