@@ -12,7 +12,7 @@ what both need lives here, so that neither side imports the other:
 - :mod:`umeml.flower.supernode_main`: Flower's ``flower-supernode`` with its polling tuned and a
   SuperLink's HTTP 500 retried;
 - :mod:`umeml.flower.superexec_main`: Flower's ``flower-superexec`` (the SuperLink's, starting
-  ServerApps) with a SuperLink's HTTP 500 retried;
+  ServerApps) and ``flwr-serverapp`` with a SuperLink's HTTP 500 retried;
 - :mod:`umeml.flower.clientapp_main`: Flower's ``flwr-clientapp`` with the short object-pull
   backoff (the resident site runtime's fallback);
 - :mod:`umeml.flower.watchdog`: stops a run's Flower processes once its coordinator is gone.

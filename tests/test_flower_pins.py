@@ -370,3 +370,30 @@ def test_the_launchers_fallback_is_flowers_flwr_clientapp_through_the_shim(tmp_p
     out = subprocess.run([str(launcher), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--runtime-api-address" in out.stdout, out.stdout + out.stderr
     assert "Flower's own flwr-clientapp" in out.stderr and "warning" not in out.stderr
+
+
+def test_the_serverapp_shim_retries_http_500_in_its_task_heartbeat_and_runs_flowers_own(monkeypatch, tmp_path):
+    import importlib
+
+    import flwr.superlink.cli as cli
+    import httpx
+
+    from umeml.flower import superexec_main
+
+    rs = importlib.import_module("flwr.superlink.runtime.run_serverapp")
+    monkeypatch.setattr(rs, "make_task_heartbeat_fn_http", rs.make_task_heartbeat_fn_http)  # restored after
+    ran = []
+    monkeypatch.setattr(cli, "flwr_serverapp", lambda: ran.append(list(sys.argv)))
+    monkeypatch.setattr(sys, "argv", ["x"])
+    superexec_main.serverapp_main(["--token", "t"])
+    assert ran == [["flwr-serverapp", "--token", "t"]]
+
+    class Locked:
+        def SendTaskHeartbeat(self, request):  # noqa: N802 - Flower's name
+            req = httpx.Request("POST", "http://127.0.0.1:1/v1/runtime/send-task-heartbeat")
+            raise httpx.HTTPStatusError("500", request=req, response=httpx.Response(500, request=req))
+
+    assert rs.make_task_heartbeat_fn_http(Locked())() is False  # a failed beat (retried), not the end of the thread
+    monkeypatch.setenv("PATH", "/usr/bin")
+    script = superexec_main.serverapp_shim(tmp_path / "bin")
+    assert script.name == "flwr-serverapp" and superexec_main.os.environ["PATH"].startswith(str(tmp_path / "bin"))
