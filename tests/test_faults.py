@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -142,12 +143,22 @@ def test_faults_site_coordinator_and_superlink_killed_run_completes(staged):
         for p in procs.values():
             stop_process(p, grace=10)
     assert "starting it again and resuming" in log
+    _check_resident_served_every_run(d / "state" / "A0" / "resident.log")
     print("\nfault script timings (s):", json.dumps({k: round(v, 1) for k, v in times.items()}))
     print("reconnect after the SuperLink restart (s, SuperLink listening -> the site's next request served):",
           json.dumps({k: round(v, 1) for k, v in reconnect.items()}), "load", Path("/proc/loadavg").read_text()[:14])
     # issue 14: sites reconnect after a SuperLink restart within one heartbeat period
     assert set(reconnect) == set(site_logs) and max(reconnect.values()) < HEARTBEAT_DEFAULT_INTERVAL, reconnect
     _check_outcome(run)
+
+
+def _check_resident_served_every_run(log_path: Path) -> None:
+    """A0's site was never stopped: its one resident process served the messages of the first
+    run, of the resume after the coordinator's kill and of the resume after the SuperLink's
+    restart (issue 14: "serves every message ... and of later runs with the same data")."""
+    log = log_path.read_text(errors="replace")
+    runs = {int(m) for m in re.findall(r"served \S+ \(run (\d+)\) in .*: completed", log)}
+    assert len(runs) >= 3 and log.count("resident runtime ready") == 1, log[-3000:]
 
 
 def _check_outcome(run: Path) -> None:
