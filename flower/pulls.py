@@ -18,8 +18,9 @@ many seconds of retries per object: more tries of shorter waits). Called by the 
 runtime, the tuned SuperNode, the ServerApp and the resident runtime's fallback ``flwr-clientapp``
 (:mod:`umeml.flower.clientapp_main`); Flower's own ``flwr-clientapp`` of a site started with
 ``--runtime per-message`` keeps Flower's backoff, and so does every process whose environment has
-``UMEML_PULL_BACKOFF=flower`` (the benchmark's stock-Flower baseline). Relies on the keyword defaults of two Flower 1.42 functions
-(:func:`umeml.flower.pins.pull_problems`; tests/test_flower_pins.py fails when they move).
+``UMEML_PULL_BACKOFF=flower`` (the benchmark's stock-Flower baseline). Relies on the keyword
+defaults of two Flower 1.42 functions (:func:`umeml.flower.pins.pull_problems`;
+tests/test_flower_pins.py fails when they move).
 """
 
 from __future__ import annotations
