@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     from umeml.flower.pins import contract_problems
 
-    problems = contract_problems()
+    problems = contract_problems()  # the pinned Flower version and everything the runtime relies on
     if problems:
         log.error("not starting: %s", "; ".join(problems))
         return EXIT_FLOWER_MISMATCH
@@ -228,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # a message's objects are pulled as soon as the SuperNode has them, and given up after
     # MESSAGE_PULL_MAX_S (the SuperNode fetches them from the SuperLink first; one that never
-    # arrives would block every later message of this one-at-a-time runtime)
-    slow = fast_object_pulls(MESSAGE_PULL_MAX_S)
+    # arrives would block every later message of this one-at-a-time runtime); the version was
+    # checked just above
+    slow = fast_object_pulls(MESSAGE_PULL_MAX_S, version_checked=True)
     if slow:
         log.warning("object pulls keep Flower's 1 s+ backoff: %s", "; ".join(slow))
     t0 = time.perf_counter()

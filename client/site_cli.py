@@ -104,10 +104,11 @@ def _cmd_start(args: argparse.Namespace) -> int:
     env, runtime = polling_env(flower_env(state / "flower"), args.idle_poll, args.reply_poll, args.busy_poll), None
     if args.runtime == "resident":
         from umeml.client.warm import start_resident
-        from umeml.flower.processes import which_or_fail
+        from umeml.flower.clientapp_main import clientapp_command
 
+        # the fallback while the resident restarts: Flower's flwr-clientapp with the short pull backoff
         runtime, env = start_resident(site.site_id, args.site, args.config, state / "resident.log", env,
-                                      which_or_fail("flwr-clientapp"))
+                                      clientapp_command())
     try:
         return _run_supernode(cmd, env, site, args)
     finally:

@@ -6,7 +6,8 @@ SuperNode's ``PATH`` is a launcher written here: a stdlib-only script (Python st
 ``-I -S``, tens of milliseconds) that hands its command line to the resident process
 (:mod:`umeml.client.resident`) over a Unix socket in a private folder and exits. When the
 resident process is not there (starting, restarting, refused), the launcher runs Flower's own
-``flwr-clientapp`` with the same arguments instead, so a message is always served.
+``flwr-clientapp`` with the same arguments instead, so a message is always served (through
+:mod:`umeml.flower.clientapp_main`, which shortens Flower's object-pull backoff first).
 
 :class:`ResidentRuntime` starts the resident process, restarts it when it dies (with a growing
 pause) and stops it with the site. This module imports neither torch nor flwr, so the
@@ -34,7 +35,7 @@ process; runs Flower's own flwr-clientapp when that process cannot take it."""
 import json, os, socket, sys
 
 SOCKET = {socket!r}
-FLOWER = {flower!r}
+FLOWER = {flower!r}  # the command standing for Flower's flwr-clientapp (its arguments appended)
 
 
 def main():
@@ -51,18 +52,19 @@ def main():
     sys.stderr.write("umeml: resident site runtime " + (answer or "gave no answer")
                      + "; this message runs in Flower's own flwr-clientapp\\n")
     sys.stderr.flush()
-    os.execv(FLOWER, [FLOWER, *sys.argv[1:]])
+    os.execv(FLOWER[0], [*FLOWER, *sys.argv[1:]])
 
 
 main()
 '''
 
 
-def write_launcher(folder: Path, socket_path: Path, flower_clientapp: str) -> Path:
-    """Write the ``flwr-clientapp`` launcher into ``folder`` (put first on the SuperNode's PATH)."""
+def write_launcher(folder: Path, socket_path: Path, flower_clientapp: list[str]) -> Path:
+    """Write the ``flwr-clientapp`` launcher into ``folder`` (put first on the SuperNode's PATH);
+    ``flower_clientapp``: the command it runs when the resident process cannot take a message."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "flwr-clientapp"
-    path.write_text(LAUNCHER.format(python=sys.executable, socket=str(socket_path), flower=flower_clientapp))
+    path.write_text(LAUNCHER.format(python=sys.executable, socket=str(socket_path), flower=list(flower_clientapp)))
     path.chmod(0o700)
     return path
 
@@ -95,7 +97,7 @@ class ResidentRuntime:
             cmd += ["--config", str(self.experiment)]
         return cmd
 
-    def start(self, flower_clientapp: str, ready_timeout: float = 300.0) -> bool:
+    def start(self, flower_clientapp: list[str], ready_timeout: float = 300.0) -> bool:
         """Write the launcher, start the resident process and its supervisor; True once it is
         ready (False: it did not come up in time or exited; messages then run in Flower's own
         processes until a restart succeeds)."""
@@ -174,7 +176,7 @@ class ResidentRuntime:
 
 
 def start_resident(site_id: str, site_file: Path, experiment: Path | None, log_path: Path,
-                   env: dict[str, str], flower_clientapp: str) -> tuple[ResidentRuntime, dict[str, str]]:
+                   env: dict[str, str], flower_clientapp: list[str]) -> tuple[ResidentRuntime, dict[str, str]]:
     """Start a site's resident runtime and say so; returns it and the SuperNode's environment
     (with the launcher first on PATH)."""
     runtime = ResidentRuntime(site_file, experiment, log_path, env)

@@ -11,6 +11,10 @@ what both need lives here, so that neither side imports the other:
 - :mod:`umeml.flower.supernode`: a SuperNode's command line and what its refusals mean;
 - :mod:`umeml.flower.supernode_main`: Flower's ``flower-supernode`` with its polling tuned and a
   SuperLink's HTTP 500 retried;
+- :mod:`umeml.flower.superexec_main`: Flower's ``flower-superexec`` (the SuperLink's, starting
+  ServerApps) and ``flwr-serverapp`` with a SuperLink's HTTP 500 retried;
+- :mod:`umeml.flower.clientapp_main`: Flower's ``flwr-clientapp`` with the short object-pull
+  backoff (the resident site runtime's fallback);
 - :mod:`umeml.flower.watchdog`: stops a run's Flower processes once its coordinator is gone.
 
 This package imports ``flwr`` and umeml's core, never ``umeml.server`` or ``umeml.client``

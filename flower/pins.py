@@ -11,6 +11,7 @@ breaks them.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 
 PINNED_MINOR = "1.42"
@@ -86,6 +87,32 @@ def retry_problems() -> list[str]:
         problems.append("flwr.supercore.retry.http_retry._RETRYABLE_STATUS_CODES is gone")
     if "HeartbeatSender(send_node_heartbeat)" not in inspect.getsource(fleet_http_connection):
         problems.append("fleet_http_connection no longer builds HeartbeatSender(send_node_heartbeat)")
+    return problems
+
+
+def superexec_problems() -> list[str]:
+    """Differences in what the SuperLink's SuperExec and its ServerApps retry with
+    (:mod:`umeml.flower.superexec_main` adds HTTP 500 to Flower's retried status codes and wraps the
+    ServerApp's task heartbeat): the SuperExec's Runtime API client is built with
+    ``make_simple_http_retry_invoker``, which reads ``_RETRYABLE_STATUS_CODES`` at each failure; it
+    launches ``flwr-serverapp`` by that name; ``run_serverapp`` builds its task heartbeat with
+    ``make_task_heartbeat_fn_http``.
+    How the SuperLink would start it (``--isolation``, the command line) is checked by
+    tests/test_flower_pins.py, not here: that would import the whole SuperLink into the SuperExec."""
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+    from flwr.supercore.retry import http_retry
+    from flwr.supercore.superexec import run_superexec
+    run_serverapp = importlib.import_module("flwr.superlink.runtime.run_serverapp")  # the package exports the function
+
+    problems = []
+    if TASK_TYPE_TO_COMMAND.get(TaskType.SERVER_APP) != "flwr-serverapp":
+        problems.append(f"the SuperExec launches {TASK_TYPE_TO_COMMAND.get(TaskType.SERVER_APP)!r}, not flwr-serverapp")
+    if "make_task_heartbeat_fn_http(grid._runtime_client)" not in inspect.getsource(run_serverapp.run_serverapp):
+        problems.append("run_serverapp no longer builds its task heartbeat with make_task_heartbeat_fn_http")
+    if not isinstance(getattr(http_retry, "_RETRYABLE_STATUS_CODES", None), frozenset):
+        problems.append("flwr.supercore.retry.http_retry._RETRYABLE_STATUS_CODES is gone")
+    if "retry_invoker=make_simple_http_retry_invoker()" not in inspect.getsource(run_superexec.run_superexec):
+        problems.append("run_superexec no longer builds its client with make_simple_http_retry_invoker()")
     return problems
 
 

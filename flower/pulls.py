@@ -15,10 +15,12 @@ loopback then costs 1 + 2 + 4 + 8 = 15 s of waiting (measured: "served train in 
 :func:`fast_object_pulls` makes the first retry come after ``INITIAL_BACKOFF_S`` (doubling up to
 ``BACKOFF_CAP_S``) in the calling process, keeping Flower's overall patience (``max_time``, and as
 many seconds of retries per object: more tries of shorter waits). Called by the resident site
-runtime, the tuned SuperNode and the ServerApp; Flower's own ``flwr-clientapp`` keeps Flower's
-backoff, and so does every process whose environment has ``UMEML_PULL_BACKOFF=flower`` (the
-benchmark's stock-Flower baseline). Relies on the keyword defaults of two Flower 1.42 functions
-(:func:`umeml.flower.pins.pull_problems`; tests/test_flower_pins.py fails when they move).
+runtime, the tuned SuperNode, the ServerApp and the resident runtime's fallback ``flwr-clientapp``
+(:mod:`umeml.flower.clientapp_main`); Flower's own ``flwr-clientapp`` of a site started with
+``--runtime per-message`` keeps Flower's backoff, and so does every process whose environment has
+``UMEML_PULL_BACKOFF=flower`` (the benchmark's stock-Flower baseline). Relies on the keyword
+defaults of two Flower 1.42 functions (:func:`umeml.flower.pins.pull_problems`;
+tests/test_flower_pins.py fails when they move).
 """
 
 from __future__ import annotations
@@ -44,18 +46,20 @@ def pulling_functions() -> list:
     return [inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree]
 
 
-def fast_object_pulls(message_max_time: float | None = None) -> list[str]:
+def fast_object_pulls(message_max_time: float | None = None, *, version_checked: bool = False) -> list[str]:
     """Shorten the pull backoff in this process; returns why it was not done (empty: done).
     ``message_max_time``: give up pulling a ClientApp's message after that many seconds (the
     resident runtime, which serves one message at a time: a message whose objects never reach
     the SuperNode, its SuperLink having died mid-pull, blocked every later message; Flower's own
-    process per message waits up to 2 h, blocking nothing else)."""
+    process per message waits up to 2 h, blocking nothing else). ``version_checked``: the caller
+    has just found the installed Flower to be the pinned minor version (the resident runtime's
+    :func:`umeml.flower.pins.contract_problems`); only the pull details are checked then."""
     from umeml.flower.pins import problems as pin_problems
     from umeml.flower.pins import pull_problems
 
     if os.environ.get(ENV) == "flower":
         return [f"{ENV}=flower asks for Flower's own backoff"]
-    problems = pin_problems(pull_problems)
+    problems = pull_problems() if version_checked else pin_problems(pull_problems)
     if problems:
         return problems
     pull, pull_tree = pulling_functions()

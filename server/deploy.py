@@ -19,6 +19,7 @@ from umeml.config import ExperimentConfig, config_to_dict
 from umeml.errors import FederationError
 from umeml.flower.network import dial_host
 from umeml.flower.processes import die_with_parent, flower_env, free_port, port_is_free, stop_process, wait_for_port
+from umeml.flower.superexec_main import superexec_command
 
 APP_PYPROJECT = """\
 [build-system]
@@ -88,7 +89,9 @@ class SuperLink:
     log_path: Path
     tls: TLSFiles | None = None
     node_auth: bool = False
+    superexec: bool = True  # start the SuperExec that runs ServerApps (False: a SuperLink for key registration)
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    superexec_proc: subprocess.Popen | None = field(default=None, repr=False)
     registered: dict[str, int] = field(default_factory=dict)  # site key name -> Flower node id
 
     @property
@@ -114,7 +117,8 @@ class SuperLink:
                           database.with_name(database.name + "-shm"), database.with_name(database.name + "-journal")):
                 stale.unlink(missing_ok=True)
             if site_keys:
-                setup = SuperLink("127.0.0.1", free_port(), self.flwr_home, self.log_path, self.tls, node_auth=True)
+                setup = SuperLink("127.0.0.1", free_port(), self.flwr_home, self.log_path, self.tls, node_auth=True,
+                                  superexec=False)
                 try:
                     setup._launch(timeout)
                     self.registered = setup.register_site_keys(site_keys)
@@ -124,8 +128,9 @@ class SuperLink:
 
     def _launch(self, timeout: float) -> "SuperLink":
         database = self.flwr_home / "superlink.db"
+        # --isolation process: the SuperExec that starts ServerApps is ours (_start_superexec)
         cmd = ["flower-superlink", "--host", self.host, "--port", str(self.port),
-               "--disable-runtime-dependency-installation", "--database", str(database)]
+               "--disable-runtime-dependency-installation", "--database", str(database), "--isolation", "process"]
         if self.tls is None:
             cmd.append("--insecure")
         else:
@@ -147,6 +152,8 @@ class SuperLink:
             tail = self.log_path.read_text(errors="replace").strip().splitlines()[-5:]
             raise RuntimeError(f"the SuperLink did not start: {err}; last lines of {self.log_path}:\n  "
                                + "\n  ".join(tail)) from err
+        if self.superexec:
+            self._start_superexec()
         lines = ["[superlink]", f'default = "{self.connection}"', "", f"[superlink.{self.connection}]",
                  f'address = "{dial_host(self.host)}:{self.port}"']
         if self.tls is None:
@@ -155,6 +162,19 @@ class SuperLink:
             lines += ["insecure = false", f'root-certificates = "{self.tls.ca_cert.resolve()}"']
         (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
         return self
+
+    def _start_superexec(self) -> None:
+        """Start the SuperExec that runs this SuperLink's ServerApps, as Flower's SuperLink starts
+        it in its default isolation mode but retrying an HTTP 500 ("database is locked") instead
+        of exiting (:mod:`umeml.flower.superexec_main`). It leaves when the SuperLink exits
+        (``--parent-pid``), and with the coordinator (its own session, the kernel's SIGTERM)."""
+        address = f"{dial_host(self.host)}:{self.port}"
+        certs = None if self.tls is None else str(self.tls.ca_cert)
+        with self.log_path.open("ab") as log:
+            self.superexec_proc = subprocess.Popen(superexec_command(address, self.proc.pid, certs),
+                                                   env=flower_env(self.flwr_home), stdout=log,
+                                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                                   preexec_fn=die_with_parent)
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         """Run a ``flwr`` CLI command against this SuperLink."""
@@ -193,6 +213,8 @@ class SuperLink:
 
     def stop(self) -> None:
         """Stop the SuperLink and its children."""
+        if self.superexec_proc is not None:
+            stop_process(self.superexec_proc)
         if self.proc is not None:
             stop_process(self.proc)
 

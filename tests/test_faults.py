@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL
 
 from umeml.data.synth import SynthSpec
 from umeml.flower.processes import free_port, processes_with_env, stop_process
@@ -23,6 +25,7 @@ from umeml.flower.processes import free_port, processes_with_env, stop_process
 from fed_helpers import spawn_logged, stage_sites
 
 BIN = Path(sys.executable).parent
+RECONNECTED = "Connection successful after"  # Flower's retry invoker, on a call that had failed
 ROUNDS = 4
 # no split.test_sites: the held-out site comes from --held-out, which the resume leaves out
 EXPERIMENT = f"""\
@@ -43,6 +46,37 @@ def _wait_for(path: Path, text: str, timeout: float, proc=None) -> float:
             raise AssertionError(f"exited ({proc.returncode}) before {text!r} appeared in {path}")
         time.sleep(0.25)
     raise AssertionError(f"no {text!r} in {path} after {timeout:.0f} s")
+
+
+def _reconnects(log: Path) -> int:
+    """How often the site's SuperNode got through to the SuperLink after failing (Flower's retry)."""
+    return log.read_text(errors="replace").count(RECONNECTED) if log.exists() else 0
+
+
+def _reconnect_times(superlink_log: Path, site_logs: dict, before: dict, coord, timeout: float = 600) -> dict:
+    """Per site, seconds from the restarted SuperLink listening (its log's "Uvicorn running on"
+    line, UTC) to the site's SuperNode logging a reconnect (seen by polling its log every 0.1 s)."""
+    starts = _listening(superlink_log)
+    t0, seen = time.monotonic(), {}
+    while time.monotonic() - t0 < timeout and len(seen) < len(site_logs) and coord.poll() is None:
+        for site, log in site_logs.items():
+            if site not in seen and _reconnects(log) > before[site]:
+                seen[site] = time.time()
+        time.sleep(0.1)
+    restarted = [t for t in _listening(superlink_log) if t not in starts]
+    assert restarted, f"the SuperLink was not started again ({superlink_log})"
+    return {site: t - restarted[0] for site, t in seen.items()}
+
+
+def _listening(superlink_log: Path) -> list[float]:
+    """Times (epoch seconds) at which the SuperLink logged that it listens."""
+    from datetime import datetime
+
+    found = []
+    for line in superlink_log.read_text(errors="replace").splitlines():
+        if "Uvicorn running on" in line:
+            found.append(datetime.fromisoformat(line.split()[0].replace("Z", "+00:00")).timestamp())
+    return found
 
 
 def _site(d: Path, s: str, port: int, tag: str):
@@ -96,8 +130,11 @@ def test_faults_site_coordinator_and_superlink_killed_run_completes(staged):
         times["resume_to_round_3"] = _wait_for(progress, f"round 3/{ROUNDS}", 900, procs["coord"])
         # 3. the SuperLink killed: the coordinator starts it again, the sites reconnect, the run resumes
         superlink = json.loads((run / "coordinator.lock").read_text())["superlink_pid"]
+        site_logs = {"A0": d / "A0-1.log", "A1": d / "A1-2.log", "A2": d / "A2-1.log"}
+        before = {s: _reconnects(p) for s, p in site_logs.items()}
         os.kill(superlink, signal.SIGKILL)
         t0 = time.monotonic()
+        reconnect = _reconnect_times(run / "superlink.log", site_logs, before, procs["coord"])
         rc = procs["coord"].wait(timeout=1200)
         times["superlink_restart_to_end"] = time.monotonic() - t0
         log = (d / "server-2.log").read_text()
@@ -106,8 +143,22 @@ def test_faults_site_coordinator_and_superlink_killed_run_completes(staged):
         for p in procs.values():
             stop_process(p, grace=10)
     assert "starting it again and resuming" in log
+    _check_resident_served_every_run(d / "state" / "A0" / "resident.log")
     print("\nfault script timings (s):", json.dumps({k: round(v, 1) for k, v in times.items()}))
+    print("reconnect after the SuperLink restart (s, SuperLink listening -> the site's next request served):",
+          json.dumps({k: round(v, 1) for k, v in reconnect.items()}), "load", Path("/proc/loadavg").read_text()[:14])
+    # issue 14: sites reconnect after a SuperLink restart within one heartbeat period
+    assert set(reconnect) == set(site_logs) and max(reconnect.values()) < HEARTBEAT_DEFAULT_INTERVAL, reconnect
     _check_outcome(run)
+
+
+def _check_resident_served_every_run(log_path: Path) -> None:
+    """A0's site was never stopped: its one resident process served the messages of the first
+    run, of the resume after the coordinator's kill and of the resume after the SuperLink's
+    restart (issue 14: "serves every message ... and of later runs with the same data")."""
+    log = log_path.read_text(errors="replace")
+    runs = {int(m) for m in re.findall(r"served \S+ \(run (\d+)\) in .*: completed", log)}
+    assert len(runs) >= 3 and log.count("resident runtime ready") == 1, log[-3000:]
 
 
 def _check_outcome(run: Path) -> None:

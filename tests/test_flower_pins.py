@@ -102,7 +102,7 @@ def test_the_launcher_hands_over_or_runs_flowers_own_command(tmp_path):
     fake = tmp_path / "flower-clientapp"
     fake.write_text(f"#!{sys.executable}\nimport sys\nprint('FLOWER', *sys.argv[1:])\n")
     fake.chmod(0o700)
-    launcher = write_launcher(tmp_path / "bin", tmp_path / "none.sock", str(fake))
+    launcher = write_launcher(tmp_path / "bin", tmp_path / "none.sock", [str(fake)])
     out = subprocess.run([str(launcher), "--token", "abc"], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "FLOWER --token abc" and "Flower's own flwr-clientapp" in out.stderr
     assert Path(launcher).name == "flwr-clientapp"
@@ -129,7 +129,7 @@ def test_the_launcher_hands_its_command_line_to_a_listening_resident(tmp_path):
 
     t = threading.Thread(target=answer)
     t.start()
-    launcher = write_launcher(tmp_path / "bin", sock_path, str(tmp_path / "never-run"))
+    launcher = write_launcher(tmp_path / "bin", sock_path, [str(tmp_path / "never-run")])
     out = subprocess.run([str(launcher), "--token", "abc", "--insecure"], capture_output=True, text=True, timeout=60)
     t.join(10)
     server.close()
@@ -259,3 +259,141 @@ def test_the_resident_runtime_pulls_its_messages_with_the_short_backoff(monkeypa
     # one-at-a-time runtime for Flower's 2 h: the resident gives up its message pulls sooner
     assert pulls.pulling_functions()[1].__kwdefaults__["max_time"] == resident.MESSAGE_PULL_MAX_S
     assert pulls.pulling_functions()[0].__kwdefaults__["max_time"] == 7200  # the SuperNode's, ServerApp's: Flower's
+
+
+def test_the_superlinks_superexec_is_started_as_flowers_superlink_would_start_it():
+    # the coordinator runs flower-superlink --isolation process and starts the SuperExec itself
+    # (umeml.flower.superexec_main): same arguments as the SuperLink's own in subprocess mode
+    import importlib
+
+    fs = importlib.import_module("flwr.superlink.cli.flower_superlink")  # the module (the package exports the function)
+
+    from umeml.flower.superexec_main import superexec_command
+
+    args = fs._parse_args_run_superlink().parse_args(["--insecure", "--isolation", "process"])
+    assert args.isolation == "process"
+    for certs, root in ((None, None), ((b"ca", b"crt", b"key"), "/tls/ca.crt")):
+        flower = fs._get_superexec_command(runtime_address="127.0.0.1:9093", runtime_certificates=certs,
+                                           runtime_root_certificates_path=root, parent_pid=4242,
+                                           runtime_dependency_install=False)
+        ours = superexec_command("127.0.0.1:9093", 4242, root)
+        assert ours[:3] == [sys.executable, "-m", "umeml.flower.superexec_main"]
+        assert flower == ["flower-superexec", *ours[3:]]
+    assert pins.superexec_problems() == []
+
+
+def test_the_superexec_shim_retries_http_500_and_runs_flowers_superexec(monkeypatch):
+    import httpx
+    from flwr.supercore import cli
+    from flwr.supercore.retry import http_retry
+
+    from umeml.flower import superexec_main
+    from umeml.flower.supernode_main import RETRIED_TOO
+
+    monkeypatch.setattr(http_retry, "_RETRYABLE_STATUS_CODES", frozenset(http_retry._RETRYABLE_STATUS_CODES) - RETRIED_TOO)
+    ran = []
+    monkeypatch.setattr(cli, "flower_superexec", lambda: ran.append(list(sys.argv)))
+    monkeypatch.setattr(sys, "argv", ["x"])
+    superexec_main.main(["--insecure", "--runtime-api-address", "127.0.0.1:1"])
+    assert ran == [["flower-superexec", "--insecure", "--runtime-api-address", "127.0.0.1:1"]]
+    request = httpx.Request("POST", "http://127.0.0.1:1/v1/runtime/acquire-task")
+    error = httpx.HTTPStatusError("500", request=request, response=httpx.Response(500, request=request))
+    assert http_retry.make_simple_http_retry_invoker().should_giveup(error) is False
+
+
+def _resident_start(monkeypatch, tmp_path, version: str):
+    """Run the resident runtime's start-up up to its warm-up with ``version`` as the installed
+    Flower; returns (exit code or "warm-up reached", how often the version was read)."""
+    from umeml.client import resident
+    from umeml.flower import pulls
+
+    for fn in pulls.pulling_functions():
+        monkeypatch.setattr(fn, "__kwdefaults__", dict(fn.__kwdefaults__))  # restored after the test
+    monkeypatch.delenv(pulls.ENV, raising=False)
+    monkeypatch.setattr(resident.signal, "signal", lambda *a: None)
+    monkeypatch.setattr(resident.threading, "Thread", lambda **kw: type("T", (), {"start": lambda self: None})())
+    reads = []
+    monkeypatch.setattr(pins, "flwr_version", lambda: reads.append(version) or version)
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a):
+        raise Stop
+
+    monkeypatch.setattr(resident, "warm_up", stop)
+    try:
+        code = resident.main(["--socket", str(tmp_path / "s"), "--site", str(tmp_path / "site.yaml")])
+    except Stop:
+        code = "warm-up reached"
+    return code, len(reads)
+
+
+def test_the_resident_runtime_checks_the_flower_version_once(monkeypatch, tmp_path):
+    # it was read twice at start-up: by the contract check and again by the short pull backoff
+    from umeml.client import resident
+    from umeml.flower import pulls
+
+    assert _resident_start(monkeypatch, tmp_path, pins.flwr_version()) == ("warm-up reached", 1)
+    assert pulls.pulling_functions()[1].__kwdefaults__["initial_backoff"] == pulls.INITIAL_BACKOFF_S
+    # the check's meaning kept: another Flower minor version and the runtime does not start
+    assert _resident_start(monkeypatch, tmp_path, "1.99.0") == (resident.EXIT_FLOWER_MISMATCH, 1)
+
+
+def test_the_fallback_clientapp_pulls_with_the_short_backoff_and_runs_flowers_own(monkeypatch):
+    # while the resident restarts, Flower's flwr-clientapp serves messages: it waited 1 s, 2 s, 4 s ...
+    from importlib.metadata import entry_points
+
+    import flwr.supernode.cli as cli
+
+    from umeml.flower import clientapp_main, pulls
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "flwr-clientapp"]
+    assert script.value == "flwr.supernode.cli:flwr_clientapp"  # what the shim runs instead of the script
+    for fn in pulls.pulling_functions():
+        monkeypatch.setattr(fn, "__kwdefaults__", {**fn.__kwdefaults__, "initial_backoff": 1, "backoff_cap": 10})
+    monkeypatch.delenv(pulls.ENV, raising=False)
+    ran = []
+    tree = pulls.pulling_functions()[1]
+    monkeypatch.setattr(cli, "flwr_clientapp", lambda: ran.append((list(sys.argv), tree.__kwdefaults__["initial_backoff"])))
+    monkeypatch.setattr(sys, "argv", ["x"])
+    clientapp_main.main(["--runtime-api-address", "127.0.0.1:1", "--token", "t"])
+    assert ran == [(["flwr-clientapp", "--runtime-api-address", "127.0.0.1:1", "--token", "t"], pulls.INITIAL_BACKOFF_S)]
+    assert tree.__kwdefaults__["max_time"] != 120  # a process per message blocks nothing: Flower's patience
+
+
+def test_the_launchers_fallback_is_flowers_flwr_clientapp_through_the_shim(tmp_path):
+    from umeml.client.warm import write_launcher
+    from umeml.flower.clientapp_main import clientapp_command
+
+    launcher = write_launcher(tmp_path / "bin", tmp_path / "none.sock", clientapp_command())
+    out = subprocess.run([str(launcher), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--runtime-api-address" in out.stdout, out.stdout + out.stderr
+    assert "Flower's own flwr-clientapp" in out.stderr and "warning" not in out.stderr
+
+
+def test_the_serverapp_shim_retries_http_500_in_its_task_heartbeat_and_runs_flowers_own(monkeypatch, tmp_path):
+    import importlib
+
+    import flwr.superlink.cli as cli
+    import httpx
+
+    from umeml.flower import superexec_main
+
+    rs = importlib.import_module("flwr.superlink.runtime.run_serverapp")
+    monkeypatch.setattr(rs, "make_task_heartbeat_fn_http", rs.make_task_heartbeat_fn_http)  # restored after
+    ran = []
+    monkeypatch.setattr(cli, "flwr_serverapp", lambda: ran.append(list(sys.argv)))
+    monkeypatch.setattr(sys, "argv", ["x"])
+    superexec_main.serverapp_main(["--token", "t"])
+    assert ran == [["flwr-serverapp", "--token", "t"]]
+
+    class Locked:
+        def SendTaskHeartbeat(self, request):  # noqa: N802 - Flower's name
+            req = httpx.Request("POST", "http://127.0.0.1:1/v1/runtime/send-task-heartbeat")
+            raise httpx.HTTPStatusError("500", request=req, response=httpx.Response(500, request=req))
+
+    assert rs.make_task_heartbeat_fn_http(Locked())() is False  # a failed beat (retried), not the end of the thread
+    monkeypatch.setenv("PATH", "/usr/bin")
+    script = superexec_main.serverapp_shim(tmp_path / "bin")
+    assert script.name == "flwr-serverapp" and superexec_main.os.environ["PATH"].startswith(str(tmp_path / "bin"))

@@ -109,7 +109,7 @@ def test_supervisor_restarts_a_resident_process_that_dies(tmp_path, monkeypatch)
     rt = ResidentRuntime(tmp_path / "site.yaml", None, tmp_path / "resident.log", dict(os.environ), max_pause=1.0)
     monkeypatch.setattr(rt, "command", lambda: [sys.executable, str(script), "--socket", str(rt.socket)])
     try:
-        assert rt.start("/bin/false", ready_timeout=60)
+        assert rt.start(["/bin/false"], ready_timeout=60)
         deadline = time.monotonic() + 60
         while rt.starts < 2 and time.monotonic() < deadline:
             time.sleep(0.2)

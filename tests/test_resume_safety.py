@@ -1,5 +1,6 @@
 """Resume and restart that cannot go wrong: recorded roles, the run dir's lock, orphans of a
-killed coordinator, the watchdog, impossible settings (fast tier: no Flower process starts)."""
+killed coordinator, the watchdog, impossible settings, transient SuperLink errors (fast tier: no
+Flower process starts, except in the one slow test of the SuperLink's SuperExec)."""
 
 from __future__ import annotations
 
@@ -335,3 +336,88 @@ def test_supernode_shim_retries_http_500():
         http_retry._RETRYABLE_STATUS_CODES = before
     cmd = supernode_command("127.0.0.1:9092", 9094, Path("site.yaml"))
     assert cmd[1:3] == ["-m", "umeml.flower.supernode_main"]
+
+
+def _fake_runtime_api(failures: int):
+    """A Runtime API on 127.0.0.1 that answers HTTP 500 ("database is locked", as a SQLite
+    SuperLink under load) ``failures`` times to the SuperExec's AcquireTask, then hands out one
+    ServerApp task, then none; and to the ServerApp's PullTaskInput ``failures`` 500s, then 403
+    (the run is no longer running: the ServerApp leaves). Returns the server and the paths asked."""
+    import http.server
+    import threading
+
+    from flwr.proto.runtime_pb2 import AcquireTaskResponse, SendTaskHeartbeatResponse  # pylint: disable=E0611
+    from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
+    from flwr.supercore.constant import TaskType
+
+    asked: list[str] = []
+    task = AcquireTaskResponse(task=Task(task_id=7, type=TaskType.SERVER_APP.value, run_id=1), token="tok-7")
+    locked = b'{"detail": "sqlite3.OperationalError: database is locked"}'
+
+    def answer(path: str) -> tuple[int, bytes]:
+        n = asked.count(path)
+        if path.endswith(("/acquire-task", "/pull-task-input")) and n <= failures:
+            return 500, locked
+        if path.endswith("/acquire-task"):
+            return 200, task.SerializeToString() if n == failures + 1 else b""
+        if path.endswith("/pull-task-input"):
+            return 403, b"{}"
+        if path.endswith("/send-task-heartbeat"):
+            return 200, SendTaskHeartbeatResponse(success=True).SerializeToString()
+        return 200, b""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            asked.append(self.path)
+            code, body = answer(self.path)
+            self.send_response(code)
+            self.send_header("content-type", "application/protobuf" if code == 200 else "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, asked
+
+
+def _superexec_after_500s(tmp_path: Path, command: list[str], failures: int = 2) -> tuple[list[str], str]:
+    """The Runtime API paths asked while the SuperExec started by ``command`` meets ``failures``
+    500s (and the ServerApp it launches as many), until that ServerApp pulled its task past them,
+    the SuperExec exited or 90 s passed; and the SuperExec's output."""
+    from umeml.flower.superexec_main import superexec_command
+
+    server, asked = _fake_runtime_api(failures)
+    args = superexec_command(f"127.0.0.1:{server.server_port}", os.getpid())[3:]
+    proc = subprocess.Popen([*command, *args], env=flower_env(tmp_path / "flower"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90  # Flower's backoff: 1 s, then 2 s (full jitter), in both processes
+        while time.monotonic() < deadline and asked.count("/v1/runtime/pull-task-input") <= failures \
+                and proc.poll() is None:
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0]
+        server.shutdown()
+    return list(asked), out
+
+
+@pytest.mark.slow  # starts Flower's SuperExec twice and a ServerApp (seconds each)
+def test_the_superlinks_superexec_and_serverapp_survive_a_transient_http_500(tmp_path):
+    """The SuperExec that starts the SuperLink's ServerApps exits on one HTTP 500 from the
+    SuperLink in Flower 1.42 (no ServerApp starts again: a submitted or resumed run stays
+    pending), and a ServerApp's task pull, before umeml's ServerApp is loaded, fails on one too;
+    umeml's SuperExec retries with Flower's backoff, launches the ServerApp, whose pull retries."""
+    flower = str(Path(sys.executable).parent / "flower-superexec")
+    asked, out = _superexec_after_500s(tmp_path / "flower", [flower])
+    assert asked == ["/v1/runtime/acquire-task"] and "500" in out, (asked, out)  # gone after the first 500
+    asked, out = _superexec_after_500s(tmp_path / "umeml", [sys.executable, "-m", "umeml.flower.superexec_main"])
+    assert asked.count("/v1/runtime/acquire-task") >= 3 and asked.count("/v1/runtime/pull-task-input") == 3, (asked, out)
+    assert "Connection attempt failed, retrying" in out and "warning" not in out, out
+    assert (tmp_path / "umeml" / "flower" / "umeml-bin" / "flwr-serverapp").exists()
