@@ -125,19 +125,37 @@ def _ray_group(supervisor: int) -> int | None:
     return None
 
 
+def _rounds_done(run: Path) -> int:
+    """The last round with a row in the run's metrics.csv (long format), 0 before the first."""
+    try:
+        lines = (run / "metrics.csv").read_text().splitlines()[1:]
+    except OSError:
+        return 0
+    cells = [line.split(",", 2) for line in lines]  # unit,step,...
+    return max((int(c[1]) for c in cells if c[0] == "round" and c[1].isdigit()), default=0)
+
+
 @pytest.mark.slow  # Ray start-up
-@pytest.mark.timeout(300)
-def test_sigterm_stops_a_simulation_within_10_s_while_ray_starts(tiny_cohort_dir, tmp_path):
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("phase", ["while Ray starts", "mid-run"])
+def test_sigterm_stops_a_simulation_within_10_s(tiny_cohort_dir, tmp_path, phase):
     (tmp_path / "exp.yaml").write_text(EXPERIMENT)
+    run = tmp_path / "run"
     proc = subprocess.Popen([str(BIN / "umeml-server"), "simulate", "--config", str(tmp_path / "exp.yaml"),
-                             "--data", str(tiny_cohort_dir), "--out", str(tmp_path / "run"), "--rounds", "50"],
+                             "--data", str(tiny_cohort_dir), "--out", str(run), "--rounds", "2000"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    group = None
     try:
         deadline = time.monotonic() + 240
         while (group := _ray_group(proc.pid)) is None and time.monotonic() < deadline:
             assert proc.poll() is None, "the simulation ended before Ray started"
             time.sleep(0.1)
         assert group is not None, "Ray did not start within 240 s"
+        while phase == "mid-run" and _rounds_done(run) < 1 and time.monotonic() < deadline + 120:
+            assert proc.poll() is None, "the simulation ended before its first round"
+            time.sleep(0.1)
+        if phase == "mid-run":  # the signal lands while rounds run: sites are training in Ray's workers
+            assert 1 <= _rounds_done(run) < 2000, _rounds_done(run)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         try:
