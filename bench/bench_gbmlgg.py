@@ -75,6 +75,12 @@ CANDIDATES = {
     "fedavgm 0.9, cosine, 4 local epochs": {"federation": {**M9, "local_epochs": 4}},
     "fedavg, adamw 5e-4 kept at site, cosine": {"train": {"optimizer": "adamw", "lr": 0.0005},
                                                 "federation": {"strategy": "fedavg", "optimizer_state": "site"}},
+    # label-skew drift control (issue 13's remaining grade gap): FedLC logit calibration at the sites,
+    # FedProx's proximal term (no server momentum: one strategy per run)
+    "fedavgm 0.9, cosine, fedlc tau 0.5": {"federation": {**M9, "logit_calibration_tau": 0.5}},
+    "fedavgm 0.9, cosine, fedlc tau 1": {"federation": {**M9, "logit_calibration_tau": 1.0}},
+    "fedavgm 0.9, cosine, fedlc tau 2": {"federation": {**M9, "logit_calibration_tau": 2.0}},
+    "fedprox mu 0.01, cosine": {"federation": {"strategy": "fedprox", "proximal_mu": 0.01}},
 }
 
 
