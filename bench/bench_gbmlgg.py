@@ -81,6 +81,11 @@ CANDIDATES = {
     "fedavgm 0.9, cosine, fedlc tau 1": {"federation": {**M9, "logit_calibration_tau": 1.0}},
     "fedavgm 0.9, cosine, fedlc tau 2": {"federation": {**M9, "logit_calibration_tau": 2.0}},
     "fedprox mu 0.01, cosine": {"federation": {"strategy": "fedprox", "proximal_mu": 0.01}},
+    "scaffold, server momentum 0.9, cosine": {"federation": {**M9, "strategy": "scaffold"}},
+    "scaffold, no server momentum, cosine": {"federation": {"strategy": "scaffold", "server_momentum": 0.0}},
+    "scaffold, server momentum 0.5, cosine": {"federation": {**M5, "strategy": "scaffold"}},
+    "scaffold, server momentum 0.9, cosine, 4 local epochs": {"federation": {**M9, "strategy": "scaffold",
+                                                                             "local_epochs": 4}},
 }
 
 
