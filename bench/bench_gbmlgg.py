@@ -489,8 +489,8 @@ def write_results(path: Path, meta: dict, wall: float, per_method: dict, folds: 
     """Put this run's section (heading dated as ``meta`` says) into the markdown file ``path``."""
     when = stamp(meta["date"], meta["machine"], meta["cores"])
     if any("umeml federated" in f["results"] for f in folds):
-        write_section(path, FEDOPT_SECTION, fedopt_intro(meta, wall, per_method) + fedopt_tables(folds, per_method),
-                      when=when)
+        write_section(path, meta.get("section") or FEDOPT_SECTION,
+                      fedopt_intro(meta, wall, per_method) + fedopt_tables(folds, per_method), when=when)
         return
     write_section(path, section_title(meta), _intro(meta, wall, per_method) + tables(folds), when=when)
 
@@ -547,7 +547,9 @@ def _intro(meta: dict, wall: float, per_method: dict) -> str:
 
 def _describe(cfg) -> str:
     fed, train = cfg.federation, cfg.train
-    strategy = fed.strategy + (f" (server momentum {fed.server_momentum:g})" if fed.strategy == "fedavgm" else "")
+    strategy = fed.strategy + (f" (server momentum {fed.server_momentum:g})" if fed.strategy in ("fedavgm", "scaffold")
+                               else "") + (f", FedLC tau {fed.logit_calibration_tau:g}" if fed.logit_calibration_tau
+                                           else "")
     return (f"{strategy}, {fed.rounds} rounds x {fed.local_epochs} local epochs, local {train.optimizer} lr "
             f"{train.lr:g}, learning-rate schedule over rounds {fed.lr_schedule}"
             + (f" (warm-up {fed.warmup_rounds} rounds)" if fed.lr_schedule != "constant" else "")
@@ -629,6 +631,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="fill the skipped methods' rows from an earlier run of the same folds")
     ap.add_argument("--write", type=Path, help="replace this run's section of this markdown file")
     ap.add_argument("--note", default="", help="a sentence for the section's list (what the reader must know)")
+    ap.add_argument("--section", help="with --write: the heading of the section to write (default: the tuning "
+                                      "or federated-optimisation section), so a new study keeps the earlier figures")
     return ap
 
 
@@ -766,7 +770,7 @@ def write_tuning(path: Path, rows: list[dict], args, note: str = "") -> None:
               f"({r.get('pooled_best_round', '-')}) | {_f(r.get('pooled_last5_mean'))} | "
               f"{r['seconds']:.0f} | {r['load']:.1f} |" for r in rows]
     lines += ["", note] if note else []
-    write_section(path, TUNING_SECTION, "\n".join(lines) + "\n", when=stamp())
+    write_section(path, getattr(args, "section", None) or TUNING_SECTION, "\n".join(lines) + "\n", when=stamp())
 
 
 def render(args) -> int:
@@ -777,6 +781,8 @@ def render(args) -> int:
         saved["meta"]["reused_from"] = _command_of(args.reuse)
     if args.note:
         saved["meta"]["note"] = args.note
+    if args.section:
+        saved["meta"]["section"] = args.section
     folds = saved["folds"]
     print(fedopt_tables(folds, saved["seconds_per_method"]) if any("umeml federated" in f["results"] for f in folds)
           else tables(folds))
@@ -813,7 +819,7 @@ def run_meta(args, cfg, cohort, chosen: list[int], loads: list[float], reused: l
         "hidden_dim": cfg.model.hidden_dim, "rounds_override": args.rounds,
         "load_average": [round(min(loads), 1), round(max(loads), 1)],
         "reused": reused, "reused_from": _command_of(args.reuse) if args.reuse else None,
-        "note": args.note,
+        "note": args.note, "section": args.section,
     }
 
 
