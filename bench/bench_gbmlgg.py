@@ -580,7 +580,9 @@ def fedopt_intro(meta: dict, wall: float, per_method: dict) -> str:
            f"- the old setting (`{meta.get('old_config')}`: {meta.get('old_settings')}; last round) was not re-run here "
            "(machine time); its figures on the same folds are in the section \"TCGA GBM-LGG, site-disjoint 5-fold, "
            "config gbmlgg_folds_sgd.yaml\" (row umeml fedavg).\n")
-        + f"- umeml federated: `{meta.get('best_config')}`: {meta.get('best_settings')}. The settings come from the "
+        + f"- umeml federated: `{meta.get('best_config')}`"
+        + (f" with the tuning candidate {meta['best_candidate']!r}" if meta.get("best_candidate") else "")
+        + f": {meta.get('best_settings')}. The settings come from the "
         "tuning pass (its own section), which read only the training sites' validation of fold 0.\n"
         + ("- selected round: the round whose global weights scored best (mean primary metric over tasks) on the "
            "training sites' validation splits combined over the sites with >= k = 10 validation patients (the others "
@@ -600,6 +602,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", type=Path, default=CONFIG)
     ap.add_argument("--best-config", type=Path, default=BEST_CONFIG,
                     help="config of the 'umeml federated' method (and the tuning pass's base)")
+    ap.add_argument("--best-candidate", choices=list(CANDIDATES), metavar="NAME",
+                    help="'umeml federated' = --best-config with this tuning candidate's overrides")
     ap.add_argument("--old-config", type=Path, default=OLD_CONFIG, help="config of 'umeml federated (old)'")
     ap.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), metavar="NAME",
                     help=f"with --tune: only these candidates, of: {', '.join(repr(c) for c in CANDIDATES)}")
@@ -636,13 +640,21 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def candidate_config(base, overrides: dict):
-    """``base`` with one candidate's overrides (section -> key -> value), checked like a file."""
+def with_overrides(base, overrides: dict, source: str):
+    """``base`` with overrides (section -> key -> value), checked like a file named ``source``."""
     from umeml.config import config_from_dict, config_to_dict
 
     raw = config_to_dict(base)
     for section, values in overrides.items():
         raw[section] = {**raw[section], **values}
+    return config_from_dict(raw, source)
+
+
+def candidate_config(base, overrides: dict):
+    """``base`` with one candidate's overrides (section -> key -> value), checked like a file."""
+    from umeml.config import config_from_dict, config_to_dict
+
+    raw = config_to_dict(with_overrides(base, overrides, "bench_gbmlgg tuning candidate"))
     raw["federation"]["personalise_epochs"] = 0  # the tuning pass scores the global model only
     # every round validated, so that the federated score has a value per round; the training is the
     # same under either rule (sites reseed before training)
@@ -804,6 +816,7 @@ def run_meta(args, cfg, cohort, chosen: list[int], loads: list[float], reused: l
         + (f" --folds {' '.join(map(str, chosen))}" if args.folds else "")
         + (f" --rounds {args.rounds}" if args.rounds else "")
         + (f" --best-config {_relative(args.best_config)}" if args.best_config.resolve() != BEST_CONFIG.resolve() else "")
+        + (f" --best-candidate {args.best_candidate!r}" if args.best_candidate else "")
         + (f" --skip {' '.join(repr(m) for m in args.skip)}" if args.skip else "")
         + (f" --engine {args.engine}" if args.engine != "ray" else ""),
         "engine": args.engine,
@@ -819,7 +832,7 @@ def run_meta(args, cfg, cohort, chosen: list[int], loads: list[float], reused: l
         "hidden_dim": cfg.model.hidden_dim, "rounds_override": args.rounds,
         "load_average": [round(min(loads), 1), round(max(loads), 1)],
         "reused": reused, "reused_from": _command_of(args.reuse) if args.reuse else None,
-        "note": args.note, "section": args.section,
+        "note": args.note, "section": args.section, "best_candidate": args.best_candidate,
     }
 
 
@@ -830,6 +843,9 @@ def _load(args):
 
     cfg = load_config(args.config)
     args.best_cfg, args.old_cfg = load_config(args.best_config), load_config(args.old_config)
+    if args.best_candidate:  # a tuning candidate's overrides on --best-config (the rest of the file as it is)
+        args.best_cfg = with_overrides(args.best_cfg, CANDIDATES[args.best_candidate],
+                                       f"{args.best_config} + candidate {args.best_candidate!r}")
     if args.rounds:
         cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds,
                                                                       evaluate_every=args.rounds))
