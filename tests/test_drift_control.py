@@ -222,3 +222,19 @@ def test_calibrated_loss_is_cross_entropy_of_the_shifted_logits_and_survival_is_
     assert torch.allclose(loss, F.cross_entropy(logits + off, B.grade, reduction="none"))
     # the offsets are buffers of the loss, not weights: nothing new would be sent
     assert [n for n, _ in model.named_parameters()] == ["model.w"]
+
+
+def test_a_site_with_its_own_local_dp_refuses_scaffold(tiny_cohort_dir, tmp_path):
+    """The experiment may leave local DP off while a site's own file turns it on: that site does
+    not train under SCAFFOLD (its control delta would leave outside the DP guarantee)."""
+    from umeml.config import DPConfig
+    from umeml.federation.scaffold import ControlExchange
+
+    from fed_helpers import site_runtimes
+
+    cfg = _scaffold(1)
+    sites, prep, weights = site_runtimes(tiny_cohort_dir, cfg, sites=("A0",), state_root=tmp_path,
+                                         dp=DPConfig(enabled=True, target_epsilon=8.0))
+    control = ControlExchange({k: torch.zeros_like(v, dtype=torch.float32) for k, v in weights.items()})
+    state, metrics = sites["A0"].train(cfg, prep, weights, 1, control=control)
+    assert state is None and "local DP" in metrics["skipped"] and control.delta is None

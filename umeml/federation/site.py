@@ -264,6 +264,9 @@ class SiteRuntime:
             log.warning("site %s, round %d: %s", self.site_id, server_round, reason)
             return None, {"skipped": reason}
         settings, refusal = resolve_dp(self.dp, cfg.federation.local_dp)
+        if settings is not None and control is not None:  # c_i+ - c_i would leave outside DP-SGD's guarantee
+            refusal = ("SCAFFOLD's control variate is an exact function of this site's gradients and cannot leave "
+                       "a site under local DP; not training")
         if refusal:
             log.warning("site %s, round %d: %s", self.site_id, server_round, refusal)
             return None, {"skipped": refusal}
