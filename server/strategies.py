@@ -120,6 +120,9 @@ class Scaffold(FedAvgM):
 
 @register_strategy("scaffold")
 def _scaffold(fed: FederationConfig, common: dict) -> FedAvg:
+    if fed.server_momentum >= 0.9:  # the config default, meant for fedavgm
+        log.warning("strategy scaffold with federation.server_momentum %g: this combination diverged on 3 of 5 "
+                    "GBM-LGG folds (docs/benchmarks.md); 0 is the paper's plain average", fed.server_momentum)
     return Scaffold(server_learning_rate=server_lr(fed), server_momentum=fed.server_momentum, **common)
 
 

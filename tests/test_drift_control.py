@@ -238,3 +238,15 @@ def test_a_site_with_its_own_local_dp_refuses_scaffold(tiny_cohort_dir, tmp_path
     control = ControlExchange({k: torch.zeros_like(v, dtype=torch.float32) for k, v in weights.items()})
     state, metrics = sites["A0"].train(cfg, prep, weights, 1, control=control)
     assert state is None and "local DP" in metrics["skipped"] and control.delta is None
+
+
+def test_scaffold_warns_about_the_server_momentum_that_diverged(caplog):
+    from umeml.config import FederationConfig
+    from umeml.server.strategies import Scaffold, build_strategy
+
+    with caplog.at_level("WARNING", logger="umeml.server.strategies"):
+        plain = build_strategy(FederationConfig(strategy="scaffold", server_momentum=0.0))
+    assert isinstance(plain, Scaffold) and "diverged" not in caplog.text
+    with caplog.at_level("WARNING", logger="umeml.server.strategies"):
+        build_strategy(FederationConfig(strategy="scaffold"))  # the default 0.9, FedAvgM's
+    assert "diverged" in caplog.text
