@@ -76,7 +76,7 @@ CANDIDATES = {
     "fedavg, adamw 5e-4 kept at site, cosine": {"train": {"optimizer": "adamw", "lr": 0.0005},
                                                 "federation": {"strategy": "fedavg", "optimizer_state": "site"}},
     # label-skew drift control (issue 13's remaining grade gap): FedLC logit calibration at the sites,
-    # FedProx's proximal term (no server momentum: one strategy per run)
+    # FedProx's proximal term (no server momentum: one strategy per run), SCAFFOLD control variates
     "fedavgm 0.9, cosine, fedlc tau 0.5": {"federation": {**M9, "logit_calibration_tau": 0.5}},
     "fedavgm 0.9, cosine, fedlc tau 1": {"federation": {**M9, "logit_calibration_tau": 1.0}},
     "fedavgm 0.9, cosine, fedlc tau 2": {"federation": {**M9, "logit_calibration_tau": 2.0}},
