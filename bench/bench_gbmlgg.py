@@ -75,6 +75,17 @@ CANDIDATES = {
     "fedavgm 0.9, cosine, 4 local epochs": {"federation": {**M9, "local_epochs": 4}},
     "fedavg, adamw 5e-4 kept at site, cosine": {"train": {"optimizer": "adamw", "lr": 0.0005},
                                                 "federation": {"strategy": "fedavg", "optimizer_state": "site"}},
+    # label-skew drift control (issue 13's remaining grade gap): FedLC logit calibration at the sites,
+    # FedProx's proximal term (no server momentum: one strategy per run), SCAFFOLD control variates
+    "fedavgm 0.9, cosine, fedlc tau 0.5": {"federation": {**M9, "logit_calibration_tau": 0.5}},
+    "fedavgm 0.9, cosine, fedlc tau 1": {"federation": {**M9, "logit_calibration_tau": 1.0}},
+    "fedavgm 0.9, cosine, fedlc tau 2": {"federation": {**M9, "logit_calibration_tau": 2.0}},
+    "fedprox mu 0.01, cosine": {"federation": {"strategy": "fedprox", "proximal_mu": 0.01}},
+    "scaffold, server momentum 0.9, cosine": {"federation": {**M9, "strategy": "scaffold"}},
+    "scaffold, no server momentum, cosine": {"federation": {"strategy": "scaffold", "server_momentum": 0.0}},
+    "scaffold, server momentum 0.5, cosine": {"federation": {**M5, "strategy": "scaffold"}},
+    "scaffold, server momentum 0.9, cosine, 4 local epochs": {"federation": {**M9, "strategy": "scaffold",
+                                                                             "local_epochs": 4}},
 }
 
 
@@ -478,8 +489,8 @@ def write_results(path: Path, meta: dict, wall: float, per_method: dict, folds: 
     """Put this run's section (heading dated as ``meta`` says) into the markdown file ``path``."""
     when = stamp(meta["date"], meta["machine"], meta["cores"])
     if any("umeml federated" in f["results"] for f in folds):
-        write_section(path, FEDOPT_SECTION, fedopt_intro(meta, wall, per_method) + fedopt_tables(folds, per_method),
-                      when=when)
+        write_section(path, meta.get("section") or FEDOPT_SECTION,
+                      fedopt_intro(meta, wall, per_method) + fedopt_tables(folds, per_method), when=when)
         return
     write_section(path, section_title(meta), _intro(meta, wall, per_method) + tables(folds), when=when)
 
@@ -536,7 +547,9 @@ def _intro(meta: dict, wall: float, per_method: dict) -> str:
 
 def _describe(cfg) -> str:
     fed, train = cfg.federation, cfg.train
-    strategy = fed.strategy + (f" (server momentum {fed.server_momentum:g})" if fed.strategy == "fedavgm" else "")
+    strategy = fed.strategy + (f" (server momentum {fed.server_momentum:g})" if fed.strategy in ("fedavgm", "scaffold")
+                               else "") + (f", FedLC tau {fed.logit_calibration_tau:g}" if fed.logit_calibration_tau
+                                           else "")
     return (f"{strategy}, {fed.rounds} rounds x {fed.local_epochs} local epochs, local {train.optimizer} lr "
             f"{train.lr:g}, learning-rate schedule over rounds {fed.lr_schedule}"
             + (f" (warm-up {fed.warmup_rounds} rounds)" if fed.lr_schedule != "constant" else "")
@@ -567,7 +580,9 @@ def fedopt_intro(meta: dict, wall: float, per_method: dict) -> str:
            f"- the old setting (`{meta.get('old_config')}`: {meta.get('old_settings')}; last round) was not re-run here "
            "(machine time); its figures on the same folds are in the section \"TCGA GBM-LGG, site-disjoint 5-fold, "
            "config gbmlgg_folds_sgd.yaml\" (row umeml fedavg).\n")
-        + f"- umeml federated: `{meta.get('best_config')}`: {meta.get('best_settings')}. The settings come from the "
+        + f"- umeml federated: `{meta.get('best_config')}`"
+        + (f" with the tuning candidate {meta['best_candidate']!r}" if meta.get("best_candidate") else "")
+        + f": {meta.get('best_settings')}. The settings come from the "
         "tuning pass (its own section), which read only the training sites' validation of fold 0.\n"
         + ("- selected round: the round whose global weights scored best (mean primary metric over tasks) on the "
            "training sites' validation splits combined over the sites with >= k = 10 validation patients (the others "
@@ -587,6 +602,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", type=Path, default=CONFIG)
     ap.add_argument("--best-config", type=Path, default=BEST_CONFIG,
                     help="config of the 'umeml federated' method (and the tuning pass's base)")
+    ap.add_argument("--best-candidate", choices=list(CANDIDATES), metavar="NAME",
+                    help="'umeml federated' = --best-config with this tuning candidate's overrides")
     ap.add_argument("--old-config", type=Path, default=OLD_CONFIG, help="config of 'umeml federated (old)'")
     ap.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), metavar="NAME",
                     help=f"with --tune: only these candidates, of: {', '.join(repr(c) for c in CANDIDATES)}")
@@ -618,16 +635,26 @@ def _parser() -> argparse.ArgumentParser:
                     help="fill the skipped methods' rows from an earlier run of the same folds")
     ap.add_argument("--write", type=Path, help="replace this run's section of this markdown file")
     ap.add_argument("--note", default="", help="a sentence for the section's list (what the reader must know)")
+    ap.add_argument("--section", help="with --write: the heading of the section to write (default: the tuning "
+                                      "or federated-optimisation section), so a new study keeps the earlier figures")
     return ap
+
+
+def with_overrides(base, overrides: dict, source: str):
+    """``base`` with overrides (section -> key -> value), checked like a file named ``source``."""
+    from umeml.config import config_from_dict, config_to_dict
+
+    raw = config_to_dict(base)
+    for section, values in overrides.items():
+        raw[section] = {**raw[section], **values}
+    return config_from_dict(raw, source)
 
 
 def candidate_config(base, overrides: dict):
     """``base`` with one candidate's overrides (section -> key -> value), checked like a file."""
     from umeml.config import config_from_dict, config_to_dict
 
-    raw = config_to_dict(base)
-    for section, values in overrides.items():
-        raw[section] = {**raw[section], **values}
+    raw = config_to_dict(with_overrides(base, overrides, "bench_gbmlgg tuning candidate"))
     raw["federation"]["personalise_epochs"] = 0  # the tuning pass scores the global model only
     # every round validated, so that the federated score has a value per round; the training is the
     # same under either rule (sites reseed before training)
@@ -755,7 +782,7 @@ def write_tuning(path: Path, rows: list[dict], args, note: str = "") -> None:
               f"({r.get('pooled_best_round', '-')}) | {_f(r.get('pooled_last5_mean'))} | "
               f"{r['seconds']:.0f} | {r['load']:.1f} |" for r in rows]
     lines += ["", note] if note else []
-    write_section(path, TUNING_SECTION, "\n".join(lines) + "\n", when=stamp())
+    write_section(path, getattr(args, "section", None) or TUNING_SECTION, "\n".join(lines) + "\n", when=stamp())
 
 
 def render(args) -> int:
@@ -766,6 +793,8 @@ def render(args) -> int:
         saved["meta"]["reused_from"] = _command_of(args.reuse)
     if args.note:
         saved["meta"]["note"] = args.note
+    if args.section:
+        saved["meta"]["section"] = args.section
     folds = saved["folds"]
     print(fedopt_tables(folds, saved["seconds_per_method"]) if any("umeml federated" in f["results"] for f in folds)
           else tables(folds))
@@ -787,6 +816,7 @@ def run_meta(args, cfg, cohort, chosen: list[int], loads: list[float], reused: l
         + (f" --folds {' '.join(map(str, chosen))}" if args.folds else "")
         + (f" --rounds {args.rounds}" if args.rounds else "")
         + (f" --best-config {_relative(args.best_config)}" if args.best_config.resolve() != BEST_CONFIG.resolve() else "")
+        + (f" --best-candidate {args.best_candidate!r}" if args.best_candidate else "")
         + (f" --skip {' '.join(repr(m) for m in args.skip)}" if args.skip else "")
         + (f" --engine {args.engine}" if args.engine != "ray" else ""),
         "engine": args.engine,
@@ -802,7 +832,7 @@ def run_meta(args, cfg, cohort, chosen: list[int], loads: list[float], reused: l
         "hidden_dim": cfg.model.hidden_dim, "rounds_override": args.rounds,
         "load_average": [round(min(loads), 1), round(max(loads), 1)],
         "reused": reused, "reused_from": _command_of(args.reuse) if args.reuse else None,
-        "note": args.note,
+        "note": args.note, "section": args.section, "best_candidate": args.best_candidate,
     }
 
 
@@ -813,6 +843,9 @@ def _load(args):
 
     cfg = load_config(args.config)
     args.best_cfg, args.old_cfg = load_config(args.best_config), load_config(args.old_config)
+    if args.best_candidate:  # a tuning candidate's overrides on --best-config (the rest of the file as it is)
+        args.best_cfg = with_overrides(args.best_cfg, CANDIDATES[args.best_candidate],
+                                       f"{args.best_config} + candidate {args.best_candidate!r}")
     if args.rounds:
         cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds,
                                                                       evaluate_every=args.rounds))

@@ -33,6 +33,7 @@ from umeml.federation.personalise import personalise
 from umeml.federation.privacy import KEY_CLIPPING_NORM
 from umeml.federation.protocol import Preprocessing
 from umeml.federation.redact import redact
+from umeml.federation.scaffold import CONTROL_DELTA, SERVER_CONTROL, ControlExchange
 from umeml.federation.schedule import LR_SCALE_KEY
 from umeml.federation.site import SiteRuntime
 from umeml.flower.packing import packing_mod
@@ -190,6 +191,16 @@ def validation_first(site: SiteRuntime, cfg: ExperimentConfig, prep: Preprocessi
     return {**report, "weights_round": int(conf["validate-round"])}
 
 
+def received_control(msg: Message, cfg: ExperimentConfig) -> ControlExchange | None:
+    """SCAFFOLD's server control variate from a train message (None for other strategies); a
+    ValueError when the strategy is scaffold and the message carries none."""
+    if cfg.federation.strategy != "scaffold":
+        return None
+    if SERVER_CONTROL not in msg.content.array_records:
+        raise ValueError(f"strategy scaffold: the train message carries no server control variate ({SERVER_CONTROL})")
+    return ControlExchange(state_from_arrays(msg.content.array_records[SERVER_CONTROL]))
+
+
 def train_reply(msg: Message, context: Context, cfg: ExperimentConfig, conf, prep: Preprocessing,
                 site: SiteRuntime) -> Message:
     """A train message's reply: the validation of the received weights (with the site's own
@@ -199,7 +210,9 @@ def train_reply(msg: Message, context: Context, cfg: ExperimentConfig, conf, pre
     mu = float(conf.get("proximal-mu", 0.0))
     received = with_local_copies(context, state_from_arrays(msg.content["arrays"]), cfg, prep)
     validation = validation_first(site, cfg, prep, received, conf)
-    state, metrics = site.train(cfg, prep, received, int(conf["server-round"]), mu, float(conf.get(LR_SCALE_KEY, 1.0)))
+    control = received_control(msg, cfg)
+    state, metrics = site.train(cfg, prep, received, int(conf["server-round"]), mu, float(conf.get(LR_SCALE_KEY, 1.0)),
+                                control)
     if validation is not None:
         metrics = {**metrics, "validation": validation}
     if state is None:  # the site did not train (privacy budget spent, DP required but not set up)
@@ -213,6 +226,8 @@ def train_reply(msg: Message, context: Context, cfg: ExperimentConfig, conf, pre
         "metrics": MetricRecord({"num-examples": metrics["num-examples"], "train_loss": float(metrics["train_loss"])}),
         "report": ConfigRecord({"json": json.dumps({"site": site.site_id, **metrics})}),
     })
+    if control is not None:  # SCAFFOLD: c_i+ - c_i travels with the update
+        reply[CONTROL_DELTA] = arrays_from_state(control.delta)
     return Message(reply, reply_to=msg)
 
 

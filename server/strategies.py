@@ -10,7 +10,7 @@ import logging
 from typing import Callable
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 
 from umeml.config import DEFAULT_SERVER_LR, STRATEGIES, FederationConfig
+from umeml.federation.scaffold import CONTROL_DELTA, SERVER_CONTROL, server_control_update
 from umeml.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,57 @@ def _fedavgm(fed: FederationConfig, common: dict) -> FedAvg:
 @register_strategy("fedprox")
 def _fedprox(fed: FederationConfig, common: dict) -> FedAvg:
     return FedProx(proximal_mu=fed.proximal_mu, **common)
+
+
+class Scaffold(FedAvgM):
+    """SCAFFOLD (Karimireddy et al. 2020) on Flower's FedAvgM: the server control variate ``c``
+    travels with the weights of every train message (record ``scaffold-c``); each accepted reply's
+    ``scaffold-dc`` (the site's c_i+ - c_i) updates ``c`` by :func:`server_control_update` with the
+    aggregate's weights and participation |S| / N; the weights are aggregated as FedAvgM does
+    (``server_momentum`` 0 and ``server_lr`` 1: the paper's global step on the plain average).
+    ``c`` is saved with the strategy's state (:data:`STATE_ATTRS`) for resume."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.c_global: dict[str, np.ndarray] = {}
+        self._selectable = 1
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid):
+        """Flower's train messages, each with ``c`` (zeros, shaped like the weights, at the start)."""
+        if not self.c_global:
+            self.c_global = {k: np.zeros(a.numpy().shape, dtype=np.float32) for k, a in arrays.items()
+                             if a.numpy().dtype.kind == "f"}
+        msgs = list(super().configure_train(server_round, arrays, config, grid))
+        self._selectable = max(1, len(grid.get_node_ids()))
+        control = ArrayRecord({k: Array(v) for k, v in self.c_global.items()})
+        for msg in msgs:  # Flower's messages of a round share one content record
+            msg.content[SERVER_CONTROL] = control
+        return msgs
+
+    def aggregate_train(self, server_round: int, replies):
+        """``c`` from the replies' control deltas, then FedAvgM on the weights alone."""
+        replies = list(replies)
+        deltas, weights, plain = [], [], []
+        for reply in replies:
+            content = RecordDict({n: r for n, r in reply.content.items() if n != CONTROL_DELTA})
+            if CONTROL_DELTA in reply.content.array_records:
+                delta = reply.content.array_records[CONTROL_DELTA]
+                deltas.append({k: delta[k].numpy().astype(np.float32) for k in self.c_global})
+                weights.append(float(next(iter(reply.content.metric_records.values()))[self.weighted_by_key]))
+            else:
+                log.warning("round %d: a SCAFFOLD reply without %s: its c_i counts as unchanged", server_round,
+                            CONTROL_DELTA)
+            plain.append(Message(metadata=reply.metadata, content=content))
+        self.c_global = server_control_update(self.c_global, deltas, weights, len(deltas) / self._selectable)
+        return super().aggregate_train(server_round, plain)
+
+
+@register_strategy("scaffold")
+def _scaffold(fed: FederationConfig, common: dict) -> FedAvg:
+    if fed.server_momentum >= 0.9:  # the config default, meant for fedavgm
+        log.warning("strategy scaffold with federation.server_momentum %g: this combination diverged on 3 of 5 "
+                    "GBM-LGG folds (docs/benchmarks.md); 0 is the paper's plain average", fed.server_momentum)
+    return Scaffold(server_learning_rate=server_lr(fed), server_momentum=fed.server_momentum, **common)
 
 
 def _adaptive(fed: FederationConfig) -> dict:
@@ -153,7 +205,7 @@ def prepare_aggregation(strategy, replies: list[Message]) -> None:
             record[UNIFORM_WEIGHT] = 1.0
 
 
-STATE_ATTRS = ("m_t", "v_t")  # FedAdam/FedYogi server-optimizer moments (dicts by array key)
+STATE_ATTRS = ("m_t", "v_t", "c_global")  # FedAdam/FedYogi moments, SCAFFOLD's c (dicts by array key)
 MOMENTUM_ATTR = "momentum_vector"  # FedAvgM's server momentum (a list of arrays, in key order)
 
 
@@ -224,4 +276,22 @@ def screen_update(reply: Message, reference: ArrayRecord, max_norm: float | None
             sq += float(((got.astype(np.float64) - want.astype(np.float64)) ** 2).sum())
     if max_norm is not None and np.sqrt(sq) > max_norm:
         return f"update norm {np.sqrt(sq):.3g} exceeds federation.max_update_norm {max_norm:.3g}"
+    return screen_control_delta(reply, reference)
+
+
+def screen_control_delta(reply: Message, reference: ArrayRecord) -> str | None:
+    """Why a reply's SCAFFOLD control delta (when it carries one) must not be used: keys other than
+    the float weights', wrong shapes, NaN/Inf."""
+    if CONTROL_DELTA not in reply.content.array_records:
+        return None
+    delta = reply.content.array_records[CONTROL_DELTA]
+    want = {k: a.numpy() for k, a in reference.items() if a.numpy().dtype.kind == "f"}
+    if set(delta.keys()) != set(want):
+        return f"{CONTROL_DELTA}: keys differ from the float weights' ({len(delta.keys())} vs {len(want)})"
+    for key, ref in want.items():
+        got = delta[key].numpy()
+        if got.shape != ref.shape:
+            return f"{CONTROL_DELTA}: {key!r} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+        if not np.isfinite(got).all():
+            return f"{CONTROL_DELTA}: {key!r} contains NaN or Inf"
     return None

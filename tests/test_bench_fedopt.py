@@ -43,3 +43,19 @@ def test_pooled_validation_summary_prefers_the_earlier_of_tied_rounds():
     assert (out["pooled_best_round"], out["pooled_best"], out["pooled_last"]) == (2, 0.7, 0.65)
     assert out["pooled_last5_mean"] == pytest.approx((0.7 + 0.7 + 0.6 + 0.6 + 0.65) / 5)
     assert out["n_pooled_val"] == 40
+
+
+def test_drift_control_candidates_are_valid_configs_and_a_named_section_keeps_the_others(tmp_path):
+    base = load_config(REPO / "configs" / "gbmlgg_federated.yaml")
+    for name in ("fedavgm 0.9, cosine, fedlc tau 1", "scaffold, server momentum 0.9, cosine"):
+        cfg = bench_gbmlgg.candidate_config(base, bench_gbmlgg.CANDIDATES[name])
+        assert cfg.federation.personalise_epochs == 0
+    assert bench_gbmlgg.candidate_config(base, bench_gbmlgg.CANDIDATES["scaffold, server momentum 0.9, cosine"]
+                                         ).federation.strategy == "scaffold"
+    doc = tmp_path / "b.md"
+    doc.write_text(f"{bench_gbmlgg.TUNING_SECTION} (old)\n\nearlier figures\n")
+    args = bench_gbmlgg._parser().parse_args(["--tune", "--section", "## Drift control tuning"])
+    row = {"fold": 0, "candidate": "x", "best": 0.7, "best_round": 3, "last5_mean": 0.7, "seconds": 1.0, "load": 1.0}
+    bench_gbmlgg.write_tuning(doc, [row], args)
+    text = doc.read_text()
+    assert "earlier figures" in text and "## Drift control tuning" in text and "| 0 | x |" in text

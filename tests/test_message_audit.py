@@ -78,6 +78,7 @@ from umeml.data.bags import bag_path
 from umeml.data.cohort import load_data_dir
 from umeml.data.source import CohortSource
 from umeml.federation.protocol import survival_grid
+from umeml.federation.scaffold import CONTROL_DELTA, SERVER_CONTROL
 from umeml.server.coordinator import Coordinator
 from umeml.train.losses import class_weights_from_counts
 
@@ -372,10 +373,17 @@ def check_allowlisted(audit):
         report = json.loads(str(msg.content["report"]["json"]))
         for path, lengths in _list_lengths(report).items():
             assert lengths <= allowed_lengths.get(path, set()), f"{kind} reply: list {path} of length {lengths}"
-        assert set(msg.content.keys()) <= {"report", "metrics", "arrays"}
+        assert set(msg.content.keys()) <= {"report", "metrics", "arrays", CONTROL_DELTA}
         if arrays:
             assert kind == "train"
-            assert {k.split(".", 1)[1]: a.shape for k, a in arrays.items()} == model_shapes
+            by_record = {}
+            for k, a in arrays.items():
+                name, key = k.split(".", 1)
+                by_record.setdefault(name, {})[key] = a.shape
+            assert by_record.pop("arrays") == model_shapes
+            if CONTROL_DELTA in by_record:  # SCAFFOLD: c_i+ - c_i, shaped like the (float) weights, nothing else
+                assert by_record.pop(CONTROL_DELTA) == model_shapes
+            assert not by_record
 
 
 # ------------------------------------------------------------------------------ rule 3
@@ -581,6 +589,25 @@ def test_coordinator_keeps_what_no_site_sent(partial_audit):
         if not np.array_equal(v.numpy(), first[k]):
             changed.add(k.split(".")[0])
     assert changed == {"decoder", "norm", "heads"}  # frozen encoders and the sites' own fusion unchanged
+
+
+# ------------------------------------------------------------------------------ SCAFFOLD
+@pytest.fixture(scope="module")
+def scaffold_audit(tiny_cohort_dir, tmp_path_factory):
+    """The same federation with SCAFFOLD: the control variates travel both ways."""
+    cfg = tiny_experiment(bootstrap=0, k_min_patients=K, strategy="scaffold", train={"optimizer": "sgd"})
+    root = tmp_path_factory.mktemp("scaffold")
+    return run_audit(tiny_cohort_dir, root / "run", experiment=cfg, state_root=str(root / "sites"))
+
+
+def test_scaffold_sends_only_weight_shaped_control_variates(scaffold_audit):
+    sent = [m for m in scaffold_audit.grid.sent if m.metadata.message_type == "train"]
+    shapes = {k: a.numpy().shape for k, a in sent[0].content["arrays"].items()}
+    assert all({k: a.numpy().shape for k, a in m.content[SERVER_CONTROL].items()} == shapes for m in sent)
+    got = [m for m in scaffold_audit.grid.received if CONTROL_DELTA in m.content.array_records]
+    assert len(got) == 4  # A0 and A1 (S1 is below k and does not train), two rounds
+    check_allowlisted(scaffold_audit)  # rule 2 with the control deltas
+    test_no_identifier_or_path_in_any_message(scaffold_audit)  # rule 1 over the new records' keys
 
 
 # ------------------------------------------------------------------------------ rule 8: DP statistics

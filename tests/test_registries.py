@@ -31,7 +31,8 @@ def test_strategy_registry_agrees_with_the_names_configs_accept():
 
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_every_strategy_builds_from_config(name):
-    fed = config_from_dict({"federation": {"strategy": name}}).federation
+    train = {"train": {"optimizer": "sgd"}} if name == "scaffold" else {}  # scaffold's option II assumes SGD
+    fed = config_from_dict({"federation": {"strategy": name}, **train}).federation
     strategy = build_strategy(fed)
     assert isinstance(strategy, Strategy)
     assert strategy.fraction_evaluate == 0.0 and strategy.min_train_nodes == fed.min_train_sites
@@ -48,7 +49,8 @@ def test_strategy_registration_refuses_duplicates_and_names_configs_would_reject
         register_strategy("fedavg")(lambda fed, common: None)
     with pytest.raises(ValueError, match=r"not in umeml.config.STRATEGIES"):
         register_strategy("fednova")(lambda fed, common: None)
-    with pytest.raises(ConfigError, match=r"federation.strategy: must be one of 'fedavg', .*'krum' \(got 'fednova'\)"):
+    with pytest.raises(ConfigError,
+                       match=r"federation.strategy: must be one of 'fedavg', .*'krum', 'scaffold' \(got 'fednova'\)"):
         config_from_dict({"federation": {"strategy": "fednova"}}, "exp.yaml")
 
 

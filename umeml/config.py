@@ -236,7 +236,8 @@ class SiteStatsPrivacyConfig:
 # The federation strategies a config may name. The core never imports flwr, so the builders are
 # registered in umeml.server.strategies, which refuses a name missing here; a test checks that
 # every name here has a builder there.
-STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
+              "scaffold")
 # Central DP's noise is calibrated to a plain average of clipped updates: these strategies average
 # (FedAvgM's server momentum only post-processes the noised average, which costs no privacy).
 CENTRAL_DP_STRATEGIES = ("fedavg", "fedavgm", "fedprox")
@@ -253,6 +254,9 @@ class FederationConfig:
     local_epochs: int = field(default=1, metadata=_range(1))
     strategy: str = "fedavg"  # one of STRATEGIES
     proximal_mu: float = field(default=0.01, metadata=_range(0.0))
+    # FedLC logit calibration (umeml.federation.label_skew): sites train grade/subtype on logits
+    # z_c - tau * n_c^(-1/4) with their own class counts (site-side only); 0: off
+    logit_calibration_tau: float = field(default=0.0, metadata=_range(0.0))
     # None: the strategy's own default (DEFAULT_SERVER_LR); used by fedadam, fedyogi and fedavgm
     server_lr: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
     # FedAvgM's server momentum (Hsu et al. 2019): the global step is a momentum-smoothed average
@@ -544,6 +548,8 @@ def _validate_site_and_federation(obj: Any, prefix: str, source: str) -> None:
         for key in ("class_counts_epsilon", "genomic_epsilon", "genomic_clip"):
             if getattr(obj, key) == float("inf"):
                 raise ConfigError(f"{source}: {prefix}{key}: must be finite")
+    if isinstance(obj, FederationConfig):
+        _check_drift_control(obj, prefix, source)
     if isinstance(obj, FederationConfig) and obj.survival_hist_epsilon == float("inf"):
         raise ConfigError(f"{source}: {prefix}survival_hist_epsilon: must be finite (null sends exact counts)")
     if isinstance(obj, CentralDPConfig) and obj.target_epsilon is not None and not obj.enabled:
@@ -553,9 +559,47 @@ def _validate_site_and_federation(obj: Any, prefix: str, source: str) -> None:
         )
 
 
+def _check_drift_control(fed: "FederationConfig", prefix: str, source: str) -> None:
+    """Drift controls whose site-side state is an exact function of the site's data are refused
+    with local DP (its guarantee covers only the noised weights, not extra exact state)."""
+    if fed.local_dp.enabled and fed.strategy == "scaffold":
+        raise ConfigError(
+            f"{source}: {prefix}strategy: 'scaffold' cannot run with {prefix}local_dp.enabled: the site's control "
+            "variate update (c_i+ - c_i) is an exact function of its patients' gradients and would leave the site "
+            "outside the DP-SGD guarantee; choose another strategy or disable local DP")
+    if fed.strategy == "scaffold" and fed.dp_recipe.enabled and fed.dp_recipe.apply_without_dp:
+        raise ConfigError(
+            f"{source}: {prefix}strategy: 'scaffold' corrects the plain local training only, not "
+            f"{prefix}dp_recipe.apply_without_dp (the DP recipe's path); set one of them off")
+    if fed.local_dp.enabled and fed.logit_calibration_tau > 0:
+        raise ConfigError(
+            f"{source}: {prefix}logit_calibration_tau: must be 0 with {prefix}local_dp.enabled (FedLC's offsets "
+            "are the site's exact class counts, outside the DP-SGD guarantee); set it to 0 or disable local DP")
+    if fed.dp_recipe.enabled and fed.dp_recipe.apply_without_dp and fed.logit_calibration_tau > 0:
+        raise ConfigError(
+            f"{source}: {prefix}logit_calibration_tau: applies to the plain local training only, not to "
+            f"{prefix}dp_recipe.apply_without_dp (the DP recipe's path); set one of them off")
+
+
+def _check_scaffold_training(cfg: "ExperimentConfig", source: str) -> None:
+    """SCAFFOLD's option II assumes local SGD from a fresh optimizer over weights that are all sent."""
+    if cfg.federation.strategy != "scaffold":
+        return
+    if cfg.train.optimizer != "sgd":
+        raise ConfigError(f"{source}: train.optimizer: strategy 'scaffold' needs 'sgd' (its control variate "
+                          f"estimates the gradient from the SGD steps taken; got {cfg.train.optimizer!r})")
+    if cfg.federation.optimizer_state != "reset":
+        raise ConfigError(f"{source}: federation.optimizer_state: strategy 'scaffold' needs 'reset' (the control "
+                          "variate's step count assumes a momentum buffer that starts at zero every round)")
+    if cfg.train.trainable != "all" or cfg.federation.keep_local:
+        raise ConfigError(f"{source}: train.trainable / federation.keep_local: strategy 'scaffold' needs every "
+                          "weight trained and sent (trainable 'all', keep_local empty)")
+
+
 def _validate_labels(obj: Any, prefix: str, source: str) -> None:
     """Tasks and label maps: every subtype graded when grading, grades listed."""
     if isinstance(obj, ExperimentConfig):
+        _check_scaffold_training(obj, source)
         if not obj.tasks or len(set(obj.tasks)) != len(obj.tasks):
             raise ConfigError(f"{source}: tasks: give one or more distinct tasks")
         ungraded = [c for c in obj.data.subtypes if c not in obj.data.grade_map]

@@ -20,6 +20,7 @@ from umeml.data.cohort import Cohort
 from umeml.data.dataset import genomic_moments, make_loader
 from umeml.data.labels import label_counts
 from umeml.data.splits import stratified_train_val
+from umeml.federation.label_skew import CalibratedLogits, site_offsets
 from umeml.federation.privacy import (
     SiteLedger,
     calibrate_noise,
@@ -30,6 +31,7 @@ from umeml.federation.privacy import (
     release_terms,
 )
 from umeml.federation.protocol import SURVIVAL_GRID_TEXT, survival_grid
+from umeml.federation.scaffold import ControlExchange, ControlVariateStore, ScaffoldRound
 from umeml.federation.schedule import OptimizerStore
 from umeml.federation.stats_release import check_budget_room, check_cap, private_statistics
 from umeml.model.parts import apply_trainable
@@ -254,13 +256,15 @@ class SiteRuntime:
         return model.to(device), device
 
     def train(self, cfg: ExperimentConfig, prep: Preprocessing, state: dict, server_round: int,
-              proximal_mu: float = 0.0, lr_scale: float = 1.0) -> tuple[dict | None, dict]:
+              proximal_mu: float = 0.0, lr_scale: float = 1.0,
+              control: ControlExchange | None = None) -> tuple[dict | None, dict]:
         """Local epochs from the global weights; returns new weights and aggregate metrics.
 
         With ``proximal_mu`` > 0 the FedProx term mu/2 ||w - w_global||^2 is added to each step.
         ``lr_scale`` is the round's learning-rate factor (the coordinator's round-level schedule);
         with ``federation.optimizer_state: site`` the optimizer's state carries over from the
-        site's previous round (kept in its state dir).
+        site's previous round (kept in its state dir). ``control`` (SCAFFOLD): the server control
+        variate in; every step corrected by ``c - c_i``; ``control.delta`` out (non-DP path only).
         The weights are None when the site does not train (fewer than k training patients, local
         DP budget spent, or DP required but not configured here); ``metrics["skipped"]`` says why.
         """
@@ -271,6 +275,9 @@ class SiteRuntime:
             log.warning("site %s, round %d: %s", self.site_id, server_round, reason)
             return None, {"skipped": reason}
         settings, refusal = resolve_dp(self.dp, cfg.federation.local_dp)
+        if settings is not None and control is not None:  # c_i+ - c_i would leave outside DP-SGD's guarantee
+            refusal = ("SCAFFOLD's control variate is an exact function of this site's gradients and cannot leave "
+                       "a site under local DP; not training")
         if refusal:
             log.warning("site %s, round %d: %s", self.site_id, server_round, refusal)
             return None, {"skipped": refusal}
@@ -282,6 +289,12 @@ class SiteRuntime:
                 return self._train_dp(cfg, prep, state, server_round, proximal_mu, settings)
         if cfg.federation.dp_recipe.enabled and cfg.federation.dp_recipe.apply_without_dp:
             return self._train_recipe_without_dp(cfg, prep, state, server_round, proximal_mu)
+        return self._train_plain(cfg, prep, state, server_round, proximal_mu, lr_scale, control)
+
+    def _train_plain(self, cfg: ExperimentConfig, prep: Preprocessing, state: dict, server_round: int,
+                     proximal_mu: float, lr_scale: float, control: ControlExchange | None) -> tuple[dict, dict]:
+        """Local epochs without DP: FedProx's term, SCAFFOLD's correction or FedLC's calibrated
+        logits as configured, the optimizer's state kept at the site when asked."""
         t0 = time.perf_counter()
         model, device = self._trainable_model(cfg, prep, state)
         train_idx, _ = self._split(cfg)
@@ -294,11 +307,21 @@ class SiteRuntime:
             store.load_into(optimizer, server_round)
         loss = loss_settings(cfg, prep).to(device)
         extra = proximal_term(model, proximal_mu) if proximal_mu > 0 else None
+        scaffold = None if control is None else ScaffoldRound(
+            ControlVariateStore(self.state_dir, self.site_id, cfg.name), control, model, server_round)
+        extra = scaffold.term if scaffold is not None else extra
 
-        stats = {"loss": 0.0, "num_examples": 0, "steps": 0}
+        tau = cfg.federation.logit_calibration_tau  # FedLC: the loss sees calibrated logits; model is what is sent
+        trained = CalibratedLogits(model, site_offsets(self.cohort, train_idx, cfg.tasks, tau)) if tau > 0 else model
+
+        stats, steps = {"loss": 0.0, "num_examples": 0, "steps": 0}, 0
         for epoch in range(min(cfg.federation.local_epochs, self.max_local_epochs)):
             ds.set_epoch(server_round * 1000 + epoch)
-            stats = train_epoch(model, loader, optimizer, loss, device, None, cfg.train.grad_accum, cfg.train.amp, extra)
+            stats = train_epoch(trained, loader, optimizer, loss, device, None, cfg.train.grad_accum, cfg.train.amp,
+                                extra)
+            steps += stats["steps"]
+        if scaffold is not None:
+            scaffold.finish(model, steps, optimizer.param_groups[0]["lr"], cfg.train.momentum)
         if store is not None:
             store.save(optimizer, server_round)
         new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
