@@ -57,6 +57,36 @@ def numbers(values: Iterable | None) -> list[float]:
     return [v for v in values or [] if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
 
+def mean_sd(values: Iterable) -> str:
+    """``mean ± sd`` (sample sd) of a table cell, the mean alone for one value, ``-`` for none."""
+    v = [float(x) for x in values]
+    if not v:
+        return "-"
+    mean = sum(v) / len(v)
+    if len(v) == 1:
+        return f"{mean:.3f}"
+    sd = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5
+    return f"{mean:.3f} ± {sd:.3f}"
+
+
+def with_overrides(base, overrides: dict, where: str, **fixed):
+    """``base`` (an ExperimentConfig) with section -> key -> value ``overrides`` and then the
+    ``fixed`` (section, key) settings a bench needs (``federation__selection="last"``), checked
+    like a file whose name is ``where``."""
+    from umeml.config import config_from_dict, config_to_dict
+
+    raw = config_to_dict(base)
+    for section, values in overrides.items():
+        raw[section] = {**raw[section], **values}
+    for dotted, value in fixed.items():
+        section, _, key = dotted.partition("__")
+        if key:
+            raw[section] = {**raw[section], key: value}
+        else:
+            raw[section] = value
+    return config_from_dict(raw, where)
+
+
 # ---------------------------------------------------------------- memory (Linux /proc)
 
 def status(pid: int | str = "self") -> dict[str, int]:

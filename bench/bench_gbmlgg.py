@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench._harness import PRIMARY, REPO, metric_entry, stamp, write_section
+from bench._harness import PRIMARY, REPO, mean_sd, metric_entry, stamp, with_overrides, write_section
 from bench._harness import TCGA as DATA
 
 CONFIG = REPO / "configs" / "gbmlgg_folds.yaml"
@@ -334,19 +334,13 @@ def _values(folds: list[dict], method: str, name: str) -> np.ndarray:
                      if method in f["results"] and f["results"][method].get(name)])
 
 
-def _ms(v: np.ndarray) -> str:
-    if not len(v):
-        return "-"
-    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
-
-
 def tables(folds: list[dict]) -> str:
     """Mean ± sd per method and metric, the per-fold table, and the goal checks."""
     names = [label(t, k) for t, k in METRICS]
     methods = [m for m in METHODS if any(m in f["results"] for f in folds)]
     lines = ["| method | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
     for m in methods:
-        lines.append(f"| {m} | " + " | ".join(_ms(_values(folds, m, n)) for n in names) + " |")
+        lines.append(f"| {m} | " + " | ".join(mean_sd(_values(folds, m, n)) for n in names) + " |")
     lines += ["", "| fold | held-out TSS sites | n test (deaths) | training institutions (patients) | "
               "local-only site (n) | " + " | ".join(f"{m}: grade / subtype / c-index" for m in
                                                     ("umeml central", "umeml fedavg", "classical")) + " |",
@@ -383,7 +377,7 @@ def tables(folds: list[dict]) -> str:
 def _mean_table(folds: list[dict], methods: list[str]) -> list[str]:
     names = [label(t, k) for t, k in METRICS]
     lines = ["| method | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
-    return lines + [f"| {m} | " + " | ".join(_ms(_values(folds, m, n)) for n in names) + " |" for m in methods]
+    return lines + [f"| {m} | " + " | ".join(mean_sd(_values(folds, m, n)) for n in names) + " |" for m in methods]
 
 
 def _paired(folds: list[dict], a: str, b: str, name: str) -> np.ndarray:
@@ -640,26 +634,13 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def with_overrides(base, overrides: dict, source: str):
-    """``base`` with overrides (section -> key -> value), checked like a file named ``source``."""
-    from umeml.config import config_from_dict, config_to_dict
-
-    raw = config_to_dict(base)
-    for section, values in overrides.items():
-        raw[section] = {**raw[section], **values}
-    return config_from_dict(raw, source)
-
-
 def candidate_config(base, overrides: dict):
     """``base`` with one candidate's overrides (section -> key -> value), checked like a file."""
-    from umeml.config import config_from_dict, config_to_dict
-
-    raw = config_to_dict(with_overrides(base, overrides, "bench_gbmlgg tuning candidate"))
-    raw["federation"]["personalise_epochs"] = 0  # the tuning pass scores the global model only
-    # every round validated, so that the federated score has a value per round; the training is the
-    # same under either rule (sites reseed before training)
-    raw["federation"]["selection"] = "best_validation"
-    return config_from_dict(raw, "bench_gbmlgg tuning candidate")
+    # personalisation off: the tuning pass scores the global model only; every round validated, so
+    # that the federated score has a value per round (the training is the same under either rule:
+    # sites reseed before training)
+    return with_overrides(base, overrides, "bench_gbmlgg tuning candidate",
+                          federation__personalise_epochs=0, federation__selection="best_validation")
 
 
 def validation_scores(run_dir: Path) -> dict:

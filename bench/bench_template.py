@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench._harness import PRIMARY, REPO, loadavg, pick, stamp, write_section
+from bench._harness import PRIMARY, REPO, loadavg, mean_sd, pick, stamp, with_overrides, write_section
 
 TITLE = "## Template configs/demo.yaml: federated settings over seeds (issue 13)"
 NEW = "new: sgd 0.02, fedavgm 0.5, cosine, best_validation"
@@ -58,16 +58,9 @@ SETTINGS = {
 
 
 def setting_config(base, overrides: dict, seed: int):
-    """configs/demo.yaml with one setting's overrides and ``seed``, personalisation off, checked
-    like a file."""
-    from umeml.config import config_from_dict, config_to_dict
-
-    raw = config_to_dict(base)
-    for section, values in overrides.items():
-        raw[section] = {**raw[section], **values}
-    raw["federation"]["personalise_epochs"] = 0  # after the held-out evaluation: changes no figure here
-    raw["seed"] = seed
-    return config_from_dict(raw, "bench_template setting")
+    """configs/demo.yaml with one setting's overrides and ``seed``, personalisation off (it runs
+    after the held-out evaluation and changes no figure here), checked like a file."""
+    return with_overrides(base, overrides, "bench_template setting", federation__personalise_epochs=0, seed=seed)
 
 
 def returned_validation(final: dict, run_dir: Path, k_min: int) -> float | None:
@@ -151,13 +144,6 @@ def _by(rows: list[dict], name: str, key: str, task: str | None = None) -> dict[
     return out
 
 
-def _ms(v) -> str:
-    v = np.asarray(list(v), dtype=float)
-    if not len(v):
-        return "-"
-    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
-
-
 def _paired(a: dict, b: dict) -> np.ndarray:
     return np.array([a[s] - b[s] for s in sorted(set(a) & set(b))])
 
@@ -172,9 +158,9 @@ def tables(rows: list[dict], names: list[str], reference: str = NEW) -> str:
     for name in names:
         seeds = sorted({r["seed"] for r in rows if r["setting"] == name})
         secs = [r["seconds"] for r in rows if r["setting"] == name]
-        lines.append(f"| {name} | {len(seeds)} | " + " | ".join(_ms(_by(rows, name, "held_out", t).values())
+        lines.append(f"| {name} | {len(seeds)} | " + " | ".join(mean_sd(_by(rows, name, "held_out", t).values())
                                                           for t in tasks)
-                     + f" | {_ms(_by(rows, name, 'validation').values())} | {np.mean(secs):.0f} |")
+                     + f" | {mean_sd(_by(rows, name, 'validation').values())} | {np.mean(secs):.0f} |")
     lines += ["", f"Paired per-seed differences from `{reference}` (mean ± sd over seeds; a difference "
               "inside its sd is a tie):", ""]
     for name in names:
