@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -34,6 +35,7 @@ import numpy as np
 
 from bench._harness import PRIMARY, REPO, loadavg, mean_sd, pick, stamp, with_overrides, write_section
 
+SITES, PATIENTS = 4, 60  # the main job's synthetic cohort (umeml-server simulate's default)
 TITLE = "## Template configs/demo.yaml: federated settings over seeds (issue 13)"
 NEW = "new: sgd 0.02, fedavgm 0.5, cosine, best_validation"
 OLD = "old: adamw 1e-3, fedavg, constant, last"
@@ -61,6 +63,26 @@ def setting_config(base, overrides: dict, seed: int):
     """configs/demo.yaml with one setting's overrides and ``seed``, personalisation off (it runs
     after the held-out evaluation and changes no figure here), checked like a file."""
     return with_overrides(base, overrides, "bench_template setting", federation__personalise_epochs=0, seed=seed)
+
+
+def _intro(args, loads: list[float]) -> str:
+    """The section's first paragraph, its numbers taken from this run (cohort, config, machine)."""
+    from umeml.config import load_config
+
+    split = load_config(REPO / "configs" / "demo.yaml").split
+    n_train = SITES - max(len(split.test_sites), split.n_test_sites)
+    cmd = (f"python -m bench.bench_template --seeds {' '.join(map(str, args.seeds))} --settings "
+           + " ".join(repr(s) for s in args.settings))
+    return (f"Command: `nice -n 5 {cmd}` ({args.threads} torch thread(s); 1-min load average "
+            f"{loads[0] if loads else '?'} to {loads[-1] if loads else '?'} after the runs, on a {os.cpu_count()}-core "
+            f"machine). Each seed: the demo cohort of the main job ({SITES} sites x {PATIENTS} "
+            "patients, `SynthSpec(seed)`), the held-out site `umeml-server simulate` picks for that seed, one "
+            "in-process federation per setting (the real coordinator and site handlers, `bench/_inprocess.py`), "
+            "configs/demo.yaml with the setting's overrides, personalisation off (it changes no figure here). "
+            "Held-out = the held-out site's metrics of the returned model; validation = the training sites' "
+            "validation score of the returned model (mean primary metric over tasks, combined over the "
+            f"{n_train} training sites, a {split.val_fraction:.0%} validation split of each, about "
+            f"{round(PATIENTS * split.val_fraction)} patients): only the validation score may choose a setting.\n\n")
 
 
 def returned_validation(final: dict, run_dir: Path, k_min: int) -> float | None:
@@ -120,7 +142,7 @@ def run(seeds: list[int], names: list[str], cache: Path | None, log=print) -> li
                     rows.append(done[(seed, name)])
                     continue
                 if cohort is None:
-                    generate(SynthSpec(sites=4, patients=60, seed=seed), data, overwrite=True)
+                    generate(SynthSpec(sites=SITES, patients=PATIENTS, seed=seed), data, overwrite=True)
                     cohort = load_data_dir(data, base.data)
                 row = run_one(base, name, seed, data, cohort, Path(tmp))
                 row["load"] = loadavg().split()[0]
@@ -213,17 +235,7 @@ def main(argv=None) -> int:
     loads = sorted(float(r["load"]) for r in rows if r.get("load"))
     print(f"\nwall {wall / 60:.1f} min; load average before / after {load0} / {load1}")
     if args.write:
-        cmd = (f"python -m bench.bench_template --seeds {' '.join(map(str, args.seeds))} --settings "
-               + " ".join(repr(s) for s in args.settings))
-        intro = (f"Command: `nice -n 5 {cmd}` ({args.threads} torch thread(s); 1-min load average "
-                 f"{loads[0] if loads else '?'} to {loads[-1] if loads else '?'} after the runs, on the 2-core "
-                 "machine shared with other work). Each seed: the demo cohort of the main job (4 sites x 60 "
-                 "patients, `SynthSpec(seed)`), the held-out site `umeml-server simulate` picks for that seed, one "
-                 "in-process federation per setting (the real coordinator and site handlers, `bench/_inprocess.py`), "
-                 "configs/demo.yaml with the setting's overrides, personalisation off (it changes no figure here). "
-                 "Held-out = the held-out site's metrics of the returned model; validation = the training sites' "
-                 "validation score of the returned model (mean primary metric over tasks, combined over the 3 "
-                 "training sites, 12 validation patients each): only the validation score may choose a setting.\n\n")
+        intro = _intro(args, loads)
         write_section(args.write, TITLE, intro + text + (f"\n\n{args.note}" if args.note else "") + "\n",
                       when=stamp())
     return 0
