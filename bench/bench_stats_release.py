@@ -30,8 +30,8 @@ SECTION = "## Privacy: the preprocessing releases (issue 17 item 5)"
 
 def budget_rows(target: float = 8.0, delta: float = 1e-5, q: float = 0.5, steps: int = 20) -> list[str]:
     """The DP-SGD calibration alone, with room for the releases of a federation from a public
-    checkpoint (histogram and class counts: genomic_source auto uses the checkpoint's scale) and
-    with room for all three."""
+    checkpoint (class counts only: the checkpoint gives bins and scale; or, with
+    ``preprocessing_source: sites``, histogram and class counts) and with room for all three."""
     from umeml.config import StatsPrivacyConfig
     from umeml.federation.accountants import total_epsilon
     from umeml.federation.privacy import calibrate_noise, compute_epsilon
@@ -42,8 +42,11 @@ def budget_rows(target: float = 8.0, delta: float = 1e-5, q: float = 0.5, steps:
     hist_counts = ([(zc, 1.0, 1)], [1.0])
     full = ([(zc, 1.0, 1), (zg, 1.0, 1)], [1.0])
     laplace = ([], [1.0, 0.5])  # the class counts as a pure release of the same noise (sd 2.8)
+    counts = ([(zc, 1.0, 1)], [])
     cases = [("DP-SGD calibrated alone (before)", ([], []), full),
-             ("with room for histogram + class counts (public checkpoint)", hist_counts, hist_counts),
+             ("with room for the class counts (public checkpoint, `preprocessing_source: auto`)", counts, counts),
+             ("with room for histogram + class counts (public checkpoint, `preprocessing_source: sites`)",
+              hist_counts, hist_counts),
              ("with room for all three releases", full, full),
              ("(histogram + class counts as discrete Laplace at epsilon 0.5, same noise)", laplace, laplace)]
     rows = []
