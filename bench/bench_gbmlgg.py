@@ -84,6 +84,12 @@ CANDIDATES = {
     "scaffold, server momentum 0.9, cosine": {"federation": {**M9, "strategy": "scaffold"}},
     "scaffold, no server momentum, cosine": {"federation": {"strategy": "scaffold", "server_momentum": 0.0}},
     "scaffold, server momentum 0.5, cosine": {"federation": {**M5, "strategy": "scaffold"}},
+    # schedule length (issue 13: is the federation under-trained at 30 rounds?): the cosine schedule
+    # stretches over the rounds, so a longer run also takes larger steps for longer
+    "fedavgm 0.9, cosine, 45 rounds": {"federation": {**M9, "rounds": 45}},
+    "fedavgm 0.9, cosine, 60 rounds": {"federation": {**M9, "rounds": 60}},
+    "fedavgm 0.9, cosine, 60 rounds, lr 0.05": {"train": {"lr": 0.05}, "federation": {**M9, "rounds": 60}},
+    "fedavgm 0.95, cosine": {"federation": {"server_momentum": 0.95}},
     "scaffold, server momentum 0.9, cosine, 4 local epochs": {"federation": {**M9, "strategy": "scaffold",
                                                                              "local_epochs": 4}},
 }

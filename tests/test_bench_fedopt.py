@@ -59,3 +59,13 @@ def test_drift_control_candidates_are_valid_configs_and_a_named_section_keeps_th
     bench_gbmlgg.write_tuning(doc, [row], args)
     text = doc.read_text()
     assert "earlier figures" in text and "## Drift control tuning" in text and "| 0 | x |" in text
+
+
+def test_schedule_length_candidates_set_rounds_lr_and_momentum():
+    base = load_config(REPO / "configs" / "gbmlgg_federated.yaml")
+    cfg = bench_gbmlgg.candidate_config(base, bench_gbmlgg.CANDIDATES["fedavgm 0.9, cosine, 60 rounds, lr 0.05"])
+    assert (cfg.federation.rounds, cfg.train.lr, cfg.federation.server_momentum) == (60, 0.05, 0.9)
+    assert bench_gbmlgg.candidate_config(base, bench_gbmlgg.CANDIDATES["fedavgm 0.9, cosine, 45 rounds"]
+                                         ).federation.rounds == 45
+    assert bench_gbmlgg.candidate_config(base, bench_gbmlgg.CANDIDATES["fedavgm 0.95, cosine"]
+                                         ).federation.server_momentum == 0.95
