@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from umeml.federation.schedule import site_state_file
 from umeml.rundir import atomic_write
 
 log = logging.getLogger(__name__)
@@ -94,11 +95,8 @@ class ControlVariateStore:
     experiment); a rerun of a round starts from zero too, with a warning (the file is from its future)."""
 
     def __init__(self, state_dir: str | Path | None, site_id: str, experiment: str):
-        if state_dir is None:
-            raise RuntimeError(f"site {site_id}: federation.strategy 'scaffold' needs a state dir for the site's "
-                               "control variate (state_dir in the site file; SimulatedSites.state_root in simulation)")
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in experiment)
-        self.path = Path(state_dir) / f"scaffold-{safe}.pt"
+        self.path = site_state_file(state_dir, site_id, experiment, "scaffold",
+                                    "federation.strategy 'scaffold' (the site's control variate)")
 
     def load(self, server_round: int, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``c_i`` saved after an earlier round, or zeros shaped like ``like``."""

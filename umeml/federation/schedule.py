@@ -48,6 +48,16 @@ def round_settings(fed: FederationConfig, rnd: int) -> dict:
     return {LR_SCALE_KEY: float(round_lr_factor(fed, rnd))}
 
 
+def site_state_file(state_dir: str | Path | None, site_id: str, experiment: str, kind: str, needed_by: str) -> Path:
+    """``<state_dir>/<kind>-<experiment>.pt``: a file a site keeps between rounds (never sent), the
+    experiment name made safe for a file name; no state dir is an error naming what needs one."""
+    if state_dir is None:
+        raise RuntimeError(f"site {site_id}: {needed_by} needs a state dir "
+                           "(state_dir in the site file; SimulatedSites.state_root in simulation)")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
+    return Path(state_dir) / f"{kind}-{safe}.pt"
+
+
 class OptimizerStore:
     """A site's optimizer state kept between rounds (``federation.optimizer_state: site``).
 
@@ -58,11 +68,7 @@ class OptimizerStore:
     """
 
     def __init__(self, state_dir: str | Path | None, site_id: str, experiment: str):
-        if state_dir is None:
-            raise RuntimeError(f"site {site_id}: federation.optimizer_state 'site' needs a state dir "
-                               "(state_dir in the site file; SimulatedSites.state_root in simulation)")
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
-        self.path = Path(state_dir) / f"optimizer-{safe}.pt"
+        self.path = site_state_file(state_dir, site_id, experiment, "optimizer", "federation.optimizer_state 'site'")
 
     def load_into(self, optimizer: torch.optim.Optimizer, server_round: int) -> bool:
         """Restore the saved state (moments) into ``optimizer``, keeping its current learning
