@@ -65,20 +65,28 @@ def _loso_auc(y: np.ndarray, x: np.ndarray, sites: np.ndarray) -> float:
     return float(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
 
 
-def probe(seed: int, tumour_fraction=None) -> dict[str, tuple[float, float]]:
-    """{summary: (grade AUC, subtype AUC)} on one seed's foci cohort."""
-    from umeml.config import DEFAULT_GRADE_MAP
-    from umeml.data.synth import BACKGROUND_MORPHOTYPES, SUBTYPES, SynthSpec, generate
+def foci_spec(seed: int, tumour_fraction=None, **size):
+    """The foci cohort of ``seed`` that ``bench_synthetic --clustered foci`` trains on (4 sites x 60
+    patients); ``size`` overrides SynthSpec's size fields (the tests' tiny cohorts)."""
+    from umeml.data.synth import SynthSpec
 
-    spec = SynthSpec(sites=4, patients=60, seed=seed, clustered=True, clustered_variant="foci",
+    return SynthSpec(**{"sites": 4, "patients": 60, **size}, seed=seed, clustered=True, clustered_variant="foci",
                      tumour_fraction=tumour_fraction)
+
+
+def patient_summaries(spec) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The cohort of ``spec`` as the probes see it: every patient's site, its labels
+    ``{"grade", "subtype"}`` (class indices) and ``{summary name: patients x features}``."""
+    from umeml.config import DEFAULT_GRADE_MAP
+    from umeml.data.synth import BACKGROUND_MORPHOTYPES, SUBTYPES, generate
+
     with tempfile.TemporaryDirectory() as tmp:
         generate(spec, Path(tmp) / "cohort")
         patients = patch_kinds(Path(tmp) / "cohort", spec)
     cases = sorted(patients)
     sites = np.array([patients[c][0] for c in cases])
-    subtype = np.array([SUBTYPES.index(patients[c][1]) for c in cases])
-    grade = np.array([("II", "III", "IV").index(DEFAULT_GRADE_MAP[patients[c][1]]) for c in cases])
+    labels = {"grade": np.array([("II", "III", "IV").index(DEFAULT_GRADE_MAP[patients[c][1]]) for c in cases]),
+              "subtype": np.array([SUBTYPES.index(patients[c][1]) for c in cases])}
     q, necrosis = spec.morphotypes, spec.morphotypes + BACKGROUND_MORPHOTYPES
     counts = np.array([np.bincount(patients[c][2], minlength=necrosis + 1) for c in cases]).astype(float)
     tumour = counts[:, list(range(q)) + [necrosis]]
@@ -87,7 +95,14 @@ def probe(seed: int, tumour_fraction=None) -> dict[str, tuple[float, float]]:
         "morphotype shares, all patches": counts / counts.sum(1, keepdims=True),
         "morphotype shares, tumour patches (+ necrosis)": tumour / np.clip(tumour.sum(1, keepdims=True), 1, None),
     }
-    return {name: (_loso_auc(grade, x, sites), _loso_auc(subtype, x, sites)) for name, x in summaries.items()}
+    return sites, labels, summaries
+
+
+def probe(spec) -> dict[str, tuple[float, float]]:
+    """{summary: (grade AUC, subtype AUC)} on the cohort of ``spec`` (:func:`foci_spec`)."""
+    sites, labels, summaries = patient_summaries(spec)
+    return {name: (_loso_auc(labels["grade"], x, sites), _loso_auc(labels["subtype"], x, sites))
+            for name, x in summaries.items()}
 
 
 def main(argv=None) -> int:
@@ -99,7 +114,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     load0 = loadavg()
     fraction = tuple(args.tumour_fraction) if args.tumour_fraction else None
-    per_seed = [probe(seed, fraction) for seed in args.seeds]
+    per_seed = [probe(foci_spec(seed, fraction)) for seed in args.seeds]
     lines = ["| patient summary (linear probe) | grade auc_macro | subtype auc_macro |", "| --- | --- | --- |"]
     for name in per_seed[0]:
         g, s = (np.array([r[name][i] for r in per_seed]) for i in (0, 1))

@@ -186,6 +186,9 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     seed: int = 0
     releases: list[dict] = field(default_factory=list)  # one-off releases (the survival histograms)
+    # how the preprocessing merge used the sites' (noisy) statistics, for privacy.json whichever
+    # releases there were (a run without survival has no histogram release to carry them)
+    prep_notes: list[str] = field(default_factory=list)
     selection: dict = field(default_factory=dict)  # RoundSelector.state(): the best validated round so far
 
 
@@ -337,7 +340,7 @@ class Coordinator:
     # ------------------------------------------------------------- checkpoint
     def _save(self, state: RunState, prep: Preprocessing) -> None:
         payload = {"round": state.round, "weights": state.weights, "seed": state.seed, "history": state.history,
-                   "releases": state.releases, "selection": state.selection,
+                   "releases": state.releases, "prep_notes": state.prep_notes, "selection": state.selection,
                    "strategy": {a: {k: torch.from_numpy(np.asarray(v)) for k, v in d.items()} for a, d in state.strategy.items()}}
         atomic_write(self.files.resume, lambda p: torch.save(payload, p))
         model = build_model(self.cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads)
@@ -351,7 +354,8 @@ class Coordinator:
         raw = torch.load(self.files.resume, weights_only=True)
         strategy = {a: {k: v.numpy() for k, v in d.items()} for a, d in raw["strategy"].items()}
         return RunState(int(raw["round"]), raw["weights"], strategy, list(raw["history"]), int(raw["seed"]),
-                        list(raw.get("releases", [])), dict(raw.get("selection") or {}))
+                        releases=list(raw.get("releases", [])), selection=dict(raw.get("selection") or {}),
+                        prep_notes=list(raw.get("prep_notes", [])))
 
     # ------------------------------------------------------------------- run
     def run(self, grid) -> dict:
@@ -409,14 +413,14 @@ class Coordinator:
             prep = Preprocessing.from_json(prep_path.read_text())
             state = self._load()
         else:
-            prep, releases = self._preprocess(grid, train_nodes, schema)
+            prep, releases, prep_notes = self._preprocess(grid, train_nodes, schema)
             atomic_write_text(prep_path, prep.to_json())
             atomic_write_text(self.files.config, dump_config(cfg))
             torch.manual_seed(cfg.seed)
             model = build_model(cfg.model, prep.feature_dim, tuple(prep.group_sizes), prep.heads)
             self._init_weights(model)
             state = RunState(0, {k: v.detach().clone() for k, v in model.state_dict().items()}, seed=cfg.seed,
-                             releases=releases)
+                             releases=releases, prep_notes=prep_notes)
         strategy = with_central_dp(build_strategy(cfg.federation), cfg.federation, len(train_nodes))
         restore_strategy_state(strategy, state.strategy)
         base_config = {"experiment": self.experiment_json, "preprocessing": prep.to_json()}
@@ -576,7 +580,7 @@ class Coordinator:
         state.strategy = strategy_state(run.strategy)
         self._save(state, run.prep)
         self._write_metrics(state.history)
-        self._write_privacy(state.history, state.releases)
+        self._write_privacy(state)
         self._report(self._progress_line(entry, evaluated))
         return t_end
 
@@ -644,9 +648,10 @@ class Coordinator:
     def _classes(self) -> dict[str, list[str]]:
         return {"grade": list(self.cfg.data.grades), "subtype": list(subtype_codes(self.cfg.data))}
 
-    def _preprocess(self, grid, train_nodes, schema) -> tuple[Preprocessing, list[dict]]:
-        """Query the training sites' aggregates and combine them; returns the preprocessing and
-        the record of the survival histograms' release (for privacy.json)."""
+    def _preprocess(self, grid, train_nodes, schema) -> tuple[Preprocessing, list[dict], list[str]]:
+        """Query the training sites' aggregates and combine them; returns the preprocessing, the
+        record of the one-off releases (survival histograms, the sites' class counts and genomic
+        moments) and the notes of the merge (both for privacy.json)."""
         cfg = self.cfg
         eps = cfg.federation.survival_hist_epsilon
         survival = "survival" in cfg.tasks  # without the task no site sends a histogram
@@ -667,7 +672,7 @@ class Coordinator:
                                             site_class_weights(by_site, heads, notes), notes)
             for note in notes:
                 self._report(f"preprocessing: {note}")
-            return prep, site_releases
+            return prep, site_releases, notes
         prep = combine_preprocessing(by_site, schema, heads, cfg.survival.n_bins, notes)
         if cfg.federation.genomics_from_checkpoint:  # the public scale, no genomic release
             prep = checkpoint_standardisation(prep, cfg.federation.init_checkpoint, notes)
@@ -677,8 +682,8 @@ class Coordinator:
                    "mechanism": "two-sided geometric noise per cell, L1 sensitivity 1" if eps is not None
                    else "none (exact counts)", "grid": SURVIVAL_GRID_TEXT,
                    "sites": sorted(s for s, r in by_site.items() if not r.get("suppressed")),
-                   "survival_edges": prep.survival_edges, "notes": notes}
-        return prep, ([release] if survival else []) + site_releases
+                   "survival_edges": prep.survival_edges}
+        return prep, ([release] if survival else []) + site_releases, notes
 
     def _central_budget_stop(self, rnd: int, history: list[dict], n_sites: int, sample_rate: float) -> dict | None:
         """Why training must stop before round ``rnd`` (None: go on): the central release of this
@@ -716,7 +721,7 @@ class Coordinator:
         entry["stopped"] = stop
         self._save(state, prep)
         self._write_metrics(state.history)
-        self._write_privacy(state.history, state.releases)
+        self._write_privacy(state)
 
     def _central_release(self, rnd: int, history: list[dict], n_sites: int, sample_rate: float) -> dict:
         """Ledger entry of this round's central-DP release (epsilon over all releases so far)."""
@@ -726,20 +731,21 @@ class Coordinator:
                              n_sites, cdp.delta, cdp.clipping)
 
     # ---------------------------------------------------------------- output
-    def _privacy_ledger(self, history: list[dict], releases: list[dict]) -> dict | None:
+    def _privacy_ledger(self, state: RunState) -> dict | None:
         fed = self.cfg.federation
+        history, releases = state.history, state.releases
         if not (fed.local_dp.enabled or fed.central_dp.enabled or releases or any(e.get("privacy") for e in history)):
             return None
         stopped = history[-1].get("stopped") if history else None
         return run_ledger(self.cfg.name, config_to_dict(fed.local_dp),
                           config_to_dict(fed.central_dp) if fed.central_dp.enabled else None, history,
-                          releases, stopped)
+                          releases, stopped, state.prep_notes)
 
-    def _write_privacy(self, history: list[dict], releases: list[dict]) -> None:
+    def _write_privacy(self, state: RunState) -> None:
         """The run's privacy ledger, privacy.json: every site's local-DP entries, the central
         releases per round and the one-off survival-histogram release (rebuilt from the history,
-        so a resumed run keeps the earlier rounds)."""
-        ledger = self._privacy_ledger(history, releases)
+        so a resumed run keeps the earlier rounds) and the notes of the preprocessing merge."""
+        ledger = self._privacy_ledger(state)
         if ledger is not None:
             atomic_write_json(self.files.privacy, ledger)
 
@@ -791,7 +797,7 @@ class Coordinator:
             pooled=last_eval.get("pooled"),
             seconds_per_round=[r.seconds for r in rounds],
             overhead_seconds_per_round=[r.overhead_seconds for r in rounds],
-            privacy=(self._privacy_ledger(state.history, state.releases) or {}).get("final"),
+            privacy=(self._privacy_ledger(state) or {}).get("final"),
             stopped=rounds[-1].stopped if rounds else None,
         )
 

@@ -83,6 +83,9 @@ def test_a_dp_federation_from_a_checkpoint_uses_its_preprocessing_and_releases_n
     assert set(totals) == {"A0", "A1"}
     for t in totals.values():  # DP-SGD and the class counts only
         assert sorted(r["kind"] for r in t["releases"]) == ["class_counts", "dp_sgd"] and t["epsilon"] <= 8.0 + 1e-6
+    # the ledger says where the bins and the scale came from (no histogram release to say it)
+    notes = json.loads((tmp_path / "run" / "privacy.json").read_text())["preprocessing_notes"]
+    assert any(n.startswith("survival bins and genomic standardisation: the public checkpoint's") for n in notes), notes
 
 
 def test_a_site_refuses_releases_that_take_its_whole_budget(tiny_cohort_dir, tmp_path):

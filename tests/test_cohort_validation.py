@@ -79,6 +79,19 @@ def test_conflicting_labels_for_one_case(data_dir):
     assert any(f"case {case}" in m and "conflicting oncotree_code" in m for m in msgs)
 
 
+def test_conflicting_genomics_for_one_case_and_only_for_it(data_dir):
+    df = table(data_dir)
+    col = [c for c in df.columns if c.endswith("_rnaseq")][0]
+    two = df[df.duplicated("case_id", keep=False) & df[col].notna()]
+    case, idx = two["case_id"].iloc[0], two.index[1]
+    df.loc[idx, col] = df.loc[idx, col] + 1.0
+    single = df[~df.duplicated("case_id", keep=False) & df[col].notna()].index[0]
+    df.loc[single, col] = df.loc[single, col] + 1.0  # one row: nothing to conflict with
+    save(data_dir, df)
+    msgs = [m for m in problems_of(data_dir) if "conflicting genomic values" in m]
+    assert len(msgs) == 1 and f"case {case}" in msgs[0], msgs
+
+
 def test_genomic_nan_error_then_imputation(data_dir):
     df = table(data_dir)
     col = [c for c in df.columns if c.endswith("_rnaseq")][0]

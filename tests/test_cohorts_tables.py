@@ -240,3 +240,25 @@ def test_the_comparison_table_has_only_the_runs_tasks():
                                                      "federated": {"test": grade, "n": 10}}}
     text = format_comparison(summary)
     assert "grade auc_macro" in text and "subtype" not in text and "c_index" not in text
+
+
+def test_a_run_without_survival_keeps_the_preprocessing_notes_in_privacy_json(no_survival_dir, tmp_path,
+                                                                              one_torch_thread):
+    """The notes of the preprocessing merge (how noisy statistics were used) belong to the ledger
+    itself: without the task survival there is no histogram release to carry them."""
+    from umeml.client.app import SimulatedSites, build_client_app
+    from umeml.data.source import CohortSource
+    from umeml.server.coordinator import Coordinator
+
+    from fed_helpers import LocalGrid
+
+    cfg = dataclasses.replace(tiny_experiment(rounds=1, stats_privacy={"enabled": True}), tasks=CLASSIFY)
+    app = build_client_app(SimulatedSites(("A0", "A1", "A2"), CohortSource(data_dir=str(no_survival_dir))))
+    coord = Coordinator(cfg, tmp_path / "fed", expected_sites=3, held_out=("A2",), wait_timeout=5,
+                        printer=lambda _: None)
+    coord.run(LocalGrid(app, 3))
+    ledger = json.loads((tmp_path / "fed" / "privacy.json").read_text())
+    kinds = {r["kind"] for r in ledger["releases"]}
+    assert "survival_histogram" not in kinds and "class_counts" in kinds  # the sites' noisy statistics
+    notes = ledger["preprocessing_notes"]
+    assert any(n.startswith("genomic standardisation from DP moments: noise sd") for n in notes), notes

@@ -191,6 +191,8 @@ def test_epsilon_accumulates_across_rounds_and_resume(tmp_path):
     assert ledger["final"]["local"]["A0"]["epsilon"] == pytest.approx(eps[1])
     assert ledger["final"]["local_max_epsilon"] <= 100 and ledger["central_dp"] is None
     assert ledger["local_dp_requested"]["enabled"] is True
+    # the resumed run kept the first run's notes of the preprocessing merge (it did not merge again)
+    assert any(n.startswith("genomic standardisation from DP moments") for n in ledger["preprocessing_notes"])
     # the sites sent only scalars: no per-patient field in any ledger row
     assert all(isinstance(v, (int, float, str)) for e in rows for v in e.values())
 

@@ -50,6 +50,18 @@ def federated_dp_run(tiny_cohort_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def central_page(central_run) -> str:
+    """The centralized run's report page, written once for the tests that only read it."""
+    return write_report(central_run).read_text()
+
+
+@pytest.fixture(scope="module")
+def federated_page(federated_dp_run) -> str:
+    """The federated run's report page, written once for the tests that only read it."""
+    return write_report(federated_dp_run).read_text()
+
+
 def _images(page: str) -> list[bytes]:
     return [base64.b64decode(m) for m in re.findall(r"src='data:image/png;base64,([^']+)'", page)]
 
@@ -63,9 +75,8 @@ def _assert_self_contained(page: str) -> None:
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 2000
 
 
-def test_centralized_report_has_every_plot(central_run):
-    page_path = write_report(central_run)
-    page = page_path.read_text()
+def test_centralized_report_has_every_plot(central_run, central_page):
+    page = central_page
     plots = {p.name for p in (central_run / "plots").glob("*.png")}
     assert plots >= {"curves.png", "roc_grade.png", "roc_subtype.png", "confusion_grade.png", "confusion_subtype.png",
                      "kaplan_meier.png", "forest_grade.png", "forest_subtype.png", "forest_survival.png"}
@@ -87,8 +98,8 @@ def test_saved_predictions_reproduce_the_test_metrics(central_run):
     assert preds.classes["grade"] == ["II", "III", "IV"]
 
 
-def test_federated_report_states_the_privacy_budget(federated_dp_run):
-    page = write_report(federated_dp_run).read_text()
+def test_federated_report_states_the_privacy_budget(federated_dp_run, federated_page):
+    page = federated_page
     ledger = json.loads((federated_dp_run / "privacy.json").read_text())
     for site, entry in ledger["final"]["local"].items():
         assert entry["epsilon"] <= entry["epsilon_total"] <= 8.0  # the budget bounds DP-SGD with the releases
@@ -203,6 +214,15 @@ def test_heatmap_needs_its_inputs(central_run, tmp_path, monkeypatch):
         write_report(central_run, Options(slide=tmp_path / "s.svs"))
     with pytest.raises(ReportError, match="no such file"):
         write_report(central_run, Options(slide=tmp_path / "s.svs", features=tmp_path / "f.h5"))
+    # and so is a bag the checkpoint cannot read (the slide itself is not opened for that)
+    pytest.importorskip("openslide")
+    (tmp_path / "s.svs").write_bytes(b"not read")
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f["features"] = np.zeros((4, 3), np.float32)
+        f["coords"] = np.zeros((4, 2), np.int64)
+        f.attrs["patch_size_level0"] = 128
+    with pytest.raises(ReportError, match="3-dim features, the checkpoint expects"):
+        write_report(central_run, Options(slide=tmp_path / "s.svs", features=tmp_path / "f.h5"))
 
 
 def _png_size(png: bytes) -> tuple[int, int]:
@@ -223,9 +243,9 @@ def _max_paren_depth(text: str) -> int:
     return deepest
 
 
-@pytest.mark.parametrize("run", ["central_run", "federated_dp_run"])
-def test_no_title_is_wider_than_its_image_and_no_caption_nests_parentheses(run, request):
-    page = write_report(request.getfixturevalue(run)).read_text()
+@pytest.mark.parametrize("page_of", ["central_page", "federated_page"], ids=["central_run", "federated_dp_run"])
+def test_no_title_is_wider_than_its_image_and_no_caption_nests_parentheses(page_of, request):
+    page = request.getfixturevalue(page_of)
     boxes = _title_boxes(page)
     assert boxes and len(boxes) == len(_images(page))
     for titles, png in boxes:
@@ -238,13 +258,13 @@ def test_no_title_is_wider_than_its_image_and_no_caption_nests_parentheses(run, 
         assert _max_paren_depth(re.sub(r"<[^>]+>", "", text)) <= 1, text
 
 
-def test_forest_caption_mentions_k_only_where_sites_report(central_run, federated_dp_run):
-    assert "privacy threshold k" not in write_report(central_run).read_text()
-    assert "privacy threshold k" in write_report(federated_dp_run).read_text()
+def test_forest_caption_mentions_k_only_where_sites_report(central_page, federated_page):
+    assert "privacy threshold k" not in central_page
+    assert "privacy threshold k" in federated_page
 
 
-def test_each_release_is_listed_once_with_its_explanation(federated_dp_run):
-    page = write_report(federated_dp_run).read_text()
+def test_each_release_is_listed_once_with_its_explanation(federated_dp_run, federated_page):
+    page = federated_page
     ledger = json.loads((federated_dp_run / "privacy.json").read_text())
     kinds = [r["kind"] for r in ledger["releases"]]
     sites = sorted({r["site"] for r in ledger["releases"] if r.get("site")})
@@ -273,3 +293,19 @@ def test_figure_titles_fit_their_figures():
     # the check itself can fail: a title longer than its figure is reported
     wide = figures.confusion_matrix("grade", np.eye(3), ["II", "III", "IV"], "x" * 120)
     assert figures.clipped_titles(wide) and figures.title_extents(wide)[0]["x1"] > wide.bbox.width
+
+
+def test_a_report_figure_is_saved_as_savefig_saves_it(tmp_path):
+    # the report draws each figure once for its title extents and its PNG: the file must be the one
+    # savefig writes (same pixels, same size), and the extents those of that drawing
+    from matplotlib.image import imread
+
+    def forest():
+        return figures.forest_plot([{"label": "combined", "value": 0.7, "low": 0.6, "high": 0.8, "n": 97,
+                                     "kind": "summary"}], figures.metric_label("grade", "auc_macro"))
+
+    reference = forest()
+    reference.savefig(tmp_path / "savefig.png")
+    extents = figures.save_png(forest(), tmp_path / "once.png")
+    assert np.array_equal(imread(tmp_path / "savefig.png"), imread(tmp_path / "once.png"))
+    assert extents == figures.title_extents(reference) and extents

@@ -302,6 +302,40 @@ def staged(tmp_path):
     return tmp_path
 
 
+def _check_refused_before_flower(d: Path, client) -> None:
+    """A key without TLS, and no TLS against a TLS SuperLink (which Flower's SuperNode would retry
+    forever), are refused by umeml-client itself with exit 2 and a message naming the cause."""
+    key_no_tls = client("A0", "--auth-key", "pki/sites/A0", log="key-no-tls")
+    no_tls = client("A0", log="no-tls")
+    assert key_no_tls.wait(timeout=60) == 2 and no_tls.wait(timeout=60) == 2
+    assert "error: site A0: --auth-key needs --root-certificates" in (d / "key-no-tls.log").read_text()
+    assert "error: site A0: the SuperLink at 127.0.0.1" in (d / "no-tls.log").read_text()
+    assert "uses TLS: give --root-certificates" in (d / "no-tls.log").read_text()
+
+
+def _check_deployment_outcome(d: Path, out: str) -> None:
+    """After the run: the server's log, the round's result and every refused site's log say what
+    happened, in our words."""
+    assert "registered site keys: A0, A1, imp (only these may join)" in out
+    # the impostor: refused by the coordinator with the site id it claimed, told why, stopped
+    assert "WARNING: site A1 (node" in out and "refused" in out
+    imp_log = (d / "imp.log").read_text()
+    assert "error: site A1: the coordinator refused this site" in imp_log and "registered as 'imp'" in imp_log
+    assert "TLS, SuperNode authentication on" in out
+    final = json.loads((d / "run" / "final.json").read_text())
+    assert final["rounds"] == 1 and final["training_sites"] == ["A0"] and final["held_out_sites"] == ["A1"]
+    assert final["held_out"]["A1"]["n"] == 12
+    # the refusals name the site and the cause, in our words
+    rogue_log = (d / "rogue.log").read_text()
+    assert "error: site rogue: not admitted by 127.0.0.1" in rogue_log
+    assert "not registered at the SuperLink" in rogue_log and "pki/sites/rogue.pub" in rogue_log
+    nokey_log = (d / "nokey.log").read_text()
+    assert "error: site nokey: not admitted" in nokey_log and "requires SuperNode authentication" in nokey_log
+    link_log = (d / "run" / "superlink.log").read_text()
+    assert "https://127.0.0.1" in link_log  # the SuperLink served TLS
+    assert "ApiError:2004" in link_log and "ApiError:2001" in link_log
+
+
 @pytest.mark.slow  # SuperLink + SuperNodes with TLS and site keys
 @pytest.mark.timeout(480)  # ~130 s on an idle 2-core box
 def test_tls_auth_deployment_registered_sites_run_unregistered_refused(staged):
@@ -332,14 +366,7 @@ def test_tls_auth_deployment_registered_sites_run_unregistered_refused(staged):
         client("A0", *tls, "--auth-key", "pki/sites/A0")
         client("A1", *tls, "--auth-key", "pki/sites/A1")
         _wait_for_text(d / "server.log", "SuperLink on 127.0.0.1", server, 120)
-        # refused before Flower starts: a key without TLS, and no TLS against a TLS SuperLink (which
-        # Flower's SuperNode would retry forever)
-        key_no_tls = client("A0", "--auth-key", "pki/sites/A0", log="key-no-tls")
-        no_tls = client("A0", log="no-tls")
-        assert key_no_tls.wait(timeout=60) == 2 and no_tls.wait(timeout=60) == 2
-        assert "error: site A0: --auth-key needs --root-certificates" in (d / "key-no-tls.log").read_text()
-        assert "error: site A0: the SuperLink at 127.0.0.1" in (d / "no-tls.log").read_text()
-        assert "uses TLS: give --root-certificates" in (d / "no-tls.log").read_text()
+        _check_refused_before_flower(d, client)
         # refused by the SuperLink: an unregistered key, and no key at all
         rogue = client("rogue", *tls, "--auth-key", "pki/sites/rogue")
         nokey = client("nokey", *tls)
@@ -352,22 +379,5 @@ def test_tls_auth_deployment_registered_sites_run_unregistered_refused(staged):
     finally:
         for p in procs:
             stop_process(p, grace=15)
-    assert "registered site keys: A0, A1, imp (only these may join)" in out
-    # the impostor: refused by the coordinator with the site id it claimed, told why, stopped
-    assert "WARNING: site A1 (node" in out and "refused" in out
-    imp_log = (d / "imp.log").read_text()
-    assert "error: site A1: the coordinator refused this site" in imp_log and "registered as 'imp'" in imp_log
-    assert "TLS, SuperNode authentication on" in out
-    final = json.loads((d / "run" / "final.json").read_text())
-    assert final["rounds"] == 1 and final["training_sites"] == ["A0"] and final["held_out_sites"] == ["A1"]
-    assert final["held_out"]["A1"]["n"] == 12
-    # the refusals name the site and the cause, in our words
-    rogue_log = (d / "rogue.log").read_text()
-    assert "error: site rogue: not admitted by 127.0.0.1" in rogue_log
-    assert "not registered at the SuperLink" in rogue_log and "pki/sites/rogue.pub" in rogue_log
-    nokey_log = (d / "nokey.log").read_text()
-    assert "error: site nokey: not admitted" in nokey_log and "requires SuperNode authentication" in nokey_log
-    link_log = (d / "run" / "superlink.log").read_text()
-    assert "https://127.0.0.1" in link_log  # the SuperLink served TLS
-    assert "ApiError:2004" in link_log and "ApiError:2001" in link_log
+    _check_deployment_outcome(d, out)
     assert all(p.poll() is not None for p in procs)

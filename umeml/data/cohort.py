@@ -353,7 +353,7 @@ class _CohortBuilder:
     def _check_rows(self, table: pd.DataFrame) -> None:
         self._check_survival(table)
         codes = table["_subtype"]
-        for i, row in enumerate(table.itertuples(index=False)):
+        for i, row in enumerate(table[["case_id", "slide_id"]].itertuples(index=False)):  # not the genomic columns
             loc = f"row {i + 2}, case {row.case_id or '?'}"
             if not row.case_id:
                 self.problem(f"row {i + 2}", "case_id is empty")
@@ -399,7 +399,11 @@ class _CohortBuilder:
 
     def _patients(self, table: pd.DataFrame) -> tuple[list[Patient], dict[str, int]]:
         patients, first_rows = [], {}
-        for case, rows in table.groupby("case_id", sort=True):
+        # only the columns read here: a row of the whole table (thousands of genomic columns) is
+        # slow to take out, once per patient
+        read = [c for c in ("case_id", "slide_id", "_site", "_subtype", "survival_months", "censorship")
+                if c in table.columns]
+        for case, rows in table[read].groupby("case_id", sort=True):
             if not case:
                 continue
             first = rows.iloc[0]
@@ -423,9 +427,10 @@ class _CohortBuilder:
         cols = genomic_columns(list(table.columns))
         raw = table[cols].apply(pd.to_numeric, errors="coerce")
         text = self._non_numeric(table, cols, raw)
-        for case, rows in table.groupby("case_id"):
+        several = table["case_id"].duplicated(keep=False)  # a patient of one row cannot conflict
+        for case, rows in table.loc[several, ["case_id"]].groupby("case_id"):
             block = raw.loc[rows.index].to_numpy(dtype=float)
-            if len(block) > 1 and not np.allclose(block, block[0], equal_nan=True):
+            if not np.allclose(block, block[0], equal_nan=True):
                 self.problem(f"case {case}", "conflicting genomic values across its rows")
         first = [first_rows[c] for c in cases]
         values = raw.loc[first].to_numpy(dtype=float)

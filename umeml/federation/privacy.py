@@ -309,9 +309,12 @@ def central_entry(rnd: int, history: list[dict], noise_multiplier: float, clippi
 
 
 def run_ledger(experiment: str, local_request: dict, central: dict | None, rounds: list[dict],
-               releases: list[dict] = (), stopped: dict | None = None) -> dict:
+               releases: list[dict] = (), stopped: dict | None = None,
+               preprocessing_notes: Iterable[str] = ()) -> dict:
     """Content of the run dir's ``privacy.json`` from each round's privacy entries, the one-off
-    ``releases`` (the sites' survival histograms) and why training ``stopped`` early, if it did."""
+    ``releases`` (the sites' survival histograms, class counts, genomic moments), why training
+    ``stopped`` early, if it did, and the ``preprocessing_notes`` (how the merge used the sites'
+    statistics: floors, shrinkage, fallbacks), whichever releases there were."""
     entries = [e for r in rounds for e in r.get("privacy", [])]
     final_local: dict[str, dict] = {}
     final_central = None
@@ -333,6 +336,7 @@ def run_ledger(experiment: str, local_request: dict, central: dict | None, round
         "entries": entries,
         "releases": list(releases),
         "stopped": stopped,
+        "preprocessing_notes": list(preprocessing_notes),
         "final": {"local": final_local, "local_max_epsilon": worst, "central": final_central,
                   "survival_histogram_epsilon": hist.get("epsilon") if hist else None,
                   "stopped": stopped["reason"] if stopped else None,
@@ -355,6 +359,8 @@ def run_ledger(experiment: str, local_request: dict, central: dict | None, round
             "central: site-level DP of the aggregate (Flower fixed-clipping wrapper); epsilon from Opacus's "
             "RDP accountant with sample_rate = fraction of training sites per round and one step per round",
             "training losses and evaluation metrics sent to the coordinator are not covered by either guarantee",
+            "preprocessing_notes: how the coordinator combined the training sites' statistics (noise floors, "
+            "shrinkage of noisy moments, fallbacks); they describe the releases above and cost no privacy",
         ],
     }
 

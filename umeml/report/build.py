@@ -107,11 +107,10 @@ class ReportBuilder:
         are kept for the page (``data-title-px`` on the image, checked by the browser test) and a
         title cut off by the figure's edge is logged."""
         self.plots.mkdir(parents=True, exist_ok=True)
-        extents = figures.title_extents(fig)
+        extents = figures.save_png(fig, self.plots / f"{name}.png")
         self.titles[f"{name}.png"] = [[round(t[k], 1) for k in ("x0", "x1", "y0", "y1")] for t in extents]
-        for text in figures.clipped_titles(fig):
+        for text in figures.clipped_titles(fig, extents=extents):  # the saved figure's, not drawn again
             log.warning("%s: the title %r is wider than the figure and is cut off", name, text)
-        fig.savefig(self.plots / f"{name}.png")
         return f"{name}.png"
 
     def write(self, title: str, subtitle: str) -> Path:
@@ -590,13 +589,17 @@ def _heatmap_checkpoint(builder: ReportBuilder, opts: Options) -> Path:
     return Path(checkpoint)
 
 
-def _heatmap(builder: ReportBuilder, opts: Options, checkpoint: Path) -> None:
+def _heatmap_figure(opts: Options, checkpoint: Path):
+    """The slide heatmap's figure; a slide, bag or checkpoint it cannot use is a ReportError."""
     from umeml.report.heatmap import prototype_heatmap
 
     try:
-        fig = prototype_heatmap(opts.slide, opts.features, checkpoint)
+        return prototype_heatmap(opts.slide, opts.features, checkpoint)
     except ValueError as err:
         raise ReportError(str(err)) from err
+
+
+def _heatmap(builder: ReportBuilder, opts: Options, checkpoint: Path, fig) -> None:
     builder.sections.append(Section(
         "Prototype attention on a slide",
         f"<p>Soft assignment of each patch of <code>{html.escape(Path(opts.slide).name)}</code> to the model's "
@@ -616,8 +619,10 @@ def write_report(run_dir: str | Path, options: Options | None = None) -> Path:
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: no such run directory")
     builder = ReportBuilder(run_dir)
-    # a missing heatmap input is said before the plots are drawn (seconds of work otherwise)
+    # a missing or unusable heatmap input (a bag of another feature dimension) is said before the
+    # plots are drawn (seconds of work otherwise)
     checkpoint = _heatmap_checkpoint(builder, opts) if opts.slide is not None else None
+    heatmap = _heatmap_figure(opts, checkpoint) if checkpoint is not None else None
     t0 = time.perf_counter()
     try:
         title, sub, run_version = _run_sections(builder, opts, time.strftime("%Y-%m-%d %H:%M %Z"))
@@ -625,8 +630,8 @@ def write_report(run_dir: str | Path, options: Options | None = None) -> Path:
             builder.sections.append(_privacy_section(builder, read_json(builder.files.privacy)))
     except RunDirError as err:
         raise ReportError(str(err)) from err
-    if checkpoint is not None:
-        _heatmap(builder, opts, checkpoint)
+    if heatmap is not None:
+        _heatmap(builder, opts, checkpoint, heatmap)
     builder.sections.append(_config_section(run_dir, run_version))
     out = builder.write(title, sub)
     log.info("report written in %.1f s: %s", time.perf_counter() - t0, out)

@@ -51,10 +51,22 @@ def title_extents(fig: Figure) -> list[dict]:
     return out
 
 
-def clipped_titles(fig: Figure, tolerance: float = 0.5) -> list[str]:
-    """Titles of ``fig`` that stick out of the figure (and so are cut off in the PNG)."""
+def save_png(fig: Figure, path) -> list[dict]:
+    """Write ``fig`` to ``path`` as ``fig.savefig(path)`` writes it (Agg at the figure's dpi, no
+    ``bbox_inches``) and return its :func:`title_extents`, drawing the figure once for both:
+    drawing is most of a report's time, and savefig would draw it again."""
+    from matplotlib.image import imsave
+
+    extents = title_extents(fig)  # draws fig on its Agg canvas
+    imsave(path, fig.canvas.buffer_rgba(), format="png", origin="upper", dpi=fig.dpi)
+    return extents
+
+
+def clipped_titles(fig: Figure, tolerance: float = 0.5, extents: list[dict] | None = None) -> list[str]:
+    """Titles of ``fig`` that stick out of the figure (and so are cut off in the PNG). ``extents``:
+    :func:`title_extents` of ``fig`` where the caller has them (each call draws the figure)."""
     w, h = fig.bbox.width, fig.bbox.height
-    return [t["text"] for t in title_extents(fig)
+    return [t["text"] for t in (title_extents(fig) if extents is None else extents)
             if t["x0"] < -tolerance or t["x1"] > w + tolerance or t["y0"] < -tolerance or t["y1"] > h + tolerance]
 
 
