@@ -4,10 +4,12 @@ summary (bench/bench_gbmlgg.py). No training here."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from bench import bench_gbmlgg, bench_template
-from bench._harness import REPO
+from bench._harness import REPO, with_overrides
 from umeml.config import load_config
 
 
@@ -69,3 +71,13 @@ def test_schedule_length_candidates_set_rounds_lr_and_momentum():
                                          ).federation.rounds == 45
     assert bench_gbmlgg.candidate_config(base, bench_gbmlgg.CANDIDATES["fedavgm 0.95, cosine"]
                                          ).federation.server_momentum == 0.95
+
+
+def test_the_unguarded_personalisation_candidate_changes_only_the_guard():
+    base = load_config(REPO / "configs" / "gbmlgg_federated.yaml")
+    assert base.federation.personalisation.guard and base.federation.personalise_epochs == 3
+    name = "fedavgm 0.9, cosine, 45 rounds, unguarded personalisation"
+    cfg = with_overrides(base, bench_gbmlgg.CANDIDATES[name], name)
+    assert not cfg.federation.personalisation.guard
+    shipped = with_overrides(base, bench_gbmlgg.CANDIDATES["fedavgm 0.9, cosine, 45 rounds"], "shipped")
+    assert dataclasses.replace(cfg.federation, personalisation=shipped.federation.personalisation) == shipped.federation
