@@ -442,22 +442,57 @@ def _personal_rows(folds: list[dict]) -> list[str]:
     return lines
 
 
-def _personal_goal(folds: list[dict]) -> str:
-    parts = []
+def personal_gains(folds: list[dict]) -> dict[str, dict[int, float]]:
+    """Per primary metric, fold -> personalised minus global on the training sites' own validation."""
+    out: dict[str, dict[int, float]] = {}
     for t, k in PRIMARY:
         n = label(t, k)
-        d = np.array([p["personalised"][n] - p["global"][n] for f in folds
-                      if (p := f.get("federated", {}).get("umeml federated", {}).get("personalisation"))
-                      and p["global"].get(n) is not None and p["personalised"].get(n) is not None])
-        if len(d):
-            parts.append(f"{n} {d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0:.3f} "
-                         f"({'met' if d.mean() >= 0 else 'not met'})")
-    return "- personalised minus global on the training sites' own validation (goal >= 0): " + "; ".join(parts)
+        out[n] = {f["fold"]: p["personalised"][n] - p["global"][n] for f in folds
+                  if (p := f.get("federated", {}).get("umeml federated", {}).get("personalisation"))
+                  and p["global"].get(n) is not None and p["personalised"].get(n) is not None}
+    return out
 
 
-def fedopt_tables(folds: list[dict], seconds: dict) -> str:
+def _spread(values) -> str:
+    d = np.array(list(values), dtype=float)
+    return f"{d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0:.3f}"
+
+
+def _personal_goal(folds: list[dict], what: str = "personalised minus global") -> str:
+    parts = [f"{n} {_spread(d.values())} ({'met' if np.mean(list(d.values())) >= 0 else 'not met'})"
+             for n, d in personal_gains(folds).items() if d]
+    return f"- {what} on the training sites' own validation (goal >= 0): " + "; ".join(parts)
+
+
+def personal_baseline_lines(folds: list[dict], baseline: dict) -> list[str]:
+    """This run's personalisation gains beside those of ``baseline`` (an earlier results.json on
+    the same folds, e.g. the unguarded wave): per fold, the paired difference, and whether the
+    held-out figures of ``umeml federated`` are identical (the wave runs after them)."""
+    base_folds = [f for f in baseline["folds"] if f["fold"] in {g["fold"] for g in folds}]
+    ours, theirs = personal_gains(folds), personal_gains(base_folds)
+    held = {f["fold"]: f["results"].get("umeml federated") for f in base_folds}
+    same = [f["fold"] for f in folds if held.get(f["fold"]) == f["results"].get("umeml federated")]
+    names = list(ours)
+    lines = [f"Against the personalisation wave of `{baseline.get('meta', {}).get('command', '?')}` on the same folds "
+             f"(held-out metrics of umeml federated identical in folds {same or 'none'} of "
+             f"{[f['fold'] for f in folds]}); personalised minus global, this run / baseline:", "",
+             "| fold | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for f in folds:
+        cells = [f"{ours[n][f['fold']]:+.3f} / {theirs[n][f['fold']]:+.3f}"
+                 if f["fold"] in ours[n] and f["fold"] in theirs[n] else "-" for n in names]
+        lines.append(f"| {f['fold']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(_personal_goal(base_folds, "baseline: personalised minus global"))
+    paired = {n: [ours[n][k] - theirs[n][k] for k in ours[n] if k in theirs[n]] for n in names}
+    lines.append("- this run minus baseline (paired over folds): "
+                 + "; ".join(f"{n} {_spread(d)}" for n, d in paired.items() if d))
+    return lines
+
+
+def fedopt_tables(folds: list[dict], seconds: dict, personal_baseline: dict | None = None) -> str:
     """The federated-optimisation section's tables: mean ± sd, per fold (with the selected
-    round), personalisation, and the issue's goals (wall time included)."""
+    round), personalisation (beside ``personal_baseline``'s, an earlier results.json, if given),
+    and the issue's goals (wall time included)."""
     methods = [m for m in METHODS if any(m in f["results"] for f in folds)]
     per_fold = [m for m in ("umeml central", "umeml federated (old)", "umeml federated", "classical") if m in methods]
     last = "umeml federated, last round (diagnostic)"
@@ -481,6 +516,8 @@ def fedopt_tables(folds: list[dict], seconds: dict) -> str:
                       f"{wall / 60:.1f} min ({'met' if wall <= 1200 else 'not met'})")
     lines += ["", "Goals (per-fold paired difference, mean ± sd over folds; a goal is met when the mean "
               "difference reaches it):"] + checks
+    if personal_baseline is not None and len(personal) > 2:
+        lines += [""] + personal_baseline_lines(folds, personal_baseline)
     return "\n".join(lines)
 
 
@@ -493,12 +530,13 @@ def section_title(meta: dict) -> str:
     return f"{title}, federated with {rounds} rounds (diagnostic)" if rounds else title
 
 
-def write_results(path: Path, meta: dict, wall: float, per_method: dict, folds: list[dict]) -> None:
+def write_results(path: Path, meta: dict, wall: float, per_method: dict, folds: list[dict],
+                  personal_baseline: dict | None = None) -> None:
     """Put this run's section (heading dated as ``meta`` says) into the markdown file ``path``."""
     when = stamp(meta["date"], meta["machine"], meta["cores"])
     if any("umeml federated" in f["results"] for f in folds):
-        write_section(path, meta.get("section") or FEDOPT_SECTION,
-                      fedopt_intro(meta, wall, per_method) + fedopt_tables(folds, per_method), when=when)
+        write_section(path, meta.get("section") or FEDOPT_SECTION, fedopt_intro(meta, wall, per_method)
+                      + fedopt_tables(folds, per_method, personal_baseline), when=when)
         return
     write_section(path, section_title(meta), _intro(meta, wall, per_method) + tables(folds), when=when)
 
@@ -649,6 +687,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="torch threads of this process (Ray's site workers use one each)")
     ap.add_argument("--render", type=Path, metavar="RESULTS_JSON",
                     help="do not train: print (and --write) the tables of an earlier run's results.json")
+    ap.add_argument("--personal-baseline", type=Path, metavar="RESULTS_JSON",
+                    help="show this run's personalisation gains beside an earlier run's on the same folds "
+                         "(e.g. the unguarded wave), paired per fold")
     ap.add_argument("--reuse", type=Path, metavar="RESULTS_JSON",
                     help="fill the skipped methods' rows from an earlier run of the same folds")
     ap.add_argument("--write", type=Path, help="replace this run's section of this markdown file")
@@ -801,10 +842,12 @@ def render(args) -> int:
     if args.section:
         saved["meta"]["section"] = args.section
     folds = saved["folds"]
-    print(fedopt_tables(folds, saved["seconds_per_method"]) if any("umeml federated" in f["results"] for f in folds)
-          else tables(folds))
+    baseline = json.loads(args.personal_baseline.read_text()) if args.personal_baseline else None
+    print(fedopt_tables(folds, saved["seconds_per_method"], baseline)
+          if any("umeml federated" in f["results"] for f in folds) else tables(folds))
     if args.write:
-        write_results(args.write, saved["meta"], saved["wall_seconds"], saved["seconds_per_method"], saved["folds"])
+        write_results(args.write, saved["meta"], saved["wall_seconds"], saved["seconds_per_method"], saved["folds"],
+                      baseline)
     return 0
 
 
@@ -892,15 +935,16 @@ def main(argv=None) -> int:
     per_method = {m: sum(f["seconds"].get(m, 0.0) for f in records) for m in METHODS}
     reused = reuse(records, args.reuse) if args.reuse else []
     timing = ", ".join(f"{m} {s:.0f} s" for m, s in per_method.items() if s)
-    print("\n" + (fedopt_tables(records, per_method) if any("umeml federated" in f["results"] for f in records)
-                  else tables(records)))
+    baseline = json.loads(args.personal_baseline.read_text()) if args.personal_baseline else None
+    print("\n" + (fedopt_tables(records, per_method, baseline) if any("umeml federated" in f["results"]
+                                                                     for f in records) else tables(records)))
     print(f"\nwall time {wall:.0f} s ({wall / 60:.1f} min); per method over folds: {timing}")
     print(f"per-fold raw results: {out / 'results.json'}")
     meta = run_meta(args, cfg, cohort, chosen, loads, reused)
     (out / "results.json").write_text(json.dumps({"meta": meta, "folds": records, "wall_seconds": round(wall, 1),
                                                   "seconds_per_method": per_method}, indent=2))
     if args.write:
-        write_results(args.write, meta, wall, per_method, records)
+        write_results(args.write, meta, wall, per_method, records, baseline)
         print(f"wrote the section into {args.write}")
     return 0
 

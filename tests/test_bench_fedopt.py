@@ -81,3 +81,22 @@ def test_the_unguarded_personalisation_candidate_changes_only_the_guard():
     assert not cfg.federation.personalisation.guard
     shipped = with_overrides(base, bench_gbmlgg.CANDIDATES["fedavgm 0.9, cosine, 45 rounds"], "shipped")
     assert dataclasses.replace(cfg.federation, personalisation=shipped.federation.personalisation) == shipped.federation
+
+
+def _fold_with_personalisation(fold, gains, held_out=0.8):
+    names = [bench_gbmlgg.label(t, k) for t, k in bench_gbmlgg.PRIMARY]
+    return {"fold": fold, "results": {"umeml federated": {"grade auc_macro": {"value": held_out}}},
+            "federated": {"umeml federated": {"personalisation": {
+                "global": {n: 0.7 for n in names}, "personalised": {n: 0.7 + g for n, g in zip(names, gains)}}}}}
+
+
+def test_personalisation_beside_a_baseline_is_paired_per_fold_and_checks_the_held_out_figures():
+    ours = [_fold_with_personalisation(0, (0.01, 0.0, 0.0)), _fold_with_personalisation(1, (0.03, 0.0, -0.01))]
+    base = {"meta": {"command": "unguarded"},
+            "folds": [_fold_with_personalisation(0, (0.02, 0.01, -0.02)),
+                      _fold_with_personalisation(1, (0.02, 0.01, -0.04), held_out=0.75)]}
+    text = "\n".join(bench_gbmlgg.personal_baseline_lines(ours, base))
+    assert "identical in folds [0] of [0, 1]" in text
+    assert "| 0 | +0.010 / +0.020 | +0.000 / +0.010 | +0.000 / -0.020 |" in text
+    assert "survival c_index +0.025 ± 0.007" in text  # paired: +0.02 and +0.03
+    assert "baseline: personalised minus global" in text and "grade auc_macro +0.020 ± 0.000 (met)" in text
