@@ -670,6 +670,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--engine", choices=("ray", "inprocess"), default="ray",
                     help="federations in Flower's simulation engine (ray, as umeml-server simulate) or in this "
                          "process (inprocess: the same coordinator and site handlers, messages by direct calls)")
+    ap.add_argument("--seeds", type=int, nargs="+",
+                    help="with --tune: run every candidate at each of these experiment seeds (the folds stay the "
+                         "config seed's), and report the seed spread")
     ap.add_argument("--append-tuning", action="store_true",
                     help="with --tune: add the rows to OUT/tuning.json instead of replacing it")
     ap.add_argument("--tuning-note", default="", help="with --tune --write: a sentence under the tuning table")
@@ -774,18 +777,23 @@ def tune(args, cfg, cohort, folds, out: Path) -> int:
     path = out / "tuning.json"
     for k in args.folds if args.folds is not None else [0]:
         fold = prepare_fold(k, sorted({cohort.patients[i].site for i in folds[k][1]}), cfg, cohort, args, out)
-        for name, overrides in CANDIDATES.items():
-            if args.candidates and name not in args.candidates:
-                continue
+        runs = [(n, o, seed) for n, o in CANDIDATES.items() if not args.candidates or n in args.candidates
+                for seed in (args.seeds or [None])]
+        for name, overrides, seed in runs:
             t0 = time.perf_counter()
-            run_dir = fold.dir / ("tune-" + "".join(c if c.isalnum() else "-" for c in name))
+            run_dir = fold.dir / ("tune-" + "".join(c if c.isalnum() else "-" for c in name)
+                                  + ("" if seed is None else f"-seed{seed}"))
             c = fold_config(fold, candidate_config(args.best_cfg, overrides))
+            # the experiment seed (initial weights, shuffles, the sites' validation split); the folds
+            # and merged institutions stay those of the config's seed
+            c = c if seed is None else dataclasses.replace(c, seed=seed)
             pooled = PooledValidation(fold, c, run_dir) if args.engine == "inprocess" else None
             federation(c, fold, args, run_dir, on_round=pooled)
-            row = {"fold": k, "candidate": name, **validation_scores(run_dir), **(pooled.summary() if pooled else {}),
+            row = {"fold": k, "candidate": name, **({} if seed is None else {"seed": seed}), **validation_scores(run_dir),
+                   **(pooled.summary() if pooled else {}),
                    "seconds": round(time.perf_counter() - t0, 1), "load": os.getloadavg()[0]}
             rows.append(row)
-            print(f"  tune fold {k} {name:45s} federated best {_f(row['best'])} (round {row['best_round']}), "
+            print(f"  tune fold {k} {name:45s} seed {c.seed} federated best {_f(row['best'])} (round {row['best_round']}), "
                   f"last 5 {_f(row['last5_mean'])}; pooled last {_f(row.get('pooled_last'))}, best "
                   f"{_f(row.get('pooled_best'))} (round {row.get('pooled_best_round')}), last 5 "
                   f"{_f(row.get('pooled_last5_mean'))}  ({row['seconds']:.0f} s, load {row['load']:.1f})", flush=True)
@@ -798,6 +806,34 @@ def tune(args, cfg, cohort, folds, out: Path) -> int:
 
 def _f(v) -> str:
     return "-" if v is None else f"{v:.3f}"
+
+
+def _seed_of(row: dict) -> str:
+    return f" (seed {row['seed']})" if "seed" in row else ""
+
+
+def seed_spread_lines(rows: list[dict]) -> list[str]:
+    """With rows at several experiment seeds: per fold and candidate, the pooled last-round
+    score's mean ± sd over seeds, and each candidate minus the first one, paired per seed."""
+    seeded = [r for r in rows if "seed" in r and r.get("pooled_last") is not None]
+    if len({r["seed"] for r in seeded}) < 2:
+        return []
+    lines = ["", "Seed spread (pooled validation, last round; mean ± sd over experiment seeds, ddof 1; "
+                 "differences paired per seed):"]
+    for k in sorted({r["fold"] for r in seeded}):
+        by = {}
+        for r in seeded:
+            if r["fold"] == k:
+                by.setdefault(r["candidate"], {})[r["seed"]] = r["pooled_last"]
+        first = next(iter(by))
+        for name, scores in by.items():
+            line = (f"- fold {k}, {name}: {_spread(scores.values())[1:]} over seeds {sorted(scores)} "
+                    f"({', '.join(f'{scores[s]:.3f}' for s in sorted(scores))})")
+            common = sorted(set(scores) & set(by[first]))
+            if name != first and len(common) > 1:
+                line += f"; minus {first}: {_spread(scores[s] - by[first][s] for s in common)}"
+            lines.append(line)
+    return lines
 
 
 def write_tuning(path: Path, rows: list[dict], args, note: str = "") -> None:
@@ -822,11 +858,13 @@ def write_tuning(path: Path, rows: list[dict], args, note: str = "") -> None:
              "pooled: at the federated best round | pooled: last round | pooled: best round (round) | "
              "pooled: mean of last 5 | wall time (s) | 1-min load |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['fold']} | {r['candidate']} | {_f(r['best'])} ({r['best_round']}) | {_f(r['last5_mean'])} | "
+    lines += [f"| {r['fold']} | {r['candidate']}{_seed_of(r)} | "
+              f"{_f(r['best'])} ({r['best_round']}) | {_f(r['last5_mean'])} | "
               f"{r.get('n_pooled_val', '-')} | {_f((r.get('pooled_curve') or {}).get(str(r['best_round'])))} | "
               f"{_f(r.get('pooled_last'))} | {_f(r.get('pooled_best'))} "
               f"({r.get('pooled_best_round', '-')}) | {_f(r.get('pooled_last5_mean'))} | "
               f"{r['seconds']:.0f} | {r['load']:.1f} |" for r in rows]
+    lines += seed_spread_lines(rows)
     lines += ["", note] if note else []
     write_section(path, getattr(args, "section", None) or TUNING_SECTION, "\n".join(lines) + "\n", when=stamp())
 

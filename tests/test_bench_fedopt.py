@@ -100,3 +100,14 @@ def test_personalisation_beside_a_baseline_is_paired_per_fold_and_checks_the_hel
     assert "| 0 | +0.010 / +0.020 | +0.000 / +0.010 | +0.000 / -0.020 |" in text
     assert "survival c_index +0.025 ± 0.007" in text  # paired: +0.02 and +0.03
     assert "baseline: personalised minus global" in text and "grade auc_macro +0.020 ± 0.000 (met)" in text
+
+
+def test_the_tuning_seed_spread_pairs_candidates_per_seed():
+    rows = [{"fold": 0, "candidate": c, "seed": s, "pooled_last": v}
+            for c, vals in (("30 rounds", (0.78, 0.80, 0.76)), ("45 rounds", (0.80, 0.81, 0.79))) for s, v in enumerate(vals)]
+    lines = bench_gbmlgg.seed_spread_lines(rows)
+    assert "- fold 0, 30 rounds: 0.780 ± 0.020 over seeds [0, 1, 2] (0.780, 0.800, 0.760)" in lines
+    assert lines[-1].endswith("minus 30 rounds: +0.020 ± 0.010")
+    assert bench_gbmlgg.seed_spread_lines(rows[:1] + rows[3:4]) == []  # one seed: no spread
+    args = bench_gbmlgg._parser().parse_args(["--tune", "--seeds", "0", "1", "2"])
+    assert args.seeds == [0, 1, 2]
