@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench._harness import PRIMARY, REPO, mean_sd, metric_entry, stamp, with_overrides, write_section
+from bench._harness import PRIMARY, REPO, mean_sd, metric_entry, spread, stamp, with_overrides, write_section
 from bench._harness import TCGA as DATA
 
 CONFIG = REPO / "configs" / "gbmlgg_folds.yaml"
@@ -453,13 +453,8 @@ def personal_gains(folds: list[dict]) -> dict[str, dict[int, float]]:
     return out
 
 
-def _spread(values) -> str:
-    d = np.array(list(values), dtype=float)
-    return f"{d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0:.3f}"
-
-
 def _personal_goal(folds: list[dict], what: str = "personalised minus global") -> str:
-    parts = [f"{n} {_spread(d.values())} ({'met' if np.mean(list(d.values())) >= 0 else 'not met'})"
+    parts = [f"{n} {spread(d.values())} ({'met' if np.mean(list(d.values())) >= 0 else 'not met'})"
              for n, d in personal_gains(folds).items() if d]
     return f"- {what} on the training sites' own validation (goal >= 0): " + "; ".join(parts)
 
@@ -485,7 +480,7 @@ def personal_baseline_lines(folds: list[dict], baseline: dict) -> list[str]:
     lines.append(_personal_goal(base_folds, "baseline: personalised minus global"))
     paired = {n: [ours[n][k] - theirs[n][k] for k in ours[n] if k in theirs[n]] for n in names}
     lines.append("- this run minus baseline (paired over folds): "
-                 + "; ".join(f"{n} {_spread(d)}" for n, d in paired.items() if d))
+                 + "; ".join(f"{n} {spread(d)}" for n, d in paired.items() if d))
     return lines
 
 
@@ -827,11 +822,11 @@ def seed_spread_lines(rows: list[dict]) -> list[str]:
                 by.setdefault(r["candidate"], {})[r["seed"]] = r["pooled_last"]
         first = next(iter(by))
         for name, scores in by.items():
-            line = (f"- fold {k}, {name}: {_spread(scores.values())[1:]} over seeds {sorted(scores)} "
+            line = (f"- fold {k}, {name}: {spread(scores.values())[1:]} over seeds {sorted(scores)} "
                     f"({', '.join(f'{scores[s]:.3f}' for s in sorted(scores))})")
             common = sorted(set(scores) & set(by[first]))
             if name != first and len(common) > 1:
-                line += f"; minus {first}: {_spread(scores[s] - by[first][s] for s in common)}"
+                line += f"; minus {first}: {spread(scores[s] - by[first][s] for s in common)}"
             lines.append(line)
     return lines
 
