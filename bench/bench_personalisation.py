@@ -35,6 +35,7 @@ SECTION = "## TCGA GBM-LGG, guarded personalisation replayed on the 5-fold feder
 VARIANTS = {
     "unguarded": {"guard": False},
     "guarded": {"guard": True},
+    "guarded, loss and metric": {"guard": True, "criterion": "loss_and_metric"},
     "guarded, min 8 inner deaths": {"guard": True, "min_inner_events": 8},
     "guarded, inner fraction 0.33": {"guard": True, "inner_fraction": 0.33},
 }

@@ -37,7 +37,7 @@ def _inner_curves(cfg, site, prep, weights):
     """Each head's inner-validation loss after 0..epochs epochs of fine-tuning on the inner train."""
     train_idx, _ = site._split(cfg)
     tuning = P.HeadTuning(site, cfg, prep, weights, torch.device("cpu"), loss_settings(cfg, prep))
-    return P.inner_curves(tuning, *P.inner_split(site, cfg, train_idx), cfg.federation.personalise_epochs)
+    return P.inner_curves(tuning, *P.inner_split(site, cfg, train_idx), cfg.federation.personalise_epochs)[0]
 
 
 def _task_values(report, part, task):
@@ -47,6 +47,13 @@ def _task_values(report, part, task):
 def test_choose_epochs_personalises_only_a_strictly_lower_loss():
     curves = {"grade": [1.0, 0.7, 0.8, 0.9], "subtype": [1.0, 1.2, 1.1, 1.3], "survival": [1.0, 1.0, 1.0, 1.0]}
     assert P.choose_epochs(curves) == {"grade": 1, "subtype": 0, "survival": 0}
+
+
+def test_the_metric_criterion_also_needs_a_primary_metric_no_lower_than_global():
+    curves = {"grade": [1.0, 0.7, 0.8], "survival": [1.0, 0.9, 0.8]}
+    metrics = {"grade": [0.70, 0.69, 0.72], "survival": [0.60, None, 0.55]}
+    assert P.choose_epochs(curves, metrics) == {"grade": 2, "survival": 0}
+    assert P.choose_epochs(curves) == {"grade": 1, "survival": 2}
 
 
 def test_a_head_whose_fine_tuning_hurts_its_inner_validation_stays_global(tiny_cohort_dir):
@@ -101,7 +108,8 @@ def test_too_few_inner_deaths_keep_the_survival_head_global(tiny_cohort_dir):
 
 @pytest.mark.parametrize("key, value, rule", [("inner_fraction", 0.95, "must be <= 0.9"),
                                               ("inner_fraction", 0.0, "must be > 0.0"),
-                                              ("min_inner_events", 0, "must be >= 1")])
+                                              ("min_inner_events", 0, "must be >= 1"),
+                                              ("criterion", "auc", "must be one of")])
 def test_personalisation_keys_are_checked_by_file_and_key(key, value, rule):
     raw = config_to_dict(tiny_experiment())
     raw["federation"]["personalisation"] = {key: value}

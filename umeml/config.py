@@ -258,13 +258,18 @@ class PersonalisationConfig:
     kept heads are then refitted on the whole training split for their counts, the others stay
     global. An inner validation below ``min_inner_patients`` (or an inner train below it) keeps
     every head global; the survival head stays global with fewer than ``min_inner_events`` deaths
-    in the inner validation. ``guard: false``: every head fine-tuned for ``personalise_epochs``.
+    in the inner validation. ``criterion: loss_and_metric`` also asks that the task's primary
+    metric on the inner validation be no lower. ``guard: false``: every head fine-tuned for
+    ``personalise_epochs``.
     """
 
     guard: bool = True
     inner_fraction: float = field(default=0.25, metadata=_range(0.0, 0.9, lo_open=True))
     min_inner_patients: int = field(default=10, metadata=_range(1))
     min_inner_events: int = field(default=5, metadata=_range(1))
+    # "loss": a head is kept when fine-tuning lowers its task's inner-validation loss; "loss_and_metric":
+    # and the task's primary metric (AUC, c-index) on the inner validation is no lower than the global head's
+    criterion: Literal["loss", "loss_and_metric"] = "loss"
 
 
 @dataclass(frozen=True)

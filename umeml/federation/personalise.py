@@ -92,11 +92,19 @@ def group_losses(model, loader, loss, device, groups: dict[str, list[str]]) -> d
     return {g: v / max(n, 1) for g, v in total.items()}
 
 
-def choose_epochs(curves: dict[str, list[float]]) -> dict[str, int]:
+def choose_epochs(curves: dict[str, list[float]], metrics: dict[str, list] | None = None) -> dict[str, int]:
     """Per group, the epoch count (0 = the global head) with the lowest inner-validation loss in
     ``curves`` (``curves[g][e]``: the loss after ``e`` epochs); ties go to fewer epochs, so a head
-    is personalised only when fine-tuning strictly lowered its loss."""
-    return {g: int(min(range(len(c)), key=lambda e: (c[e], e))) for g, c in curves.items()}
+    is personalised only when fine-tuning strictly lowered its loss. With ``metrics`` (the task's
+    primary metric per epoch, higher is better; None where it cannot be computed) an epoch also
+    needs a metric at least the global head's."""
+    chosen = {}
+    for g, c in curves.items():
+        m = (metrics or {}).get(g)
+        allowed = [e for e in range(len(c)) if e == 0 or m is None
+                   or (m[e] is not None and m[0] is not None and m[e] >= m[0])]
+        chosen[g] = int(min(allowed, key=lambda e: (c[e], e)))
+    return chosen
 
 
 def inner_split(site, cfg: ExperimentConfig, train_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -125,9 +133,10 @@ def fine_tune_heads(model, cfg: ExperimentConfig, cohort, idx, prep, loss, devic
 
 
 def inner_curves(tuning: HeadTuning, inner_train: np.ndarray, inner_val: np.ndarray,
-                 epochs: int) -> dict[str, list[float]]:
-    """Each head group's inner-validation loss after 0, 1, ..., ``epochs`` epochs of fine-tuning
-    on the inner-train patients (stays at the site)."""
+                 epochs: int) -> tuple[dict[str, list[float]], dict[str, list]]:
+    """Each head group's inner-validation loss, and each task's primary metric (None where it
+    cannot be computed), after 0, 1, ..., ``epochs`` epochs of fine-tuning on the inner-train
+    patients (stays at the site)."""
     cfg = tuning.cfg
     torch.manual_seed(cfg.seed)  # dropout of the frozen trunk during fine-tuning
     model = tuning.fresh_model()
@@ -135,14 +144,20 @@ def inner_curves(tuning: HeadTuning, inner_train: np.ndarray, inner_val: np.ndar
     loader = make_loader(make_dataset(cfg, tuning.site.cohort, inner_val, tuning.prep, train=False),
                          cfg.train.batch_size, False, 0)
     curves: dict[str, list[float]] = {g: [] for g in groups}
+    metrics: dict[str, list] = {g: [] for g in groups if g in dict(PRIMARY_METRICS)}
 
     def record(_epoch: int = 0) -> None:
         for g, v in group_losses(model, loader, tuning.loss, tuning.device, groups).items():
             curves[g].append(v)
+        if metrics:
+            tasks = evaluate_predictions(predict(model, loader, tuning.loss, tuning.device), cfg.tasks, 0, cfg.seed)
+            for g in metrics:
+                entry = metric_entry(tasks, g, dict(PRIMARY_METRICS)[g])
+                metrics[g].append(None if entry is None else entry["value"])
 
     record()
     fine_tune_heads(model, cfg, tuning.site.cohort, inner_train, tuning.prep, tuning.loss, tuning.device, epochs, record)
-    return curves
+    return curves, metrics
 
 
 def guard_plan(tuning: HeadTuning, train_idx: np.ndarray, epochs: int) -> tuple[dict[str, int], dict]:
@@ -155,7 +170,8 @@ def guard_plan(tuning: HeadTuning, train_idx: np.ndarray, epochs: int) -> tuple[
     if min(len(inner_train), len(inner_val)) < rules.min_inner_patients:
         report["notes"].append(f"inner split below min_inner_patients={rules.min_inner_patients}: every head global")
         return {g: 0 for g in head_groups(tuning.fresh_model(), cfg.tasks)}, report
-    plan = choose_epochs(inner_curves(tuning, inner_train, inner_val, epochs))
+    curves, metrics = inner_curves(tuning, inner_train, inner_val, epochs)
+    plan = choose_epochs(curves, metrics if rules.criterion == "loss_and_metric" else None)
     if "survival" in plan and int(site.cohort.times_events(inner_val)[1].sum()) < rules.min_inner_events:
         plan["survival"] = 0  # a loss over a handful of deaths decides nothing
         report["notes"].append(f"survival: fewer than min_inner_events={rules.min_inner_events} deaths in the "
