@@ -69,6 +69,8 @@ def test_schedule_length_candidates_set_rounds_lr_and_momentum():
     assert (cfg.federation.rounds, cfg.train.lr, cfg.federation.server_momentum) == (60, 0.05, 0.9)
     assert bench_gbmlgg.candidate_config(base, bench_gbmlgg.CANDIDATES["fedavgm 0.9, cosine, 45 rounds"]
                                          ).federation.rounds == 45
+    assert bench_gbmlgg.candidate_config(base, bench_gbmlgg.CANDIDATES["fedavgm 0.9, cosine, 30 rounds"]
+                                         ).federation.rounds == 30
     assert bench_gbmlgg.candidate_config(base, bench_gbmlgg.CANDIDATES["fedavgm 0.95, cosine"]
                                          ).federation.server_momentum == 0.95
 
