@@ -115,3 +115,18 @@ def test_personalisation_keys_are_checked_by_file_and_key(key, value, rule):
     raw["federation"]["personalisation"] = {key: value}
     with pytest.raises(ConfigError, match=f"exp.yaml: federation.personalisation.{key}: {rule}"):
         config_from_dict(raw, "exp.yaml")
+
+
+def test_the_summary_counts_the_sites_personalising_each_head_and_the_progress_says_it():
+    from umeml.server.coordinator import _personalisation_lines
+
+    tasks = {"grade": {"auc_macro": {"value": 0.7, "n": 12}}}
+    site = {"n": 12, "n_train": 50, "epochs": 3, "guard": {"inner_train": 37, "inner_val": 13, "notes": []},
+            "global": {"loss": 1.0, "tasks": tasks}, "personalised": {"loss": 0.9, "tasks": tasks}}
+    summary = P.summarise_personalisation({"A": {**site, "site": "A", "heads": {"grade": 2, "survival": 0}},
+                                           "B": {**site, "site": "B", "heads": {"grade": 0, "survival": 1}},
+                                           "C": {"site": "C", "n": 3, "n_train": 9, "suppressed": True}}, 3)
+    assert summary["guarded"] and summary["sites_personalising"] == {"grade": 1, "survival": 1}
+    lines = _personalisation_lines(summary)
+    assert lines[0].startswith("personalisation (heads, guarded, up to 3 epoch(s))")
+    assert "A (n 12; epochs per head, 0 = global: grade 2, survival 0)" in lines[1]
