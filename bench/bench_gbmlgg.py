@@ -685,7 +685,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of this process (Ray's site workers use one each)")
     ap.add_argument("--render", type=Path, metavar="RESULTS_JSON",
-                    help="do not train: print (and --write) the tables of an earlier run's results.json")
+                    help="do not train: print (and --write) the tables of an earlier run's results.json "
+                         "(with --tune: its tuning.json)")
     ap.add_argument("--personal-baseline", type=Path, metavar="RESULTS_JSON",
                     help="show this run's personalisation gains beside an earlier run's on the same folds "
                          "(e.g. the unguarded wave), paired per fold")
@@ -836,6 +837,10 @@ def write_tuning(path: Path, rows: list[dict], args, note: str = "") -> None:
     """The tuning pass's section of the markdown file (``note``: what else the reader must know,
     such as candidates that did not run)."""
     folds = f" --folds {' '.join(map(str, args.folds))}" if args.folds else ""
+    if getattr(args, "candidates", None):
+        folds += " --candidates " + " ".join(repr(c) for c in args.candidates)
+    if getattr(args, "seeds", None):
+        folds += f" --seeds {' '.join(map(str, args.seeds))}"
     lines = [f"Command: `python -m bench.bench_gbmlgg --tune{folds} --engine {args.engine}` "
              f"(`nice -n 5`, torch threads {args.threads}; candidates run one after the other, each row's 1-min load "
              f"beside it). Candidates are overrides of `{_relative(args.best_config)}` (personalisation off; selection "
@@ -866,8 +871,14 @@ def write_tuning(path: Path, rows: list[dict], args, note: str = "") -> None:
 
 
 def render(args) -> int:
-    """Print (and --write) the tables of an earlier run's results.json without training."""
+    """Print (and --write) the tables of an earlier run's results.json (with --tune: its
+    tuning.json) without training."""
     saved = json.loads(args.render.read_text())
+    if args.tune:
+        print("\n".join(seed_spread_lines(saved)) or f"{len(saved)} tuning rows")
+        if args.write:
+            write_tuning(args.write, saved, args, args.tuning_note)
+        return 0
     if args.reuse:
         saved["meta"]["reused"] = reuse(saved["folds"], args.reuse)
         saved["meta"]["reused_from"] = _command_of(args.reuse)

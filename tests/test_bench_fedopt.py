@@ -5,6 +5,7 @@ summary (bench/bench_gbmlgg.py). No training here."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -113,3 +114,17 @@ def test_the_tuning_seed_spread_pairs_candidates_per_seed():
     assert bench_gbmlgg.seed_spread_lines(rows[:1] + rows[3:4]) == []  # one seed: no spread
     args = bench_gbmlgg._parser().parse_args(["--tune", "--seeds", "0", "1", "2"])
     assert args.seeds == [0, 1, 2]
+
+
+def test_a_tuning_json_renders_into_its_section_with_the_seed_spread(tmp_path):
+    rows = [{"fold": 0, "candidate": c, "seed": s, "best": 0.7, "best_round": 30, "last5_mean": 0.7,
+             "pooled_last": v, "seconds": 1.0, "load": 1.0}
+            for c, vals in (("a", (0.78, 0.80)), ("b", (0.80, 0.81))) for s, v in enumerate(vals)]
+    (tmp_path / "tuning.json").write_text(json.dumps(rows))
+    doc = tmp_path / "b.md"
+    args = bench_gbmlgg._parser().parse_args(["--tune", "--seeds", "0", "1", "--candidates", "fedavg, cosine",
+                                              "--render", str(tmp_path / "tuning.json"), "--write", str(doc),
+                                              "--section", "## Seeds"])
+    assert bench_gbmlgg.render(args) == 0
+    text = doc.read_text()
+    assert "--seeds 0 1" in text and "| 0 | b (seed 1) |" in text and "minus a: +0.015 ± 0.007" in text
