@@ -57,6 +57,16 @@ def numbers(values: Iterable | None) -> list[float]:
     return [v for v in values or [] if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
 
+def spread(values: Iterable) -> str:
+    """``+mean ± sd`` (signed, sample sd; 0 for one value) of paired differences, ``-`` for none."""
+    v = [float(x) for x in values]
+    if not v:
+        return "-"
+    mean = sum(v) / len(v)
+    sd = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+    return f"{mean:+.3f} ± {sd:.3f}"
+
+
 def mean_sd(values: Iterable) -> str:
     """``mean ± sd`` (sample sd) of a table cell, the mean alone for one value, ``-`` for none."""
     v = [float(x) for x in values]

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench._harness import PRIMARY, REPO, mean_sd, metric_entry, stamp, with_overrides, write_section
+from bench._harness import PRIMARY, REPO, mean_sd, metric_entry, spread, stamp, with_overrides, write_section
 from bench._harness import TCGA as DATA
 
 CONFIG = REPO / "configs" / "gbmlgg_folds.yaml"
@@ -86,7 +86,12 @@ CANDIDATES = {
     "scaffold, server momentum 0.5, cosine": {"federation": {**M5, "strategy": "scaffold"}},
     # schedule length (issue 13: is the federation under-trained at 30 rounds?): the cosine schedule
     # stretches over the rounds, so a longer run also takes larger steps for longer
+    "fedavgm 0.9, cosine, 30 rounds": {"federation": {**M9, "rounds": 30, "evaluate_every": 30}},  # the 30-round setting
     "fedavgm 0.9, cosine, 45 rounds": {"federation": {**M9, "rounds": 45}},
+    # the shipped setting with the personalisation wave as before its guard (every head fine-tuned
+    # for personalise_epochs): the same federation, so the same global model and held-out figures
+    "fedavgm 0.9, cosine, 45 rounds, unguarded personalisation": {"federation": {**M9, "rounds": 45,
+                                                                                 "personalisation": {"guard": False}}},
     "fedavgm 0.9, cosine, 60 rounds": {"federation": {**M9, "rounds": 60}},
     "fedavgm 0.9, cosine, 60 rounds, lr 0.05": {"train": {"lr": 0.05}, "federation": {**M9, "rounds": 60}},
     "fedavgm 0.95, cosine": {"federation": {"server_momentum": 0.95}},
@@ -321,6 +326,7 @@ def personal_summary(p: dict | None) -> dict | None:
     if not p or "global_combined" not in p:
         return None
     return {"n_sites": p["n_sites"], "n_validation": p["n_validation"], "epochs": p["epochs"],
+            "guarded": p.get("guarded", False), "sites_personalising": p.get("sites_personalising", {}),
             **{part: {label(t, k): (metric_entry(p[f"{part}_combined"], t, k) or {}).get("value") for t, k in PRIMARY}
                for part in ("global", "personalised")}}
 
@@ -422,34 +428,67 @@ def _personal_rows(folds: list[dict]) -> list[str]:
     """Global vs personalised (heads fine-tuned at the site) on the training sites' own validation."""
     names = [label(t, k) for t, k in PRIMARY]
     lines = ["| fold | sites reporting (validation patients) | " + " | ".join(f"{n}: global -> personalised"
-                                                                          for n in names) + " |",
-             "| --- | --- |" + " --- |" * len(names)]
+                                                                          for n in names)
+             + " | sites personalising grade / subtype / survival |",
+             "| --- | --- |" + " --- |" * (len(names) + 1)]
     for f in folds:
         p = f.get("federated", {}).get("umeml federated", {}).get("personalisation")
         if not p:
             continue
         cells = [f"{p['global'][n]:.3f} -> {p['personalised'][n]:.3f}" if p["global"].get(n) is not None
                  and p["personalised"].get(n) is not None else "-" for n in names]
-        lines.append(f"| {f['fold']} | {p['n_sites']} ({p['n_validation']}) | " + " | ".join(cells) + " |")
+        heads = p.get("sites_personalising") or {}
+        kept = " / ".join(str(heads.get(t, "-")) for t, _ in PRIMARY) if heads else "-"
+        lines.append(f"| {f['fold']} | {p['n_sites']} ({p['n_validation']}) | " + " | ".join(cells) + f" | {kept} |")
     return lines
 
 
-def _personal_goal(folds: list[dict]) -> str:
-    parts = []
+def personal_gains(folds: list[dict]) -> dict[str, dict[int, float]]:
+    """Per primary metric, fold -> personalised minus global on the training sites' own validation."""
+    out: dict[str, dict[int, float]] = {}
     for t, k in PRIMARY:
         n = label(t, k)
-        d = np.array([p["personalised"][n] - p["global"][n] for f in folds
-                      if (p := f.get("federated", {}).get("umeml federated", {}).get("personalisation"))
-                      and p["global"].get(n) is not None and p["personalised"].get(n) is not None])
-        if len(d):
-            parts.append(f"{n} {d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0:.3f} "
-                         f"({'met' if d.mean() >= 0 else 'not met'})")
-    return "- personalised minus global on the training sites' own validation (goal >= 0): " + "; ".join(parts)
+        out[n] = {f["fold"]: p["personalised"][n] - p["global"][n] for f in folds
+                  if (p := f.get("federated", {}).get("umeml federated", {}).get("personalisation"))
+                  and p["global"].get(n) is not None and p["personalised"].get(n) is not None}
+    return out
 
 
-def fedopt_tables(folds: list[dict], seconds: dict) -> str:
+def _personal_goal(folds: list[dict], what: str = "personalised minus global") -> str:
+    parts = [f"{n} {spread(d.values())} ({'met' if np.mean(list(d.values())) >= 0 else 'not met'})"
+             for n, d in personal_gains(folds).items() if d]
+    return f"- {what} on the training sites' own validation (goal >= 0): " + "; ".join(parts)
+
+
+def personal_baseline_lines(folds: list[dict], baseline: dict) -> list[str]:
+    """This run's personalisation gains beside those of ``baseline`` (an earlier results.json on
+    the same folds, e.g. the unguarded wave): per fold, the paired difference, and whether the
+    held-out figures of ``umeml federated`` are identical (the wave runs after them)."""
+    base_folds = [f for f in baseline["folds"] if f["fold"] in {g["fold"] for g in folds}]
+    ours, theirs = personal_gains(folds), personal_gains(base_folds)
+    held = {f["fold"]: f["results"].get("umeml federated") for f in base_folds}
+    same = [f["fold"] for f in folds if held.get(f["fold"]) == f["results"].get("umeml federated")]
+    names = list(ours)
+    lines = [f"Against the personalisation wave of `{baseline.get('meta', {}).get('command', '?')}` on the same folds "
+             f"(held-out metrics of umeml federated identical in folds {same or 'none'} of "
+             f"{[f['fold'] for f in folds]}); personalised minus global, this run / baseline:", "",
+             "| fold | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for f in folds:
+        cells = [f"{ours[n][f['fold']]:+.3f} / {theirs[n][f['fold']]:+.3f}"
+                 if f["fold"] in ours[n] and f["fold"] in theirs[n] else "-" for n in names]
+        lines.append(f"| {f['fold']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(_personal_goal(base_folds, "baseline: personalised minus global"))
+    paired = {n: [ours[n][k] - theirs[n][k] for k in ours[n] if k in theirs[n]] for n in names}
+    lines.append("- this run minus baseline (paired over folds): "
+                 + "; ".join(f"{n} {spread(d)}" for n, d in paired.items() if d))
+    return lines
+
+
+def fedopt_tables(folds: list[dict], seconds: dict, personal_baseline: dict | None = None) -> str:
     """The federated-optimisation section's tables: mean ± sd, per fold (with the selected
-    round), personalisation, and the issue's goals (wall time included)."""
+    round), personalisation (beside ``personal_baseline``'s, an earlier results.json, if given),
+    and the issue's goals (wall time included)."""
     methods = [m for m in METHODS if any(m in f["results"] for f in folds)]
     per_fold = [m for m in ("umeml central", "umeml federated (old)", "umeml federated", "classical") if m in methods]
     last = "umeml federated, last round (diagnostic)"
@@ -473,6 +512,8 @@ def fedopt_tables(folds: list[dict], seconds: dict) -> str:
                       f"{wall / 60:.1f} min ({'met' if wall <= 1200 else 'not met'})")
     lines += ["", "Goals (per-fold paired difference, mean ± sd over folds; a goal is met when the mean "
               "difference reaches it):"] + checks
+    if personal_baseline is not None and len(personal) > 2:
+        lines += [""] + personal_baseline_lines(folds, personal_baseline)
     return "\n".join(lines)
 
 
@@ -485,12 +526,13 @@ def section_title(meta: dict) -> str:
     return f"{title}, federated with {rounds} rounds (diagnostic)" if rounds else title
 
 
-def write_results(path: Path, meta: dict, wall: float, per_method: dict, folds: list[dict]) -> None:
+def write_results(path: Path, meta: dict, wall: float, per_method: dict, folds: list[dict],
+                  personal_baseline: dict | None = None) -> None:
     """Put this run's section (heading dated as ``meta`` says) into the markdown file ``path``."""
     when = stamp(meta["date"], meta["machine"], meta["cores"])
     if any("umeml federated" in f["results"] for f in folds):
-        write_section(path, meta.get("section") or FEDOPT_SECTION,
-                      fedopt_intro(meta, wall, per_method) + fedopt_tables(folds, per_method), when=when)
+        write_section(path, meta.get("section") or FEDOPT_SECTION, fedopt_intro(meta, wall, per_method)
+                      + fedopt_tables(folds, per_method, personal_baseline), when=when)
         return
     write_section(path, section_title(meta), _intro(meta, wall, per_method) + tables(folds), when=when)
 
@@ -554,8 +596,18 @@ def _describe(cfg) -> str:
             f"{train.lr:g}, learning-rate schedule over rounds {fed.lr_schedule}"
             + (f" (warm-up {fed.warmup_rounds} rounds)" if fed.lr_schedule != "constant" else "")
             + f", optimizer state {fed.optimizer_state}, selection {fed.selection}, validation fraction "
-            f"{cfg.split.val_fraction:g}" + (f", personalisation {fed.personalise_epochs} epochs of the heads"
-                                             if fed.personalise_epochs else ""))
+            f"{cfg.split.val_fraction:g}" + (f", personalisation {_personalisation(fed)}" if fed.personalise_epochs
+                                             else ""))
+
+
+def _personalisation(fed) -> str:
+    """How the personalisation wave ran, in words."""
+    p = fed.personalisation
+    if not p.guard:
+        return f"{fed.personalise_epochs} epochs of every head (unguarded)"
+    return (f"guarded (up to {fed.personalise_epochs} epochs per head, chosen on an inner split of "
+            f"{p.inner_fraction:g} of each site's training patients; min {p.min_inner_patients} inner-validation "
+            f"patients, min {p.min_inner_events} deaths for the survival head)")
 
 
 def fedopt_intro(meta: dict, wall: float, per_method: dict) -> str:
@@ -614,6 +666,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--engine", choices=("ray", "inprocess"), default="ray",
                     help="federations in Flower's simulation engine (ray, as umeml-server simulate) or in this "
                          "process (inprocess: the same coordinator and site handlers, messages by direct calls)")
+    ap.add_argument("--seeds", type=int, nargs="+",
+                    help="with --tune: run every candidate at each of these experiment seeds (the folds stay the "
+                         "config seed's), and report the seed spread")
     ap.add_argument("--append-tuning", action="store_true",
                     help="with --tune: add the rows to OUT/tuning.json instead of replacing it")
     ap.add_argument("--tuning-note", default="", help="with --tune --write: a sentence under the tuning table")
@@ -630,7 +685,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of this process (Ray's site workers use one each)")
     ap.add_argument("--render", type=Path, metavar="RESULTS_JSON",
-                    help="do not train: print (and --write) the tables of an earlier run's results.json")
+                    help="do not train: print (and --write) the tables of an earlier run's results.json "
+                         "(with --tune: its tuning.json)")
+    ap.add_argument("--personal-baseline", type=Path, metavar="RESULTS_JSON",
+                    help="show this run's personalisation gains beside an earlier run's on the same folds "
+                         "(e.g. the unguarded wave), paired per fold")
     ap.add_argument("--reuse", type=Path, metavar="RESULTS_JSON",
                     help="fill the skipped methods' rows from an earlier run of the same folds")
     ap.add_argument("--write", type=Path, help="replace this run's section of this markdown file")
@@ -715,18 +774,23 @@ def tune(args, cfg, cohort, folds, out: Path) -> int:
     path = out / "tuning.json"
     for k in args.folds if args.folds is not None else [0]:
         fold = prepare_fold(k, sorted({cohort.patients[i].site for i in folds[k][1]}), cfg, cohort, args, out)
-        for name, overrides in CANDIDATES.items():
-            if args.candidates and name not in args.candidates:
-                continue
+        runs = [(n, o, seed) for n, o in CANDIDATES.items() if not args.candidates or n in args.candidates
+                for seed in (args.seeds or [None])]
+        for name, overrides, seed in runs:
             t0 = time.perf_counter()
-            run_dir = fold.dir / ("tune-" + "".join(c if c.isalnum() else "-" for c in name))
+            run_dir = fold.dir / ("tune-" + "".join(c if c.isalnum() else "-" for c in name)
+                                  + ("" if seed is None else f"-seed{seed}"))
             c = fold_config(fold, candidate_config(args.best_cfg, overrides))
+            # the experiment seed (initial weights, shuffles, the sites' validation split); the folds
+            # and merged institutions stay those of the config's seed
+            c = c if seed is None else dataclasses.replace(c, seed=seed)
             pooled = PooledValidation(fold, c, run_dir) if args.engine == "inprocess" else None
             federation(c, fold, args, run_dir, on_round=pooled)
-            row = {"fold": k, "candidate": name, **validation_scores(run_dir), **(pooled.summary() if pooled else {}),
+            row = {"fold": k, "candidate": name, **({} if seed is None else {"seed": seed}), **validation_scores(run_dir),
+                   **(pooled.summary() if pooled else {}),
                    "seconds": round(time.perf_counter() - t0, 1), "load": os.getloadavg()[0]}
             rows.append(row)
-            print(f"  tune fold {k} {name:45s} federated best {_f(row['best'])} (round {row['best_round']}), "
+            print(f"  tune fold {k} {name:45s} seed {c.seed} federated best {_f(row['best'])} (round {row['best_round']}), "
                   f"last 5 {_f(row['last5_mean'])}; pooled last {_f(row.get('pooled_last'))}, best "
                   f"{_f(row.get('pooled_best'))} (round {row.get('pooled_best_round')}), last 5 "
                   f"{_f(row.get('pooled_last5_mean'))}  ({row['seconds']:.0f} s, load {row['load']:.1f})", flush=True)
@@ -741,10 +805,42 @@ def _f(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def _seed_of(row: dict) -> str:
+    return f" (seed {row['seed']})" if "seed" in row else ""
+
+
+def seed_spread_lines(rows: list[dict]) -> list[str]:
+    """With rows at several experiment seeds: per fold and candidate, the pooled last-round
+    score's mean ± sd over seeds, and each candidate minus the first one, paired per seed."""
+    seeded = [r for r in rows if "seed" in r and r.get("pooled_last") is not None]
+    if len({r["seed"] for r in seeded}) < 2:
+        return []
+    lines = ["", "Seed spread (pooled validation, last round; mean ± sd over experiment seeds, ddof 1; "
+                 "differences paired per seed):"]
+    for k in sorted({r["fold"] for r in seeded}):
+        by = {}
+        for r in seeded:
+            if r["fold"] == k:
+                by.setdefault(r["candidate"], {})[r["seed"]] = r["pooled_last"]
+        first = next(iter(by))
+        for name, scores in by.items():
+            line = (f"- fold {k}, {name}: {spread(scores.values())[1:]} over seeds {sorted(scores)} "
+                    f"({', '.join(f'{scores[s]:.3f}' for s in sorted(scores))})")
+            common = sorted(set(scores) & set(by[first]))
+            if name != first and len(common) > 1:
+                line += f"; minus {first}: {spread(scores[s] - by[first][s] for s in common)}"
+            lines.append(line)
+    return lines
+
+
 def write_tuning(path: Path, rows: list[dict], args, note: str = "") -> None:
     """The tuning pass's section of the markdown file (``note``: what else the reader must know,
     such as candidates that did not run)."""
     folds = f" --folds {' '.join(map(str, args.folds))}" if args.folds else ""
+    if getattr(args, "candidates", None):
+        folds += " --candidates " + " ".join(repr(c) for c in args.candidates)
+    if getattr(args, "seeds", None):
+        folds += f" --seeds {' '.join(map(str, args.seeds))}"
     lines = [f"Command: `python -m bench.bench_gbmlgg --tune{folds} --engine {args.engine}` "
              f"(`nice -n 5`, torch threads {args.threads}; candidates run one after the other, each row's 1-min load "
              f"beside it). Candidates are overrides of `{_relative(args.best_config)}` (personalisation off; selection "
@@ -763,18 +859,26 @@ def write_tuning(path: Path, rows: list[dict], args, note: str = "") -> None:
              "pooled: at the federated best round | pooled: last round | pooled: best round (round) | "
              "pooled: mean of last 5 | wall time (s) | 1-min load |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['fold']} | {r['candidate']} | {_f(r['best'])} ({r['best_round']}) | {_f(r['last5_mean'])} | "
+    lines += [f"| {r['fold']} | {r['candidate']}{_seed_of(r)} | "
+              f"{_f(r['best'])} ({r['best_round']}) | {_f(r['last5_mean'])} | "
               f"{r.get('n_pooled_val', '-')} | {_f((r.get('pooled_curve') or {}).get(str(r['best_round'])))} | "
               f"{_f(r.get('pooled_last'))} | {_f(r.get('pooled_best'))} "
               f"({r.get('pooled_best_round', '-')}) | {_f(r.get('pooled_last5_mean'))} | "
               f"{r['seconds']:.0f} | {r['load']:.1f} |" for r in rows]
+    lines += seed_spread_lines(rows)
     lines += ["", note] if note else []
     write_section(path, getattr(args, "section", None) or TUNING_SECTION, "\n".join(lines) + "\n", when=stamp())
 
 
 def render(args) -> int:
-    """Print (and --write) the tables of an earlier run's results.json without training."""
+    """Print (and --write) the tables of an earlier run's results.json (with --tune: its
+    tuning.json) without training."""
     saved = json.loads(args.render.read_text())
+    if args.tune:
+        print("\n".join(seed_spread_lines(saved)) or f"{len(saved)} tuning rows")
+        if args.write:
+            write_tuning(args.write, saved, args, args.tuning_note)
+        return 0
     if args.reuse:
         saved["meta"]["reused"] = reuse(saved["folds"], args.reuse)
         saved["meta"]["reused_from"] = _command_of(args.reuse)
@@ -783,10 +887,12 @@ def render(args) -> int:
     if args.section:
         saved["meta"]["section"] = args.section
     folds = saved["folds"]
-    print(fedopt_tables(folds, saved["seconds_per_method"]) if any("umeml federated" in f["results"] for f in folds)
-          else tables(folds))
+    baseline = json.loads(args.personal_baseline.read_text()) if args.personal_baseline else None
+    print(fedopt_tables(folds, saved["seconds_per_method"], baseline)
+          if any("umeml federated" in f["results"] for f in folds) else tables(folds))
     if args.write:
-        write_results(args.write, saved["meta"], saved["wall_seconds"], saved["seconds_per_method"], saved["folds"])
+        write_results(args.write, saved["meta"], saved["wall_seconds"], saved["seconds_per_method"], saved["folds"],
+                      baseline)
     return 0
 
 
@@ -874,15 +980,16 @@ def main(argv=None) -> int:
     per_method = {m: sum(f["seconds"].get(m, 0.0) for f in records) for m in METHODS}
     reused = reuse(records, args.reuse) if args.reuse else []
     timing = ", ".join(f"{m} {s:.0f} s" for m, s in per_method.items() if s)
-    print("\n" + (fedopt_tables(records, per_method) if any("umeml federated" in f["results"] for f in records)
-                  else tables(records)))
+    baseline = json.loads(args.personal_baseline.read_text()) if args.personal_baseline else None
+    print("\n" + (fedopt_tables(records, per_method, baseline) if any("umeml federated" in f["results"]
+                                                                     for f in records) else tables(records)))
     print(f"\nwall time {wall:.0f} s ({wall / 60:.1f} min); per method over folds: {timing}")
     print(f"per-fold raw results: {out / 'results.json'}")
     meta = run_meta(args, cfg, cohort, chosen, loads, reused)
     (out / "results.json").write_text(json.dumps({"meta": meta, "folds": records, "wall_seconds": round(wall, 1),
                                                   "seconds_per_method": per_method}, indent=2))
     if args.write:
-        write_results(args.write, meta, wall, per_method, records)
+        write_results(args.write, meta, wall, per_method, records, baseline)
         print(f"wrote the section into {args.write}")
     return 0
 

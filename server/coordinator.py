@@ -899,12 +899,15 @@ def _personalisation_lines(summary: dict) -> list[str]:
                 cells.append(f"{task} {key} {a['value']:.3f} -> {b['value']:.3f}")
         return ", ".join(cells) or "-"
 
-    lines = [f"personalisation (heads, {summary['epochs']} epoch(s)), own validation, global -> personalised:"]
+    how = "guarded, up to" if summary.get("guarded") else "every head,"
+    lines = [f"personalisation (heads, {how} {summary['epochs']} epoch(s)), own validation, global -> personalised:"]
     for site, rep in sorted(summary["sites"].items()):
         if rep.get("suppressed") or "global" not in rep:
             lines.append(f"  {site}: n {rep.get('n')} ({rep.get('skipped') or '< k: suppressed'})")
         else:
-            lines.append(f"  {site} (n {rep['n']}): {pair(rep['global']['tasks'], rep['personalised']['tasks'])}")
+            heads = ", ".join(f"{g} {e}" for g, e in (rep.get("heads") or {}).items())
+            lines.append(f"  {site} (n {rep['n']}; epochs per head, 0 = global: {heads or '-'}): "
+                         f"{pair(rep['global']['tasks'], rep['personalised']['tasks'])}")
     if "global_combined" in summary:
         lines.append(f"  combined over {summary['n_sites']} site(s), n {summary['n_validation']}: "
                      f"{pair(summary['global_combined'], summary['personalised_combined'])}")

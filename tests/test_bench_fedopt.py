@@ -4,10 +4,13 @@ summary (bench/bench_gbmlgg.py). No training here."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 from bench import bench_gbmlgg, bench_template
-from bench._harness import REPO
+from bench._harness import REPO, with_overrides
 from umeml.config import load_config
 
 
@@ -67,5 +70,61 @@ def test_schedule_length_candidates_set_rounds_lr_and_momentum():
     assert (cfg.federation.rounds, cfg.train.lr, cfg.federation.server_momentum) == (60, 0.05, 0.9)
     assert bench_gbmlgg.candidate_config(base, bench_gbmlgg.CANDIDATES["fedavgm 0.9, cosine, 45 rounds"]
                                          ).federation.rounds == 45
+    assert bench_gbmlgg.candidate_config(base, bench_gbmlgg.CANDIDATES["fedavgm 0.9, cosine, 30 rounds"]
+                                         ).federation.rounds == 30
     assert bench_gbmlgg.candidate_config(base, bench_gbmlgg.CANDIDATES["fedavgm 0.95, cosine"]
                                          ).federation.server_momentum == 0.95
+
+
+def test_the_unguarded_personalisation_candidate_changes_only_the_guard():
+    base = load_config(REPO / "configs" / "gbmlgg_federated.yaml")
+    assert base.federation.personalisation.guard and base.federation.personalise_epochs == 3
+    name = "fedavgm 0.9, cosine, 45 rounds, unguarded personalisation"
+    cfg = with_overrides(base, bench_gbmlgg.CANDIDATES[name], name)
+    assert not cfg.federation.personalisation.guard
+    shipped = with_overrides(base, bench_gbmlgg.CANDIDATES["fedavgm 0.9, cosine, 45 rounds"], "shipped")
+    assert dataclasses.replace(cfg.federation, personalisation=shipped.federation.personalisation) == shipped.federation
+
+
+def _fold_with_personalisation(fold, gains, held_out=0.8):
+    names = [bench_gbmlgg.label(t, k) for t, k in bench_gbmlgg.PRIMARY]
+    return {"fold": fold, "results": {"umeml federated": {"grade auc_macro": {"value": held_out}}},
+            "federated": {"umeml federated": {"personalisation": {
+                "global": {n: 0.7 for n in names}, "personalised": {n: 0.7 + g for n, g in zip(names, gains)}}}}}
+
+
+def test_personalisation_beside_a_baseline_is_paired_per_fold_and_checks_the_held_out_figures():
+    ours = [_fold_with_personalisation(0, (0.01, 0.0, 0.0)), _fold_with_personalisation(1, (0.03, 0.0, -0.01))]
+    base = {"meta": {"command": "unguarded"},
+            "folds": [_fold_with_personalisation(0, (0.02, 0.01, -0.02)),
+                      _fold_with_personalisation(1, (0.02, 0.01, -0.04), held_out=0.75)]}
+    text = "\n".join(bench_gbmlgg.personal_baseline_lines(ours, base))
+    assert "identical in folds [0] of [0, 1]" in text
+    assert "| 0 | +0.010 / +0.020 | +0.000 / +0.010 | +0.000 / -0.020 |" in text
+    assert "survival c_index +0.025 ± 0.007" in text  # paired: +0.02 and +0.03
+    assert "baseline: personalised minus global" in text and "grade auc_macro +0.020 ± 0.000 (met)" in text
+
+
+def test_the_tuning_seed_spread_pairs_candidates_per_seed():
+    rows = [{"fold": 0, "candidate": c, "seed": s, "pooled_last": v}
+            for c, vals in (("30 rounds", (0.78, 0.80, 0.76)), ("45 rounds", (0.80, 0.81, 0.79))) for s, v in enumerate(vals)]
+    lines = bench_gbmlgg.seed_spread_lines(rows)
+    assert "- fold 0, 30 rounds: 0.780 ± 0.020 over seeds [0, 1, 2] (0.780, 0.800, 0.760)" in lines
+    assert lines[-1].endswith("minus 30 rounds: +0.020 ± 0.010")
+    assert bench_gbmlgg.seed_spread_lines(rows[:1] + rows[3:4]) == []  # one seed: no spread
+    args = bench_gbmlgg._parser().parse_args(["--tune", "--seeds", "0", "1", "2"])
+    assert args.seeds == [0, 1, 2]
+
+
+def test_a_tuning_json_renders_into_its_section_with_the_seed_spread(tmp_path):
+    rows = [{"fold": 0, "candidate": c, "seed": s, "best": 0.7, "best_round": 30, "last5_mean": 0.7,
+             "pooled_last": v, "seconds": 1.0, "load": 1.0}
+            for c, vals in (("a", (0.78, 0.80)), ("b", (0.80, 0.81))) for s, v in enumerate(vals)]
+    (tmp_path / "tuning.json").write_text(json.dumps(rows))
+    doc = tmp_path / "b.md"
+    args = bench_gbmlgg._parser().parse_args(["--tune", "--seeds", "0", "1", "--candidates", "fedavg, cosine",
+                                              "--render", str(tmp_path / "tuning.json"), "--write", str(doc),
+                                              "--section", "## Seeds"])
+    assert bench_gbmlgg.render(args) == 0
+    text = doc.read_text()
+    assert "--seeds 0 1" in text and "| 0 | b (seed 1) |" in text and "minus a: +0.015 ± 0.007" in text

@@ -172,7 +172,8 @@ def test_personalisation_sends_no_weights_back(fedopt_run):
     for m in replies:
         assert not m.content.array_records and set(m.content.keys()) == {"report"}
         report = json.loads(str(m.content["report"]["json"]))
-        assert set(report) == {"site", "n", "n_train", "epochs", "global", "personalised", "seconds"}
+        assert set(report) == {"site", "n", "n_train", "epochs", "heads", "guard", "global", "personalised", "seconds"}
+        assert set(report["guard"]) == {"inner_train", "inner_val", "notes"}  # counts and reasons, no values
 
 
 def test_personal_parameters_are_the_heads(tiny_cohort_dir):

@@ -320,6 +320,7 @@ REPLY_FIELDS = {
                  r"report\.json\.tasks\.\w+\.\w+\." + METRIC_FIELDS,
                  r"report\.json\.tasks\.\w+\.confusion_matrix\.value\[\]\[\]"],
     "query.personalise": [r"report\.json\.(site|n|n_train|suppressed|skipped|epochs|seconds)",
+                          r"report\.json\.heads\.\w+", r"report\.json\.guard\.(inner_train|inner_val|notes\[\])",
                           r"report\.json\.(global|personalised)\.loss",
                           r"report\.json\.(global|personalised)\.tasks\.\w+\.(error|n)",
                           r"report\.json\.(global|personalised)\.tasks\.\w+\.\w+\." + METRIC_FIELDS,
@@ -351,6 +352,7 @@ def check_allowlisted(audit):
         ".group_sizes": {len(sizes)}, ".subtypes": {n_sub}, ".grades": {n_grade},
         ".subtype_counts": {n_sub}, ".grade_counts": {n_grade}, ".survival_hist": {len(survival_grid()) - 1},
         ".genomic_count": {n_genes}, ".genomic_sum": {n_genes}, ".genomic_sumsq": {n_genes}, ".releases": {1, 2},
+        ".guard.notes": {0, 1},  # personalisation: why the heads stayed global (one reason at most)
         ".tasks.grade.confusion_matrix.value": {n_grade}, ".tasks.grade.confusion_matrix.value[]": {n_grade},
         ".tasks.subtype.confusion_matrix.value": {n_sub}, ".tasks.subtype.confusion_matrix.value[]": {n_sub},
     }

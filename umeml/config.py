@@ -247,6 +247,32 @@ DEFAULT_SERVER_LR = {"fedadam": 0.01, "fedyogi": 0.01, "fedavgm": 1.0}
 
 
 @dataclass(frozen=True)
+class PersonalisationConfig:
+    """How a training site decides what to personalise (``federation.personalise_epochs`` > 0).
+
+    With ``guard`` (the default) the decision never reads the site's validation split (that split
+    is the measurement): the site splits its training patients once more (``inner_fraction`` to an
+    inner validation, stratified by subtype, seeded), fine-tunes the heads on the inner-train part
+    for up to ``personalise_epochs`` epochs, and keeps a task's personalised head only when some
+    epoch lowered that task's inner-validation loss (the epoch with the lowest is the count); the
+    kept heads are then refitted on the whole training split for their counts, the others stay
+    global. An inner validation below ``min_inner_patients`` (or an inner train below it) keeps
+    every head global; the survival head stays global with fewer than ``min_inner_events`` deaths
+    in the inner validation. ``criterion: loss_and_metric`` also asks that the task's primary
+    metric on the inner validation be no lower. ``guard: false``: every head fine-tuned for
+    ``personalise_epochs``.
+    """
+
+    guard: bool = True
+    inner_fraction: float = field(default=0.25, metadata=_range(0.0, 0.9, lo_open=True))
+    min_inner_patients: int = field(default=10, metadata=_range(1))
+    min_inner_events: int = field(default=5, metadata=_range(1))
+    # "loss": a head is kept when fine-tuning lowers its task's inner-validation loss; "loss_and_metric":
+    # and the task's primary metric (AUC, c-index) on the inner validation is no lower than the global head's
+    criterion: Literal["loss", "loss_and_metric"] = "loss"
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """Federated rounds: strategy, which sites train, how often held-out sites evaluate."""
 
@@ -295,6 +321,8 @@ class FederationConfig:
     # personalisation wave after the last round: epochs of head fine-tuning at each training site
     # on its own training split, global vs personalised on its own validation (metrics only); 0: none
     personalise_epochs: int = field(default=0, metadata=_range(0))
+    # what each site personalises, decided on an inner split of its training patients (PersonalisationConfig)
+    personalisation: PersonalisationConfig = field(default_factory=PersonalisationConfig)
     # epsilon of the two-sided geometric noise each site adds to its preprocessing survival
     # histogram; None sends exact counts (a patient's survival time to within one grid cell)
     survival_hist_epsilon: float | None = field(default=1.0, metadata=_range(0.0, lo_open=True))

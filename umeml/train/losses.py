@@ -119,14 +119,19 @@ def task_loss(
     class_weights = class_weights or {}
     total = output.aux_loss
     for task in tasks:
-        if task not in output.logits:
-            raise KeyError(f"the model has no head for task {task!r} (heads: {sorted(output.logits)})")
-        logits = output.logits[task]
-        if task == "survival":
-            part = survival_nll(logits, batch.survival_bin, batch.censorship, survival_alpha)
-        elif task in _TARGETS:
-            part = weighted_cross_entropy(logits, getattr(batch, _TARGETS[task]), class_weights.get(task))
-        else:
-            raise ValueError(f"unknown task {task!r}")
-        total = total + part.to(total.dtype)
+        total = total + single_task_loss(output, batch, task, class_weights.get(task), survival_alpha).to(total.dtype)
     return total
+
+
+def single_task_loss(output, batch, task: str, class_weight: torch.Tensor | None = None,
+                     survival_alpha: float = 0.15) -> torch.Tensor:
+    """Per-sample loss (B,) of one task's head, without ``output.aux_loss`` (the terms of
+    :func:`task_loss`, one at a time: a per-head decision reads its own head's loss)."""
+    if task not in output.logits:
+        raise KeyError(f"the model has no head for task {task!r} (heads: {sorted(output.logits)})")
+    logits = output.logits[task]
+    if task == "survival":
+        return survival_nll(logits, batch.survival_bin, batch.censorship, survival_alpha)
+    if task in _TARGETS:
+        return weighted_cross_entropy(logits, getattr(batch, _TARGETS[task]), class_weight)
+    raise ValueError(f"unknown task {task!r}")
