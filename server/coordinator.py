@@ -459,6 +459,11 @@ class Coordinator:
         for report in train_reports:  # validation reports are recorded with the round whose weights they score
             report.pop("validation", None)
         if len(accepted) >= self.cfg.federation.min_train_sites:
+            # in site order, not arrival order: float sums of 3+ updates depend on their order, and
+            # replies arrive as sites finish (Flower also shuffles the nodes it samples), so a
+            # rerun with the same seed would not give the same weights
+            accepted.sort(key=lambda reply: str(self.nodes.get(reply.metadata.src_node_id, {}).get(
+                "site", reply.metadata.src_node_id)))
             prepare_aggregation(strategy, accepted)
             new_arrays, _ = strategy.aggregate_train(rnd, complete_replies(accepted, arrays))
             if new_arrays is not None:

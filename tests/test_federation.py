@@ -1,6 +1,7 @@
 """Coordinator + ClientApp handlers over an in-process grid: protocol, faults, validation, resume."""
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -236,3 +237,42 @@ def test_a_run_naming_no_held_out_site_holds_out_split_n_test_sites_as_a_simulat
     joined = {101: {"site": "A0", "n_patients": 20}, 102: {"site": "A1", "n_patients": 0}}
     assert held_out_by_rule(experiment(split={"n_test_sites": 0}), joined) == ((), "")
     assert held_out_by_rule(experiment(), {**joined, 103: {"site": "A2", "n_patients": 9}})[0] in {("A0",), ("A2",)}
+
+
+
+class OrderedGrid(LocalGrid):
+    """Replies come back in the messages' order or reversed (on a real SuperLink the site that
+    finishes first answers first, and Flower shuffles the nodes it samples); ``returned`` keeps
+    the order the coordinator saw."""
+
+    def __init__(self, *args, reverse: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reverse, self.returned = reverse, []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        replies = replies[::-1] if self.reverse else replies
+        self.returned.extend(replies)
+        return replies
+
+
+def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(tmp_path_factory, tmp_path):
+    # four sites, three training: float sums of three or more updates depend on their order
+    # (two terms commute), so a coordinator summing in arrival order gave run-to-run differences
+    data = tmp_path_factory.mktemp("synth4") / "four"
+    generate(SynthSpec(sites=4, patients=12, seed=3, feature_dim=16, median_patches=20, min_patches=4,
+                       max_patches=60), data)
+    sites = ("A0", "A1", "A2", "A3")
+    four = build_client_app(SimulatedSites(sites, CohortSource(data_dir=str(data))))
+    weights, orders = [], []
+    for name, reverse in (("in_order", False), ("reversed", True)):
+        grid = OrderedGrid(four, len(sites), reverse=reverse)
+        random.seed(0)  # Flower samples (orders) the training nodes with Python's random: the same order both runs
+        Coordinator(experiment(rounds=2), tmp_path / name, expected_sites=len(sites), held_out=("A3",),
+                    wait_timeout=5, printer=lambda s: None).run(grid)
+        orders.append([m.metadata.src_node_id for m in grid.returned if m.metadata.message_type == "train"])
+        weights.append(torch.load(tmp_path / name / "resume.pt", weights_only=True)["weights"])
+    assert orders[0][:3] == orders[1][:3][::-1] and len(set(orders[0][:3])) == 3  # the orders really differed
+    assert weights[0].keys() == weights[1].keys()
+    different = [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])]
+    assert not different, f"global weights depend on the replies' arrival order: {different[:5]}"
