@@ -11,7 +11,11 @@ same held-out site (chosen by the seed, 60 patients).
 - ``--ablations`` adds UMEML with one component switched off: ``model.use_modularity=false``,
   ``use_registers=false``, ``use_cross_attention=false`` (mean pooling instead), the single
   modalities ``modalities=[pathology]`` / ``[genomics]``, and mean pooling on pathology alone.
-- ``--ablations modularity cross-attention`` runs only the named ones (keys of ``ABLATION_KEYS``).
+- ``--ablations modularity cross-attention`` runs only the named ones (keys of ``ABLATION_KEYS``);
+  ``spatial``, ``spatial-pathology`` and ``spatial-mean`` add UMEML with ``model.spatial_context:
+  neighbours`` (multimodal, pathology alone, and with mean pooling); such a run writes its own
+  ``### Spatial context ...`` subsection of the clustered section and reports the paired
+  differences of ``SPATIAL_PAIRS`` (the goal: ``umeml +spatial`` > mean pooling by the seed sd).
 - ``--clustered [mosaic|foci]`` generates the cohorts with spatially clustered morphotypes
   (``SynthSpec.clustered``; ``clustered_variant`` "mosaic", the default, a tumour/background
   mosaic, or "foci", a biopsy with 2-10% tumour in compact foci and necrotic cores in grade IV;
@@ -59,11 +63,23 @@ ABLATIONS = {
     "umeml genomics only": ("umeml", {"modalities": ("genomics",)}),
     # the pooling question without the genomic signal both variants share
     "umeml -cross-attention pathology only": ("umeml", {"use_cross_attention": False, "modalities": ("pathology",)}),
+    # spatial context from the bags' coords (model.spatial_context, umeml/model/spatial.py)
+    "umeml +spatial": ("umeml", {"spatial_context": "neighbours"}),
+    "umeml +spatial pathology only": ("umeml", {"spatial_context": "neighbours", "modalities": ("pathology",)}),
+    "umeml +spatial -cross-attention": ("umeml", {"spatial_context": "neighbours", "use_cross_attention": False}),
 }
 ABLATION_KEYS = {"modularity": "umeml -modularity", "registers": "umeml -registers",
                  "cross-attention": "umeml -cross-attention", "pathology": "umeml pathology only",
-                 "genomics": "umeml genomics only", "pathology-mean": "umeml -cross-attention pathology only"}
+                 "genomics": "umeml genomics only", "pathology-mean": "umeml -cross-attention pathology only",
+                 "spatial": "umeml +spatial", "spatial-pathology": "umeml +spatial pathology only",
+                 "spatial-mean": "umeml +spatial -cross-attention"}
 MEAN_POOLING = "umeml -cross-attention"
+SPATIAL = "umeml +spatial"
+# (model, baseline) pairs whose paired differences a spatial-context run reports, beyond the goal's
+SPATIAL_PAIRS = ((SPATIAL, MEAN_POOLING), (SPATIAL, "umeml"),
+                 ("umeml +spatial pathology only", "umeml -cross-attention pathology only"),
+                 ("umeml +spatial pathology only", "umeml pathology only"),
+                 ("umeml +spatial -cross-attention", MEAN_POOLING))
 FEDERATED = "umeml federated (FedAvg)"
 SITE_ORACLE = "oracle, held-out site"
 
@@ -316,23 +332,39 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def pooling_goal(results: dict) -> str:
-    """The clustered cohort's goal: UMEML's mean minus mean pooling's, per task, against the
-    seed sd of both models (met when the gain exceeds both) and the sd of the paired gain."""
-    if "umeml" not in results or MEAN_POOLING not in results:
-        return ""
+def paired_gain(results: dict, model: str, baseline: str) -> list[str]:
+    """Per task: ``model``'s mean minus ``baseline``'s over their common seeds, both models' seed
+    sd and the sd of the paired per-seed differences; "met" when the gain exceeds both seed sds."""
     parts = []
     for task, _ in METRICS:
-        seeds = [k for k, v in results["umeml"].items()
-                 if v.get(task) is not None and results[MEAN_POOLING].get(k, {}).get(task) is not None]
+        seeds = [k for k, v in results[model].items()
+                 if v.get(task) is not None and results[baseline].get(k, {}).get(task) is not None]
         if len(seeds) < 2:
             continue
-        a = np.array([results["umeml"][k][task] for k in seeds])
-        b = np.array([results[MEAN_POOLING][k][task] for k in seeds])
+        a = np.array([results[model][k][task] for k in seeds])
+        b = np.array([results[baseline][k][task] for k in seeds])
         gain, sd = float(a.mean() - b.mean()), max(float(a.std()), float(b.std()))
-        parts.append(f"{task}: {gain:+.3f} (seed sd {a.std():.3f} / {b.std():.3f}, paired sd {(a - b).std():.3f}; "
-                     f"{'met' if gain > sd else 'not met'})")
-    return "Goal UMEML > mean pooling by more than the seed sd: " + "; ".join(parts)
+        parts.append(f"{task}: {gain:+.3f} (seed sd {a.std():.3f} / {b.std():.3f}, paired sd {(a - b).std():.3f}, "
+                     f"ahead in {int((a > b).sum())} of {len(seeds)} seeds; {'met' if gain > sd else 'not met'})")
+    return parts
+
+
+def pooling_goal(results: dict) -> str:
+    """The clustered cohort's goal: UMEML's mean minus mean pooling's, per task, against the
+    seed sd of both models (met when the gain exceeds both) and the sd of the paired gain; with
+    the spatial-context variants, the same for each pair of ``SPATIAL_PAIRS`` present."""
+    if MEAN_POOLING not in results:
+        return ""
+    lines = []
+    if "umeml" in results:
+        lines.append("Goal UMEML > mean pooling by more than the seed sd: "
+                     + "; ".join(paired_gain(results, "umeml", MEAN_POOLING)))
+    for model, baseline in SPATIAL_PAIRS:
+        if model in results and baseline in results:
+            goal = "Goal " if (model, baseline) == (SPATIAL, MEAN_POOLING) else ""
+            lines.append(f"{goal}`{model}` - `{baseline}` (> the seed sd?): "
+                         + "; ".join(paired_gain(results, model, baseline)))
+    return "\n\n".join(lines)
 
 
 COHORTS = {
@@ -387,6 +419,16 @@ def clustered_body(path: Path, body: str, epochs: int | None, tumour_fraction: t
         subs[heading] = heading + "\n\n" + body
     order = sorted(subs, key=lambda h: h.startswith(PREVIOUS))
     return "\n\n".join([main] * bool(main) + [subs[h] for h in order])
+
+
+def spatial_heading(variant: str, results: dict, epochs: int | None, tumour_fraction: tuple | None) -> str | None:
+    """A run with a spatial-context variant writes its own subsection (never the section's main
+    text, whose figures predate the option), named by cohort variant, tumour fraction and budget."""
+    if not any(name.startswith(SPATIAL) for name in results):
+        return None
+    return (f"### Spatial context (`model.spatial_context: neighbours`), {variant} cohort"
+            + (f", --tumour-fraction {tumour_fraction[0]:g} {tumour_fraction[1]:g}" if tumour_fraction else "")
+            + (f", --epochs {epochs}" if epochs else ""))
 
 
 def _command(args, ap) -> str:
@@ -449,7 +491,8 @@ def main(argv=None) -> int:
                 "patches" if args.clustered == "foci" else "regions")
         body += text
         if args.clustered:
-            body = clustered_body(args.write, body, args.epochs, args.tumour_fraction)
+            body = clustered_body(args.write, body, args.epochs, args.tumour_fraction,
+                                  heading=spatial_heading(args.clustered, results, args.epochs, args.tumour_fraction))
         write_section(args.write, TITLE_CLUSTERED if args.clustered else TITLE, body)
     return 0
 

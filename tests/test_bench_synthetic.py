@@ -38,3 +38,33 @@ def test_a_tumour_fraction_run_gets_its_own_subsection(tmp_path):
     text = path.read_text()
     assert "### Run with --tumour-fraction 0.1 0.25\n\nsweep" in text and "foci at 8 epochs" in text
     assert text.index("sweep") < text.index("### Previous generator")
+
+
+def test_a_spatial_run_gets_its_own_subsection_and_keeps_the_main_text(tmp_path):
+    from bench.bench_synthetic import spatial_heading
+
+    path = tmp_path / "b.md"
+    path.write_text(OLD)
+    assert spatial_heading("foci", {"umeml": {}, "umeml -cross-attention": {}}, None, None) is None
+    heading = spatial_heading("foci", {"umeml +spatial": {}}, 16, (0.1, 0.25))
+    assert heading == ("### Spatial context (`model.spatial_context: neighbours`), foci cohort, "
+                       "--tumour-fraction 0.1 0.25, --epochs 16")
+    write_section(path, TITLE_CLUSTERED, clustered_body(path, "spatial figures", None, heading=heading), when="today")
+    text = path.read_text()
+    assert "foci at 8 epochs" in text and f"{heading}\n\nspatial figures" in text
+    assert text.index("spatial figures") < text.index("### Previous generator")
+
+
+def test_paired_gain_against_the_seed_sd():
+    from bench.bench_synthetic import pooling_goal
+
+    seeds = range(4)
+    mean = {k: {"grade": 0.5 + 0.01 * k, "subtype": 0.6, "survival": None} for k in seeds}
+    spatial = {k: {"grade": 0.7 + 0.01 * k, "subtype": (0.56, 0.64, 0.6, 0.6)[k], "survival": None} for k in seeds}
+    text = pooling_goal({"umeml -cross-attention": mean, "umeml +spatial": spatial, "umeml": mean})
+    lines = text.split("\n\n")
+    assert lines[0].startswith("Goal UMEML > mean pooling") and "grade: +0.000" in lines[0]
+    goal = next(line for line in lines if line.startswith("Goal `umeml +spatial` - `umeml -cross-attention`"))
+    assert "grade: +0.200 (seed sd 0.011 / 0.011, paired sd 0.000, ahead in 4 of 4 seeds; met)" in goal
+    assert "subtype: +0.000 (seed sd 0.028 / 0.000, paired sd 0.028, ahead in 1 of 4 seeds; not met)" in goal
+    assert "survival" not in goal  # no seed had it

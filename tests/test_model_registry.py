@@ -35,6 +35,9 @@ VARIANTS = [(name, {}) for name in available_models()] + [
     ("late_fusion", {"fusion": "bilinear"}),
     ("linear", {"modalities": ("pathology",)}),
     ("linear", {"modalities": ("genomics",)}),
+    ("umeml", {"spatial_context": "neighbours"}),
+    ("umeml", {"spatial_context": "neighbours", "use_cross_attention": False, "spatial_radius": 2}),
+    ("umeml", {"spatial_context": "neighbours", "modalities": ("pathology",)}),
 ]
 IDS = [name + "".join(f"-{k}={v}" for k, v in extra.items()) for name, extra in VARIANTS]
 
@@ -56,8 +59,12 @@ def patients(n: int, seed: int = 0, sizes=None) -> list[PatientItem]:
     sizes = sizes or [int(torch.randint(1, 9, (1,), generator=g)) for _ in range(n)]
     out = []
     for m in sizes:
+        side = 3  # patches on a 3-wide grid of 224 px cells, in random order
+        cells = torch.randperm(m, generator=g)
+        coords = (torch.stack([cells % side, cells // side], dim=1) * 224 + 1000).numpy()
         out.append(
             PatientItem(
+                coords=coords,
                 features=torch.randn(m, D, generator=g).numpy(),
                 genomics=torch.randn(sum(GROUPS), generator=g).numpy(),
                 grade=0, subtype=1, survival_bin=2, survival_months=10.0, censorship=0,

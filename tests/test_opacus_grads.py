@@ -30,6 +30,8 @@ VARIANTS = [(name, {}) for name in available_models()] + [
     ("umeml", {"modalities": ("genomics",)}),
     ("late_fusion", {"fusion": "bilinear"}),
     ("linear", {"modalities": ("genomics",)}),
+    ("umeml", {"spatial_context": "neighbours"}),
+    ("umeml", {"spatial_context": "neighbours", "spatial_radius": 2, "use_cross_attention": False}),
 ]
 IDS = [name + "".join(f"-{k}={v}" for k, v in extra.items()) for name, extra in VARIANTS]
 
@@ -46,7 +48,11 @@ def make_batch() -> Batch:
     features[~has_path] = 0.0
     mask[~has_path] = False
     genomics = torch.randn(B, sum(GROUPS), generator=g, dtype=torch.float64) * has_gen[:, None]
+    # a 3 x 2 patch grid (256 px patches) per bag, in another order per bag; padding at (0, 0)
+    cells = torch.tensor([[0, 0], [1, 0], [2, 0], [0, 1], [1, 1], [2, 1]], dtype=torch.float64) * 256
+    coords = torch.stack([cells[torch.randperm(m, generator=g)] for _ in range(B)]) * mask[..., None]
     return Batch(
+        coords=coords,
         features=features,
         patch_mask=mask,
         genomics=genomics,
@@ -61,7 +67,7 @@ def make_batch() -> Batch:
 
 
 def select(batch: Batch, i: int) -> Batch:
-    return Batch(**{k: v[i : i + 1] for k, v in vars(batch).items()})
+    return Batch(**{k: None if v is None else v[i : i + 1] for k, v in vars(batch).items()})
 
 
 def per_sample_loss(model, batch: Batch) -> torch.Tensor:

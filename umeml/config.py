@@ -102,6 +102,11 @@ class ModelConfig:
     tau: float = field(default=0.1, metadata=_range(0.0, lo_open=True))
     modularity_block: int = field(default=1024, metadata=_range(1))
     modularity_max_patches: int | None = field(default=None, metadata=_range(2))
+    # spatial context from the bags' coords (umeml/model/spatial.py): "neighbours" adds the mean
+    # of each patch's grid neighbours within spatial_radius cells to its embedding; "none" never
+    # reads coords (the shipped default)
+    spatial_context: Literal["none", "neighbours"] = "none"
+    spatial_radius: int = field(default=1, metadata=_range(1, 4))
 
 
 @dataclass(frozen=True)
@@ -542,10 +547,26 @@ def _validate_semantics(obj: Any, path: str, source: str) -> None:
             raise ConfigError(f"{source}: {prefix}modalities: at least one modality is required")
         if len(set(obj.modalities)) != len(obj.modalities):
             raise ConfigError(f"{source}: {prefix}modalities: duplicate entries")
+        _check_spatial_context(obj, prefix, source)
     _validate_site_and_federation(obj, prefix, source)
     if isinstance(obj, TrainConfig):
         _check_trainable(obj.trainable, f"{prefix}trainable", source)
     _validate_labels(obj, prefix, source)
+
+
+def _check_spatial_context(model: "ModelConfig", prefix: str, source: str) -> None:
+    """spatial_context reads the patches' coords: only a model that implements it (UMEML's
+    pathology branch) may ask for it."""
+    if model.spatial_context == "none":
+        return
+    from umeml.model.registry import supports_spatial_context
+
+    if not supports_spatial_context(model.name):
+        raise ConfigError(f"{source}: {prefix}spatial_context: {model.spatial_context!r} is implemented for "
+                          f"model.name umeml only, not {model.name!r} (use 'none')")
+    if "pathology" not in model.modalities:
+        raise ConfigError(f"{source}: {prefix}spatial_context: {model.spatial_context!r} needs the pathology "
+                          "modality (it reads the patches' coords); use 'none' with modalities [genomics]")
 
 
 def _validate_site_and_federation(obj: Any, prefix: str, source: str) -> None:

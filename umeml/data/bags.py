@@ -132,8 +132,15 @@ def count_nonfinite(path: str | Path, chunk_rows: int = 8192) -> tuple[int, int 
 
 def read_coords(path: str | Path) -> np.ndarray:
     """Load a bag's patch coordinates (N x 2, level-0 pixels)."""
-    with h5py.File(Path(path), "r") as f:
-        return np.asarray(f["coords"][()])
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            coords = np.asarray(f["coords"][()])
+    except (OSError, KeyError, ValueError) as err:
+        raise BagError(f"{path}: cannot read coords ({err})") from err
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise BagError(f"{path}: 'coords' must be N x 2, has shape {coords.shape}")
+    return coords
 
 
 def write_bag(

@@ -22,7 +22,11 @@ class Batch:
     - ``has_path`` / ``has_genomics``: (B,) bool modality masks; a missing modality's tensors
       are zero and must be ignored by the model (it uses a learned missing-modality token);
     - ``grade``, ``subtype``, ``survival_bin``: (B,) int64 targets, -1 where unknown;
-    - ``survival_months``: (B,) float32; ``censorship``: (B,) int64 (1 = censored).
+    - ``survival_months``: (B,) float32; ``censorship``: (B,) int64 (1 = censored);
+    - ``coords``: (B, M, 2) float32 patch coordinates (level-0 pixels, zero where padded), or
+      None when a patient with patches came without them; only a model with
+      ``model.spatial_context`` reads them (slides of one patient never share a neighbourhood:
+      :func:`umeml.data.dataset.merge_slide_coords`).
     """
 
     features: torch.Tensor
@@ -35,17 +39,20 @@ class Batch:
     survival_bin: torch.Tensor
     survival_months: torch.Tensor
     censorship: torch.Tensor
+    coords: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.has_path.shape[0])
 
     def to(self, device: torch.device | str) -> "Batch":
         """Move every tensor to ``device``."""
-        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                        for f in fields(self)})
 
-    def model_inputs(self) -> tuple[torch.Tensor, ...]:
-        """Positional inputs of ``model.forward``: features, patch_mask, genomics, has_path, has_genomics."""
-        return (self.features, self.patch_mask, self.genomics, self.has_path, self.has_genomics)
+    def model_inputs(self) -> tuple[torch.Tensor | None, ...]:
+        """Positional inputs of ``model.forward``: features, patch_mask, genomics, has_path,
+        has_genomics, coords (None when the batch has none)."""
+        return (self.features, self.patch_mask, self.genomics, self.has_path, self.has_genomics, self.coords)
 
 
 @dataclass
@@ -59,6 +66,7 @@ class PatientItem:
     survival_bin: int
     survival_months: float
     censorship: int
+    coords: np.ndarray | None = None  # (N, 2) patch coordinates, rows aligned with features
 
 
 def collate(items: list[PatientItem], feature_dim: int, genomic_dim: int) -> Batch:
@@ -71,12 +79,20 @@ def collate(items: list[PatientItem], feature_dim: int, genomic_dim: int) -> Bat
     gen = torch.zeros(b, genomic_dim)
     has_path = torch.zeros(b, dtype=torch.bool)
     has_gen = torch.zeros(b, dtype=torch.bool)
+    coords = torch.zeros(b, m, 2)
+    all_coords = True
     for i, it in enumerate(items):
         if it.features is not None and it.features.shape[0] > 0:
             n = it.features.shape[0]
             feats[i, :n] = torch.from_numpy(it.features)
             mask[i, :n] = True
             has_path[i] = True
+            if it.coords is None:
+                all_coords = False
+            elif it.coords.shape != (n, 2):
+                raise ValueError(f"patient {i}: coords must be ({n}, 2) like its features, got {it.coords.shape}")
+            else:
+                coords[i, :n] = torch.from_numpy(np.asarray(it.coords, dtype=np.float32))
         if it.genomics is not None:
             gen[i] = torch.from_numpy(it.genomics)
             has_gen[i] = True
@@ -95,4 +111,5 @@ def collate(items: list[PatientItem], feature_dim: int, genomic_dim: int) -> Bat
         survival_bin=ints("survival_bin"),
         survival_months=torch.tensor([it.survival_months for it in items], dtype=torch.float32),
         censorship=ints("censorship"),
+        coords=coords if all_coords else None,
     )

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from umeml.data.bags import read_features
+from umeml.data.bags import BagError, read_coords, read_features
 from umeml.data.batch import PatientItem, collate
 from umeml.data.cohort import Cohort
 from umeml.data.labels import survival_bins
@@ -47,6 +47,23 @@ def genomic_moments(cohort: Cohort, indices: np.ndarray) -> tuple[np.ndarray, np
     rows = cohort.genomics[idx][cohort.has_genomics[idx]].astype(np.float64)
     count = np.full(cohort.genomics.shape[1], float(len(rows)))
     return count, rows.sum(axis=0), (rows**2).sum(axis=0)
+
+
+SLIDE_GAP = 2**16  # level-0 pixels between a patient's slides once merged (far beyond any neighbourhood)
+
+
+def merge_slide_coords(parts: list[np.ndarray]) -> np.ndarray:
+    """One patient's slides' coords as one (N, 2) float array in which no patch of one slide lies
+    near a patch of another: each slide is shifted along x past the previous one by ``SLIDE_GAP``
+    (a model with spatial context must never take two slides' patches for neighbours)."""
+    out, start = [], 0.0
+    for coords in parts:
+        c = np.asarray(coords, dtype=np.float64)
+        if len(c):
+            c = c - np.array([c[:, 0].min() - start, 0.0])
+            start = float(c[:, 0].max()) + SLIDE_GAP
+        out.append(c)
+    return np.concatenate(out, axis=0) if out else np.zeros((0, 2))
 
 
 class CohortDataset(Dataset):
@@ -96,16 +113,23 @@ class CohortDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def _features(self, i: int, position: int) -> np.ndarray | None:
+    def _features(self, i: int, position: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The patient's patch features and their coords (slides merged, training subsample)."""
         files = self.cohort.bag_files(i) if self.use_pathology else []
         if not files:
-            return None
+            return None, None
         rng = np.random.default_rng([self.seed, self.epoch, position])
         parts = [read_features(f) for f in files]
         feats = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+        coord_parts = [read_coords(f) for f in files]
+        for f, p, c in zip(files, parts, coord_parts):
+            if len(c) != len(p):
+                raise BagError(f"{f}: 'features' has {len(p)} rows but 'coords' has {len(c)}")
+        coords = merge_slide_coords(coord_parts).astype(np.float32)
         if self.max_patches is not None and feats.shape[0] > self.max_patches:
-            feats = feats[np.sort(rng.choice(feats.shape[0], self.max_patches, replace=False))]
-        return feats
+            keep = np.sort(rng.choice(feats.shape[0], self.max_patches, replace=False))
+            feats, coords = feats[keep], coords[keep]
+        return feats, coords
 
     def __getitem__(self, position: int) -> PatientItem:
         i = int(self.indices[position])
@@ -114,8 +138,10 @@ class CohortDataset(Dataset):
         genomics = None
         if self.use_genomics and c.has_genomics[i]:
             genomics = c.genomics[i] if self.scaler is None else self.scaler.transform(c.genomics[i])
+        features, coords = self._features(i, position)
         return PatientItem(
-            features=self._features(i, position),
+            features=features,
+            coords=coords,
             genomics=genomics,
             grade=c.grade_index(i),
             subtype=c.subtype_index(i),

@@ -43,7 +43,7 @@ class ABMILBranch(nn.Module):
 
     def forward(self, features, patch_mask, has_path) -> tuple[torch.Tensor, torch.Tensor]:
         """Bag vectors (B, d) (missing token where no pathology) and attention weights (B, M)."""
-        features, patch_mask = ensure_patch_axis(features, patch_mask)
+        features, patch_mask, _ = ensure_patch_axis(features, patch_mask)
         valid = patch_mask.bool() & has_path.bool()[:, None]
         ok = valid.any(dim=1)
         h = self.proj(features)
@@ -86,7 +86,7 @@ class ABMIL(nn.Module):
         self.rho = nn.Sequential(nn.Linear(d, d), nn.ReLU(), dropout(cfg.dropout))
         self.heads = TaskHeads(d, heads)
 
-    def forward(self, features, patch_mask, genomics, has_path, has_genomics) -> ModelOutput:
+    def forward(self, features, patch_mask, genomics, has_path, has_genomics, coords=None) -> ModelOutput:
         """See :class:`umeml.model.UMEML`; ``attention['patch']`` holds the MIL weights."""
         z, weights = self.branch(features, patch_mask, has_path)
         return ModelOutput(
@@ -105,7 +105,7 @@ class SNN(nn.Module):
         self.branch = SNNBranch(group_sizes, cfg)
         self.heads = TaskHeads(cfg.hidden_dim, heads)
 
-    def forward(self, features, patch_mask, genomics, has_path, has_genomics) -> ModelOutput:
+    def forward(self, features, patch_mask, genomics, has_path, has_genomics, coords=None) -> ModelOutput:
         """See :class:`umeml.model.UMEML`."""
         z = self.branch(genomics, has_genomics)
         return ModelOutput(logits=self.heads(z), aux_loss=_zeros(has_genomics, z.dtype))
@@ -126,7 +126,7 @@ class LateFusion(nn.Module):
             self.fusion = ConcatFusion([d, d], d, cfg.dropout)
         self.heads = TaskHeads(d, heads)
 
-    def forward(self, features, patch_mask, genomics, has_path, has_genomics) -> ModelOutput:
+    def forward(self, features, patch_mask, genomics, has_path, has_genomics, coords=None) -> ModelOutput:
         """See :class:`umeml.model.UMEML`."""
         zp, weights = self.path(features, patch_mask, has_path)
         zg = self.gen(genomics, has_genomics)
@@ -173,11 +173,11 @@ class LinearBaseline(nn.Module):
             width += sum(group_sizes)
         self.heads = TaskHeads(width, heads)
 
-    def forward(self, features, patch_mask, genomics, has_path, has_genomics) -> ModelOutput:
+    def forward(self, features, patch_mask, genomics, has_path, has_genomics, coords=None) -> ModelOutput:
         """See :class:`umeml.model.UMEML`."""
         parts = []
         if self.use_path:
-            features, patch_mask = ensure_patch_axis(features, patch_mask)
+            features, patch_mask, _ = ensure_patch_axis(features, patch_mask)
             valid = patch_mask.bool() & has_path.bool()[:, None]
             z = masked_mean(features, valid)
             parts.append(torch.where(valid.any(dim=1)[:, None], z, self.missing_path(has_path)[:, 0]))

@@ -2,8 +2,10 @@
 
 Configurations choose a model by its registered name (``model.name``), never by a dotted import
 path. Every builder has the signature ``(cfg, feature_dim, group_sizes, heads) -> nn.Module``
-and returns a module whose ``forward(features, patch_mask, genomics, has_path, has_genomics)``
-gives a :class:`~umeml.model.blocks.ModelOutput`.
+and returns a module whose ``forward(features, patch_mask, genomics, has_path, has_genomics,
+coords=None)`` gives a :class:`~umeml.model.blocks.ModelOutput` (``Batch.model_inputs()`` in that
+order). A model that reads ``coords`` (``model.spatial_context``) says so with a class attribute
+``supports_spatial_context = True``; asking another model for spatial context is a config error.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from umeml.config import ModelConfig, config_to_dict
 from umeml.errors import ConfigError
 from umeml.registry import Registry
 
-__all__ = ["available_models", "build_model", "register_model"]
+__all__ = ["available_models", "build_model", "register_model", "supports_spatial_context"]
 
 _MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
@@ -33,6 +35,11 @@ def register_model(name: str) -> Callable:
 def available_models() -> tuple[str, ...]:
     """Names of the registered models, sorted."""
     return _MODELS.names()
+
+
+def supports_spatial_context(name: str) -> bool:
+    """Whether the registered model ``name`` reads ``coords`` with ``model.spatial_context``."""
+    return name in _MODELS and bool(getattr(_MODELS[name], "supports_spatial_context", False))
 
 
 def build_model(
@@ -55,6 +62,9 @@ def build_model(
     if any(g < 1 for g in group_sizes):
         raise ValueError(f"every gene group needs at least one feature, got sizes {group_sizes}")
     heads = {str(k): int(v) for k, v in heads.items()}
+    if cfg.spatial_context != "none" and not supports_spatial_context(cfg.name):
+        raise ConfigError(f"model.spatial_context: {cfg.spatial_context!r} is not implemented for model "
+                          f"{cfg.name!r} (use 'none', or model.name umeml)")
     model = _MODELS[cfg.name](cfg, feature_dim, group_sizes, heads)
     model.build_spec = {
         "config": config_to_dict(cfg),

@@ -26,6 +26,10 @@ Choices where the design is silent (documented here; the README should point to 
   to uniform; the prototypes stay distinct learned vectors, so S^p and L_mod remain defined.
 - Single modality: the other encoder is not built and its input is never read; the decoder runs
   on the remaining tokens (plus registers) and a one-input concat-MLP replaces the fusion.
+- ``spatial_context="neighbours"``: each patch embedding gets its grid neighbours' mean
+  (``umeml/model/spatial.py``) right after the projection, so the prototypes' cross-attention
+  (or the mean-pool ablation), the assignments S^p and the modularity graph all see the
+  context-aware H; the forward then needs ``coords`` for every batch with pathology.
 - ``aux_loss`` is computed in train and eval mode (exact full bag in eval; the optional random
   patch subsample ``modularity_max_patches`` applies in training only).
 """
@@ -52,16 +56,19 @@ from umeml.model.blocks import (
 )
 from umeml.model.modularity import modularity_loss, soft_assignments
 from umeml.model.registry import register_model
+from umeml.model.spatial import SpatialContext
 
 __all__ = ["GenomicEncoder", "PathologyEncoder", "UMEML", "ensure_patch_axis", "split_groups"]
 
 
-def ensure_patch_axis(features: torch.Tensor, patch_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Give a batch with M = 0 one masked zero patch, so attention kernels see a valid shape."""
+def ensure_patch_axis(features: torch.Tensor, patch_mask: torch.Tensor, coords: torch.Tensor | None = None):
+    """Give a batch with M = 0 one masked zero patch, so attention kernels see a valid shape;
+    returns ``(features, patch_mask, coords)`` (``coords`` None stays None)."""
     if features.shape[1] > 0:
-        return features, patch_mask
+        return features, patch_mask, coords
     b, _, dim = features.shape
-    return features.new_zeros(b, 1, dim), patch_mask.new_zeros(b, 1)
+    coords = None if coords is None else coords.new_zeros(b, 1, 2)
+    return features.new_zeros(b, 1, dim), patch_mask.new_zeros(b, 1), coords
 
 
 def split_groups(genomics: torch.Tensor, group_sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
@@ -81,6 +88,7 @@ class PathologyEncoder(nn.Module):
         super().__init__()
         d = cfg.hidden_dim
         self.proj = nn.Sequential(nn.Linear(feature_dim, d), nn.ReLU(), dropout(cfg.dropout))
+        self.spatial = SpatialContext(d, cfg.spatial_radius) if cfg.spatial_context == "neighbours" else None
         # Unit-scale prototypes: they must be distinct directions for the cosine assignments and
         # of the same scale as the LayerNorm-ed updates added to them.
         self.prototypes = LearnedTokens(cfg.n_prototypes, d, std=1.0)
@@ -95,9 +103,15 @@ class PathologyEncoder(nn.Module):
         self.cls = LearnedTokens(1, d)
         self.self_attn = SelfAttentionLayer(d, cfg.n_heads, cfg.dropout, cfg.drop_path)
 
-    def encode(self, features: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, features: torch.Tensor, valid: torch.Tensor,
+               coords: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """H (B,M,d) and prototypes after the cross-attention blocks (B,K,d)."""
         h = self.proj(features)
+        if self.spatial is not None:
+            if coords is None:
+                raise ValueError("model.spatial_context 'neighbours' needs the patches' coords "
+                                 "(Batch.coords, read from the bags' 'coords' dataset)")
+            h = self.spatial(h, coords, valid)
         p = self.prototypes(valid)
         if self.blocks is not None:
             keys = safe_key_mask(valid)
@@ -107,9 +121,9 @@ class PathologyEncoder(nn.Module):
             p = p + self.pool_norm(self.pool_proj(masked_mean(h, valid))).unsqueeze(1)
         return h, p
 
-    def forward(self, features: torch.Tensor, valid: torch.Tensor):
+    def forward(self, features: torch.Tensor, valid: torch.Tensor, coords: torch.Tensor | None = None):
         """Returns tokens [t_p; P] after self-attention (B,1+K,d), H and the prototypes P."""
-        h, p = self.encode(features, valid)
+        h, p = self.encode(features, valid, coords)
         tokens = self.self_attn(torch.cat([self.cls(valid), p], dim=1))
         return tokens, h, p
 
@@ -141,9 +155,12 @@ class GenomicEncoder(nn.Module):
 class UMEML(nn.Module):
     """Unified multimodal model with prototypes, registers and the modularity loss.
 
-    ``forward(features (B,M,D), patch_mask (B,M), genomics (B,G), has_path (B,), has_genomics (B,))``
-    -> :class:`ModelOutput` with ``aux_loss = gamma * L_mod`` per bag.
+    ``forward(features (B,M,D), patch_mask (B,M), genomics (B,G), has_path (B,), has_genomics (B,),
+    coords (B,M,2) | None)`` -> :class:`ModelOutput` with ``aux_loss = gamma * L_mod`` per bag;
+    ``coords`` is read only with ``spatial_context="neighbours"``.
     """
+
+    supports_spatial_context = True  # reads coords with cfg.spatial_context (umeml/model/spatial.py)
 
     def __init__(self, cfg: ModelConfig, feature_dim: int, group_sizes: tuple[int, ...], heads: dict[str, int]):
         super().__init__()
@@ -192,16 +209,16 @@ class UMEML(nn.Module):
             normalized=True,
         )
 
-    def forward(self, features, patch_mask, genomics, has_path, has_genomics) -> ModelOutput:
+    def forward(self, features, patch_mask, genomics, has_path, has_genomics, coords=None) -> ModelOutput:
         """See the class docstring; B may be 0."""
         cfg = self.cfg
         ref = has_path  # any (B,) tensor: tells the token modules the batch size
         seq = []
         if self.use_path:
-            features, patch_mask = ensure_patch_axis(features, patch_mask)
+            features, patch_mask, coords = ensure_patch_axis(features, patch_mask, coords)
             valid = patch_mask.bool() & has_path.bool()[:, None]
             path_ok = valid.any(dim=1)
-            tp, h, p = self.path(features, valid)
+            tp, h, p = self.path(features, valid, coords)
             tp = torch.where(path_ok[:, None, None], tp, self.missing_path(ref))
             seq.append(tp)
         if self.registers is not None:
@@ -235,14 +252,16 @@ class UMEML(nn.Module):
             aux = cfg.gamma * self.compute_modularity(hn, s_p, s_g, beta, valid)
         return ModelOutput(logits=logits, aux_loss=aux)
 
-    def patch_assignments(self, features: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+    def patch_assignments(self, features: torch.Tensor, patch_mask: torch.Tensor,
+                          coords: torch.Tensor | None = None) -> torch.Tensor:
         """Soft assignment S^p (B, K, M) of every patch to the K prototypes (for heatmaps).
 
         Padded patches get all-zero columns. Call under ``torch.no_grad()`` for inference.
+        ``coords`` (B, M, 2) is needed with ``spatial_context="neighbours"``.
         """
         if not self.use_path:
             raise ValueError("this UMEML model has no pathology branch")
-        features, patch_mask = ensure_patch_axis(features, patch_mask)
+        features, patch_mask, coords = ensure_patch_axis(features, patch_mask, coords)
         valid = patch_mask.bool()
-        h, p = self.path.encode(features, valid)
+        h, p = self.path.encode(features, valid, coords)
         return soft_assignments(h, p, self.cfg.tau, valid)

@@ -55,8 +55,9 @@ def read_bag(path: str | Path) -> tuple[np.ndarray, np.ndarray, float]:
     return features, coords, _patch_size_level0(path, attrs, coords)
 
 
-def prototype_assignments(model: torch.nn.Module, features: np.ndarray) -> np.ndarray:
-    """(K, M) soft assignment of every patch to each prototype, from the model's pathology branch."""
+def prototype_assignments(model: torch.nn.Module, features: np.ndarray, coords: np.ndarray | None = None) -> np.ndarray:
+    """(K, M) soft assignment of every patch to each prototype, from the model's pathology branch
+    (``coords`` (M, 2) are read by a model with ``model.spatial_context``)."""
     if not hasattr(model, "patch_assignments"):
         raise ValueError(f"model {type(model).__name__} has no prototypes (a heatmap needs a UMEML checkpoint)")
     expected = model.path.proj[0].in_features if getattr(model, "use_path", False) else None
@@ -65,7 +66,8 @@ def prototype_assignments(model: torch.nn.Module, features: np.ndarray) -> np.nd
     x = torch.from_numpy(features)[None]
     mask = torch.ones(1, len(features), dtype=torch.bool)
     with torch.no_grad():
-        return model.patch_assignments(x, mask)[0].float().numpy()
+        xy = None if coords is None else torch.from_numpy(np.asarray(coords, dtype=np.float32))[None]
+        return model.patch_assignments(x, mask, xy)[0].float().numpy()
 
 
 def prototype_heatmap(slide_path: str | Path, bag_path: str | Path, checkpoint: str | Path) -> Figure:
@@ -78,7 +80,7 @@ def prototype_heatmap(slide_path: str | Path, bag_path: str | Path, checkpoint: 
         raise ValueError("a slide heatmap needs openslide: pip install -e '.[extract]'") from err
     features, coords, patch = read_bag(bag_path)
     model, _ = load(checkpoint)
-    assign = prototype_assignments(model, features)
+    assign = prototype_assignments(model, features, coords)
     try:
         with openslide.OpenSlide(str(slide_path)) as slide:
             width, height = slide.dimensions
