@@ -96,6 +96,13 @@ def dp_train_settings(cfg: ExperimentConfig) -> TrainConfig:
     return replace(cfg.train, optimizer="sgd", lr=recipe.lr, momentum=recipe.momentum, weight_decay=0.0)
 
 
+def dp_clip_groups(cfg: ExperimentConfig) -> str:
+    """How DP-SGD clips per sample: the recipe's ``clip_groups`` when ``federation.dp_recipe.enabled``,
+    else ``"joint"`` (one norm, as Opacus). Either way the sensitivity is ``max_grad_norm``."""
+    recipe = cfg.federation.dp_recipe
+    return recipe.clip_groups if recipe.enabled else "joint"
+
+
 @dataclass
 class SiteRuntime:
     """One site's data and the operations the coordinator may ask of it."""
@@ -370,7 +377,7 @@ class SiteRuntime:
                  "status": "trained" if allowed == planned else ("partial" if allowed else "budget_spent"),
                  "sample_rate": q, "noise_multiplier": nm, "steps": int(allowed), "max_grad_norm": dp.max_grad_norm,
                  "epsilon": eps, "epsilon_total": total, "delta": dp.delta, "accountant": dp.accountant,
-                 "target_epsilon": dp.target_epsilon, "budget_scope": dp.budget_scope,
+                 "target_epsilon": dp.target_epsilon, "budget_scope": dp.budget_scope, "clip_groups": dp_clip_groups(cfg),
                  "cumulative_steps": int(sum(steps for _, _, steps in history) + allowed)}
         return entry, allowed, planned, spe
 
@@ -401,7 +408,8 @@ class SiteRuntime:
             sample_rate=entry["sample_rate"], noise_multiplier=entry["noise_multiplier"],
             max_grad_norm=dp.max_grad_norm, steps=allowed, steps_per_epoch=spe, proximal_mu=proximal_mu,
             seed=None if self.dp_seed is None else self.dp_seed + server_round,
-            num_workers=cfg.train.num_workers, on_epoch=lambda e: ds.set_epoch(server_round * 1000 + e))
+            num_workers=cfg.train.num_workers, on_epoch=lambda e: ds.set_epoch(server_round * 1000 + e),
+            clip_groups=entry["clip_groups"])
         ledger.append(entry)  # before the update leaves the site
         new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         metrics = {"train_loss": stats["loss"], "num-examples": n_train, "steps": stats["steps"],
