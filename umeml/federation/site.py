@@ -35,7 +35,7 @@ from umeml.federation.scaffold import ControlExchange, ControlVariateStore, Scaf
 from umeml.federation.schedule import OptimizerStore
 from umeml.federation.stats_release import check_budget_room, check_cap, private_statistics
 from umeml.model.parts import apply_trainable
-from umeml.train.dp import resolve_dp, train_dp_steps, train_poisson_steps
+from umeml.train.dp import resolve_dp, torch_seed, train_dp_steps, train_poisson_steps
 from umeml.train.evaluate import evaluate_predictions
 from umeml.train.experiment import Preprocessing, build_model, loss_settings, make_dataset
 from umeml.train.loop import make_optimizer, predict, resolve_device, train_epoch
@@ -46,8 +46,10 @@ HISTOGRAM_NOISE_STREAM = 7919  # separates the histogram's seeded noise from DP-
 
 
 def local_training_seed(seed: int, site_id: str, server_round: int) -> int:
-    """Seed of a site's local training in one round (dropout), fixed by experiment, site and round."""
-    return (int(seed) << 32) ^ zlib.crc32(f"{site_id}:{server_round}".encode())
+    """Seed of a site's local training in one round (dropout, the no-DP twin's batches), fixed by
+    experiment, site and round; 32 bits that depend on all three (:func:`~umeml.train.dp.torch_seed`:
+    torch keeps only the low 32 bits of a seed, and ``seed << 32`` lost the experiment seed)."""
+    return torch_seed((int(seed) << 32) ^ zlib.crc32(f"{site_id}:{server_round}".encode()))
 
 
 def proximal_term(model, mu: float):

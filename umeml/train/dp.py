@@ -35,6 +35,7 @@ import warnings
 from dataclasses import replace
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -73,6 +74,20 @@ def poisson_loader(dataset, sample_rate: float, steps: int, generator: torch.Gen
     sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=sample_rate,
                                             generator=generator, steps=steps)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate, num_workers=num_workers)
+
+
+SAMPLING_STREAM, NOISE_STREAM = 0, 1
+
+
+def torch_seed(seed: int, stream: int = 0) -> int:
+    """A seed for a torch generator that depends on every bit of ``seed`` and on ``stream``.
+
+    torch's CPU generator (mt19937) keeps only the low 32 bits of ``manual_seed``'s argument, so
+    seeds that differ only above bit 31 (a simulation's ``experiment seed << 32 | site``) gave
+    identical Poisson batches and noise for every experiment seed, and ``seed + 1`` (the noise)
+    was the next round's ``seed`` (its sampling). Mixed through NumPy's ``SeedSequence`` into 32
+    bits, per stream."""
+    return int(np.random.SeedSequence(int(seed) % 2 ** 128, spawn_key=(int(stream),)).generate_state(1)[0])
 
 
 CLIP_GROUPS = ("joint", "heads")
@@ -200,8 +215,8 @@ def train_dp_steps(model: nn.Module, dataset, optimizer: torch.optim.Optimizer, 
     """
     secure = seed is None
     seed = secrets.randbits(62) if seed is None else int(seed)
-    sampling = torch.Generator().manual_seed(seed)
-    noise = torch.Generator(device=device).manual_seed(seed + 1)
+    sampling = torch.Generator().manual_seed(torch_seed(seed, SAMPLING_STREAM))
+    noise = torch.Generator(device=device).manual_seed(torch_seed(seed, NOISE_STREAM))
     model.train()
     dp = DPSGD(model, optimizer, noise_multiplier, max_grad_norm,
                expected_batch_size=max(sample_rate * len(dataset), 1e-12), generator=noise, secure_mode=secure,
@@ -231,7 +246,7 @@ def train_poisson_steps(model: nn.Module, dataset, optimizer: torch.optim.Optimi
     (``federation.dp_recipe.apply_without_dp``): the two differ in clipping and noise only.
     An empty batch takes no step (with no noise there is nothing to apply).
     """
-    sampling = torch.Generator().manual_seed(int(seed))
+    sampling = torch.Generator().manual_seed(torch_seed(int(seed), SAMPLING_STREAM))
     expected = max(sample_rate * len(dataset), 1e-12)
     params = [p for p in model.parameters() if p.requires_grad]
     after = proximal_gradient(proximal_mu, [p.detach().clone() for p in params]) if proximal_mu > 0 else None
