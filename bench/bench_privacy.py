@@ -245,8 +245,10 @@ def versus_part(args) -> str:
 
     if not args.recipe_rows:
         raise SystemExit("--before-rows needs --recipe-rows (the grid under the changed setting)")
-    after = recipe.unique_rows([r for log in args.recipe_rows for r in recipe.read_rows(log)])
     before = recipe.unique_rows([r for log in args.before_rows for r in recipe.read_rows(log)])
+    # the rows without DP (public alone, reference, no-DP twins) do not depend on a DP setting
+    shared = [r for r in before if r["epsilon"] is None or math.isinf(r["epsilon"])]
+    after = recipe.unique_rows([r for log in args.recipe_rows for r in recipe.read_rows(log)] + shared)
     loads = [r["load"] for r in after + before] or [float("nan")]
     header = ("| world | rows | target epsilon | spent (max over sites) | seeds | grade auc_macro | subtype auc_macro | "
               "survival c_index | wall per run | 1-min load |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
@@ -257,12 +259,14 @@ def versus_part(args) -> str:
             f"{min(loads):.1f}-{max(loads):.1f})\n\n" + recipe_setup(args)
             + f"With {args.setting or 'the changed setting'}:\n\n" + header
             + "\n".join(recipe.format_summary(s) for s in recipe.summarise(after))
-            + "\n\nThe recipe as shipped, the same seeds (DP rows):\n\n" + header
+            + "\n\nThe recipe as shipped, the same seeds:\n\n" + header
             + "\n".join(recipe.format_summary(s) for s in recipe.summarise(before))
             + f"\n\nPaired per-seed differences, {args.setting or 'changed'} minus as shipped (mean ± sd over seeds):"
               "\n\n" + paired + "\n".join(recipe.versus_rows(after, before))
-            + f"\n\nGoals with {args.setting or 'the changed setting'} (against the reference of this grid):\n\n"
-            + "\n".join(line for v in variants for line in recipe.goal_lines(after, v)) + "\n")
+            + f"\n\nGoals with {args.setting or 'the changed setting'}:\n\n"
+            + "\n".join(line for v in variants for line in recipe.goal_lines(after, v))
+            + "\n\nGoals of the recipe as shipped, the same seeds:\n\n"
+            + "\n".join(line for v in variants for line in recipe.goal_lines(before, v)) + "\n")
 
 
 def tune_section(args) -> str:
