@@ -433,3 +433,24 @@ def unique_rows(rows: list[dict]) -> list[dict]:
             seen.add(key)
             out.append(r)
     return out
+
+
+# ------------------------------------------------------------------ one setting against another
+BEFORE = " [before]"
+
+
+def versus_rows(after: list[dict], before: list[dict]) -> list[str]:
+    """Markdown rows: each DP row of ``after`` minus the same row (world, variant, epsilon, seed)
+    of ``before`` (the same grid under the other setting), mean ± sd of the per-seed differences."""
+    rows = after + [{**r, "variant": r["variant"] + BEFORE} for r in before]
+    keys = sorted({(r["world"], r["variant"], r["epsilon"]) for r in after
+                   if r["variant"] in VARIANTS and r["epsilon"] is not None and not math.isinf(r["epsilon"])},
+                  key=lambda k: (k[0], VARIANTS.index(k[1]), -k[2]))
+    lines = []
+    for world, variant, eps in keys:
+        d = paired(rows, world, (variant, eps), (variant + BEFORE, eps))
+        if d is None:
+            continue
+        cells = ["-" if d[k] is None else f"{d[k][0]:+.3f} ± {d[k][1]:.3f}" for k in METRIC_KEYS]
+        lines.append(f"| {world} | {variant} | {eps:g} | {len(d['seeds'])} | " + " | ".join(cells) + " |")
+    return lines

@@ -41,6 +41,7 @@ from bench._harness import PRIMARY, REPO, TCGA, command, metric_entry, write_sec
 MODULE = "bench.bench_privacy"
 TITLE = "## Privacy: DP-SGD cost and privacy-utility"
 RECIPE_TITLE = "## Privacy: the DP recipe, public initialisation + private fine-tuning (issue 17)"
+VERSUS_TITLE = "## Privacy: the DP recipe under another setting, paired with the recipe's runs (issue 17)"
 METRICS = PRIMARY
 
 
@@ -141,6 +142,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--recipe-rows", type=Path, nargs="+",
                     help="summarise the rows that --recipe runs printed (one log per process) instead of running")
     ap.add_argument("--goal-variant", default="umeml public + decoder", help="the rows the goals are judged on")
+    ap.add_argument("--before-rows", type=Path, nargs="+",
+                    help="with --recipe-rows: logs of the same grid under the recipe as shipped; writes the section "
+                         f"'{VERSUS_TITLE[3:]}' (the --recipe-rows grid, its paired differences from these rows, goals)")
+    ap.add_argument("--setting", default="", help="with --before-rows: what the --recipe-rows grid changed (a phrase)")
     ap.add_argument("--skip-cost", action="store_true")
     ap.add_argument("--skip-utility", action="store_true")
     ap.add_argument("--write", type=Path, help=f"replace the section '{TITLE[3:]}' of this markdown file")
@@ -233,6 +238,37 @@ def recipe_part(args) -> str:
             + "\n" + tune_section(args))
 
 
+def versus_part(args) -> str:
+    """The grid of ``--recipe-rows`` (a setting changed) against ``--before-rows`` (the recipe as
+    shipped, same seeds): both grids, paired per-seed differences, the goals of the new grid."""
+    from bench import _privacy_recipe as recipe
+
+    if not args.recipe_rows:
+        raise SystemExit("--before-rows needs --recipe-rows (the grid under the changed setting)")
+    before = recipe.unique_rows([r for log in args.before_rows for r in recipe.read_rows(log)])
+    # the rows without DP (public alone, reference, no-DP twins) do not depend on a DP setting
+    shared = [r for r in before if r["epsilon"] is None or math.isinf(r["epsilon"])]
+    after = recipe.unique_rows([r for log in args.recipe_rows for r in recipe.read_rows(log)] + shared)
+    loads = [r["load"] for r in after + before] or [float("nan")]
+    header = ("| world | rows | target epsilon | spent (max over sites) | seeds | grade auc_macro | subtype auc_macro | "
+              "survival c_index | wall per run | 1-min load |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+    paired = ("| world | rows | epsilon | seeds | grade auc_macro | subtype auc_macro | survival c_index |\n"
+              "| --- | --- | --- | --- | --- | --- | --- |\n")
+    variants = [v for v in recipe.VARIANTS if any(r["variant"] == v for r in after)]
+    return (f"### {args.setting or 'changed setting'} vs the recipe as shipped (1-min load average "
+            f"{min(loads):.1f}-{max(loads):.1f})\n\n" + recipe_setup(args)
+            + f"With {args.setting or 'the changed setting'}:\n\n" + header
+            + "\n".join(recipe.format_summary(s) for s in recipe.summarise(after))
+            + "\n\nThe recipe as shipped, the same seeds:\n\n" + header
+            + "\n".join(recipe.format_summary(s) for s in recipe.summarise(before))
+            + f"\n\nPaired per-seed differences, {args.setting or 'changed'} minus as shipped (mean ± sd over seeds):"
+              "\n\n" + paired + "\n".join(recipe.versus_rows(after, before))
+            + f"\n\nGoals with {args.setting or 'the changed setting'}:\n\n"
+            + "\n".join(line for v in variants for line in recipe.goal_lines(after, v))
+            + "\n\nGoals of the recipe as shipped, the same seeds:\n\n"
+            + "\n".join(line for v in variants for line in recipe.goal_lines(before, v)) + "\n")
+
+
 def tune_section(args) -> str:
     """The tuning pass's subsection (``--tune-rows``): validation only, at epsilon 8."""
     from bench import _privacy_recipe as recipe
@@ -283,14 +319,16 @@ def main(argv=None) -> int:
     if args.tune:
         tune_part(args)
         return 0
-    if args.recipe:
+    if args.recipe and args.before_rows:
+        parts.append(versus_part(args) + ("\n" + args.notes.read_text() if args.notes else ""))
+    elif args.recipe:
         parts.append(recipe_part(args) + ("\n" + args.notes.read_text() if args.notes else ""))
     elif not args.skip_cost:
         parts.append(cost_part(args))
     if not args.skip_utility and not args.recipe:
         parts.append(utility_part(args))
     if args.write and parts:
-        title = RECIPE_TITLE if args.recipe else TITLE
+        title = (VERSUS_TITLE if args.before_rows else RECIPE_TITLE) if args.recipe else TITLE
         write_section(args.write, title, f"Command: `{command(MODULE, argv)}`\n\n" + "\n".join(parts))
     return 0
 

@@ -58,3 +58,18 @@ def test_at_a_small_epsilon_the_releases_leave_room_for_dp_sgd(world):
     big = recipe.variant_config(world, "linear", 4.0, 0, "p.pt").federation
     assert (big.survival_hist_epsilon, big.stats_privacy.class_counts_epsilon, big.stats_privacy.genomic_epsilon) \
         == (1.0, 1.5, 0.5)
+
+
+def _row(variant, eps, seed, grade, c_index):
+    return {"world": "synthetic", "variant": variant, "epsilon": eps, "seed": seed, "spent": None, "wall_s": 1.0,
+            "load": 1.0, "grade_auc_macro": (grade, None, None), "subtype_auc_macro": None,
+            "survival_c_index": (c_index, None, None)}
+
+
+def test_versus_rows_pair_the_same_row_and_seed_of_the_two_grids(world):
+    after = [_row("linear", 8.0, s, 0.8 + 0.01 * s, 0.6) for s in (0, 1, 2)] + [_row("linear", math.inf, 0, 0.9, 0.7)]
+    before = [_row("linear", 8.0, s, 0.9, 0.4 + 0.1 * s) for s in (0, 1, 3)]  # seed 3 has no partner
+    lines = recipe.versus_rows(after, before)
+    assert lines == ["| synthetic | linear | 8 | 2 | -0.095 ± 0.007 | - | +0.150 ± 0.071 |"]
+    assert recipe.variant_config(world, "linear", 8.0, 0, "p.pt", {"clip_groups": "heads"}) \
+        .federation.dp_recipe.clip_groups == "heads"

@@ -297,7 +297,7 @@ def test_packed_weights_carry_the_same_arrays_and_only_the_model_keys(audit):
 # ------------------------------------------------------------------------------ rule 2
 METRIC_FIELDS = r"(value|ci_low|ci_high|n|n_boot|n_boot_used|n_classes|pairs|events|error)"
 PRIVACY_FIELDS = (r"(experiment|round|site|kind|status|sample_rate|noise_multiplier|steps|max_grad_norm|epsilon|"
-                  r"epsilon_total|cumulative_steps|delta|accountant|target_epsilon|budget_scope)")
+                  r"epsilon_total|cumulative_steps|delta|accountant|target_epsilon|budget_scope|clip_groups)")
 # the public description of a DP release of statistics (umeml.federation.stats_release.public_record)
 RELEASE_FIELDS = (r"report\.json\.releases\[\]\.(kind|epsilon|delta|cells|cells_per_grade|mechanism|noise_multiplier|"
                   r"sample_rate|steps|clip|genes|(sensitivity|noise_std|shares)\.(count|sum|sumsq))")

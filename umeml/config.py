@@ -174,6 +174,10 @@ class DPRecipeConfig:
     # optimizer, Poisson batches and steps (no clipping, no noise), so that comparing the two
     # measures what clipping and noise alone cost (bench/bench_privacy.py)
     apply_without_dp: bool = False
+    # per-sample clipping: "joint" (one norm over every trainable tensor, as Opacus) or "heads"
+    # (each task head and the rest of the trainable model its own norm C / sqrt(K), K groups:
+    # the same sensitivity max_grad_norm, the same noise and epsilon; README, Privacy)
+    clip_groups: Literal["joint", "heads"] = "joint"
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from umeml.federation.scaffold import ControlExchange, ControlVariateStore, Scaf
 from umeml.federation.schedule import OptimizerStore
 from umeml.federation.stats_release import check_budget_room, check_cap, private_statistics
 from umeml.model.parts import apply_trainable
-from umeml.train.dp import resolve_dp, train_dp_steps, train_poisson_steps
+from umeml.train.dp import resolve_dp, torch_seed, train_dp_steps, train_poisson_steps
 from umeml.train.evaluate import evaluate_predictions
 from umeml.train.experiment import Preprocessing, build_model, loss_settings, make_dataset
 from umeml.train.loop import make_optimizer, predict, resolve_device, train_epoch
@@ -46,8 +46,10 @@ HISTOGRAM_NOISE_STREAM = 7919  # separates the histogram's seeded noise from DP-
 
 
 def local_training_seed(seed: int, site_id: str, server_round: int) -> int:
-    """Seed of a site's local training in one round (dropout), fixed by experiment, site and round."""
-    return (int(seed) << 32) ^ zlib.crc32(f"{site_id}:{server_round}".encode())
+    """Seed of a site's local training in one round (dropout, the no-DP twin's batches), fixed by
+    experiment, site and round; 32 bits that depend on all three (:func:`~umeml.train.dp.torch_seed`:
+    torch keeps only the low 32 bits of a seed, and ``seed << 32`` lost the experiment seed)."""
+    return torch_seed((int(seed) << 32) ^ zlib.crc32(f"{site_id}:{server_round}".encode()))
 
 
 def proximal_term(model, mu: float):
@@ -94,6 +96,13 @@ def dp_train_settings(cfg: ExperimentConfig) -> TrainConfig:
     if not recipe.enabled:
         return cfg.train
     return replace(cfg.train, optimizer="sgd", lr=recipe.lr, momentum=recipe.momentum, weight_decay=0.0)
+
+
+def dp_clip_groups(cfg: ExperimentConfig) -> str:
+    """How DP-SGD clips per sample: the recipe's ``clip_groups`` when ``federation.dp_recipe.enabled``,
+    else ``"joint"`` (one norm, as Opacus). Either way the sensitivity is ``max_grad_norm``."""
+    recipe = cfg.federation.dp_recipe
+    return recipe.clip_groups if recipe.enabled else "joint"
 
 
 @dataclass
@@ -370,7 +379,7 @@ class SiteRuntime:
                  "status": "trained" if allowed == planned else ("partial" if allowed else "budget_spent"),
                  "sample_rate": q, "noise_multiplier": nm, "steps": int(allowed), "max_grad_norm": dp.max_grad_norm,
                  "epsilon": eps, "epsilon_total": total, "delta": dp.delta, "accountant": dp.accountant,
-                 "target_epsilon": dp.target_epsilon, "budget_scope": dp.budget_scope,
+                 "target_epsilon": dp.target_epsilon, "budget_scope": dp.budget_scope, "clip_groups": dp_clip_groups(cfg),
                  "cumulative_steps": int(sum(steps for _, _, steps in history) + allowed)}
         return entry, allowed, planned, spe
 
@@ -401,7 +410,8 @@ class SiteRuntime:
             sample_rate=entry["sample_rate"], noise_multiplier=entry["noise_multiplier"],
             max_grad_norm=dp.max_grad_norm, steps=allowed, steps_per_epoch=spe, proximal_mu=proximal_mu,
             seed=None if self.dp_seed is None else self.dp_seed + server_round,
-            num_workers=cfg.train.num_workers, on_epoch=lambda e: ds.set_epoch(server_round * 1000 + e))
+            num_workers=cfg.train.num_workers, on_epoch=lambda e: ds.set_epoch(server_round * 1000 + e),
+            clip_groups=entry["clip_groups"])
         ledger.append(entry)  # before the update leaves the site
         new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         metrics = {"train_loss": stats["loss"], "num-examples": n_train, "steps": stats["steps"],

@@ -13,6 +13,11 @@ epsilon after the round) lives in :mod:`umeml.federation.privacy`.
   expected batch size. By default that optimizer is
   :class:`~umeml.train.dp_optimizer.FusedDPOptimizer` (the same arithmetic and noise on one flat
   buffer instead of per tensor); ``fused=False`` uses Opacus's stock ``DPOptimizer``.
+- **Clip groups** (``clip_groups="heads"``, ``federation.dp_recipe.clip_groups``): each task
+  head and the rest of the trainable model clipped separately, to ``C / sqrt(K)`` each, so the
+  sensitivity stays ``max_grad_norm`` and the noise and the accounting are unchanged (see
+  :mod:`umeml.train.dp_optimizer`): a head no longer gets only the share of C that its gradient
+  has next to the other heads'.
 - **FedProx**: Opacus only sees per-sample gradients, so a parameter-only loss term such as
   mu/2 ||w - w_global||^2 would be silently dropped. Its gradient mu (w - w_global) is added to
   the privatised gradient after clipping and noise, before the optimizer step. It depends on no
@@ -24,11 +29,13 @@ epsilon after the round) lives in :mod:`umeml.federation.privacy`.
 
 from __future__ import annotations
 
+import re
 import secrets
 import warnings
 from dataclasses import replace
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -69,18 +76,53 @@ def poisson_loader(dataset, sample_rate: float, steps: int, generator: torch.Gen
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate, num_workers=num_workers)
 
 
+SAMPLING_STREAM, NOISE_STREAM = 0, 1
+
+
+def torch_seed(seed: int, stream: int = 0) -> int:
+    """A seed for a torch generator that depends on every bit of ``seed`` and on ``stream``.
+
+    torch's CPU generator (mt19937) keeps only the low 32 bits of ``manual_seed``'s argument, so
+    seeds that differ only above bit 31 (a simulation's ``experiment seed << 32 | site``) gave
+    identical Poisson batches and noise for every experiment seed, and ``seed + 1`` (the noise)
+    was the next round's ``seed`` (its sampling). Mixed through NumPy's ``SeedSequence`` into 32
+    bits, per stream."""
+    return int(np.random.SeedSequence(int(seed) % 2 ** 128, spawn_key=(int(stream),)).generate_state(1)[0])
+
+
+CLIP_GROUPS = ("joint", "heads")
+_HEAD = re.compile(r"(?:^|\.)heads\.heads\.([^.]+)\.")  # a TaskHeads head: <...>heads.heads.<task>.weight
+
+
+def clip_group_labels(model: nn.Module, params: list[nn.Parameter], clip_groups: str) -> list[str] | None:
+    """One clip-group label per parameter in ``params`` (None for ``"joint"``): ``"head:<task>"``
+    for a task head's parameters, ``"trunk"`` for every other trainable parameter."""
+    if clip_groups not in CLIP_GROUPS:
+        raise ValueError(f"clip_groups: {clip_groups!r} is not one of {list(CLIP_GROUPS)}")
+    if clip_groups == "joint":
+        return None
+    names = {id(p): n for n, p in model.named_parameters()}
+    labels = []
+    for p in params:
+        head = _HEAD.search(names.get(id(p), ""))
+        labels.append(f"head:{head.group(1)}" if head else "trunk")
+    return labels
+
+
 class DPSGD:
     """Opacus's per-sample clipping and noise around ``model`` and ``optimizer``.
 
     ``step(batch)`` takes one DP-SGD step on one Poisson batch (an empty batch gives a
     noise-only step). ``close()`` removes the hooks; the wrapped ``model`` keeps its weights.
     ``fused`` picks :class:`~umeml.train.dp_optimizer.FusedDPOptimizer` (default) or Opacus's
-    stock ``DPOptimizer`` (same result, slower; kept for comparison).
+    stock ``DPOptimizer`` (same result, slower; kept for comparison). ``clip_groups``:
+    ``"joint"`` (one norm over all trainable tensors, as Opacus) or ``"heads"`` (per task head
+    and the rest; fused optimizer only, see :func:`clip_group_labels`).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, noise_multiplier: float,
                  max_grad_norm: float, expected_batch_size: float, generator: torch.Generator | None = None,
-                 secure_mode: bool = True, fused: bool = True):
+                 secure_mode: bool = True, fused: bool = True, clip_groups: str = "joint"):
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
@@ -88,7 +130,12 @@ class DPSGD:
         from umeml.train.dp_optimizer import FusedDPOptimizer
 
         register_dp_grad_samplers()
+        labels = clip_group_labels(model, [p for g in optimizer.param_groups for p in g["params"]
+                                           if p.requires_grad], clip_groups)
+        if labels is not None and not fused:
+            raise ValueError("clip_groups 'heads' needs the fused DP optimizer (fused=True)")
         cls = FusedDPOptimizer if fused else DPOptimizer
+        extra = {} if labels is None else {"clip_groups": labels}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus's notices about secure RNG and hooks
             # "sum": the per-sample gradients of the summed loss are each patient's own gradient
@@ -97,7 +144,7 @@ class DPSGD:
             self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
             self.optimizer = cls(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                  expected_batch_size=expected_batch_size, loss_reduction="mean",
-                                 generator=generator, secure_mode=secure_mode)
+                                 generator=generator, secure_mode=secure_mode, **extra)
         self.params: list[nn.Parameter] = list(self.optimizer.params)
 
     def step(self, batch: Batch, loss: LossSettings, device: torch.device,
@@ -157,22 +204,23 @@ def train_dp_steps(model: nn.Module, dataset, optimizer: torch.optim.Optimizer, 
                    device: torch.device, *, sample_rate: float, noise_multiplier: float, max_grad_norm: float,
                    steps: int, steps_per_epoch: int, proximal_mu: float = 0.0, seed: int | None = None,
                    num_workers: int = 0, on_epoch: Callable[[int], None] | None = None,
-                   fused: bool = True) -> dict:
+                   fused: bool = True, clip_groups: str = "joint") -> dict:
     """``steps`` DP-SGD steps over Poisson batches of ``dataset``, in epochs of ``steps_per_epoch``.
 
     ``seed`` None takes sampling and noise from OS entropy with Opacus's secure noise (what a
     site does); a seed makes the run reproducible (tests only: whoever knows the seed can
-    remove the noise). ``fused`` False uses Opacus's stock optimizer (see :class:`DPSGD`).
+    remove the noise). ``fused`` False uses Opacus's stock optimizer, ``clip_groups`` splits
+    the clipping norm over the task heads (see :class:`DPSGD`).
     Returns the mean loss, samples and steps seen and the empty batches.
     """
     secure = seed is None
     seed = secrets.randbits(62) if seed is None else int(seed)
-    sampling = torch.Generator().manual_seed(seed)
-    noise = torch.Generator(device=device).manual_seed(seed + 1)
+    sampling = torch.Generator().manual_seed(torch_seed(seed, SAMPLING_STREAM))
+    noise = torch.Generator(device=device).manual_seed(torch_seed(seed, NOISE_STREAM))
     model.train()
     dp = DPSGD(model, optimizer, noise_multiplier, max_grad_norm,
                expected_batch_size=max(sample_rate * len(dataset), 1e-12), generator=noise, secure_mode=secure,
-               fused=fused)
+               fused=fused, clip_groups=clip_groups)
     after = None
     if proximal_mu > 0:
         after = proximal_gradient(proximal_mu, [p.detach().clone() for p in dp.params])
@@ -198,7 +246,7 @@ def train_poisson_steps(model: nn.Module, dataset, optimizer: torch.optim.Optimi
     (``federation.dp_recipe.apply_without_dp``): the two differ in clipping and noise only.
     An empty batch takes no step (with no noise there is nothing to apply).
     """
-    sampling = torch.Generator().manual_seed(int(seed))
+    sampling = torch.Generator().manual_seed(torch_seed(int(seed), SAMPLING_STREAM))
     expected = max(sample_rate * len(dataset), 1e-12)
     params = [p for p in model.parameters() if p.requires_grad]
     after = proximal_gradient(proximal_mu, [p.detach().clone() for p in params]) if proximal_mu > 0 else None
