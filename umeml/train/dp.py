@@ -22,15 +22,16 @@ epsilon after the round) lives in :mod:`umeml.federation.privacy`.
   mu/2 ||w - w_global||^2 would be silently dropped. Its gradient mu (w - w_global) is added to
   the privatised gradient after clipping and noise, before the optimizer step. It depends on no
   patient, so it costs no privacy.
-- **Randomness**: sampling and noise come from OS entropy (Opacus ``secure_mode``), so the
-  coordinator cannot reproduce the noise from the experiment's seed. Tests may pass a seed.
+- **Randomness**: a site's Poisson sampling and noise come from the OS's CSPRNG
+  (:mod:`umeml.train.secure_random`, with Opacus's secure construction of the noise), never from
+  a torch generator (32-bit seeds), so nobody can reproduce or subtract them. Tests and
+  simulations may pass a seed (torch generators: reproducible, not secure).
 - Gradient accumulation and AMP are not used under DP (one Poisson batch is one step).
 """
 
 from __future__ import annotations
 
 import re
-import secrets
 import warnings
 from dataclasses import replace
 from typing import Callable
@@ -43,6 +44,7 @@ from torch.utils.data import DataLoader
 from umeml.config import DPConfig
 from umeml.data.batch import Batch
 from umeml.train.loop import LossSettings, batch_loss
+from umeml.train.secure_random import OSPoissonSampler
 
 REFUSAL_NO_SITE_DP = (
     "the experiment requires local DP (federation.local_dp.enabled) but this site has no enabled "
@@ -67,12 +69,17 @@ def resolve_dp(site: DPConfig | None, requested: DPConfig) -> tuple[DPConfig | N
     return site, None
 
 
-def poisson_loader(dataset, sample_rate: float, steps: int, generator: torch.Generator, num_workers: int = 0) -> DataLoader:
-    """``steps`` Poisson-sampled batches of ``dataset`` (possibly empty) with its padding collate."""
+def poisson_loader(dataset, sample_rate: float, steps: int, generator: torch.Generator | None,
+                   num_workers: int = 0) -> DataLoader:
+    """``steps`` Poisson-sampled batches of ``dataset`` (possibly empty) with its padding collate;
+    ``generator`` None draws the sampling from the OS's CSPRNG (a site; :mod:`umeml.train.secure_random`)."""
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-    sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=sample_rate,
-                                            generator=generator, steps=steps)
+    if generator is None:
+        sampler = OSPoissonSampler(len(dataset), sample_rate, steps)
+    else:
+        sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=sample_rate,
+                                                generator=generator, steps=steps)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate, num_workers=num_workers)
 
 
@@ -134,6 +141,10 @@ class DPSGD:
                                            if p.requires_grad], clip_groups)
         if labels is not None and not fused:
             raise ValueError("clip_groups 'heads' needs the fused DP optimizer (fused=True)")
+        if secure_mode and not fused and generator is None:
+            # Opacus's own optimizer would draw from torch's global generator (32-bit seed, not secure)
+            raise ValueError("secure DP noise needs the fused DP optimizer (fused=True); Opacus's stock "
+                             "optimizer (fused=False) is for comparisons and takes an explicit generator")
         cls = FusedDPOptimizer if fused else DPOptimizer
         extra = {} if labels is None else {"clip_groups": labels}
         with warnings.catch_warnings():
@@ -214,9 +225,10 @@ def train_dp_steps(model: nn.Module, dataset, optimizer: torch.optim.Optimizer, 
     Returns the mean loss, samples and steps seen and the empty batches.
     """
     secure = seed is None
-    seed = secrets.randbits(62) if seed is None else int(seed)
-    sampling = torch.Generator().manual_seed(torch_seed(seed, SAMPLING_STREAM))
-    noise = torch.Generator(device=device).manual_seed(torch_seed(seed, NOISE_STREAM))
+    sampling = noise = None  # a site: sampling and noise from the OS's CSPRNG (umeml.train.secure_random)
+    if not secure:
+        sampling = torch.Generator().manual_seed(torch_seed(int(seed), SAMPLING_STREAM))
+        noise = torch.Generator(device=device).manual_seed(torch_seed(int(seed), NOISE_STREAM))
     model.train()
     dp = DPSGD(model, optimizer, noise_multiplier, max_grad_norm,
                expected_batch_size=max(sample_rate * len(dataset), 1e-12), generator=noise, secure_mode=secure,

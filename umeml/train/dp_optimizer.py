@@ -10,11 +10,14 @@ arithmetic on one flat buffer:
   row norm of it (the norm of the per-parameter norms, as Opacus takes, is the same number up to
   rounding); clipping factors ``min(1, C / (norm + 1e-6))`` exactly as Opacus; the clipped sum
   is one matrix-vector product;
-- the noise is ONE call of Opacus's own ``_generate_noise`` on the flat (N,) buffer, with the
-  same standard deviation ``noise_multiplier * max_grad_norm``, the same generator and the same
-  ``secure_mode`` construction (secure: a discarded draw, then the sum of four draws halved; else
-  one seeded draw). Every coordinate gets independent N(0, std^2) noise, as with Opacus; only the
-  order in which the generator's numbers land on the coordinates differs;
+- the noise is ONE draw over the flat (N,) buffer with the same standard deviation
+  ``noise_multiplier * max_grad_norm``: seeded (``secure_mode`` False, tests and simulations),
+  one call of Opacus's own ``_generate_noise`` with the given generator; secure (a site),
+  :func:`umeml.train.secure_random.os_gaussian_like`, Opacus's secure construction (the sum of
+  four draws halved) on uniforms from the OS's CSPRNG, never a torch generator (32-bit seeds; a
+  parameter set the fused path cannot take is refused rather than noised per tensor by Opacus).
+  Every coordinate gets independent N(0, std^2) noise, as with Opacus; only the order in which
+  the numbers land on the coordinates differs;
 - ``p.summed_grad`` and ``p.grad`` are views of the flat buffers, so the wrapped optimizer,
   FedProx's gradient edit and Opacus's processed-flag checks see ordinary per-parameter tensors.
 
@@ -49,6 +52,8 @@ from opacus.optimizers.optimizer import (
     _mark_as_processed,
 )
 from torch import nn
+
+from umeml.train.secure_random import os_gaussian_like
 
 __all__ = ["FusedDPOptimizer", "group_clip_norms"]
 
@@ -112,6 +117,8 @@ class FusedDPOptimizer(DPOptimizer):
         if not self._fusable(params):
             if self._column_groups is not None:
                 raise ValueError("clip_groups: the parameters no longer share one dtype and device")
+            if self.secure_mode:  # Opacus's per-tensor path would draw the noise from a torch generator
+                raise ValueError("secure DP noise: the trainable parameters must share one dtype and device")
             self._summed_flat = None
             return super().clip_and_accumulate()
         for p in params:
@@ -148,14 +155,20 @@ class FusedDPOptimizer(DPOptimizer):
         return factors, (factors[:, groups] * flat).sum(dim=0)
 
     def add_noise(self) -> None:
-        """One Gaussian draw over the flat clipped sum (Opacus's generator); ``p.grad`` = views."""
+        """One Gaussian draw over the flat clipped sum (secure: the OS's CSPRNG; seeded: Opacus's
+        generator); ``p.grad`` = views."""
         params = self.params
         if not self._owns("summed_grad", self._summed_flat, params):
             self._grad_flat = None
+            if self.secure_mode:  # Opacus's per-tensor noise would come from a torch generator
+                raise RuntimeError("secure DP noise: the clipped sums are not the fused buffer's views")
             return super().add_noise()
         _check_processed_flag([p.summed_grad for p in params])
-        noise = _generate_noise(std=self.noise_multiplier * self.max_grad_norm, reference=self._summed_flat,
-                                generator=self.generator, secure_mode=self.secure_mode)
+        std = self.noise_multiplier * self.max_grad_norm
+        if self.secure_mode:  # a site: the OS's CSPRNG, never a torch generator (module docstring)
+            noise = os_gaussian_like(self._summed_flat, std)
+        else:
+            noise = _generate_noise(std=std, reference=self._summed_flat, generator=self.generator, secure_mode=False)
         self._grad_flat = self._summed_flat + noise
         self._views_grad = _split_like(self._grad_flat, params)
         for p, v in zip(params, self._views_grad):
