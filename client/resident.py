@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from umeml.errors import UmemlError
 
@@ -100,6 +101,42 @@ def _runtime_client(address: str, token: str, insecure: bool, certs):
     return client, retry
 
 
+def task_heartbeat_fn(client) -> Callable[[], bool]:
+    """The heartbeat of one task served by the resident: Flower's ``make_task_heartbeat_fn_http``
+    except when the task is gone. Flower's raises SIGINT in the process when the SuperNode answers
+    that the task is no longer valid (right for ``flwr-clientapp``, one task per process); in the
+    resident that SIGINT ended the runtime and every later task (seen when a pull timed out during
+    a SuperLink restart: the failed task's last beat came back "not valid"). Here a task that is
+    gone (that answer, or 401/404: its token no longer known) only silences this task's beats;
+    503/504 and transport errors are failed beats to retry, as in Flower; other statuses raise."""
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+    request, gone = SendTaskHeartbeatRequest(), threading.Event()
+
+    def beat() -> bool:
+        if gone.is_set():
+            return True  # nothing left to keep alive; the task's sender stops when serve_task ends
+        try:
+            res = client.SendTaskHeartbeat(request)
+        except httpx.TransportError:
+            return False
+        except httpx.HTTPStatusError as err:
+            code = err.response.status_code
+            if code in (httpx.codes.SERVICE_UNAVAILABLE, httpx.codes.GATEWAY_TIMEOUT):
+                return False
+            if code in (httpx.codes.UNAUTHORIZED, httpx.codes.NOT_FOUND):
+                gone.set()
+                return True
+            raise
+        if not res.success:
+            log.warning("the SuperNode no longer knows this task; its heartbeat stops (the runtime goes on)")
+            gone.set()
+        return True
+
+    return beat
+
+
 def serve_task(address: str, token: str, insecure: bool, certs, apps: AppCache) -> str:
     """Serve the one message behind ``token``: pull it, run the ClientApp, push the reply and the
     task's final status, as Flower's ``run_clientapp`` does. Returns a line for the log."""
@@ -107,11 +144,11 @@ def serve_task(address: str, token: str, insecure: bool, certs, apps: AppCache) 
     from flwr.app.error import Error
     from flwr.clientapp.client_app import LoadClientAppError
     from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.heartbeat import HeartbeatSender
     from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
     client, retry = _runtime_client(address, token, insecure, certs)
-    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat = HeartbeatSender(task_heartbeat_fn(client))
     message = context = reply = None
     status, details, what = SubStatus.FAILED, "ClientApp task failed due to unknown reason", "?"
     t = [time.perf_counter()]  # start, message pulled, ClientApp done, reply pushed (the log line's split)

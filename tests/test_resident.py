@@ -119,3 +119,47 @@ def test_supervisor_restarts_a_resident_process_that_dies(tmp_path, monkeypatch)
         rt.stop()
     assert rt.proc.poll() is not None and not rt.folder.exists()
     assert json.dumps(rt.superexec_env({"PATH": "/usr/bin"})["PATH"]).startswith(json.dumps(str(rt.folder))[:-1])
+
+
+class _FakeRuntime:
+    """A Runtime API client whose task heartbeats answer ``answers`` in turn (a response with
+    ``success``, or an HTTP status code to raise)."""
+
+    def __init__(self, *answers):
+        self.answers, self.calls = list(answers), 0
+
+    def SendTaskHeartbeat(self, request):  # noqa: N802 - Flower's RuntimeHttpClient method name
+        import httpx
+        from flwr.proto.runtime_pb2 import SendTaskHeartbeatResponse
+
+        self.calls += 1
+        answer = self.answers.pop(0)
+        if type(answer) is int:  # an HTTP status (a bool is an int too)
+            response = httpx.Response(answer, request=httpx.Request("POST", "http://127.0.0.1/v1/runtime/heartbeat"))
+            raise httpx.HTTPStatusError("status", request=response.request, response=response)
+        return SendTaskHeartbeatResponse(success=answer)
+
+
+def test_a_task_that_is_gone_silences_its_heartbeat_instead_of_interrupting_the_resident(monkeypatch):
+    # Flower's task heartbeat raises SIGINT in its process when the SuperNode no longer knows the
+    # task: one task per process in flwr-clientapp, but in the resident it ended the runtime
+    import signal
+
+    from flwr.supercore.heartbeat import make_task_heartbeat_fn_http
+
+    from umeml.client.resident import task_heartbeat_fn
+
+    raised = []
+    monkeypatch.setattr(signal, "raise_signal", lambda sig: raised.append(sig))
+    assert make_task_heartbeat_fn_http(_FakeRuntime(False))() and raised == [signal.SIGINT]  # Flower's, pinned
+    raised.clear()
+    for gone in (False, 401, 404):
+        client = _FakeRuntime(True, gone, True)
+        beat = task_heartbeat_fn(client)
+        assert beat() and beat() and beat()
+        assert client.calls == 2 and raised == [], gone  # after "gone", no more beats are sent
+    flaky = _FakeRuntime(503, True)
+    beat = task_heartbeat_fn(flaky)
+    assert beat() is False and beat() is True  # a failed beat, retried by the sender, as Flower's
+    with pytest.raises(Exception, match="status"):
+        task_heartbeat_fn(_FakeRuntime(400))()
