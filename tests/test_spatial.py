@@ -159,10 +159,15 @@ def test_dataset_coords_follow_the_features(tiny_cohort_dir):
     coords, feats = read_coords(path).astype(float), read_features(path)
     coords[:, 0] -= coords[:, 0].min()  # merge_slide_coords puts a patient's first slide at x = 0
     row_at = {tuple(xy): row for xy, row in zip(coords, feats)}
-    item = CohortDataset(cohort, np.array([i]), np.array([10.0, 20.0, 30.0]), max_patches=7, train=True, seed=3)[0]
+    args = (cohort, np.array([i]), np.array([10.0, 20.0, 30.0]))
+    item = CohortDataset(*args, max_patches=7, train=True, seed=3, with_coords=True)[0]
     assert item.coords.shape == (7, 2) and item.features.shape == (7, feats.shape[1])
     for xy, row in zip(item.coords, item.features):  # the training subsample keeps rows aligned
         np.testing.assert_array_equal(row_at[tuple(map(float, xy))], row)
+    # without a spatial model no coords are read, and the subsample is the same
+    plain = CohortDataset(*args, max_patches=7, train=True, seed=3)[0]
+    assert plain.coords is None
+    np.testing.assert_array_equal(plain.features, item.features)
 
 
 def write_config(tmp_path, model: dict):

@@ -70,7 +70,9 @@ class CohortDataset(Dataset):
     """Patients ``indices`` of ``cohort``; bags are read from disk when an item is fetched.
 
     In training mode each bag is randomly subsampled to ``max_patches`` (seeded per epoch and
-    item); in evaluation mode the full bag is used.
+    item); in evaluation mode the full bag is used. ``with_coords``: also read each bag's patch
+    coordinates (only a model with ``model.spatial_context`` uses them; otherwise items carry
+    none and no bag is opened twice).
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class CohortDataset(Dataset):
         seed: int = 0,
         use_pathology: bool = True,
         use_genomics: bool = True,
+        with_coords: bool = False,
     ):
         self.cohort = cohort
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -95,6 +98,7 @@ class CohortDataset(Dataset):
         self.epoch = 0
         self.use_pathology = use_pathology and cohort.bag_dir is not None
         self.use_genomics = use_genomics and cohort.gene_groups.dim > 0
+        self.with_coords = with_coords
 
     @property
     def feature_dim(self) -> int:
@@ -114,22 +118,28 @@ class CohortDataset(Dataset):
         return len(self.indices)
 
     def _features(self, i: int, position: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """The patient's patch features and their coords (slides merged, training subsample)."""
+        """The patient's patch features and their coords (slides merged, training subsample;
+        None unless ``with_coords``)."""
         files = self.cohort.bag_files(i) if self.use_pathology else []
         if not files:
             return None, None
         rng = np.random.default_rng([self.seed, self.epoch, position])
         parts = [read_features(f) for f in files]
         feats = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+        coords = self._coords(files, parts) if self.with_coords else None
+        if self.max_patches is not None and feats.shape[0] > self.max_patches:
+            keep = np.sort(rng.choice(feats.shape[0], self.max_patches, replace=False))
+            feats, coords = feats[keep], (None if coords is None else coords[keep])
+        return feats, coords
+
+    @staticmethod
+    def _coords(files, parts: list[np.ndarray]) -> np.ndarray:
+        """The slides' coords merged (:func:`merge_slide_coords`), each checked against its features."""
         coord_parts = [read_coords(f) for f in files]
         for f, p, c in zip(files, parts, coord_parts):
             if len(c) != len(p):
                 raise BagError(f"{f}: 'features' has {len(p)} rows but 'coords' has {len(c)}")
-        coords = merge_slide_coords(coord_parts).astype(np.float32)
-        if self.max_patches is not None and feats.shape[0] > self.max_patches:
-            keep = np.sort(rng.choice(feats.shape[0], self.max_patches, replace=False))
-            feats, coords = feats[keep], coords[keep]
-        return feats, coords
+        return merge_slide_coords(coord_parts).astype(np.float32)
 
     def __getitem__(self, position: int) -> PatientItem:
         i = int(self.indices[position])

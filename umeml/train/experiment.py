@@ -109,12 +109,13 @@ def build_model(cfg: ExperimentConfig, prep: Preprocessing) -> nn.Module:
 def make_dataset(cfg: ExperimentConfig, cohort: Cohort, idx: np.ndarray, prep: Preprocessing,
                  train: bool) -> CohortDataset:
     """Patients ``idx`` of ``cohort`` with ``prep``'s bins and scaler and the experiment's
-    modalities and bag subsampling (training only)."""
+    modalities and bag subsampling (training only); coords only for a spatial-context model."""
     return CohortDataset(
         cohort, idx, prep.edges, prep.scaler,
         max_patches=cfg.data.max_patches, train=train, seed=cfg.seed,
         use_pathology="pathology" in cfg.model.modalities,
         use_genomics="genomics" in cfg.model.modalities,
+        with_coords=cfg.model.spatial_context != "none",
     )
 
 
