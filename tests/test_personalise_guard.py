@@ -36,7 +36,8 @@ def _setup(data_dir, train=None, **personalisation):
 def _inner_curves(cfg, site, prep, weights):
     """Each head's inner-validation loss after 0..epochs epochs of fine-tuning on the inner train."""
     train_idx, _ = site._split(cfg)
-    tuning = P.HeadTuning(site, cfg, prep, weights, torch.device("cpu"), loss_settings(cfg, prep))
+    groups = P.head_groups(site.build_model(cfg, prep), cfg.tasks)
+    tuning = P.HeadTuning(site, cfg, prep, weights, torch.device("cpu"), loss_settings(cfg, prep), groups)
     return P.inner_curves(tuning, *P.inner_split(site, cfg, train_idx), cfg.federation.personalise_epochs)[0]
 
 

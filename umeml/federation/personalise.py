@@ -46,7 +46,7 @@ def personal_parameters(model: torch.nn.Module) -> list[str]:
 @dataclass
 class HeadTuning:
     """What one site's personalisation works with: the site, experiment, preprocessing, the
-    global weights, the device and the loss."""
+    global weights, the device, the loss and the head groups (:func:`head_groups`)."""
 
     site: object
     cfg: ExperimentConfig
@@ -54,6 +54,7 @@ class HeadTuning:
     state: dict
     device: torch.device
     loss: object
+    groups: dict[str, list[str]]
 
     def fresh_model(self):
         """The global model on the device, as sent."""
@@ -139,12 +140,13 @@ def inner_curves(tuning: HeadTuning, inner_train: np.ndarray, inner_val: np.ndar
     patients (stays at the site)."""
     cfg = tuning.cfg
     torch.manual_seed(cfg.seed)  # dropout of the frozen trunk during fine-tuning
-    model = tuning.fresh_model()
-    groups = head_groups(model, cfg.tasks)
+    model, groups = tuning.fresh_model(), tuning.groups
     loader = make_loader(make_dataset(cfg, tuning.site.cohort, inner_val, tuning.prep, train=False),
                          cfg.train.batch_size, False, 0)
     curves: dict[str, list[float]] = {g: [] for g in groups}
-    metrics: dict[str, list] = {g: [] for g in groups if g in dict(PRIMARY_METRICS)}
+    # the metrics cost a second pass per epoch: only for the criterion that reads them
+    with_metrics = cfg.federation.personalisation.criterion == "loss_and_metric"
+    metrics: dict[str, list] = {g: [] for g in groups if with_metrics and g in dict(PRIMARY_METRICS)}
 
     def record(_epoch: int = 0) -> None:
         for g, v in group_losses(model, loader, tuning.loss, tuning.device, groups).items():
@@ -169,9 +171,9 @@ def guard_plan(tuning: HeadTuning, train_idx: np.ndarray, epochs: int) -> tuple[
     report = {"inner_train": int(len(inner_train)), "inner_val": int(len(inner_val)), "notes": []}
     if min(len(inner_train), len(inner_val)) < rules.min_inner_patients:
         report["notes"].append(f"inner split below min_inner_patients={rules.min_inner_patients}: every head global")
-        return {g: 0 for g in head_groups(tuning.fresh_model(), cfg.tasks)}, report
+        return {g: 0 for g in tuning.groups}, report
     curves, metrics = inner_curves(tuning, inner_train, inner_val, epochs)
-    plan = choose_epochs(curves, metrics if rules.criterion == "loss_and_metric" else None)
+    plan = choose_epochs(curves, metrics or None)
     if "survival" in plan and int(site.cohort.times_events(inner_val)[1].sum()) < rules.min_inner_events:
         plan["survival"] = 0  # a loss over a handful of deaths decides nothing
         report["notes"].append(f"survival: fewer than min_inner_events={rules.min_inner_events} deaths in the "
@@ -184,8 +186,7 @@ def refit(tuning: HeadTuning, train_idx: np.ndarray, plan: dict[str, int]):
     planned epochs (0: left global). Heads are separate linear maps on a frozen trunk, so one run
     of the longest count with each group's weights taken at its own count fits them all."""
     torch.manual_seed(tuning.cfg.seed)  # dropout of the frozen trunk during fine-tuning
-    model = tuning.fresh_model()
-    groups = head_groups(model, tuning.cfg.tasks)
+    model, groups = tuning.fresh_model(), tuning.groups
     params = dict(model.named_parameters())
     kept = {n: params[n].detach().clone() for g, names in groups.items() if not plan.get(g) for n in names}
 
@@ -219,14 +220,17 @@ def personalise(site, cfg: ExperimentConfig, prep: Preprocessing, state: dict, e
         return {**base, "skipped": "local DP site: personalisation (non-private fine-tuning) not run"}
     t0 = time.perf_counter()
     device = resolve_device(site.device)
-    tuning = HeadTuning(site, cfg, prep, state, device, loss_settings(cfg, prep).to(device))
+    model = site.build_model(cfg, prep)
+    model.load_state_dict(state)
+    tuning = HeadTuning(site, cfg, prep, state, device, loss_settings(cfg, prep).to(device),
+                        head_groups(model, cfg.tasks))
     val_loader = make_loader(make_dataset(cfg, site.cohort, val_idx, prep, train=False), cfg.train.batch_size, False, 0)
-    before = predict(tuning.fresh_model(), val_loader, tuning.loss, device)
+    before = predict(model.to(device), val_loader, tuning.loss, device)
     guard = {}
     if cfg.federation.personalisation.guard:
         plan, guard = guard_plan(tuning, train_idx, epochs)
     else:
-        plan = {g: int(epochs) for g in head_groups(tuning.fresh_model(), cfg.tasks)}
+        plan = {g: int(epochs) for g in tuning.groups}
     after = predict(refit(tuning, train_idx, plan), val_loader, tuning.loss, device)
     return {**base, "epochs": int(epochs), "heads": plan, **({"guard": guard} if guard else {}),
             "global": {"loss": before.loss, "tasks": evaluate_predictions(before, cfg.tasks, 0, cfg.seed)},
