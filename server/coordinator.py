@@ -337,6 +337,11 @@ class Coordinator:
     def _site(self, node: int) -> str:
         return self.nodes[node]["site"]
 
+    def _reply_site(self, reply: Message) -> str:
+        """The site a reply came from (its node id where the node never said)."""
+        node = reply.metadata.src_node_id
+        return str(self.nodes.get(node, {}).get("site", node))
+
     # ------------------------------------------------------------- checkpoint
     def _save(self, state: RunState, prep: Preprocessing) -> None:
         payload = {"round": state.round, "weights": state.weights, "seed": state.seed, "history": state.history,
@@ -462,8 +467,7 @@ class Coordinator:
             # in site order, not arrival order: float sums of 3+ updates depend on their order, and
             # replies arrive as sites finish (Flower also shuffles the nodes it samples), so a
             # rerun with the same seed would not give the same weights
-            accepted.sort(key=lambda reply: str(self.nodes.get(reply.metadata.src_node_id, {}).get(
-                "site", reply.metadata.src_node_id)))
+            accepted.sort(key=self._reply_site)
             prepare_aggregation(strategy, accepted)
             new_arrays, _ = strategy.aggregate_train(rnd, complete_replies(accepted, arrays))
             if new_arrays is not None:
@@ -544,7 +548,7 @@ class Coordinator:
         it did not train, why its update was rejected) and the sites' local-DP ledger entries."""
         accepted, train_reports, privacy = [], [], []
         for reply in replies:
-            site = self.nodes.get(reply.metadata.src_node_id, {}).get("site", str(reply.metadata.src_node_id))
+            site = self._reply_site(reply)
             report = _train_report(reply)
             if report is not None and isinstance(report.get("privacy"), dict):
                 privacy.append({**report["privacy"], "site": site})
