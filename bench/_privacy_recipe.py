@@ -194,11 +194,7 @@ def variant_config(world: World, variant: str, eps: float, seed: int, public: Pa
         fed = dataclasses.replace(fed, **{key: over.pop(key)})
     if "survival_alpha" in over:
         base = dataclasses.replace(base, survival=dataclasses.replace(base.survival, alpha=over.pop("survival_alpha")))
-    sp = fed.stats_privacy
-    if not math.isinf(eps) and fed.survival_hist_epsilon + sp.class_counts_epsilon + sp.genomic_epsilon >= eps:
-        # the default releases would take the whole budget (a site refuses them): a fifth of it each
-        fed = dataclasses.replace(fed, survival_hist_epsilon=eps / 5, stats_privacy=dataclasses.replace(
-            sp, class_counts_epsilon=eps / 5, genomic_epsilon=eps / 5))
+    fed = recorded_release_rule(fed, eps)
     if "max_grad_norm" in over:  # the per-patient clipping norm of local DP-SGD
         fed = dataclasses.replace(fed, local_dp=dataclasses.replace(fed.local_dp, max_grad_norm=over.pop("max_grad_norm")))
     fed = dataclasses.replace(fed, dp_recipe=dataclasses.replace(fed.dp_recipe, **over))
@@ -210,6 +206,21 @@ def variant_config(world: World, variant: str, eps: float, seed: int, public: Pa
                               name=f"{world.name}-{variant.replace(' ', '-').replace('+', '')}-{eps:g}-{seed}"
                               + (f"-{tag}" if tag else ""))
     return cfg if math.isinf(eps) else with_local_dp(cfg, eps)
+
+
+def recorded_release_rule(fed, eps: float):
+    """The release epsilons every recorded recipe figure ran with, pinned (the shipped "auto" rule
+    scales them with the target instead): 1 / 1.5 / 0.5, or a fifth of the budget each where those
+    would take all of it (a site refuses that)."""
+    fixed = {"survival_hist": 1.0, "class_counts": 1.5, "genomic": 0.5}
+    sp = fed.stats_privacy
+    values = {"survival_hist": fed.survival_hist_epsilon, "class_counts": sp.class_counts_epsilon,
+              "genomic": sp.genomic_epsilon}
+    values = {k: fixed[k] if v == "auto" else v for k, v in values.items()}
+    if not math.isinf(eps) and sum(v for v in values.values() if v is not None) >= eps:
+        values = dict.fromkeys(values, eps / 5)
+    return dataclasses.replace(fed, survival_hist_epsilon=values["survival_hist"], stats_privacy=dataclasses.replace(
+        sp, class_counts_epsilon=values["class_counts"], genomic_epsilon=values["genomic"]))
 
 
 def metrics_row(metrics: dict | None) -> dict:

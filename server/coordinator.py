@@ -32,7 +32,7 @@ from umeml.federation.protocol import (
 )
 from umeml.federation.schedule import round_settings
 from umeml.federation.selection import RoundSelector
-from umeml.federation.stats_release import checkpoint_standardisation
+from umeml.federation.stats_release import checkpoint_standardisation, release_epsilons
 from umeml.flower.records import arrays_from_state, state_from_arrays
 from umeml.metrics.coverage import missing_class_messages
 from umeml.model import build_model, save_checkpoint
@@ -687,12 +687,25 @@ class Coordinator:
             prep = checkpoint_standardisation(prep, cfg.federation.init_checkpoint, notes)
         for note in notes:
             log.warning("preprocessing: %s", note)
+        # each site noised its histogram at its own resolved epsilon ("auto" scales with its total)
+        by_eps = {s: r.get("survival_hist_epsilon") for s, r in by_site.items() if "survival_hist" in r}
+        eps = self._histogram_epsilon(by_eps)
         release = {"kind": "survival_histogram", "epsilon": eps, "delta": 0.0 if eps is not None else None,
+                   "epsilon_by_site": dict(sorted(by_eps.items())),
                    "mechanism": "two-sided geometric noise per cell, L1 sensitivity 1" if eps is not None
                    else "none (exact counts)", "grid": SURVIVAL_GRID_TEXT,
                    "sites": sorted(s for s, r in by_site.items() if not r.get("suppressed")),
                    "survival_edges": prep.survival_edges}
         return prep, ([release] if survival else []) + site_releases, notes
+
+    def _histogram_epsilon(self, by_site: dict[str, float | None]) -> float | None:
+        """The survival histograms' epsilon for privacy.json: the largest a site used (None: some
+        site sent exact counts); with no histogram sent, what the federation's setting resolves to."""
+        if not by_site:
+            local = self.cfg.federation.local_dp
+            return release_epsilons(self.cfg.federation, local.target_epsilon if local.enabled else None).survival_hist
+        values = list(by_site.values())
+        return None if None in values else max(values)
 
     def _central_budget_stop(self, rnd: int, history: list[dict], n_sites: int, sample_rate: float) -> dict | None:
         """Why training must stop before round ``rnd`` (None: go on): the central release of this

@@ -92,7 +92,9 @@ def test_a_site_refuses_releases_that_take_its_whole_budget(tiny_cohort_dir, tmp
     # at target 1 the default class counts (epsilon 1.5) were released anyway: total 1.50 > 1, no DP-SGD step left
     from umeml.federation.stats_release import StatsPrivacyRefusal
 
-    cfg = tiny_experiment(local_dp={"enabled": True, "target_epsilon": 1.0}, init_checkpoint="pub.pt")
+    # set by hand: the "auto" default scales with the target instead (test_stats_release)
+    cfg = tiny_experiment(local_dp={"enabled": True, "target_epsilon": 1.0}, init_checkpoint="pub.pt",
+                          stats_privacy={"class_counts_epsilon": 1.5})
     cohort = load_data_dir(str(tiny_cohort_dir), cfg.data)
     site = SiteRuntime("A0", cohort, cohort.site_indices("A0"), k_min=5, dp=cfg.federation.local_dp,
                        state_dir=str(tmp_path / "A0"), dp_seed=1)

@@ -17,6 +17,7 @@ from umeml.federation.privacy import SiteLedger, discrete_laplace
 from umeml.federation.protocol import survival_grid
 from umeml.federation.redact import redact
 from umeml.federation.site import SiteRuntime
+from umeml.federation.stats_release import release_epsilons
 from umeml.server.coordinator import Coordinator
 
 from fed_helpers import LocalGrid, tiny_experiment
@@ -56,7 +57,7 @@ def test_noise_is_discrete_laplace_of_scale_one_over_epsilon():
 
 def test_noise_is_not_a_function_of_the_experiment_seed(tiny_cohort_dir):
     cfg = experiment()
-    assert cfg.seed == 0 and cfg.federation.survival_hist_epsilon == 1.0
+    assert cfg.seed == 0 and release_epsilons(cfg.federation, None).survival_hist == 1.0  # "auto", no DP
     cohort = load_data_dir(tiny_cohort_dir, cfg.data)
     site = SiteRuntime("A0", cohort, cohort.site_indices("A0"), k_min=5)
     first, second = site.preprocess(cfg)["survival_hist"], site.preprocess(cfg)["survival_hist"]

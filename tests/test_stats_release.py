@@ -2,6 +2,7 @@
 preprocessing are DP releases (clipped, noised, recorded in the site's ledger, capped by its
 site.yaml), and the site's total epsilon composes every release."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -17,6 +18,7 @@ from umeml.federation.site import SiteRuntime
 from umeml.federation.stats_release import (
     CLASS_COUNTS,
     GENOMIC_MOMENTS,
+    ReleaseEpsilons,
     StatsPrivacyRefusal,
     class_cells,
     genomic_release,
@@ -24,6 +26,7 @@ from umeml.federation.stats_release import (
     marginals,
     merge_class_counts,
     merge_genomic_moments,
+    release_epsilons,
 )
 from umeml.train.loop import task_heads
 
@@ -176,7 +179,7 @@ def test_site_cap_refuses_a_federation_asking_for_more(tiny_cohort_dir, tmp_path
     cfg = dp_experiment(survival_hist_epsilon=0.2)
     site = _sites(tiny_cohort_dir, cfg, tmp_path, stats_cap=0.3, site_file=str(site_file))["A0"]
     with pytest.raises(StatsPrivacyRefusal, match=rf"{site_file}: stats_privacy.max_epsilon: the federation asks "
-                                                  r"for epsilon 1.5 for the class counts .*at most epsilon 0.3"):
+                                                  r"for epsilon 0.8 for the class counts .*at most epsilon 0.3"):  # auto, total 4
         site.preprocess(cfg)
     assert not (tmp_path / "A0" / "privacy.json").exists()  # refused before anything was released
     ok = dp_experiment(survival_hist_epsilon=0.2, stats_privacy={"class_counts_epsilon": 0.3, "genomic_epsilon": 0.25})
@@ -206,6 +209,35 @@ def test_calibration_leaves_room_for_the_releases(tiny_cohort_dir, tmp_path):
     assert entry["epsilon"] < entry["epsilon_total"] <= 4.0
     assert entry["epsilon_total"] == pytest.approx(total_epsilon([(nm, q, allowed)] + gaussian, pure, DELTA))
 
+
+
+def test_auto_release_epsilons_scale_with_each_sites_own_total(tiny_cohort_dir, tmp_path):
+    # fixed defaults (1 + 1.5 + 0.5) took a whole total of 1: a federation at target 1 was refused
+    fed = dp_experiment().federation
+    assert release_epsilons(fed, None) == ReleaseEpsilons(1.0, 1.5, 0.5)  # no DP: the reference values
+    assert release_epsilons(fed, 16.0) == ReleaseEpsilons(1.0, 1.5, 0.5)  # never more than at 8
+    assert release_epsilons(fed, 4.0) == ReleaseEpsilons(0.8, 0.8, 0.5)  # a fifth of the total, at most those
+    set_by_hand = dp_experiment(survival_hist_epsilon=None, stats_privacy={"genomic_epsilon": 0.7}).federation
+    assert release_epsilons(set_by_hand, 1.0) == ReleaseEpsilons(None, 0.2, 0.7)
+    with pytest.raises(ConfigError, match=r"class_counts_epsilon: expected float or 'auto' \(got 'half'\)"):
+        config_from_dict({"federation": {"stats_privacy": {"class_counts_epsilon": "half"}}}, "x.yaml")
+    cfg = tiny_experiment(local_dp={**DP, "target_epsilon": 1.0})
+    site = _sites(tiny_cohort_dir, cfg, tmp_path)["A0"]
+    reply = site.preprocess(cfg)  # no refusal at 1, and the releases are what "auto" resolves to there
+    assert reply["survival_hist_epsilon"] == 0.2
+    assert [r["kind"] for r in reply["releases"]] == [CLASS_COUNTS, GENOMIC_MOMENTS]
+    assert all(r["epsilon"] <= 0.2 + 1e-9 for r in reply["releases"])
+    entry = site._dp_round_entry(cfg, site.dp, site.ledger(), len(site._split(cfg)[0]), 1)[0]
+    assert entry["noise_multiplier"] > 0  # DP-SGD still has room within the total of 1
+    # a site whose own site.yaml total (0.5) is below the federation's scales by its own, and refuses
+    # before any release when a fifth of it is too small for a Gaussian release to certify
+    own = SiteRuntime("A1", site.cohort, site.cohort.site_indices("A1"), k_min=5,
+                      dp=dataclasses.replace(cfg.federation.local_dp, target_epsilon=0.5),
+                      state_dir=str(tmp_path / "A1"), dp_seed=3)
+    with pytest.raises(StatsPrivacyRefusal, match=r"site A1: .*class_counts_epsilon 0.1: no Gaussian noise .*'auto' is a "
+                                                  r"fifth of the site's local-DP total"):
+        own.preprocess(cfg)
+    assert not (tmp_path / "A1" / "privacy.json").exists()
 
 # ------------------------------------------------------------------------------ coordinator merge
 def test_noisy_moments_still_standardise_sanely_on_the_tiny_cohort(tiny_cohort_dir):

@@ -221,8 +221,10 @@ class StatsPrivacyConfig:
     """
 
     enabled: bool | None = None
-    class_counts_epsilon: float = field(default=1.5, metadata=_range(0.0, lo_open=True))  # noise sd 2.8 per cell
-    genomic_epsilon: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
+    # "auto": a fifth of the site's local-DP total, at most 1.5 and 0.5 (noise sd 2.8 per cell at
+    # 1.5); a number is used as it is (umeml.federation.stats_release.release_epsilons)
+    class_counts_epsilon: float | Literal["auto"] = field(default="auto", metadata=_range(0.0, lo_open=True))
+    genomic_epsilon: float | Literal["auto"] = field(default="auto", metadata=_range(0.0, lo_open=True))
     genomic_clip: float = field(default=3.0, metadata=_range(0.0, lo_open=True))
     # "checkpoint": no site releases genomic moments; the federation standardises genomics as the
     # public checkpoint (federation.init_checkpoint) was trained (its meta), at no privacy cost;
@@ -333,8 +335,9 @@ class FederationConfig:
     # what each site personalises, decided on an inner split of its training patients (PersonalisationConfig)
     personalisation: PersonalisationConfig = field(default_factory=PersonalisationConfig)
     # epsilon of the two-sided geometric noise each site adds to its preprocessing survival
-    # histogram; None sends exact counts (a patient's survival time to within one grid cell)
-    survival_hist_epsilon: float | None = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    # histogram; None sends exact counts (a patient's survival time to within one grid cell);
+    # "auto": 1.0, or a fifth of the site's local-DP total when that is smaller (release_epsilons)
+    survival_hist_epsilon: float | Literal["auto"] | None = field(default="auto", metadata=_range(0.0, lo_open=True))
     # DP releases of the class counts and genomic moments (on with local DP unless set)
     stats_privacy: StatsPrivacyConfig = field(default_factory=StatsPrivacyConfig)
     # where the survival bin edges and the genomic standardisation come from: "checkpoint": those
@@ -428,6 +431,8 @@ class SiteConfig:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -492,7 +497,7 @@ def _convert(value: Any, tp: Any, path: str, source: str) -> Any:
 
 
 def _check_range(value: Any, spec: tuple, path: str, source: str) -> None:
-    if value is None:
+    if value is None or isinstance(value, str):  # a Literal alternative ("auto") has no range
         return
     lo, hi, lo_open = spec
     if lo is not None and (value <= lo if lo_open else value < lo):

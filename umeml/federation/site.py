@@ -33,7 +33,14 @@ from umeml.federation.privacy import (
 from umeml.federation.protocol import SURVIVAL_GRID_TEXT, survival_grid
 from umeml.federation.scaffold import ControlExchange, ControlVariateStore, ScaffoldRound
 from umeml.federation.schedule import OptimizerStore
-from umeml.federation.stats_release import check_budget_room, check_cap, private_statistics
+from umeml.federation.stats_release import (
+    ReleaseEpsilons,
+    check_budget_room,
+    check_cap,
+    check_certifiable,
+    private_statistics,
+    release_epsilons,
+)
 from umeml.model.parts import apply_trainable
 from umeml.train.dp import resolve_dp, torch_seed, train_dp_steps, train_poisson_steps
 from umeml.train.evaluate import evaluate_predictions
@@ -173,6 +180,8 @@ class SiteRuntime:
         # without the task no survival value is read; from a checkpoint its bins: no histogram leaves either
         if "survival" in cfg.tasks and not cfg.federation.preprocessing_from_checkpoint:
             reply["survival_hist"] = self._survival_histogram(cfg, train)
+            # the epsilon it was noised at (a setting, resolved with the site's own total): privacy.json's record
+            reply["survival_hist_epsilon"] = self._release_epsilons(cfg).survival_hist
         if private:
             return {**reply, **self._private_statistics(cfg, train)}
         reply.update(grade_counts=label_counts([c.grade_index(i) for i in train], len(c.grades)),
@@ -191,32 +200,45 @@ class SiteRuntime:
         hist, _ = np.histogram(np.clip(times[events == 1], 0, grid[-1] - 1e-9), bins=grid)
         return self._released_histogram(cfg, hist.astype(np.int64))
 
+    def _release_epsilons(self, cfg: ExperimentConfig) -> ReleaseEpsilons:
+        """What each preprocessing release costs at this site: "auto" scales with the site's own
+        local-DP total (its ``site.yaml`` may set a lower one than the federation's)."""
+        settings, _ = resolve_dp(self.dp, cfg.federation.local_dp)
+        return release_epsilons(cfg.federation, None if settings is None else settings.target_epsilon)
+
     def _check_stats_cap(self, cfg: ExperimentConfig, private: bool) -> None:
         """Refuse, before anything is released, what the site's ``stats_privacy.max_epsilon`` forbids."""
-        sp = cfg.federation.stats_privacy
+        eps = self._release_epsilons(cfg)
         requests = {}
         if "survival" in cfg.tasks and not cfg.federation.preprocessing_from_checkpoint:
-            requests["the survival histogram (federation.survival_hist_epsilon)"] = cfg.federation.survival_hist_epsilon
+            requests["the survival histogram (federation.survival_hist_epsilon)"] = eps.survival_hist
         if private:
-            requests["the class counts (federation.stats_privacy.class_counts_epsilon)"] = sp.class_counts_epsilon
+            requests["the class counts (federation.stats_privacy.class_counts_epsilon)"] = eps.class_counts
             if self.cohort.gene_groups.dim and not cfg.federation.genomics_from_checkpoint:
-                requests["the genomic moments (federation.stats_privacy.genomic_epsilon)"] = sp.genomic_epsilon
+                requests["the genomic moments (federation.stats_privacy.genomic_epsilon)"] = eps.genomic
         else:
             requests["the class counts and genomic moments (federation.stats_privacy is off)"] = None
         check_cap(requests, self.stats_cap, self.site_file, self.site_id)
         settings, _ = resolve_dp(self.dp, cfg.federation.local_dp)
         if settings is not None and private:  # the releases share the site's total with DP-SGD
             check_budget_room(requests, settings.target_epsilon, self.site_id)
+        if private:  # a Gaussian release too small to certify fails here, not after the first release
+            gaussian = {"class_counts_epsilon": eps.class_counts}
+            if self.cohort.gene_groups.dim and not cfg.federation.genomics_from_checkpoint:
+                gaussian["genomic_epsilon"] = eps.genomic
+            delta = settings.delta if settings is not None else cfg.federation.local_dp.delta
+            check_certifiable(gaussian, delta, self.site_id)
 
     def _private_statistics(self, cfg: ExperimentConfig, train: np.ndarray) -> dict:
         """Class counts and genomic moments as DP releases, recorded in the site's ledger when it has one."""
         settings, _ = resolve_dp(self.dp, cfg.federation.local_dp)  # the delta the site's DP-SGD will use
         delta = settings.delta if settings is not None else cfg.federation.local_dp.delta
+        eps = self._release_epsilons(cfg)
         if self.state_dir is None:  # tests and ad-hoc simulations: noise, nowhere to record it
-            return private_statistics(self.cohort, train, cfg, self.site_id, delta, None, self.dp_seed)
+            return private_statistics(self.cohort, train, cfg, self.site_id, delta, eps, None, self.dp_seed)
         ledger = self.ledger()
         with ledger.locked():
-            return private_statistics(self.cohort, train, cfg, self.site_id, delta, ledger, self.dp_seed)
+            return private_statistics(self.cohort, train, cfg, self.site_id, delta, eps, ledger, self.dp_seed)
 
     def _released_histogram(self, cfg: ExperimentConfig, exact: np.ndarray) -> list[int]:
         """The survival histogram as it leaves the site: epsilon-DP unless the experiment asks for
@@ -229,7 +251,7 @@ class SiteRuntime:
         reproducible. With a state dir the release is recorded in the site's privacy ledger, and
         a repeated request for the same counts gets the same noisy answer.
         """
-        eps = cfg.federation.survival_hist_epsilon
+        eps = self._release_epsilons(cfg).survival_hist
         if eps is None:
             log.warning("site %s: sending an EXACT survival histogram (federation.survival_hist_epsilon is null): "
                         "it places each uncensored training patient's survival time within one grid cell (%s)",

@@ -54,6 +54,7 @@ import json
 import math
 import secrets
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -66,6 +67,43 @@ GENOMIC_SHARES = {"count": 0.1, "sum": 0.45, "sumsq": 0.45}  # fractions of 1/z^
 CLASS_NOISE_STREAM = 7927  # simulations' seeded noise streams (next to the histogram's 7919)
 GENOMIC_NOISE_STREAM = 7933
 MIN_VARIANCE = 0.01  # a DP variance never scales a gene by more than 10 (std >= 0.1)
+
+
+# "auto" release epsilons: each a fifth of the site's local-DP total, at most its value at a total of
+# 8 (where AUTO_SHARE of 8 is above them all): at 8 the three releases cost DP-SGD about a fifth of
+# its epsilon in the composed total (bench_stats_release), and at a small total they still leave it
+# room (fixed numbers took a total of 3 whole: a site at target 1 refused them). A fifth of a total
+# below about 1 is below what a Gaussian release can certify at delta 1e-5 (gaussian_noise_multiplier):
+# such a site refuses before releasing anything, and says which setting to raise.
+AUTO_SHARE = 0.2
+AUTO_AT_REFERENCE = {"survival_hist": 1.0, "class_counts": 1.5, "genomic": 0.5}
+
+
+@dataclass(frozen=True)
+class ReleaseEpsilons:
+    """The epsilon each preprocessing release of a site costs alone, "auto" resolved.
+
+    ``survival_hist`` None: exact counts (``federation.survival_hist_epsilon: null``).
+    """
+
+    survival_hist: float | None
+    class_counts: float
+    genomic: float
+
+
+def release_epsilons(fed, target: float | None) -> ReleaseEpsilons:
+    """The release epsilons of ``fed`` (a ``FederationConfig``) at a site whose local-DP total is
+    ``target`` (None: the site trains without DP, and "auto" takes the reference values)."""
+    def resolve(value, key: str) -> float | None:
+        if value == "auto":
+            ref = AUTO_AT_REFERENCE[key]
+            return ref if target is None else min(ref, AUTO_SHARE * float(target))
+        return None if value is None else float(value)
+
+    sp = fed.stats_privacy
+    return ReleaseEpsilons(survival_hist=resolve(fed.survival_hist_epsilon, "survival_hist"),
+                           class_counts=resolve(sp.class_counts_epsilon, "class_counts"),
+                           genomic=resolve(sp.genomic_epsilon, "genomic"))
 
 
 class StatsPrivacyRefusal(UmemlError):
@@ -104,6 +142,17 @@ def check_cap(requests: dict[str, float | None], cap: float | None, site_file: s
                 f"{where}: stats_privacy.max_epsilon: the federation asks for {asked} for {key}, more than this "
                 f"site allows (each release of statistics must cost at most epsilon {cap:g}); the site refuses to "
                 "release it: lower the federation's setting or raise the site's cap")
+
+
+def check_certifiable(requests: dict[str, float], delta: float, site_id: str) -> None:
+    """Refuse (``StatsPrivacyRefusal``), before anything is released, a Gaussian release whose
+    epsilon no noise can certify at ``delta`` (``requests``: name -> epsilon)."""
+    for key, eps in requests.items():
+        try:
+            gaussian_noise_multiplier(eps, delta, key)
+        except ValueError as err:
+            raise StatsPrivacyRefusal(f"site {site_id}: {err} ('auto' is a fifth of the site's local-DP total, at "
+                                      "most its value at a total of 8)") from err
 
 
 def check_budget_room(requests: dict[str, float | None], target: float, site_id: str) -> None:
@@ -363,15 +412,15 @@ def _recorded(ledger, kind: str, key: str, make, site: str, experiment: str) -> 
     return record
 
 
-def private_statistics(cohort, train: np.ndarray, cfg, site: str, delta: float, ledger=None,
-                       seed: int | None = None) -> dict:
-    """The class counts and genomic moments of a preprocess reply as DP releases, with their
-    public records under ``releases`` (see the module docstring). With a ``ledger`` (a
-    :class:`~umeml.federation.privacy.SiteLedger`, its lock held) each release is recorded there
-    and a repeated request gets the same answer."""
+def private_statistics(cohort, train: np.ndarray, cfg, site: str, delta: float, epsilons: ReleaseEpsilons,
+                       ledger=None, seed: int | None = None) -> dict:
+    """The class counts and genomic moments of a preprocess reply as DP releases at ``epsilons``
+    (the site's, :func:`release_epsilons`), with their public records under ``releases`` (see the
+    module docstring). With a ``ledger`` (a :class:`~umeml.federation.privacy.SiteLedger`, its
+    lock held) each release is recorded there and a repeated request gets the same answer."""
     sp = cfg.federation.stats_privacy
     cells, cell_sub, cell_grade = class_cells(cohort, train)
-    eps_c = float(sp.class_counts_epsilon)
+    eps_c = epsilons.class_counts
     counts = _recorded(ledger, CLASS_COUNTS, fingerprint(CLASS_COUNTS, cells, eps_c, float(delta), cell_sub, cell_grade),
                        lambda: class_counts_release(cells, cell_grade, eps_c, delta, seed), site, cfg.name)
     sub, grade = marginals(counts["noisy_cells"], cell_sub, cell_grade, len(cohort.subtypes), len(cohort.grades))
@@ -379,7 +428,7 @@ def private_statistics(cohort, train: np.ndarray, cfg, site: str, delta: float, 
     if cohort.gene_groups.dim and not cfg.federation.genomics_from_checkpoint:
         idx = np.asarray(train, dtype=np.int64)
         rows = cohort.genomics[idx][cohort.has_genomics[idx]].astype(np.float64)
-        clip, eps_g = float(sp.genomic_clip), float(sp.genomic_epsilon)
+        clip, eps_g = float(sp.genomic_clip), epsilons.genomic
         clipped = np.clip(rows, -clip, clip)
         key = fingerprint(GENOMIC_MOMENTS, float(len(rows)), clipped.sum(axis=0), (clipped ** 2).sum(axis=0), clip,
                           eps_g, float(delta))
