@@ -279,6 +279,20 @@ def test_each_release_is_listed_once_with_its_explanation(federated_dp_run, fede
     assert "survival_histogram" not in about and "class_counts" not in about and "local: per-patient DP-SGD" in about
 
 
+def test_the_preprocessing_notes_are_shown_next_to_the_releases(federated_dp_run, federated_page):
+    # privacy.json kept them, but the page did not show how the noisy statistics were used
+    notes = json.loads((federated_dp_run / "privacy.json").read_text())["preprocessing_notes"]
+    assert notes, "the tiny DP federation's merge should have noted its noise floors / shrinkage"
+    shown = federated_page.split("combined the training sites' statistics (costs no privacy):</p><ul>", 1)[1]
+    shown = shown.split("</ul>", 1)[0]
+    assert shown.count("<li>") == len(notes) and all(html_lib.escape(n) in shown for n in notes)
+    # a release whose sites used different epsilons ("auto" follows each site's own total) lists them
+    from umeml.report.build import _release_epsilon
+
+    assert _release_epsilon({"epsilon": 1.0, "epsilon_by_site": {"A0": 1.0, "A1": 1.0}}) == "1"
+    assert _release_epsilon({"epsilon": 1.0, "epsilon_by_site": {"A1": 0.4, "A0": 1.0}}) == "1 (the largest; A0: 1, A1: 0.4)"
+
+
 def test_figure_titles_fit_their_figures():
     rng = np.random.default_rng(0)
     six = ["ASTR", "OAST", "ODG", "AASTR", "AOAST", "GBM"]

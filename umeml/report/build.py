@@ -300,6 +300,7 @@ def _privacy_section(builder: ReportBuilder, ledger: dict) -> Section:
                        "target epsilon", "delta", "status"], rows) if rows
                else "<p>No DP-SGD training entries (neither local nor central DP was on).</p>")
             + (f"<p>One-off releases:</p><ul>{releases}</ul>" if releases else "")
+            + _preprocessing_notes(ledger)
             + (f"<p class='bad'>Training stopped: {html.escape(json.dumps(stopped))}</p>" if stopped else "")
             + (f"<p>About the ledger:</p><ul>{notes}</ul>" if notes else ""))
     sec = Section("Privacy ledger", body)
@@ -307,6 +308,28 @@ def _privacy_section(builder: ReportBuilder, ledger: dict) -> Section:
         sec.figures.append((builder.save(figures.privacy_epsilon(entries, {f"{v:g}": v for v in targets.values()}),
                                          "privacy_epsilon"), "Cumulative epsilon by round."))
     return sec
+
+
+def _preprocessing_notes(ledger: dict) -> str:
+    """How the coordinator combined the sites' (noisy) statistics: floors, shrinkage, fallbacks.
+    A reader judging the class weights or the genomic scale needs them next to the releases."""
+    notes = [str(n) for n in ledger.get("preprocessing_notes") or []]
+    if not notes:
+        return ""
+    return ("<p>How the coordinator combined the training sites' statistics (costs no privacy):</p><ul>"
+            + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+
+
+def _release_epsilon(r: dict) -> str:
+    """A release's epsilon as listed; per site where the sites used different ones ("auto" scales
+    with each site's own total)."""
+    eps = r.get("epsilon")
+    text = f"{eps:.3g}" if isinstance(eps, float) else str(eps)
+    by_site = r.get("epsilon_by_site") or {}
+    if len(set(by_site.values())) > 1:
+        text += " (the largest; " + ", ".join(f"{s}: {e:.3g}" if isinstance(e, float) else f"{s}: {e}"
+                                              for s, e in sorted(by_site.items())) + ")"
+    return text
 
 
 def _releases_and_notes(ledger: dict) -> tuple[str, str]:
@@ -320,9 +343,8 @@ def _releases_and_notes(ledger: dict) -> tuple[str, str]:
         about = [n[len(kind) + 1:].strip() for n in notes if n.startswith(f"{kind}:")]
         notes = [n for n in notes if not n.startswith(f"{kind}:")]
         site = f" (site {r['site']})" if r.get("site") else ""
-        eps = r.get("epsilon")
-        eps = f"{eps:.3g}" if isinstance(eps, float) else eps
-        items.append(f"<li>{html.escape(kind + site)}: epsilon {eps}, delta {r.get('delta')}"
+        items.append(f"<li>{html.escape(kind + site)}: epsilon {html.escape(_release_epsilon(r))}, "
+                     f"delta {r.get('delta')}"
                      + (f" ({html.escape(str(r['mechanism']))})" if r.get("mechanism") else "")
                      + "".join(f". {html.escape(a[:1].upper() + a[1:])}" for a in about) + "</li>")
     return "".join(items), "".join(f"<li>{html.escape(n)}</li>" for n in notes)
