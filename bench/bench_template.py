@@ -170,6 +170,26 @@ def _paired(a: dict, b: dict) -> np.ndarray:
     return np.array([a[s] - b[s] for s in sorted(set(a) & set(b))])
 
 
+def _paired_lines(rows: list[dict], names: list[str], reference: str, tasks: list[str]) -> list[str]:
+    """One line per setting other than ``reference`` with at least two seeds shared with it."""
+    out = []
+    for name in names:
+        if name == reference:
+            continue
+        parts = []
+        for t in tasks:
+            d = _paired(_by(rows, name, "held_out", t), _by(rows, reference, "held_out", t))
+            if len(d) > 1:
+                verdict = "tie" if abs(d.mean()) <= d.std(ddof=1) else ("better" if d.mean() > 0 else "worse")
+                parts.append(f"{t} {d.mean():+.3f} ± {d.std(ddof=1):.3f} ({verdict})")
+        d = _paired(_by(rows, name, "validation"), _by(rows, reference, "validation"))
+        if len(d) > 1:
+            parts.append(f"validation {d.mean():+.3f} ± {d.std(ddof=1):.3f}")
+        if parts:
+            out.append(f"- {name} minus reference: " + "; ".join(parts))
+    return out
+
+
 def tables(rows: list[dict], names: list[str], reference: str = NEW) -> str:
     """Mean ± sd over seeds per setting (held-out and validation), and each setting's paired
     per-seed difference from ``reference`` (a tie when |mean| <= sd of the differences)."""
@@ -183,21 +203,13 @@ def tables(rows: list[dict], names: list[str], reference: str = NEW) -> str:
         lines.append(f"| {name} | {len(seeds)} | " + " | ".join(mean_sd(_by(rows, name, "held_out", t).values())
                                                           for t in tasks)
                      + f" | {mean_sd(_by(rows, name, 'validation').values())} | {np.mean(secs):.0f} |")
-    lines += ["", f"Paired per-seed differences from `{reference}` (mean ± sd over seeds; a difference "
-              "inside its sd is a tie):", ""]
-    for name in names:
-        if name == reference:
-            continue
-        parts = []
-        for t in tasks:
-            d = _paired(_by(rows, name, "held_out", t), _by(rows, reference, "held_out", t))
-            if len(d) > 1:
-                verdict = "tie" if abs(d.mean()) <= d.std(ddof=1) else ("better" if d.mean() > 0 else "worse")
-                parts.append(f"{t} {d.mean():+.3f} ± {d.std(ddof=1):.3f} ({verdict})")
-        d = _paired(_by(rows, name, "validation"), _by(rows, reference, "validation"))
-        if len(d) > 1:
-            parts.append(f"validation {d.mean():+.3f} ± {d.std(ddof=1):.3f}")
-        lines.append(f"- {name} minus reference: " + "; ".join(parts))
+    paired = _paired_lines(rows, names, reference, tasks)
+    if paired:
+        lines += ["", f"Paired per-seed differences from `{reference}` (mean ± sd over seeds; a difference "
+                  "inside its sd is a tie):", "", *paired]
+    else:  # one setting, or fewer than two seeds shared with the reference: no spread to judge by
+        lines += ["", f"No paired differences from `{reference}`: they need another setting and at least two "
+                  "seeds run by both."]
     per_seed = ["", "Per seed, held-out grade / subtype / c-index (held-out site):", "",
                 "| seed | held-out site | " + " | ".join(names) + " |", "| --- | --- |" + " --- |" * len(names)]
     for seed in sorted({r["seed"] for r in rows}):

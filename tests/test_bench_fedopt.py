@@ -39,6 +39,16 @@ def test_paired_differences_call_a_gap_inside_its_spread_a_tie():
     assert f"- {old} minus reference: grade +0.010 ± 0.085 (tie)" in bench_template.tables(noisy, [old, new])
 
 
+
+def test_without_a_pair_the_tables_say_so_instead_of_an_empty_line():
+    old, new = bench_template.OLD, bench_template.NEW
+    alone = bench_template.tables([_row(s, new, 0.90, 0.6) for s in range(3)], [new])
+    one_seed = bench_template.tables([_row(0, new, 0.90, 0.6), _row(0, old, 0.95, 0.7)], [old, new])
+    for text in (alone, one_seed):
+        assert "minus reference" not in text and "Paired per-seed" not in text  # was a header and "- x minus reference: "
+        assert f"No paired differences from `{new}`" in text
+
+
 def test_pooled_validation_summary_prefers_the_earlier_of_tied_rounds():
     pv = bench_gbmlgg.PooledValidation.__new__(bench_gbmlgg.PooledValidation)
     pv.idx, pv.scores = [0] * 40, {1: 0.5, 2: 0.7, 3: 0.7, 4: 0.6, 5: 0.6, 6: 0.65}
