@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -227,7 +228,8 @@ def stamp(date: str | None = None, machine: str | None = None, cores: int | None
 def command(module: str, argv: Sequence[str] | None) -> str:
     """The command line that reproduces this run (``argv`` None: this process's arguments)."""
     args = list(argv) if argv is not None else sys.argv[1:]
-    return " ".join(["python -m", module, *args])
+    # quoted as a shell would need them: "--setting 'heads clip'" was written as two words
+    return " ".join(["python -m", module, *(shlex.quote(str(a)) for a in args)])
 
 
 _FENCE = re.compile(r"^\s*(```|~~~)")

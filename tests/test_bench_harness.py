@@ -4,6 +4,7 @@ picking, the /proc memory probes and the subprocess-worker protocol."""
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -128,3 +129,10 @@ def test_every_bench_script_has_help(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
     assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_the_recorded_command_keeps_an_argument_with_spaces_in_one_piece():
+    # bench_privacy wrote `--setting per-head clip groups` unquoted: pasted back it is four arguments
+    line = harness.command("bench.bench_privacy", ["--setting", "per-head clip groups", "--seeds", "0", "1"])
+    assert line == "python -m bench.bench_privacy --setting 'per-head clip groups' --seeds 0 1"
+    assert shlex.split(line)[3:5] == ["--setting", "per-head clip groups"]
