@@ -46,7 +46,7 @@ MAX_PATCHES = 64  # synthetic bags cut to 64 patches (the demo uses 256): a shar
 PUBLIC_STAIN = 1.2  # the public synthetic sites' stain shift (private and held out: the demo's 0.4)
 REFERENCE, PUBLIC_ALONE = "reference (non-DP federated)", "public alone"
 PUBLIC_LINEAR = "public alone (linear)"  # the linear model trained centrally on the public sites
-FEDERATION_KEYS = frozenset({"server_momentum", "preprocessing_source", "strategy"})
+FEDERATION_KEYS = frozenset({"server_momentum", "preprocessing_source", "strategy", "lr_schedule", "warmup_rounds"})
 
 
 @dataclasses.dataclass

@@ -169,6 +169,22 @@ def test_fedprox_term_is_applied_outside_the_dp_optimizer(tmp_path):
     assert anchored < 0.7 * free, (free, anchored)
 
 
+
+@pytest.mark.parametrize("with_dp", [True, False], ids=["dp", "recipe-without-dp"])
+def test_the_round_schedule_scales_the_learning_rate_of_the_dp_recipe(tmp_path, with_dp):
+    # federation.lr_schedule's factor reached plain training only: under DP (and the recipe's no-DP
+    # twin) every round trained at the full rate, the schedule silently ignored
+    cfg = experiment(dp_recipe={"enabled": True, "lr": 0.05, "momentum": 0.0, "apply_without_dp": not with_dp})
+    dp = DPConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0, target_epsilon=1000) if with_dp else None
+
+    def distance(lr_scale):
+        sites, prep, weights = _site_setup(tmp_path / f"s{lr_scale}", cfg, dp, seed=11)
+        new, _ = sites["A0"].train(cfg, prep, weights, 1, lr_scale=lr_scale)
+        return float(torch.sqrt(sum(((new[k].float() - weights[k].float()) ** 2).sum() for k in weights)))
+
+    full, quarter = distance(1.0), distance(0.25)
+    assert full > 0 and quarter == pytest.approx(0.25 * full, rel=0.3), (full, quarter)
+
 # --------------------------------------------------------------------------- federation level
 def test_epsilon_accumulates_across_rounds_and_resume(tmp_path):
     cfg = experiment(**local_dp(target_epsilon=100))

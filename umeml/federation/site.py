@@ -317,9 +317,9 @@ class SiteRuntime:
         torch.manual_seed(local_training_seed(cfg.seed, self.site_id, server_round))
         if settings is not None:
             with self.ledger().locked():
-                return self._train_dp(cfg, prep, state, server_round, proximal_mu, settings)
+                return self._train_dp(cfg, prep, state, server_round, proximal_mu, settings, lr_scale=lr_scale)
         if cfg.federation.dp_recipe.enabled and cfg.federation.dp_recipe.apply_without_dp:
-            return self._train_recipe_without_dp(cfg, prep, state, server_round, proximal_mu)
+            return self._train_recipe_without_dp(cfg, prep, state, server_round, proximal_mu, lr_scale=lr_scale)
         return self._train_plain(cfg, prep, state, server_round, proximal_mu, lr_scale, control)
 
     def _train_plain(self, cfg: ExperimentConfig, prep: Preprocessing, state: dict, server_round: int,
@@ -406,9 +406,10 @@ class SiteRuntime:
         return entry, allowed, planned, spe
 
     def _train_dp(self, cfg: ExperimentConfig, prep: Preprocessing, state: dict, server_round: int,
-                  proximal_mu: float, dp: DPConfig) -> tuple[dict | None, dict]:
+                  proximal_mu: float, dp: DPConfig, lr_scale: float = 1.0) -> tuple[dict | None, dict]:
         """DP-SGD for as many steps as the site's remaining budget allows (see
-        :meth:`_dp_round_entry`), then the ledger entry, written before the update leaves."""
+        :meth:`_dp_round_entry`), then the ledger entry, written before the update leaves. The
+        round's ``lr_scale`` (the coordinator's schedule) scales the learning rate as without DP."""
         t0 = time.perf_counter()
         train_idx, _ = self._split(cfg)
         n_train = int(len(train_idx))
@@ -426,7 +427,7 @@ class SiteRuntime:
             return None, {"skipped": reason, "privacy": entry}
         model, device = self._trainable_model(cfg, prep, state)
         ds = make_dataset(cfg, self.cohort, train_idx, prep, train=True)
-        optimizer = make_optimizer(model, dp_train_settings(cfg))
+        optimizer = make_optimizer(model, dp_train_settings(cfg), lr_scale)  # the schedule was dropped under DP
         stats = train_dp_steps(
             model, ds, optimizer, loss_settings(cfg, prep).to(device), device,
             sample_rate=entry["sample_rate"], noise_multiplier=entry["noise_multiplier"],
@@ -444,7 +445,7 @@ class SiteRuntime:
         return new_state, metrics
 
     def _train_recipe_without_dp(self, cfg: ExperimentConfig, prep: Preprocessing, state: dict, server_round: int,
-                                 proximal_mu: float) -> tuple[dict | None, dict]:
+                                 proximal_mu: float, lr_scale: float = 1.0) -> tuple[dict | None, dict]:
         """The DP recipe's training without DP (``dp_recipe.apply_without_dp``): the schedule of
         :func:`dp_schedule` and the optimizer of :func:`dp_train_settings`, Poisson batches, no
         clipping, no noise, no ledger entry (nothing is privatised)."""
@@ -454,7 +455,8 @@ class SiteRuntime:
         model, device = self._trainable_model(cfg, prep, state)
         ds = make_dataset(cfg, self.cohort, train_idx, prep, train=True)
         stats = train_poisson_steps(
-            model, ds, make_optimizer(model, dp_train_settings(cfg)), loss_settings(cfg, prep).to(device), device,
+            model, ds, make_optimizer(model, dp_train_settings(cfg), lr_scale), loss_settings(cfg, prep).to(device),
+            device,
             sample_rate=q, steps=planned, steps_per_epoch=spe, proximal_mu=proximal_mu,
             seed=local_training_seed(cfg.seed, self.site_id, server_round), num_workers=cfg.train.num_workers,
             on_epoch=lambda e: ds.set_epoch(server_round * 1000 + e))
