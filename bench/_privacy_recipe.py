@@ -422,7 +422,8 @@ def tune_table(rows: list[dict]) -> list[str]:
     """Markdown rows of a tuning pass: validation metrics (mean over seeds) per candidate, best first."""
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["world"], r["variant"], json.dumps(r["tune"])), []).append(r)
+        world = r["world"] + (f" (epsilon {r['epsilon']:g})" if "epsilon" in r else "")  # else at 8
+        groups.setdefault((world, r["variant"], json.dumps(r["tune"])), []).append(r)
     keys = [f"val_{k}" for k in METRIC_KEYS]
     out = []
     for (world, variant, tune), rs in groups.items():

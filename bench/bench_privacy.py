@@ -137,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--tune", nargs="+", metavar="JSON",
                     help="tuning pass: each JSON a set of overrides, run at epsilon 8; prints only the training "
                          "sites' validation metrics (the held-out sites stay unseen)")
+    ap.add_argument("--tune-epsilon", type=float, default=8.0, help="the target epsilon of --tune's runs")
     ap.add_argument("--notes", type=Path, help="with --recipe and --write: markdown appended to the section (how it was run)")
     ap.add_argument("--tune-rows", type=Path, nargs="+", help="with --recipe: add the tuning pass these --tune logs hold")
     ap.add_argument("--recipe-rows", type=Path, nargs="+",
@@ -184,7 +185,8 @@ def _work() -> Path:
 
 
 def tune_part(args) -> None:
-    """The tuning pass: validation metrics of each override set at epsilon 8 (held-out never shown)."""
+    """The tuning pass: validation metrics of each override set at ``--tune-epsilon`` (8 unless
+    set; held-out never shown)."""
     from bench import _privacy_recipe as recipe
 
     work = _work()
@@ -196,11 +198,13 @@ def tune_part(args) -> None:
                 for variant in args.variants or ["umeml public + heads"]:
                     model = "linear" if recipe.public_of(variant) == recipe.PUBLIC_LINEAR else "umeml"
                     public, _ = recipe.public_checkpoint(world, seed, work, model)
-                    cfg = recipe.variant_config(world, variant, 8.0, seed, public, over)
+                    eps = args.tune_epsilon
+                    cfg = recipe.variant_config(world, variant, eps, seed, public, over)
                     cfg = dataclasses.replace(cfg, name=cfg.name + "-tune-" + "".join(c for c in text if c.isalnum()))
-                    row = recipe.run_one(world, cfg, variant, 8.0, seed, work)
+                    row = recipe.run_one(world, cfg, variant, eps, seed, work)
                     val = {k: round(v, 3) for k, v in row.items() if k.startswith("val_") and v is not None}
-                    print(json.dumps({"tune": over, "world": name, "variant": variant, "seed": seed, **val,
+                    at = {} if eps == 8.0 else {"epsilon": eps}  # rows of earlier passes (all at 8) carry none
+                    print(json.dumps({"tune": over, "world": name, "variant": variant, "seed": seed, **at, **val,
                                       "spent": row["spent"], "wall_s": row["wall_s"], "load": row["load"]}), flush=True)
 
 

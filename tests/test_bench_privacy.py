@@ -73,3 +73,11 @@ def test_versus_rows_pair_the_same_row_and_seed_of_the_two_grids(world):
     assert lines == ["| synthetic | linear | 8 | 2 | -0.095 ± 0.007 | - | +0.150 ± 0.071 |"]
     assert recipe.variant_config(world, "linear", 8.0, 0, "p.pt", {"clip_groups": "heads"}) \
         .federation.dp_recipe.clip_groups == "heads"
+
+
+def test_a_tuning_pass_at_another_epsilon_is_listed_apart_from_the_passes_at_8():
+    row = {"world": "synthetic", "variant": "linear", "tune": {}, "load": 1.0,
+           "val_grade_auc_macro": 0.8, "val_subtype_auc_macro": 0.7, "val_survival_c_index": 0.6}
+    lines = recipe.tune_table([row, {**row, "seed": 1}, {**row, "epsilon": 1.0, "val_grade_auc_macro": 0.5}])
+    assert len(lines) == 2 and lines[0].startswith("| synthetic | linear | `{}` | 2 | 0.800 | 0.700 | 0.600 |")
+    assert lines[1].startswith("| synthetic (epsilon 1) | linear | `{}` | 1 | 0.500 |")
