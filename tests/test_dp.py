@@ -1,6 +1,7 @@
 """Local DP-SGD at the sites: Poisson sampling with empty batches, accounting over rounds and
 resumed runs, the budget stop, FedProx outside the DP optimizer, and the privacy ledgers."""
 
+import dataclasses
 import json
 import warnings
 
@@ -184,6 +185,32 @@ def test_the_round_schedule_scales_the_learning_rate_of_the_dp_recipe(tmp_path, 
 
     full, quarter = distance(1.0), distance(0.25)
     assert full > 0 and quarter == pytest.approx(0.25 * full, rel=0.3), (full, quarter)
+
+
+def test_under_more_noise_the_recipe_steps_smaller_as_the_rule_says(tmp_path):
+    # at epsilon 1 the lr tuned at 8 (noise multiplier 5.6x larger) diverged on the demo
+    from umeml.federation.site import noise_lr_factor
+
+    cfg = experiment(dp_recipe={"enabled": True, "lr": 0.05, "momentum": 0.0})
+    dp1 = DPConfig(enabled=True, target_epsilon=1.0, max_grad_norm=1.0)
+    steps = cfg.federation.rounds * 2
+    expected = calibrate_noise(8.0, dp1.delta, 0.5, steps) / calibrate_noise(1.0, dp1.delta, 0.5, steps)
+    assert noise_lr_factor(cfg, dp1, 0.5, 2) == pytest.approx(expected) and 0.1 < expected < 0.5
+    assert noise_lr_factor(cfg, dataclasses.replace(dp1, target_epsilon=8.0), 0.5, 2) == 1.0  # as tuned
+    assert noise_lr_factor(cfg, dataclasses.replace(dp1, target_epsilon=20.0), 0.5, 2) == 1.0  # never larger
+    assert noise_lr_factor(cfg, dataclasses.replace(dp1, noise_multiplier=2 * calibrate_noise(8.0, dp1.delta, 0.5, steps)),
+                           0.5, 2) == pytest.approx(0.5, rel=0.02)  # a configured noise multiplier counts
+    fixed = experiment(dp_recipe={"enabled": True, "lr": 0.05, "momentum": 0.0, "lr_rule": "fixed"})
+    assert noise_lr_factor(fixed, dp1, 0.5, 2) == 1.0
+
+    def distance(c):
+        sites, prep, weights = _site_setup(tmp_path / c.federation.dp_recipe.lr_rule, c, dp1, seed=11)
+        new, metrics = sites["A0"].train(c, prep, weights, 1)
+        q = metrics["privacy"]["sample_rate"]
+        return float(torch.sqrt(sum(((new[k].float() - weights[k].float()) ** 2).sum() for k in weights))), q
+
+    (scaled, q), (full, _) = distance(cfg), distance(fixed)
+    assert scaled == pytest.approx(noise_lr_factor(cfg, dp1, q, 2) * full, rel=0.3), (scaled, full)
 
 # --------------------------------------------------------------------------- federation level
 def test_epsilon_accumulates_across_rounds_and_resume(tmp_path):

@@ -178,6 +178,12 @@ class DPRecipeConfig:
     # (each task head and the rest of the trainable model its own norm C / sqrt(K), K groups:
     # the same sensitivity max_grad_norm, the same noise and epsilon; README, Privacy)
     clip_groups: Literal["joint", "heads"] = "joint"
+    # the learning rate under noise: "noise_scaled" multiplies lr by sigma_ref / sigma (at most 1),
+    # the noise multipliers the planned steps need at lr_reference_epsilon and at the site's total
+    # (its configured one, if any), so the noise each step adds stays what lr was tuned for at the
+    # reference; at epsilon 1 the fixed lr of epsilon 8 diverged (docs/benchmarks.md). "fixed": lr as it is
+    lr_rule: Literal["fixed", "noise_scaled"] = "noise_scaled"
+    lr_reference_epsilon: float = field(default=8.0, metadata=_range(0.0, lo_open=True))
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,24 @@ def dp_train_settings(cfg: ExperimentConfig) -> TrainConfig:
     return replace(cfg.train, optimizer="sgd", lr=recipe.lr, momentum=recipe.momentum, weight_decay=0.0)
 
 
+def noise_lr_factor(cfg: ExperimentConfig, dp: DPConfig, sample_rate: float, planned: int) -> float:
+    """The DP recipe's learning-rate factor under noise (``dp_recipe.lr_rule``): sigma_ref / sigma,
+    at most 1, where sigma_ref and sigma are the noise multipliers that the experiment's planned
+    steps (rounds x ``planned`` at ``sample_rate``) alone need for ``lr_reference_epsilon`` and for
+    the site's total (or the site's configured noise multiplier). Releases and earlier
+    experiments are left out of both, so the factor is a function of the plan: exactly 1 at the
+    reference epsilon, sigma_8 / sigma_1 = 0.18 at a total of 1 for the demo's plan."""
+    recipe = cfg.federation.dp_recipe
+    if not recipe.enabled or recipe.lr_rule == "fixed":
+        return 1.0
+    steps = cfg.federation.rounds * planned
+    ref = calibrate_noise(recipe.lr_reference_epsilon, dp.delta, sample_rate, steps, dp.accountant)
+    sigma = dp.noise_multiplier or calibrate_noise(dp.target_epsilon, dp.delta, sample_rate, steps, dp.accountant)
+    if ref is None or not sigma:  # nothing to scale by (a budget no noise reaches trains no step)
+        return 1.0
+    return min(1.0, float(ref) / float(sigma))
+
+
 def dp_clip_groups(cfg: ExperimentConfig) -> str:
     """How DP-SGD clips per sample: the recipe's ``clip_groups`` when ``federation.dp_recipe.enabled``,
     else ``"joint"`` (one norm, as Opacus). Either way the sensitivity is ``max_grad_norm``."""
@@ -427,7 +445,11 @@ class SiteRuntime:
             return None, {"skipped": reason, "privacy": entry}
         model, device = self._trainable_model(cfg, prep, state)
         ds = make_dataset(cfg, self.cohort, train_idx, prep, train=True)
-        optimizer = make_optimizer(model, dp_train_settings(cfg), lr_scale)  # the schedule was dropped under DP
+        noise_factor = noise_lr_factor(cfg, dp, entry["sample_rate"], planned)
+        if noise_factor < 1.0:
+            log.info("site %s, round %d: learning rate x %.3g under noise multiplier %.3g (dp_recipe.lr_rule)",
+                     self.site_id, server_round, noise_factor, entry["noise_multiplier"])
+        optimizer = make_optimizer(model, dp_train_settings(cfg), lr_scale * noise_factor)
         stats = train_dp_steps(
             model, ds, optimizer, loss_settings(cfg, prep).to(device), device,
             sample_rate=entry["sample_rate"], noise_multiplier=entry["noise_multiplier"],
