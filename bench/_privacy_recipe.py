@@ -47,6 +47,8 @@ PUBLIC_STAIN = 1.2  # the public synthetic sites' stain shift (private and held 
 REFERENCE, PUBLIC_ALONE = "reference (non-DP federated)", "public alone"
 PUBLIC_LINEAR = "public alone (linear)"  # the linear model trained centrally on the public sites
 FEDERATION_KEYS = frozenset({"server_momentum", "preprocessing_source", "strategy", "lr_schedule", "warmup_rounds"})
+# model settings under tuning: they reach the public checkpoints too (same architecture)
+MODEL_KEYS = frozenset({"survival_head"})
 
 
 @dataclasses.dataclass
@@ -149,18 +151,27 @@ def public_of(variant: str) -> str:
     return PUBLIC_LINEAR if variant == "linear public" else PUBLIC_ALONE
 
 
-def public_checkpoint(world: World, seed: int, work: Path, model: str = "umeml") -> tuple[Path, dict]:
+def model_overrides(overrides: dict | None) -> dict:
+    """The :data:`MODEL_KEYS` of a set of overrides (what a public checkpoint must be trained with)."""
+    return {k: v for k, v in (overrides or {}).items() if k in MODEL_KEYS}
+
+
+def public_checkpoint(world: World, seed: int, work: Path, model: str = "umeml",
+                      model_overrides: dict | None = None) -> tuple[Path, dict]:
     """``model`` (UMEML or linear) trained centrally on the public sites; its best checkpoint and
-    held-out metrics."""
+    held-out metrics. ``model_overrides`` (:data:`MODEL_KEYS`) change its architecture, and its
+    run directory's name with them."""
     from umeml.data.splits import make_split
     from umeml.rundir import read_final
     from umeml.train.central import train_central
 
-    out = work / (f"{world.name}-public-{seed}" if model == "umeml" else f"{world.name}-public-{model}-{seed}")
+    tag = "".join(f"-{k}-{v}" for k, v in sorted((model_overrides or {}).items()))
+    out = work / ((f"{world.name}-public-{seed}" if model == "umeml" else f"{world.name}-public-{model}-{seed}") + tag)
     if (out / "final.json").is_file():  # trained by an earlier process on the same work dir
         return out / "checkpoints" / "best.pt", read_final(out / "final.json").to_json()["test"]
     base = world.public_train
-    cfg = dataclasses.replace(base, seed=seed, name="public", model=dataclasses.replace(base.model, name=model),
+    cfg = dataclasses.replace(base, seed=seed, name="public",
+                              model=dataclasses.replace(base.model, name=model, **(model_overrides or {})),
                               split=dataclasses.replace(base.split, test_sites=world.held))
     split = make_split(world.cohort, world.held, 1, cfg.split.val_fraction, seed, world.public)
     final = train_central(cfg, world.cohort, out, split=split, progress=False)
@@ -171,7 +182,7 @@ def variant_config(world: World, variant: str, eps: float, seed: int, public: Pa
     """The experiment of one row: the world's recipe, the variant's model / initialisation /
     trainable part, DP at ``eps`` or (inf) the identical run without DP; ``overrides``: recipe
     settings under tuning (``rounds``, ``trainable``, ``survival_alpha``, ``max_grad_norm``, the federation keys of
-    :data:`FEDERATION_KEYS` and any ``dp_recipe`` key)."""
+    :data:`FEDERATION_KEYS`, the model keys of :data:`MODEL_KEYS` and any ``dp_recipe`` key)."""
     from umeml.server.cli import with_local_dp
 
     base = world.recipe
@@ -190,6 +201,8 @@ def variant_config(world: World, variant: str, eps: float, seed: int, public: Pa
     over.pop("trainable", None)
     if "rounds" in over:
         fed = dataclasses.replace(fed, rounds=over["rounds"], evaluate_every=over.pop("rounds"))
+    for key in MODEL_KEYS & set(over):  # the public checkpoint was trained with them (run_grid)
+        model = dataclasses.replace(model, **{key: over.pop(key)})
     for key in FEDERATION_KEYS & set(over):  # federation settings under tuning (not the recipe's own)
         fed = dataclasses.replace(fed, **{key: over.pop(key)})
     if "survival_alpha" in over:
@@ -271,7 +284,7 @@ def run_grid(world: World, epsilons, seeds, work: Path, variants=VARIANTS, refer
             if row == PUBLIC_LINEAR and "linear public" not in variants:
                 continue
             t0 = time.perf_counter()
-            publics[row], test = public_checkpoint(world, seed, work, model)
+            publics[row], test = public_checkpoint(world, seed, work, model, model_overrides(overrides))
             rows.append({"world": world.name, "variant": row, "epsilon": None, "seed": seed, "spent": None,
                          "wall_s": round(time.perf_counter() - t0, 1), "load": os.getloadavg()[0], **metrics_row(test)})
             log(rows[-1])

@@ -197,7 +197,7 @@ def tune_part(args) -> None:
             for seed in args.seeds:
                 for variant in args.variants or ["umeml public + heads"]:
                     model = "linear" if recipe.public_of(variant) == recipe.PUBLIC_LINEAR else "umeml"
-                    public, _ = recipe.public_checkpoint(world, seed, work, model)
+                    public, _ = recipe.public_checkpoint(world, seed, work, model, recipe.model_overrides(over))
                     eps = args.tune_epsilon
                     cfg = recipe.variant_config(world, variant, eps, seed, public, over)
                     cfg = dataclasses.replace(cfg, name=cfg.name + "-tune-" + "".join(c for c in text if c.isalnum()))

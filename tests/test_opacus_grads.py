@@ -30,6 +30,8 @@ VARIANTS = [(name, {}) for name in available_models()] + [
     ("umeml", {"modalities": ("genomics",)}),
     ("late_fusion", {"fusion": "bilinear"}),
     ("linear", {"modalities": ("genomics",)}),
+    ("linear", {"survival_head": "proportional"}),
+    ("umeml", {"survival_head": "proportional"}),
     ("umeml", {"spatial_context": "neighbours"}),
     ("umeml", {"spatial_context": "neighbours", "spatial_radius": 2, "use_cross_attention": False}),
 ]

@@ -107,6 +107,9 @@ class ModelConfig:
     # reads coords (the shipped default)
     spatial_context: Literal["none", "neighbours"] = "none"
     spatial_radius: int = field(default=1, metadata=_range(1, 4))
+    # the survival head (umeml/model/blocks.py): "bins", a free linear map per time bin (the
+    # published models'), or "proportional", one risk direction plus a baseline per bin
+    survival_head: Literal["bins", "proportional"] = "bins"
 
 
 @dataclass(frozen=True)

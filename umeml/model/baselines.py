@@ -84,7 +84,7 @@ class ABMIL(nn.Module):
         d = cfg.hidden_dim
         self.branch = ABMILBranch(feature_dim, cfg)
         self.rho = nn.Sequential(nn.Linear(d, d), nn.ReLU(), dropout(cfg.dropout))
-        self.heads = TaskHeads(d, heads)
+        self.heads = TaskHeads(d, heads, cfg.survival_head)
 
     def forward(self, features, patch_mask, genomics, has_path, has_genomics, coords=None) -> ModelOutput:
         """See :class:`umeml.model.UMEML`; ``attention['patch']`` holds the MIL weights."""
@@ -103,7 +103,7 @@ class SNN(nn.Module):
     def __init__(self, cfg: ModelConfig, feature_dim: int, group_sizes: tuple[int, ...], heads: dict[str, int]):
         super().__init__()
         self.branch = SNNBranch(group_sizes, cfg)
-        self.heads = TaskHeads(cfg.hidden_dim, heads)
+        self.heads = TaskHeads(cfg.hidden_dim, heads, cfg.survival_head)
 
     def forward(self, features, patch_mask, genomics, has_path, has_genomics, coords=None) -> ModelOutput:
         """See :class:`umeml.model.UMEML`."""
@@ -124,7 +124,7 @@ class LateFusion(nn.Module):
             self.fusion = BilinearFusion(d, rank=min(d, 32), drop=cfg.dropout)
         else:
             self.fusion = ConcatFusion([d, d], d, cfg.dropout)
-        self.heads = TaskHeads(d, heads)
+        self.heads = TaskHeads(d, heads, cfg.survival_head)
 
     def forward(self, features, patch_mask, genomics, has_path, has_genomics, coords=None) -> ModelOutput:
         """See :class:`umeml.model.UMEML`."""
@@ -171,7 +171,7 @@ class LinearBaseline(nn.Module):
             self.group_sizes = tuple(group_sizes)
             self.missing_gen = LearnedTokens(1, sum(group_sizes))
             width += sum(group_sizes)
-        self.heads = TaskHeads(width, heads)
+        self.heads = TaskHeads(width, heads, cfg.survival_head)
 
     def forward(self, features, patch_mask, genomics, has_path, has_genomics, coords=None) -> ModelOutput:
         """See :class:`umeml.model.UMEML`."""

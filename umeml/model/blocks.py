@@ -30,6 +30,7 @@ __all__ = [
     "GatedAttentionPool",
     "LearnedTokens",
     "ModelOutput",
+    "ProportionalHazards",
     "SNNBlock",
     "SelfAttentionLayer",
     "TaskHeads",
@@ -284,17 +285,51 @@ class BilinearFusion(nn.Module):
         return self.out((a1.unsqueeze(2) * b1.unsqueeze(1)).flatten(1))
 
 
-class TaskHeads(nn.Module):
-    """One linear head per task on the fused representation: ``{task: (B, n_out)}``."""
+class ProportionalHazards(nn.Module):
+    """Discrete-time proportional-hazards head: ``logit_k = b_k + w . z`` (B, n_bins).
 
-    def __init__(self, dim: int, heads: dict[str, int]):
+    One risk direction ``w`` shared by every time bin plus a baseline ``b_k`` per bin (the
+    discrete-time logistic hazard model), instead of a free linear map per bin. Why: with a free
+    map a bin's weights can point anywhere, and the risk score ``-sum_k S_k`` is then not monotone
+    in any one direction of ``z``; with few patients or under DP noise the late bins' weights were
+    learnt against the early ones' and the c-index fell below 0.5. Here every bin's signal moves
+    the same ``w`` and the risk is monotone in ``w . z`` by construction, with ``dim + n_bins``
+    parameters instead of ``(dim + 1) n_bins``. The baselines are :class:`LearnedTokens` (exact
+    per-sample gradients) and ``w`` an ``nn.Linear`` without bias (the baselines are its bias).
+    """
+
+    def __init__(self, dim: int, n_bins: int):
+        super().__init__()
+        self.risk = nn.Linear(dim, 1, bias=False)
+        self.baseline = LearnedTokens(1, n_bins)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, dim) -> hazard logits (B, n_bins)."""
+        return self.baseline(z.detach())[:, 0] + self.risk(z)
+
+
+SURVIVAL_HEADS = ("bins", "proportional")
+
+
+class TaskHeads(nn.Module):
+    """One linear head per task on the fused representation: ``{task: (B, n_out)}``.
+
+    ``survival_head`` chooses the survival task's head: ``"bins"`` (a free ``nn.Linear`` per
+    bin, the published models' head) or ``"proportional"`` (:class:`ProportionalHazards`).
+    """
+
+    def __init__(self, dim: int, heads: dict[str, int], survival_head: str = "bins"):
         super().__init__()
         if not heads:
             raise ValueError("heads: give at least one task, e.g. {'grade': 3}")
+        if survival_head not in SURVIVAL_HEADS:
+            raise ValueError(f"survival_head must be one of {', '.join(SURVIVAL_HEADS)}, got {survival_head!r}")
         for task, n_out in heads.items():
             if not isinstance(n_out, int) or n_out < 1:
                 raise ValueError(f"heads[{task!r}]: output size must be a positive int, got {n_out!r}")
-        self.heads = nn.ModuleDict({task: nn.Linear(dim, n_out) for task, n_out in heads.items()})
+        self.heads = nn.ModuleDict({
+            task: ProportionalHazards(dim, n_out) if task == "survival" and survival_head == "proportional"
+            else nn.Linear(dim, n_out) for task, n_out in heads.items()})
 
     def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, dim) -> dict of logits."""

@@ -191,7 +191,7 @@ class UMEML(nn.Module):
                 self.fusion = ConcatFusion([d, d], d, cfg.dropout)
         else:
             self.fusion = ConcatFusion([d], d, cfg.dropout)
-        self.heads = TaskHeads(d, heads)
+        self.heads = TaskHeads(d, heads, cfg.survival_head)
         self.use_modularity = cfg.use_modularity and self.use_path
 
     def compute_modularity(self, hn, s_p, s_g, beta, valid) -> torch.Tensor:
