@@ -147,6 +147,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="with --recipe-rows: logs of the same grid under the recipe as shipped; writes the section "
                          f"'{VERSUS_TITLE[3:]}' (the --recipe-rows grid, its paired differences from these rows, goals)")
     ap.add_argument("--setting", default="", help="with --before-rows: what the --recipe-rows grid changed (a phrase)")
+    ap.add_argument("--before-setting", default="the recipe as shipped",
+                    help="with --before-rows: what those rows ran (a phrase; default: the recipe as shipped)")
     ap.add_argument("--skip-cost", action="store_true")
     ap.add_argument("--skip-utility", action="store_true")
     ap.add_argument("--write", type=Path, help=f"replace the section '{TITLE[3:]}' of this markdown file")
@@ -242,6 +244,15 @@ def recipe_part(args) -> str:
             + "\n" + tune_section(args))
 
 
+def versus_title(args) -> str:
+    """The section a ``--before-rows`` comparison writes: its own per ``--before-setting`` other
+    than the shipped recipe (so comparing against an earlier default never replaces the section
+    of another comparison), else :data:`VERSUS_TITLE`."""
+    if args.before_setting == "the recipe as shipped":
+        return VERSUS_TITLE
+    return f"## Privacy: the DP recipe, {args.setting or 'a changed setting'} vs {args.before_setting} (issue 17)"
+
+
 def versus_part(args) -> str:
     """The grid of ``--recipe-rows`` (a setting changed) against ``--before-rows`` (the recipe as
     shipped, same seeds): both grids, paired per-seed differences, the goals of the new grid."""
@@ -259,17 +270,18 @@ def versus_part(args) -> str:
     paired = ("| world | rows | epsilon | seeds | grade auc_macro | subtype auc_macro | survival c_index |\n"
               "| --- | --- | --- | --- | --- | --- | --- |\n")
     variants = [v for v in recipe.VARIANTS if any(r["variant"] == v for r in after)]
-    return (f"### {args.setting or 'changed setting'} vs the recipe as shipped (1-min load average "
+    then = args.before_setting
+    return (f"### {args.setting or 'changed setting'} vs {then} (1-min load average "
             f"{min(loads):.1f}-{max(loads):.1f})\n\n" + recipe_setup(args)
             + f"With {args.setting or 'the changed setting'}:\n\n" + header
             + "\n".join(recipe.format_summary(s) for s in recipe.summarise(after))
-            + "\n\nThe recipe as shipped, the same seeds:\n\n" + header
+            + f"\n\nWith {then}, the same seeds:\n\n" + header
             + "\n".join(recipe.format_summary(s) for s in recipe.summarise(before))
-            + f"\n\nPaired per-seed differences, {args.setting or 'changed'} minus as shipped (mean ± sd over seeds):"
+            + f"\n\nPaired per-seed differences, {args.setting or 'changed'} minus {then} (mean ± sd over seeds):"
               "\n\n" + paired + "\n".join(recipe.versus_rows(after, before))
             + f"\n\nGoals with {args.setting or 'the changed setting'}:\n\n"
             + "\n".join(line for v in variants for line in recipe.goal_lines(after, v))
-            + "\n\nGoals of the recipe as shipped, the same seeds:\n\n"
+            + f"\n\nGoals with {then}, the same seeds:\n\n"
             + "\n".join(line for v in variants for line in recipe.goal_lines(before, v)) + "\n")
 
 
@@ -332,7 +344,7 @@ def main(argv=None) -> int:
     if not args.skip_utility and not args.recipe:
         parts.append(utility_part(args))
     if args.write and parts:
-        title = (VERSUS_TITLE if args.before_rows else RECIPE_TITLE) if args.recipe else TITLE
+        title = (versus_title(args) if args.before_rows else RECIPE_TITLE) if args.recipe else TITLE
         write_section(args.write, title, f"Command: `{command(MODULE, argv)}`\n\n" + "\n".join(parts))
     return 0
 

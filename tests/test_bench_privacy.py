@@ -2,6 +2,7 @@
 trains everything (it once inherited configs/demo_dp.yaml's ``trainable: heads``, so the
 from-scratch rows trained random heads on random encoders and sat at chance)."""
 
+import argparse
 import dataclasses
 import math
 
@@ -81,3 +82,20 @@ def test_a_tuning_pass_at_another_epsilon_is_listed_apart_from_the_passes_at_8()
     lines = recipe.tune_table([row, {**row, "seed": 1}, {**row, "epsilon": 1.0, "val_grade_auc_macro": 0.5}])
     assert len(lines) == 2 and lines[0].startswith("| synthetic | linear | `{}` | 2 | 0.800 | 0.700 | 0.600 |")
     assert lines[1].startswith("| synthetic (epsilon 1) | linear | `{}` | 1 | 0.500 |")
+
+
+def test_a_model_override_reaches_the_row_and_its_public_checkpoint(world):
+    over = {"survival_head": "proportional", "lr": 0.1}
+    cfg = recipe.variant_config(world, "linear public", 8.0, 0, "p.pt", over)
+    assert cfg.model.survival_head == "proportional" and cfg.federation.dp_recipe.lr == 0.1
+    assert recipe.model_overrides(over) == {"survival_head": "proportional"}  # what the public run trains with
+    assert recipe.variant_config(world, "linear public", 8.0, 0, "p.pt").model.survival_head == "bins"
+
+
+def test_a_comparison_with_an_earlier_setting_writes_its_own_section():
+    from bench.bench_privacy import VERSUS_TITLE, versus_title
+
+    shipped = argparse.Namespace(setting="per-head clip groups", before_setting="the recipe as shipped")
+    earlier = argparse.Namespace(setting="noise-scaled lr", before_setting="the fixed lr")
+    assert versus_title(shipped) == VERSUS_TITLE
+    assert versus_title(earlier) != VERSUS_TITLE and "noise-scaled lr vs the fixed lr" in versus_title(earlier)
