@@ -7,13 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_linear_model import GROUPS, HEADS, D, toy_patients
+from tests.test_linear_model import GROUPS, HEADS, D, fit_toy
 from umeml.config import ConfigError, config_from_dict
-from umeml.data.batch import collate
-from umeml.metrics.survival import concordance_index
 from umeml.model import available_models, build_model
 from umeml.model.blocks import ProportionalHazards, TaskHeads
-from umeml.train.loop import LossSettings, batch_loss
 from umeml.train.losses import survival_risk
 
 
@@ -60,17 +57,5 @@ def test_the_linear_model_learns_the_toy_survival_order_with_the_proportional_he
     cfg = config_from_dict({"model": {"name": "linear", "survival_head": "proportional"}}).model
     torch.manual_seed(0)
     model = build_model(cfg, D, GROUPS, HEADS)
-    train = collate(toy_patients(150, seed=1), D, sum(GROUPS))
-    test = collate(toy_patients(150, seed=2), D, sum(GROUPS))
-    loss = LossSettings(tuple(HEADS))
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    model.train()
-    for _ in range(150):
-        opt.zero_grad(set_to_none=True)
-        batch_loss(model, train, loss).mean().backward()
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        risk = survival_risk(model(*test.model_inputs()).logits["survival"]).numpy()
-    c_index = concordance_index(test.survival_months.numpy(), test.censorship.numpy(), risk)
+    _, c_index = fit_toy(model)
     assert c_index >= 0.9, c_index
