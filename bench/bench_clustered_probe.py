@@ -1,7 +1,7 @@
-"""What pathology alone carries in the clustered "foci" cohorts: linear probes on bag summaries.
+"""What pathology alone carries in the clustered "foci" (or "arrangement") cohorts: linear probes on bag summaries.
 
     python -m bench.bench_clustered_probe [--seeds 0 1 2 3 4] [--tumour-fraction LOW HIGH]
-                                          [--write docs/benchmarks.md]
+                                          [--variant foci|arrangement] [--write docs/benchmarks.md]
 
 For each seed's cohort (the one ``bench_synthetic --clustered foci`` trains on) every patch is
 labelled by its nearest generator centroid (the site's stain undone; the generator's world is a
@@ -9,8 +9,11 @@ function of the seed), and a standardised logistic regression, leave-one-site-ou
 and subtype from three patient summaries of the pathology: the bag mean of the raw features (what
 a linear read of mean pooling sees), the morphotype shares over all patches (the masked mean of an
 ideal one-hot patch embedding), and the shares over the tumour patches only plus necrosis (what
-an ideal selective pooling sees). Macro one-vs-rest AUC over all patients with slides. The
-figures go to their own subsection of bench_synthetic's clustered section.
+an ideal selective pooling sees). With ``--variant arrangement`` a fourth summary reads the layout:
+per patient, the mean over its tumour (and necrosis) patches of the tumour share among their 8
+grid neighbours, with the same ideal one-hot labels; the cohort's grade lives there, not in the
+shares. Macro one-vs-rest AUC over all patients with slides. The figures go to their own
+subsection of bench_synthetic's clustered section.
 """
 
 from __future__ import annotations
@@ -26,13 +29,28 @@ from bench._harness import loadavg, write_section
 from bench.bench_synthetic import TITLE_CLUSTERED, clustered_body
 
 HEADING = "### Linear probes: what the pathology carries (bench_clustered_probe)"
+NEIGHBOURHOOD = "tumour share among the tumour patches' 8 grid neighbours (layout)"
 
 
-def patch_kinds(data_dir: Path, spec) -> dict[str, tuple[str, str, np.ndarray, np.ndarray]]:
-    """case_id -> (site, subtype, morphotype of every patch of its slides, their mean raw feature)."""
+def tumour_neighbour_shares(tumour: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """Per tumour patch with at least one grid neighbour (the 8 cells around it), the share of its
+    neighbours that are tumour; ``cells`` (n, 2) integer grid cells of one slide."""
+    where = {tuple(c): bool(t) for c, t in zip(cells.tolist(), tumour.tolist())}
+    shares = []
+    for (x, y), t in where.items():
+        around = [where[(x + dx, y + dy)] for dx in (-1, 0, 1) for dy in (-1, 0, 1)
+                  if (dx or dy) and (x + dx, y + dy) in where]
+        if t and around:
+            shares.append(np.mean(around))
+    return np.array(shares)
+
+
+def patch_kinds(data_dir: Path, spec) -> dict[str, tuple[str, str, np.ndarray, np.ndarray, np.ndarray]]:
+    """case_id -> (site, subtype, morphotype of every patch of its slides, their mean raw feature,
+    :func:`tumour_neighbour_shares` of every slide's tumour and necrosis patches, concatenated)."""
     import pandas as pd
 
-    from umeml.data.bags import read_features
+    from umeml.data.bags import read_coords, read_features
     from umeml.data.synth import _world
 
     world = _world(spec, np.random.default_rng(spec.seed))
@@ -45,10 +63,14 @@ def patch_kinds(data_dir: Path, spec) -> dict[str, tuple[str, str, np.ndarray, n
         s = site_index[row.site]
         x = (feats - world.site_offset[s]) / world.site_scale[s]
         k = ((x[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
-        kinds.setdefault(row.case_id, (row.site, row.oncotree_code, [], []))
+        kinds.setdefault(row.case_id, (row.site, row.oncotree_code, [], [], []))
         kinds[row.case_id][2].append(k)
         kinds[row.case_id][3].append(feats)
-    return {c: (site, code, np.concatenate(k), np.concatenate(f).mean(0)) for c, (site, code, k, f) in kinds.items()}
+        tumour = (k < spec.morphotypes) | (k == len(centroids) - 1)  # tumour morphotypes and necrosis
+        cells = read_coords(data_dir / "bags" / f"{row.slide_id}.h5") // 256
+        kinds[row.case_id][4].append(tumour_neighbour_shares(tumour, cells))
+    return {c: (site, code, np.concatenate(k), np.concatenate(f).mean(0), np.concatenate(n))
+            for c, (site, code, k, f, n) in kinds.items()}
 
 
 def _loso_auc(y: np.ndarray, x: np.ndarray, sites: np.ndarray) -> float:
@@ -74,6 +96,14 @@ def foci_spec(seed: int, tumour_fraction=None, **size):
                      tumour_fraction=tumour_fraction)
 
 
+def arrangement_spec(seed: int, tumour_fraction=None, **size):
+    """The arrangement cohort of ``seed`` that ``bench_synthetic --clustered arrangement`` trains on."""
+    from umeml.data.synth import SynthSpec
+
+    return SynthSpec(**{"sites": 4, "patients": 60, **size}, seed=seed, clustered=True,
+                     clustered_variant="arrangement", tumour_fraction=tumour_fraction)
+
+
 def patient_summaries(spec) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The cohort of ``spec`` as the probes see it: every patient's site, its labels
     ``{"grade", "subtype"}`` (class indices) and ``{summary name: patients x features}``."""
@@ -95,6 +125,8 @@ def patient_summaries(spec) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str
         "morphotype shares, all patches": counts / counts.sum(1, keepdims=True),
         "morphotype shares, tumour patches (+ necrosis)": tumour / np.clip(tumour.sum(1, keepdims=True), 1, None),
     }
+    if spec.clustered_variant == "arrangement":  # the foci table keeps its rows
+        summaries[NEIGHBOURHOOD] = np.array([[patients[c][4].mean() if len(patients[c][4]) else 0.0] for c in cases])
     return sites, labels, summaries
 
 
@@ -110,11 +142,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--tumour-fraction", type=float, nargs=2, metavar=("LOW", "HIGH"))
+    ap.add_argument("--variant", choices=("foci", "arrangement"), default="foci",
+                    help="the clustered variant's cohorts (default foci)")
     ap.add_argument("--write", type=Path, help=f"put the table into '{TITLE_CLUSTERED[3:]}' of this markdown file")
     args = ap.parse_args(argv)
     load0 = loadavg()
     fraction = tuple(args.tumour_fraction) if args.tumour_fraction else None
-    per_seed = [probe(foci_spec(seed, fraction)) for seed in args.seeds]
+    spec_of = foci_spec if args.variant == "foci" else arrangement_spec
+    per_seed = [probe(spec_of(seed, fraction)) for seed in args.seeds]
     lines = ["| patient summary (linear probe) | grade auc_macro | subtype auc_macro |", "| --- | --- | --- |"]
     for name in per_seed[0]:
         g, s = (np.array([r[name][i] for r in per_seed]) for i in (0, 1))
@@ -123,11 +158,13 @@ def main(argv=None) -> int:
     print(text)
     if args.write:
         cmd = "python -m bench.bench_clustered_probe --seeds " + " ".join(map(str, args.seeds))
+        cmd += f" --variant {args.variant}" * (args.variant != "foci")
         if fraction:
             cmd += f" --tumour-fraction {fraction[0]:g} {fraction[1]:g}"
         body = (f"Command: `nice -n 5 {cmd}` (load average before / after {load0} / {loadavg()}); the cohorts of "
                 "the runs above, mean (sd) over seeds; leave-one-site-out, all patients with slides.\n\n" + text)
-        heading = HEADING + (f", --tumour-fraction {fraction[0]:g} {fraction[1]:g}" if fraction else "")
+        heading = (HEADING + f", {args.variant} cohort" * (args.variant != "foci")
+                   + (f", --tumour-fraction {fraction[0]:g} {fraction[1]:g}" if fraction else ""))
         write_section(args.write, TITLE_CLUSTERED, clustered_body(args.write, body, None, heading=heading))
     return 0
 

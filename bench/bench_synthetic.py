@@ -16,9 +16,10 @@ same held-out site (chosen by the seed, 60 patients).
   neighbours`` (multimodal, pathology alone, and with mean pooling); such a run writes its own
   ``### Spatial context ...`` subsection of the clustered section and reports the paired
   differences of ``SPATIAL_PAIRS`` (the goal: ``umeml +spatial`` > mean pooling by the seed sd).
-- ``--clustered [mosaic|foci]`` generates the cohorts with spatially clustered morphotypes
+- ``--clustered [mosaic|foci|arrangement]`` generates the cohorts with spatially clustered morphotypes
   (``SynthSpec.clustered``; ``clustered_variant`` "mosaic", the default, a tumour/background
-  mosaic, or "foci", a biopsy with 2-10% tumour in compact foci and necrotic cores in grade IV;
+  mosaic, "foci", a biopsy with 2-10% tumour in compact foci and necrotic cores in grade IV, or
+  "arrangement", 20-50% tumour whose layout alone (scattered / masses / necrotic masses) is the grade;
   ``umeml/data/synth.py``) and writes its own section, which also states the goal "UMEML > mean
   pooling (``-cross-attention``) by more than the seed sd". With ``--epochs N`` the figures go
   to that section's own ``### Training budget --epochs N`` subsection; other subsections (the
@@ -133,7 +134,7 @@ def _generate(spec, data: Path) -> list[dict]:
 
 
 def _cache_key(clustered: str | None):
-    """A run's cohort in the cache: False (default), True (clustered mosaic, as first written), "foci"."""
+    """A run's cohort in the cache: False (default), True (clustered mosaic, as first written), else the variant."""
     return {None: False, "mosaic": True}.get(clustered, clustered)
 
 
@@ -165,7 +166,7 @@ class _Runs:
     tmp: Path
     cohort: object = None
     held: tuple = ()
-    clustered: str | None = None  # None, or the clustered variant ("mosaic", "foci")
+    clustered: str | None = None  # None, or the clustered variant ("mosaic", "foci", "arrangement")
     cached: int = 0  # runs taken from the cache, not run by this invocation
     tumour_fraction: tuple | None = None  # SynthSpec.tumour_fraction (clustered only)
 
@@ -378,6 +379,14 @@ COHORTS = {
             "is necrosis (a ninth tissue centroid, about 1% of the patches; `umeml/data/synth.py`). The oracle also "
             "sees whether necrosis is shown. *Mean pooling* = `umeml -cross-attention` (masked mean of the patch "
             "embeddings instead of prototype cross-attention; design 5).",
+    "arrangement": "Cohorts: `SynthSpec(sites=4, patients=60, seed=s, clustered=True, clustered_variant="
+                   "\"arrangement\")`: the grade lives in the tumour's layout only. Background as in `foci`; tumour "
+                   "20-50% of the patches (per patient), morphotypes from ONE pan-glioma mixture shared by all subtypes "
+                   "(the shares carry no label); grade II scattered over the slide, III the same share in 1-3 compact "
+                   "masses, IV compact masses with a necrotic core (3-8% of the patches; a mean sees it too). Gene means "
+                   "depend on the lineage only (astrocytic, oligoastrocytic, oligodendroglial), so the subtype needs both "
+                   "modalities; II vs III is layout only. The oracle also sees the layout. *Mean pooling* = "
+                   "`umeml -cross-attention`; with `+spatial` the same with `model.spatial_context: neighbours`.",
 }
 PREVIOUS = "### Previous generator"
 
@@ -452,7 +461,8 @@ def main(argv=None) -> int:
                     help="add UMEML with one component switched off (all of them, or the ones named)")
     ap.add_argument("--federated", action="store_true", help="add UMEML trained by FedAvg (simulation)")
     ap.add_argument("--clustered", nargs="?", const="mosaic", choices=CLUSTERED_VARIANTS,
-                    help="cohorts with spatially clustered morphotypes (variant: mosaic, the default, or foci)")
+                    help="cohorts with spatially clustered morphotypes (variant: mosaic, the default, foci or "
+                         "arrangement)")
     ap.add_argument("--tumour-fraction", type=float, nargs=2, metavar=("LOW", "HIGH"),
                     help="with --clustered: SynthSpec.tumour_fraction (default: the variant's own range)")
     ap.add_argument("--epochs", type=int, help="override train.epochs of configs/demo.yaml")
@@ -488,7 +498,7 @@ def main(argv=None) -> int:
         if args.tumour_fraction:
             body += "Here `--tumour-fraction {:g} {:g}`: the tumour is {:g}-{:g}% of the {}.\n\n".format(
                 *args.tumour_fraction, *(100 * f for f in args.tumour_fraction),
-                "patches" if args.clustered == "foci" else "regions")
+                "regions" if args.clustered == "mosaic" else "patches")
         body += text
         if args.clustered:
             body = clustered_body(args.write, body, args.epochs, args.tumour_fraction,

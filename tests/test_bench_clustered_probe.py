@@ -63,3 +63,16 @@ def test_the_probes_read_the_labels_a_shuffled_control_is_at_chance(tiny_summari
                     for seed in range(5)]
         assert real > 0.7, (task, real)
         assert abs(np.mean(shuffled) - 0.5) < 0.1 and max(shuffled) < real - 0.15, (task, real, shuffled)
+
+
+def test_the_arrangement_probe_adds_the_layout_row_and_it_reads_the_grade():
+    spec = cp.arrangement_spec(0, **TINY)
+    sites, labels, summaries = cp.patient_summaries(spec)
+    assert list(summaries)[-1] == cp.NEIGHBOURHOOD and summaries[cp.NEIGHBOURHOOD].shape == (len(sites), 1)
+    layout = summaries[cp.NEIGHBOURHOOD][:, 0]
+    ii, iii = layout[labels["grade"] == 0], layout[labels["grade"] == 1]
+    assert ii.mean() < 0.6 < iii.mean()  # scattered vs compact masses
+    assert cp._loso_auc(labels["grade"], summaries[cp.NEIGHBOURHOOD], sites) > 0.8
+    assert cp.NEIGHBOURHOOD not in cp.patient_summaries(cp.foci_spec(0, **{**TINY, "patients": 4}))[2]
+    cells = np.array([[0, 0], [1, 0], [0, 1], [5, 5], [6, 5]])
+    assert cp.tumour_neighbour_shares(np.array([1, 1, 0, 1, 0], bool), cells).tolist() == [0.5, 0.5, 0.0]  # (0, 1) diagonal

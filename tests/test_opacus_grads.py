@@ -34,6 +34,7 @@ VARIANTS = [(name, {}) for name in available_models()] + [
     ("umeml", {"survival_head": "proportional"}),
     ("umeml", {"spatial_context": "neighbours"}),
     ("umeml", {"spatial_context": "neighbours", "spatial_radius": 2, "use_cross_attention": False}),
+    ("umeml", {"spatial_context": "neighbours", "spatial_gate_init": 0.5}),  # an open gate: proj's grads nonzero
 ]
 IDS = [name + "".join(f"-{k}={v}" for k, v in extra.items()) for name, extra in VARIANTS]
 

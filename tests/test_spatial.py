@@ -115,7 +115,7 @@ def test_model_reads_coords_only_with_spatial_context():
     moved = collate(bags(), 8, 6)
     for i, n in enumerate(moved.patch_mask.sum(1).tolist()):  # same cells, other patches on them
         moved.coords[i, :n] = moved.coords[i, :n].roll(1, dims=0)
-    spatial, plain = umeml(spatial_context="neighbours"), umeml()
+    spatial, plain = umeml(spatial_context="neighbours", spatial_gate_init=1.0), umeml()
     with torch.no_grad():
         a, b = spatial(*batch.model_inputs()), spatial(*moved.model_inputs())
         assert torch.allclose(a.logits["grade"][0], b.logits["grade"][0])  # one patch: no neighbours
@@ -183,6 +183,8 @@ def test_config_errors_name_file_and_key(tmp_path):
     cases = [
         ({"spatial_context": "knn"}, r"exp.yaml: model.spatial_context: must be one of"),
         ({"spatial_radius": 0}, r"exp.yaml: model.spatial_radius: must be >= 1"),
+        ({"spatial_gate_init": -0.5}, r"exp.yaml: model.spatial_gate_init: must be >= 0"),
+        ({"spatial_gate_init": float("inf")}, r"exp.yaml: model.spatial_gate_init: must be finite"),
         ({"spatial_context": "neighbours", "name": "abmil"}, r"exp.yaml: model.spatial_context: .*umeml only"),
         ({"spatial_context": "neighbours", "modalities": ["genomics"]},
          r"exp.yaml: model.spatial_context: .*needs the pathology"),
@@ -192,3 +194,20 @@ def test_config_errors_name_file_and_key(tmp_path):
             load_config(write_config(tmp_path, model))
     with pytest.raises(ConfigError, match="model.spatial_context"):
         build_model(ModelConfig(name="abmil", spatial_context="neighbours"), 8, (3,), {"grade": 3})
+
+
+def test_zero_gate_starts_as_plain_umeml_and_its_gradient_flows():
+    batch = collate(bags(), 8, 6)
+    gated, plain = umeml(spatial_context="neighbours"), umeml()
+    missing, unexpected = gated.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".spatial." in k for k in missing)  # the same other weights
+    spatial = next(m for m in gated.modules() if isinstance(m, SpatialContext))
+    assert (spatial.norm.weight == 0).all()
+    with torch.no_grad():
+        torch.testing.assert_close(gated(*batch.model_inputs()).logits["grade"],
+                                   plain(*batch.model_inputs()).logits["grade"])
+    gated.train()
+    gated(*batch.model_inputs()).logits["grade"].pow(2).sum().backward()
+    assert spatial.norm.weight.grad is not None and spatial.norm.weight.grad.abs().sum() > 0
+    opened = SpatialContext(4, gate_init=0.7)
+    assert torch.allclose(opened.norm.weight, torch.full((4,), 0.7))

@@ -248,3 +248,85 @@ def test_synth_cli_offers_exactly_the_generators_clustered_variants():
     clustered = next(a for a in synth._actions if "--clustered" in a.option_strings)
     assert tuple(clustered.choices) == CLUSTERED_VARIANTS
     assert clustered.const in CLUSTERED_VARIANTS
+
+
+# sha256 of FOCI as generated before the "arrangement" variant existed: foci cohorts keep their bytes
+FOCI_SHA256 = "6c1ccbad496868cd9a5348d5774e313b31f59bd869e4bdbbce8ea4f53cf53ae0"
+ARRANGEMENT = SynthSpec(**{**FOCI.__dict__, "patients": 24, "clustered_variant": "arrangement"})
+
+
+def test_older_cohorts_are_unchanged_by_the_arrangement_variant(tmp_path):
+    generate(FOCI, tmp_path / "f")
+    generate(SynthSpec(**{**SMALL.__dict__, "clustered": True}), tmp_path / "m")
+    generate(SMALL, tmp_path / "d")
+    assert full_digest(tmp_path / "f") == FOCI_SHA256
+    assert full_digest(tmp_path / "m") == SMALL_MOSAIC_SHA256
+    assert full_digest(tmp_path / "d") == SMALL_SHA256
+
+
+def _mostly_tumour_neighbours(tumour, cells):
+    """Share of tumour patches whose present 8 grid neighbours are mostly (> half) tumour."""
+    where = {tuple(c): t for c, t in zip(cells.tolist(), tumour.tolist())}
+    shares = []
+    for (x, y), t in where.items():
+        around = [where[(x + dx, y + dy)] for dx in (-1, 0, 1) for dy in (-1, 0, 1)
+                  if (dx or dy) and (x + dx, y + dy) in where]
+        if t and around:
+            shares.append(np.mean(around) > 0.5)
+    return float(np.mean(shares))
+
+
+def test_arrangement_layout_carries_the_grade_and_the_shares_do_not():
+    from umeml.data.synth import arrangement_kinds
+
+    rng = np.random.default_rng(3)
+    mix, background = np.full(8, 1 / 8), np.full(4, 1 / 4)
+    stats = {g: [] for g in ("II", "III", "IV")}
+    shares = {g: [] for g in stats}
+    for g in stats:
+        for _ in range(20):
+            kinds, region, cells = arrangement_kinds(900, 0.3, g, 0.05, mix, background, rng)
+            tumour = kinds < 8
+            assert tumour.sum() == 270 and (kinds == 12).sum() == (45 if g == "IV" else 0)
+            stats[g].append(_mostly_tumour_neighbours(tumour | (kinds == 12), cells))
+            shares[g].append(np.bincount(kinds[tumour], minlength=8) / tumour.sum())
+    assert max(stats["II"]) < 0.3 and min(stats["III"]) > 0.7 and min(stats["IV"]) > 0.7
+    for g in ("III", "IV"):  # the tumour's morphotype shares: the same mixture at every grade
+        assert np.abs(np.mean(shares[g], 0) - np.mean(shares["II"], 0)).max() < 0.02
+    kinds, _, cells = arrangement_kinds(900, 0.3, "IV", 0.05, mix, background, rng)
+    dist = np.linalg.norm(cells - cells[kinds == 12].mean(0), axis=1)  # necrosis: the core (one mass or more)
+    assert (kinds == 12).sum() == 45 and dist[kinds == 12].mean() <= dist[kinds < 8].mean() + 1e-9
+
+
+def test_arrangement_cohort_is_a_pure_function_of_its_seed_with_lineage_genomics(tmp_path):
+    from umeml.data.synth import LINEAGE, SUBTYPES, _world
+
+    generate(ARRANGEMENT, tmp_path / "a")
+    generate(ARRANGEMENT, tmp_path / "b")
+    generate(SynthSpec(**{**ARRANGEMENT.__dict__, "seed": 6}), tmp_path / "c")
+    assert full_digest(tmp_path / "a") == full_digest(tmp_path / "b") != full_digest(tmp_path / "c")
+    assert json.loads((tmp_path / "a" / "synth.json").read_text())["clustered_variant"] == "arrangement"
+    world = _world(ARRANGEMENT, np.random.default_rng(ARRANGEMENT.seed))
+    for s in range(len(SUBTYPES)):  # gene means: the lineage's, whatever the grade
+        assert np.array_equal(world.gene_effects[s], world.gene_effects[LINEAGE[s]])
+    assert not np.array_equal(world.gene_effects[0], world.gene_effects[1])
+    foci = _world(FOCI, np.random.default_rng(FOCI.seed))
+    assert not np.array_equal(foci.gene_effects[0], foci.gene_effects[3])  # other variants: per subtype
+    slides = _recovered_kinds(tmp_path / "a", ARRANGEMENT)
+    for _case, code, kinds, _cells in slides:
+        tumour = (kinds < 8).mean()
+        assert 0.2 - 0.03 <= tumour <= 0.5 + 0.03
+        assert (kinds == 12).any() == (code == "GBM")  # necrosis exactly in grade IV
+    from umeml.data.synth import oracle_features
+
+    seen = oracle_features({"mix": np.zeros(8), "expression": np.zeros(3), "necrosis": 0.0,
+                            "layout": np.array([0.0, 1.0, 0.0])})
+    assert seen.tolist()[-4:] == [0.0, 0.0, 1.0, 0.0]  # the oracle sees the layout the generator used
+
+
+def test_arrangement_check_messages():
+    with pytest.raises(ValueError, match="need clustered"):
+        SynthSpec(clustered_variant="arrangement").check()
+    with pytest.raises(ValueError, match="tumour-fraction"):
+        SynthSpec(clustered=True, clustered_variant="arrangement", tumour_fraction=(0.0, 0.5)).check()
+    SynthSpec(clustered=True, clustered_variant="arrangement", tumour_fraction=(0.2, 0.5)).check()

@@ -174,12 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-patches", type=int, default=2000, help="largest bag (default 2000)")
     p.add_argument("--missing-fraction", type=float, default=0.03,
                    help="fraction of patients without slides, and again without genomics (default 0.03)")
-    p.add_argument("--clustered", nargs="?", const="mosaic", choices=("mosaic", "foci"),
+    p.add_argument("--clustered", nargs="?", const="mosaic", choices=("mosaic", "foci", "arrangement"),
                    help="spatially clustered morphotypes (off by default): 'mosaic' (the default variant), a "
-                        "tumour/background mosaic, or 'foci', 2-10%% tumour in compact foci, necrotic cores in grade IV")
+                        "tumour/background mosaic, 'foci', 2-10%% tumour in compact foci, necrotic cores in grade IV, or "
+                        "'arrangement', 20-50%% tumour whose layout (scattered / masses / necrotic masses) is the grade")
     p.add_argument("--tumour-fraction", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="with --clustered: range of the per-patient tumour share (mosaic: of the regions, "
-                        "0.05 0.4; foci: of the patches, 0.02 0.1)")
+                        "0.05 0.4; foci: of the patches, 0.02 0.1; arrangement: of the patches, 0.2 0.5)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--split-sites", type=Path, metavar="DIR",
                    help="also write one data directory per site under DIR (to stage a local deployment)")

@@ -8,6 +8,7 @@ The configuration never names code to import: models and strategies are chosen b
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -107,6 +108,9 @@ class ModelConfig:
     # reads coords (the shipped default)
     spatial_context: Literal["none", "neighbours"] = "none"
     spatial_radius: int = field(default=1, metadata=_range(1, 4))
+    # initial LayerNorm weight of the spatial term: 0 starts the model as plain UMEML (the term is
+    # exactly zero) and lets training open the gate; 1 is the unit-scale term of the first figures
+    spatial_gate_init: float = field(default=0.0, metadata=_range(0.0))
     # the survival head (umeml/model/blocks.py): "bins", a free linear map per time bin (the
     # published models'), or "proportional", one risk direction plus a baseline per bin
     survival_head: Literal["bins", "proportional"] = "bins"
@@ -575,6 +579,8 @@ def _validate_semantics(obj: Any, path: str, source: str) -> None:
 def _check_spatial_context(model: "ModelConfig", prefix: str, source: str) -> None:
     """spatial_context reads the patches' coords: only a model that implements it (UMEML's
     pathology branch) may ask for it."""
+    if not math.isfinite(model.spatial_gate_init):
+        raise ConfigError(f"{source}: {prefix}spatial_gate_init: must be finite, got {model.spatial_gate_init!r}")
     if model.spatial_context == "none":
         return
     from umeml.model.registry import supports_spatial_context

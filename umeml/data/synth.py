@@ -15,7 +15,7 @@ slides. Bags are streamed to disk slide by slide, never held together in memory.
 
 ``clustered=True`` (off by default; the default cohort is unchanged, byte for byte) lays the
 patches of a slide out in space (``coords``) as real tissue is: morphotypes come in spatially
-contiguous regions. Two variants (``clustered_variant``):
+contiguous regions. Three variants (``clustered_variant``):
 
 - ``"mosaic"`` (the first one; its cohorts keep their bytes): a slide is a mosaic of spatial
   regions (about ``REGION_PATCHES`` patches each, every grid cell joins its nearest region seed in
@@ -38,10 +38,24 @@ contiguous regions. Two variants (``clustered_variant``):
   cross-attention) need not dilute. ``oracle.json`` also sees whether necrosis was shown.
   Measured: a tie as well; linear probes show that the mean of an ideal (one-hot) patch embedding
   loses about 0.01 AUC to pooling the tumour patches alone (docs/benchmarks.md).
+- ``"arrangement"``: the grade lives in *where* the tumour is, not in how much or which. The
+  background is the foci mosaic; the tumour is 20-50% of the patches
+  (``ARRANGEMENT_TUMOUR_FRACTION``, per patient), its morphotypes drawn i.i.d. from ONE pan-glioma
+  mixture shared by all subtypes (the mean of the subtype mixtures, jittered per patient as
+  elsewhere), so the bag's morphotype shares carry neither subtype nor grade. The layout carries
+  the grade: II infiltrative (tumour patches scattered uniformly among the background), III the
+  same share in 1-3 compact masses, IV compact masses whose core is necrosis (3-8% of the patches,
+  ``ARRANGEMENT_NECROSIS``, always shown), rimmed by tumour. Necrosis makes IV visible to a mean
+  as well; II vs III is layout only, which a coordinate-blind model cannot see. Genomics: the gene
+  means (and the mutation rate) depend on the histological lineage only (astrocytic ASTR/AASTR/GBM,
+  oligoastrocytic OAST/AOAST, oligodendroglial ODG), not on the grade, so genomics give the
+  lineage, the layout gives the grade, and the subtype (lineage x grade) needs both. Survival keeps
+  its grade-dependent hazard. ``oracle.json`` also sees the layout (one-hot) and necrosis.
 
-``tumour_fraction`` overrides the variant's range (mosaic: share of the regions; foci: share of
-the patches). The model never reads ``coords``: locality reaches it as the features' shared
-regional and focal offsets, as real patch encoders see neighbouring tissue alike.
+``tumour_fraction`` overrides the variant's range (mosaic: share of the regions; foci and
+arrangement: share of the patches). Only ``model.spatial_context`` reads ``coords``; otherwise locality reaches the
+model as the features' shared regional and focal offsets, as real patch encoders see neighbouring
+tissue alike.
 """
 
 from __future__ import annotations
@@ -75,12 +89,16 @@ WRITE_CHUNK = 2048  # patches generated and written at a time
 REGION_PATCHES = 40  # patches per spatial region, on average
 BACKGROUND_MORPHOTYPES = 4
 TUMOUR_FRACTION = (0.05, 0.4)  # of a slide's regions, uniform per patient
-CLUSTERED_VARIANTS = ("mosaic", "foci")
+CLUSTERED_VARIANTS = ("mosaic", "foci", "arrangement")
 LATER_OPTIONS = ("clustered", "clustered_variant", "tumour_fraction")  # in synth.json only when set
 FOCI_TUMOUR_FRACTION = (0.02, 0.10)  # of a slide's patches, uniform per patient ("foci")
 FOCI_PER_SLIDE = (1, 3)  # tumour foci per slide, uniform
 NECROSIS_CORE = 0.3  # share of a grade IV focus's cells (those nearest its centre) that are necrosis
 NECROSIS_SHOWN = 0.8  # share of grade IV patients whose slides show the necrotic core
+ARRANGEMENT_TUMOUR_FRACTION = (0.2, 0.5)  # of a slide's patches, uniform per patient ("arrangement")
+ARRANGEMENT_NECROSIS = (0.03, 0.08)  # of a grade IV slide's patches, uniform per patient ("arrangement")
+MASSES_PER_SLIDE = (1, 3)  # tumour masses (III/IV) or infiltration groups (II) per slide ("arrangement")
+LINEAGE = (0, 1, 2, 0, 1, 0)  # per subtype: its lineage's low-grade subtype (astrocytic, oligoastrocytic, ODG)
 
 
 @dataclass(frozen=True)
@@ -101,7 +119,7 @@ class SynthSpec:
     stain_shift: float = 0.4
     dtype: str = "float16"
     clustered: bool = False  # spatially clustered morphotypes in a tumour/background mosaic
-    clustered_variant: str = "mosaic"  # with clustered: "mosaic" or "foci" (module docstring)
+    clustered_variant: str = "mosaic"  # with clustered: "mosaic", "foci" or "arrangement" (module docstring)
     tumour_fraction: tuple[float, float] | None = None  # with clustered: the variant's range if None
 
     def check(self) -> None:
@@ -150,7 +168,8 @@ class _World:
     genes: list[str]
     gene_groups: list[list[str]]
     background: np.ndarray | None = None  # (Qb, D) background centroids (clustered only)
-    necrosis: np.ndarray | None = None  # (1, D) the necrosis centroid (clustered "foci" only)
+    necrosis: np.ndarray | None = None  # (1, D) the necrosis centroid (clustered "foci", "arrangement")
+    pan_mix: np.ndarray | None = None  # (Q,) the pan-glioma tumour mixture (clustered "arrangement" only)
 
 
 def _world(spec: SynthSpec, rng: np.random.Generator) -> _World:
@@ -178,10 +197,16 @@ def _world(spec: SynthSpec, rng: np.random.Generator) -> _World:
         brng = np.random.default_rng([spec.seed, 1])
         background = brng.normal(0, 1.0, (BACKGROUND_MORPHOTYPES, d)) * np.sqrt(8.0 / d)
     necrosis = None
-    if spec.clustered and spec.clustered_variant == "foci":  # a third stream: mosaic cohorts keep their bytes
+    if spec.clustered and spec.clustered_variant in ("foci", "arrangement"):  # a third stream: mosaic keeps its bytes
         necrosis = np.random.default_rng([spec.seed, 2]).normal(0, 1.0, (1, d)) * np.sqrt(8.0 / d)
+    pan_mix = None
+    if spec.clustered and spec.clustered_variant == "arrangement":
+        # after every draw, so the other variants' worlds are untouched: one tumour mixture for all
+        # subtypes (the shares carry no label) and gene means per lineage (genomics carry no grade)
+        pan_mix = subtype_mix.mean(axis=0)
+        effects = effects[list(LINEAGE)]
     return _World(centroids, subtype_mix, site_props, site_offset, site_scale, effects, loading, genes, groups,
-                  background, necrosis)
+                  background, necrosis, pan_mix)
 
 
 def _genomic_columns(world: _World) -> list[str]:
@@ -200,7 +225,9 @@ def _genomic_row(world: _World, subtype: int, z: float, rng: np.random.Generator
             idx = world.genes.index(g)
             row[f"{g}_cnv"] = float(np.clip(np.round(expr[idx] / 1.5), -2, 2))
     first = world.gene_groups[0][0]
-    row[f"{first}_mut"] = float(rng.random() < (0.6 if SUBTYPES[subtype] in ("GBM", "AASTR") else 0.15))
+    # "arrangement" worlds (pan_mix set) make the mutation rate a lineage's (astrocytic), like the gene means
+    frequent = LINEAGE[subtype] == 0 if world.pan_mix is not None else SUBTYPES[subtype] in ("GBM", "AASTR")
+    row[f"{first}_mut"] = float(rng.random() < (0.6 if frequent else 0.15))
     return row
 
 
@@ -281,6 +308,40 @@ def foci_kinds(n: int, tumour: float, mix: np.ndarray, background: np.ndarray, n
     return kinds, region, cells
 
 
+def arrangement_kinds(n: int, tumour: float, grade: str, necrosis: float, mix: np.ndarray, background: np.ndarray,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Morphotype and region of each of ``n`` grid patches, and their (x, y) grid cells, for the
+    clustered "arrangement" variant (kinds indexed as in :func:`foci_kinds`).
+
+    The background is a mosaic; ``max(1, round(tumour * n))`` cells become tumour, morphotypes
+    drawn from ``mix``, in 1-3 groups (one region offset each, for every grade alike). Grade II:
+    the cells are scattered uniformly over the slide (infiltration), each joining a random group.
+    III and IV: the cells nearest to the group centres (compact masses); in IV the masses first
+    take ``round(necrosis * n)`` more cells, their cores (nearest a centre), which are necrosis.
+    """
+    q = len(mix)
+    kinds, region, cells = mosaic_kinds(n, background, rng)
+    kinds = kinds + q
+    n_tumour = max(1, int(round(tumour * n)))
+    n_necrosis = min(int(round(necrosis * n)), n - n_tumour) if grade == "IV" else 0
+    n_masses = min(int(rng.integers(MASSES_PER_SLIDE[0], MASSES_PER_SLIDE[1] + 1)), n_tumour)
+    centres = cells[rng.choice(n, size=n_masses, replace=False)] + 0.5
+    tumour_kinds = rng.choice(q, size=n_tumour, p=mix / mix.sum())  # drawn alike for every grade
+    first = int(region.max()) + 1
+    if grade == "II":
+        chosen = rng.choice(n, size=n_tumour, replace=False)
+        kinds[chosen] = tumour_kinds
+        region[chosen] = first + rng.integers(0, n_masses, size=n_tumour)
+        return kinds, region, cells
+    dist = np.sqrt(((cells[:, None, :] + 0.5 - centres[None]) ** 2).sum(-1))  # (n, masses): n x 3 at most
+    mass, near = dist.argmin(1), dist.min(1)
+    chosen = np.argsort(near, kind="stable")[:n_tumour + n_necrosis]  # nearest first: compact, core first
+    region[chosen] = first + mass[chosen]
+    kinds[chosen[:n_necrosis]] = q + len(background)
+    kinds[chosen[n_necrosis:]] = tumour_kinds
+    return kinds, region, cells
+
+
 def _write_regions(path: Path, kinds: np.ndarray, region: np.ndarray, cells: np.ndarray, centroids: np.ndarray,
                    world: _World, site: int, spec: SynthSpec, rng: np.random.Generator) -> None:
     """A clustered slide: every patch a noisy copy of its morphotype's centroid plus its region's
@@ -318,9 +379,24 @@ def _foci_draws(spec: SynthSpec, world: _World, grade: str, rng: np.random.Gener
     return _Foci(tumour, background, grade == "IV" and shown)
 
 
+@dataclass(frozen=True)
+class _Arrangement:
+    """A patient's draws for the clustered "arrangement" variant, shared by its slides."""
+
+    tumour: float  # share of a slide's patches that are tumour (necrosis not included)
+    background: np.ndarray  # mixture over the background morphotypes
+    necrosis: float  # share of a slide's patches that are necrosis if grade IV (drawn for every grade)
+
+
+def _arrangement_draws(spec: SynthSpec, world: _World, rng: np.random.Generator) -> _Arrangement:
+    tumour = float(rng.uniform(*(spec.tumour_fraction or ARRANGEMENT_TUMOUR_FRACTION)))
+    background = rng.dirichlet(np.full(len(world.background), 1.0))
+    return _Arrangement(tumour, background, float(rng.uniform(*ARRANGEMENT_NECROSIS)))
+
+
 def _write_slides(spec: SynthSpec, world: _World, s: int, sizes: list[int], slide_ids: list[str], mix: np.ndarray,
                   grade: str, bag_dir: Path, rng: np.random.Generator) -> bool:
-    """Write a patient's slides (default, mosaic or foci); returns whether they show necrosis."""
+    """Write a patient's slides (default, mosaic, foci or arrangement); returns whether they show necrosis."""
     if not slide_ids:
         return False
     if not spec.clustered:
@@ -334,8 +410,14 @@ def _write_slides(spec: SynthSpec, world: _World, s: int, sizes: list[int], slid
             kinds, region, cells = mosaic_kinds(n, mixture, rng)
             _write_regions(bag_path(bag_dir, slide_id), kinds, region, cells, centroids, world, s, spec, rng)
         return False
-    foci = _foci_draws(spec, world, grade, rng)
     centroids = np.concatenate([world.centroids, world.background, world.necrosis])
+    if spec.clustered_variant == "arrangement":
+        draws = _arrangement_draws(spec, world, rng)
+        for n, slide_id in zip(sizes, slide_ids):
+            kinds, region, cells = arrangement_kinds(n, draws.tumour, grade, draws.necrosis, mix, draws.background, rng)
+            _write_regions(bag_path(bag_dir, slide_id), kinds, region, cells, centroids, world, s, spec, rng)
+        return grade == "IV"
+    foci = _foci_draws(spec, world, grade, rng)
     for n, slide_id in zip(sizes, slide_ids):
         kinds, region, cells = foci_kinds(n, foci.tumour, mix, foci.background, foci.necrotic, rng)
         _write_regions(bag_path(bag_dir, slide_id), kinds, region, cells, centroids, world, s, spec, rng)
@@ -350,7 +432,8 @@ def _patient(spec: SynthSpec, world: _World, s: int, code: str, j: int, gen_cols
     prng = np.random.default_rng([spec.seed, s, j])
     subtype = int(prng.choice(len(SUBTYPES), p=world.site_props[s]))
     grade = DEFAULT_GRADE_MAP[SUBTYPES[subtype]]
-    mix = prng.dirichlet(world.subtype_mix[subtype] * 12 + 0.05)
+    # "arrangement": every subtype's tumour draws from the one pan-glioma mixture (same draw count)
+    mix = prng.dirichlet((world.subtype_mix[subtype] if world.pan_mix is None else world.pan_mix) * 12 + 0.05)
     z = float(prng.normal())
     hazard = BASE_HAZARD[grade] * np.exp(0.6 * z)
     t_event = prng.exponential(1.0 / hazard)
@@ -383,8 +466,10 @@ def _patient(spec: SynthSpec, world: _World, s: int, code: str, j: int, gen_cols
     latent = {"site": code, "subtype": subtype, "grade": grade, "mix": mix, "z": z,
               "log_hazard": float(np.log(hazard)), "months": months, "censored": censored,
               "expression": np.nan_to_num(expression)}
-    if spec.clustered and spec.clustered_variant == "foci":
+    if spec.clustered and spec.clustered_variant in ("foci", "arrangement"):
         latent["necrosis"] = float(necrotic)
+    if spec.clustered and spec.clustered_variant == "arrangement":  # the layout the generator used: the grade
+        latent["layout"] = np.array([grade == g for g in ("II", "III", "IV")], dtype=float)
     return rows, latent
 
 
@@ -431,9 +516,11 @@ def generate(spec: SynthSpec, out: str | Path, overwrite: bool = False) -> dict:
 
 def oracle_features(latent: dict) -> np.ndarray:
     """What the oracle sees of a patient: its true morphotype mixture and generated expression
-    values, and (clustered "foci" cohorts) whether its slides show necrosis."""
+    values, (clustered "foci" and "arrangement" cohorts) whether its slides show necrosis, and
+    ("arrangement") the layout, one-hot over infiltrative / masses / necrotic masses."""
     extra = [latent["necrosis"]] if "necrosis" in latent else []
-    return np.concatenate([latent["mix"], latent["expression"], extra])
+    layout = latent.get("layout", np.zeros(0))
+    return np.concatenate([latent["mix"], latent["expression"], extra, layout])
 
 
 def oracle_metrics(latents: list[dict], seed: int) -> dict:
@@ -441,7 +528,7 @@ def oracle_metrics(latents: list[dict], seed: int) -> dict:
 
     Subtype and grade: multinomial logistic regression on :func:`oracle_features` (the
     patient's true morphotype mixture, its generated expression values, zeros when genomics are
-    missing; with clustered "foci" whether necrosis is shown), predictions
+    missing; with clustered "foci" whether necrosis is shown, with "arrangement" also the layout), predictions
     pooled over leave-one-site-out folds (so every patient is scored by a model that never saw
     its site). Survival: Harrell's c-index of the true log-hazard.
     Models are judged against these numbers as an upper reference.

@@ -28,6 +28,11 @@ Design choices:
 - **DP-exact.** The neighbour indices are integer data computed without gradients; the only
   parameters are one ``nn.Linear`` and one ``nn.LayerNorm``, whose Opacus per-sample gradients
   are exact on (B, M, d) inputs. The same module serves DP and non-DP sites, so weights average.
+- **A zero-initialised gate** (``model.spatial_gate_init``, default 0): the LayerNorm weight
+  starts at that value, so with 0 the term is exactly zero and the model starts as plain UMEML,
+  opening the gate only as far as training finds the context useful (a unit-scale term from the
+  first step was suspected of acting as noise in the prototypes' keys; the first spatial figures
+  in docs/benchmarks.md used gate 1).
 - **Training subsamples.** ``data.max_patches`` subsamples large bags at random in training, so a
   patch there has fewer neighbours than in evaluation (full bags); ``n_i`` and the mean (not the
   sum) keep the update's scale independent of how many neighbours are present.
@@ -118,13 +123,16 @@ def neighbour_mean(h: torch.Tensor, neighbours: torch.Tensor) -> tuple[torch.Ten
 class SpatialContext(nn.Module):
     """``H <- H + n * LayerNorm(Linear(neighbour mean of H))`` (module docstring)."""
 
-    def __init__(self, dim: int, radius: int = 1):
+    def __init__(self, dim: int, radius: int = 1, gate_init: float = 1.0):
         super().__init__()
         if radius < 1:
             raise ValueError(f"spatial radius must be >= 1, got {radius}")
         self.radius = int(radius)
         self.proj = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim)
+        # the gate: the LayerNorm weight (its bias starts at zero), so gate_init 0 makes the term
+        # exactly zero at init while its gradient (normalised input x upstream) is not
+        nn.init.constant_(self.norm.weight, float(gate_init))
 
     def forward(self, h: torch.Tensor, coords: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, M, d) embeddings, (B, M, 2) coordinates, (B, M) real-patch mask -> (B, M, d)."""

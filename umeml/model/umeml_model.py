@@ -88,7 +88,8 @@ class PathologyEncoder(nn.Module):
         super().__init__()
         d = cfg.hidden_dim
         self.proj = nn.Sequential(nn.Linear(feature_dim, d), nn.ReLU(), dropout(cfg.dropout))
-        self.spatial = SpatialContext(d, cfg.spatial_radius) if cfg.spatial_context == "neighbours" else None
+        self.spatial = (SpatialContext(d, cfg.spatial_radius, cfg.spatial_gate_init)
+                        if cfg.spatial_context == "neighbours" else None)
         # Unit-scale prototypes: they must be distinct directions for the cosine assignments and
         # of the same scale as the LayerNorm-ed updates added to them.
         self.prototypes = LearnedTokens(cfg.n_prototypes, d, std=1.0)
