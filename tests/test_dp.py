@@ -34,7 +34,8 @@ LEDGER_KEYS = {"round", "site", "sample_rate", "noise_multiplier", "steps", "max
 
 def experiment(batch_size=8, local_epochs=1, **fed):
     """These tests pin the configured schedule (batch_size, local_epochs): the DP recipe is off
-    unless a test turns it on (tests/test_dp_recipe.py covers the recipe)."""
+    unless a test turns it on (the recipe's own tests: tests/test_partial.py,
+    tests/test_dp_clip_groups.py and the lr tests at the end of this file)."""
     return tiny_experiment(name="dp-test", batch_size=batch_size, local_epochs=local_epochs,
                            **{"evaluate_every": 2, "dp_recipe": {"enabled": False}, **fed})
 
