@@ -51,7 +51,7 @@ def patch_kinds(data_dir: Path, spec) -> dict[str, tuple[str, str, np.ndarray, n
     import pandas as pd
 
     from umeml.data.bags import read_coords, read_features
-    from umeml.data.synth import _world
+    from umeml.data.synth import PATCH_SIZE, _world
 
     world = _world(spec, np.random.default_rng(spec.seed))
     centroids = np.concatenate([world.centroids, world.background, world.necrosis])
@@ -67,7 +67,7 @@ def patch_kinds(data_dir: Path, spec) -> dict[str, tuple[str, str, np.ndarray, n
         kinds[row.case_id][2].append(k)
         kinds[row.case_id][3].append(feats)
         tumour = (k < spec.morphotypes) | (k == len(centroids) - 1)  # tumour morphotypes and necrosis
-        cells = read_coords(data_dir / "bags" / f"{row.slide_id}.h5") // 256
+        cells = read_coords(data_dir / "bags" / f"{row.slide_id}.h5") // PATCH_SIZE
         kinds[row.case_id][4].append(tumour_neighbour_shares(tumour, cells))
     return {c: (site, code, np.concatenate(k), np.concatenate(f).mean(0), np.concatenate(n))
             for c, (site, code, k, f, n) in kinds.items()}

@@ -148,12 +148,17 @@ def test_mosaic_cohort_is_unchanged_by_the_foci_variant(tmp_path):
     assert "clustered_variant" not in written and "tumour_fraction" not in written
 
 
-def test_foci_cohort_is_a_pure_function_of_its_seed(tmp_path):
-    generate(FOCI, tmp_path / "a")
-    generate(FOCI, tmp_path / "b")
-    generate(SynthSpec(**{**FOCI.__dict__, "seed": 6}), tmp_path / "c")
+def assert_a_pure_function_of_its_seed(spec: SynthSpec, tmp_path) -> None:
+    """Two runs of ``spec`` write the same bytes, another seed others; synth.json names the variant."""
+    generate(spec, tmp_path / "a")
+    generate(spec, tmp_path / "b")
+    generate(SynthSpec(**{**spec.__dict__, "seed": 6}), tmp_path / "c")
     assert full_digest(tmp_path / "a") == full_digest(tmp_path / "b") != full_digest(tmp_path / "c")
-    assert json.loads((tmp_path / "a" / "synth.json").read_text())["clustered_variant"] == "foci"
+    assert json.loads((tmp_path / "a" / "synth.json").read_text())["clustered_variant"] == spec.clustered_variant
+
+
+def test_foci_cohort_is_a_pure_function_of_its_seed(tmp_path):
+    assert_a_pure_function_of_its_seed(FOCI, tmp_path)
 
 
 def test_foci_layout_has_the_tumour_fraction_and_central_necrosis():
@@ -301,11 +306,7 @@ def test_arrangement_layout_carries_the_grade_and_the_shares_do_not():
 def test_arrangement_cohort_is_a_pure_function_of_its_seed_with_lineage_genomics(tmp_path):
     from umeml.data.synth import LINEAGE, SUBTYPES, _world
 
-    generate(ARRANGEMENT, tmp_path / "a")
-    generate(ARRANGEMENT, tmp_path / "b")
-    generate(SynthSpec(**{**ARRANGEMENT.__dict__, "seed": 6}), tmp_path / "c")
-    assert full_digest(tmp_path / "a") == full_digest(tmp_path / "b") != full_digest(tmp_path / "c")
-    assert json.loads((tmp_path / "a" / "synth.json").read_text())["clustered_variant"] == "arrangement"
+    assert_a_pure_function_of_its_seed(ARRANGEMENT, tmp_path)
     world = _world(ARRANGEMENT, np.random.default_rng(ARRANGEMENT.seed))
     for s in range(len(SUBTYPES)):  # gene means: the lineage's, whatever the grade
         assert np.array_equal(world.gene_effects[s], world.gene_effects[LINEAGE[s]])

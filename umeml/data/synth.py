@@ -86,6 +86,7 @@ GROUP_NAMES = (
 BASE_HAZARD = {"II": 0.006, "III": 0.015, "IV": 0.05}  # deaths per month
 WRITE_CHUNK = 2048  # patches generated and written at a time
 # the clustered option (SynthSpec.clustered)
+PATCH_SIZE = 256  # pixels: the grid step of every synthetic bag's coords
 REGION_PATCHES = 40  # patches per spatial region, on average
 BACKGROUND_MORPHOTYPES = 4
 TUMOUR_FRACTION = (0.05, 0.4)  # of a slide's regions, uniform per patient
@@ -233,7 +234,7 @@ def _genomic_row(world: _World, subtype: int, z: float, rng: np.random.Generator
 
 def _write_slide(path: Path, n: int, mix: np.ndarray, world: _World, site: int, spec: SynthSpec,
                  rng: np.random.Generator) -> None:
-    attrs = {"encoder": "synthetic", "patch_size": 256, "mpp": 0.5, "magnification": 20.0, "level": 0}
+    attrs = {"encoder": "synthetic", "patch_size": PATCH_SIZE, "mpp": 0.5, "magnification": 20.0, "level": 0}
     side = int(np.ceil(np.sqrt(n)))
 
     def write(tmp: Path) -> None:
@@ -244,7 +245,7 @@ def _write_slide(path: Path, n: int, mix: np.ndarray, world: _World, site: int, 
                 feats = world.centroids[kinds] + rng.normal(0, 0.35, (m, spec.feature_dim)) * np.sqrt(8.0 / spec.feature_dim)
                 feats = feats * world.site_scale[site] + world.site_offset[site]
                 pos = np.arange(start, start + m)
-                coords = np.stack([(pos % side) * 256, (pos // side) * 256], axis=1)
+                coords = np.stack([(pos % side) * PATCH_SIZE, (pos // side) * PATCH_SIZE], axis=1)
                 writer.append(feats.astype(spec.dtype), coords)
 
     atomic_write(path, write)
@@ -346,7 +347,7 @@ def _write_regions(path: Path, kinds: np.ndarray, region: np.ndarray, cells: np.
                    world: _World, site: int, spec: SynthSpec, rng: np.random.Generator) -> None:
     """A clustered slide: every patch a noisy copy of its morphotype's centroid plus its region's
     shared offset (neighbouring tissue looks alike to a patch encoder), then the site's stain."""
-    attrs = {"encoder": "synthetic", "patch_size": 256, "mpp": 0.5, "magnification": 20.0, "level": 0}
+    attrs = {"encoder": "synthetic", "patch_size": PATCH_SIZE, "mpp": 0.5, "magnification": 20.0, "level": 0}
     n = len(kinds)
     scale = np.sqrt(8.0 / spec.feature_dim)
     offsets = rng.normal(0, 0.15, (int(region.max()) + 1, spec.feature_dim)) * scale
@@ -358,7 +359,7 @@ def _write_regions(path: Path, kinds: np.ndarray, region: np.ndarray, cells: np.
                 m = sl.stop - sl.start
                 feats = centroids[kinds[sl]] + offsets[region[sl]] + rng.normal(0, 0.35, (m, spec.feature_dim)) * scale
                 feats = feats * world.site_scale[site] + world.site_offset[site]
-                writer.append(feats.astype(spec.dtype), cells[sl] * 256)
+                writer.append(feats.astype(spec.dtype), cells[sl] * PATCH_SIZE)
 
     atomic_write(path, write)
 

@@ -291,11 +291,12 @@ class ProportionalHazards(nn.Module):
     One risk direction ``w`` shared by every time bin plus a baseline ``b_k`` per bin (the
     discrete-time logistic hazard model), instead of a free linear map per bin. Why: with a free
     map a bin's weights can point anywhere, and the risk score ``-sum_k S_k`` is then not monotone
-    in any one direction of ``z``; with few patients or under DP noise the late bins' weights were
-    learnt against the early ones' and the c-index fell below 0.5. Here every bin's signal moves
-    the same ``w`` and the risk is monotone in ``w . z`` by construction, with ``dim + n_bins``
-    parameters instead of ``(dim + 1) n_bins``. The baselines are :class:`LearnedTokens` (exact
-    per-sample gradients) and ``w`` an ``nn.Linear`` without bias (the baselines are its bias).
+    in any one direction of ``z`` (tests/test_survival_head.py builds such a head). Here every
+    bin's signal moves the same ``w`` and the risk is monotone in ``w . z`` by construction, with
+    ``dim + n_bins`` parameters instead of ``(dim + 1) n_bins``. Tried against the linear rows'
+    low c-index under DP, it did not help (docs/benchmarks.md, "Proportional survival head"), so
+    it is an option, not the default. The baselines are :class:`LearnedTokens` (exact per-sample
+    gradients) and ``w`` an ``nn.Linear`` without bias (the baselines are its bias).
     """
 
     def __init__(self, dim: int, n_bins: int):
