@@ -251,6 +251,18 @@ def _is_title(line: str, title: str) -> bool:
     return heading == title or heading.startswith(title + " (")
 
 
+def section_when(path: Path, title: str) -> str | None:
+    """The ``when`` of the section ``title (when)`` in the markdown file ``path`` (None without
+    one): a rewrite that keeps the section's main figures keeps their date with it."""
+    if not path.is_file():
+        return None
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        heading = line.rstrip("\r")
+        if heading.startswith(title + " (") and heading.endswith(")"):
+            return heading[len(title) + 2:-1]
+    return None
+
+
 def write_section(path: Path, title: str, body: str, *, when: str | None = None) -> None:
     """Put ``title (when)`` and ``body`` into the markdown file ``path`` as one ``## `` section.
 

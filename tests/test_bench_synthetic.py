@@ -61,10 +61,30 @@ def test_paired_gain_against_the_seed_sd():
     seeds = range(4)
     mean = {k: {"grade": 0.5 + 0.01 * k, "subtype": 0.6, "survival": None} for k in seeds}
     spatial = {k: {"grade": 0.7 + 0.01 * k, "subtype": (0.56, 0.64, 0.6, 0.6)[k], "survival": None} for k in seeds}
-    text = pooling_goal({"umeml -cross-attention": mean, "umeml +spatial": spatial, "umeml": mean})
+    text = pooling_goal({"umeml -cross-attention": mean, "umeml +spatial": spatial, "umeml": mean,
+                         "umeml +spatial -cross-attention": mean})
     lines = text.split("\n\n")
     assert lines[0].startswith("Goal UMEML > mean pooling") and "grade: +0.000" in lines[0]
-    goal = next(line for line in lines if line.startswith("Goal `umeml +spatial` - `umeml -cross-attention`"))
+    # with spatial context the goal pair is the one where both models see the neighbourhoods
+    goal = next(line for line in lines if line.startswith("Goal `umeml +spatial` - `umeml +spatial -cross-attention`"))
+    assert [line.split(" (")[0] for line in lines if line.startswith("Goal `")] == [
+        "Goal `umeml +spatial` - `umeml +spatial -cross-attention`"]
+    assert any(line.startswith("`umeml +spatial` - `umeml -cross-attention`") for line in lines)
     assert "grade: +0.200 (seed sd 0.011 / 0.011, paired sd 0.000, ahead in 4 of 4 seeds; met)" in goal
     assert "subtype: +0.000 (seed sd 0.028 / 0.000, paired sd 0.028, ahead in 1 of 4 seeds; not met)" in goal
     assert "survival" not in goal  # no seed had it
+
+
+def test_a_subsection_keeps_the_sections_date_and_carries_its_own(tmp_path):
+    from bench.bench_synthetic import TITLE_CLUSTERED, write_clustered
+
+    path = tmp_path / "b.md"
+    write_section(path, TITLE_CLUSTERED, "main figures", when="2026-12-02, x86_64, 2 cores, CPU")
+    write_clustered(path, "budget figures", 32, None, None, today="2026-12-03, x86_64, 2 cores, CPU")
+    text = path.read_text()
+    assert f"{TITLE_CLUSTERED} (2026-12-02, x86_64, 2 cores, CPU)" in text  # the main text's date, kept
+    assert "main figures" in text
+    assert "### Training budget --epochs 32\n\nRun 2026-12-03, x86_64, 2 cores, CPU. budget figures" in text
+    write_clustered(path, "new main figures", None, None, None, today="2026-12-04, x86_64, 2 cores, CPU")
+    text = path.read_text()
+    assert "(2026-12-02" not in text and "new main figures" in text and "Run 2026-12-04" not in text
