@@ -464,6 +464,18 @@ def unique_rows(rows: list[dict]) -> list[dict]:
 BEFORE = " [before]"
 
 
+def without_dp(row: dict) -> bool:
+    """Whether a row ran without DP (public alone, the reference, a no-DP twin): such a row does not
+    depend on a DP setting, so two grids that differ in one may share it."""
+    return row["epsilon"] is None or math.isinf(row["epsilon"])
+
+
+def with_shared_rows(grid: list[dict], other: list[dict]) -> list[dict]:
+    """``grid`` plus the rows of ``other`` that ran without DP (:func:`without_dp`) where ``grid``
+    has none of its own: a grid run with ``--no-reference`` is measured against the other's reference."""
+    return unique_rows(grid + [r for r in other if without_dp(r)])
+
+
 def versus_rows(after: list[dict], before: list[dict]) -> list[str]:
     """Markdown rows: each DP row of ``after`` minus the same row (world, variant, epsilon, seed)
     of ``before`` (the same grid under the other setting), mean ± sd of the per-seed differences."""

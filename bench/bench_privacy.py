@@ -261,9 +261,8 @@ def versus_part(args) -> str:
     if not args.recipe_rows:
         raise SystemExit("--before-rows needs --recipe-rows (the grid under the changed setting)")
     before = recipe.unique_rows([r for log in args.before_rows for r in recipe.read_rows(log)])
-    # the rows without DP (public alone, reference, no-DP twins) do not depend on a DP setting
-    shared = [r for r in before if r["epsilon"] is None or math.isinf(r["epsilon"])]
-    after = recipe.unique_rows([r for log in args.recipe_rows for r in recipe.read_rows(log)] + shared)
+    after = recipe.with_shared_rows([r for log in args.recipe_rows for r in recipe.read_rows(log)], before)
+    before_goals = recipe.with_shared_rows(before, after)  # against the reference either grid ran
     loads = [r["load"] for r in after + before] or [float("nan")]
     header = ("| world | rows | target epsilon | spent (max over sites) | seeds | grade auc_macro | subtype auc_macro | "
               "survival c_index | wall per run | 1-min load |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
@@ -282,7 +281,7 @@ def versus_part(args) -> str:
             + f"\n\nGoals with {args.setting or 'the changed setting'}:\n\n"
             + "\n".join(line for v in variants for line in recipe.goal_lines(after, v))
             + f"\n\nGoals with {then}, the same seeds:\n\n"
-            + "\n".join(line for v in variants for line in recipe.goal_lines(before, v)) + "\n")
+            + "\n".join(line for v in variants for line in recipe.goal_lines(before_goals, v)) + "\n")
 
 
 def tune_section(args) -> str:

@@ -99,3 +99,14 @@ def test_a_comparison_with_an_earlier_setting_writes_its_own_section():
     earlier = argparse.Namespace(setting="noise-scaled lr", before_setting="the fixed lr")
     assert versus_title(shipped) == VERSUS_TITLE
     assert versus_title(earlier) != VERSUS_TITLE and "noise-scaled lr vs the fixed lr" in versus_title(earlier)
+
+
+def test_a_grid_run_without_reference_gets_its_goals_against_the_other_grids():
+    # the before grid ran with --no-reference: its goal lines said "not measured"
+    after = [_row("linear", 8.0, s, 0.8, 0.6) for s in (0, 1)] + [_row(recipe.REFERENCE, math.inf, s, 0.9, 0.7)
+                                                                 for s in (0, 1)]
+    before = [_row("linear", 8.0, s, 0.7, 0.6) for s in (0, 1)]
+    assert "not measured" in "\n".join(recipe.goal_lines(before, "linear"))
+    lines = "\n".join(recipe.goal_lines(recipe.with_shared_rows(before, after), "linear"))
+    assert "epsilon 8 minus reference (mean over 2 seeds): -0.200 / -0.100; goal >= -0.03: **not met**" in lines
+    assert recipe.with_shared_rows(after, before) == after  # nothing to add, nothing duplicated
