@@ -359,10 +359,8 @@ def pooling_goal(results: dict) -> str:
     """The clustered cohort's goal: UMEML's mean minus mean pooling's, per task, against the
     seed sd of both models (met when the gain exceeds both) and the sd of the paired gain; with
     the spatial-context variants, the same for each pair of ``SPATIAL_PAIRS`` present."""
-    if MEAN_POOLING not in results:
-        return ""
     lines = []
-    if "umeml" in results:
+    if "umeml" in results and MEAN_POOLING in results:
         lines.append("Goal UMEML > mean pooling by more than the seed sd: "
                      + "; ".join(paired_gain(results, "umeml", MEAN_POOLING)))
     for model, baseline in SPATIAL_PAIRS:

@@ -73,6 +73,10 @@ def test_paired_gain_against_the_seed_sd():
     assert "grade: +0.200 (seed sd 0.011 / 0.011, paired sd 0.000, ahead in 4 of 4 seeds; met)" in goal
     assert "subtype: +0.000 (seed sd 0.028 / 0.000, paired sd 0.028, ahead in 1 of 4 seeds; not met)" in goal
     assert "survival" not in goal  # no seed had it
+    # the spatial goal pair alone (a run without plain mean pooling) still reports it
+    alone = pooling_goal({"umeml +spatial": spatial, "umeml +spatial -cross-attention": mean, "umeml": mean})
+    assert alone.startswith("Goal `umeml +spatial` - `umeml +spatial -cross-attention`")
+    assert pooling_goal({"umeml": mean}) == ""
 
 
 def test_a_subsection_keeps_the_sections_date_and_carries_its_own(tmp_path):
