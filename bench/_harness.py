@@ -251,26 +251,15 @@ def _is_title(line: str, title: str) -> bool:
     return heading == title or heading.startswith(title + " (")
 
 
-def section_when(path: Path, title: str) -> str | None:
-    """The ``when`` of the section ``title (when)`` in the markdown file ``path`` (None without
-    one): a rewrite that keeps the section's main figures keeps their date with it."""
-    if not path.is_file():
-        return None
-    for line in path.read_text(encoding="utf-8").split("\n"):
-        heading = line.rstrip("\r")
-        if heading.startswith(title + " (") and heading.endswith(")"):
-            return heading[len(title) + 2:-1]
-    return None
-
-
-def write_section(path: Path, title: str, body: str, *, when: str | None = None) -> None:
+def write_section(path: Path, title: str, body: str, *, when: str | None = None, keep_when: bool = False) -> None:
     """Put ``title (when)`` and ``body`` into the markdown file ``path`` as one ``## `` section.
 
     The section whose heading is ``title``, alone or followed by `` (...)``, is replaced, from
     its heading up to the next ``## `` heading (or the end); any later section with the same
     title is removed, so a rerun never leaves a duplicate. Without one the section is appended.
     Every other byte of the file is kept. ``when`` defaults to :func:`stamp` (today, this
-    machine). The file is replaced atomically.
+    machine); ``keep_when`` keeps the existing section's ``(when)`` instead (a rewrite that keeps
+    the section's main figures keeps their date). The file is replaced atomically.
     """
     if not title.startswith("## ") or "\n" in title:
         raise ValueError(f"section title must be one '## ' heading line, got {title!r}")
@@ -280,6 +269,9 @@ def write_section(path: Path, title: str, body: str, *, when: str | None = None)
     bounds = [(s, next((t for t in starts if t > s), len(lines))) for s in starts]
     mine = [(s, e) for s, e in bounds if _is_title(lines[s], title)]
     body = body.strip("\n")
+    old = lines[mine[0][0]].rstrip("\r\n") if mine else ""
+    if keep_when and when is None and old.endswith(")") and old.startswith(title + " ("):
+        when = old[len(title) + 2:-1]
     text = f"{title} ({when or stamp()})\n\n{body}\n"
     if mine:
         (start, end), later = mine[0], mine[1:]

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench._harness import PRIMARY, REPO, pick, section_when, stamp, write_section
+from bench._harness import PRIMARY, REPO, pick, stamp, write_section
 from umeml.data.synth import CLUSTERED_VARIANTS
 
 TITLE = "## UMEML, ablations and baselines on the synthetic cohort, next to the oracle"
@@ -412,6 +412,12 @@ def _subsections(path: Path) -> tuple[str, dict[str, str]]:
     return "\n".join(main).strip("\n"), {h: "\n".join(v).strip("\n") for h, v in subs.items()}
 
 
+def _is_subsection(epochs: int | None, tumour_fraction: tuple | None, heading: str | None) -> bool:
+    """Whether a clustered run writes a subsection (a budget, a tumour fraction or a named heading)
+    rather than the section's main text (the demo budget and the variant's own fraction)."""
+    return heading is not None or epochs is not None or bool(tumour_fraction)
+
+
 def clustered_body(path: Path, body: str, epochs: int | None, tumour_fraction: tuple | None = None,
                    heading: str | None = None) -> str:
     """The clustered section's new text: a run at the demo budget and the variant's own tumour
@@ -422,7 +428,7 @@ def clustered_body(path: Path, body: str, epochs: int | None, tumour_fraction: t
     main, subs = _subsections(path)
     if heading is not None:
         subs[heading] = heading + "\n\n" + body
-    elif epochs is None and not tumour_fraction:
+    elif not _is_subsection(epochs, tumour_fraction, heading):
         main = body
     else:
         heading = (f"### Training budget --epochs {epochs}" if not tumour_fraction else
@@ -438,11 +444,11 @@ def write_clustered(path: Path, body: str, epochs: int | None, tumour_fraction: 
     """Write a clustered run into its section of ``path`` (:func:`clustered_body`). A run that
     writes a subsection keeps the section's main text and so its date; the subsection's body
     says when it was run instead (``today``: :func:`stamp`)."""
-    when = None
-    if heading or epochs or tumour_fraction:
-        when = section_when(path, TITLE_CLUSTERED)
+    keep = _is_subsection(epochs, tumour_fraction, heading)
+    if keep:
         body = f"Run {today or stamp()}. " + body
-    write_section(path, TITLE_CLUSTERED, clustered_body(path, body, epochs, tumour_fraction, heading=heading), when=when)
+    write_section(path, TITLE_CLUSTERED, clustered_body(path, body, epochs, tumour_fraction, heading=heading),
+                  keep_when=keep)
 
 
 def spatial_heading(variant: str, results: dict, epochs: int | None, tumour_fraction: tuple | None) -> str | None:
