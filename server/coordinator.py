@@ -18,6 +18,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from umeml import __version__
 from umeml.config import ExperimentConfig, config_to_dict, dump_config
 from umeml.data.labels import subtype_codes
+from umeml.data.site_norm import check_checkpoint
 from umeml.errors import FederationError
 from umeml.federation.checkpoint_prep import checkpoint_preprocessing, site_class_weights
 from umeml.federation.partial import sent_keys
@@ -435,7 +436,7 @@ class Coordinator:
         """Start from ``federation.init_checkpoint`` when set (a mismatch names every tensor)."""
         path = self.cfg.federation.init_checkpoint
         if path:
-            init_from_checkpoint(model, path)
+            check_checkpoint(init_from_checkpoint(model, path), self.cfg.data.site_standardise, path)
             self._report(f"initial weights: {path}")
 
     def _train_round(self, grid, rnd: int, run: _Run) -> tuple[dict | None, dict | None]:

@@ -214,11 +214,11 @@ def test_calibration_leaves_room_for_the_releases(tiny_cohort_dir, tmp_path):
 def test_auto_release_epsilons_scale_with_each_sites_own_total(tiny_cohort_dir, tmp_path):
     # fixed defaults (1 + 1.5 + 0.5) took a whole total of 1: a federation at target 1 was refused
     fed = dp_experiment().federation
-    assert release_epsilons(fed, None) == ReleaseEpsilons(1.0, 1.5, 0.5)  # no DP: the reference values
-    assert release_epsilons(fed, 16.0) == ReleaseEpsilons(1.0, 1.5, 0.5)  # never more than at 8
-    assert release_epsilons(fed, 4.0) == ReleaseEpsilons(0.8, 0.8, 0.5)  # a fifth of the total, at most those
+    assert release_epsilons(fed, None) == ReleaseEpsilons(1.0, 1.5, 0.5, 2.0)  # no DP: the reference values
+    assert release_epsilons(fed, 16.0) == ReleaseEpsilons(1.0, 1.5, 0.5, 2.0)  # never more than at 8
+    assert release_epsilons(fed, 4.0) == ReleaseEpsilons(0.8, 0.8, 0.5, 0.8)  # a fifth of the total, at most those
     set_by_hand = dp_experiment(survival_hist_epsilon=None, stats_privacy={"genomic_epsilon": 0.7}).federation
-    assert release_epsilons(set_by_hand, 1.0) == ReleaseEpsilons(None, 0.2, 0.7)
+    assert release_epsilons(set_by_hand, 1.0) == ReleaseEpsilons(None, 0.2, 0.7, 0.2)
     with pytest.raises(ConfigError, match=r"class_counts_epsilon: expected float or 'auto' \(got 'half'\)"):
         config_from_dict({"federation": {"stats_privacy": {"class_counts_epsilon": "half"}}}, "x.yaml")
     cfg = tiny_experiment(local_dp={**DP, "target_epsilon": 1.0})

@@ -58,6 +58,12 @@ class DataConfig:
     max_patches: int | None = field(default=4096, metadata=_range(1))
     site_map: str | None = None
     min_patients_per_site: int = field(default=1, metadata=_range(1))
+    # "features": each site standardises its patch features with its own centre and scale
+    # (umeml/data/site_norm.py; under statistics privacy a DP release of the site's moments)
+    site_standardise: Literal["none", "features"] = "none"
+    # L2 bound of a patient's mean patch feature in that DP release (the encoder's units); needed
+    # under statistics privacy with site_standardise: features (no data-independent default exists)
+    feature_clip: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
 
 
 @dataclass(frozen=True)
@@ -239,6 +245,9 @@ class StatsPrivacyConfig:
     class_counts_epsilon: float | Literal["auto"] = field(default="auto", metadata=_range(0.0, lo_open=True))
     genomic_epsilon: float | Literal["auto"] = field(default="auto", metadata=_range(0.0, lo_open=True))
     genomic_clip: float = field(default=3.0, metadata=_range(0.0, lo_open=True))
+    # the site's patch-feature moments (data.site_standardise: features): used at the site only,
+    # never sent; "auto": a fifth of the site's local-DP total, at most 2
+    feature_epsilon: float | Literal["auto"] = field(default="auto", metadata=_range(0.0, lo_open=True))
     # "checkpoint": no site releases genomic moments; the federation standardises genomics as the
     # public checkpoint (federation.init_checkpoint) was trained (its meta), at no privacy cost;
     # "auto": "checkpoint" under statistics privacy when federation.init_checkpoint is set, else "sites"

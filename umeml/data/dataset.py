@@ -12,6 +12,7 @@ from umeml.data.bags import BagError, read_coords, read_features
 from umeml.data.batch import PatientItem, collate
 from umeml.data.cohort import Cohort
 from umeml.data.labels import survival_bins
+from umeml.data.site_norm import SiteStandardiser, standardise
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,9 @@ class CohortDataset(Dataset):
     In training mode each bag is randomly subsampled to ``max_patches`` (seeded per epoch and
     item); in evaluation mode the full bag is used. ``with_coords``: also read each bag's patch
     coordinates (only a model with ``model.spatial_context`` uses them; otherwise items carry
-    none and no bag is opened twice).
+    none and no bag is opened twice). ``standardisers`` (site -> :class:`SiteStandardiser`,
+    ``data.site_standardise: features``): each patient's patch features are standardised with its
+    site's.
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class CohortDataset(Dataset):
         use_pathology: bool = True,
         use_genomics: bool = True,
         with_coords: bool = False,
+        standardisers: dict[str, SiteStandardiser] | None = None,
     ):
         self.cohort = cohort
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -99,6 +103,7 @@ class CohortDataset(Dataset):
         self.use_pathology = use_pathology and cohort.bag_dir is not None
         self.use_genomics = use_genomics and cohort.gene_groups.dim > 0
         self.with_coords = with_coords
+        self.standardisers = standardisers
 
     @property
     def feature_dim(self) -> int:
@@ -126,6 +131,7 @@ class CohortDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, position])
         parts = [read_features(f) for f in files]
         feats = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+        feats = standardise(feats, self.cohort.patients[i].site, self.standardisers, str(files[0]))
         coords = self._coords(files, parts) if self.with_coords else None
         if self.max_patches is not None and feats.shape[0] > self.max_patches:
             keep = np.sort(rng.choice(feats.shape[0], self.max_patches, replace=False))

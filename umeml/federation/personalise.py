@@ -28,7 +28,7 @@ from umeml.federation.protocol import combine_site_metrics
 from umeml.rundir import PRIMARY_METRICS, metric_entry
 from umeml.train.dp import resolve_dp
 from umeml.train.evaluate import evaluate_predictions
-from umeml.train.experiment import Preprocessing, loss_settings, make_dataset
+from umeml.train.experiment import Preprocessing, loss_settings
 from umeml.train.loop import make_optimizer, predict, resolve_device, train_epoch
 from umeml.train.losses import single_task_loss
 
@@ -116,14 +116,14 @@ def inner_split(site, cfg: ExperimentConfig, train_idx: np.ndarray) -> tuple[np.
     return stratified_train_val(site.cohort, train_idx, fraction, cfg.seed + INNER_SPLIT_STREAM)
 
 
-def fine_tune_heads(model, cfg: ExperimentConfig, cohort, idx, prep, loss, device, epochs: int,
+def fine_tune_heads(model, cfg: ExperimentConfig, site, idx, prep, loss, device, epochs: int,
                     after_epoch=None) -> None:
     """``epochs`` epochs of the heads only (the rest frozen) on patients ``idx`` (shuffle seeded
     by the experiment); ``after_epoch(e)`` is called after epoch ``e`` (1-based)."""
     tuned = set(personal_parameters(model))
     for name, p in model.named_parameters():
         p.requires_grad_(name in tuned)
-    ds = make_dataset(cfg, cohort, idx, prep, train=True)
+    ds = site.dataset(cfg, idx, prep, train=True)  # the site's patients, its own standardisation
     loader = make_loader(ds, cfg.train.batch_size, True, cfg.seed, cfg.train.num_workers)
     optimizer = make_optimizer(model, cfg.train)
     for epoch in range(epochs):
@@ -141,7 +141,7 @@ def inner_curves(tuning: HeadTuning, inner_train: np.ndarray, inner_val: np.ndar
     cfg = tuning.cfg
     torch.manual_seed(cfg.seed)  # dropout of the frozen trunk during fine-tuning
     model, groups = tuning.fresh_model(), tuning.groups
-    loader = make_loader(make_dataset(cfg, tuning.site.cohort, inner_val, tuning.prep, train=False),
+    loader = make_loader(tuning.site.dataset(cfg, inner_val, tuning.prep, train=False),
                          cfg.train.batch_size, False, 0)
     curves: dict[str, list[float]] = {g: [] for g in groups}
     # the metrics cost a second pass per epoch: only for the criterion that reads them
@@ -158,7 +158,7 @@ def inner_curves(tuning: HeadTuning, inner_train: np.ndarray, inner_val: np.ndar
                 metrics[g].append(None if entry is None else entry["value"])
 
     record()
-    fine_tune_heads(model, cfg, tuning.site.cohort, inner_train, tuning.prep, tuning.loss, tuning.device, epochs, record)
+    fine_tune_heads(model, cfg, tuning.site, inner_train, tuning.prep, tuning.loss, tuning.device, epochs, record)
     return curves, metrics
 
 
@@ -195,7 +195,7 @@ def refit(tuning: HeadTuning, train_idx: np.ndarray, plan: dict[str, int]):
             if plan.get(g) == epoch:
                 kept.update({n: params[n].detach().clone() for n in names})
 
-    fine_tune_heads(model, tuning.cfg, tuning.site.cohort, train_idx, tuning.prep, tuning.loss, tuning.device,
+    fine_tune_heads(model, tuning.cfg, tuning.site, train_idx, tuning.prep, tuning.loss, tuning.device,
                     max(plan.values(), default=0), snapshot)
     with torch.no_grad():
         for n, value in kept.items():
@@ -224,7 +224,7 @@ def personalise(site, cfg: ExperimentConfig, prep: Preprocessing, state: dict, e
     model.load_state_dict(state)
     tuning = HeadTuning(site, cfg, prep, state, device, loss_settings(cfg, prep).to(device),
                         head_groups(model, cfg.tasks))
-    val_loader = make_loader(make_dataset(cfg, site.cohort, val_idx, prep, train=False), cfg.train.batch_size, False, 0)
+    val_loader = make_loader(site.dataset(cfg, val_idx, prep, train=False), cfg.train.batch_size, False, 0)
     before = predict(model.to(device), val_loader, tuning.loss, device)
     guard = {}
     if cfg.federation.personalisation.guard:

@@ -343,7 +343,7 @@ def run_ledger(experiment: str, local_request: dict, central: dict | None, round
                   "total": site_totals(entries, releases, delta)},
         "notes": [
             "total: one epsilon per site at delta, composing every release of this run at that site (its "
-            "DP-SGD rounds, survival histogram, class counts and genomic moments) in Renyi DP; releases lists "
+            "DP-SGD rounds, survival histogram, class counts, genomic and patch-feature moments) in Renyi DP; releases lists "
             "each of them with its epsilon alone",
             "survival_histogram: each training site's preprocessing histogram of uncensored survival times is "
             "epsilon-DP (delta 0) per site, released once; epsilon null means exact counts were sent",
@@ -352,6 +352,9 @@ def run_ledger(experiment: str, local_request: dict, central: dict | None, round
             "genomic_moments: each training site's count, per-gene sum and sum of squares of clipped genomic "
             "values carry Gaussian noise (noise_multiplier z: RDP alpha / (2 z^2)), released once; absent "
             "when federation.stats_privacy is off (then they were exact, outside every epsilon)",
+            "feature_moments: each training site's count, sum of clipped patient-mean patch features and sum of "
+            "their clipped mean squares carry Gaussian noise (noise_multiplier z), released once to the site "
+            "itself for its own patch-feature standardisation (data.site_standardise); only the record leaves",
             "local: per-patient DP-SGD at each site; epsilon is DP-SGD's alone, cumulative over the site's "
             "budget scope (all rounds, resumed runs and, with budget_scope 'site', earlier experiments on the "
             "same data); epsilon_total adds the site's one-off releases in that scope and is what "

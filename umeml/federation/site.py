@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from umeml.federation.stats_release import (
     check_budget_room,
     check_cap,
     check_certifiable,
+    private_standardiser,
     private_statistics,
     release_epsilons,
 )
@@ -146,6 +147,8 @@ class SiteRuntime:
     dp_seed: int | None = None
     stats_cap: float | None = None  # site.yaml stats_privacy.max_epsilon: the most any release of statistics may cost
     site_file: str | None = None  # the site.yaml it came from (named in refusals)
+    # experiment name -> (this site's patch-feature standardisers, their release's record), made once
+    _standardisers: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -194,14 +197,18 @@ class SiteRuntime:
         c = self.cohort
         private = self.stats_private(cfg)
         self._check_stats_cap(cfg, private)
+        self.standardisers(cfg)  # released (under statistics privacy) before DP-SGD is calibrated
         reply = {"site": self.site_id, "n": int(len(train))}
+        feature_release = self._standardisers.get(cfg.name, (None, None))[1]
         # without the task no survival value is read; from a checkpoint its bins: no histogram leaves either
         if "survival" in cfg.tasks and not cfg.federation.preprocessing_from_checkpoint:
             reply["survival_hist"] = self._survival_histogram(cfg, train)
             # the epsilon it was noised at (a setting, resolved with the site's own total): privacy.json's record
             reply["survival_hist_epsilon"] = self._release_epsilons(cfg).survival_hist
         if private:
-            return {**reply, **self._private_statistics(cfg, train)}
+            reply = {**reply, **self._private_statistics(cfg, train)}
+            reply["releases"] += [feature_release] if feature_release else []
+            return reply
         reply.update(grade_counts=label_counts([c.grade_index(i) for i in train], len(c.grades)),
                      subtype_counts=label_counts([c.subtype_index(i) for i in train], len(c.subtypes)))
         # moments over fewer than k patients would be their values (one patient: sum = his profile)
@@ -234,6 +241,8 @@ class SiteRuntime:
             requests["the class counts (federation.stats_privacy.class_counts_epsilon)"] = eps.class_counts
             if self.cohort.gene_groups.dim and not cfg.federation.genomics_from_checkpoint:
                 requests["the genomic moments (federation.stats_privacy.genomic_epsilon)"] = eps.genomic
+            if self._standardises(cfg):
+                requests["the patch-feature moments (federation.stats_privacy.feature_epsilon)"] = eps.features
         else:
             requests["the class counts and genomic moments (federation.stats_privacy is off)"] = None
         check_cap(requests, self.stats_cap, self.site_file, self.site_id)
@@ -244,6 +253,8 @@ class SiteRuntime:
             gaussian = {"class_counts_epsilon": eps.class_counts}
             if self.cohort.gene_groups.dim and not cfg.federation.genomics_from_checkpoint:
                 gaussian["genomic_epsilon"] = eps.genomic
+            if self._standardises(cfg):
+                gaussian["feature_epsilon"] = eps.features
             delta = settings.delta if settings is not None else cfg.federation.local_dp.delta
             check_certifiable(gaussian, delta, self.site_id)
 
@@ -257,6 +268,46 @@ class SiteRuntime:
         ledger = self.ledger()
         with ledger.locked():
             return private_statistics(self.cohort, train, cfg, self.site_id, delta, eps, ledger, self.dp_seed)
+
+    def _standardises(self, cfg: ExperimentConfig) -> bool:
+        """Whether this site standardises patch features (``data.site_standardise``; with pathology)."""
+        c = self.cohort
+        return (cfg.data.site_standardise == "features" and "pathology" in cfg.model.modalities
+                and c.bag_dir is not None and bool(np.asarray(c.has_path)[self.indices].any()))
+
+    def standardisers(self, cfg: ExperimentConfig) -> dict | None:
+        """``{site: SiteStandardiser}`` of this site's patients (None: ``data.site_standardise`` off),
+        made once per experiment: under statistics privacy from a DP release of its patch-feature
+        moments (recorded in its ledger, composed into its total), else (and at a held-out site of
+        ``split.test_sites``, which never trains) exact. Never sent."""
+        if not self._standardises(cfg):
+            return None
+        if cfg.name not in self._standardisers:
+            std, record = self._make_standardiser(cfg)
+            self._standardisers[cfg.name] = ({self.site_id: std}, record)
+        return self._standardisers[cfg.name][0]
+
+    def _make_standardiser(self, cfg: ExperimentConfig):
+        """The site's standardiser and the public record of its release (None: exact, nothing released)."""
+        from umeml.data.site_norm import exact_standardiser
+
+        # a held-out site never trains: its model sees no patient of it, and its metrics are outside
+        # every guarantee anyway (README, Privacy), so it standardises with its exact statistics
+        if not self.stats_private(cfg) or self.site_id in cfg.split.test_sites:
+            return exact_standardiser(self.cohort, self.indices), None
+        settings, _ = resolve_dp(self.dp, cfg.federation.local_dp)
+        delta = settings.delta if settings is not None else cfg.federation.local_dp.delta
+        eps = self._release_epsilons(cfg).features
+        args = (self.cohort, self.indices, cfg, self.site_id, delta, eps)
+        if self.state_dir is None:  # tests and ad-hoc simulations: noise, nowhere to record it
+            return private_standardiser(*args, None, self.dp_seed)
+        ledger = self.ledger()
+        with ledger.locked():
+            return private_standardiser(*args, ledger, self.dp_seed)
+
+    def dataset(self, cfg: ExperimentConfig, idx: np.ndarray, prep: Preprocessing, train: bool):
+        """The site's patients ``idx`` as a dataset, standardised with the site's own standardiser."""
+        return make_dataset(cfg, self.cohort, idx, prep, train=train, standardisers=self.standardisers(cfg))
 
     def _released_histogram(self, cfg: ExperimentConfig, exact: np.ndarray) -> list[int]:
         """The survival histogram as it leaves the site: epsilon-DP unless the experiment asks for
@@ -334,6 +385,7 @@ class SiteRuntime:
         # this process ran before (a simulation actor plays several sites in turn)
         torch.manual_seed(local_training_seed(cfg.seed, self.site_id, server_round))
         if settings is not None:
+            self.standardisers(cfg)  # its release takes the ledger's lock itself: before the round holds it
             with self.ledger().locked():
                 return self._train_dp(cfg, prep, state, server_round, proximal_mu, settings, lr_scale=lr_scale)
         if cfg.federation.dp_recipe.enabled and cfg.federation.dp_recipe.apply_without_dp:
@@ -347,7 +399,7 @@ class SiteRuntime:
         t0 = time.perf_counter()
         model, device = self._trainable_model(cfg, prep, state)
         train_idx, _ = self._split(cfg)
-        ds = make_dataset(cfg, self.cohort, train_idx, prep, train=True)
+        ds = self.dataset(cfg, train_idx, prep, train=True)
         loader = make_loader(ds, cfg.train.batch_size, True, cfg.seed + server_round, cfg.train.num_workers)
         optimizer = make_optimizer(model, cfg.train, lr_scale)
         store = (OptimizerStore(self.state_dir, self.site_id, cfg.name)
@@ -444,7 +496,7 @@ class SiteRuntime:
             log.warning("site %s, round %d: %s", self.site_id, server_round, reason)
             return None, {"skipped": reason, "privacy": entry}
         model, device = self._trainable_model(cfg, prep, state)
-        ds = make_dataset(cfg, self.cohort, train_idx, prep, train=True)
+        ds = self.dataset(cfg, train_idx, prep, train=True)
         noise_factor = noise_lr_factor(cfg, dp, entry["sample_rate"], planned)
         if noise_factor < 1.0:
             log.info("site %s, round %d: learning rate x %.3g under noise multiplier %.3g (dp_recipe.lr_rule)",
@@ -475,7 +527,7 @@ class SiteRuntime:
         train_idx, _ = self._split(cfg)
         q, spe, planned = dp_schedule(cfg, len(train_idx), self.max_local_epochs)
         model, device = self._trainable_model(cfg, prep, state)
-        ds = make_dataset(cfg, self.cohort, train_idx, prep, train=True)
+        ds = self.dataset(cfg, train_idx, prep, train=True)
         stats = train_poisson_steps(
             model, ds, make_optimizer(model, dp_train_settings(cfg), lr_scale), loss_settings(cfg, prep).to(device),
             device,
@@ -496,7 +548,7 @@ class SiteRuntime:
         model = self.build_model(cfg, prep)
         model.load_state_dict(state)
         model.to(device)
-        loader = make_loader(make_dataset(cfg, self.cohort, idx, prep, train=False), cfg.train.batch_size, False, 0)
+        loader = make_loader(self.dataset(cfg, idx, prep, train=False), cfg.train.batch_size, False, 0)
         preds = predict(model, loader, loss_settings(cfg, prep).to(device), device)
         metrics = evaluate_predictions(preds, cfg.tasks, n_boot=n_boot, seed=cfg.seed)
         return {"site": self.site_id, "part": part, "n": int(len(idx)), "loss": preds.loss, "tasks": metrics,

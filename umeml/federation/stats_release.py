@@ -66,6 +66,9 @@ GENOMIC_MOMENTS = "genomic_moments"
 GENOMIC_SHARES = {"count": 0.1, "sum": 0.45, "sumsq": 0.45}  # fractions of 1/z^2 per block
 CLASS_NOISE_STREAM = 7927  # simulations' seeded noise streams (next to the histogram's 7919)
 GENOMIC_NOISE_STREAM = 7933
+FEATURE_MOMENTS = "feature_moments"
+FEATURE_SHARES = {"count": 0.1, "sum": 0.7, "sumsq": 0.2}  # fractions of 1/z^2 per block (the centre first)
+FEATURE_NOISE_STREAM = 7937
 MIN_VARIANCE = 0.01  # a DP variance never scales a gene by more than 10 (std >= 0.1)
 
 
@@ -76,7 +79,7 @@ MIN_VARIANCE = 0.01  # a DP variance never scales a gene by more than 10 (std >=
 # below about 1 is below what a Gaussian release can certify at delta 1e-5 (gaussian_noise_multiplier):
 # such a site refuses before releasing anything, and says which setting to raise.
 AUTO_SHARE = 0.2
-AUTO_AT_REFERENCE = {"survival_hist": 1.0, "class_counts": 1.5, "genomic": 0.5}
+AUTO_AT_REFERENCE = {"survival_hist": 1.0, "class_counts": 1.5, "genomic": 0.5, "features": 2.0}
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class ReleaseEpsilons:
     survival_hist: float | None
     class_counts: float
     genomic: float
+    features: float = AUTO_AT_REFERENCE["features"]
 
 
 def release_epsilons(fed, target: float | None) -> ReleaseEpsilons:
@@ -103,7 +107,8 @@ def release_epsilons(fed, target: float | None) -> ReleaseEpsilons:
     sp = fed.stats_privacy
     return ReleaseEpsilons(survival_hist=resolve(fed.survival_hist_epsilon, "survival_hist"),
                            class_counts=resolve(sp.class_counts_epsilon, "class_counts"),
-                           genomic=resolve(sp.genomic_epsilon, "genomic"))
+                           genomic=resolve(sp.genomic_epsilon, "genomic"),
+                           features=resolve(sp.feature_epsilon, "features"))
 
 
 class StatsPrivacyRefusal(UmemlError):
@@ -258,6 +263,65 @@ def genomic_release(rows: np.ndarray, clip: float, epsilon: float, delta: float,
                          "L2 sensitivities 1, clip sqrt(genes), clip^2 sqrt(genes)",
             "sensitivity": sens, "noise_std": std, "shares": dict(GENOMIC_SHARES),
             "noisy": {"count": [count] * dim, "sum": total.tolist(), "sumsq": total_sq.tolist()}}
+
+
+# ---------------------------------------------------------------------------- patch-feature moments
+def feature_sensitivity(clip: float, dim: int) -> dict[str, float]:
+    """L2 sensitivity of the count, the sum of patients' mean features clipped to L2 norm
+    ``clip`` and the sum of their mean squares clipped to ``[0, 4 clip^2 / dim]`` (patches up to
+    twice the clip norm) under adding or removing one patient."""
+    return {"count": 1.0, "sum": float(clip), "sumsq": 4.0 * float(clip) ** 2 / dim}
+
+
+def feature_moments_release(means: np.ndarray, squares: np.ndarray, clip: float, epsilon: float, delta: float,
+                            seed: int | None) -> dict:
+    """A site's patch-feature moments for its own standardisation (``data.site_standardise``): the
+    noisy count of patients with pathology, the noisy sum of their mean features (each clipped to
+    L2 norm ``clip``) and of their mean squares (clipped to ``[0, 4 clip^2 / D]``), Gaussian
+    blocks composing to one Gaussian mechanism of noise multiplier z (as the genomic moments,
+    shares :data:`FEATURE_SHARES`), calibrated so that the release alone costs at most ``epsilon``
+    at ``delta``. The values stay at the site; the record (without them) is reported."""
+    means = np.asarray(means, np.float64)
+    dim = means.shape[1]
+    norms = np.linalg.norm(means, axis=1, keepdims=True)
+    clipped = means * np.minimum(1.0, float(clip) / np.maximum(norms, 1e-12))
+    sens = feature_sensitivity(clip, dim)
+    sq = np.clip(np.asarray(squares, np.float64), 0.0, sens["sumsq"])
+    z = gaussian_noise_multiplier(epsilon, delta, "feature_epsilon")
+    std = {b: sens[b] * z / math.sqrt(w) for b, w in FEATURE_SHARES.items()}
+    rng = _rng(seed, FEATURE_NOISE_STREAM)
+    noisy = {"count": float(len(means)) + rng.normal(0.0, std["count"]),
+             "sum": (clipped.sum(axis=0) + rng.normal(0.0, std["sum"], dim)).tolist(),
+             "sumsq": float(sq.sum()) + rng.normal(0.0, std["sumsq"])}
+    return {"kind": FEATURE_MOMENTS, "epsilon": compute_epsilon([(z, 1.0, 1)], delta), "delta": float(delta),
+            "noise_multiplier": z, "sample_rate": 1.0, "steps": 1, "clip": float(clip), "features": int(dim),
+            "clipped_patients": int((norms[:, 0] > clip).sum()),
+            "mechanism": "Gaussian on count, sum of patients' mean features clipped to L2 norm clip and sum of "
+                         "their mean squares clipped to [0, 4 clip^2 / D]; kept at the site (its own "
+                         "standardisation), only this record is reported",
+            "sensitivity": sens, "noise_std": std, "shares": dict(FEATURE_SHARES), "noisy": noisy}
+
+
+def private_standardiser(cohort, idx: np.ndarray, cfg, site: str, delta: float, epsilon: float, ledger=None,
+                         seed: int | None = None):
+    """The site's :class:`~umeml.data.site_norm.SiteStandardiser` from a DP release of its
+    patch-feature moments over the patients ``idx`` (recorded in ``ledger`` once per fingerprint),
+    and the release's public record (what the run's privacy report lists)."""
+    from umeml.data.site_norm import from_moments, patient_moments
+    from umeml.errors import ConfigError
+
+    clip = cfg.data.feature_clip
+    if clip is None:
+        raise ConfigError("data.feature_clip: site_standardise 'features' under statistics privacy needs the L2 "
+                          "bound of a patient's mean patch feature (the encoder's units, e.g. the 99th percentile "
+                          "of the public cohort's patient means); none is set")
+    means, squares = patient_moments(cohort, idx)
+    key = fingerprint(FEATURE_MOMENTS, means, squares, float(clip), float(epsilon), float(delta))
+    record = _recorded(ledger, FEATURE_MOMENTS, key,
+                       lambda: feature_moments_release(means, squares, clip, epsilon, delta, seed), site, cfg.name)
+    noisy = record["noisy"]
+    count = max(1.0, float(noisy["count"]))  # a noisy count below 1 would divide by noise
+    return from_moments(count, np.asarray(noisy["sum"]), float(noisy["sumsq"]), "dp"), public_record(record)
 
 
 def public_record(record: dict) -> dict:

@@ -15,6 +15,7 @@ from umeml import __version__
 from umeml.config import ExperimentConfig, dump_config
 from umeml.data.cohort import Cohort
 from umeml.data.dataset import CohortDataset, make_loader
+from umeml.data.site_norm import check_checkpoint
 from umeml.data.splits import Split, make_split
 from umeml.metrics.coverage import cohort_missing_classes, missing_class_message
 from umeml.model import save_checkpoint
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 def _checkpoint_meta(cfg: ExperimentConfig, cohort: Cohort, prep: Preprocessing, split: Split) -> dict:
     """What every checkpoint of the run carries beside the weights (bins, classes, scaler)."""
     meta = {"experiment": cfg.name, "umeml_version": __version__, "survival_edges": prep.edges.tolist(),
-            "subtypes": list(cohort.subtypes), "grades": list(cohort.grades), "test_sites": list(split.test_sites)}
+            "subtypes": list(cohort.subtypes), "grades": list(cohort.grades), "test_sites": list(split.test_sites),
+            "site_standardise": cfg.data.site_standardise}
     if prep.scaler is not None:
         meta["genomic_mean"] = prep.scaler.mean.tolist()
         meta["genomic_std"] = prep.scaler.std.tolist()
@@ -83,7 +85,8 @@ def train_central(cfg: ExperimentConfig, cohort: Cohort, out_dir: str | Path, sp
     prep = prepare(cfg, cohort, split.train)
     model = build_model(cfg, prep)
     if cfg.federation.init_checkpoint:  # e.g. a model trained on a public cohort
-        init_from_checkpoint(model, cfg.federation.init_checkpoint)
+        meta = init_from_checkpoint(model, cfg.federation.init_checkpoint)
+        check_checkpoint(meta, cfg.data.site_standardise, cfg.federation.init_checkpoint)
         log.info("initial weights from %s", cfg.federation.init_checkpoint)
     apply_trainable(model, cfg.train.trainable)
     model = model.to(device)

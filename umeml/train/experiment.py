@@ -107,15 +107,24 @@ def build_model(cfg: ExperimentConfig, prep: Preprocessing) -> nn.Module:
 
 
 def make_dataset(cfg: ExperimentConfig, cohort: Cohort, idx: np.ndarray, prep: Preprocessing,
-                 train: bool) -> CohortDataset:
+                 train: bool, standardisers: dict | None = None) -> CohortDataset:
     """Patients ``idx`` of ``cohort`` with ``prep``'s bins and scaler and the experiment's
-    modalities and bag subsampling (training only); coords only for a spatial-context model."""
+    modalities and bag subsampling (training only); coords only for a spatial-context model.
+    With ``data.site_standardise: features`` every patient's patch features are standardised with
+    its site's ``standardisers`` (a site under statistics privacy passes its DP one), by default
+    the exact ones of :func:`umeml.data.site_norm.exact_standardisers`."""
+    use_path = "pathology" in cfg.model.modalities
+    if cfg.data.site_standardise == "features" and use_path and cohort.bag_dir is not None and standardisers is None:
+        from umeml.data.site_norm import exact_standardisers
+
+        standardisers = exact_standardisers(cohort, idx)
     return CohortDataset(
         cohort, idx, prep.edges, prep.scaler,
         max_patches=cfg.data.max_patches, train=train, seed=cfg.seed,
-        use_pathology="pathology" in cfg.model.modalities,
+        use_pathology=use_path,
         use_genomics="genomics" in cfg.model.modalities,
         with_coords=cfg.model.spatial_context != "none",
+        standardisers=standardisers if cfg.data.site_standardise == "features" else None,
     )
 
 
