@@ -114,8 +114,11 @@ def synthetic_world(work: Path) -> World:
     recipe = _roles(_small(_load("demo_dp.yaml")), private, held)
     data = synthetic_data(work, public)
     demo = _small(_load("demo.yaml"))
+    # the public checkpoint is trained with the recipe's patch-feature standardisation (its inputs)
+    public_train = dataclasses.replace(demo, data=dataclasses.replace(
+        demo.data, site_standardise=recipe.data.site_standardise, feature_clip=recipe.data.feature_clip))
     return World("synthetic", load_data_dir(data, recipe.data), CohortSource(data_dir=str(data)), public, private,
-                 held, recipe, _roles(demo, private, held), demo)
+                 held, recipe, _roles(demo, private, held), public_train)
 
 
 def gbmlgg_recipe(fed_cfg, private, held):
