@@ -37,7 +37,7 @@ from umeml.federation.stats_release import checkpoint_standardisation, release_e
 from umeml.flower.records import arrays_from_state, state_from_arrays
 from umeml.metrics.coverage import missing_class_messages
 from umeml.model import build_model, save_checkpoint
-from umeml.model.io import init_from_checkpoint
+from umeml.model.io import checkpoint_meta, init_from_checkpoint
 from umeml.rundir import (
     PRIMARY_METRICS,
     FederatedFinal,
@@ -419,6 +419,9 @@ class Coordinator:
             prep = Preprocessing.from_json(prep_path.read_text())
             state = self._load()
         else:
+            if cfg.federation.init_checkpoint:  # before any site releases statistics for this run
+                check_checkpoint(checkpoint_meta(cfg.federation.init_checkpoint), cfg.data.site_standardise,
+                                 cfg.federation.init_checkpoint)
             prep, releases, prep_notes = self._preprocess(grid, train_nodes, schema)
             atomic_write_text(prep_path, prep.to_json())
             atomic_write_text(self.files.config, dump_config(cfg))
@@ -436,7 +439,7 @@ class Coordinator:
         """Start from ``federation.init_checkpoint`` when set (a mismatch names every tensor)."""
         path = self.cfg.federation.init_checkpoint
         if path:
-            check_checkpoint(init_from_checkpoint(model, path), self.cfg.data.site_standardise, path)
+            init_from_checkpoint(model, path)
             self._report(f"initial weights: {path}")
 
     def _train_round(self, grid, rnd: int, run: _Run) -> tuple[dict | None, dict | None]:

@@ -157,3 +157,26 @@ def test_a_checkpoint_of_other_inputs_is_refused_and_a_missing_site_is_an_error(
                       standardisers=exact_standardisers(cohort, cohort.site_indices("A0")))
     with pytest.raises(KeyError, match="site 'A1' has no standardiser"):
         ds[0]
+
+
+def test_a_federation_from_a_checkpoint_of_other_inputs_stops_before_any_release(tiny_cohort_dir, tmp_path):
+    from umeml.client.app import SimulatedSites, build_client_app
+    from umeml.data.source import CohortSource
+    from umeml.data.splits import make_split
+    from umeml.server.coordinator import Coordinator
+    from umeml.train.central import train_central
+
+    from fed_helpers import LocalGrid
+
+    plain = tiny_experiment(rounds=1, train_sites=["A0", "A1"], min_train_sites=2)
+    cohort = load_data_dir(str(tiny_cohort_dir), plain.data)
+    train_central(plain, cohort, tmp_path / "public", split=make_split(cohort, ("A0",), 1, 0.2, 0, ("A2",)),
+                  progress=False)  # trained without standardisation
+    cfg = tiny_experiment(rounds=1, local_dp=DP, train_sites=["A0", "A1"], min_train_sites=2, data=STD,
+                          init_checkpoint=str(tmp_path / "public" / "checkpoints" / "best.pt"))
+    app = build_client_app(SimulatedSites(("A0", "A1", "A2"), CohortSource(data_dir=str(tiny_cohort_dir)), "cpu",
+                                          state_root=str(tmp_path / "sites")))
+    with pytest.raises(ConfigError, match="trained with data.site_standardise 'none', this run has 'features'"):
+        Coordinator(cfg, tmp_path / "run", expected_sites=3, held_out=("A2",), wait_timeout=5,
+                    printer=lambda s: None).run(LocalGrid(app, 3))
+    assert not list((tmp_path / "sites").rglob("privacy.json"))  # no site released anything for it

@@ -89,6 +89,11 @@ def _read(path: Path, map_location) -> dict:
     return payload
 
 
+def checkpoint_meta(path: str | Path) -> dict:
+    """The meta of the checkpoint at ``path`` (what ``umeml train`` recorded), without building its model."""
+    return dict(_read(Path(path), "cpu").get("meta", {}))
+
+
 def init_from_checkpoint(model: nn.Module, path: str | Path) -> dict:
     """Load the weights of the checkpoint at ``path`` into ``model`` (the configured architecture,
     e.g. a public-cohort model for private fine-tuning); returns the checkpoint's meta.
