@@ -47,6 +47,14 @@ class SiteStandardiser:
         return ((np.asarray(features, np.float32) - self.mean.astype(np.float32)) / np.float32(self.scale))
 
 
+def applies(cfg, cohort, idx: np.ndarray | None = None) -> bool:
+    """Whether ``cfg`` standardises patch features of ``cohort`` (``data.site_standardise``, a model
+    that reads pathology, bags on disk; with ``idx``: and one of those patients has pathology)."""
+    if cfg.data.site_standardise != "features" or "pathology" not in cfg.model.modalities or cohort.bag_dir is None:
+        return False
+    return idx is None or bool(np.asarray(cohort.has_path)[np.asarray(idx, dtype=np.int64)].any())
+
+
 @lru_cache(maxsize=65536)
 def _patient_moments(files: tuple[str, ...]) -> tuple[np.ndarray, float] | None:
     """A patient's mean patch feature (D,) and mean squared value per feature (over patches and

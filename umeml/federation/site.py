@@ -197,9 +197,8 @@ class SiteRuntime:
         c = self.cohort
         private = self.stats_private(cfg)
         self._check_stats_cap(cfg, private)
-        self.standardisers(cfg)  # released (under statistics privacy) before DP-SGD is calibrated
+        feature_release = self._feature_release(cfg)  # released before DP-SGD is calibrated
         reply = {"site": self.site_id, "n": int(len(train))}
-        feature_release = self._standardisers.get(cfg.name, (None, None))[1]
         # without the task no survival value is read; from a checkpoint its bins: no histogram leaves either
         if "survival" in cfg.tasks and not cfg.federation.preprocessing_from_checkpoint:
             reply["survival_hist"] = self._survival_histogram(cfg, train)
@@ -271,9 +270,9 @@ class SiteRuntime:
 
     def _standardises(self, cfg: ExperimentConfig) -> bool:
         """Whether this site standardises patch features (``data.site_standardise``; with pathology)."""
-        c = self.cohort
-        return (cfg.data.site_standardise == "features" and "pathology" in cfg.model.modalities
-                and c.bag_dir is not None and bool(np.asarray(c.has_path)[self.indices].any()))
+        from umeml.data.site_norm import applies
+
+        return applies(cfg, self.cohort, self.indices)
 
     def standardisers(self, cfg: ExperimentConfig) -> dict | None:
         """``{site: SiteStandardiser}`` of this site's patients (None: ``data.site_standardise`` off),
@@ -286,6 +285,11 @@ class SiteRuntime:
             std, record = self._make_standardiser(cfg)
             self._standardisers[cfg.name] = ({self.site_id: std}, record)
         return self._standardisers[cfg.name][0]
+
+    def _feature_release(self, cfg: ExperimentConfig) -> dict | None:
+        """The public record of this site's patch-feature release (None: none, or exact statistics)."""
+        self.standardisers(cfg)
+        return self._standardisers.get(cfg.name, (None, None))[1]
 
     def _make_standardiser(self, cfg: ExperimentConfig):
         """The site's standardiser and the public record of its release (None: exact, nothing released)."""

@@ -92,7 +92,7 @@ class ReleaseEpsilons:
     survival_hist: float | None
     class_counts: float
     genomic: float
-    features: float = AUTO_AT_REFERENCE["features"]
+    features: float
 
 
 def release_epsilons(fed, target: float | None) -> ReleaseEpsilons:
@@ -245,6 +245,12 @@ def gaussian_noise_multiplier(epsilon: float, delta: float, key: str = "genomic_
     return float(z)
 
 
+def block_noise_std(sensitivity: dict[str, float], shares: dict[str, float], z: float) -> dict[str, float]:
+    """Per block b the noise sd Delta_b z / sqrt(w_b): blocks whose shares w sum to 1 compose to
+    one Gaussian mechanism of noise multiplier z (module docstring, genomic moments)."""
+    return {b: sensitivity[b] * z / math.sqrt(w) for b, w in shares.items()}
+
+
 def genomic_release(rows: np.ndarray, clip: float, epsilon: float, delta: float, seed: int | None) -> dict:
     """Noisy count, sum and sum of squares of ``rows`` (patients x genes, raw values) clipped to
     [-clip, clip], and the public description of the release (see the module docstring)."""
@@ -252,7 +258,7 @@ def genomic_release(rows: np.ndarray, clip: float, epsilon: float, delta: float,
     dim = rows.shape[1]
     z = gaussian_noise_multiplier(epsilon, delta)
     sens = genomic_sensitivity(clip, dim)
-    std = {b: sens[b] * z / math.sqrt(w) for b, w in GENOMIC_SHARES.items()}
+    std = block_noise_std(sens, GENOMIC_SHARES, z)
     rng = _rng(seed, GENOMIC_NOISE_STREAM)
     count = float(len(rows)) + rng.normal(0.0, std["count"])
     total = rows.sum(axis=0) + rng.normal(0.0, std["sum"], dim)
@@ -288,7 +294,7 @@ def feature_moments_release(means: np.ndarray, squares: np.ndarray, clip: float,
     sens = feature_sensitivity(clip, dim)
     sq = np.clip(np.asarray(squares, np.float64), 0.0, sens["sumsq"])
     z = gaussian_noise_multiplier(epsilon, delta, "feature_epsilon")
-    std = {b: sens[b] * z / math.sqrt(w) for b, w in FEATURE_SHARES.items()}
+    std = block_noise_std(sens, FEATURE_SHARES, z)
     rng = _rng(seed, FEATURE_NOISE_STREAM)
     noisy = {"count": float(len(means)) + rng.normal(0.0, std["count"]),
              "sum": (clipped.sum(axis=0) + rng.normal(0.0, std["sum"], dim)).tolist(),

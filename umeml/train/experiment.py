@@ -113,18 +113,19 @@ def make_dataset(cfg: ExperimentConfig, cohort: Cohort, idx: np.ndarray, prep: P
     With ``data.site_standardise: features`` every patient's patch features are standardised with
     its site's ``standardisers`` (a site under statistics privacy passes its DP one), by default
     the exact ones of :func:`umeml.data.site_norm.exact_standardisers`."""
-    use_path = "pathology" in cfg.model.modalities
-    if cfg.data.site_standardise == "features" and use_path and cohort.bag_dir is not None and standardisers is None:
-        from umeml.data.site_norm import exact_standardisers
+    from umeml.data.site_norm import applies, exact_standardisers
 
+    if not applies(cfg, cohort):
+        standardisers = None
+    elif standardisers is None:
         standardisers = exact_standardisers(cohort, idx)
     return CohortDataset(
         cohort, idx, prep.edges, prep.scaler,
         max_patches=cfg.data.max_patches, train=train, seed=cfg.seed,
-        use_pathology=use_path,
+        use_pathology="pathology" in cfg.model.modalities,
         use_genomics="genomics" in cfg.model.modalities,
         with_coords=cfg.model.spatial_context != "none",
-        standardisers=standardisers if cfg.data.site_standardise == "features" else None,
+        standardisers=standardisers,
     )
 
 
