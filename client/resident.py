@@ -85,6 +85,26 @@ class AppCache:
         return app
 
 
+def task_retry(retry):
+    """Flower's HTTP retry invoker for one task served by the resident: unchanged, except that an
+    HTTP 401 (the SuperNode no longer knows the task's token) ends the call with that error.
+    Flower's answers a 401 by sending SIGINT to its own process (right for ``flwr-clientapp``, one
+    task per process); in the resident that SIGINT ended the runtime and every later task (the
+    fault script: a pull that outlived a SuperLink restart came back 401, and the supervisor had
+    to start the resident again). Here the task fails and the runtime serves the next one."""
+    import httpx
+
+    flower_giveup = retry.should_giveup
+
+    def should_giveup(exc: Exception) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED:
+            return True
+        return flower_giveup(exc)
+
+    retry.should_giveup = should_giveup
+    return retry
+
+
 def _runtime_client(address: str, token: str, insecure: bool, certs):
     """A Runtime API client authenticated with the task's token, as ``run_clientapp`` builds it."""
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
@@ -92,7 +112,7 @@ def _runtime_client(address: str, token: str, insecure: bool, certs):
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supercore.runtime.tracing import RuntimeTracingInterceptor
 
-    retry = make_simple_http_retry_invoker()
+    retry = task_retry(make_simple_http_retry_invoker())
     client = RuntimeHttpClient.from_server_address(
         server_address=address, insecure=insecure, root_certificates=certs,
         interceptors=[RuntimeTracingInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
@@ -173,10 +193,12 @@ def serve_task(address: str, token: str, insecure: bool, certs, apps: AppCache) 
                 push_message(client, reply, context)
         finally:
             retry.max_tries = 1  # as flwr-clientapp's exit handler: do not block on the status push
-            push_task_output(client=client, context=context, sub_status=status, details=details)
-            if heartbeat.is_running:
-                heartbeat.stop()
-            client.close()
+            try:
+                push_task_output(client=client, context=context, sub_status=status, details=details)
+            finally:  # a status push that fails (the task gone) must not leave the beats running
+                if heartbeat.is_running:
+                    heartbeat.stop()
+                client.close()
     t.append(time.perf_counter())
     split = ", ".join(f"{name} {b - a:.2f} s" for name, a, b in zip(("pull", "ClientApp", "push"), t, t[1:]))
     return f"served {what} in {t[-1] - t[0]:.2f} s ({split}): {status}"

@@ -59,6 +59,10 @@ def runtime_problems() -> list[str]:
         fn = getattr(rc, name, None)
         if fn is None or list(inspect.signature(fn).parameters) != params:
             problems.append(f"flwr.supernode.runtime.run_clientapp.{name}{params} changed")
+    from flwr.supercore.retry.http_retry import make_simple_http_retry_invoker
+
+    if not callable(getattr(make_simple_http_retry_invoker(), "should_giveup", None)):  # resident.task_retry wraps it
+        problems.append("the RetryInvoker of make_simple_http_retry_invoker() has no should_giveup")
     return problems
 
 

@@ -163,3 +163,48 @@ def test_a_task_that_is_gone_silences_its_heartbeat_instead_of_interrupting_the_
     assert beat() is False and beat() is True  # a failed beat, retried by the sender, as Flower's
     with pytest.raises(Exception, match="status"):
         task_heartbeat_fn(_FakeRuntime(400))()
+
+
+def _unauthorized_runtime_api():
+    """A Runtime API on 127.0.0.1 that answers every request 401 (a SuperNode that no longer
+    knows the task's token). Returns (server, address); the caller shuts it down."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's method name
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"127.0.0.1:{server.server_address[1]}"
+
+
+def test_a_task_whose_token_is_refused_fails_alone_and_the_resident_process_is_not_interrupted():
+    # Flower's HTTP retry answers a 401 by sending SIGINT to its own process: in the fault script a
+    # pull that outlived a SuperLink restart came back 401 and ended the resident (exit code -2)
+    import signal
+    import threading
+
+    from umeml.client.resident import AppCache, serve_task
+
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda sig, frame: received.append(sig))
+    server, address = _unauthorized_runtime_api()
+    try:
+        t0 = time.monotonic()
+        line = serve_task(address, "no-longer-known", True, None, AppCache())
+        elapsed = time.monotonic() - t0
+    finally:
+        server.shutdown()
+        signal.signal(signal.SIGINT, previous)
+    assert received == [], "the resident process was sent SIGINT"
+    assert line.startswith("served ? in") and line.endswith(": failed"), line  # nothing pulled, the task failed
+    assert elapsed < 5, f"the refused task held the runtime for {elapsed:.1f} s"  # Flower's sleeps 6 s after its SIGINT
+    assert not [t for t in threading.enumerate() if "eartbeat" in type(t).__name__ + t.name and t.is_alive()]
