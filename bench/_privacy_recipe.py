@@ -109,14 +109,15 @@ def synthetic_world(work: Path) -> World:
     """The synthetic world of the module docstring (generated under ``work`` once)."""
     from umeml.data.cohort import load_data_dir
     from umeml.data.source import CohortSource
+    from umeml.server.public_init import public_training_config
 
     public, private, held = ("A4", "A5", "A6"), ("A0", "A1", "A2"), ("A3",)
     recipe = _roles(_small(_load("demo_dp.yaml")), private, held)
     data = synthetic_data(work, public)
     demo = _small(_load("demo.yaml"))
-    # the public checkpoint is trained with the recipe's patch-feature standardisation (its inputs)
-    public_train = dataclasses.replace(demo, data=dataclasses.replace(
-        demo.data, site_standardise=recipe.data.site_standardise, feature_clip=recipe.data.feature_clip))
+    # the public checkpoint is trained as `umeml-server simulate` trains it for configs/demo_dp.yaml:
+    # its data (the patch-feature standardisation), model and train sections
+    public_train = public_training_config(recipe, public)
     return World("synthetic", load_data_dir(data, recipe.data), CohortSource(data_dir=str(data)), public, private,
                  held, recipe, _roles(demo, private, held), public_train)
 

@@ -24,6 +24,13 @@ def needs_public_checkpoint(cfg: ExperimentConfig) -> bool:
     return cfg.federation.init_checkpoint is None and cfg.train.trainable != "all"
 
 
+def public_training_config(cfg: ExperimentConfig, public: tuple[str, ...]) -> ExperimentConfig:
+    """The central, non-DP training of the public checkpoint on the ``public`` sites: ``cfg``'s
+    data, model and ``train`` sections with every parameter trainable (what bench_privacy trains too)."""
+    return dataclasses.replace(cfg, name=f"{cfg.name}-public", train=dataclasses.replace(cfg.train, trainable="all"),
+                               federation=dataclasses.replace(cfg.federation, train_sites=tuple(public)))
+
+
 def with_public_checkpoint(cfg: ExperimentConfig, cohort: Cohort, held: tuple[str, ...], run_dir: Path,
                            printer: Callable[[str], None] = print) -> ExperimentConfig:
     """``cfg`` starting from a public checkpoint trained here when :func:`needs_public_checkpoint`."""
@@ -43,8 +50,7 @@ def with_public_checkpoint(cfg: ExperimentConfig, cohort: Cohort, held: tuple[st
     printer(f"no federation.init_checkpoint: training a public checkpoint first, centrally and without DP, on sites "
             f"{', '.join(public)} (not in the federation; their stain and label mix differ from the private sites') "
             f"-> {out}")
-    central = dataclasses.replace(cfg, name=f"{cfg.name}-public", train=dataclasses.replace(cfg.train, trainable="all"),
-                                  federation=dataclasses.replace(cfg.federation, train_sites=public))
+    central = public_training_config(cfg, public)
     split = make_split(cohort, tuple(held), len(held), cfg.split.val_fraction, cfg.seed, public)
     final = train_central(central, cohort, out, split=split, progress=False)
     printer(f"public checkpoint: best epoch {final['best_epoch']}, {final['n_train']} public training patients")

@@ -110,3 +110,21 @@ def test_a_grid_run_without_reference_gets_its_goals_against_the_other_grids():
     lines = "\n".join(recipe.goal_lines(recipe.with_shared_rows(before, after), "linear"))
     assert "epsilon 8 minus reference (mean over 2 seeds): -0.200 / -0.100; goal >= -0.03: **not met**" in lines
     assert recipe.with_shared_rows(after, before) == after  # nothing to add, nothing duplicated
+
+
+def test_the_bench_trains_its_public_checkpoint_as_simulate_does(monkeypatch, tmp_path):
+    # the bench once trained its public checkpoints with configs/demo.yaml's train section (AdamW,
+    # 8 epochs) while `umeml-server simulate` used configs/demo_dp.yaml's (SGD): two different models
+    import umeml.data.cohort
+    from umeml.server.public_init import public_training_config
+
+    monkeypatch.setattr(recipe, "synthetic_data", lambda work, public: tmp_path)
+    monkeypatch.setattr(umeml.data.cohort, "load_data_dir", lambda data, cfg: None)
+    world = recipe.synthetic_world(tmp_path)
+    dp = recipe._load("demo_dp.yaml")
+    assert world.public_train.train == dataclasses.replace(recipe._small(dp).train, trainable="all")
+    assert world.public_train.data == recipe._small(dp).data and world.public_train.model == dp.model
+    assert world.public_train.federation.train_sites == world.public == ("A4", "A5", "A6")
+    central = public_training_config(dp, ("A4", "A5", "A6"))
+    assert central.train == dataclasses.replace(dp.train, trainable="all") and central.name == "demo_dp-public"
+    assert dp.train.epochs == 48 and dp.train.optimizer == "adamw"  # chosen on the public validation (docs)
