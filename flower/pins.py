@@ -120,6 +120,25 @@ def superexec_problems() -> list[str]:
     return problems
 
 
+def central_dp_problems() -> list[str]:
+    """Differences in what ``umeml.server.strategies``' secure central-DP noise overrides: both
+    fixed-clipping wrappers add their noise by calling ``self._add_noise_to_aggregated_arrays``
+    on the aggregate, and its standard deviation comes from ``compute_stdv``."""
+    from flwr.serverapp.strategy import dp_fixed_clipping as dp
+    from flwr.supercore import differential_privacy
+
+    problems = []
+    for cls in (dp.DifferentialPrivacyServerSideFixedClipping, dp.DifferentialPrivacyClientSideFixedClipping):
+        if "self._add_noise_to_aggregated_arrays(" not in inspect.getsource(cls.aggregate_train):
+            problems.append(f"{cls.__name__}.aggregate_train no longer calls _add_noise_to_aggregated_arrays")
+    flowers = getattr(dp.DifferentialPrivacyFixedClippingBase, "_add_noise_to_aggregated_arrays", None)
+    if flowers is None or "compute_stdv(" not in inspect.getsource(flowers):
+        problems.append("_add_noise_to_aggregated_arrays no longer uses compute_stdv")
+    if not callable(getattr(differential_privacy, "compute_stdv", None)):
+        problems.append("flwr.supercore.differential_privacy.compute_stdv is gone")
+    return problems
+
+
 def pull_problems() -> list[str]:
     """Differences in Flower's object pulls whose backoff :mod:`umeml.flower.pulls` shortens: the
     keyword defaults of ``pull_objects`` and ``pull_and_inflate_object_from_tree``, and that the

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 
 from umeml.config import DEFAULT_SERVER_LR, STRATEGIES, FederationConfig
+from umeml.errors import ConfigError
 from umeml.federation.scaffold import CONTROL_DELTA, SERVER_CONTROL, server_control_update
 from umeml.registry import Registry
 
@@ -171,6 +172,41 @@ def build_strategy(fed: FederationConfig) -> FedAvg:
 UNIFORM_WEIGHT = "dp-uniform-weight"  # FedAvg weight key under central DP: every site counts once
 
 
+class _SecureCentralNoise:
+    """Central DP's Gaussian noise from the OS's CSPRNG instead of NumPy's global generator.
+
+    Flower's wrappers add ``np.random.normal`` noise (``flwr.supercore.differential_privacy.
+    add_gaussian_noise_inplace``): a Mersenne Twister shared with the whole process, which
+    ``umeml-server simulate`` seeds with the config's seed when it trains a public checkpoint
+    first (``train_central``): whoever knew the seed knew the noise. Here the noise is the one a
+    site's DP-SGD draws (:func:`umeml.train.secure_random.os_gaussian_like`: a ChaCha20 keystream
+    under a fresh key from ``os.urandom``, Opacus's construction against floating-point attacks),
+    of the wrapper's own standard deviation ``noise_multiplier * clipping_norm / m``."""
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        import torch
+        from flwr.supercore.differential_privacy import compute_stdv
+
+        from umeml.train.secure_random import os_gaussian_like
+
+        std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+        noised = {}
+        for key, array in aggregated_arrays.items():
+            values = array.numpy()
+            noise = os_gaussian_like(torch.zeros(values.shape, dtype=torch.float64), std).numpy()
+            noised[key] = Array(np.asarray(values + noise.astype(values.dtype), dtype=values.dtype))
+        log.info("central DP noise with std %.4g added (OS CSPRNG) to %d arrays", std, len(noised))
+        return ArrayRecord(noised)
+
+
+class SecureServerSideFixedClipping(_SecureCentralNoise, DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed clipping with :class:`_SecureCentralNoise`."""
+
+
+class SecureClientSideFixedClipping(_SecureCentralNoise, DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed clipping with :class:`_SecureCentralNoise`."""
+
+
 def with_central_dp(strategy: FedAvg, fed: FederationConfig, n_sites: int):
     """``strategy`` inside Flower's fixed-clipping DP wrapper when ``fed.central_dp`` is enabled.
 
@@ -183,8 +219,13 @@ def with_central_dp(strategy: FedAvg, fed: FederationConfig, n_sites: int):
     if not cdp.enabled:
         return strategy
     strategy.weighted_by_key = UNIFORM_WEIGHT
-    wrapper = (DifferentialPrivacyServerSideFixedClipping if cdp.clipping == "server"
-               else DifferentialPrivacyClientSideFixedClipping)
+    from umeml.flower.pins import central_dp_problems
+
+    problems = central_dp_problems()
+    if problems:  # the secure noise would not replace Flower's: refuse rather than add the weaker one
+        raise ConfigError("federation.central_dp: the installed Flower differs from the one umeml's secure noise "
+                          f"is pinned to: {'; '.join(problems)}")
+    wrapper = SecureServerSideFixedClipping if cdp.clipping == "server" else SecureClientSideFixedClipping
     return wrapper(strategy, cdp.noise_multiplier, cdp.clipping_norm, max(1, int(n_sites)))
 
 

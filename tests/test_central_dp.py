@@ -62,6 +62,41 @@ def test_wrapper_selected_by_config():
         experiment(strategy="krum", central_dp={"enabled": True})
 
 
+@pytest.mark.parametrize("clipping", ["server", "client"])
+def test_central_noise_has_the_wrappers_std_and_does_not_come_from_numpys_global_generator(clipping):
+    # Flower's wrappers drew np.random.normal, which umeml-server simulate seeds with the config's
+    # seed when it trains a public checkpoint first: the same seed gave the same noise
+    from flwr.app import Array, ArrayRecord
+
+    fed = experiment(central_dp={"enabled": True, "noise_multiplier": 0.8, "clipping_norm": 2.0,
+                                 "clipping": clipping}).federation
+    s = with_central_dp(build_strategy(fed), fed, 4)
+    zeros = ArrayRecord({"w": Array(np.zeros((200, 500), np.float32)), "b": Array(np.zeros(7, np.float64))})
+    draws = []
+    for _ in range(2):
+        np.random.seed(0)
+        noised = s._add_noise_to_aggregated_arrays(zeros)
+        draws.append(noised["w"].numpy())
+        assert list(noised.keys()) == ["w", "b"] and noised["b"].numpy().dtype == np.float64
+    assert draws[0].dtype == np.float32 and draws[0].shape == (200, 500)
+    np.random.seed(0)
+    assert not np.allclose(draws[0], draws[1]) and not np.allclose(draws[0], np.random.normal(0, 0.4, (200, 500)))
+    std = 0.8 * 2.0 / 4  # noise_multiplier * clipping_norm / m, Flower's calibration
+    # 100,000 draws: the sample std's relative standard error is 1/sqrt(2n) ~ 0.0022; 5 of them
+    assert abs(draws[0].std() / std - 1) < 0.011 and abs(draws[0].mean()) < 5 * std / 316
+    assert np.all(zeros["w"].numpy() == 0)  # the aggregate handed in is not changed in place
+
+
+def test_central_dp_is_refused_when_flower_no_longer_adds_noise_where_umeml_replaces_it(monkeypatch):
+    from umeml.flower import pins
+
+    monkeypatch.setattr(pins, "central_dp_problems", lambda: ["aggregate_train no longer calls it"])
+    fed = experiment(central_dp={"enabled": True}).federation
+    with pytest.raises(ConfigError, match="federation.central_dp: .*aggregate_train no longer calls it"):
+        with_central_dp(build_strategy(fed), fed, 3)
+    assert with_central_dp(build_strategy(experiment().federation), experiment().federation, 3) is not None
+
+
 def test_server_side_central_dp_records_epsilon(app, tmp_path):
     cfg = experiment(rounds=3, central_dp={"enabled": True, "noise_multiplier": 1.0, "clipping_norm": 0.5})
     # site A1 (node 102) misses round 3: the noise is calibrated to the one update averaged

@@ -18,6 +18,7 @@ from umeml.flower import pins
 def test_installed_flower_is_the_pinned_minor_version_and_matches_the_contract():
     assert pins.flwr_version().startswith(pins.PINNED_MINOR + "."), pins.flwr_version()
     assert pins.contract_problems() == []
+    assert pins.central_dp_problems() == []  # umeml.server.strategies' secure central-DP noise
 
 
 def test_the_superexec_command_line_is_what_the_resident_runtime_reads(monkeypatch):
