@@ -208,7 +208,8 @@ class SecureClientSideFixedClipping(_SecureCentralNoise, DifferentialPrivacyClie
 
 
 def with_central_dp(strategy: FedAvg, fed: FederationConfig, n_sites: int):
-    """``strategy`` inside Flower's fixed-clipping DP wrapper when ``fed.central_dp`` is enabled.
+    """``strategy`` inside Flower's fixed-clipping DP wrapper when ``fed.central_dp`` is enabled
+    (umeml's subclass of it, whose noise comes from the OS's CSPRNG: :class:`_SecureCentralNoise`).
 
     The wrapper's noise, ``noise_multiplier * clipping_norm / sites``, is calibrated to a plain
     average of clipped updates, so the inner FedAvg/FedProx weights every site equally (the
