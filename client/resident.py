@@ -42,6 +42,8 @@ log = logging.getLogger("umeml.site.resident")
 READY = "resident runtime ready"  # the line the supervisor and the tests look for in the log
 EXIT_FLOWER_MISMATCH = 3  # the installed Flower is not the one the runtime is pinned to
 MESSAGE_PULL_MAX_S = 120.0  # the longest a message's pull from the local SuperNode may take
+# a pull that has received no object for this long gives up as soon as another message waits
+STALLED_PULL_S = 30.0
 
 
 class Refused(UmemlError):
@@ -157,9 +159,44 @@ def task_heartbeat_fn(client) -> Callable[[], bool]:
     return beat
 
 
-def serve_task(address: str, token: str, insecure: bool, certs, apps: AppCache) -> str:
+class StalledPullGuard:
+    """A task's Runtime API client whose object pulls give up on a message that has stalled
+    while another message waits (every other call is the client's own).
+
+    When the SuperLink dies while the SuperNode fetches a message's objects, they never arrive:
+    the SuperNode answers "unavailable" until :data:`MESSAGE_PULL_MAX_S`, and this one-at-a-time
+    runtime held back the resumed run's messages behind it (the fault script: a pull of the dead
+    run's message took 120 s, the resume waited on it). A pull that has received no object for
+    ``stall_s`` seconds while ``others_waiting()`` fails at its next attempt instead (Flower's
+    ``ObjectPullError``, which ends the pull); alone in the queue it keeps Flower's patience, so a
+    slow but live transfer is never cut short by the clock alone."""
+
+    def __init__(self, client, others_waiting: Callable[[], bool], stall_s: float = STALLED_PULL_S):
+        self._client, self._others_waiting, self._stall_s = client, others_waiting, float(stall_s)
+        self._last_object = time.monotonic()
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def PullObject(self, request):  # noqa: N802 - Flower's RuntimeHttpClient method name
+        """Flower's ``PullObject``, refused once the pull has stalled and another message waits."""
+        from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
+
+        stalled = time.monotonic() - self._last_object
+        if stalled > self._stall_s and self._others_waiting():
+            raise ObjectPullError(request.object_id, f"no object for {stalled:.0f} s and another message is "
+                                  "waiting (the message's SuperLink is probably gone)")
+        response = self._client.PullObject(request)
+        if response.object_found and response.object_available:
+            self._last_object = time.monotonic()
+        return response
+
+
+def serve_task(address: str, token: str, insecure: bool, certs, apps: AppCache,
+               others_waiting: Callable[[], bool] = lambda: False) -> str:
     """Serve the one message behind ``token``: pull it, run the ClientApp, push the reply and the
-    task's final status, as Flower's ``run_clientapp`` does. Returns a line for the log."""
+    task's final status, as Flower's ``run_clientapp`` does. ``others_waiting``: whether another
+    message waits behind this one (:class:`StalledPullGuard`). Returns a line for the log."""
     from flwr.app import Message
     from flwr.app.error import Error
     from flwr.clientapp.client_app import LoadClientAppError
@@ -174,7 +211,7 @@ def serve_task(address: str, token: str, insecure: bool, certs, apps: AppCache) 
     t = [time.perf_counter()]  # start, message pulled, ClientApp done, reply pushed (the log line's split)
     try:
         heartbeat.start()
-        message, context, run, fab = pull_task_input(client)
+        message, context, run, fab = pull_task_input(StalledPullGuard(client, others_waiting))
         t.append(time.perf_counter())
         what = f"{message.metadata.message_type} (run {run.run_id})"
         reply = apps.get(run, fab)(message=message, context=context)
@@ -211,7 +248,7 @@ def _worker(tasks: queue.Queue, apps: AppCache) -> None:
     while True:
         launch = tasks.get()
         try:
-            log.info("%s (pid %d)", serve_task(*launch, apps), os.getpid())
+            log.info("%s (pid %d)", serve_task(*launch, apps, others_waiting=lambda: not tasks.empty()), os.getpid())
         except Exception:  # noqa: BLE001 - one failed hand-over must not end the site's runtime
             log.exception("serving a message failed")
 

@@ -59,6 +59,8 @@ def runtime_problems() -> list[str]:
         fn = getattr(rc, name, None)
         if fn is None or list(inspect.signature(fn).parameters) != params:
             problems.append(f"flwr.supernode.runtime.run_clientapp.{name}{params} changed")
+    if "client.PullObject" not in inspect.getsource(rc.pull_task_input):  # resident.StalledPullGuard wraps it
+        problems.append("run_clientapp.pull_task_input no longer pulls objects with client.PullObject")
     from flwr.supercore.retry.http_retry import make_simple_http_retry_invoker
 
     if not callable(getattr(make_simple_http_retry_invoker(), "should_giveup", None)):  # resident.task_retry wraps it

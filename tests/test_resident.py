@@ -208,3 +208,51 @@ def test_a_task_whose_token_is_refused_fails_alone_and_the_resident_process_is_n
     assert line.startswith("served ? in") and line.endswith(": failed"), line  # nothing pulled, the task failed
     assert elapsed < 5, f"the refused task held the runtime for {elapsed:.1f} s"  # Flower's sleeps 6 s after its SIGINT
     assert not [t for t in threading.enumerate() if "eartbeat" in type(t).__name__ + t.name and t.is_alive()]
+
+
+class _StalledRuntime:
+    """A Runtime API client whose ``PullObject`` answers "unavailable" for the ids in ``stalled``."""
+
+    def __init__(self, stalled=()):
+        self.stalled, self.pulls = set(stalled), 0
+
+    def PullObject(self, request):  # noqa: N802 - Flower's RuntimeHttpClient method name
+        from flwr.proto.message_pb2 import PullObjectResponse
+
+        self.pulls += 1
+        ok = request.object_id not in self.stalled
+        return PullObjectResponse(object_found=True, object_available=ok, object_content=b"x" if ok else b"")
+
+
+def _pull(guard, ids, max_time):
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import make_pull_object_fn_protobuf
+    from flwr.supercore.inflatable.inflatable_utils import pull_objects
+
+    fn = make_pull_object_fn_protobuf(guard.PullObject, Node(node_id=1), 7)
+    return pull_objects(ids, fn, max_time=max_time, initial_backoff=0.01, backoff_cap=0.02)
+
+
+def test_a_stalled_pull_gives_up_when_another_message_waits_and_keeps_flowers_patience_alone():
+    # the fault script: a message of the run whose SuperLink died never arrived; its pull held the
+    # resumed run's messages back for MESSAGE_PULL_MAX_S (120 s)
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
+
+    from umeml.client.resident import StalledPullGuard
+
+    waiting = []
+    guard = StalledPullGuard(_StalledRuntime({"b"}), lambda: bool(waiting), stall_s=0.2)
+    t0 = time.monotonic()
+    with pytest.raises(ObjectPullError, match="timeout or retry limit"):  # alone: Flower's own limit
+        _pull(guard, ["a", "b"], max_time=1.0)
+    assert time.monotonic() - t0 >= 1.0
+    waiting.append("next")
+    guard = StalledPullGuard(_StalledRuntime({"b"}), lambda: bool(waiting), stall_s=0.2)
+    t0 = time.monotonic()
+    with pytest.raises(ObjectPullError, match="another message is waiting"):
+        _pull(guard, ["a", "b"], max_time=30.0)
+    assert time.monotonic() - t0 < 5  # instead of max_time
+    runtime = _StalledRuntime()
+    assert _pull(StalledPullGuard(runtime, lambda: True, stall_s=0.2), ["a", "b", "c"], 5.0) == \
+        {k: b"x" for k in "abc"} and runtime.pulls == 3  # objects arriving: never refused
+    assert StalledPullGuard(runtime, lambda: True).pulls == 3  # every other attribute is the client's
