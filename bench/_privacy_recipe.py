@@ -48,7 +48,7 @@ REFERENCE, PUBLIC_ALONE = "reference (non-DP federated)", "public alone"
 PUBLIC_LINEAR = "public alone (linear)"  # the linear model trained centrally on the public sites
 FEDERATION_KEYS = frozenset({"server_momentum", "preprocessing_source", "strategy", "lr_schedule", "warmup_rounds"})
 # model settings under tuning: they reach the public checkpoints too (same architecture)
-MODEL_KEYS = frozenset({"survival_head"})
+MODEL_KEYS = frozenset({"survival_head", "linear_rank"})
 
 
 @dataclasses.dataclass
@@ -200,7 +200,7 @@ def variant_config(world: World, variant: str, eps: float, seed: int, public: Pa
         fed = dataclasses.replace(fed, init_checkpoint=str(public))
         train = dataclasses.replace(train, trainable=variant.rsplit(" ", 1)[1])
     over = dict(overrides or {})
-    if "trainable" in over and variant.startswith("umeml public"):
+    if "trainable" in over and (variant.startswith("umeml public") or variant == "linear public"):
         train = dataclasses.replace(train, trainable=over.pop("trainable"))
     over.pop("trainable", None)
     if "rounds" in over:

@@ -128,3 +128,11 @@ def test_the_bench_trains_its_public_checkpoint_as_simulate_does(monkeypatch, tm
     central = public_training_config(dp, ("A4", "A5", "A6"))
     assert central.train == dataclasses.replace(dp.train, trainable="all") and central.name == "demo_dp-public"
     assert dp.train.epochs == 48 and dp.train.optimizer == "adamw"  # chosen on the public validation (docs)
+
+
+def test_linear_public_takes_a_trainable_override_and_its_rank_reaches_the_public_checkpoint(world):
+    over = {"linear_rank": 16, "trainable": "heads"}
+    cfg = recipe.variant_config(world, "linear public", 8.0, 0, "p.pt", over)
+    assert (cfg.model.name, cfg.model.linear_rank, cfg.train.trainable) == ("linear", 16, "heads")
+    assert recipe.model_overrides(over) == {"linear_rank": 16}  # the public linear model is trained with it
+    assert recipe.variant_config(world, "linear", 8.0, 0, "p.pt", over).train.trainable == "all"  # from scratch

@@ -31,6 +31,8 @@ VARIANTS = [(name, {}) for name in available_models()] + [
     ("late_fusion", {"fusion": "bilinear"}),
     ("linear", {"modalities": ("genomics",)}),
     ("linear", {"survival_head": "proportional"}),
+    ("linear", {"linear_rank": 3}),
+    ("linear", {"linear_rank": 2, "modalities": ("genomics",)}),
     ("umeml", {"survival_head": "proportional"}),
     ("umeml", {"spatial_context": "neighbours"}),
     ("umeml", {"spatial_context": "neighbours", "spatial_radius": 2, "use_cross_attention": False}),

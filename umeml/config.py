@@ -120,6 +120,10 @@ class ModelConfig:
     # the survival head (umeml/model/blocks.py): "bins", a free linear map per time bin (the
     # published models'), or "proportional", one risk direction plus a baseline per bin
     survival_head: Literal["bins", "proportional"] = "bins"
+    # the linear model's bottleneck: 0, heads on the inputs themselves; k > 0, a bias-free linear
+    # map to k dimensions ("project") before the heads: trained on public data, it lets a site
+    # fine-tune only the heads (train.trainable: heads), k x outputs weights under DP noise
+    linear_rank: int = field(default=0, metadata=_range(0))
 
 
 @dataclass(frozen=True)

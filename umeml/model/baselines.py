@@ -149,10 +149,12 @@ class LinearBaseline(nn.Module):
     modality deserves, which is what a missing-indicator column would learn. Tokens rather than
     indicator columns keep one missing-modality mechanism for every registered model.
 
-    ``model.modalities`` chooses the parts; every other model hyper-parameter (``hidden_dim``,
-    ``dropout``, ...) is ignored. Parameters live only in ``nn.Linear`` (one per task) and
-    :class:`LearnedTokens`, so Opacus's per-sample gradients are exact; with few parameters it is
-    the model for DP-SGD at small sites.
+    ``model.modalities`` chooses the parts; ``model.linear_rank`` k > 0 puts a bias-free
+    ``nn.Linear`` to k dimensions (``project``) between the inputs and the heads (a model trained
+    on public data whose heads alone are fine-tuned under DP: k x outputs private weights instead
+    of inputs x outputs); every other model hyper-parameter (``hidden_dim``, ``dropout``, ...) is
+    ignored. Parameters live only in ``nn.Linear`` and :class:`LearnedTokens`, so Opacus's
+    per-sample gradients are exact; with few parameters it is the model for DP-SGD at small sites.
     """
 
     def __init__(self, cfg: ModelConfig, feature_dim: int, group_sizes: tuple[int, ...], heads: dict[str, int]):
@@ -171,7 +173,9 @@ class LinearBaseline(nn.Module):
             self.group_sizes = tuple(group_sizes)
             self.missing_gen = LearnedTokens(1, sum(group_sizes))
             width += sum(group_sizes)
-        self.heads = TaskHeads(width, heads, cfg.survival_head)
+        rank = int(cfg.linear_rank)
+        self.project = nn.Linear(width, rank, bias=False) if rank else None
+        self.heads = TaskHeads(rank or width, heads, cfg.survival_head)
 
     def forward(self, features, patch_mask, genomics, has_path, has_genomics, coords=None) -> ModelOutput:
         """See :class:`umeml.model.UMEML`."""
@@ -185,4 +189,6 @@ class LinearBaseline(nn.Module):
             split_groups(genomics, self.group_sizes)  # shape check only
             parts.append(torch.where(has_genomics.bool()[:, None], genomics, self.missing_gen(has_genomics)[:, 0]))
         z = torch.cat(parts, dim=1)
+        if self.project is not None:
+            z = self.project(z)
         return ModelOutput(logits=self.heads(z), aux_loss=_zeros(has_path, z.dtype))
