@@ -193,7 +193,7 @@ class _SecureCentralNoise:
         noised = {}
         for key, array in aggregated_arrays.items():
             values = array.numpy()
-            noise = os_gaussian_like(torch.zeros(values.shape, dtype=torch.float64), std).numpy()
+            noise = os_gaussian_like(torch.empty(values.shape, dtype=torch.float64), std).numpy()  # shape only
             noised[key] = Array(np.asarray(values + noise.astype(values.dtype), dtype=values.dtype))
         log.info("central DP noise with std %.4g added (OS CSPRNG) to %d arrays", std, len(noised))
         return ArrayRecord(noised)
